@@ -1,0 +1,45 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/signal-p2p/signal/internal/version"
+)
+
+// subcommands holds the constructors that each subcommand's file registers
+// from its init function, so that adding a subcommand touches one file only.
+var subcommands []func() *cobra.Command
+
+// register adds a subcommand constructor; call it from an init function.
+func register(f func() *cobra.Command) { subcommands = append(subcommands, f) }
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "signal",
+		Short: "Signal: fine-tune language models on a peer-to-peer network of GPU machines",
+		Long: `Signal runs LoRA fine-tuning calls (forward_backward, optim_step, sample,
+save_state) on GPU nodes of a peer-to-peer network, behind a raft-replicated
+coordinator that authenticates, rate-limits and bills each call.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newVersionCmd())
+	for _, f := range subcommands {
+		root.AddCommand(f())
+	}
+	return root
+}
+
+func newVersionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print Signal's version and the Go version it was built with",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			_, err := fmt.Fprintf(cmd.OutOrStdout(), "signal %s (%s)\n", version.Version, version.Go())
+			return err
+		},
+	}
+}
