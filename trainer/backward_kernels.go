@@ -1,0 +1,354 @@
+package trainer
+
+import (
+	"math"
+	"runtime"
+	"sync"
+)
+
+// The training kernels: the forward pieces that must keep what backward needs
+// (RMSNorm's inverse RMS, attention's log-sum-exp), and the backward of each
+// layer piece. They work on packed batches: every sequence of a call is a run
+// of rows in one [tokens, width] row-major matrix, and seqOff[i]..seqOff[i+1]
+// are sequence i's rows. The base weights are frozen, so no kernel ever forms
+// a weight gradient; only activations' gradients and LoRA's A and B.
+
+// trainParallel splits [0, n) into contiguous ranges run on up to GOMAXPROCS
+// goroutines and waits for them. Used for element-wise and attention work
+// while BLAS is idle, never around a BLAS-threaded GEMM.
+func trainParallel(n int, fn func(lo, hi int)) {
+	w := runtime.GOMAXPROCS(0)
+	if w > n {
+		w = n
+	}
+	if w <= 1 {
+		if n > 0 {
+			fn(0, n)
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	for i := 0; i < w; i++ {
+		lo, hi := i*n/w, (i+1)*n/w
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fn(lo, hi)
+		}()
+	}
+	wg.Wait()
+}
+
+// rmsNormForward writes y = x·rinv·w row by row and keeps rinv (one per row),
+// the only thing backward needs besides x. x and y are [rows, h].
+func rmsNormForward(y, x, w, rinv []float32, rows, h int, eps float32) {
+	for r := 0; r < rows; r++ {
+		xr := x[r*h : (r+1)*h]
+		var ss float64
+		for _, v := range xr {
+			ss += float64(v) * float64(v)
+		}
+		ri := float32(1 / math.Sqrt(ss/float64(h)+float64(eps)))
+		rinv[r] = ri
+		yr := y[r*h : (r+1)*h]
+		for i, v := range xr {
+			yr[i] = v * ri * w[i]
+		}
+	}
+}
+
+// rmsNormBackward adds to dx the gradient through y = x·rinv·w (w frozen):
+// dx = rinv·(g − x·rinv²·mean(g·x)) with g = dy·w.
+func rmsNormBackward(dx, dy, x, w, rinv []float32, rows, h int) {
+	for r := 0; r < rows; r++ {
+		xr, dyr, dxr := x[r*h:(r+1)*h], dy[r*h:(r+1)*h], dx[r*h:(r+1)*h]
+		var dot float64
+		for i := range xr {
+			dot += float64(dyr[i]*w[i]) * float64(xr[i])
+		}
+		ri := rinv[r]
+		c := float32(dot/float64(h)) * ri * ri * ri
+		for i := range xr {
+			dxr[i] += dyr[i]*w[i]*ri - xr[i]*c
+		}
+	}
+}
+
+// ropeApply rotates, in place, heads [0, nHeads) of width d stored from
+// column off of each row of x (row stride ld), in Hugging Face's rotate-half
+// layout: pairs (i, i+d/2) turn by position·freq[i]. cos and sin are
+// [positions, d/2] tables; pos[r] is row r's position. sign +1 is the
+// forward rotation; -1 turns back, which is its backward (a rotation's
+// transpose is its inverse).
+func ropeApply(x []float32, rows, ld, off, nHeads, d int, pos []int32, cos, sin []float32, sign float32) {
+	half := d / 2
+	for r := 0; r < rows; r++ {
+		p := int(pos[r])
+		cr, sr := cos[p*half:(p+1)*half], sin[p*half:(p+1)*half]
+		for h := 0; h < nHeads; h++ {
+			v := x[r*ld+off+h*d : r*ld+off+(h+1)*d]
+			for i := 0; i < half; i++ {
+				a, b := v[i], v[i+half]
+				c, s := cr[i], sign*sr[i]
+				v[i] = a*c - b*s
+				v[i+half] = b*c + a*s
+			}
+		}
+	}
+}
+
+// silu is x·σ(x).
+func silu(x float32) float32 { return x / (1 + float32(math.Exp(float64(-x)))) }
+
+// swigluForward writes h = silu(gate)·up; gu is [rows, 2·inter] with gate in
+// columns [0, inter) and up in [inter, 2·inter), the fused gate/up product.
+func swigluForward(h, gu []float32, rows, inter int) {
+	for r := 0; r < rows; r++ {
+		g, u, hr := gu[r*2*inter:r*2*inter+inter], gu[r*2*inter+inter:(r+1)*2*inter], h[r*inter:(r+1)*inter]
+		for i := range hr {
+			hr[i] = silu(g[i]) * u[i]
+		}
+	}
+}
+
+// swigluBackward writes dgu (same layout as gu) from dh:
+// d gate = dh·up·σ(g)(1 + g(1 − σ(g))), d up = dh·silu(g).
+func swigluBackward(dgu, dh, gu []float32, rows, inter int) {
+	for r := 0; r < rows; r++ {
+		o := r * 2 * inter
+		g, u := gu[o:o+inter], gu[o+inter:o+2*inter]
+		dg, du := dgu[o:o+inter], dgu[o+inter:o+2*inter]
+		dhr := dh[r*inter : (r+1)*inter]
+		for i := range dhr {
+			sg := 1 / (1 + float32(math.Exp(float64(-g[i]))))
+			du[i] = dhr[i] * g[i] * sg
+			dg[i] = dhr[i] * u[i] * sg * (1 + g[i]*(1-sg))
+		}
+	}
+}
+
+// attnShape describes grouped-query attention over a fused qkv matrix
+// [tokens, (nHeads + 2·nKV)·d]: q heads first, then k heads, then v heads.
+type attnShape struct {
+	nHeads, nKV, d int
+	scale          float32
+}
+
+func (a attnShape) qkvDim() int { return (a.nHeads + 2*a.nKV) * a.d }
+
+// attnScratch is one worker's [n, n] score buffers for the longest sequence.
+type attnScratch struct{ s, dp []float32 }
+
+func newAttnScratch(maxSeq int) *attnScratch {
+	return &attnScratch{s: make([]float32, maxSeq*maxSeq), dp: make([]float32, maxSeq*maxSeq)}
+}
+
+// attnForward computes causal attention out [tokens, nHeads·d] from the
+// (already rotated) fused qkv, per sequence and head with GEMMs, and keeps
+// each row's log-sum-exp of scores lse [nHeads, tokens] for backward.
+// scratch holds one attnScratch per worker.
+func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []*attnScratch) {
+	ld, d := sh.qkvDim(), sh.d
+	group := sh.nHeads / sh.nKV
+	tokens := seqOff[len(seqOff)-1]
+	nSeq := len(seqOff) - 1
+	jobs := nSeq * sh.nHeads
+	trainParallelWorkers(jobs, len(scratch), func(worker, job int) {
+		sq, h := job/sh.nHeads, job%sh.nHeads
+		st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
+		g := h / group
+		q := qkv[st*ld+h*d:]
+		k := qkv[st*ld+(sh.nHeads+g)*d:]
+		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+		s := scratch[worker].s[:n*n]
+		tgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+		for i := 0; i < n; i++ {
+			row := s[i*n : (i+1)*n]
+			m := row[0]
+			for j := 1; j <= i; j++ {
+				if row[j] > m {
+					m = row[j]
+				}
+			}
+			var sum float64
+			for j := 0; j <= i; j++ {
+				e := float32(math.Exp(float64(row[j] - m)))
+				row[j] = e
+				sum += float64(e)
+			}
+			inv := float32(1 / sum)
+			for j := 0; j <= i; j++ {
+				row[j] *= inv
+			}
+			for j := i + 1; j < n; j++ {
+				row[j] = 0
+			}
+			lse[h*tokens+st+i] = m + float32(math.Log(sum))
+		}
+		tgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
+	})
+}
+
+// attnBackward writes the gradient of attention into dqkv (q, k and v parts,
+// before the RoPE backward), from dout [tokens, nHeads·d], recomputing the
+// probabilities from q, k and the kept lse rather than storing them:
+// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P⊙(dP − rowsum(dO⊙O)), dQ = scale·dS·K,
+// dK = scale·dSᵀ·Q. Heads that share a KV head run in one job, in order, so
+// that their dK and dV sums need no locks.
+func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []*attnScratch) {
+	ld, d := sh.qkvDim(), sh.d
+	od := sh.nHeads * d
+	group := sh.nHeads / sh.nKV
+	tokens := seqOff[len(seqOff)-1]
+	nSeq := len(seqOff) - 1
+	jobs := nSeq * sh.nKV
+	trainParallelWorkers(jobs, len(scratch), func(worker, job int) {
+		sq, g := job/sh.nKV, job%sh.nKV
+		st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
+		k := qkv[st*ld+(sh.nHeads+g)*d:]
+		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+		dk := dqkv[st*ld+(sh.nHeads+g)*d:]
+		dv := dqkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+		s, dp := scratch[worker].s[:n*n], scratch[worker].dp[:n*n]
+		for hi := 0; hi < group; hi++ {
+			h := g*group + hi
+			q := qkv[st*ld+h*d:]
+			dq := dqkv[st*ld+h*d:]
+			do := dout[st*od+h*d:]
+			o := out[st*od+h*d:]
+			tgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+			for i := 0; i < n; i++ {
+				row := s[i*n : (i+1)*n]
+				l := lse[h*tokens+st+i]
+				for j := 0; j <= i; j++ {
+					row[j] = float32(math.Exp(float64(row[j] - l)))
+				}
+				for j := i + 1; j < n; j++ {
+					row[j] = 0
+				}
+			}
+			beta := float32(1)
+			if hi == 0 {
+				beta = 0
+			}
+			tgemm(true, false, n, d, n, 1, s, n, do, od, beta, dv, ld)
+			tgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
+			for i := 0; i < n; i++ {
+				var di float32
+				for c := 0; c < d; c++ {
+					di += do[i*od+c] * o[i*od+c]
+				}
+				pr, dpr := s[i*n:(i+1)*n], dp[i*n:(i+1)*n]
+				for j := 0; j <= i; j++ {
+					pr[j] *= dpr[j] - di
+				}
+			}
+			tgemm(false, false, n, d, n, sh.scale, s, n, k, ld, 0, dq, ld)
+			tgemm(true, false, n, d, n, sh.scale, s, n, q, ld, beta, dk, ld)
+		}
+	})
+}
+
+// trainParallelWorkers runs fn(worker, job) for every job on `workers`
+// goroutines pulling jobs in order; worker indexes a per-worker scratch.
+func trainParallelWorkers(jobs, workers int, fn func(worker, job int)) {
+	if workers > jobs {
+		workers = jobs
+	}
+	if workers <= 1 {
+		for j := 0; j < jobs; j++ {
+			fn(0, j)
+		}
+		return
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	next := 0
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				j := next
+				next++
+				mu.Unlock()
+				if j >= jobs {
+					return
+				}
+				fn(w, j)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// loraBackward adds the gradients of y += s·(x·Aᵀ)·Bᵀ, given dy (row stride
+// ldy, starting at its first column) and the forward's u = x·Aᵀ [rows, r]:
+// dB += s·dyᵀ·u, dA += s·(dy·B)ᵀ·x, dx += s·(dy·B)·A. The base product's
+// dx += dy·W is the caller's (one GEMM over a fused weight). dyB is
+// [rows, r] scratch.
+func loraBackward(dx []float32, ldx int, dy []float32, ldy int, x []float32, ldxIn int, u []float32,
+	a, b, da, db []float32, rows, in, out, r int, s float32, dyB []float32) {
+	tgemm(false, false, rows, r, out, 1, dy, ldy, b, r, 0, dyB, r)
+	tgemm(true, false, out, r, rows, s, dy, ldy, u, r, 1, db, r)
+	tgemm(true, false, r, in, rows, s, dyB, r, x, ldxIn, 1, da, in)
+	tgemm(false, false, rows, in, r, s, dyB, r, a, in, 1, dx, ldx)
+}
+
+// lmHeadChunk is the row count of one LM-head chunk: logits for this many
+// tokens at a time ([chunk, vocab] floats) instead of [tokens, vocab].
+const lmHeadChunk = 32
+
+// lmHeadLoss runs the LM head over x [rows, h] (the final norm's output)
+// against w [vocab, h] in row chunks, fused with log-softmax, the loss and
+// its gradient: per row it computes logp of the target, asks lossAt(row,
+// logp) for the loss term's derivative g = d loss / d logp, and, when dx is
+// not nil, sets dx = dz·W with dz = g·(onehot(target) − softmax). logits is
+// [lmHeadChunk, vocab] scratch. It writes logp[row] for every row.
+func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []float32,
+	lossAt func(row int, logp float64) float64, logits []float32) {
+	for c0 := 0; c0 < rows; c0 += lmHeadChunk {
+		c := min(lmHeadChunk, rows-c0)
+		z := logits[:c*vocab]
+		tgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
+		any := false
+		for i := 0; i < c; i++ {
+			zr := z[i*vocab : (i+1)*vocab]
+			m := zr[0]
+			for _, v := range zr[1:] {
+				if v > m {
+					m = v
+				}
+			}
+			var sum float64
+			for _, v := range zr {
+				sum += math.Exp(float64(v - m))
+			}
+			lse := float64(m) + math.Log(sum)
+			t := int(targets[c0+i])
+			lp := float64(zr[t]) - lse
+			logp[c0+i] = float32(lp)
+			g := lossAt(c0+i, lp)
+			if dx == nil {
+				continue
+			}
+			if g != 0 {
+				any = true
+			}
+			// dz_j = g·(δ_jt − p_j), written over the logits row.
+			for j, v := range zr {
+				zr[j] = float32(-g * math.Exp(float64(v)-lse))
+			}
+			zr[t] += float32(g)
+		}
+		if dx == nil {
+			continue
+		}
+		if !any {
+			clear(dx[c0*h : (c0+c)*h])
+			continue
+		}
+		tgemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
+	}
+}
