@@ -1,0 +1,241 @@
+// Package trainer is Signal's native training and inference engine for
+// Llama-family models: loading, the forward pass, LoRA, sampling (this half),
+// and backward, losses, AdamW and sessions (the training half).
+//
+// # Weight layout
+//
+// LoadModel converts every tensor to f32 and keeps Hugging Face's
+// [out_features, in_features] row-major orientation, so a projection is
+// y = x·Wᵀ (blas.Sgemm with transB) and its input gradient dx = dy·W needs
+// no transpose. Projections that read the same input are fused by stacking
+// their rows:
+//
+//	Embed    [vocab, hidden]
+//	per layer (Layer):
+//	  AttnNorm [hidden]
+//	  WQKV     [(H + 2·KV)·D, hidden]  rows: q_proj (H·D), k_proj (KV·D), v_proj (KV·D)
+//	  WO       [hidden, H·D]
+//	  MLPNorm  [hidden]
+//	  WGateUp  [2·I, hidden]           rows: gate_proj (I), up_proj (I)
+//	  WDown    [hidden, I]
+//	Norm     [hidden]
+//	LMHead   [vocab, hidden]           the same slice as Embed when tied
+//
+// with H heads, KV key/value heads, D = head_dim, I = intermediate_size.
+// Activations are packed: every sequence of a call is a block of rows of one
+// [tokens, width] matrix (no padding), and Batch records where each starts.
+// The fused q,k,v output row of a token is [q heads | k heads | v heads],
+// each head D wide; attention reads heads in place with a leading dimension
+// of QKVDim.
+//
+// LoRA adapters (LoRA) are never merged into these weights: the base is
+// read-only after LoadModel and shared by every session.
+package trainer
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/signal-p2p/signal/trainer/safetensors"
+)
+
+// Layer holds one decoder block's weights in the fused layout above.
+type Layer struct {
+	AttnNorm []float32 // [hidden]
+	WQKV     []float32 // [(H+2·KV)·D, hidden]
+	WO       []float32 // [hidden, H·D]
+	MLPNorm  []float32 // [hidden]
+	WGateUp  []float32 // [2·I, hidden]
+	WDown    []float32 // [hidden, I]
+}
+
+// Model is a loaded base model. It is read-only after LoadModel and safe for
+// concurrent use by many sessions.
+type Model struct {
+	cfg     Config
+	dir     string
+	Embed   []float32 // [vocab, hidden]
+	Layers  []Layer
+	Norm    []float32 // [hidden]
+	LMHead  []float32 // [vocab, hidden]; aliases Embed when tied
+	InvFreq []float32 // [D/2] rotary inverse frequencies (llama3 scaling applied)
+
+	weights  *safetensors.Set // kept open while views alias its mapping
+	mapped   bool             // some weights are views of the mapping
+	ownBytes int64
+	tok      tokenizerHandle
+	pool     arenaPool
+}
+
+// Config returns the model's configuration.
+func (m *Model) Config() Config { return m.cfg }
+
+// Dir returns the directory the model was loaded from.
+func (m *Model) Dir() string { return m.dir }
+
+// MemoryBytes returns the bytes of weights the model holds (heap copies plus
+// mapped F32 tensors used in place).
+func (m *Model) MemoryBytes() int64 { return m.ownBytes }
+
+// Close releases the mapped weight files. The model must not be used after.
+func (m *Model) Close() error {
+	if m.weights == nil {
+		return nil
+	}
+	err := m.weights.Close()
+	m.weights = nil
+	return err
+}
+
+// LoadModel loads a Hugging Face Llama directory: config.json, the weights
+// (model.safetensors or a sharded index; F32, BF16 or F16) and, when present,
+// tokenizer.json. A missing tensor or a wrong shape is an error naming the
+// file and the tensor.
+func LoadModel(dir string) (*Model, error) {
+	cfg, err := ReadConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	set, err := safetensors.OpenDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	m := &Model{cfg: cfg, dir: dir, weights: set, InvFreq: cfg.InvFreq()}
+	if err := m.loadWeights(); err != nil {
+		set.Close()
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	if !m.mapped {
+		// Everything was converted into heap copies: the mapping can go.
+		set.Close()
+		m.weights = nil
+	}
+	if err := m.loadTokenizer(); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	return m, nil
+}
+
+type loader struct {
+	set   *safetensors.Set
+	used  map[string]bool
+	views int
+	bytes int64
+}
+
+// tensor returns name as f32 with the given shape: a view of the mapping
+// when the file stores F32, otherwise a converted copy.
+func (l *loader) tensor(name string, shape ...int) ([]float32, error) {
+	f, info, err := l.lookup(name, shape)
+	if err != nil {
+		return nil, err
+	}
+	l.bytes += int64(info.NumElements()) * 4
+	if v, ok := f.View(name); ok {
+		l.views++
+		return v, nil
+	}
+	dst := make([]float32, info.NumElements())
+	return dst, f.ReadFloat32(name, dst)
+}
+
+// into converts name (of the given shape) into dst, a block of a fused matrix.
+func (l *loader) into(dst []float32, name string, shape ...int) error {
+	f, _, err := l.lookup(name, shape)
+	if err != nil {
+		return err
+	}
+	return f.ReadFloat32(name, dst)
+}
+
+func (l *loader) lookup(name string, shape []int) (*safetensors.File, safetensors.TensorInfo, error) {
+	f, info, ok := l.set.Lookup(name)
+	if !ok {
+		return nil, info, fmt.Errorf("%w: tensor %q is missing from the weights", ErrInvalidInput, name)
+	}
+	l.used[name] = true
+	if !sameShape(info.Shape, shape) {
+		return nil, info, fmt.Errorf("%w: %s: tensor %q has shape %v, config.json implies %v", ErrInvalidInput, f.Path, name, info.Shape, shape)
+	}
+	switch info.DType {
+	case safetensors.F32, safetensors.BF16, safetensors.F16:
+	default:
+		return nil, info, fmt.Errorf("%w: %s: tensor %q has dtype %s (want F32, BF16 or F16)", ErrUnsupported, f.Path, name, info.DType)
+	}
+	return f, info, nil
+}
+
+func sameShape(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (m *Model) loadWeights() error {
+	c := m.cfg
+	hid, inter, hd, kvd := c.HiddenSize, c.IntermediateSize, c.NumAttentionHeads*c.HeadDim, c.NumKeyValueHeads*c.HeadDim
+	l := &loader{set: m.weights, used: map[string]bool{}}
+	var err error
+	if m.Embed, err = l.tensor("model.embed_tokens.weight", c.VocabSize, hid); err != nil {
+		return err
+	}
+	if m.Norm, err = l.tensor("model.norm.weight", hid); err != nil {
+		return err
+	}
+	if c.TieWordEmbeddings {
+		m.LMHead = m.Embed
+		l.used["lm_head.weight"] = true // some exports keep a copy; tied models ignore it
+	} else if m.LMHead, err = l.tensor("lm_head.weight", c.VocabSize, hid); err != nil {
+		return err
+	}
+	m.Layers = make([]Layer, c.NumHiddenLayers)
+	for i := range m.Layers {
+		p := fmt.Sprintf("model.layers.%d.", i)
+		ly := &m.Layers[i]
+		if ly.AttnNorm, err = l.tensor(p+"input_layernorm.weight", hid); err != nil {
+			return err
+		}
+		if ly.MLPNorm, err = l.tensor(p+"post_attention_layernorm.weight", hid); err != nil {
+			return err
+		}
+		if ly.WO, err = l.tensor(p+"self_attn.o_proj.weight", hid, hd); err != nil {
+			return err
+		}
+		if ly.WDown, err = l.tensor(p+"mlp.down_proj.weight", hid, inter); err != nil {
+			return err
+		}
+		ly.WQKV = make([]float32, c.QKVDim()*hid)
+		if err = l.into(ly.WQKV[:hd*hid], p+"self_attn.q_proj.weight", hd, hid); err != nil {
+			return err
+		}
+		if err = l.into(ly.WQKV[hd*hid:(hd+kvd)*hid], p+"self_attn.k_proj.weight", kvd, hid); err != nil {
+			return err
+		}
+		if err = l.into(ly.WQKV[(hd+kvd)*hid:], p+"self_attn.v_proj.weight", kvd, hid); err != nil {
+			return err
+		}
+		ly.WGateUp = make([]float32, 2*inter*hid)
+		if err = l.into(ly.WGateUp[:inter*hid], p+"mlp.gate_proj.weight", inter, hid); err != nil {
+			return err
+		}
+		if err = l.into(ly.WGateUp[inter*hid:], p+"mlp.up_proj.weight", inter, hid); err != nil {
+			return err
+		}
+		l.bytes += int64(len(ly.WQKV)+len(ly.WGateUp)) * 4
+	}
+	for _, name := range l.set.Names() {
+		if !l.used[name] && !strings.HasSuffix(name, ".rotary_emb.inv_freq") {
+			return fmt.Errorf("%w: unexpected tensor %q in the weights (not a Llama tensor this engine knows)", ErrUnsupported, name)
+		}
+	}
+	m.ownBytes = l.bytes
+	m.mapped = l.views > 0
+	return nil
+}
