@@ -1,0 +1,52 @@
+"""Signal's Python SDK: fine-tune language models on Signal's peer-to-peer network.
+
+Standard library only (Python >= 3.9)::
+
+    from signal_sdk import SignalClient
+    client = SignalClient(api_key, "http://127.0.0.1:8080")
+    run = client.create_run("signal-tiny", lora_rank=8)
+    fb = run.forward_backward(["The quick brown fox jumps over the lazy dog."])
+    run.optim_step(learning_rate=1e-3)
+    print(run.sample("The quick", max_tokens=16)["samples"][0][0]["text"])
+    print(run.save_state()["checkpoint"]["uri"])
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ConflictError,
+    ForbiddenError,
+    InsufficientBalanceError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitedError,
+    ResponseTooLargeError,
+    SignalConnectionError,
+    SignalError,
+    TooLargeError,
+    UnauthorizedError,
+    UnavailableError,
+    UnknownModelError,
+)
+from .client import SignalClient, SignalRun, datum_from_tokens  # noqa: E402
+
+__all__ = [
+    "SignalClient",
+    "SignalRun",
+    "datum_from_tokens",
+    "SignalError",
+    "InvalidRequestError",
+    "UnknownModelError",
+    "UnauthorizedError",
+    "InsufficientBalanceError",
+    "ForbiddenError",
+    "NotFoundError",
+    "ConflictError",
+    "TooLargeError",
+    "RateLimitedError",
+    "UnavailableError",
+    "InternalError",
+    "SignalConnectionError",
+    "ResponseTooLargeError",
+]

@@ -1,0 +1,580 @@
+"""Signal's Python SDK: a client for the public HTTP API (standard library only).
+
+Calls answered 429 or 503 are retried with jittered exponential backoff that
+honours ``Retry-After``; every mutating call carries an ``Idempotency-Key``
+generated once per logical call and reused on each retry, so the server
+executes and charges it at most once.
+"""
+
+import email.utils
+import ipaddress
+import json
+import math
+import os
+import random
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from . import __version__
+from .errors import (
+    ResponseTooLargeError,
+    SignalConnectionError,
+    SignalError,
+    error_from_response,
+)
+
+__all__ = ["SignalClient", "SignalRun", "datum_from_tokens"]
+
+API_PREFIX = "/v1"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REQUEST_ID_HEADER = "X-Request-Id"
+
+# A forward_backward on a CPU node can take minutes; this bounds each socket
+# wait, not the whole call.
+DEFAULT_TIMEOUT_S = 900.0
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_MIN_BACKOFF_S = 0.25
+# Caps every wait, Retry-After included, so a confused server cannot park a
+# client for hours.
+DEFAULT_MAX_BACKOFF_S = 30.0
+DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
+_MAX_ERROR_BODY_BYTES = 64 << 10
+
+Json = Dict[str, Any]
+# An item of a batch: a Datum dict, a TextExample dict, a text, or a
+# (prompt, completion) pair.
+BatchItem = Union[Json, str, Tuple[str, str]]
+
+
+def _parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Reads Retry-After: delay-seconds (a fraction is accepted) or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        secs = when.timestamp() - time.time()
+    if math.isnan(secs) or secs <= 0:
+        return None
+    return min(secs, 86400.0)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def datum_from_tokens(prompt: Sequence[int], completion: Sequence[int]) -> Json:
+    """Builds a next-token Datum that trains on the completion only.
+
+    The model reads every token but the last and predicts each following one;
+    predictions of completion tokens weigh 1, of prompt tokens 0.
+    """
+    prompt, completion = list(prompt), list(completion)
+    tokens = prompt + completion
+    if not completion or len(tokens) < 2:
+        raise ValueError(
+            "datum needs >= 2 tokens with >= 1 in the completion, got prompt %d, completion %d"
+            % (len(prompt), len(completion))
+        )
+    weights = [1.0 if i + 1 >= len(prompt) else 0.0 for i in range(len(tokens) - 1)]
+    return {
+        "model_input": {"tokens": tokens[:-1]},
+        "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": weights},
+    }
+
+
+def _drop_none(d: Json) -> Json:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+class SignalClient:
+    """A client of one Signal coordinator (any member of the raft cluster).
+
+    ``api_key`` defaults to env ``SIGNAL_API_KEY``, ``base_url`` to env
+    ``SIGNAL_URL``. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        api_key: Optional[str] = None,
+        base_url: Optional[str] = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        min_backoff: float = DEFAULT_MIN_BACKOFF_S,
+        max_backoff: float = DEFAULT_MAX_BACKOFF_S,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        if api_key is None:
+            api_key = os.environ.get("SIGNAL_API_KEY", "")
+        if base_url is None:
+            base_url = os.environ.get("SIGNAL_URL", "")
+        if not base_url:
+            raise ValueError("base_url is empty: pass base_url= or set SIGNAL_URL (e.g. http://127.0.0.1:8080)")
+        u = urllib.parse.urlsplit(base_url.strip())
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError("base_url %r: want http://host:port or https://host" % base_url)
+        path = u.path.rstrip("/")
+        if path.endswith(API_PREFIX):
+            path = path[: -len(API_PREFIX)]
+        self.base_url = "%s://%s%s" % (u.scheme, u.netloc, path)
+        if "\r" in api_key or "\n" in api_key:
+            raise ValueError("api_key contains a line break")
+        if max_retries < 0 or min_backoff < 0 or max_backoff < min_backoff:
+            raise ValueError(
+                "retries %r, backoff %r..%r: want retries >= 0 and 0 <= min <= max"
+                % (max_retries, min_backoff, max_backoff)
+            )
+        if max_response_bytes <= 0:
+            raise ValueError("max_response_bytes %r: want > 0" % max_response_bytes)
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.max_response_bytes = max_response_bytes
+        self.user_agent = "signal-python/%s" % __version__
+        # A loopback testnet must not go through an HTTP proxy from the environment.
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(u.hostname or "") else []
+        self._opener = urllib.request.build_opener(*handlers)
+        self._sleep = time.sleep  # tests replace it to observe waits
+
+    @classmethod
+    def from_testnet(cls, path: str, **kwargs: Any) -> "SignalClient":
+        """A client of a local testnet, from the ``testnet.json`` that ``signal testnet`` writes."""
+        with open(path, encoding="utf-8") as f:
+            tn = json.load(f)
+        coords = tn.get("coordinators") or []
+        if not coords or not tn.get("api_key"):
+            raise ValueError("%s: want non-empty coordinators and api_key" % path)
+        return cls(api_key=tn["api_key"], base_url=coords[0], **kwargs)
+
+    # -- transport ---------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: Optional[Json] = None, token: Optional[str] = None) -> Any:
+        """Sends one logical call, retrying 429/503 and refused connections."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
+        full_path = API_PREFIX + path
+        headers = {"Accept": "application/json", "User-Agent": self.user_agent}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        tok = token if token else self.api_key
+        if tok:
+            headers["Authorization"] = "Bearer " + tok
+        if method != "GET":
+            # One key per logical call, reused by every retry.
+            headers[IDEMPOTENCY_HEADER] = uuid.uuid4().hex
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._attempt(method, full_path, data, headers)
+            except SignalError as e:
+                e.attempts = attempt
+                retryable = e.temporary or (
+                    isinstance(e, SignalConnectionError) and getattr(e, "_refused", False)
+                )
+                if not retryable or attempt > self.max_retries:
+                    raise
+                wait = e.retry_after if e.retry_after else self._backoff(attempt)
+                self._sleep(min(wait, self.max_backoff))
+
+    def _attempt(self, method: str, path: str, data: Optional[bytes], headers: Dict[str, str]) -> Any:
+        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            resp = self._opener.open(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                raw = e.read(_MAX_ERROR_BODY_BYTES)
+            except OSError:
+                raw = b""
+            finally:
+                e.close()
+            raise self._api_error(e.code, e.headers, raw, method, path) from None
+        except urllib.error.URLError as e:
+            err = SignalConnectionError("cannot reach %s: %s" % (self.base_url, e.reason), method=method, path=path)
+            # Only a connection never made is retried: the server cannot have
+            # started the call.
+            err._refused = isinstance(e.reason, ConnectionRefusedError)  # type: ignore[attr-defined]
+            raise err from e
+        except (socket.timeout, OSError) as e:
+            raise SignalConnectionError("%s %s: %s" % (method, path, e), method=method, path=path) from e
+        with resp:
+            try:
+                raw = resp.read(self.max_response_bytes + 1)
+            except (socket.timeout, OSError) as e:
+                raise SignalConnectionError("read response: %s" % e, method=method, path=path) from e
+        if len(raw) > self.max_response_bytes:
+            raise ResponseTooLargeError(
+                "response over %d bytes" % self.max_response_bytes, method=method, path=path
+            )
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise SignalError("decode response: %s" % e, status=resp.status, method=method, path=path) from e
+
+    def _api_error(self, status: int, headers: Any, raw: bytes, method: str, path: str) -> SignalError:
+        code, message = "", ""
+        try:
+            body = json.loads(raw)
+            err = body.get("error") if isinstance(body, dict) else None
+            if isinstance(err, dict) and isinstance(err.get("code"), str) and err["code"]:
+                code, message = err["code"], str(err.get("message", ""))
+        except ValueError:
+            pass
+        if not code:
+            message = raw.decode("utf-8", "replace").strip()
+            if len(message) > 200:
+                message = message[:200] + "..."
+        return error_from_response(
+            status,
+            code,
+            message,
+            request_id=headers.get(REQUEST_ID_HEADER) if headers else None,
+            retry_after=_parse_retry_after(headers.get("Retry-After") if headers else None),
+            method=method,
+            path=path,
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [min, min * 2**(attempt-1)], capped by max_backoff."""
+        hi = min(self.min_backoff * (2 ** (attempt - 1)), self.max_backoff)
+        if hi <= self.min_backoff:
+            return self.min_backoff
+        return random.uniform(self.min_backoff, hi)
+
+    # -- calls -------------------------------------------------------------
+
+    def health(self) -> Json:
+        """GET /v1/health: status, whether this member leads raft, version."""
+        return self._request("GET", "/health")
+
+    def create_run(
+        self,
+        base_model: str,
+        lora_rank: int = 32,
+        *,
+        lora_alpha: Optional[float] = None,
+        target_modules: Optional[List[str]] = None,
+        seed: Optional[int] = None,
+        checkpoint_every: Optional[int] = None,
+        lr_schedule: Optional[Json] = None,
+        name: Optional[str] = None,
+    ) -> "SignalRun":
+        """Starts a training run (POST /v1/runs) and returns its handle."""
+        if not base_model:
+            raise ValueError("base_model is empty")
+        body = _drop_none(
+            {
+                "base_model": base_model,
+                "lora_rank": lora_rank,
+                "lora_alpha": lora_alpha,
+                "target_modules": target_modules,
+                "seed": seed,
+                "checkpoint_every": checkpoint_every,
+                "lr_schedule": lr_schedule,
+                "name": name,
+            }
+        )
+        return SignalRun(self, self._request("POST", "/runs", body))
+
+    def list_runs(self) -> List[Json]:
+        """The caller's own runs."""
+        return self._request("GET", "/runs").get("runs", [])
+
+    def get_run(self, run_id: str) -> "SignalRun":
+        """Fetches a run and returns its handle."""
+        return SignalRun(self, self._request("GET", _run_path(run_id)))
+
+    def run(self, run_id: str) -> "SignalRun":
+        """A handle on an existing run, without fetching it."""
+        _run_path(run_id)
+        return SignalRun(self, {"id": run_id})
+
+    def delete_run(self, run_id: str) -> Json:
+        """Ends a run and frees its node's session; returns the ended run."""
+        return self._request("DELETE", _run_path(run_id))
+
+    def run_metrics(self, run_id: str) -> List[Json]:
+        """A run's per-step metrics."""
+        return self._request("GET", _run_path(run_id, "/metrics")).get("metrics", [])
+
+    def account(self) -> Json:
+        """Balance, total spent and recent charges, in micro-credits."""
+        return self._request("GET", "/account")
+
+    def models(self) -> List[Json]:
+        """The base models the network serves, with prices."""
+        return self._request("GET", "/models").get("models", [])
+
+    def nodes(self) -> List[Json]:
+        """Live nodes and their capacity."""
+        return self._request("GET", "/nodes").get("nodes", [])
+
+    def tokenize(self, base_model: str, text: str, add_special_tokens: bool = False) -> List[int]:
+        """Token ids of text under a base model's tokenizer, computed by the server."""
+        if not base_model:
+            raise ValueError("base_model is empty")
+        body: Json = {"base_model": base_model, "text": text}
+        if add_special_tokens:
+            body["add_special_tokens"] = True
+        return self._request("POST", "/tokenize", body).get("tokens", [])
+
+    def create_key(self, admin_token: str, credits: int, name: Optional[str] = None) -> Json:
+        """Mints an API key for a new account funded with ``credits`` micro-credits (admin)."""
+        _need_admin(admin_token)
+        return self._request("POST", "/admin/keys", _drop_none({"credits": credits, "name": name}), token=admin_token)
+
+    def credit(self, admin_token: str, account: str, amount: int) -> Json:
+        """Adds ``amount`` micro-credits to an account (admin)."""
+        _need_admin(admin_token)
+        return self._request("POST", "/admin/credit", {"account": account, "amount": amount}, token=admin_token)
+
+    def create_join_token(self, admin_token: str, operator_account: Optional[str] = None) -> Json:
+        """Issues a token a node presents to join the network (admin)."""
+        _need_admin(admin_token)
+        body = _drop_none({"operator_account": operator_account})
+        return self._request("POST", "/admin/join_tokens", body, token=admin_token)
+
+
+def _need_admin(token: str) -> None:
+    if not token:
+        raise ValueError("admin_token is empty")
+
+
+def _run_path(run_id: str, suffix: str = "") -> str:
+    if not run_id or any(c in run_id for c in "/?#") or run_id in (".", "..") or not run_id.isprintable():
+        raise ValueError("run id %r: want one non-empty path segment" % (run_id,))
+    return "/runs/" + urllib.parse.quote(run_id, safe="") + suffix
+
+
+class SignalRun:
+    """A handle on one training run; ``info`` is its last known state."""
+
+    def __init__(self, client: SignalClient, info: Json) -> None:
+        self.client = client
+        self.info = info
+
+    def __repr__(self) -> str:
+        return "SignalRun(id=%r, base_model=%r, status=%r, step=%r)" % (
+            self.id,
+            self.info.get("base_model"),
+            self.info.get("status"),
+            self.info.get("step"),
+        )
+
+    @property
+    def id(self) -> str:
+        return self.info["id"]
+
+    @property
+    def base_model(self) -> str:
+        return self.info.get("base_model", "")
+
+    @property
+    def step(self) -> int:
+        return int(self.info.get("step", 0))
+
+    def _post(self, suffix: str, body: Json) -> Json:
+        out = self.client._request("POST", _run_path(self.id, suffix), body)
+        cost = out.get("cost") if isinstance(out, dict) else None
+        if isinstance(cost, dict):
+            self.info["spent"] = self.info.get("spent", 0) + int(cost.get("credits", 0))
+        return out
+
+    @staticmethod
+    def _batch_body(
+        batch: Optional[Iterable[BatchItem]],
+        examples: Optional[Iterable[Json]],
+        loss_fn: Optional[str],
+        loss_fn_config: Optional[Json],
+    ) -> Json:
+        data: List[Json] = []
+        texts: List[Json] = list(examples or [])
+        for i, item in enumerate(batch or []):
+            if isinstance(item, str):
+                texts.append({"text": item})
+            elif isinstance(item, tuple) and len(item) == 2:
+                texts.append({"prompt": item[0], "completion": item[1]})
+            elif isinstance(item, dict) and "model_input" in item:
+                data.append(item)
+            elif isinstance(item, dict) and ("text" in item or "prompt" in item):
+                texts.append(item)
+            else:
+                raise ValueError(
+                    "batch item %d: want a Datum dict, a text example dict, a str or a (prompt, completion) pair, got %r"
+                    % (i, type(item).__name__)
+                )
+        if data and texts:
+            raise ValueError("batch mixes token Datum and text examples: send them in separate calls")
+        if not data and not texts:
+            raise ValueError("batch is empty")
+        body: Json = {"data": data} if data else {"examples": texts}
+        if loss_fn is not None:
+            body["loss_fn"] = loss_fn
+        if loss_fn_config is not None:
+            body["loss_fn_config"] = loss_fn_config
+        return body
+
+    def forward_backward(
+        self,
+        batch: Optional[Iterable[BatchItem]] = None,
+        *,
+        examples: Optional[Iterable[Json]] = None,
+        loss_fn: Optional[str] = None,
+        loss_fn_config: Optional[Json] = None,
+    ) -> Json:
+        """Computes the loss on a batch and accumulates gradients for the next optim_step.
+
+        ``batch`` holds token Datum dicts, or text: strings, (prompt, completion)
+        pairs or ``{"text"}``/``{"prompt", "completion"}`` dicts, tokenized by the
+        node with the run's tokenizer. Returns ``loss_sum``, ``loss_mean``,
+        ``tokens``, ``grad_norm``, ``logprobs``, ``cost``, ``balance``.
+        """
+        return self._post("/forward_backward", self._batch_body(batch, examples, loss_fn, loss_fn_config))
+
+    def forward(
+        self,
+        batch: Optional[Iterable[BatchItem]] = None,
+        *,
+        examples: Optional[Iterable[Json]] = None,
+        loss_fn: Optional[str] = None,
+        loss_fn_config: Optional[Json] = None,
+    ) -> Json:
+        """Like forward_backward without gradients: loss and logprobs only."""
+        return self._post("/forward", self._batch_body(batch, examples, loss_fn, loss_fn_config))
+
+    def optim_step(
+        self,
+        learning_rate: Optional[float] = None,
+        *,
+        beta1: Optional[float] = None,
+        beta2: Optional[float] = None,
+        eps: Optional[float] = None,
+        weight_decay: Optional[float] = None,
+        grad_clip_norm: Optional[float] = None,
+    ) -> Json:
+        """Applies the accumulated gradients with AdamW; unset values take the run's schedule and defaults."""
+        adam = _drop_none(
+            {
+                "learning_rate": learning_rate,
+                "beta1": beta1,
+                "beta2": beta2,
+                "eps": eps,
+                "weight_decay": weight_decay,
+                "grad_clip_norm": grad_clip_norm,
+            }
+        )
+        out = self._post("/optim_step", {"adam_params": adam} if adam else {})
+        if "step" in out:
+            self.info["step"] = out["step"]
+        return out
+
+    def sample(
+        self,
+        prompts: Union[str, Sequence[int], Sequence[Union[str, Sequence[int], Json]]],
+        max_tokens: int = 64,
+        *,
+        num_samples: int = 1,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        stop: Optional[List[str]] = None,
+        seed: Optional[int] = None,
+    ) -> Json:
+        """Samples continuations with the run's adapter.
+
+        ``prompts`` is a text, a token list, or a list of texts / token lists /
+        Prompt dicts. Returns ``{"samples": [[Sample]], "cost", "balance"}``,
+        one list of ``num_samples`` samples per prompt.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        items: List[Json] = []
+        for i, p in enumerate(prompts):  # type: ignore[arg-type]
+            if isinstance(p, str):
+                items.append({"text": p})
+            elif isinstance(p, dict):
+                items.append(p)
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                items.append({"tokens": list(p)})
+            else:
+                raise ValueError("prompt %d: want a str, a list of token ids or a Prompt dict" % i)
+        if not items:
+            raise ValueError("prompts is empty")
+        params = _drop_none(
+            {
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "stop": stop,
+                "seed": seed,
+            }
+        )
+        body: Json = {"prompts": items, "sampling_params": params}
+        if num_samples != 1:
+            body["num_samples"] = num_samples
+        return self._post("/sample", body)
+
+    def save_state(self, mode: str = "adapter", name: Optional[str] = None) -> Json:
+        """Stores the adapter ("adapter") or adapter + optimizer ("full"); returns ``{"checkpoint", "cost", "balance"}``."""
+        return self._post("/save_state", _drop_none({"mode": mode, "name": name}))
+
+    def load_state(self, checkpoint: str) -> Json:
+        """Restores the run from a checkpoint id, URI or CID; returns the run."""
+        if not checkpoint:
+            raise ValueError("checkpoint is empty")
+        self.info = self.client._request("POST", _run_path(self.id, "/load_state"), {"checkpoint": checkpoint})
+        return self.info
+
+    def close(self) -> Json:
+        """Ends the run and frees its node's session."""
+        self.info = self.client.delete_run(self.id)
+        return self.info
+
+    def refresh(self) -> Json:
+        """Fetches the run's current state into ``info``."""
+        self.info = self.client._request("GET", _run_path(self.id))
+        return self.info
+
+    def metrics(self) -> List[Json]:
+        """The run's per-step metrics."""
+        return self.client.run_metrics(self.id)
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        """Token ids of text under the run's base model tokenizer."""
+        if not self.base_model:
+            self.refresh()
+        return self.client.tokenize(self.base_model, text, add_special_tokens)
+
+    def datum_from_text(self, prompt: str, completion: str) -> Json:
+        """A Datum training on ``completion`` after ``prompt``, tokenized by the server.
+
+        The prompt is tokenized with the tokenizer's special tokens (e.g. BOS),
+        the completion without; see :func:`datum_from_tokens`.
+        """
+        p = self.tokenize(prompt, add_special_tokens=True) if prompt else []
+        c = self.tokenize(completion, add_special_tokens=not prompt)
+        return datum_from_tokens(p, c)
