@@ -4,6 +4,8 @@ import (
 	"math"
 	"runtime"
 	"sync"
+
+	"github.com/signal-p2p/signal/trainer/blas"
 )
 
 // The training kernels: the forward pieces that must keep what backward needs
@@ -161,7 +163,7 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 		k := qkv[st*ld+(sh.nHeads+g)*d:]
 		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
 		s := scratch[worker].s[:n*n]
-		tgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+		blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
 		for i := 0; i < n; i++ {
 			row := s[i*n : (i+1)*n]
 			m := row[0]
@@ -185,7 +187,7 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 			}
 			lse[h*tokens+st+i] = m + float32(math.Log(sum))
 		}
-		tgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
+		blas.Sgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
 	})
 }
 
@@ -216,7 +218,7 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 			dq := dqkv[st*ld+h*d:]
 			do := dout[st*od+h*d:]
 			o := out[st*od+h*d:]
-			tgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+			blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
 			for i := 0; i < n; i++ {
 				row := s[i*n : (i+1)*n]
 				l := lse[h*tokens+st+i]
@@ -231,8 +233,8 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 			if hi == 0 {
 				beta = 0
 			}
-			tgemm(true, false, n, d, n, 1, s, n, do, od, beta, dv, ld)
-			tgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
+			blas.Sgemm(true, false, n, d, n, 1, s, n, do, od, beta, dv, ld)
+			blas.Sgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
 			for i := 0; i < n; i++ {
 				var di float32
 				for c := 0; c < d; c++ {
@@ -243,8 +245,8 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 					pr[j] *= dpr[j] - di
 				}
 			}
-			tgemm(false, false, n, d, n, sh.scale, s, n, k, ld, 0, dq, ld)
-			tgemm(true, false, n, d, n, sh.scale, s, n, q, ld, beta, dk, ld)
+			blas.Sgemm(false, false, n, d, n, sh.scale, s, n, k, ld, 0, dq, ld)
+			blas.Sgemm(true, false, n, d, n, sh.scale, s, n, q, ld, beta, dk, ld)
 		}
 	})
 }
@@ -290,10 +292,10 @@ func trainParallelWorkers(jobs, workers int, fn func(worker, job int)) {
 // [rows, r] scratch.
 func loraBackward(dx []float32, ldx int, dy []float32, ldy int, x []float32, ldxIn int, u []float32,
 	a, b, da, db []float32, rows, in, out, r int, s float32, dyB []float32) {
-	tgemm(false, false, rows, r, out, 1, dy, ldy, b, r, 0, dyB, r)
-	tgemm(true, false, out, r, rows, s, dy, ldy, u, r, 1, db, r)
-	tgemm(true, false, r, in, rows, s, dyB, r, x, ldxIn, 1, da, in)
-	tgemm(false, false, rows, in, r, s, dyB, r, a, in, 1, dx, ldx)
+	blas.Sgemm(false, false, rows, r, out, 1, dy, ldy, b, r, 0, dyB, r)
+	blas.Sgemm(true, false, out, r, rows, s, dy, ldy, u, r, 1, db, r)
+	blas.Sgemm(true, false, r, in, rows, s, dyB, r, x, ldxIn, 1, da, in)
+	blas.Sgemm(false, false, rows, in, r, s, dyB, r, a, in, 1, dx, ldx)
 }
 
 // lmHeadChunk is the row count of one LM-head chunk: logits for this many
@@ -311,7 +313,7 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 	for c0 := 0; c0 < rows; c0 += lmHeadChunk {
 		c := min(lmHeadChunk, rows-c0)
 		z := logits[:c*vocab]
-		tgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
+		blas.Sgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
 		any := false
 		for i := 0; i < c; i++ {
 			zr := z[i*vocab : (i+1)*vocab]
@@ -349,6 +351,6 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 			clear(dx[c0*h : (c0+c)*h])
 			continue
 		}
-		tgemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
+		blas.Sgemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"math"
 	"math/rand"
 	"testing"
+
+	"github.com/signal-p2p/signal/trainer/blas"
 )
 
 // The backward kernels are checked against central finite differences of
@@ -199,8 +201,8 @@ func TestLoRABackwardFD(t *testing.T) {
 	a, b := randSlice(r, rank*in, 1), randSlice(r, out*rank, 1)
 	u, y := make([]float32, rows*rank), make([]float32, rows*ldy)
 	f := func() float64 {
-		tgemm(false, true, rows, rank, in, 1, x, ldx, a, in, 0, u, rank)
-		tgemm(false, true, rows, out, rank, s, u, rank, b, rank, 0, y, ldy)
+		blas.Sgemm(false, true, rows, rank, in, 1, x, ldx, a, in, 0, u, rank)
+		blas.Sgemm(false, true, rows, out, rank, s, u, rank, b, rank, 0, y, ldy)
 		var acc float64
 		for i := 0; i < rows; i++ {
 			acc += dot64(dy[i*ldy:i*ldy+out], y[i*ldy:i*ldy+out])

@@ -52,7 +52,7 @@ func parseLoss(name string, cfg map[string]float64) (lossSpec, error) {
 		allowed["clip_low_threshold"] = true
 		allowed["clip_high_threshold"] = true
 	default:
-		return ls, fmt.Errorf("%w: loss_fn %q: want %s, %s or %s", errBadInput, name,
+		return ls, fmt.Errorf("%w: loss_fn %q: want %s, %s or %s", ErrInvalidInput, name,
 			LossCrossEntropy, LossImportanceSampling, LossPPO)
 	}
 	keys := make([]string, 0, len(cfg))
@@ -63,10 +63,10 @@ func parseLoss(name string, cfg map[string]float64) (lossSpec, error) {
 	for _, k := range keys {
 		v := cfg[k]
 		if !allowed[k] {
-			return ls, fmt.Errorf("%w: loss_fn_config.%s: not a setting of loss_fn %q", errBadInput, k, name)
+			return ls, fmt.Errorf("%w: loss_fn_config.%s: not a setting of loss_fn %q", ErrInvalidInput, k, name)
 		}
 		if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
-			return ls, fmt.Errorf("%w: loss_fn_config.%s %v: want a finite value >= 0", errBadInput, k, v)
+			return ls, fmt.Errorf("%w: loss_fn_config.%s %v: want a finite value >= 0", ErrInvalidInput, k, v)
 		}
 		switch k {
 		case "clip_low_threshold":
@@ -77,7 +77,7 @@ func parseLoss(name string, cfg map[string]float64) (lossSpec, error) {
 	}
 	if ls.clipLow > ls.clipHigh {
 		return ls, fmt.Errorf("%w: loss_fn_config.clip_low_threshold %v above clip_high_threshold %v",
-			errBadInput, ls.clipLow, ls.clipHigh)
+			ErrInvalidInput, ls.clipLow, ls.clipHigh)
 	}
 	return ls, nil
 }
@@ -126,32 +126,32 @@ func lossWeight(d *Datum, i int) float64 {
 // the field as the public API spells it.
 func validateData(data []Datum, ls lossSpec, vocab, maxContext int) error {
 	if len(data) == 0 {
-		return fmt.Errorf("%w: data: empty, want at least one datum", errBadInput)
+		return fmt.Errorf("%w: data: empty, want at least one datum", ErrInvalidInput)
 	}
 	for di := range data {
 		d := &data[di]
 		n := len(d.Tokens)
 		if n == 0 {
-			return fmt.Errorf("%w: data[%d].model_input.tokens: empty", errBadInput, di)
+			return fmt.Errorf("%w: data[%d].model_input.tokens: empty", ErrInvalidInput, di)
 		}
 		if maxContext > 0 && n > maxContext {
 			return fmt.Errorf("%w: data[%d].model_input.tokens: %d tokens, over the model's context of %d",
-				errBadInput, di, n, maxContext)
+				ErrInvalidInput, di, n, maxContext)
 		}
 		if len(d.TargetTokens) != n {
 			return fmt.Errorf("%w: data[%d].loss_fn_inputs.target_tokens: length %d, want %d (as model_input.tokens)",
-				errBadInput, di, len(d.TargetTokens), n)
+				ErrInvalidInput, di, len(d.TargetTokens), n)
 		}
 		for i, t := range d.Tokens {
 			if t < 0 || t >= vocab {
 				return fmt.Errorf("%w: data[%d].model_input.tokens[%d]: id %d outside the vocabulary [0, %d)",
-					errBadInput, di, i, t, vocab)
+					ErrInvalidInput, di, i, t, vocab)
 			}
 		}
 		for i, t := range d.TargetTokens {
 			if t < 0 || t >= vocab {
 				return fmt.Errorf("%w: data[%d].loss_fn_inputs.target_tokens[%d]: id %d outside the vocabulary [0, %d)",
-					errBadInput, di, i, t, vocab)
+					ErrInvalidInput, di, i, t, vocab)
 			}
 		}
 		if err := checkFloats(di, "weights", d.Weights, n, !ls.needsRL()); err != nil {
@@ -175,12 +175,12 @@ func checkFloats(di int, field string, xs []float32, n int, required bool) error
 	}
 	if len(xs) != n {
 		return fmt.Errorf("%w: data[%d].loss_fn_inputs.%s: length %d, want %d (as model_input.tokens)",
-			errBadInput, di, field, len(xs), n)
+			ErrInvalidInput, di, field, len(xs), n)
 	}
 	for i, x := range xs {
 		if math.IsNaN(float64(x)) || math.IsInf(float64(x), 0) {
 			return fmt.Errorf("%w: data[%d].loss_fn_inputs.%s[%d]: %v, want a finite number",
-				errBadInput, di, field, i, x)
+				ErrInvalidInput, di, field, i, x)
 		}
 	}
 	return nil

@@ -45,12 +45,12 @@ func TestValidateData(t *testing.T) {
 			d := good()
 			tc.mod(&d)
 			err := validateData([]Datum{good(), d}, tc.ls, 10, 8)
-			if !errors.Is(err, errBadInput) || !strings.Contains(err.Error(), tc.want) {
+			if !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v, want an input error naming %s", err, tc.want)
 			}
 		})
 	}
-	if err := validateData(nil, ce, 10, 8); !errors.Is(err, errBadInput) || !strings.Contains(err.Error(), "data") {
+	if err := validateData(nil, ce, 10, 8); !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), "data") {
 		t.Fatalf("empty data: error %v", err)
 	}
 }
@@ -75,7 +75,7 @@ func TestParseLoss(t *testing.T) {
 		{LossPPO, map[string]float64{"clip_low_threshold": 1.5}, "clip_low_threshold"},
 		{LossPPO, map[string]float64{"clip_high_threshold": math.NaN()}, "clip_high_threshold"},
 	} {
-		if _, err := parseLoss(tc.name, tc.cfg); !errors.Is(err, errBadInput) || !strings.Contains(err.Error(), tc.want) {
+		if _, err := parseLoss(tc.name, tc.cfg); !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("parseLoss(%q, %v) error %v, want one naming %s", tc.name, tc.cfg, err, tc.want)
 		}
 	}

@@ -35,17 +35,17 @@ func (p AdamParams) Validate() error {
 	finite := func(x float64) bool { return !math.IsNaN(x) && !math.IsInf(x, 0) }
 	switch {
 	case !finite(p.LearningRate) || p.LearningRate < 0:
-		return fmt.Errorf("%w: learning_rate %v: want a finite value >= 0", errBadInput, p.LearningRate)
+		return fmt.Errorf("%w: learning_rate %v: want a finite value >= 0", ErrInvalidInput, p.LearningRate)
 	case !finite(p.Beta1) || p.Beta1 < 0 || p.Beta1 >= 1:
-		return fmt.Errorf("%w: beta1 %v: want within [0, 1)", errBadInput, p.Beta1)
+		return fmt.Errorf("%w: beta1 %v: want within [0, 1)", ErrInvalidInput, p.Beta1)
 	case !finite(p.Beta2) || p.Beta2 < 0 || p.Beta2 >= 1:
-		return fmt.Errorf("%w: beta2 %v: want within [0, 1)", errBadInput, p.Beta2)
+		return fmt.Errorf("%w: beta2 %v: want within [0, 1)", ErrInvalidInput, p.Beta2)
 	case !finite(p.Eps) || p.Eps < 0:
-		return fmt.Errorf("%w: eps %v: want a finite value >= 0", errBadInput, p.Eps)
+		return fmt.Errorf("%w: eps %v: want a finite value >= 0", ErrInvalidInput, p.Eps)
 	case !finite(p.WeightDecay) || p.WeightDecay < 0:
-		return fmt.Errorf("%w: weight_decay %v: want a finite value >= 0", errBadInput, p.WeightDecay)
+		return fmt.Errorf("%w: weight_decay %v: want a finite value >= 0", ErrInvalidInput, p.WeightDecay)
 	case !finite(p.GradClipNorm) || p.GradClipNorm < 0:
-		return fmt.Errorf("%w: grad_clip_norm %v: want a finite value >= 0 (0 = off)", errBadInput, p.GradClipNorm)
+		return fmt.Errorf("%w: grad_clip_norm %v: want a finite value >= 0 (0 = off)", ErrInvalidInput, p.GradClipNorm)
 	}
 	return nil
 }

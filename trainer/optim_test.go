@@ -70,8 +70,8 @@ func TestAdamParamsValidate(t *testing.T) {
 		p := DefaultAdamParams()
 		tc.mod(&p)
 		err := p.Validate()
-		if !errors.Is(err, errBadInput) || !containsStr(err.Error(), tc.field) {
-			t.Errorf("%s out of range: error %v, want errBadInput naming the field", tc.field, err)
+		if !errors.Is(err, ErrInvalidInput) || !containsStr(err.Error(), tc.field) {
+			t.Errorf("%s out of range: error %v, want ErrInvalidInput naming the field", tc.field, err)
 		}
 	}
 }
@@ -112,8 +112,8 @@ func TestLRSchedule(t *testing.T) {
 		{Kind: "cosine", PeakLR: 1, TotalSteps: 5, FinalFraction: 2},
 		{Kind: "constant", PeakLR: 1, WarmupSteps: -1},
 	} {
-		if err := bad.Validate(); !errors.Is(err, errBadInput) {
-			t.Errorf("%+v: Validate() = %v, want errBadInput", *bad, err)
+		if err := bad.Validate(); !errors.Is(err, ErrInvalidInput) {
+			t.Errorf("%+v: Validate() = %v, want ErrInvalidInput", *bad, err)
 		}
 	}
 }

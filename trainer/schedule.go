@@ -24,20 +24,20 @@ func (s *LRSchedule) Validate() error {
 	switch s.Kind {
 	case "constant", "linear", "cosine":
 	default:
-		return fmt.Errorf("%w: lr_schedule.kind %q: want constant, linear or cosine", errBadInput, s.Kind)
+		return fmt.Errorf("%w: lr_schedule.kind %q: want constant, linear or cosine", ErrInvalidInput, s.Kind)
 	}
 	if !(s.PeakLR > 0) || math.IsInf(s.PeakLR, 0) {
-		return fmt.Errorf("%w: lr_schedule.peak_lr %v: want a finite value > 0", errBadInput, s.PeakLR)
+		return fmt.Errorf("%w: lr_schedule.peak_lr %v: want a finite value > 0", ErrInvalidInput, s.PeakLR)
 	}
 	if s.WarmupSteps < 0 {
-		return fmt.Errorf("%w: lr_schedule.warmup_steps %d: want >= 0", errBadInput, s.WarmupSteps)
+		return fmt.Errorf("%w: lr_schedule.warmup_steps %d: want >= 0", ErrInvalidInput, s.WarmupSteps)
 	}
 	if s.Kind != "constant" {
 		if s.TotalSteps <= s.WarmupSteps {
-			return fmt.Errorf("%w: lr_schedule.total_steps %d: want > warmup_steps (%d)", errBadInput, s.TotalSteps, s.WarmupSteps)
+			return fmt.Errorf("%w: lr_schedule.total_steps %d: want > warmup_steps (%d)", ErrInvalidInput, s.TotalSteps, s.WarmupSteps)
 		}
 		if s.FinalFraction < 0 || s.FinalFraction > 1 || math.IsNaN(s.FinalFraction) {
-			return fmt.Errorf("%w: lr_schedule.final_fraction %v: want within [0, 1]", errBadInput, s.FinalFraction)
+			return fmt.Errorf("%w: lr_schedule.final_fraction %v: want within [0, 1]", ErrInvalidInput, s.FinalFraction)
 		}
 	}
 	return nil
