@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -528,4 +529,27 @@ func FuzzNewAPIError(f *testing.F) {
 		_ = errors.Is(e, ErrInternal)
 		_ = e.Temporary()
 	})
+}
+
+func TestReadTestnetFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(s string) string {
+		p := dir + "/testnet.json"
+		if err := os.WriteFile(p, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	tf, err := ReadTestnetFile(write(`{"coordinators":["http://127.0.0.1:7001"],"admin_token":"adm","api_key":"sk","models":[{"name":"signal-tiny"}],"nodes":[]}`))
+	if err != nil || tf.Coordinators[0] != "http://127.0.0.1:7001" || tf.APIKey != "sk" || tf.AdminToken != "adm" {
+		t.Fatalf("ReadTestnetFile = %+v, %v", tf, err)
+	}
+	for _, bad := range []string{`{"api_key":"sk"}`, `{"coordinators":["http://x"]}`, `not json`} {
+		if _, err := ReadTestnetFile(write(bad)); err == nil {
+			t.Errorf("ReadTestnetFile(%s) succeeded", bad)
+		}
+	}
+	if _, err := ReadTestnetFile(dir + "/missing.json"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("missing file err = %v", err)
+	}
 }
