@@ -1,0 +1,308 @@
+package trainer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+)
+
+// Errors of the training calls, besides ErrInvalidInput for bad arguments.
+var (
+	// ErrNoGradients is returned by an OptimStep with no ForwardBackward
+	// since the last step. It wraps ErrInvalidInput: the caller's mistake.
+	ErrNoGradients = fmt.Errorf("%w: no gradients accumulated: call forward_backward before optim_step", ErrInvalidInput)
+	// ErrSessionClosed is returned by every call on a closed session.
+	ErrSessionClosed = errors.New("session closed")
+)
+
+// DefaultLoRARank and DefaultLoRAAlpha are a SessionConfig's zero-value
+// choices (Tinker's: rank 32, alpha 32).
+const (
+	DefaultLoRARank  = 32
+	DefaultLoRAAlpha = 32
+)
+
+// SessionConfig configures a training session: its LoRA adapter and an
+// optional learning-rate schedule. Zero values take the defaults: rank
+// DefaultLoRARank, alpha DefaultLoRAAlpha, every linear layer of the blocks.
+type SessionConfig struct {
+	Rank          int
+	Alpha         float32
+	TargetModules []string
+	Seed          int64
+	Schedule      *LRSchedule
+}
+
+// ForwardResult is what Forward and ForwardBackward return. LossMean is
+// LossSum over the sum of the weights (over the token count for data without
+// weights); GradNorm (ForwardBackward only) is the L2 norm of this call's
+// gradient of LossSum over all LoRA parameters. Logprobs[i][j] is the model's
+// log-probability of data[i].TargetTokens[j].
+type ForwardResult struct {
+	LossSum, LossMean float64
+	Tokens            int
+	GradNorm          float64
+	Logprobs          [][]float32
+}
+
+// OptimResult is what OptimStep returns: the step number after the update,
+// the learning rate it used and the gradient norm before clipping.
+type OptimResult struct {
+	Step         int
+	LearningRate float64
+	GradNorm     float64
+}
+
+// Session is one run's trainable state over a shared base model: a LoRA
+// adapter, its accumulated gradients and AdamW moments, and the step count.
+// The base model is only read, so any number of sessions share one Model.
+// Calls on one session are serialised; a rejected call (bad input, a
+// cancelled context) leaves the session as it was.
+type Session struct {
+	m   *Model
+	cfg SessionConfig
+
+	mu       sync.Mutex
+	closed   bool
+	lora     *LoRA
+	grads    *LoRA // accumulated since the last OptimStep
+	callGrad *LoRA // one call's gradient, added to grads when the call succeeds
+	m1, m2   *LoRA // AdamW first and second moments
+	step     int
+	hasGrad  bool
+}
+
+// NewSession opens a training session on m with a fresh PEFT-initialised
+// adapter (A Kaiming-uniform, B zero: outputs start equal to the base's).
+func NewSession(m *Model, cfg SessionConfig) (*Session, error) {
+	if cfg.Rank == 0 {
+		cfg.Rank = DefaultLoRARank
+	}
+	if cfg.Alpha == 0 {
+		cfg.Alpha = DefaultLoRAAlpha
+	}
+	if cfg.Rank < 0 {
+		return nil, fmt.Errorf("%w: rank %d: want > 0", ErrInvalidInput, cfg.Rank)
+	}
+	if cfg.Schedule != nil {
+		if err := cfg.Schedule.Validate(); err != nil {
+			return nil, err
+		}
+		sc := *cfg.Schedule
+		cfg.Schedule = &sc
+	}
+	lora, err := NewLoRA(m, cfg.Rank, cfg.Alpha, cfg.TargetModules, cfg.Seed)
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{m: m, cfg: cfg}
+	s.setLoRA(lora)
+	return s, nil
+}
+
+// setLoRA installs an adapter with zero gradients and moments.
+func (s *Session) setLoRA(l *LoRA) {
+	s.lora = l
+	s.grads, s.callGrad = zerosLike(l), zerosLike(l)
+	s.m1, s.m2 = zerosLike(l), zerosLike(l)
+	s.hasGrad = false
+}
+
+// zerosLike returns an adapter of l's shape filled with zeros: the shape of
+// its gradients and optimizer moments.
+func zerosLike(l *LoRA) *LoRA {
+	z := l.Clone()
+	for _, p := range z.Pairs() {
+		clear(p.A)
+		clear(p.B)
+	}
+	return z
+}
+
+// tensors lists an adapter-shaped set's tensors in a fixed order (per pair,
+// A then B), the order the optimizer walks parameters, gradients and moments.
+func tensors(l *LoRA) [][]float32 {
+	var out [][]float32
+	for _, p := range l.Pairs() {
+		out = append(out, p.A, p.B)
+	}
+	return out
+}
+
+// Model returns the base model.
+func (s *Session) Model() *Model { return s.m }
+
+// LoRA returns the session's adapter. It is the live one: read it only
+// between calls.
+func (s *Session) LoRA() *LoRA {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lora
+}
+
+// Step returns the number of optimizer steps taken.
+func (s *Session) Step() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.step
+}
+
+// Close releases the session's state. Later calls return ErrSessionClosed.
+func (s *Session) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	s.lora, s.grads, s.callGrad, s.m1, s.m2 = nil, nil, nil, nil, nil
+	return nil
+}
+
+// ForwardBackward computes the loss of data under lossFn and adds the
+// gradient of its sum w.r.t. the adapter to the session's accumulated
+// gradients; gradients of several calls add up until OptimStep.
+func (s *Session) ForwardBackward(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64) (*ForwardResult, error) {
+	return s.run(ctx, data, lossFn, lossCfg, true)
+}
+
+// Forward computes the loss and logprobs of data without gradients.
+func (s *Session) Forward(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64) (*ForwardResult, error) {
+	return s.run(ctx, data, lossFn, lossCfg, false)
+}
+
+func (s *Session) run(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64, grad bool) (*ForwardResult, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrSessionClosed
+	}
+	var g *LoRA
+	if grad {
+		g = s.callGrad
+		for _, t := range tensors(g) {
+			clear(t)
+		}
+	}
+	res, err := runPass(ctx, s.m, s.lora, data, lossFn, lossCfg, g)
+	if err != nil {
+		return nil, err
+	}
+	if grad {
+		acc := tensors(s.grads)
+		for i, t := range tensors(g) {
+			a := acc[i]
+			for j, v := range t {
+				a[j] += v
+			}
+		}
+		s.hasGrad = true
+	}
+	return res, nil
+}
+
+// runPass validates data, runs the model with lora and, when grads is not
+// nil, adds the gradient of the loss sum to grads (shaped like lora).
+func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn string, lossCfg map[string]float64, grads *LoRA) (*ForwardResult, error) {
+	ls, err := parseLoss(lossFn, lossCfg)
+	if err != nil {
+		return nil, err
+	}
+	c := m.cfg
+	if err := validateData(data, ls, c.VocabSize, c.MaxPositionEmbeddings); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	ar := getTrainArena(m)
+	defer putTrainArena(m, ar)
+	p := newTrainPass(m, lora, data, ar)
+	if err := p.forward(ctx); err != nil {
+		return nil, err
+	}
+	rowDatum := make([]int32, p.rows)
+	for i := range data {
+		for r := p.seqOff[i]; r < p.seqOff[i+1]; r++ {
+			rowDatum[r] = int32(i)
+		}
+	}
+	var lossSum, weightSum float64
+	lossAt := func(row int, logp float64) float64 {
+		di := int(rowDatum[row])
+		l, g := ls.token(&data[di], row-p.seqOff[di], logp)
+		lossSum += l
+		weightSum += lossWeight(&data[di], row-p.seqOff[di])
+		return g
+	}
+	var dxf []float32
+	if grads != nil {
+		dxf = ar.dirty(p.rows * c.HiddenSize)
+	}
+	p.head(dxf, lossAt)
+	res := &ForwardResult{LossSum: lossSum, Tokens: p.rows, Logprobs: make([][]float32, len(data))}
+	if weightSum > 0 {
+		res.LossMean = lossSum / weightSum
+	} else {
+		res.LossMean = lossSum / float64(p.rows)
+	}
+	for i := range data {
+		res.Logprobs[i] = append([]float32(nil), p.logp[p.seqOff[i]:p.seqOff[i+1]]...)
+	}
+	if grads != nil {
+		if lora == nil {
+			return nil, fmt.Errorf("%w: forward_backward needs an adapter", ErrInvalidInput)
+		}
+		if err := p.backward(ctx, dxf, grads); err != nil {
+			return nil, err
+		}
+		res.GradNorm = globalNorm(tensors(grads))
+	}
+	return res, nil
+}
+
+// OptimStep applies AdamW to the adapter with the gradients accumulated since
+// the last step, then zeroes them. A zero LearningRate takes the rate from
+// the session's schedule (or DefaultLearningRate without one).
+func (s *Session) OptimStep(ctx context.Context, p AdamParams) (*OptimResult, error) {
+	if err := p.Validate(); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrSessionClosed
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if !s.hasGrad {
+		return nil, ErrNoGradients
+	}
+	step := s.step + 1
+	lr := p.LearningRate
+	if lr == 0 {
+		lr = DefaultLearningRate
+		if s.cfg.Schedule != nil {
+			lr = s.cfg.Schedule.At(step)
+		}
+	}
+	gs := tensors(s.grads)
+	norm := globalNorm(gs)
+	if math.IsNaN(norm) || math.IsInf(norm, 0) {
+		// Applying it would destroy the adapter; drop the gradients instead.
+		for _, g := range gs {
+			clear(g)
+		}
+		s.hasGrad = false
+		return nil, fmt.Errorf("%w: gradient norm is %v; gradients dropped, adapter unchanged", ErrInvalidInput, norm)
+	}
+	coef := clipCoef(norm, p.GradClipNorm)
+	ps, m1, m2 := tensors(s.lora), tensors(s.m1), tensors(s.m2)
+	for i := range ps {
+		adamwUpdate(ps[i], gs[i], m1[i], m2[i], coef, lr, p.Beta1, p.Beta2, p.Eps, p.WeightDecay, step)
+		clear(gs[i])
+	}
+	s.step = step
+	s.hasGrad = false
+	return &OptimResult{Step: step, LearningRate: lr, GradNorm: norm}, nil
+}
