@@ -38,3 +38,14 @@ func (r *JoinRequest) Validate() error {
 	}
 	return nil
 }
+
+// SessionState is a node's answer to init, load_state and close: where the
+// run's session stands on the node.
+type SessionState struct {
+	RunID   string `json:"run_id"`
+	Step    int    `json:"step"`
+	Backend string `json:"backend,omitempty"`
+	// ResumedFromStep is set when init restored SessionSpec.ResumeFrom.
+	ResumedFromStep *int `json:"resumed_from_step,omitempty"`
+	Closed          bool `json:"closed,omitempty"`
+}
