@@ -1,0 +1,143 @@
+package coordinator
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"time"
+
+	"github.com/signal-p2p/signal/ledger"
+)
+
+// Tokenizer encodes text for POST /v1/tokenize.
+type Tokenizer interface {
+	Encode(text string, addSpecial bool) []int
+}
+
+// Config configures one coordinator.
+type Config struct {
+	// ID is this member's raft server ID; unique in the cluster.
+	ID string
+	// DataDir holds the raft log (raft.db) and snapshots.
+	DataDir string
+	// RaftAddr is the raft TCP bind address (HOST:PORT; port 0 picks one).
+	RaftAddr string
+	// HTTPAddr is the public API's bind address (port 0 picks one).
+	HTTPAddr string
+	// Bootstrap makes a fresh data dir start a one-member cluster.
+	Bootstrap bool
+	// Join is any member's HTTP base URL; a fresh member asks it to add it.
+	Join string
+	// AdminToken authorises /v1/admin/* and /v1/cluster/*; every member of
+	// a cluster needs the same one.
+	AdminToken string
+	// Models is the model registry; every member needs the same one.
+	Models []ModelSpec
+	// Backend reaches the node network; nil means none (placement fails with 503).
+	Backend Backend
+	// LoadTokenizer loads a model's tokenizer for /v1/tokenize from the
+	// model's local path; nil makes /v1/tokenize answer 503.
+	LoadTokenizer func(dir string) (Tokenizer, error)
+	// FeeBasisPoints is the network's share of each charge (1000 = 10%).
+	FeeBasisPoints int
+	// RatePerSecond and RateBurst configure each API key's token bucket.
+	RatePerSecond float64
+	RateBurst     int
+	// MaxBodyBytes limits request bodies (413 above it).
+	MaxBodyBytes int64
+	// MaxBatch is the most commands in one raft entry; MaxInflightBatches
+	// is how many entries may be committing at once.
+	MaxBatch           int
+	MaxInflightBatches int
+	// ApplyTimeout bounds one raft apply.
+	ApplyTimeout time.Duration
+	// NodeLostAfter is how long a run's node may be missing from the
+	// backend's node list before the run moves.
+	NodeLostAfter time.Duration
+	// RetryAfter is what 503s tell clients to wait.
+	RetryAfter time.Duration
+	// Raft timing; zero values take hashicorp/raft's defaults.
+	HeartbeatTimeout   time.Duration
+	ElectionTimeout    time.Duration
+	LeaderLeaseTimeout time.Duration
+	CommitTimeout      time.Duration
+	// SnapshotThreshold is how many log entries trigger a snapshot.
+	SnapshotThreshold uint64
+	SnapshotInterval  time.Duration
+	// Logger receives audit events and infrastructure logs.
+	Logger *slog.Logger
+	// RaftLog receives hashicorp/raft's own log at RaftLogLevel (e.g. "warn").
+	RaftLog      io.Writer
+	RaftLogLevel string
+}
+
+// DefaultConfig returns a configuration with every tunable set; callers
+// fill ID, DataDir, addresses and the admin token.
+func DefaultConfig() Config {
+	return Config{
+		RaftAddr:           "127.0.0.1:7000",
+		HTTPAddr:           "127.0.0.1:8080",
+		FeeBasisPoints:     1000,
+		RatePerSecond:      50,
+		RateBurst:          100,
+		MaxBodyBytes:       32 << 20,
+		MaxBatch:           512,
+		MaxInflightBatches: 2,
+		ApplyTimeout:       10 * time.Second,
+		NodeLostAfter:      15 * time.Second,
+		RetryAfter:         2 * time.Second,
+		SnapshotThreshold:  8192,
+		SnapshotInterval:   2 * time.Minute,
+		Logger:             slog.New(slog.NewJSONHandler(io.Discard, nil)),
+		RaftLog:            io.Discard,
+		RaftLogLevel:       "warn",
+	}
+}
+
+// Validate checks the configuration, naming the first bad field.
+func (c Config) Validate() error {
+	switch {
+	case c.ID == "":
+		return fmt.Errorf("config ID: empty: %w", ErrInvalidRequest)
+	case c.DataDir == "":
+		return fmt.Errorf("config DataDir: empty: %w", ErrInvalidRequest)
+	case c.RaftAddr == "":
+		return fmt.Errorf("config RaftAddr: empty: %w", ErrInvalidRequest)
+	case c.HTTPAddr == "":
+		return fmt.Errorf("config HTTPAddr: empty: %w", ErrInvalidRequest)
+	case len(c.AdminToken) < 8:
+		return fmt.Errorf("config AdminToken: at least 8 characters required: %w", ErrInvalidRequest)
+	case c.Bootstrap && c.Join != "":
+		return fmt.Errorf("config Bootstrap and Join: choose one: %w", ErrInvalidRequest)
+	case c.FeeBasisPoints < 0 || c.FeeBasisPoints > ledger.MaxBasisPoints:
+		return fmt.Errorf("config FeeBasisPoints %d: allowed 0..%d: %w", c.FeeBasisPoints, ledger.MaxBasisPoints, ErrInvalidRequest)
+	case c.RatePerSecond <= 0 || c.RateBurst < 1:
+		return fmt.Errorf("config RatePerSecond %v / RateBurst %d: must be positive: %w", c.RatePerSecond, c.RateBurst, ErrInvalidRequest)
+	case c.MaxBodyBytes < 1024:
+		return fmt.Errorf("config MaxBodyBytes %d: at least 1024: %w", c.MaxBodyBytes, ErrInvalidRequest)
+	case c.MaxBatch < 1 || c.MaxInflightBatches < 1:
+		return fmt.Errorf("config MaxBatch %d / MaxInflightBatches %d: must be positive: %w", c.MaxBatch, c.MaxInflightBatches, ErrInvalidRequest)
+	case c.ApplyTimeout <= 0 || c.NodeLostAfter <= 0 || c.RetryAfter <= 0:
+		return fmt.Errorf("config ApplyTimeout/NodeLostAfter/RetryAfter: must be positive: %w", ErrInvalidRequest)
+	case c.Logger == nil:
+		return fmt.Errorf("config Logger: nil: %w", ErrInvalidRequest)
+	}
+	if c.Join != "" {
+		u, err := url.Parse(c.Join)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return fmt.Errorf("config Join %q: want an http(s) URL: %w", c.Join, ErrInvalidRequest)
+		}
+	}
+	seen := map[string]bool{}
+	for i, m := range c.Models {
+		if err := m.Validate(); err != nil {
+			return fmt.Errorf("config Models[%d]: %w", i, err)
+		}
+		if seen[m.Name] {
+			return fmt.Errorf("config Models[%d]: name %q twice: %w", i, m.Name, ErrInvalidRequest)
+		}
+		seen[m.Name] = true
+	}
+	return nil
+}

@@ -1,0 +1,546 @@
+// Package coordinator is Signal's control plane: a hashicorp/raft cluster
+// whose FSM holds API keys, the ledger, runs and node assignments, behind
+// the public HTTP API. DESIGN.md beside this file says why it is shaped so.
+package coordinator
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// Coordinator is one member of the coordinator cluster: raft, FSM, HTTP API.
+type Coordinator struct {
+	cfg     Config
+	log     *slog.Logger
+	fsm     *fsm
+	models  *registry
+	metrics *metrics
+	limits  *rateLimits
+	backend atomic.Pointer[backendBox]
+
+	raft      *raft.Raft
+	transport *raft.NetworkTransport
+	stream    *tcpStream
+	store     *raftboltdb.BoltStore
+	batch     *batcher
+	ln        net.Listener
+	srv       *http.Server
+	client    *http.Client
+
+	// leaderReady is true on the leader once its FSM has applied every
+	// entry of earlier terms (a barrier), so its reads are current.
+	leaderReady atomic.Bool
+
+	inflightMu sync.Mutex
+	inflight   map[string]chan struct{} // idempotency scopes being executed
+	movingMu   sync.Mutex
+	moving     map[string]bool // runs being moved by this leader
+	missing    map[string]time.Time
+
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	started bool
+	stopped bool
+	stopMu  sync.Mutex
+}
+
+type backendBox struct{ b Backend }
+
+// New checks cfg and builds a coordinator; Start runs it.
+func New(cfg Config) (*Coordinator, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	c := &Coordinator{
+		cfg:      cfg,
+		log:      cfg.Logger.With("coordinator", cfg.ID),
+		fsm:      newFSM(),
+		models:   newRegistry(cfg.Models),
+		limits:   newRateLimits(cfg.RatePerSecond, cfg.RateBurst),
+		inflight: map[string]chan struct{}{},
+		moving:   map[string]bool{},
+		missing:  map[string]time.Time{},
+		client:   &http.Client{Timeout: 30 * time.Minute},
+	}
+	c.metrics = newMetrics(c)
+	b := cfg.Backend
+	if b == nil {
+		b = noBackend{}
+	}
+	c.SetBackend(b)
+	return c, nil
+}
+
+// SetBackend replaces the node network backend. The p2p host needs the
+// coordinator as its registry and the coordinator needs the host as its
+// backend, so one of them is wired after New.
+func (c *Coordinator) SetBackend(b Backend) { c.backend.Store(&backendBox{b: b}) }
+
+func (c *Coordinator) nodesBackend() Backend { return c.backend.Load().b }
+
+// Start opens the raft stores, starts raft and the HTTP server, and
+// bootstraps or joins as configured. It returns once the HTTP server
+// listens; becoming leader or joining happens in the background.
+func (c *Coordinator) Start(ctx context.Context) error {
+	if c.started {
+		return errors.New("coordinator already started")
+	}
+	c.started = true
+	if err := os.MkdirAll(c.cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	hl := hclog.New(&hclog.LoggerOptions{Name: "raft-" + c.cfg.ID, Output: c.cfg.RaftLog, Level: hclog.LevelFromString(c.cfg.RaftLogLevel)})
+
+	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(c.cfg.DataDir, "raft.db")})
+	if err != nil {
+		return fmt.Errorf("open raft store: %w", err)
+	}
+	c.store = store
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(c.cfg.DataDir, 2, hl)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("open snapshot store: %w", err)
+	}
+	stream, err := newTCPStream(c.cfg.RaftAddr)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("raft transport on %s: %w", c.cfg.RaftAddr, err)
+	}
+	c.stream = stream
+	tr := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: hl})
+	c.transport = tr
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(c.cfg.ID)
+	rc.Logger = hl
+	if c.cfg.HeartbeatTimeout > 0 {
+		rc.HeartbeatTimeout = c.cfg.HeartbeatTimeout
+	}
+	if c.cfg.ElectionTimeout > 0 {
+		rc.ElectionTimeout = c.cfg.ElectionTimeout
+	}
+	if c.cfg.LeaderLeaseTimeout > 0 {
+		rc.LeaderLeaseTimeout = c.cfg.LeaderLeaseTimeout
+	}
+	if c.cfg.CommitTimeout > 0 {
+		rc.CommitTimeout = c.cfg.CommitTimeout
+	}
+	if c.cfg.SnapshotThreshold > 0 {
+		rc.SnapshotThreshold = c.cfg.SnapshotThreshold
+	}
+	if c.cfg.SnapshotInterval > 0 {
+		rc.SnapshotInterval = c.cfg.SnapshotInterval
+	}
+	// Batches already group commands; let raft ship many entries per RPC too.
+	rc.MaxAppendEntries = 256
+
+	hasState, err := raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("inspect raft state: %w", err)
+	}
+	r, err := raft.NewRaft(rc, c.fsm, store, store, snaps, tr)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("start raft: %w", err)
+	}
+	c.raft = r
+	if c.cfg.Bootstrap && !hasState {
+		boot := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: tr.LocalAddr()}}}
+		if err := r.BootstrapCluster(boot).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+			c.shutdownRaft()
+			return fmt.Errorf("bootstrap: %w", err)
+		}
+	}
+
+	ln, err := net.Listen("tcp", c.cfg.HTTPAddr)
+	if err != nil {
+		c.shutdownRaft()
+		return fmt.Errorf("http listen on %s: %w", c.cfg.HTTPAddr, err)
+	}
+	c.ln = ln
+	c.srv = &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 10 * time.Second}
+
+	ctx, cancel := context.WithCancel(ctx)
+	c.cancel = cancel
+	c.batch = newBatcher(r, c.cfg.MaxBatch, c.cfg.MaxInflightBatches, c.cfg.ApplyTimeout, c.metrics.observeBatch)
+	c.batch.Start(ctx)
+
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			c.log.Error("http server stopped", "category", "infrastructure", "err", err)
+		}
+	}()
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		c.watchLeadership(ctx)
+	}()
+	if c.cfg.Join != "" && !hasState {
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.joinLoop(ctx)
+		}()
+	}
+	c.log.Info("coordinator started", "category", "infrastructure", "raft_addr", c.RaftAddr(), "http_addr", c.HTTPAddr(), "existing_state", hasState)
+	return nil
+}
+
+// Stop shuts the coordinator down: background loops, HTTP server, raft,
+// stores. It is safe to call more than once.
+func (c *Coordinator) Stop() error {
+	c.stopMu.Lock()
+	defer c.stopMu.Unlock()
+	if !c.started || c.stopped {
+		return nil
+	}
+	c.stopped = true
+	c.cancel()
+	var errs []error
+	if c.srv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := c.srv.Shutdown(sctx); err != nil {
+			errs = append(errs, fmt.Errorf("http shutdown: %w", err))
+		}
+		cancel()
+	}
+	c.wg.Wait()
+	c.batch.Wait()
+	if err := c.shutdownRaft(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Coordinator) shutdownRaft() error {
+	var errs []error
+	if c.raft != nil {
+		if err := c.raft.Shutdown().Error(); err != nil {
+			errs = append(errs, fmt.Errorf("raft shutdown: %w", err))
+		}
+	}
+	if c.transport != nil {
+		_ = c.transport.Close()
+	}
+	if err := c.closeStores(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Coordinator) closeStores() error {
+	if c.store == nil {
+		return nil
+	}
+	err := c.store.Close()
+	c.store = nil
+	if err != nil {
+		return fmt.Errorf("close raft store: %w", err)
+	}
+	return nil
+}
+
+// HTTPAddr is the address the API listens on (HOST:PORT).
+func (c *Coordinator) HTTPAddr() string {
+	if c.ln == nil {
+		return c.cfg.HTTPAddr
+	}
+	return c.ln.Addr().String()
+}
+
+// URL is the API's base URL.
+func (c *Coordinator) URL() string { return "http://" + c.HTTPAddr() }
+
+// RaftAddr is the raft transport's address.
+func (c *Coordinator) RaftAddr() string {
+	if c.transport == nil {
+		return c.cfg.RaftAddr
+	}
+	return string(c.transport.LocalAddr())
+}
+
+// ID is this member's raft server ID.
+func (c *Coordinator) ID() string { return c.cfg.ID }
+
+// IsLeader reports whether this member is the raft leader and ready to serve.
+func (c *Coordinator) IsLeader() bool {
+	return c.raft != nil && c.raft.State() == raft.Leader && c.leaderReady.Load()
+}
+
+// WaitLeader waits until some member is leader and known to this one.
+func (c *Coordinator) WaitLeader(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if c.IsLeader() {
+			return nil
+		}
+		if _, id := c.raft.LeaderWithID(); id != "" {
+			if _, ok := c.memberHTTP(string(id)); ok {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for leader: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// AppliedIndex is the index of the last entry this member's FSM applied.
+func (c *Coordinator) AppliedIndex() uint64 { return c.raft.AppliedIndex() }
+
+// State runs fn with read access to this member's replicated state.
+func (c *Coordinator) State(fn func(*State)) { c.fsm.read(fn) }
+
+// Snapshot asks raft to take a snapshot now.
+func (c *Coordinator) Snapshot() error { return c.raft.Snapshot().Error() }
+
+// Registerer exposes the coordinator's metrics registry.
+func (c *Coordinator) Registerer() prometheus.Registerer { return c.metrics.reg }
+
+func (c *Coordinator) memberHTTP(id string) (string, bool) {
+	var m MemberRecord
+	var ok bool
+	c.fsm.read(func(s *State) { m, ok = s.Member(id) })
+	return m.HTTPAddr, ok && m.HTTPAddr != ""
+}
+
+// leaderURL is the current leader's HTTP base URL.
+func (c *Coordinator) leaderURL() (string, error) {
+	_, id := c.raft.LeaderWithID()
+	if id == "" {
+		return "", retryAfter(fmt.Errorf("no raft leader elected: %w", ErrUnavailable), c.cfg.RetryAfter)
+	}
+	addr, ok := c.memberHTTP(string(id))
+	if !ok {
+		return "", retryAfter(fmt.Errorf("leader %s has no known HTTP address yet: %w", id, ErrUnavailable), c.cfg.RetryAfter)
+	}
+	return "http://" + addr, nil
+}
+
+// propose replicates one command and returns its result.
+func (c *Coordinator) propose(ctx context.Context, t cmdType, v any) (any, error) {
+	if c.raft.State() != raft.Leader {
+		return nil, retryAfter(ErrNotLeader, c.cfg.RetryAfter)
+	}
+	cmd, err := newCommand(t, v)
+	if err != nil {
+		return nil, err
+	}
+	return c.batch.propose(ctx, cmd)
+}
+
+// watchLeadership keeps leaderReady current and runs the leader's duties
+// (member record, failover monitor) while this member leads.
+func (c *Coordinator) watchLeadership(ctx context.Context) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var leaderCancel context.CancelFunc
+	var leaderWG sync.WaitGroup
+	stopLeading := func() {
+		c.leaderReady.Store(false)
+		if leaderCancel != nil {
+			leaderCancel()
+			leaderWG.Wait()
+			leaderCancel = nil
+		}
+	}
+	defer stopLeading()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		isLeader := c.raft.State() == raft.Leader
+		switch {
+		case isLeader && leaderCancel == nil:
+			// Apply everything from earlier terms before serving reads.
+			if err := c.raft.Barrier(c.cfg.ApplyTimeout).Error(); err != nil {
+				c.log.Warn("leader barrier failed", "category", "infrastructure", "err", err)
+				continue
+			}
+			lctx, cancel := context.WithCancel(ctx)
+			leaderCancel = cancel
+			if _, err := c.propose(lctx, cmdPutMember, MemberRecord{ID: c.cfg.ID, RaftAddr: c.RaftAddr(), HTTPAddr: c.HTTPAddr()}); err != nil {
+				c.log.Warn("record own member address", "category", "infrastructure", "err", err)
+				stopLeading()
+				continue
+			}
+			c.leaderReady.Store(true)
+			c.metrics.leader.Set(1)
+			c.log.Info("became leader", "category", "infrastructure")
+			leaderWG.Add(1)
+			go func() {
+				defer leaderWG.Done()
+				c.failoverLoop(lctx)
+			}()
+		case !isLeader && leaderCancel != nil:
+			c.log.Info("lost leadership", "category", "infrastructure")
+			c.metrics.leader.Set(0)
+			stopLeading()
+		}
+	}
+}
+
+// joinRequest is the body of POST /v1/cluster/join.
+type joinRequest struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	HTTPAddr string `json:"http_addr"`
+}
+
+// joinLoop asks the configured member to add this one until it succeeds.
+func (c *Coordinator) joinLoop(ctx context.Context) {
+	body, _ := json.Marshal(joinRequest{ID: c.cfg.ID, RaftAddr: c.RaftAddr(), HTTPAddr: c.HTTPAddr()})
+	url := strings.TrimRight(c.cfg.Join, "/") + "/v1/cluster/join"
+	for attempt := 0; ; attempt++ {
+		err := c.postAdmin(ctx, url, body, nil)
+		if err == nil {
+			c.log.Info("joined cluster", "category", "infrastructure", "via", c.cfg.Join)
+			return
+		}
+		if attempt%10 == 0 {
+			c.log.Warn("join failed; retrying", "category", "infrastructure", "via", c.cfg.Join, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// postAdmin POSTs body with the admin token and decodes a 200 answer into out.
+func (c *Coordinator) postAdmin(ctx context.Context, url string, body []byte, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.cfg.AdminToken)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.client.Do(req)
+	if err != nil {
+		return fmt.Errorf("post %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e protocol.ErrorResponse
+		_ = json.NewDecoder(resp.Body).Decode(&e)
+		base := ErrUnavailable
+		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
+			base = ErrUnauthorized
+		}
+		return fmt.Errorf("post %s: status %d %s: %w", url, resp.StatusCode, e.Error.Message, base)
+	}
+	if out != nil {
+		return json.NewDecoder(resp.Body).Decode(out)
+	}
+	return nil
+}
+
+// addMember adds a voter (leader only) and records its HTTP address.
+func (c *Coordinator) addMember(ctx context.Context, j joinRequest) error {
+	if j.ID == "" || j.RaftAddr == "" || j.HTTPAddr == "" {
+		return fmt.Errorf("join: id, raft_addr and http_addr are required: %w", ErrInvalidRequest)
+	}
+	cf := c.raft.GetConfiguration()
+	if err := cf.Error(); err != nil {
+		return raftError(err)
+	}
+	present := false
+	for _, s := range cf.Configuration().Servers {
+		if s.ID == raft.ServerID(j.ID) && s.Address == raft.ServerAddress(j.RaftAddr) {
+			present = true
+		} else if s.ID == raft.ServerID(j.ID) || s.Address == raft.ServerAddress(j.RaftAddr) {
+			// Same ID at a new address (or the reverse): replace it.
+			if err := c.raft.RemoveServer(s.ID, 0, c.cfg.ApplyTimeout).Error(); err != nil {
+				return raftError(err)
+			}
+		}
+	}
+	if !present {
+		if err := c.raft.AddVoter(raft.ServerID(j.ID), raft.ServerAddress(j.RaftAddr), 0, c.cfg.ApplyTimeout).Error(); err != nil {
+			return raftError(err)
+		}
+	}
+	_, err := c.propose(ctx, cmdPutMember, MemberRecord(j))
+	return err
+}
+
+// ---- the node network's registry (coordinator/p2p calls these) ----
+
+// RegisterNode records, through raft, that peerID proved joinToken, and
+// returns the operator account its earnings go to. On a follower it asks
+// the leader. A bad token wraps ErrUnauthorized.
+func (c *Coordinator) RegisterNode(ctx context.Context, peerID, joinToken string) (string, error) {
+	if c.raft.State() == raft.Leader {
+		return c.registerNode(ctx, peerID, joinToken)
+	}
+	url, err := c.leaderURL()
+	if err != nil {
+		return "", err
+	}
+	body, _ := json.Marshal(registerNodeRequest{PeerID: peerID, JoinToken: joinToken})
+	var out registerNodeResponse
+	if err := c.postAdmin(ctx, url+"/v1/cluster/register_node", body, &out); err != nil {
+		return "", err
+	}
+	return out.Operator, nil
+}
+
+func (c *Coordinator) registerNode(ctx context.Context, peerID, joinToken string) (string, error) {
+	if peerID == "" || joinToken == "" {
+		return "", fmt.Errorf("register node: peer id and join token required: %w", ErrInvalidRequest)
+	}
+	v, err := c.propose(ctx, cmdRegisterNode, registerNodeCmd{PeerID: peerID, TokenHash: hashSecret(joinToken), Time: now()})
+	if err != nil {
+		return "", err
+	}
+	op, _ := v.(string)
+	c.log.Info("node joined", "category", "security", "peer_id", peerID, "operator", op)
+	return op, nil
+}
+
+// IsJoined reports whether peerID proved a join token (any member answers
+// from its own replica).
+func (c *Coordinator) IsJoined(peerID string) bool {
+	var ok bool
+	c.fsm.read(func(s *State) { _, ok = s.Node(peerID) })
+	return ok
+}
+
+type registerNodeRequest struct {
+	PeerID    string `json:"peer_id"`
+	JoinToken string `json:"join_token"`
+}
+
+type registerNodeResponse struct {
+	Operator string `json:"operator"`
+}
+
+func now() string { return time.Now().UTC().Format(time.RFC3339Nano) }

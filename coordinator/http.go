@@ -1,0 +1,427 @@
+package coordinator
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// forwardedHeader marks a request a follower forwarded; a member that is
+// not leader answers such a request 503 instead of forwarding it again.
+const forwardedHeader = "X-Signal-Forwarded"
+
+// idempotencyHeader is the client's idempotency key header.
+const idempotencyHeader = "Idempotency-Key"
+
+// maxIdempotencyKeyLen bounds a client's key.
+const maxIdempotencyKeyLen = 200
+
+type authKind int
+
+const (
+	authNone authKind = iota
+	authUser
+	authAdmin
+)
+
+// routeOpts say how the wrapper treats a route.
+type routeOpts struct {
+	auth authKind
+	// local routes answer on any member; the others run on the leader.
+	local bool
+	// mutating routes accept Idempotency-Key.
+	mutating bool
+}
+
+// call is one request as handlers see it.
+type call struct {
+	r       *http.Request
+	body    []byte
+	account string // the caller's account (authUser)
+	reqID   string
+	// idem is set when the request carries an Idempotency-Key.
+	idem *IdemTag
+}
+
+// handlerFunc is a thin handler: parse, call, return (value, error).
+type handlerFunc func(c *call) (any, error)
+
+// created makes the wrapper answer 201.
+type created struct{ v any }
+
+// rawResponse is a response already encoded (a recorded idempotent answer
+// or a billed answer built by the FSM); recorded says the FSM stored it.
+type rawResponse struct {
+	status   int
+	body     []byte
+	recorded bool
+	replayed bool
+}
+
+// Handler returns the coordinator's HTTP API.
+func (c *Coordinator) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(c.metrics.reg, promhttp.HandlerOpts{}))
+	c.route(mux, "GET /v1/health", "health", routeOpts{local: true}, c.handleHealth)
+	c.route(mux, "GET /v1/cluster", "cluster", routeOpts{auth: authAdmin, local: true}, c.handleCluster)
+	c.route(mux, "POST /v1/cluster/join", "cluster_join", routeOpts{auth: authAdmin}, c.handleJoin)
+	c.route(mux, "POST /v1/cluster/register_node", "register_node", routeOpts{auth: authAdmin}, c.handleRegisterNode)
+	c.route(mux, "POST /v1/admin/keys", "admin_keys", routeOpts{auth: authAdmin, mutating: true}, c.handleCreateKey)
+	c.route(mux, "POST /v1/admin/credit", "admin_credit", routeOpts{auth: authAdmin, mutating: true}, c.handleCredit)
+	c.route(mux, "POST /v1/admin/join_tokens", "admin_join_tokens", routeOpts{auth: authAdmin}, c.handleJoinToken)
+	c.route(mux, "GET /v1/models", "models", routeOpts{auth: authUser}, c.handleModels)
+	c.route(mux, "GET /v1/nodes", "nodes", routeOpts{auth: authUser}, c.handleNodes)
+	c.route(mux, "GET /v1/account", "account", routeOpts{auth: authUser}, c.handleAccount)
+	c.route(mux, "POST /v1/tokenize", "tokenize", routeOpts{auth: authUser}, c.handleTokenize)
+	c.route(mux, "POST /v1/runs", "create_run", routeOpts{auth: authUser, mutating: true}, c.handleCreateRun)
+	c.route(mux, "GET /v1/runs", "list_runs", routeOpts{auth: authUser}, c.handleListRuns)
+	c.route(mux, "GET /v1/runs/{id}", "get_run", routeOpts{auth: authUser}, c.handleGetRun)
+	c.route(mux, "DELETE /v1/runs/{id}", "end_run", routeOpts{auth: authUser, mutating: true}, c.handleEndRun)
+	c.route(mux, "GET /v1/runs/{id}/metrics", "run_metrics", routeOpts{auth: authUser}, c.handleRunMetrics)
+	c.route(mux, "POST /v1/runs/{id}/forward_backward", "forward_backward", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallForwardBackward))
+	c.route(mux, "POST /v1/runs/{id}/forward", "forward", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallForward))
+	c.route(mux, "POST /v1/runs/{id}/optim_step", "optim_step", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallOptimStep))
+	c.route(mux, "POST /v1/runs/{id}/sample", "sample", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSample))
+	c.route(mux, "POST /v1/runs/{id}/save_state", "save_state", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSaveState))
+	c.route(mux, "POST /v1/runs/{id}/load_state", "load_state", routeOpts{auth: authUser, mutating: true}, c.handleLoadState)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, protocol.CodeNotFound, fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), "")
+	})
+	return mux
+}
+
+func (c *Coordinator) route(mux *http.ServeMux, pattern, name string, o routeOpts, h handlerFunc) {
+	mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		status, account, err := c.serve(w, r, name, o, h)
+		c.metrics.requests.WithLabelValues(name, strconv.Itoa(status)).Inc()
+		c.metrics.duration.WithLabelValues(name).Observe(time.Since(start).Seconds())
+		c.audit(r, name, status, account, time.Since(start), err)
+	})
+}
+
+// serve runs the common steps and writes the response; it returns what the
+// audit log needs.
+func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string, o routeOpts, h handlerFunc) (int, string, error) {
+	cl := &call{r: r, reqID: newID(6)}
+	fail := func(err error) (int, string, error) {
+		status, code := httpStatus(err)
+		msg := err.Error()
+		if status == http.StatusInternalServerError {
+			msg = "internal error (request id " + cl.reqID + ")"
+		}
+		if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+			w.Header().Set("Retry-After", retrySeconds(err))
+		}
+		writeError(w, status, code, msg, cl.reqID)
+		return status, cl.account, err
+	}
+	if !o.local && !c.IsLeader() {
+		if r.Header.Get(forwardedHeader) != "" {
+			return fail(retryAfter(fmt.Errorf("forwarded request reached a member that is not leader: %w", ErrUnavailable), c.cfg.RetryAfter))
+		}
+		return c.forward(w, r)
+	}
+	if r.Body != nil && r.Method != http.MethodGet {
+		b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, c.cfg.MaxBodyBytes))
+		if err != nil {
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				return fail(fmt.Errorf("request body over the limit of %d bytes: %w", c.cfg.MaxBodyBytes, ErrTooLarge))
+			}
+			return fail(fmt.Errorf("read body: %v: %w", err, ErrInvalidRequest))
+		}
+		cl.body = b
+	}
+	switch o.auth {
+	case authUser:
+		acct, err := c.authenticate(r)
+		if err != nil {
+			return fail(err)
+		}
+		cl.account = acct
+		if ok, wait := c.limits.allow(acct); !ok {
+			return fail(retryAfter(fmt.Errorf("rate limit of %.0f requests/s (burst %d) exceeded: %w", c.cfg.RatePerSecond, c.cfg.RateBurst, ErrRateLimited), wait))
+		}
+	case authAdmin:
+		if err := c.authenticateAdmin(r); err != nil {
+			return fail(err)
+		}
+		cl.account = "admin"
+	}
+	if key := r.Header.Get(idempotencyHeader); key != "" && o.mutating {
+		if len(key) > maxIdempotencyKeyLen {
+			return fail(fmt.Errorf("header Idempotency-Key: longer than %d characters: %w", maxIdempotencyKeyLen, ErrInvalidRequest))
+		}
+		sum := sha256.Sum256([]byte(r.Method + " " + r.URL.Path + "\n" + string(cl.body)))
+		cl.idem = &IdemTag{Scope: cl.account + "\x00" + key, BodyHash: hex.EncodeToString(sum[:])}
+		release, rec, err := c.beginIdem(r, cl.idem)
+		if err != nil {
+			return fail(err)
+		}
+		if rec != nil {
+			w.Header().Set("Idempotent-Replayed", "true")
+			writeRaw(w, rec.Status, rec.Body)
+			return rec.Status, cl.account, nil
+		}
+		defer release()
+	}
+	v, err := h(cl)
+	if err != nil {
+		return fail(err)
+	}
+	status := http.StatusOK
+	var body []byte
+	switch x := v.(type) {
+	case created:
+		status, v = http.StatusCreated, x.v
+	case rawResponse:
+		if x.replayed {
+			w.Header().Set("Idempotent-Replayed", "true")
+		}
+		writeRaw(w, x.status, x.body)
+		return x.status, cl.account, nil
+	}
+	body, err = json.Marshal(v)
+	if err != nil {
+		return fail(fmt.Errorf("encode response: %w", err))
+	}
+	if cl.idem != nil {
+		// Record the answer so a retry gets it; if another request recorded
+		// first, answer what it recorded.
+		res, err := c.propose(r.Context(), cmdPutIdem, putIdemCmd{Tag: *cl.idem, Status: status, Body: body})
+		if err != nil {
+			c.log.Warn("record idempotent response", "category", "infrastructure", "err", err)
+		} else if rec, ok := res.(IdemRecord); ok {
+			status, body = rec.Status, rec.Body
+		}
+	}
+	writeRaw(w, status, body)
+	return status, cl.account, nil
+}
+
+// beginIdem returns the recorded answer for tag, or marks tag in flight so
+// that a concurrent duplicate waits for the first instead of running twice.
+func (c *Coordinator) beginIdem(r *http.Request, tag *IdemTag) (release func(), rec *IdemRecord, err error) {
+	for {
+		var found IdemRecord
+		var ok bool
+		var cerr error
+		c.fsm.read(func(s *State) { found, ok, cerr = s.checkIdem(tag) })
+		if cerr != nil {
+			return nil, nil, cerr
+		}
+		if ok {
+			return nil, &found, nil
+		}
+		c.inflightMu.Lock()
+		ch, busy := c.inflight[tag.Scope]
+		if !busy {
+			ch = make(chan struct{})
+			c.inflight[tag.Scope] = ch
+			c.inflightMu.Unlock()
+			return func() {
+				c.inflightMu.Lock()
+				delete(c.inflight, tag.Scope)
+				c.inflightMu.Unlock()
+				close(ch)
+			}, nil, nil
+		}
+		c.inflightMu.Unlock()
+		select {
+		case <-ch:
+		case <-r.Context().Done():
+			return nil, nil, r.Context().Err()
+		}
+	}
+}
+
+// forward proxies the whole request to the leader. Forwarding at the HTTP
+// level keeps one code path: the leader authenticates, rate-limits, places,
+// calls the node and bills, exactly as if the client had called it.
+func (c *Coordinator) forward(w http.ResponseWriter, r *http.Request) (int, string, error) {
+	leader, err := c.leaderURL()
+	if err != nil {
+		w.Header().Set("Retry-After", retrySeconds(err))
+		writeError(w, http.StatusServiceUnavailable, protocol.CodeUnavailable, err.Error(), "")
+		return http.StatusServiceUnavailable, "", err
+	}
+	target, _ := url.Parse(leader)
+	status := http.StatusBadGateway
+	var perr error
+	p := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = pr.In.Host
+			pr.Out.Header.Set(forwardedHeader, c.cfg.ID)
+		},
+		ModifyResponse: func(resp *http.Response) error { status = resp.StatusCode; return nil },
+		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
+			perr = fmt.Errorf("forward to leader %s: %v: %w", leader, err, ErrUnavailable)
+			status = http.StatusServiceUnavailable
+			w.Header().Set("Retry-After", retrySeconds(retryAfter(perr, c.cfg.RetryAfter)))
+			writeError(w, status, protocol.CodeUnavailable, perr.Error(), "")
+		},
+	}
+	p.ServeHTTP(w, r)
+	return status, "", perr
+}
+
+// authenticate maps a bearer API key to its account.
+func (c *Coordinator) authenticate(r *http.Request) (string, error) {
+	key, err := bearer(r)
+	if err != nil {
+		return "", err
+	}
+	h := hashSecret(key)
+	var rec KeyRecord
+	var ok bool
+	c.fsm.read(func(s *State) { rec, ok = s.KeyByHash(h) })
+	// The map lookup finds the candidate; the constant-time comparison of
+	// the full hashes is what authorises.
+	if !ok || subtle.ConstantTimeCompare([]byte(rec.Hash), []byte(h)) != 1 {
+		return "", fmt.Errorf("unknown API key: %w", ErrUnauthorized)
+	}
+	return rec.Account, nil
+}
+
+func (c *Coordinator) authenticateAdmin(r *http.Request) error {
+	tok, err := bearer(r)
+	if err != nil {
+		return err
+	}
+	want := sha256.Sum256([]byte(c.cfg.AdminToken))
+	got := sha256.Sum256([]byte(tok))
+	if subtle.ConstantTimeCompare(want[:], got[:]) != 1 {
+		return fmt.Errorf("admin call without the admin token: %w", ErrForbidden)
+	}
+	return nil
+}
+
+func bearer(r *http.Request) (string, error) {
+	h := r.Header.Get("Authorization")
+	if h == "" {
+		return "", fmt.Errorf("missing Authorization header: %w", ErrUnauthorized)
+	}
+	tok, ok := strings.CutPrefix(h, "Bearer ")
+	if !ok || strings.TrimSpace(tok) == "" {
+		return "", fmt.Errorf("malformed Authorization header (want \"Bearer <key>\"): %w", ErrUnauthorized)
+	}
+	return strings.TrimSpace(tok), nil
+}
+
+// hashSecret is how API keys and join tokens are stored.
+func hashSecret(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(sum[:])
+}
+
+// newID returns n random bytes, hex-encoded.
+func newID(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// newSecret returns a random secret with a readable prefix.
+func newSecret(prefix string) string {
+	b := make([]byte, 24)
+	_, _ = rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+func writeRaw(w http.ResponseWriter, status int, body []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+	_, _ = w.Write([]byte("\n"))
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg, reqID string) {
+	if reqID != "" {
+		w.Header().Set("X-Request-Id", reqID)
+	}
+	b, _ := json.Marshal(protocol.ErrorResponse{Error: protocol.ErrorBody{Code: code, Message: msg}})
+	writeRaw(w, status, b)
+}
+
+// audit logs one outcome as a structured event in its category.
+func (c *Coordinator) audit(r *http.Request, route string, status int, account string, d time.Duration, err error) {
+	cat := auditCategory(status)
+	attrs := []any{"category", cat, "route", route, "method", r.Method, "path", r.URL.Path, "status", status,
+		"duration_ms", float64(d.Microseconds()) / 1000}
+	if account != "" {
+		attrs = append(attrs, "account", account)
+	}
+	if r.Header.Get(forwardedHeader) != "" {
+		attrs = append(attrs, "forwarded_by", r.Header.Get(forwardedHeader))
+	}
+	level := slog.LevelInfo
+	if err != nil {
+		attrs = append(attrs, "err", err.Error())
+		level = slog.LevelWarn
+		if status >= 500 && status != http.StatusServiceUnavailable {
+			level = slog.LevelError
+		}
+	}
+	c.log.Log(r.Context(), level, "request", attrs...)
+}
+
+// decodeJSON decodes a request body strictly: unknown fields, wrong types,
+// trailing data and malformed JSON are ErrInvalidRequest naming the problem.
+// An empty body decodes as {} when emptyOK.
+func decodeJSON(body []byte, v any, emptyOK bool) error {
+	if len(bytes.TrimSpace(body)) == 0 {
+		if emptyOK {
+			return nil
+		}
+		return fmt.Errorf("request body is empty; a JSON object is required: %w", ErrInvalidRequest)
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &se):
+			return fmt.Errorf("malformed JSON at byte %d: %v: %w", se.Offset, se, ErrInvalidRequest)
+		case errors.As(err, &te):
+			field := te.Field
+			if field == "" {
+				field = "(body)"
+			}
+			return fmt.Errorf("field %s: expected %s, got JSON %s: %w", field, te.Type, te.Value, ErrInvalidRequest)
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			return fmt.Errorf("%s: %w", strings.TrimPrefix(err.Error(), "json: "), ErrInvalidRequest)
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return fmt.Errorf("malformed JSON: unexpected end of body: %w", ErrInvalidRequest)
+		default:
+			return fmt.Errorf("malformed JSON: %v: %w", err, ErrInvalidRequest)
+		}
+	}
+	if dec.More() {
+		return fmt.Errorf("unexpected data after the JSON object: %w", ErrInvalidRequest)
+	}
+	var extra json.RawMessage
+	if err := dec.Decode(&extra); err != io.EOF {
+		return fmt.Errorf("unexpected data after the JSON object: %w", ErrInvalidRequest)
+	}
+	return nil
+}

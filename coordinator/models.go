@@ -1,0 +1,135 @@
+package coordinator
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// ModelSpec is one entry of the model registry.
+type ModelSpec struct {
+	Name string `json:"name"`
+	// HFRepo is the Hugging Face repository nodes download the model from.
+	HFRepo string `json:"hf_repo,omitempty"`
+	// Path is a local model directory (Hugging Face layout).
+	Path          string          `json:"path,omitempty"`
+	ContextLength int             `json:"context_length"`
+	MemoryBytes   int64           `json:"memory_bytes"`
+	Prices        protocol.Prices `json:"prices"`
+}
+
+// DefaultPrices are the prices of a model whose registry entry names none,
+// in micro-credits (per 1K tokens; per GB-hour of checkpoints).
+var DefaultPrices = protocol.Prices{TrainPer1K: 400, PrefillPer1K: 100, SamplePer1K: 200, StoragePerGBHour: 500}
+
+// Validate checks a registry entry.
+func (m ModelSpec) Validate() error {
+	switch {
+	case m.Name == "" || strings.ContainsAny(m.Name, " \t\n/"):
+		return fmt.Errorf("model name %q: must be non-empty without spaces or slashes: %w", m.Name, ErrInvalidRequest)
+	case m.ContextLength <= 0:
+		return fmt.Errorf("model %s context_length %d: must be positive: %w", m.Name, m.ContextLength, ErrInvalidRequest)
+	case m.MemoryBytes < 0:
+		return fmt.Errorf("model %s memory_bytes %d: must not be negative: %w", m.Name, m.MemoryBytes, ErrInvalidRequest)
+	case m.Prices.TrainPer1K < 0 || m.Prices.PrefillPer1K < 0 || m.Prices.SamplePer1K < 0 || m.Prices.StoragePerGBHour < 0:
+		return fmt.Errorf("model %s prices: must not be negative: %w", m.Name, ErrInvalidRequest)
+	}
+	return nil
+}
+
+// LoadModels reads a registry file: a JSON array of ModelSpec.
+func LoadModels(file string) ([]ModelSpec, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("read models %s: %w", file, err)
+	}
+	var ms []ModelSpec
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&ms); err != nil {
+		return nil, fmt.Errorf("parse models %s: %w", file, err)
+	}
+	for i := range ms {
+		if ms[i].Prices == (protocol.Prices{}) {
+			ms[i].Prices = DefaultPrices
+		}
+		if err := ms[i].Validate(); err != nil {
+			return nil, fmt.Errorf("models %s entry %d: %w", file, i, err)
+		}
+	}
+	return ms, nil
+}
+
+// ModelFromDir describes a local Hugging Face model directory: context
+// length from config.json, memory from the safetensors files at f32 (the
+// engine's compute type), default prices.
+func ModelFromDir(name, dir string) (ModelSpec, error) {
+	b, err := os.ReadFile(filepath.Join(dir, "config.json"))
+	if err != nil {
+		return ModelSpec{}, fmt.Errorf("model %s: %w", name, err)
+	}
+	var cfg struct {
+		MaxPositionEmbeddings int    `json:"max_position_embeddings"`
+		TorchDtype            string `json:"torch_dtype"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return ModelSpec{}, fmt.Errorf("model %s config.json: %w", name, err)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "*.safetensors"))
+	var size int64
+	for _, f := range files {
+		if st, err := os.Stat(f); err == nil {
+			size += st.Size()
+		}
+	}
+	if cfg.TorchDtype == "bfloat16" || cfg.TorchDtype == "float16" {
+		size *= 2
+	}
+	m := ModelSpec{Name: name, Path: dir, ContextLength: cfg.MaxPositionEmbeddings, MemoryBytes: size, Prices: DefaultPrices}
+	if m.ContextLength == 0 {
+		m.ContextLength = 2048
+	}
+	return m, m.Validate()
+}
+
+// registry is the read-only model table.
+type registry struct {
+	byName map[string]ModelSpec
+	names  []string
+}
+
+func newRegistry(ms []ModelSpec) *registry {
+	r := &registry{byName: map[string]ModelSpec{}}
+	for _, m := range ms {
+		r.byName[m.Name] = m
+		r.names = append(r.names, m.Name)
+	}
+	sort.Strings(r.names)
+	return r
+}
+
+func (r *registry) get(name string) (ModelSpec, error) {
+	m, ok := r.byName[name]
+	if !ok {
+		supported := "none"
+		if len(r.names) > 0 {
+			supported = strings.Join(r.names, ", ")
+		}
+		return ModelSpec{}, fmt.Errorf("base_model %q is not supported; supported models: %s: %w", name, supported, ErrUnknownModel)
+	}
+	return m, nil
+}
+
+func (r *registry) list() protocol.ModelList {
+	out := protocol.ModelList{Models: []protocol.Model{}}
+	for _, n := range r.names {
+		m := r.byName[n]
+		out.Models = append(out.Models, protocol.Model{Name: m.Name, ContextLength: m.ContextLength, MemoryBytes: m.MemoryBytes, Prices: m.Prices})
+	}
+	return out
+}

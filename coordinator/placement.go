@@ -1,0 +1,85 @@
+package coordinator
+
+import (
+	"fmt"
+	"slices"
+	"sort"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// place picks the node for a run of model among the backend's live nodes:
+// joined, not excluded, with a free session slot and the memory the model
+// needs (or the model already loaded); nodes with the model loaded first,
+// then the least loaded. It fails with ErrNoCapacity.
+func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.Node, error) {
+	var joined map[string]bool
+	nodes := c.nodesBackend().Nodes()
+	c.fsm.read(func(s *State) {
+		joined = make(map[string]bool, len(nodes))
+		for _, n := range nodes {
+			if _, ok := s.Node(n.PeerID); ok {
+				joined[n.PeerID] = true
+			}
+		}
+	})
+	return placeOn(nodes, model, func(id string) bool { return joined[id] && !exclude[id] })
+}
+
+// placeOn is the placement rule, without the coordinator (tests drive it).
+func placeOn(nodes []protocol.Node, model ModelSpec, eligible func(peerID string) bool) (protocol.Node, error) {
+	type cand struct {
+		n      protocol.Node
+		loaded bool
+		load   float64
+	}
+	var cs []cand
+	for _, n := range nodes {
+		if !eligible(n.PeerID) {
+			continue
+		}
+		if n.MaxSessions > 0 && n.Sessions >= n.MaxSessions {
+			continue
+		}
+		loaded := slices.Contains(n.Models, model.Name)
+		if !loaded && !fits(n, model.MemoryBytes) {
+			continue
+		}
+		load := float64(n.Sessions)
+		if n.MaxSessions > 0 {
+			load = float64(n.Sessions) / float64(n.MaxSessions)
+		}
+		cs = append(cs, cand{n: n, loaded: loaded, load: load})
+	}
+	if len(cs) == 0 {
+		return protocol.Node{}, fmt.Errorf("model %s needs %d bytes; none of %d live nodes can take it: %w", model.Name, model.MemoryBytes, len(nodes), ErrNoCapacity)
+	}
+	sort.SliceStable(cs, func(i, j int) bool {
+		a, b := cs[i], cs[j]
+		if a.loaded != b.loaded {
+			return a.loaded
+		}
+		if a.load != b.load {
+			return a.load < b.load
+		}
+		return a.n.PeerID < b.n.PeerID
+	})
+	return cs[0].n, nil
+}
+
+// fits reports whether a node has the memory for a model: free memory on
+// one GPU, or total memory on a CPU-only node.
+func fits(n protocol.Node, need int64) bool {
+	if need <= 0 {
+		return true
+	}
+	if len(n.GPUs) > 0 {
+		for _, g := range n.GPUs {
+			if g.MemoryFree >= need {
+				return true
+			}
+		}
+		return false
+	}
+	return n.CPU.MemoryTotal >= need
+}

@@ -1,0 +1,614 @@
+package coordinator
+
+import (
+	"encoding/json"
+	"fmt"
+	"sort"
+
+	"github.com/signal-p2p/signal/ledger"
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// Bounds on replicated history. They are constants, not configuration,
+// because every member must trim at the same point to stay deterministic.
+const (
+	maxMetricsPerRun     = 1000
+	maxCheckpointsPerRun = 50
+	maxChargesPerAccount = 100
+	maxIdempotencyKeys   = 100_000
+)
+
+// KeyRecord is an API key, stored only as its SHA-256 hash.
+type KeyRecord struct {
+	Hash      string `json:"hash"`
+	Account   string `json:"account"`
+	Name      string `json:"name,omitempty"`
+	CreatedAt string `json:"created_at"`
+}
+
+// JoinTokenRecord is a node join token, stored hashed, bound to the
+// operator account that the nodes joining with it earn for.
+type JoinTokenRecord struct {
+	Hash      string `json:"hash"`
+	Operator  string `json:"operator"`
+	CreatedAt string `json:"created_at"`
+}
+
+// NodeRecord is a node that proved a join token.
+type NodeRecord struct {
+	PeerID   string `json:"peer_id"`
+	Operator string `json:"operator"`
+	JoinedAt string `json:"joined_at"`
+}
+
+// MemberRecord maps a raft server to the HTTP address followers forward to.
+type MemberRecord struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	HTTPAddr string `json:"http_addr"`
+}
+
+// AccountRecord is the non-ledger part of an account: its recent charges.
+type AccountRecord struct {
+	Name    string            `json:"name"`
+	Charges []protocol.Charge `json:"charges"`
+}
+
+// RunRecord is a run as the state holds it: the public view plus what only
+// the coordinator needs. Records are replaced, never changed in place, so a
+// snapshot can share them.
+type RunRecord struct {
+	Run        protocol.Run       `json:"run"`
+	Owner      string             `json:"owner"`
+	Seed       int64              `json:"seed"`
+	LRSchedule json.RawMessage    `json:"lr_schedule,omitempty"`
+	Metrics    []protocol.Metrics `json:"metrics,omitempty"`
+	// PendingLoss and PendingTokens come from forward_backward calls since
+	// the last optim_step; that step's Metrics report them.
+	PendingLoss   *float64 `json:"pending_loss,omitempty"`
+	PendingTokens int64    `json:"pending_tokens,omitempty"`
+}
+
+// IdemRecord is the first response to a call made with an Idempotency-Key.
+type IdemRecord struct {
+	Scope    string          `json:"scope"`
+	BodyHash string          `json:"body_hash"`
+	Status   int             `json:"status"`
+	Body     json.RawMessage `json:"body"`
+}
+
+// IdemTag asks a command to record its response under an idempotency scope
+// (account + key), or to return the recorded one.
+type IdemTag struct {
+	Scope    string `json:"scope"`
+	BodyHash string `json:"body_hash"`
+}
+
+// State is the coordinator's replicated state and its rules. It knows
+// nothing of raft: the FSM decodes commands and calls its methods, and tests
+// drive it directly. It is not safe for concurrent use; the FSM locks.
+type State struct {
+	ledger     *ledger.Ledger
+	keys       map[string]KeyRecord
+	accounts   map[string]AccountRecord
+	runs       map[string]*RunRecord
+	nodes      map[string]NodeRecord
+	joinTokens map[string]JoinTokenRecord
+	members    map[string]MemberRecord
+	idem       map[string]IdemRecord
+	// idemOrder is insertion order, oldest first, for bounded eviction.
+	idemOrder []string
+	// FeeAccount receives the network's share of every charge.
+	feeAccount string
+}
+
+// DefaultFeeAccount is the account that receives the network fee.
+const DefaultFeeAccount = "network-fee"
+
+// NewState returns an empty state.
+func NewState() *State {
+	return &State{
+		ledger:     ledger.New(),
+		keys:       map[string]KeyRecord{},
+		accounts:   map[string]AccountRecord{},
+		runs:       map[string]*RunRecord{},
+		nodes:      map[string]NodeRecord{},
+		joinTokens: map[string]JoinTokenRecord{},
+		members:    map[string]MemberRecord{},
+		idem:       map[string]IdemRecord{},
+		feeAccount: DefaultFeeAccount,
+	}
+}
+
+// clone copies the maps; records are immutable and shared.
+func (s *State) clone() *State {
+	c := &State{
+		ledger:     s.ledger.Clone(),
+		keys:       make(map[string]KeyRecord, len(s.keys)),
+		accounts:   make(map[string]AccountRecord, len(s.accounts)),
+		runs:       make(map[string]*RunRecord, len(s.runs)),
+		nodes:      make(map[string]NodeRecord, len(s.nodes)),
+		joinTokens: make(map[string]JoinTokenRecord, len(s.joinTokens)),
+		members:    make(map[string]MemberRecord, len(s.members)),
+		idem:       make(map[string]IdemRecord, len(s.idem)),
+		idemOrder:  append([]string(nil), s.idemOrder...),
+		feeAccount: s.feeAccount,
+	}
+	for k, v := range s.keys {
+		c.keys[k] = v
+	}
+	for k, v := range s.accounts {
+		c.accounts[k] = v
+	}
+	for k, v := range s.runs {
+		c.runs[k] = v
+	}
+	for k, v := range s.nodes {
+		c.nodes[k] = v
+	}
+	for k, v := range s.joinTokens {
+		c.joinTokens[k] = v
+	}
+	for k, v := range s.members {
+		c.members[k] = v
+	}
+	for k, v := range s.idem {
+		c.idem[k] = v
+	}
+	return c
+}
+
+// ---- reads ----
+
+// KeyByHash returns the key record with this hash.
+func (s *State) KeyByHash(hash string) (KeyRecord, bool) {
+	k, ok := s.keys[hash]
+	return k, ok
+}
+
+// Balance returns an account's balance.
+func (s *State) Balance(account string) int64 { return s.ledger.Balance(account) }
+
+// AccountView is GET /v1/account's body for an account.
+func (s *State) AccountView(account string) protocol.Account {
+	a, _ := s.ledger.Account(account)
+	charges := append([]protocol.Charge{}, s.accounts[account].Charges...)
+	return protocol.Account{Account: account, Balance: a.Balance, Spent: a.Spent, Charges: charges}
+}
+
+// Run returns a run's record.
+func (s *State) Run(id string) (*RunRecord, bool) {
+	r, ok := s.runs[id]
+	return r, ok
+}
+
+// RunsOf returns an owner's runs, oldest first.
+func (s *State) RunsOf(owner string) []*RunRecord {
+	var out []*RunRecord
+	for _, r := range s.runs {
+		if r.Owner == owner {
+			out = append(out, r)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Run.CreatedAt != out[j].Run.CreatedAt {
+			return out[i].Run.CreatedAt < out[j].Run.CreatedAt
+		}
+		return out[i].Run.ID < out[j].Run.ID
+	})
+	return out
+}
+
+// ActiveRuns returns the runs that hold a node session (starting, ready, moving).
+func (s *State) ActiveRuns() []*RunRecord {
+	var out []*RunRecord
+	for _, r := range s.runs {
+		switch r.Run.Status {
+		case protocol.RunStarting, protocol.RunReady, protocol.RunMoving:
+			out = append(out, r)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Run.ID < out[j].Run.ID })
+	return out
+}
+
+// Node returns a joined node.
+func (s *State) Node(peerID string) (NodeRecord, bool) {
+	n, ok := s.nodes[peerID]
+	return n, ok
+}
+
+// Member returns a raft member's record.
+func (s *State) Member(id string) (MemberRecord, bool) {
+	m, ok := s.members[id]
+	return m, ok
+}
+
+// Members returns every member, sorted by ID.
+func (s *State) Members() []MemberRecord {
+	out := make([]MemberRecord, 0, len(s.members))
+	for _, m := range s.members {
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Idem returns the recorded response for an idempotency scope.
+func (s *State) Idem(scope string) (IdemRecord, bool) {
+	r, ok := s.idem[scope]
+	return r, ok
+}
+
+// Ledger exposes the ledger for invariant checks in tests.
+func (s *State) Ledger() *ledger.Ledger { return s.ledger }
+
+// ---- rules: each returns an error and leaves the state unchanged on failure ----
+
+// checkIdem returns the recorded response for tag, ErrConflict when the
+// scope was used with a different body, or ok=false when it is new.
+func (s *State) checkIdem(tag *IdemTag) (IdemRecord, bool, error) {
+	if tag == nil {
+		return IdemRecord{}, false, nil
+	}
+	rec, ok := s.idem[tag.Scope]
+	if !ok {
+		return IdemRecord{}, false, nil
+	}
+	if rec.BodyHash != tag.BodyHash {
+		return IdemRecord{}, false, fmt.Errorf("idempotency key reused with a different request: %w", ErrConflict)
+	}
+	return rec, true, nil
+}
+
+func (s *State) putIdem(rec IdemRecord) {
+	if _, ok := s.idem[rec.Scope]; ok {
+		return
+	}
+	s.idem[rec.Scope] = rec
+	s.idemOrder = append(s.idemOrder, rec.Scope)
+	// Evict the oldest keys; compact the order slice once half of it is dead
+	// so eviction stays amortised O(1).
+	for len(s.idem) > maxIdempotencyKeys {
+		oldest := s.idemOrder[0]
+		s.idemOrder = s.idemOrder[1:]
+		delete(s.idem, oldest)
+	}
+	if cap(s.idemOrder) > 2*maxIdempotencyKeys {
+		s.idemOrder = append([]string(nil), s.idemOrder...)
+	}
+}
+
+// PutIdem records a response under tag unless one is recorded already; it
+// returns the record that stands.
+func (s *State) PutIdem(tag IdemTag, status int, body json.RawMessage) (IdemRecord, error) {
+	if tag.Scope == "" {
+		return IdemRecord{}, fmt.Errorf("idempotency scope empty: %w", ErrInvalidRequest)
+	}
+	if rec, ok, err := s.checkIdem(&tag); err != nil || ok {
+		return rec, err
+	}
+	rec := IdemRecord{Scope: tag.Scope, BodyHash: tag.BodyHash, Status: status, Body: body}
+	s.putIdem(rec)
+	return rec, nil
+}
+
+// CreateKey stores a new API key for a new account and mints its credits.
+func (s *State) CreateKey(k KeyRecord, credits int64) error {
+	if k.Hash == "" || k.Account == "" {
+		return fmt.Errorf("create key: hash and account required: %w", ErrInvalidRequest)
+	}
+	if _, ok := s.keys[k.Hash]; ok {
+		return fmt.Errorf("create key: hash exists: %w", ErrConflict)
+	}
+	if credits < 0 {
+		return fmt.Errorf("field credits: %d is negative: %w", credits, ErrInvalidRequest)
+	}
+	if credits > 0 {
+		if err := s.ledger.Mint(k.Account, credits); err != nil {
+			return fmt.Errorf("create key: %w", err)
+		}
+	} else if err := s.ledger.Open(k.Account); err != nil {
+		return err
+	}
+	s.keys[k.Hash] = k
+	return nil
+}
+
+// Mint credits an account (admin); the account must exist.
+func (s *State) Mint(account string, amount int64) (int64, error) {
+	if _, ok := s.ledger.Account(account); !ok {
+		return 0, fmt.Errorf("account %q: %w", account, ErrNotFound)
+	}
+	if err := s.ledger.Mint(account, amount); err != nil {
+		return 0, err
+	}
+	return s.ledger.Balance(account), nil
+}
+
+// ChargeResult is what a charge did.
+type ChargeResult struct {
+	// Cost is what was charged; Credits may be below the requested amount
+	// when the balance ran out during the call (the work is done and cannot
+	// be refused, so the charge takes what is left).
+	Cost    protocol.Cost   `json:"cost"`
+	Balance int64           `json:"balance"`
+	Status  int             `json:"status"`
+	Body    json.RawMessage `json:"body,omitempty"`
+	// Replayed is true when the response came from an earlier call with the
+	// same idempotency key and nothing was charged.
+	Replayed bool `json:"replayed,omitempty"`
+}
+
+// chargeCmd is one billed call: charge, run update and recorded response,
+// applied together so a retried call is charged once.
+type chargeCmd struct {
+	Account    string          `json:"account"`
+	Operator   string          `json:"operator,omitempty"`
+	FeeBPS     int             `json:"fee_bps"`
+	Cost       protocol.Cost   `json:"cost"`
+	RunID      string          `json:"run_id,omitempty"`
+	Call       string          `json:"call,omitempty"`
+	Time       string          `json:"time"`
+	Idem       *IdemTag        `json:"idem,omitempty"`
+	Body       json.RawMessage `json:"body,omitempty"`
+	RunUpdate  *RunUpdate      `json:"run_update,omitempty"`
+	RequireAll bool            `json:"require_all,omitempty"`
+}
+
+// Charge applies a billed call.
+func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
+	if rec, ok, err := s.checkIdem(c.Idem); err != nil {
+		return ChargeResult{}, err
+	} else if ok {
+		return ChargeResult{Status: rec.Status, Body: rec.Body, Balance: s.ledger.Balance(c.Account), Replayed: true}, nil
+	}
+	if _, ok := s.ledger.Account(c.Account); !ok {
+		return ChargeResult{}, fmt.Errorf("account %q: %w", c.Account, ErrNotFound)
+	}
+	if c.Cost.Credits < 0 {
+		return ChargeResult{}, fmt.Errorf("charge %d: %w", c.Cost.Credits, ledger.ErrInvalidAmount)
+	}
+	cost := c.Cost
+	bal := s.ledger.Balance(c.Account)
+	if cost.Credits > bal {
+		if c.RequireAll {
+			return ChargeResult{}, fmt.Errorf("charge %d with balance %d: %w", cost.Credits, bal, ErrInsufficientBalance)
+		}
+		cost.Credits = bal
+	}
+	// Compute the run's next record before touching the ledger so that a
+	// failing update leaves everything unchanged.
+	var run *RunRecord
+	if c.RunUpdate != nil {
+		u := *c.RunUpdate
+		u.AddSpent = cost.Credits
+		var err error
+		if run, err = s.nextRun(u); err != nil {
+			return ChargeResult{}, err
+		}
+	}
+	split, err := ledger.SplitCharge(cost.Credits, c.FeeBPS)
+	if err != nil {
+		return ChargeResult{}, err
+	}
+	operator := c.Operator
+	if operator == c.Account {
+		// A user charged for their own node pays the network only.
+		operator = ""
+	}
+	var body json.RawMessage
+	if c.Body != nil {
+		if body, err = withBilling(c.Body, cost, bal-cost.Credits); err != nil {
+			return ChargeResult{}, err
+		}
+	}
+	if err := s.ledger.Charge(c.Account, operator, s.feeAccount, split); err != nil {
+		return ChargeResult{}, err
+	}
+	if cost.Credits > 0 || c.Call != "" {
+		a := s.accounts[c.Account]
+		a.Name = c.Account
+		charges := make([]protocol.Charge, 0, len(a.Charges)+1)
+		charges = append(charges, a.Charges...)
+		charges = append(charges, protocol.Charge{RunID: c.RunID, Call: c.Call, Credits: cost.Credits, Time: c.Time})
+		if len(charges) > maxChargesPerAccount {
+			charges = charges[len(charges)-maxChargesPerAccount:]
+		}
+		a.Charges = charges
+		s.accounts[c.Account] = a
+	}
+	if run != nil {
+		s.runs[run.Run.ID] = run
+	}
+	res := ChargeResult{Cost: cost, Balance: s.ledger.Balance(c.Account), Status: 200, Body: body}
+	if c.Idem != nil {
+		s.putIdem(IdemRecord{Scope: c.Idem.Scope, BodyHash: c.Idem.BodyHash, Status: res.Status, Body: res.Body})
+	}
+	return res, nil
+}
+
+// withBilling adds "cost" and "balance" to a JSON object response.
+func withBilling(body json.RawMessage, cost protocol.Cost, balance int64) (json.RawMessage, error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(body, &m); err != nil {
+		return nil, fmt.Errorf("node response is not a JSON object: %w", ErrInvalidRequest)
+	}
+	if m == nil {
+		m = map[string]json.RawMessage{}
+	}
+	cb, _ := json.Marshal(cost)
+	bb, _ := json.Marshal(balance)
+	m["cost"], m["balance"] = cb, bb
+	return json.Marshal(m) // map keys marshal sorted: deterministic on every member
+}
+
+// CreateRun stores a new run.
+func (s *State) CreateRun(r RunRecord) error {
+	if r.Run.ID == "" || r.Owner == "" {
+		return fmt.Errorf("create run: id and owner required: %w", ErrInvalidRequest)
+	}
+	if _, ok := s.runs[r.Run.ID]; ok {
+		return fmt.Errorf("run %s exists: %w", r.Run.ID, ErrConflict)
+	}
+	cp := r
+	s.runs[r.Run.ID] = &cp
+	return nil
+}
+
+// RunUpdate changes a run; nil fields are left alone.
+type RunUpdate struct {
+	RunID           string               `json:"run_id"`
+	Status          string               `json:"status,omitempty"`
+	Node            *string              `json:"node,omitempty"`
+	Step            *int                 `json:"step,omitempty"`
+	ResumedFromStep *int                 `json:"resumed_from_step,omitempty"`
+	Checkpoint      *protocol.Checkpoint `json:"checkpoint,omitempty"`
+	// Loss and Tokens of a forward_backward accumulate until the next optim_step.
+	Loss   *float64 `json:"loss,omitempty"`
+	Tokens int64    `json:"tokens,omitempty"`
+	// Optim, set by an optim_step, appends a Metrics entry.
+	Optim *OptimFigures `json:"optim,omitempty"`
+	// ExpectStatus, when set, makes the update fail with ErrConflict unless
+	// the run is in one of these statuses (compare-and-set for moves).
+	ExpectStatus []string `json:"expect_status,omitempty"`
+	AddSpent     int64    `json:"add_spent,omitempty"`
+	Time         string   `json:"time"`
+}
+
+// OptimFigures are an optim_step's results.
+type OptimFigures struct {
+	Step         int     `json:"step"`
+	LearningRate float64 `json:"learning_rate"`
+	GradNorm     float64 `json:"grad_norm"`
+}
+
+var validStatus = map[string]bool{
+	protocol.RunStarting: true, protocol.RunReady: true, protocol.RunMoving: true,
+	protocol.RunEnded: true, protocol.RunFailed: true,
+}
+
+// UpdateRun applies u and returns the new record.
+func (s *State) UpdateRun(u RunUpdate) (*RunRecord, error) {
+	r, err := s.nextRun(u)
+	if err != nil {
+		return nil, err
+	}
+	s.runs[u.RunID] = r
+	return r, nil
+}
+
+// nextRun computes the record u makes, without storing it.
+func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
+	old, ok := s.runs[u.RunID]
+	if !ok {
+		return nil, fmt.Errorf("run %s: %w", u.RunID, ErrNotFound)
+	}
+	if u.Status != "" && !validStatus[u.Status] {
+		return nil, fmt.Errorf("run status %q: %w", u.Status, ErrInvalidRequest)
+	}
+	if len(u.ExpectStatus) > 0 {
+		match := false
+		for _, st := range u.ExpectStatus {
+			match = match || st == old.Run.Status
+		}
+		if !match {
+			return nil, fmt.Errorf("run %s is %s: %w", u.RunID, old.Run.Status, ErrConflict)
+		}
+	}
+	r := *old
+	if u.Status != "" {
+		r.Run.Status = u.Status
+	}
+	if u.Node != nil {
+		r.Run.Node = *u.Node
+	}
+	if u.Step != nil {
+		r.Run.Step = *u.Step
+	}
+	if u.ResumedFromStep != nil {
+		v := *u.ResumedFromStep
+		r.Run.ResumedFromStep = &v
+	}
+	if u.Checkpoint != nil {
+		cps := make([]protocol.Checkpoint, 0, len(r.Run.Checkpoints)+1)
+		cps = append(cps, r.Run.Checkpoints...)
+		cps = append(cps, *u.Checkpoint)
+		if len(cps) > maxCheckpointsPerRun {
+			cps = cps[len(cps)-maxCheckpointsPerRun:]
+		}
+		r.Run.Checkpoints = cps
+	}
+	if u.Loss != nil {
+		sum := *u.Loss
+		if r.PendingLoss != nil {
+			sum += *r.PendingLoss
+		}
+		r.PendingLoss = &sum
+		r.PendingTokens += u.Tokens
+	}
+	if u.Optim != nil {
+		m := protocol.Metrics{Step: u.Optim.Step, Tokens: r.PendingTokens, Time: u.Time}
+		lr, gn := u.Optim.LearningRate, u.Optim.GradNorm
+		m.LearningRate, m.GradNorm = &lr, &gn
+		if r.PendingLoss != nil && r.PendingTokens > 0 {
+			mean := *r.PendingLoss / float64(r.PendingTokens)
+			m.LossMean = &mean
+		}
+		ms := make([]protocol.Metrics, 0, len(r.Metrics)+1)
+		ms = append(ms, r.Metrics...)
+		ms = append(ms, m)
+		if len(ms) > maxMetricsPerRun {
+			ms = ms[len(ms)-maxMetricsPerRun:]
+		}
+		r.Metrics = ms
+		r.Run.LastMetrics = &ms[len(ms)-1]
+		r.Run.Step = u.Optim.Step
+		r.PendingLoss, r.PendingTokens = nil, 0
+	}
+	r.Run.Spent += u.AddSpent
+	return &r, nil
+}
+
+// CreateJoinToken stores a join token for an operator account, opening it.
+func (s *State) CreateJoinToken(t JoinTokenRecord) error {
+	if t.Hash == "" || t.Operator == "" {
+		return fmt.Errorf("join token: hash and operator required: %w", ErrInvalidRequest)
+	}
+	if err := s.ledger.Open(t.Operator); err != nil {
+		return err
+	}
+	s.joinTokens[t.Hash] = t
+	return nil
+}
+
+// RegisterNode records that a node proved a join token; it returns the
+// operator account. A node that joined already keeps its operator.
+func (s *State) RegisterNode(peerID, tokenHash, now string) (string, error) {
+	if peerID == "" {
+		return "", fmt.Errorf("register node: empty peer id: %w", ErrInvalidRequest)
+	}
+	t, ok := s.joinTokens[tokenHash]
+	if !ok {
+		return "", fmt.Errorf("register node %s: unknown join token: %w", peerID, ErrUnauthorized)
+	}
+	if n, ok := s.nodes[peerID]; ok && n.Operator == t.Operator {
+		return n.Operator, nil
+	}
+	s.nodes[peerID] = NodeRecord{PeerID: peerID, Operator: t.Operator, JoinedAt: now}
+	return t.Operator, nil
+}
+
+// PutMember records or updates a raft member's addresses.
+func (s *State) PutMember(m MemberRecord) error {
+	if m.ID == "" {
+		return fmt.Errorf("member: empty id: %w", ErrInvalidRequest)
+	}
+	s.members[m.ID] = m
+	return nil
+}
+
+// RemoveMember forgets a raft member.
+func (s *State) RemoveMember(id string) { delete(s.members, id) }
+
+func sortStrings(s []string) { sort.Strings(s) }
