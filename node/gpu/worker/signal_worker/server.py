@@ -1,11 +1,13 @@
 """The worker's unix-socket server.
 
-Frames are a 4-byte big-endian length followed by that many bytes of JSON.
-A request is a protocol.SessionRequest ({"request_id", "run_id", "call",
-"body"}); the answer is a protocol.SessionResponse ({"request_id", "body" |
-"error", "usage"}). Besides the session calls the worker answers "health"
-and "shutdown". Each connection has its own thread; the device runs one call
-at a time (a lock), which is what one GPU can do anyway.
+Frames are the node protocol's binary frame (protocol/wire.go): "SG", wire
+version 1, message type (1 SessionRequest, 2 SessionResponse), a big-endian
+uint32 payload length, then the payload as JSON. A request is a
+protocol.SessionRequest ({"request_id", "run_id", "call", "body"}); the
+answer is a protocol.SessionResponse ({"request_id", "body" | "error",
+"usage"}). Besides the session calls the worker answers "health" and
+"shutdown". Each connection has its own thread; the device runs one call at
+a time (a lock), which is what one GPU can do anyway.
 """
 
 import argparse
@@ -24,21 +26,33 @@ import torch
 from .model import ModelCache, ModelError
 from .session import InvalidInput, Session
 
-MAX_FRAME_BYTES = 256 << 20
+# protocol.MaxFrameBytes: the Go side refuses larger frames too.
+MAX_FRAME_BYTES = 64 << 20
+WIRE_MAGIC = b"SG"
+WIRE_VERSION = 1
+MSG_SESSION_REQUEST = 1
+MSG_SESSION_RESPONSE = 2
 
 
 class FrameError(Exception):
-    """A frame that cannot be read (closed socket, oversize, not JSON)."""
+    """A frame that cannot be read (closed socket, foreign bytes, oversize, not JSON)."""
 
 
-def read_frame(sock):
-    head = _recv_exact(sock, 4)
+def read_frame(sock, want_type=MSG_SESSION_REQUEST):
+    """Reads one frame; None when the peer closed the socket between frames."""
+    head = _recv_exact(sock, 8)
     if head is None:
         return None
-    (n,) = struct.unpack(">I", head)
+    if head[:2] != WIRE_MAGIC:
+        raise FrameError(f"not a signal frame (magic {head[:2]!r})")
+    if head[2] != WIRE_VERSION:
+        raise FrameError(f"unsupported wire version {head[2]} (this worker speaks {WIRE_VERSION})")
+    if head[3] != want_type:
+        raise FrameError(f"unexpected message type {head[3]}, want {want_type}")
+    (n,) = struct.unpack(">I", head[4:])
     if n > MAX_FRAME_BYTES:
         raise FrameError(f"frame of {n} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    data = _recv_exact(sock, n)
+    data = _recv_exact(sock, n) if n else b""
     if data is None:
         raise FrameError("connection closed inside a frame")
     try:
@@ -47,9 +61,12 @@ def read_frame(sock):
         raise FrameError(f"frame is not JSON: {e}") from e
 
 
-def write_frame(sock, obj):
+def write_frame(sock, obj, msg_type=MSG_SESSION_RESPONSE):
     data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    sock.sendall(struct.pack(">I", len(data)) + data)
+    if len(data) > MAX_FRAME_BYTES:
+        data = json.dumps(_error(obj.get("request_id", ""), "too_large",
+                                 f"response of {len(data)} bytes exceeds the frame limit")).encode()
+    sock.sendall(WIRE_MAGIC + bytes([WIRE_VERSION, msg_type]) + struct.pack(">I", len(data)) + data)
 
 
 def _recv_exact(sock, n):

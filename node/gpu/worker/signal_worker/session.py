@@ -412,10 +412,11 @@ class Session:
         top_p = 1.0 if top_p is None else top_p
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise InvalidInput(f"sampling_params.top_p = {top_p!r}: want a number in (0, 1]")
-        stop_tokens = body.get("stop_tokens")
-        stop_tokens = list(default_stop_tokens) if stop_tokens is None else stop_tokens
+        # The model's EOS ids always stop; the node adds the tokenizer's.
+        stop_tokens = body.get("stop_tokens") or []
         if not isinstance(stop_tokens, list) or not all(isinstance(t, int) for t in stop_tokens):
             raise InvalidInput("stop_tokens: want a list of token ids")
+        stop_tokens = list(default_stop_tokens) + stop_tokens
         seed = sp.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InvalidInput(f"sampling_params.seed = {seed!r}: want an integer")

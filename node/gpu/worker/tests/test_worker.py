@@ -429,8 +429,10 @@ class SampleTest(unittest.TestCase):
 
 def _call(sock, obj):
     data = json.dumps(obj).encode()
-    sock.sendall(struct.pack(">I", len(data)) + data)
-    n = struct.unpack(">I", _recv(sock, 4))[0]
+    sock.sendall(b"SG\x01\x01" + struct.pack(">I", len(data)) + data)
+    head = _recv(sock, 8)
+    assert head[:4] == b"SG\x01\x02", head
+    n = struct.unpack(">I", head[4:])[0]
     return json.loads(_recv(sock, n))
 
 

@@ -1,0 +1,359 @@
+package gpu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/signal-p2p/signal/node/storage"
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// pythonWithTorch returns $SIGNAL_PYTHON (default /usr/bin/python3) when it
+// imports torch; otherwise the test is skipped, or fails under CI=true.
+func pythonWithTorch(t *testing.T) string {
+	t.Helper()
+	py := os.Getenv("SIGNAL_PYTHON")
+	if py == "" {
+		py = "/usr/bin/python3"
+	}
+	if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s cannot import torch (CI=true): %v", py, err)
+		}
+		t.Skipf("%s cannot import torch: %v", py, err)
+	}
+	return py
+}
+
+// mustModelsDir builds a models directory holding "tiny-sp": the trainer's
+// tiny test model with the SentencePiece tokenizer beside it.
+func mustModelsDir(t *testing.T) string {
+	t.Helper()
+	root := t.TempDir()
+	dst := filepath.Join(root, "tiny-sp")
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	links := map[string]string{
+		"config.json":           "../../trainer/testdata/tiny-sp/config.json",
+		"model.safetensors":     "../../trainer/testdata/tiny-sp/model.safetensors",
+		"tokenizer.json":        "../../trainer/tokenizer/testdata/sentencepiece-bpe/tokenizer.json",
+		"tokenizer_config.json": "../../trainer/tokenizer/testdata/sentencepiece-bpe/tokenizer_config.json",
+	}
+	for name, src := range links {
+		abs, err := filepath.Abs(src)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(abs); err != nil {
+			t.Fatalf("test model file: %v", err)
+		}
+		if err := os.Symlink(abs, filepath.Join(dst, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return root
+}
+
+func mustEngine(t *testing.T, mutate func(*Config)) *Engine {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Python = pythonWithTorch(t)
+	cfg.Threads = 1
+	cfg.ModelsDir = mustModelsDir(t)
+	cfg.HealthInterval = 200 * time.Millisecond
+	cfg.InitialBackoff = 50 * time.Millisecond
+	cfg.MaxBackoff = 500 * time.Millisecond
+	st, err := storage.Open("file://"+t.TempDir(), storage.Credentials{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Checkpoints = StorageCheckpoints{Store: st, Resolver: storage.Resolver{Default: st}}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	e, err := NewEngine(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := e.Start(ctx); err != nil {
+		_ = e.Stop()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.Stop(); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
+	return e
+}
+
+func mustDo(t *testing.T, s *Session, call protocol.Call, body any, out any) (protocol.Usage, *protocol.Checkpoint) {
+	t.Helper()
+	raw, err := json.Marshal(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, usage, cp, err := s.Do(context.Background(), call, raw)
+	if err != nil {
+		t.Fatalf("%s: %v", call, err)
+	}
+	if out != nil {
+		if err := json.Unmarshal(resp, out); err != nil {
+			t.Fatalf("%s: decode %s: %v", call, resp, err)
+		}
+	}
+	return usage, cp
+}
+
+func spec(run string) protocol.SessionSpec {
+	return protocol.SessionSpec{RunID: run, BaseModel: "tiny-sp", LoRARank: 4, LoRAAlpha: 8, Seed: 1,
+		TargetModules: []string{"q_proj", "v_proj"}}
+}
+
+func TestEngineSessionLifecycle(t *testing.T) {
+	e := mustEngine(t, nil)
+	if got := e.Backend(); got != BackendCPUTorch {
+		t.Fatalf("Backend() = %q, want %q", got, BackendCPUTorch)
+	}
+	ctx := context.Background()
+	s, err := e.Open(ctx, spec("run-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := e.Open(ctx, spec("run-2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+
+	// Text examples are tokenized here: the prompt's targets weigh 0.
+	fbReq := protocol.ForwardBackwardRequest{Examples: []protocol.TextExample{
+		{Prompt: "The capital of France is", Completion: " Paris."},
+		{Text: "Once upon a time there was a cat."},
+	}}
+	var fb protocol.ForwardBackwardResponse
+	usage, _ := mustDo(t, s, protocol.CallForwardBackward, fbReq, &fb)
+	if fb.GradNorm == nil || *fb.GradNorm <= 0 || fb.LossSum <= 0 || len(fb.Logprobs) != 2 {
+		t.Fatalf("forward_backward = %+v", fb)
+	}
+	if usage.TrainTokens != fb.Tokens || fb.Tokens < 10 {
+		t.Fatalf("usage %+v for %d tokens", usage, fb.Tokens)
+	}
+	var fwd protocol.ForwardBackwardResponse
+	mustDo(t, s, protocol.CallForward, fbReq, &fwd)
+	if fwd.GradNorm != nil || fwd.LossSum != fb.LossSum {
+		t.Fatalf("forward = %+v, want loss %v and no grad_norm", fwd, fb.LossSum)
+	}
+
+	var st protocol.OptimStepResponse
+	lr := 0.05
+	mustDo(t, s, protocol.CallOptimStep, protocol.OptimStepRequest{AdamParams: &protocol.AdamParams{LearningRate: &lr}}, &st)
+	if st.Step != 1 || st.LearningRate != lr || st.GradNorm != *fb.GradNorm {
+		t.Fatalf("optim_step = %+v", st)
+	}
+	var after protocol.ForwardBackwardResponse
+	mustDo(t, s, protocol.CallForward, fbReq, &after)
+	if after.LossSum >= fb.LossSum {
+		t.Fatalf("loss %v after a step, was %v", after.LossSum, fb.LossSum)
+	}
+
+	// Sampling: text prompt, greedy, then a stop string taken from the
+	// greedy text itself so that it must cut there.
+	zero := 0.0
+	var smp protocol.SampleResponse
+	sreq := protocol.SampleRequest{Prompts: []protocol.Prompt{{Text: "Hello"}},
+		SamplingParams: protocol.SamplingParams{MaxTokens: 12, Temperature: &zero}}
+	usage, _ = mustDo(t, s, protocol.CallSample, sreq, &smp)
+	g := smp.Samples[0][0]
+	if len(g.Tokens) == 0 || len(g.Logprobs) != len(g.Tokens) || g.Text == "" || usage.SampledTokens != int64(len(g.Tokens)) {
+		t.Fatalf("sample = %+v usage %+v", g, usage)
+	}
+	runes := []rune(g.Text)
+	if len(runes) > 4 {
+		stop := string(runes[len(runes)/2 : len(runes)/2+2])
+		sreq.SamplingParams.Stop = []string{stop}
+		mustDo(t, s, protocol.CallSample, sreq, &smp)
+		c := smp.Samples[0][0]
+		if c.StopReason != "stop" || strings.Contains(c.Text, stop) || !strings.HasPrefix(g.Text, c.Text) || len(c.Tokens) > len(g.Tokens) {
+			t.Fatalf("stop %q: got %+v from greedy %+v", stop, c, g)
+		}
+	}
+
+	// Full state round trip through file:// storage into the other session.
+	var saved protocol.SaveStateResponse
+	usage, cp := mustDo(t, s, protocol.CallSaveState, protocol.SaveStateRequest{Mode: "full"}, &saved)
+	if cp == nil || cp.ID != saved.Checkpoint.ID || cp.Step != 1 || len(cp.Files) != 3 || usage.StoredBytes <= 0 {
+		t.Fatalf("save_state = %+v (cp %+v, usage %+v)", saved, cp, usage)
+	}
+	var loaded struct{ Step int }
+	mustDo(t, other, protocol.CallLoadState, protocol.LoadStateRequest{Checkpoint: cp.ID}, &loaded)
+	if loaded.Step != 1 {
+		t.Fatalf("load_state step %d, want 1", loaded.Step)
+	}
+	var same protocol.ForwardBackwardResponse
+	mustDo(t, other, protocol.CallForward, fbReq, &same)
+	if same.LossSum != after.LossSum {
+		t.Fatalf("restored session loss %v, saved session %v", same.LossSum, after.LossSum)
+	}
+
+	h, _ := e.Supervisor().LastHealth()
+	if h.Sessions != 2 || len(h.Models) != 1 {
+		t.Fatalf("health %+v: want 2 sessions on 1 shared model", h)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := s.Do(ctx, protocol.CallForward, nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("call after close: %v, want ErrClosed", err)
+	}
+}
+
+func TestEngineBadInput(t *testing.T) {
+	e := mustEngine(t, nil)
+	ctx := context.Background()
+	if _, err := e.Open(ctx, protocol.SessionSpec{RunID: "x", BaseModel: "../etc"}); !errors.Is(err, ErrInvalidInput) {
+		t.Fatalf("bad model name: %v", err)
+	}
+	if _, err := e.Open(ctx, protocol.SessionSpec{RunID: "x", BaseModel: "missing"}); !errors.Is(err, ErrInvalidInput) {
+		t.Fatalf("missing model: %v", err)
+	}
+	bad := spec("bad")
+	bad.TargetModules = []string{"lm_head"}
+	if _, err := e.Open(ctx, bad); !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), "lm_head") {
+		t.Fatalf("bad target: %v", err)
+	}
+	s, err := e.Open(ctx, spec("run"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	cases := []struct {
+		call protocol.Call
+		body string
+		want string
+	}{
+		{protocol.CallForwardBackward, `{"data":[{"model_input":{"tokens":[1,2]},"loss_fn_inputs":{"target_tokens":[2,99999],"weights":[1,1]}}]}`, "target_tokens[1]"},
+		{protocol.CallForwardBackward, `{"data":[], "bogus": 1}`, "bogus"},
+		{protocol.CallOptimStep, `{}`, "no accumulated gradients"},
+		{protocol.CallOptimStep, `{"adam_params":{"beta2":1.5}}`, "beta2"},
+		{protocol.CallSample, `{"prompts":[{"tokens":[1]}],"sampling_params":{"max_tokens":4,"top_k":-7}}`, "top_k"},
+		{protocol.CallSample, `{"prompts":[{}],"sampling_params":{"max_tokens":4}}`, "prompts[0]"},
+		{protocol.CallSaveState, `{"mode":"everything"}`, "mode"},
+		{protocol.CallLoadState, `{}`, "checkpoint"},
+		{"explode", `{}`, "explode"},
+	}
+	for _, c := range cases {
+		_, _, _, err := s.Do(ctx, c.call, []byte(c.body))
+		if !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s %s: err %v, want ErrInvalidInput naming %q", c.call, c.body, err, c.want)
+		}
+	}
+	// A checkpoint reference that does not exist is not an input error of the worker.
+	if _, _, _, err := s.Do(ctx, protocol.CallLoadState, []byte(`{"checkpoint":"bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"}`)); err == nil {
+		t.Error("load_state of a missing checkpoint succeeded")
+	}
+}
+
+func TestSupervisorRestartsCrashedWorker(t *testing.T) {
+	e := mustEngine(t, nil)
+	ctx := context.Background()
+	s, err := e.Open(ctx, spec("r"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, _ := e.Supervisor().LastHealth()
+	gen := e.Supervisor().Generation()
+	if err := syscall.Kill(h.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for e.Supervisor().Generation() == gen || !e.Supervisor().Ready() {
+		if time.Now().After(deadline) {
+			t.Fatal("worker was not restarted within a minute")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if e.Supervisor().Restarts() != 1 {
+		t.Fatalf("restarts = %d, want 1", e.Supervisor().Restarts())
+	}
+	if h2, _ := e.Supervisor().LastHealth(); h2.PID == h.PID {
+		t.Fatal("same worker pid after restart")
+	}
+	// The old session's state died with the worker: it says so, and the run
+	// can be reopened on the new worker.
+	if _, _, _, err := s.Do(ctx, protocol.CallForward, []byte(`{}`)); !errors.Is(err, ErrSessionLost) || !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("call on a lost session: %v, want ErrSessionLost", err)
+	}
+	_ = s.Close()
+	s2, err := e.Open(ctx, spec("r"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = s2.Close()
+}
+
+func TestSupervisorStopAndFailedStart(t *testing.T) {
+	py := pythonWithTorch(t)
+	cfg := DefaultConfig()
+	cfg.Python = py
+	cfg.Device = "cuda:7" // no such device here (or on CI): the worker exits at once
+	cfg.StartTimeout = 3 * time.Second
+	cfg.InitialBackoff = 20 * time.Millisecond
+	cfg.MaxBackoff = 100 * time.Millisecond
+	sup, err := NewSupervisor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = sup.Start(context.Background())
+	if h, ok := sup.LastHealth(); ok && h.Backend == BackendCUDA {
+		t.Skip("this machine has a cuda:7")
+	}
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("start on a missing device: %v, want ErrUnavailable", err)
+	}
+	if _, err := sup.Call(context.Background(), protocol.SessionRequest{Call: "health"}); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("call while down: %v", err)
+	}
+	if sup.Restarts() < 1 {
+		t.Fatalf("restarts = %d: the supervisor should keep retrying", sup.Restarts())
+	}
+	dir := sup.runDir
+	if err := sup.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("run dir %s left behind: %v", dir, err)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	for name, mut := range map[string]func(*Config){
+		"python":  func(c *Config) { c.Python = "" },
+		"device":  func(c *Config) { c.Device = "tpu" },
+		"dtype":   func(c *Config) { c.DType = "int8" },
+		"threads": func(c *Config) { c.Threads = -1 },
+		"backoff": func(c *Config) { c.MaxBackoff = c.InitialBackoff / 2 },
+		"health":  func(c *Config) { c.HealthFailures = 0 },
+	} {
+		c := DefaultConfig()
+		mut(&c)
+		if err := c.Validate(); !errors.Is(err, ErrInvalidInput) {
+			t.Errorf("%s: Validate() = %v, want ErrInvalidInput", name, err)
+		}
+	}
+	c := DefaultConfig()
+	if err := c.Validate(); err != nil {
+		t.Fatalf("default config: %v", err)
+	}
+}
