@@ -2,10 +2,10 @@ package trainer
 
 import "sync"
 
-// arena hands out float32 buffers for one call and takes them all back at
-// once with reset. After the first call of a given size it allocates
-// nothing: reset folds the chunks it had to add into one big enough chunk.
-type arena struct {
+// Arena hands out float32 buffers for one call and takes them all back at
+// once with Reset. After the first call of a given size it allocates
+// nothing: Reset folds the chunks it had to add into one big enough chunk.
+type Arena struct {
 	chunks [][]float32
 	cur    int // index of the chunk being filled
 	off    int // next free element of chunks[cur]
@@ -13,16 +13,16 @@ type arena struct {
 	peak   int
 }
 
-// alloc returns n zeroed float32s valid until the next reset.
-func (a *arena) alloc(n int) []float32 {
-	s := a.allocDirty(n)
+// Alloc returns n zeroed float32s valid until the next reset.
+func (a *Arena) Alloc(n int) []float32 {
+	s := a.AllocDirty(n)
 	clear(s)
 	return s
 }
 
-// allocDirty returns n float32s with unspecified contents (for outputs that
+// AllocDirty returns n float32s with unspecified contents (for outputs that
 // are fully overwritten, such as a GEMM with beta 0).
-func (a *arena) allocDirty(n int) []float32 {
+func (a *Arena) AllocDirty(n int) []float32 {
 	a.total += n
 	for a.cur < len(a.chunks) {
 		c := a.chunks[a.cur]
@@ -44,9 +44,9 @@ func (a *arena) allocDirty(n int) []float32 {
 	return a.chunks[a.cur][:n:n]
 }
 
-// reset takes back every buffer. When the call needed more than one chunk,
+// Reset takes back every buffer. When the call needed more than one chunk,
 // the chunks are replaced by one of the peak size so the next call fits.
-func (a *arena) reset() {
+func (a *Arena) Reset() {
 	a.peak = max(a.peak, a.total)
 	if len(a.chunks) > 1 {
 		a.chunks = [][]float32{make([]float32, a.peak)}
@@ -54,17 +54,24 @@ func (a *arena) reset() {
 	a.cur, a.off, a.total = 0, 0, 0
 }
 
-// arenaPool recycles arenas between calls; each call owns one arena.
+// arenaPool recycles arenas between calls; each call owns one Arena.
 type arenaPool struct{ p sync.Pool }
 
-func (p *arenaPool) get() *arena {
-	if a, ok := p.p.Get().(*arena); ok {
+func (p *arenaPool) get() *Arena {
+	if a, ok := p.p.Get().(*Arena); ok {
 		return a
 	}
-	return &arena{}
+	return &Arena{}
 }
 
-func (p *arenaPool) put(a *arena) {
-	a.reset()
+func (p *arenaPool) put(a *Arena) {
+	a.Reset()
 	p.p.Put(a)
 }
+
+// GetArena returns a scratch arena for one call; give it back with PutArena.
+func (m *Model) GetArena() *Arena { return m.pool.get() }
+
+// PutArena resets a and keeps it for a later call. Buffers from a must not
+// be used afterwards.
+func (m *Model) PutArena(a *Arena) { m.pool.put(a) }

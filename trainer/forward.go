@@ -1,0 +1,284 @@
+package trainer
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/signal-p2p/signal/trainer/blas"
+)
+
+// Batch is a packed set of sequences: Tokens holds them back to back and
+// sequence i is Tokens[Starts[i]:Starts[i+1]]. Every sequence starts at
+// position 0.
+type Batch struct {
+	Tokens []int
+	Starts []int // len = sequences + 1; Starts[0] = 0, last = len(Tokens)
+}
+
+// NewBatch packs seqs into a Batch.
+func NewBatch(seqs [][]int) Batch {
+	b := Batch{Starts: make([]int, 1, len(seqs)+1)}
+	for _, s := range seqs {
+		b.Tokens = append(b.Tokens, s...)
+		b.Starts = append(b.Starts, len(b.Tokens))
+	}
+	return b
+}
+
+// NumSeqs returns the number of sequences.
+func (b Batch) NumSeqs() int { return len(b.Starts) - 1 }
+
+// Len returns sequence i's length.
+func (b Batch) Len(i int) int { return b.Starts[i+1] - b.Starts[i] }
+
+// LayerActs are one decoder block's activations kept by a forward pass for
+// the backward (T = tokens of the batch).
+type LayerActs struct {
+	X     []float32 // [T, hidden] residual stream entering the block
+	RStd1 []float32 // [T] 1/rms of X (input_layernorm)
+	XN1   []float32 // [T, hidden] normed X: the input of q, k, v
+	QKV   []float32 // [T, QKVDim] fused q|k|v output, q and k rotated
+	// Probs holds sequence s's attention probabilities [H, L, L] from
+	// ProbOffsets[s] (Activations.ProbOffsets).
+	Probs []float32
+	Attn  []float32 // [T, H·D] attention output: the input of o_proj
+	H     []float32 // [T, hidden] residual stream after attention
+	RStd2 []float32 // [T] 1/rms of H (post_attention_layernorm)
+	XN2   []float32 // [T, hidden] normed H: the input of gate and up
+	GU    []float32 // [T, 2·I] fused gate|up output before the activation
+	Act   []float32 // [T, I] silu(gate)·up: the input of down_proj
+	// U[mod] is x·Aᵀ [T, rank] for each module the LoRA adapts (nil otherwise).
+	U [NumModules][]float32
+}
+
+// Activations is what a forward pass with ForwardOptions.Keep leaves for a
+// backward pass. All buffers live in the arena passed to Forward.
+type Activations struct {
+	Batch       Batch
+	Cos, Sin    []float32 // [T, D/2] rotary tables of each row's position
+	ProbOffsets []int     // per sequence, offset of its [H, L, L] block in LayerActs.Probs
+	Layers      []LayerActs
+	XF          []float32 // [T, hidden] residual stream entering the final norm
+	RStdF       []float32 // [T] 1/rms of XF
+	Out         []float32 // [T, hidden] final normed hidden states: the LM head's input
+}
+
+// ForwardOptions select what Forward does beyond computing hidden states.
+type ForwardOptions struct {
+	LoRA *LoRA // applied unmerged on the modules it targets; nil for the base model
+	Keep bool  // keep every activation the backward needs (Activations.Layers)
+	// kv, when set, receives each sequence's rotated keys and values.
+	kv *kvCache
+	// kvSlots[i] is the cache slot of sequence i.
+	kvSlots []int
+}
+
+// ValidateTokens checks ids against the vocabulary and the context length.
+func (m *Model) ValidateTokens(tokens []int, what string) error {
+	if len(tokens) == 0 {
+		return fmt.Errorf("%w: %s is empty", ErrInvalidInput, what)
+	}
+	if len(tokens) > m.cfg.MaxPositionEmbeddings {
+		return fmt.Errorf("%w: %s has %d tokens, more than the model's context of %d", ErrInvalidInput, what, len(tokens), m.cfg.MaxPositionEmbeddings)
+	}
+	for i, t := range tokens {
+		if t < 0 || t >= m.cfg.VocabSize {
+			return fmt.Errorf("%w: %s token %d is id %d, outside the vocabulary [0, %d)", ErrInvalidInput, what, i, t, m.cfg.VocabSize)
+		}
+	}
+	return nil
+}
+
+func (m *Model) attnDims() AttnDims {
+	return AttnDims{H: m.cfg.NumAttentionHeads, KV: m.cfg.NumKeyValueHeads, D: m.cfg.HeadDim}
+}
+
+// addLoRA adds scale·(x·Aᵀ)·Bᵀ into columns [col0, col0+out) of y (row
+// stride ldy) for module mod of layer l; u [rows, rank] receives x·Aᵀ.
+func addLoRA(y []float32, ldy, col0 int, x []float32, ldx, rows int, lora *LoRA, l int, mod Module, u []float32) {
+	p := lora.Layers[l][mod]
+	r := lora.Rank
+	blas.Sgemm(false, true, rows, r, p.In, 1, x, ldx, p.A, p.In, 0, u, r)
+	blas.Sgemm(false, true, rows, p.Out, r, lora.Scale(), u, r, p.B, r, 1, y[col0:], ldy)
+}
+
+// Forward runs the decoder over a packed batch and returns the final normed
+// hidden states [T, hidden] (Activations.Out). Token ids must be validated
+// by the caller (ValidateTokens). Buffers come from ws; with opt.Keep the
+// returned Activations hold every layer's tensors for the backward,
+// otherwise only Out is meaningful.
+func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOptions) (*Activations, error) {
+	c := m.cfg
+	T, hid, inter := len(b.Tokens), c.HiddenSize, c.IntermediateSize
+	ad := m.attnDims()
+	qkvd, hd := ad.QKVDim(), ad.H*ad.D
+	lora := opt.LoRA
+	half := c.HeadDim / 2
+	eps := float32(c.RMSNormEps)
+
+	acts := &Activations{Batch: b}
+	acts.Cos, acts.Sin = ws.AllocDirty(T*half), ws.AllocDirty(T*half)
+	pos := make([]int, T)
+	acts.ProbOffsets = make([]int, b.NumSeqs()+1)
+	maxL := 0
+	for s := 0; s < b.NumSeqs(); s++ {
+		L := b.Len(s)
+		for i := 0; i < L; i++ {
+			pos[b.Starts[s]+i] = i
+		}
+		acts.ProbOffsets[s+1] = acts.ProbOffsets[s] + ad.H*L*L
+		maxL = max(maxL, L)
+	}
+	RopeTables(acts.Cos, acts.Sin, pos, m.InvFreq)
+
+	// x is the residual stream; with Keep each block gets fresh buffers,
+	// otherwise one set is reused by every block.
+	x := ws.AllocDirty(T * hid)
+	for i, t := range b.Tokens {
+		copy(x[i*hid:(i+1)*hid], m.Embed[t*hid:(t+1)*hid])
+	}
+	var la LayerActs
+	newBuffers := func() {
+		la = LayerActs{
+			RStd1: ws.AllocDirty(T), XN1: ws.AllocDirty(T * hid), QKV: ws.AllocDirty(T * qkvd),
+			Attn: ws.AllocDirty(T * hd), RStd2: ws.AllocDirty(T), XN2: ws.AllocDirty(T * hid),
+			GU: ws.AllocDirty(T * 2 * inter), Act: ws.AllocDirty(T * inter),
+		}
+		if opt.Keep {
+			la.Probs = ws.AllocDirty(acts.ProbOffsets[b.NumSeqs()])
+		} else {
+			la.Probs = ws.AllocDirty(ad.H * maxL * maxL)
+		}
+		if lora != nil {
+			for mod := Module(0); mod < NumModules; mod++ {
+				if lora.Targets(mod) {
+					la.U[mod] = ws.AllocDirty(T * lora.Rank)
+				}
+			}
+		}
+	}
+	if opt.Keep {
+		acts.Layers = make([]LayerActs, c.NumHiddenLayers)
+	} else {
+		newBuffers()
+	}
+	for l := range m.Layers {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		w := &m.Layers[l]
+		if opt.Keep {
+			newBuffers()
+			la.X = x
+			la.H = ws.AllocDirty(T * hid)
+			copy(la.H, x)
+		} else {
+			la.X, la.H = x, x
+		}
+
+		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
+		RMSNorm(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
+		Linear(la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
+		if lora != nil {
+			cols := [3]int{0, hd, hd + ad.KV*ad.D}
+			for i, mod := range [3]Module{ModQ, ModK, ModV} {
+				if lora.Targets(mod) {
+					addLoRA(la.QKV, qkvd, cols[i], la.XN1, hid, T, lora, l, mod, la.U[mod])
+				}
+			}
+		}
+		ApplyRope(la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
+		for s := 0; s < b.NumSeqs(); s++ {
+			r0, L := b.Starts[s], b.Len(s)
+			probs := la.Probs
+			if opt.Keep {
+				probs = la.Probs[acts.ProbOffsets[s]:]
+			}
+			CausalAttention(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, probs)
+			if opt.kv != nil {
+				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[r0*qkvd:], qkvd, L)
+			}
+		}
+		Linear(la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
+		if lora != nil && lora.Targets(ModO) {
+			addLoRA(la.H, hid, 0, la.Attn, hd, T, lora, l, ModO, la.U[ModO])
+		}
+
+		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
+		RMSNorm(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
+		Linear(la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
+		if lora != nil {
+			for i, mod := range [2]Module{ModGate, ModUp} {
+				if lora.Targets(mod) {
+					addLoRA(la.GU, 2*inter, i*inter, la.XN2, hid, T, lora, l, mod, la.U[mod])
+				}
+			}
+		}
+		SiluMul(la.Act, la.GU, T, inter)
+		next := la.H
+		if opt.Keep {
+			next = ws.AllocDirty(T * hid)
+			copy(next, la.H)
+		}
+		Linear(next, hid, la.Act, inter, w.WDown, T, inter, hid, 1)
+		if lora != nil && lora.Targets(ModDown) {
+			addLoRA(next, hid, 0, la.Act, inter, T, lora, l, ModDown, la.U[ModDown])
+		}
+		if opt.Keep {
+			acts.Layers[l] = la
+		}
+		x = next
+	}
+	acts.XF = x
+	acts.RStdF = ws.AllocDirty(T)
+	acts.Out = ws.AllocDirty(T * hid)
+	RMSNorm(acts.Out, acts.RStdF, x, m.Norm, T, hid, eps)
+	return acts, nil
+}
+
+// HeadLogits writes logits [rows, vocab] = hidden·LMHeadᵀ for hidden [rows, hidden].
+func (m *Model) HeadLogits(logits, hidden []float32, rows int) {
+	Linear(logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
+}
+
+// Logits returns the logits [len(tokens), vocab] of one sequence, row i
+// predicting token i+1, with lora applied when non-nil.
+func (m *Model) Logits(ctx context.Context, tokens []int, lora *LoRA) ([]float32, error) {
+	if err := m.ValidateTokens(tokens, "tokens"); err != nil {
+		return nil, err
+	}
+	if err := m.checkLoRA(lora); err != nil {
+		return nil, err
+	}
+	ws := m.GetArena()
+	defer m.PutArena(ws)
+	acts, err := m.Forward(ctx, ws, NewBatch([][]int{tokens}), ForwardOptions{LoRA: lora})
+	if err != nil {
+		return nil, err
+	}
+	logits := make([]float32, len(tokens)*m.cfg.VocabSize)
+	m.HeadLogits(logits, acts.Out, len(tokens))
+	return logits, nil
+}
+
+// checkLoRA verifies an adapter fits this model's shapes.
+func (m *Model) checkLoRA(l *LoRA) error {
+	if l == nil {
+		return nil
+	}
+	if len(l.Layers) != m.cfg.NumHiddenLayers {
+		return fmt.Errorf("%w: adapter has %d layers, model has %d", ErrInvalidInput, len(l.Layers), m.cfg.NumHiddenLayers)
+	}
+	for i := range l.Layers {
+		for mod, p := range l.Layers[i] {
+			if p == nil {
+				continue
+			}
+			in, out := m.cfg.Dims(Module(mod))
+			if p.In != in || p.Out != out || len(p.A) != l.Rank*in || len(p.B) != out*l.Rank {
+				return fmt.Errorf("%w: adapter layer %d %s is [%d→%d], model needs [%d→%d]", ErrInvalidInput, i, Module(mod), p.In, p.Out, in, out)
+			}
+		}
+	}
+	return nil
+}

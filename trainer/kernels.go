@@ -1,0 +1,171 @@
+package trainer
+
+import (
+	"math"
+
+	"github.com/signal-p2p/signal/trainer/blas"
+)
+
+// The inference kernels. Every matrix is row-major float32; "packed" means
+// all sequences of a call stacked as rows of one [tokens, width] matrix.
+// They allocate nothing and are safe to call from concurrent goroutines on
+// disjoint outputs.
+
+// Linear computes y = x·Wᵀ + beta·y for x [rows, in] (row stride ldx), W
+// [out, in] as Hugging Face stores it, and y [rows, out] (row stride ldy).
+func Linear(y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, out int, beta float32) {
+	if rows == 1 {
+		// One row (a decode step) is a matrix-vector product; sgemm would
+		// pack all of W first.
+		blas.Sgemv(false, out, in, 1, w, in, x, beta, y)
+		return
+	}
+	blas.Sgemm(false, true, rows, out, in, 1, x, ldx, w, in, beta, y, ldy)
+}
+
+// RMSNorm writes out[r] = x[r] / sqrt(mean(x[r]²) + eps) · w for rows of
+// width dim, and when rstd is non-nil stores each row's 1/rms there (what
+// the backward needs). The mean of squares accumulates in float64.
+func RMSNorm(out, rstd, x, w []float32, rows, dim int, eps float32) {
+	for r := 0; r < rows; r++ {
+		xr := x[r*dim : (r+1)*dim]
+		var ss float64
+		for _, v := range xr {
+			ss += float64(v) * float64(v)
+		}
+		inv := float32(1 / math.Sqrt(ss/float64(dim)+float64(eps)))
+		if rstd != nil {
+			rstd[r] = inv
+		}
+		or := out[r*dim : (r+1)*dim]
+		for i, v := range xr {
+			or[i] = v * inv * w[i]
+		}
+	}
+}
+
+// RopeTables fills cos and sin, each [len(positions), D/2], with the rotary
+// angles position·invFreq[i]. As in Hugging Face the angle is an f32
+// product; its cosine and sine are taken in float64 and rounded.
+func RopeTables(cos, sin []float32, positions []int, invFreq []float32) {
+	half := len(invFreq)
+	for r, p := range positions {
+		c, s := cos[r*half:(r+1)*half], sin[r*half:(r+1)*half]
+		for i, f := range invFreq {
+			a := float64(float32(p) * f)
+			c[i] = float32(math.Cos(a))
+			s[i] = float32(math.Sin(a))
+		}
+	}
+}
+
+// ApplyRope rotates in place nHeads heads of width d that start at column
+// col0 of each row of x (row stride ld), in Hugging Face's rotate-half
+// layout: (x[i], x[i+d/2]) turns by row r's angle i, taken from the
+// [rows, d/2] tables. Pass a negated sin table to rotate back (the backward).
+func ApplyRope(x []float32, rows, ld, col0, nHeads, d int, cos, sin []float32) {
+	half := d / 2
+	for r := 0; r < rows; r++ {
+		cr, sr := cos[r*half:(r+1)*half], sin[r*half:(r+1)*half]
+		for h := 0; h < nHeads; h++ {
+			v := x[r*ld+col0+h*d : r*ld+col0+(h+1)*d]
+			lo, hi := v[:half], v[half:d]
+			for i := range lo {
+				a, b := lo[i], hi[i]
+				lo[i] = a*cr[i] - b*sr[i]
+				hi[i] = b*cr[i] + a*sr[i]
+			}
+		}
+	}
+}
+
+// SiluMul writes act = silu(gate)·up for gu [rows, 2·inter] holding the
+// fused gate (columns [0, inter)) and up (columns [inter, 2·inter)) products.
+func SiluMul(act, gu []float32, rows, inter int) {
+	for r := 0; r < rows; r++ {
+		g := gu[r*2*inter : r*2*inter+inter]
+		u := gu[r*2*inter+inter : (r+1)*2*inter]
+		a := act[r*inter : (r+1)*inter]
+		for i, gv := range g {
+			a[i] = gv / (1 + Expf(-gv)) * u[i]
+		}
+	}
+}
+
+// Expf is a float32 exp accurate to about 1 ulp for the softmax and SiLU:
+// math.Exp through float64 costs several times more and exp dominates the
+// attention softmax at long contexts. It returns 0 below -103 and +Inf above 88.7.
+func Expf(x float32) float32 {
+	const (
+		log2e = 1.4426950408889634
+		ln2   = 0.6931471805599453
+	)
+	if x != x {
+		return x
+	}
+	if x < -103 {
+		return 0
+	}
+	if x > 88.72284 {
+		return float32(math.Inf(1))
+	}
+	xd := float64(x)
+	k := math.Floor(xd*log2e + 0.5)
+	r := xd - k*ln2 // |r| ≤ ln2/2: a degree-7 Taylor polynomial is exact to ~5e-9
+	p := 1 + r*(1+r*(1.0/2+r*(1.0/6+r*(1.0/24+r*(1.0/120+r*(1.0/720+r*(1.0/5040)))))))
+	return float32(math.Ldexp(p, int(k)))
+}
+
+// softmaxRow turns s[:n] into probabilities in place (sum in float64).
+func softmaxRow(s []float32) {
+	m := s[0]
+	for _, v := range s[1:] {
+		if v > m {
+			m = v
+		}
+	}
+	var sum float64
+	for i, v := range s {
+		e := Expf(v - m)
+		s[i] = e
+		sum += float64(e)
+	}
+	inv := float32(1 / sum)
+	for i := range s {
+		s[i] *= inv
+	}
+}
+
+// AttnDims describes grouped-query attention over a fused qkv matrix whose
+// rows are [H q heads | KV k heads | KV v heads], each D wide.
+type AttnDims struct {
+	H, KV, D int
+}
+
+// QKVDim returns the fused row width (H + 2·KV)·D.
+func (a AttnDims) QKVDim() int { return (a.H + 2*a.KV) * a.D }
+
+// CausalAttention computes one sequence's causal attention. The sequence is
+// L rows of qkv (row stride QKVDim, q and k already rotated); out receives
+// L rows of [H·D] (row stride ldOut). probs, [H, L, L], receives each head's
+// softmax probabilities (upper triangle zero); it may be a reused scratch
+// buffer when the caller does not keep them. Scores are one GEMM per head.
+func CausalAttention(out []float32, ldOut int, qkv []float32, L int, a AttnDims, probs []float32) {
+	ld := a.QKVDim()
+	group := a.H / a.KV
+	scale := float32(1 / math.Sqrt(float64(a.D)))
+	for h := 0; h < a.H; h++ {
+		g := h / group
+		p := probs[h*L*L : (h+1)*L*L]
+		q := qkv[h*a.D:]
+		k := qkv[(a.H+g)*a.D:]
+		v := qkv[(a.H+a.KV+g)*a.D:]
+		blas.Sgemm(false, true, L, L, a.D, scale, q, ld, k, ld, 0, p, L)
+		for i := 0; i < L; i++ {
+			row := p[i*L : (i+1)*L]
+			softmaxRow(row[:i+1])
+			clear(row[i+1:])
+		}
+		blas.Sgemm(false, false, L, a.D, L, 1, p, L, v, ld, 0, out[h*a.D:], ldOut)
+	}
+}

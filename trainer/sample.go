@@ -1,0 +1,215 @@
+package trainer
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+)
+
+// SamplingParams configure Sample. Use DefaultSamplingParams and override.
+type SamplingParams struct {
+	MaxTokens   int     // tokens to generate per sample, > 0
+	Temperature float32 // 0 = greedy; otherwise logits are divided by it
+	TopK        int     // keep the K most likely tokens; ≤ 0 = off
+	TopP        float32 // keep the smallest set of tokens whose mass reaches TopP, in (0, 1]; 1 = off
+	Stop        []string
+	StopTokens  []int // besides the model's and tokenizer's EOS ids
+	Seed        int64 // same seed, same prompts and params → same samples
+}
+
+// DefaultSamplingParams returns temperature 1, no top-k, top-p 1, 16 tokens.
+func DefaultSamplingParams() SamplingParams {
+	return SamplingParams{MaxTokens: 16, Temperature: 1, TopP: 1}
+}
+
+// Sample is one generated continuation. Tokens include the stop token that
+// ended it, if any; Text is the decoded tokens (special tokens skipped) cut
+// before the first stop string. Logprobs[i] is log p(Tokens[i]) under the
+// model's unmodified distribution (temperature 1, no top-k/top-p), the same
+// quantity a forward pass computes, so it can serve as the sampling logprob
+// of importance-sampling and PPO losses.
+type Sample struct {
+	Tokens     []int
+	Text       string
+	Logprobs   []float32
+	StopReason string // "length" or "stop"
+}
+
+// Stop reasons.
+const (
+	StopLength = "length"
+	StopStop   = "stop"
+)
+
+// Validate reports the first bad parameter.
+func (p SamplingParams) Validate(vocab int) error {
+	if p.MaxTokens <= 0 {
+		return fmt.Errorf("%w: max_tokens %d must be positive", ErrInvalidInput, p.MaxTokens)
+	}
+	if !(p.Temperature >= 0) || math.IsInf(float64(p.Temperature), 0) {
+		return fmt.Errorf("%w: temperature %v must be finite and ≥ 0", ErrInvalidInput, p.Temperature)
+	}
+	if !(p.TopP > 0 && p.TopP <= 1) {
+		return fmt.Errorf("%w: top_p %v must be in (0, 1]", ErrInvalidInput, p.TopP)
+	}
+	for i, s := range p.Stop {
+		if s == "" {
+			return fmt.Errorf("%w: stop string %d is empty", ErrInvalidInput, i)
+		}
+	}
+	for _, t := range p.StopTokens {
+		if t < 0 || t >= vocab {
+			return fmt.Errorf("%w: stop token %d outside the vocabulary [0, %d)", ErrInvalidInput, t, vocab)
+		}
+	}
+	return nil
+}
+
+// tokenPicker chooses tokens from a row of logits. Its scratch is sized
+// for the vocabulary once, so picking allocates nothing.
+type tokenPicker struct {
+	idx   []int32
+	probs []float64
+}
+
+func newTokenPicker(vocab int) *tokenPicker {
+	return &tokenPicker{idx: make([]int32, vocab), probs: make([]float64, vocab)}
+}
+
+// logSumExp returns log Σ exp(logits) accumulated in float64.
+func logSumExp(logits []float32) float64 {
+	m := logits[0]
+	for _, v := range logits[1:] {
+		if v > m {
+			m = v
+		}
+	}
+	var s float64
+	for _, v := range logits {
+		s += float64(Expf(v - m))
+	}
+	return float64(m) + math.Log(s)
+}
+
+// pick chooses a token from logits under p and returns it with its logprob
+// under the unmodified distribution.
+func (tp *tokenPicker) pick(logits []float32, p *SamplingParams, rng *rand.Rand) (int, float32) {
+	tok := tp.choose(logits, p, rng)
+	return tok, float32(float64(logits[tok]) - logSumExp(logits))
+}
+
+func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, rng *rand.Rand) int {
+	V := len(logits)
+	if p.Temperature == 0 || p.TopK == 1 {
+		best := 0
+		for i, v := range logits {
+			if v > logits[best] {
+				best = i
+			}
+		}
+		return best
+	}
+	idx := tp.idx[:V]
+	for i := range idx {
+		idx[i] = int32(i)
+	}
+	k := V
+	if p.TopK > 0 && p.TopK < V {
+		k = p.TopK
+		selectTop(idx, logits, k)
+	}
+	cand := idx[:k]
+	// Probabilities over the candidates at the temperature, unnormalised.
+	mx := logits[cand[0]]
+	for _, i := range cand {
+		mx = max(mx, logits[i])
+	}
+	invT := 1 / float64(p.Temperature)
+	var total float64
+	for _, i := range cand {
+		e := math.Exp((float64(logits[i]) - float64(mx)) * invT)
+		tp.probs[i] = e
+		total += e
+	}
+	if p.TopP < 1 {
+		// Nucleus: the smallest prefix, by decreasing probability, whose
+		// mass reaches TopP. Sort only as many candidates as needed,
+		// growing the sorted prefix 4× at a time.
+		need := float64(p.TopP) * total
+		n := min(64, len(cand))
+		for {
+			if n < len(cand) {
+				selectTop(cand, logits, n)
+			}
+			head := cand[:n]
+			slices.SortFunc(head, func(a, b int32) int {
+				switch {
+				case logits[a] > logits[b]:
+					return -1
+				case logits[a] < logits[b]:
+					return 1
+				}
+				return int(a - b)
+			})
+			var cum float64
+			cut := -1
+			for j, i := range head {
+				cum += tp.probs[i]
+				if cum >= need {
+					cut = j + 1
+					break
+				}
+			}
+			if cut > 0 {
+				cand, total = head[:cut], cum
+				break
+			}
+			if n == len(cand) { // rounding: keep everything
+				break
+			}
+			n = min(4*n, len(cand))
+		}
+	}
+	u := rng.Float64() * total
+	for _, i := range cand {
+		u -= tp.probs[i]
+		if u < 0 {
+			return int(i)
+		}
+	}
+	return int(cand[len(cand)-1])
+}
+
+// selectTop reorders idx so that idx[:k] are the k entries with the largest
+// key (in no particular order), by quickselect.
+func selectTop(idx []int32, key []float32, k int) {
+	lo, hi := 0, len(idx)-1
+	for lo < hi {
+		// median of three as pivot
+		a, b, c := key[idx[lo]], key[idx[(lo+hi)/2]], key[idx[hi]]
+		pivot := max(min(a, b), min(max(a, b), c))
+		i, j := lo, hi
+		for i <= j {
+			for key[idx[i]] > pivot {
+				i++
+			}
+			for key[idx[j]] < pivot {
+				j--
+			}
+			if i <= j {
+				idx[i], idx[j] = idx[j], idx[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case k-1 <= j:
+			hi = j
+		case k-1 >= i:
+			lo = i
+		default:
+			return
+		}
+	}
+}
