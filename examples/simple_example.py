@@ -65,43 +65,49 @@ def main(argv=None):
     run = client.create_run(args.base_model, lora_rank=args.lora_rank, seed=1, name="simple-example")
     print("run %s on %s (rank %d), node %s" % (run.id, run.base_model, args.lora_rank, run.info.get("node", "-")))
 
-    batch = []
-    for item in DATASET:
-        if not args.tokens:
-            batch.append(item)
-        elif isinstance(item, tuple):
-            batch.append(run.datum_from_text(item[0], item[1]))
-        else:
-            batch.append(run.datum_from_text("", item))
+    # End the run even when a call fails midway, so its node session is freed.
+    try:
+        batch = []
+        for item in DATASET:
+            if not args.tokens:
+                batch.append(item)
+            elif isinstance(item, tuple):
+                batch.append(run.datum_from_text(item[0], item[1]))
+            else:
+                batch.append(run.datum_from_text("", item))
 
-    losses, total_cost, balance = [], 0, None
-    for i in range(args.steps):
-        ts = time.monotonic()
-        fb = run.forward_backward(batch)
-        st = run.optim_step(learning_rate=args.learning_rate)
-        cost = fb.get("cost", {}).get("credits", 0) + st.get("cost", {}).get("credits", 0)
-        total_cost += cost
-        balance = st.get("balance", fb.get("balance", balance))
-        losses.append(fb["loss_mean"])
-        print("step %2d  loss %.4f  tokens %d  grad_norm %.4f  lr %.2g  cost %s  (%.1fs)" % (
-            st["step"], fb["loss_mean"], fb["tokens"], st.get("grad_norm", fb.get("grad_norm") or 0.0),
-            st.get("learning_rate", args.learning_rate), credits(cost), time.monotonic() - ts), flush=True)
-        if i % args.sample_every == 0:
-            sm = run.sample(PROMPTS, max_tokens=args.max_tokens, temperature=0.7, seed=i)
-            total_cost += sm.get("cost", {}).get("credits", 0)
-            balance = sm.get("balance", balance)
-            for prompt, samples in zip(PROMPTS, sm["samples"]):
-                print("  sample  %r -> %r" % (prompt, samples[0]["text"]), flush=True)
+        losses, total_cost, balance = [], 0, None
+        for i in range(args.steps):
+            ts = time.monotonic()
+            fb = run.forward_backward(batch)
+            st = run.optim_step(learning_rate=args.learning_rate)
+            cost = fb.get("cost", {}).get("credits", 0) + st.get("cost", {}).get("credits", 0)
+            total_cost += cost
+            balance = st.get("balance", fb.get("balance", balance))
+            losses.append(fb["loss_mean"])
+            print("step %2d  loss %.4f  tokens %d  grad_norm %.4f  lr %.2g  cost %s  (%.1fs)" % (
+                st["step"], fb["loss_mean"], fb["tokens"], st.get("grad_norm", fb.get("grad_norm") or 0.0),
+                st.get("learning_rate", args.learning_rate), credits(cost), time.monotonic() - ts), flush=True)
+            if i % args.sample_every == 0:
+                sm = run.sample(PROMPTS, max_tokens=args.max_tokens, temperature=0.7, seed=i)
+                total_cost += sm.get("cost", {}).get("credits", 0)
+                balance = sm.get("balance", balance)
+                for prompt, samples in zip(PROMPTS, sm["samples"]):
+                    print("  sample  %r -> %r" % (prompt, samples[0]["text"]), flush=True)
 
-    saved = run.save_state(mode="adapter", name="simple-example")
-    total_cost += saved.get("cost", {}).get("credits", 0)
-    balance = saved.get("balance", balance)
-    ck = saved["checkpoint"]
-    print("saved adapter at step %d: %s" % (ck["step"], ck["uri"]))
-    for f in ck.get("files", []):
-        print("  %-28s %8d bytes  cid %s" % (f["name"], f["size"], f["cid"]))
-    if not args.keep_run:
-        run.close()
+        saved = run.save_state(mode="adapter", name="simple-example")
+        total_cost += saved.get("cost", {}).get("credits", 0)
+        balance = saved.get("balance", balance)
+        ck = saved["checkpoint"]
+        print("saved adapter at step %d: %s" % (ck["step"], ck["uri"]))
+        for f in ck.get("files", []):
+            print("  %-28s %8d bytes  cid %s" % (f["name"], f["size"], f["cid"]))
+    finally:
+        if not args.keep_run:
+            try:
+                run.close()
+            except SignalError as e:
+                print("could not end run %s: %s" % (run.id, e), file=sys.stderr)
     first, last = (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
     print("loss %.4f -> %.4f over %d steps (%s); cost %s credits; balance %s credits; %.1fs" % (
         first, last, len(losses), "falling" if last < first else "NOT falling", credits(total_cost),

@@ -126,7 +126,7 @@ func costOf(b protocol.Billed) protocol.MicroCredits {
 	return b.Cost.Credits
 }
 
-func run(ctx context.Context, cfg config, out io.Writer) error {
+func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 	c, err := client.New(cfg.url, cfg.apiKey)
 	if err != nil {
 		return err
@@ -139,6 +139,18 @@ func run(ctx context.Context, cfg config, out io.Writer) error {
 	}
 	info := r.Info()
 	fmt.Fprintf(out, "run %s on %s (rank %d), node %s\n", info.ID, info.BaseModel, rank, info.Node)
+	// End the run even when a call fails midway, so its node session is
+	// freed; a cancelled ctx gets a short fresh one for that.
+	defer func() {
+		if cfg.keepRun {
+			return
+		}
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if _, cerr := r.Close(cctx); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("close run: %w", cerr))
+		}
+	}()
 
 	batch := protocol.ForwardBackwardRequest{Examples: dataset}
 	if cfg.tokens {
@@ -212,11 +224,6 @@ func run(ctx context.Context, cfg config, out io.Writer) error {
 	fmt.Fprintf(out, "saved adapter at step %d: %s\n", ck.Step, ck.URI)
 	for _, f := range ck.Files {
 		fmt.Fprintf(out, "  %-28s %8d bytes  cid %s\n", f.Name, f.Size, f.CID)
-	}
-	if !cfg.keepRun {
-		if _, err := r.Close(ctx); err != nil {
-			return fmt.Errorf("close run: %w", err)
-		}
 	}
 	first, last := s.Losses[0], s.Losses[len(s.Losses)-1]
 	trend := "falling"

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -12,6 +14,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/signal-p2p/signal/client"
 	"github.com/signal-p2p/signal/protocol"
 )
 
@@ -144,5 +147,39 @@ func TestParseFlags(t *testing.T) {
 	c, err := parseFlags([]string{"--testnet", tn, "--api-key", "sk-flag"})
 	if err != nil || c.url != "http://127.0.0.1:7001" || c.apiKey != "sk-flag" || c.baseModel != "signal-tiny" {
 		t.Errorf("parseFlags(--testnet) = %+v, %v", c, err)
+	}
+}
+
+// TestExampleEndsRunOnFailure: a call failing midway still ends the run.
+func TestExampleEndsRunOnFailure(t *testing.T) {
+	f := &fakeTrainer{}
+	var deleted bool
+	var mu sync.Mutex
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/optim_step") {
+			w.WriteHeader(http.StatusPaymentRequired)
+			_ = json.NewEncoder(w).Encode(protocol.ErrorResponse{Error: protocol.ErrorBody{Code: "insufficient_balance", Message: "balance 1 below 9"}})
+			return
+		}
+		if r.Method == http.MethodDelete {
+			mu.Lock()
+			deleted = true
+			mu.Unlock()
+		}
+		f.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	cfg, err := parseFlags([]string{"--url", srv.URL, "--api-key", "sk"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = run(context.Background(), cfg, io.Discard)
+	if !errors.Is(err, client.ErrInsufficientBalance) || !strings.Contains(err.Error(), "optim_step 0") {
+		t.Fatalf("err = %v, want the 402 of optim_step 0", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !deleted {
+		t.Error("the run was not ended after the failure")
 	}
 }

@@ -99,5 +99,24 @@ class TestSimpleExample(unittest.TestCase):
         self.assertEqual(len(summary["losses"]), 3)
 
 
+class TestSimpleExampleFailure(unittest.TestCase):
+    def test_ends_run_on_failure(self):
+        trainer = FakeTrainer()
+
+        def handler(req):
+            if req["path"].endswith("/optim_step"):
+                return err(402, "insufficient_balance", "balance 1 below 9")
+            return trainer(req)
+
+        api = FakeAPI(handler)
+        self.addCleanup(api.close)
+        from signal_sdk import InsufficientBalanceError
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            with self.assertRaises(InsufficientBalanceError):
+                load_example().main(["--url", api.url, "--api-key", "sk"])
+        self.assertEqual(trainer.calls[-1][0], "DELETE", "the run is ended after the failure")
+
+
 if __name__ == "__main__":
     unittest.main()
