@@ -22,11 +22,13 @@ type addedToken struct {
 type trie struct {
 	edges map[uint64]int32 // node<<8 | byte → child node
 	term  []int32          // node → index into added, -1 when none
+	first [256]bool        // bytes some content starts with
 }
 
 func newTrie() *trie { return &trie{edges: map[uint64]int32{}, term: []int32{-1}} }
 
 func (t *trie) insert(s string, idx int) {
+	t.first[s[0]] = true
 	node := int32(0)
 	for i := 0; i < len(s); i++ {
 		k := uint64(node)<<8 | uint64(s[i])
@@ -57,6 +59,10 @@ func (t *Tokenizer) splitAdded(text string) []section {
 	var out []section
 	start := 0
 	for i := 0; i < len(text); {
+		if !t.addedTrie.first[text[i]] {
+			i++
+			continue
+		}
 		match := -1
 		matchLen := 0
 		node := int32(0)

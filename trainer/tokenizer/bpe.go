@@ -23,6 +23,11 @@ type bpeModel struct {
 	fuseUnk      bool
 	byteIDs      [256]int32 // id of "<0xNN>", -1 when absent
 
+	// byteLevel maps each pre-token's bytes to GPT-2's printable stand-ins
+	// before BPE: the ByteLevel pre-tokenizer's last step, done here so the
+	// word cache is keyed by raw text and a hit allocates nothing.
+	byteLevel bool
+
 	cache wordCache
 }
 
@@ -33,28 +38,27 @@ type bpeMerge struct {
 
 func mergeKey(a, b int32) uint64 { return uint64(uint32(a))<<32 | uint64(uint32(b)) }
 
+// bpeJSON holds the model fields besides vocab and merges.
 type bpeJSON struct {
-	Type                    string           `json:"type"`
-	Vocab                   map[string]int64 `json:"vocab"`
-	Merges                  json.RawMessage  `json:"merges"`
-	UnkToken                *string          `json:"unk_token"`
-	Dropout                 *float64         `json:"dropout"`
-	ContinuingSubwordPrefix *string          `json:"continuing_subword_prefix"`
-	EndOfWordSuffix         *string          `json:"end_of_word_suffix"`
-	FuseUnk                 bool             `json:"fuse_unk"`
-	ByteFallback            bool             `json:"byte_fallback"`
-	IgnoreMerges            bool             `json:"ignore_merges"`
+	Type                    string   `json:"type"`
+	UnkToken                *string  `json:"unk_token"`
+	Dropout                 *float64 `json:"dropout"`
+	ContinuingSubwordPrefix *string  `json:"continuing_subword_prefix"`
+	EndOfWordSuffix         *string  `json:"end_of_word_suffix"`
+	FuseUnk                 bool     `json:"fuse_unk"`
+	ByteFallback            bool     `json:"byte_fallback"`
+	IgnoreMerges            bool     `json:"ignore_merges"`
 }
 
-func parseModel(raw json.RawMessage) (*bpeModel, error) {
-	if isNull(raw) {
+func parseModel(sm scannedModel) (*bpeModel, error) {
+	if !sm.seen {
 		return nil, fmt.Errorf("%w: no model", ErrInvalidInput)
 	}
 	var j bpeJSON
-	if err := json.Unmarshal(raw, &j); err != nil {
+	if err := json.Unmarshal(sm.fields, &j); err != nil {
 		return nil, fmt.Errorf("%w: model: %w", ErrInvalidInput, err)
 	}
-	if j.Type == "" && j.Merges != nil {
+	if j.Type == "" && sm.merges != nil {
 		j.Type = "BPE" // files older than the "type" field
 	}
 	if j.Type != "BPE" {
@@ -69,27 +73,21 @@ func parseModel(raw json.RawMessage) (*bpeModel, error) {
 	if j.EndOfWordSuffix != nil && *j.EndOfWordSuffix != "" {
 		return nil, fmt.Errorf("%w: model end_of_word_suffix %q", ErrUnsupported, *j.EndOfWordSuffix)
 	}
-	if len(j.Vocab) == 0 {
+	if len(sm.vocab) == 0 {
 		return nil, fmt.Errorf("%w: model vocab is empty", ErrInvalidInput)
 	}
 	m := &bpeModel{
-		vocab:        make(map[string]int32, len(j.Vocab)+512),
+		vocab:        sm.vocab,
+		tokens:       make([]string, sm.maxID+1),
+		set:          make([]bool, sm.maxID+1),
 		unk:          -1,
 		byteFallback: j.ByteFallback,
 		ignoreMerges: j.IgnoreMerges,
 		fuseUnk:      j.FuseUnk,
 	}
-	maxID := int64(-1)
-	for s, id := range j.Vocab {
-		if id < 0 || id >= 1<<30 {
-			return nil, fmt.Errorf("%w: model vocab %q has id %d", ErrInvalidInput, s, id)
-		}
-		maxID = max(maxID, id)
-	}
-	m.tokens = make([]string, maxID+1)
-	m.set = make([]bool, maxID+1)
-	for s, id := range j.Vocab {
-		m.setToken(s, int32(id))
+	for s, id := range sm.vocab {
+		m.tokens[id] = s
+		m.set[id] = true
 	}
 	if j.UnkToken != nil {
 		id, ok := m.vocab[*j.UnkToken]
@@ -104,53 +102,20 @@ func parseModel(raw json.RawMessage) (*bpeModel, error) {
 			m.byteIDs[b] = id
 		}
 	}
-	if err := m.parseMerges(j.Merges); err != nil {
-		return nil, err
-	}
-	return m, nil
-}
-
-// parseMerges accepts both serializations: "a b" strings (tokenizers <
-// 0.20) and ["a", "b"] pairs.
-func (m *bpeModel) parseMerges(raw json.RawMessage) error {
-	var pairs [][2]string
-	if !isNull(raw) {
-		var strs []string
-		if err := json.Unmarshal(raw, &strs); err == nil {
-			pairs = make([][2]string, len(strs))
-			for i, s := range strs {
-				a, b, ok := strings.Cut(s, " ")
-				if !ok || strings.Contains(b, " ") {
-					return fmt.Errorf("%w: model merges[%d] %q is not two tokens separated by one space", ErrInvalidInput, i, s)
-				}
-				pairs[i] = [2]string{a, b}
-			}
-		} else {
-			var list [][]string
-			if err := json.Unmarshal(raw, &list); err != nil {
-				return fmt.Errorf("%w: model merges: neither strings nor pairs: %w", ErrInvalidInput, err)
-			}
-			pairs = make([][2]string, len(list))
-			for i, p := range list {
-				if len(p) != 2 {
-					return fmt.Errorf("%w: model merges[%d] has %d parts, want 2", ErrInvalidInput, i, len(p))
-				}
-				pairs[i] = [2]string{p[0], p[1]}
-			}
-		}
-	}
-	m.merges = make(map[uint64]bpeMerge, len(pairs))
-	for i, p := range pairs {
+	m.merges = make(map[uint64]bpeMerge, len(sm.merges))
+	var buf []byte
+	for i, p := range sm.merges {
 		a, okA := m.vocab[p[0]]
 		b, okB := m.vocab[p[1]]
-		c, okC := m.vocab[p[0]+p[1]]
+		buf = append(append(buf[:0], p[0]...), p[1]...)
+		c, okC := m.vocab[string(buf)]
 		if !okA || !okB || !okC {
-			return fmt.Errorf("%w: model merges[%d] %q + %q: token not in the vocabulary", ErrInvalidInput, i, p[0], p[1])
+			return nil, fmt.Errorf("%w: model merges[%d] %q + %q: token not in the vocabulary", ErrInvalidInput, i, p[0], p[1])
 		}
 		// A repeated pair keeps its last rank, as the reference's map does.
 		m.merges[mergeKey(a, b)] = bpeMerge{rank: int32(i), id: c}
 	}
-	return nil
+	return m, nil
 }
 
 func (m *bpeModel) setToken(s string, id int32) {
@@ -168,12 +133,24 @@ func (m *bpeModel) assigned(id int32) bool { return m.set[id] }
 // encode appends the ids of the pre-tokens to dst.
 func (m *bpeModel) encode(words []string, dst []int) []int {
 	lastUnk := false
+	var buf []byte
 	for _, w := range words {
 		if w == "" {
 			continue
 		}
+		mapped := w
+		if m.byteLevel {
+			buf = appendByteLevel(buf[:0], w)
+		}
 		if m.ignoreMerges {
-			if id, ok := m.vocab[w]; ok {
+			var id int32
+			var ok bool
+			if m.byteLevel {
+				id, ok = m.vocab[string(buf)]
+			} else {
+				id, ok = m.vocab[w]
+			}
+			if ok {
 				dst = append(dst, int(id))
 				lastUnk = id == m.unk
 				continue
@@ -181,7 +158,10 @@ func (m *bpeModel) encode(words []string, dst []int) []int {
 		}
 		ids, ok := m.cache.get(w)
 		if !ok {
-			ids = m.bpe(w)
+			if m.byteLevel {
+				mapped = string(buf)
+			}
+			ids = m.bpe(mapped)
 			if len(w) <= maxCachedWordBytes {
 				m.cache.put(w, ids)
 			}
@@ -402,4 +382,14 @@ func (c *wordCache) put(w string, ids []int32) {
 	}
 	s.m[strings.Clone(w)] = ids
 	s.mu.Unlock()
+}
+
+// reset empties the cache (for benchmarks of cold encoding).
+func (c *wordCache) reset() {
+	for i := range c.shards {
+		s := &c.shards[i]
+		s.mu.Lock()
+		s.m = nil
+		s.mu.Unlock()
+	}
 }

@@ -26,7 +26,6 @@ type tokenizerFile struct {
 	PreTokenizer  json.RawMessage  `json:"pre_tokenizer"`
 	PostProcessor json.RawMessage  `json:"post_processor"`
 	Decoder       json.RawMessage  `json:"decoder"`
-	Model         json.RawMessage  `json:"model"`
 }
 
 type addedTokenJSON struct {
@@ -71,9 +70,9 @@ func isNull(raw json.RawMessage) bool {
 }
 
 func parse(tokenizerJSON, configJSON []byte) (*Tokenizer, error) {
-	var f tokenizerFile
-	if err := json.Unmarshal(tokenizerJSON, &f); err != nil {
-		return nil, tokErr(fmt.Errorf("%w: %w", ErrInvalidInput, err))
+	f, sm, err := scanTokenizerFile(tokenizerJSON)
+	if err != nil {
+		return nil, tokErr(err)
 	}
 	var c configFile
 	if len(bytes.TrimSpace(configJSON)) > 0 {
@@ -92,7 +91,7 @@ func parse(tokenizerJSON, configJSON []byte) (*Tokenizer, error) {
 	if c.CleanUp != nil {
 		t.cleanUp = *c.CleanUp
 	}
-	m, err := parseModel(f.Model)
+	m, err := parseModel(sm)
 	if err != nil {
 		return nil, tokErr(err)
 	}
@@ -106,6 +105,7 @@ func parse(tokenizerJSON, configJSON []byte) (*Tokenizer, error) {
 	if t.preTokenizer, err = parsePreTokenizer(f.PreTokenizer); err != nil {
 		return nil, tokErr(fmt.Errorf("pre_tokenizer: %w", err))
 	}
+	t.preTokenizer, m.byteLevel = detachByteLevel(t.preTokenizer)
 	if t.decoder, err = parseDecoder(f.Decoder); err != nil {
 		return nil, tokErr(fmt.Errorf("decoder: %w", err))
 	}

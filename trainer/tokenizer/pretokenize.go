@@ -493,6 +493,47 @@ func (b byteLevelPre) preTokenize(pieces []string, section int) []string {
 	return out
 }
 
+// appendByteLevel appends the byte-level form of s to dst.
+func appendByteLevel(dst []byte, s string) []byte {
+	for i := 0; i < len(s); i++ {
+		dst = utf8.AppendRune(dst, byteToRune[s[i]])
+	}
+	return dst
+}
+
+// detachByteLevel removes a trailing plain ByteLevel step (no prefix space)
+// from a pre-tokenizer so the model can apply it (see bpeModel.byteLevel);
+// GPT-2's regex, when ByteLevel asks for it, stays as a Split step.
+func detachByteLevel(p preTokenizer) (preTokenizer, bool) {
+	switch x := p.(type) {
+	case byteLevelPre:
+		if x.addPrefixSpace {
+			return p, false
+		}
+		if x.useRegex {
+			return splitPre{m: gptMatcher{}}, true
+		}
+		return nil, true
+	case preTokenizerSeq:
+		if len(x) == 0 {
+			return p, false
+		}
+		last, ok := detachByteLevel(x[len(x)-1])
+		if !ok {
+			return p, false
+		}
+		seq := append(preTokenizerSeq{}, x[:len(x)-1]...)
+		if last != nil {
+			seq = append(seq, last)
+		}
+		if len(seq) == 0 {
+			return nil, true
+		}
+		return seq, true
+	}
+	return p, false
+}
+
 func byteLevelEncode(s string) string {
 	ascii := true
 	for i := 0; i < len(s); i++ {

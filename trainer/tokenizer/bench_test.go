@@ -1,0 +1,68 @@
+package tokenizer
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// benchText is a few KB of mixed text: prose, code, numbers, unicode,
+// emoji, whitespace runs.
+var benchText = strings.Repeat(`The quick brown fox jumps over the lazy dog; it's 2024 and 1,234,567 tokens later
+we're still counting. def encode(self, text: str) -> list[int]:
+    return [self.vocab[w] for w in text.split()]  # TODO: handle   spaces
+Größe, café, naïve — 日本語のテキスト、中文文本。 Привет, мир! مرحبا 👋🌍 👨‍👩‍👧
+`, 12)
+
+func benchEncode(b *testing.B, dir string, cached bool) {
+	tok := mustLoad(b, dir)
+	b.SetBytes(int64(len(benchText)))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if !cached {
+			tok.model.cache.reset()
+		}
+		tok.Encode(benchText, false)
+	}
+}
+
+// BenchmarkEncode reports encode throughput (MB/s) with a warm word cache,
+// as in steady serving, and with the cache emptied before every call.
+func BenchmarkEncode(b *testing.B) {
+	b.Run("byte-level/cached", func(b *testing.B) { benchEncode(b, byteLevelDir, true) })
+	b.Run("byte-level/cold", func(b *testing.B) { benchEncode(b, byteLevelDir, false) })
+	b.Run("sentencepiece", func(b *testing.B) { benchEncode(b, spDir, false) })
+}
+
+func BenchmarkDecode(b *testing.B) {
+	for _, dir := range []string{byteLevelDir, spDir} {
+		b.Run(filepath.Base(dir), func(b *testing.B) {
+			tok := mustLoad(b, dir)
+			ids := tok.Encode(benchText, false)
+			b.SetBytes(int64(len(benchText)))
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				tok.Decode(ids, false)
+			}
+		})
+	}
+}
+
+// BenchmarkLoad measures parsing tokenizer.json (the Llama 3 file is 9 MB).
+func BenchmarkLoad(b *testing.B) {
+	for _, dir := range []string{byteLevelDir, spDir} {
+		b.Run(filepath.Base(dir), func(b *testing.B) {
+			data, err := os.ReadFile(filepath.Join(dir, TokenizerFile))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.SetBytes(int64(len(data)))
+			for i := 0; i < b.N; i++ {
+				if _, err := Load(dir); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
