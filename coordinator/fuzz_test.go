@@ -1,0 +1,49 @@
+package coordinator
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+var fuzzModel = ModelSpec{Name: "tiny", ContextLength: 64, Prices: DefaultPrices}
+
+// FuzzDecodeRequests feeds arbitrary bodies to every request decoder and
+// validator: each must answer nil or an ErrInvalidRequest, never panic.
+func FuzzDecodeRequests(f *testing.F) {
+	for _, s := range []string{
+		`{"data":[{"model_input":{"tokens":[1,2]},"loss_fn_inputs":{"target_tokens":[2,3],"weights":[1,1]}}]}`,
+		`{"examples":[{"prompt":"a","completion":"b"}],"loss_fn":"ppo"}`,
+		`{"prompts":[{"text":"hi"}],"num_samples":2,"sampling_params":{"max_tokens":5,"top_p":0.5}}`,
+		`{"adam_params":{"learning_rate":1e-4}}`,
+		`{"base_model":"tiny","lora_rank":8,"lr_schedule":{"kind":"cosine","peak_lr":0.001}}`,
+		`{"mode":"full"}`, `{"credits":-1}`, `{`, `[]`, `null`, `{"data":1e400}`,
+	} {
+		f.Add([]byte(s))
+	}
+	c := &Coordinator{models: newRegistry([]ModelSpec{fuzzModel})}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		for _, call := range []protocol.Call{protocol.CallForwardBackward, protocol.CallForward, protocol.CallOptimStep, protocol.CallSample, protocol.CallSaveState} {
+			est, err := estimateCost(call, b, fuzzModel)
+			if err != nil && !errors.Is(err, ErrInvalidRequest) {
+				t.Fatalf("%s: error %v is not invalid_request", call, err)
+			}
+			if est < 0 {
+				t.Fatalf("%s: negative estimate %d", call, est)
+			}
+		}
+		var req protocol.CreateRunRequest
+		if err := decodeJSON(b, &req, false); err == nil {
+			if _, _, err := c.validateCreateRun(&req); err != nil && !errors.Is(err, ErrInvalidRequest) && !errors.Is(err, ErrUnknownModel) {
+				t.Fatalf("create run: %v", err)
+			}
+		} else if !errors.Is(err, ErrInvalidRequest) {
+			t.Fatalf("decode: %v", err)
+		}
+		var cr protocol.CreditRequest
+		if err := decodeJSON(b, &cr, false); err != nil && !errors.Is(err, ErrInvalidRequest) {
+			t.Fatalf("credit: %v", err)
+		}
+	})
+}
