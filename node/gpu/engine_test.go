@@ -193,7 +193,7 @@ func TestEngineSessionLifecycle(t *testing.T) {
 	// Full state round trip through file:// storage into the other session.
 	var saved protocol.SaveStateResponse
 	usage, cp := mustDo(t, s, protocol.CallSaveState, protocol.SaveStateRequest{Mode: "full"}, &saved)
-	if cp == nil || cp.ID != saved.Checkpoint.ID || cp.Step != 1 || len(cp.Files) != 3 || usage.StoredBytes <= 0 {
+	if cp == nil || cp.ID != saved.Checkpoint.ID || cp.Step != 1 || len(cp.Files) != 4 || usage.StoredBytes <= 0 {
 		t.Fatalf("save_state = %+v (cp %+v, usage %+v)", saved, cp, usage)
 	}
 	var loaded struct{ Step int }

@@ -20,6 +20,11 @@ from .model import ALL_MODULES, module_path
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
+TRAINER_STATE = "trainer_state.json"
+# The native engine's full-checkpoint format (trainer/state.go): optimizer
+# moments as <peft prefix>.lora_{A,B}.{exp_avg,exp_avg_sq[,grad]} and
+# trainer_state.json with the step; a checkpoint moves between backends.
+STATE_FORMAT = "signal-trainer-state/1"
 
 LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
 DEFAULT_LR = 1e-4
@@ -514,14 +519,26 @@ class Session:
                           metadata={"format": "pt"})
         files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
         if mode == "full":
-            names = list(l.named().keys())
             t = {}
-            for name, m, v in zip(names, self.m, self.v):
-                t[name + ".exp_avg"] = m
-                t[name + ".exp_avg_sq"] = v
-            safetensors.write(os.path.join(dir_, OPTIMIZER_STATE), t,
-                              metadata={"step": self.step, "format": "signal-adamw"})
-            files.append(OPTIMIZER_STATE)
+            sets = [("exp_avg", self.m), ("exp_avg_sq", self.v)]
+            if self.grads is not None:
+                sets.append(("grad", self.grads))
+            names = list(l.named().keys())
+            for suffix, vals in sets:
+                for name, x in zip(names, vals):
+                    t[name[:-len("weight")] + suffix] = x.float()
+            safetensors.write(os.path.join(dir_, OPTIMIZER_STATE), t, metadata={"format": STATE_FORMAT})
+            st = {"format": STATE_FORMAT, "step": self.step, "has_grad": self.grads is not None}
+            if self.schedule:
+                st["lr_schedule"] = {"Kind": self.schedule.get("kind"), "PeakLR": self.schedule.get("peak_lr"),
+                                     "WarmupSteps": self.schedule.get("warmup_steps") or 0,
+                                     "TotalSteps": self.schedule.get("total_steps") or 0,
+                                     "FinalFraction": self.schedule.get("final_fraction") or 0}
+            tmp = os.path.join(dir_, TRAINER_STATE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(st, f, indent=2)
+            os.replace(tmp, os.path.join(dir_, TRAINER_STATE))
+            files += [OPTIMIZER_STATE, TRAINER_STATE]
         return {"files": files, "step": self.step, "mode": mode}
 
     def load_state(self, body):
@@ -563,30 +580,50 @@ class Session:
             if tuple(src.shape) != tuple(dst.shape):
                 raise InvalidInput(f"load_state: {name} has shape {tuple(src.shape)}, want {tuple(dst.shape)}")
             dst.copy_(src)
-        step, m, v = 0, None, None
-        opt = os.path.join(dir_, OPTIMIZER_STATE)
-        if os.path.exists(opt):
+        # Adapter-only checkpoints restart the optimizer at step 0 (as native).
+        step, m, v, grads, schedule = 0, None, None, None, None
+        ts_path = os.path.join(dir_, TRAINER_STATE)
+        if os.path.exists(ts_path):
             try:
-                ot = safetensors.read(opt)
-                with open(opt, "rb") as f:
-                    import struct
-                    (hl,) = struct.unpack("<Q", f.read(8))
-                    meta = json.loads(f.read(hl)).get("__metadata__") or {}
-                step = int(meta.get("step", 0))
+                with open(ts_path) as f:
+                    st = json.load(f)
+                ot = safetensors.read(os.path.join(dir_, OPTIMIZER_STATE))
             except (OSError, ValueError) as e:
                 raise InvalidInput(f"load_state: {e}") from e
-            m, v = [], []
-            for name, p in named.items():
-                a, b = ot.get(name + ".exp_avg"), ot.get(name + ".exp_avg_sq")
-                if a is None or b is None or a.shape != p.shape or b.shape != p.shape:
-                    raise InvalidInput(f"load_state: {OPTIMIZER_STATE}: moments of {name} missing or misshapen")
-                m.append(a.to(device=p.device, dtype=p.dtype))
-                v.append(b.to(device=p.device, dtype=p.dtype))
+            if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+                raise InvalidInput(f"load_state: {TRAINER_STATE}: format {st.get('format') if isinstance(st, dict) else st!r}, "
+                                   f"want {STATE_FORMAT!r}")
+            step = st.get("step")
+            if not isinstance(step, int) or step < 0:
+                raise InvalidInput(f"load_state: {TRAINER_STATE}: step {step!r}")
+            has_grad = bool(st.get("has_grad"))
+            ls = st.get("lr_schedule")
+            if isinstance(ls, dict):
+                schedule = check_schedule({"kind": ls.get("Kind", ls.get("kind")),
+                                           "peak_lr": ls.get("PeakLR", ls.get("peak_lr")),
+                                           "warmup_steps": ls.get("WarmupSteps", ls.get("warmup_steps")) or 0,
+                                           "total_steps": ls.get("TotalSteps", ls.get("total_steps")) or 0,
+                                           "final_fraction": ls.get("FinalFraction", ls.get("final_fraction")) or 0})
+            suffixes = ["exp_avg", "exp_avg_sq"] + (["grad"] if has_grad else [])
+            out = {k: [] for k in suffixes}
+            for suffix in suffixes:
+                for name, p in named.items():
+                    key = name[:-len("weight")] + suffix
+                    x = ot.get(key)
+                    if x is None or tuple(x.shape) != tuple(p.shape):
+                        raise InvalidInput(f"load_state: {OPTIMIZER_STATE}: tensor {key} missing or misshapen")
+                    out[suffix].append(x.to(device=p.device, dtype=p.dtype))
+            if len(ot) != len(suffixes) * len(named):
+                raise InvalidInput(f"load_state: {OPTIMIZER_STATE}: {len(ot)} tensors, want {len(suffixes) * len(named)}")
+            m, v = out["exp_avg"], out["exp_avg_sq"]
+            grads = out.get("grad")
         self.lora = lora
-        self.grads = None
+        self.grads = grads
         self.step = step
         if m is None:
             self._reset_optimizer()
         else:
             self.m, self.v = m, v
+        if self.schedule is None and schedule is not None:
+            self.schedule = schedule
         return {"step": self.step}

@@ -308,12 +308,14 @@ class TrainingTest(unittest.TestCase):
         for _ in range(2):
             a.forward_backward({"data": data})
             a.optim_step({"adam_params": {"learning_rate": 1e-2}})
+        a.forward_backward({"data": data[:1]})  # pending gradients travel too
         files = a.save_state({"dir": d, "mode": "full"})["files"]
-        self.assertEqual(files, ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors"])
+        self.assertEqual(files, ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
+                                 "trainer_state.json"])
         b = self.session(seed=99)
         self.assertEqual(b.load_state({"dir": d})["step"], 2)
         for s in (a, b):
-            s.forward_backward({"data": data})
+            s.forward_backward({"data": data[1:]})
             s.optim_step({"adam_params": {"learning_rate": 1e-2}})
         for p, q in zip(a.lora.params(), b.lora.params()):
             self.assertTrue(torch.equal(p, q))
