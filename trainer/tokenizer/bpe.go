@@ -36,6 +36,11 @@ type bpeMerge struct {
 	id   int32 // id of the merged token
 }
 
+// maxTokenID bounds ids read from files: the id→token table is sized by the
+// largest id, so a stray huge id must not allocate gigabytes. The largest
+// real vocabularies are a few hundred thousand tokens.
+const maxTokenID = 1 << 22
+
 func mergeKey(a, b int32) uint64 { return uint64(uint32(a))<<32 | uint64(uint32(b)) }
 
 // bpeJSON holds the model fields besides vocab and merges.

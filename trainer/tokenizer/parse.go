@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"math"
 )
 
 // fileError carries which of the two files an error is about, so Load and
@@ -214,7 +213,7 @@ func (t *Tokenizer) addTokens(list []addedTokenJSON) error {
 	t.addedByID = map[int32]bool{}
 	t.addedTrie = newTrie()
 	for i, a := range list {
-		if a.ID == nil || *a.ID < 0 || *a.ID > math.MaxInt32-1 {
+		if a.ID == nil || *a.ID < 0 || *a.ID >= maxTokenID {
 			return fmt.Errorf("%w: added_tokens[%d] %q: missing or bad id", ErrInvalidInput, i, a.Content)
 		}
 		if a.Content == "" {
@@ -314,7 +313,7 @@ func (t *Tokenizer) parseTemplate(raw json.RawMessage) ([]templatePiece, error) 
 			var ids []int32
 			if st, ok := p.SpecialTokens[name]; ok && len(st.IDs) > 0 {
 				for _, id := range st.IDs {
-					if id < 0 || id > math.MaxInt32 {
+					if id < 0 || id >= maxTokenID {
 						return nil, fmt.Errorf("%w: TemplateProcessing special token %q id %d", ErrInvalidInput, name, id)
 					}
 					ids = append(ids, int32(id))

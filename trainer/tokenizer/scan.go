@@ -353,7 +353,7 @@ func (p *jsonScanner) scanModel(m *scannedModel) error {
 				if err != nil {
 					return err
 				}
-				if id < 0 || id >= 1<<30 {
+				if id < 0 || id >= maxTokenID {
 					return fmt.Errorf("%w: model vocab %q has id %d", ErrInvalidInput, tok, id)
 				}
 				m.vocab[tok] = int32(id)
