@@ -1,0 +1,116 @@
+package trainer
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/signal-p2p/signal/trainer/blas"
+)
+
+// InferBenchOptions configure BenchInfer.
+type InferBenchOptions struct {
+	PrefillTokens int // one sequence of this many tokens
+	DecodeTokens  int // tokens decoded per sequence after an 8-token prompt
+	DecodeBatch   int // sequences decoded together
+	Repeats       int // the best of this many runs is reported
+}
+
+// InferBenchResult is what BenchInfer measured. FLOP counts are model
+// FLOPs: 2 per multiply-add of every projection, causal attention counted
+// over its lower triangle, the LM head on the one row sampling needs.
+type InferBenchResult struct {
+	PrefillTokensPerS float64 `json:"prefill_tokens_per_s"`
+	DecodeTokensPerS  float64 `json:"decode_tokens_per_s"`
+	PrefillGFLOPS     float64 `json:"prefill_gflops"`
+	SgemmGFLOPS       float64 `json:"sgemm_gflops"`
+	PrefillOfSgemm    float64 `json:"prefill_fraction_of_sgemm"`
+	BLASThreads       int     `json:"blas_threads"`
+}
+
+// PrefillFLOPs returns the model FLOPs of prefilling one sequence of T
+// tokens and computing the logits of its last row.
+func (c Config) PrefillFLOPs(T int) float64 {
+	hd := c.NumAttentionHeads * c.HeadDim
+	perTok := float64(c.HiddenSize*c.QKVDim()+hd*c.HiddenSize+3*c.HiddenSize*c.IntermediateSize) * float64(c.NumHiddenLayers)
+	attn := 2 * float64(c.NumHiddenLayers) * float64(hd) * float64(T) * float64(T+1) / 2 // q·k and p·v
+	return 2*(perTok*float64(T)+attn) + 2*float64(c.HiddenSize*c.VocabSize)
+}
+
+// BenchInfer measures prefill and decode throughput of m on random tokens.
+func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBenchResult, error) {
+	c := m.cfg
+	if o.PrefillTokens <= 0 || o.DecodeTokens <= 0 || o.DecodeBatch <= 0 || o.Repeats <= 0 {
+		return InferBenchResult{}, fmt.Errorf("%w: bench sizes must be positive: %+v", ErrInvalidInput, o)
+	}
+	if o.PrefillTokens > c.MaxPositionEmbeddings || 8+o.DecodeTokens > c.MaxPositionEmbeddings {
+		return InferBenchResult{}, fmt.Errorf("%w: bench lengths exceed the context of %d", ErrInvalidInput, c.MaxPositionEmbeddings)
+	}
+	res := InferBenchResult{BLASThreads: blas.Threads(), SgemmGFLOPS: MeasureSgemm(512)}
+	rng := rand.New(rand.NewPCG(3, 4))
+	tokens := func(n int) []int {
+		t := make([]int, n)
+		for i := range t {
+			t[i] = rng.IntN(c.VocabSize)
+		}
+		return t
+	}
+	prompt := tokens(o.PrefillTokens)
+	logits := make([]float32, c.VocabSize)
+	best := time.Duration(1 << 62)
+	for r := 0; r < o.Repeats; r++ {
+		ws := m.GetArena()
+		t0 := time.Now()
+		acts, err := m.Forward(ctx, ws, NewBatch([][]int{prompt}), ForwardOptions{})
+		if err != nil {
+			m.PutArena(ws)
+			return res, err
+		}
+		m.HeadLogits(logits, acts.Out[(o.PrefillTokens-1)*c.HiddenSize:], 1)
+		best = min(best, time.Since(t0))
+		m.PutArena(ws)
+	}
+	res.PrefillTokensPerS = float64(o.PrefillTokens) / best.Seconds()
+	res.PrefillGFLOPS = c.PrefillFLOPs(o.PrefillTokens) / best.Seconds() / 1e9
+	res.PrefillOfSgemm = res.PrefillGFLOPS / res.SgemmGFLOPS
+
+	// Decode: DecodeBatch sequences of an 8-token prompt, greedy, one
+	// batched step per token against the KV cache (what Sample runs).
+	best = time.Duration(1 << 62)
+	B := o.DecodeBatch
+	for r := 0; r < o.Repeats; r++ {
+		cache := newKVCache(B, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 8+o.DecodeTokens, c.HeadDim)
+		ws := m.GetArena()
+		prompts := make([][]int, B)
+		slots := make([]int, B)
+		for i := range prompts {
+			prompts[i], slots[i] = tokens(8), i
+		}
+		acts, err := m.Forward(ctx, ws, NewBatch(prompts), ForwardOptions{kv: cache, kvSlots: slots})
+		if err != nil {
+			m.PutArena(ws)
+			return res, err
+		}
+		next := make([]int, B)
+		for i := range next {
+			cache.lens[i] = 8
+			next[i] = prompts[i][7] // any valid id: the timing does not depend on it
+		}
+		_ = acts
+		dec := m.newDecoder(ws, cache, nil, B)
+		picker := newTokenPicker(c.VocabSize)
+		greedy := &SamplingParams{Temperature: 0, TopP: 1}
+		t0 := time.Now()
+		for step := 0; step < o.DecodeTokens; step++ {
+			lg := dec.step(slots, next)
+			for i := range next {
+				next[i], _ = picker.pick(lg[i*c.VocabSize:(i+1)*c.VocabSize], greedy, nil)
+			}
+		}
+		best = min(best, time.Since(t0))
+		m.PutArena(ws)
+	}
+	res.DecodeTokensPerS = float64(B*o.DecodeTokens) / best.Seconds()
+	return res, nil
+}
