@@ -111,6 +111,9 @@ func (t *Tokenizer) splitAdded(text string) []section {
 }
 
 func (t *Tokenizer) addedByContent(s string) *addedToken {
+	if s == "" || !t.addedTrie.first[s[0]] {
+		return nil
+	}
 	node := int32(0)
 	for i := 0; i < len(s); i++ {
 		child, ok := t.addedTrie.edges[uint64(node)<<8|uint64(s[i])]

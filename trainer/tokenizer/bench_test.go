@@ -3,20 +3,24 @@ package tokenizer
 import (
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 )
 
-// benchText is a few KB of mixed text: prose, code, numbers, unicode,
-// emoji, whitespace runs.
-var benchText = strings.Repeat(`The quick brown fox jumps over the lazy dog; it's 2024 and 1,234,567 tokens later
-we're still counting. def encode(self, text: str) -> list[int]:
-    return [self.vocab[w] for w in text.split()]  # TODO: handle   spaces
-Größe, café, naïve — 日本語のテキスト、中文文本。 Привет, мир! مرحبا 👋🌍 👨‍👩‍👧
-`, 12)
+// benchTextFile is a few KB of mixed text: prose, code, numbers, unicode,
+// emoji, whitespace runs. testdata/gen/bench.js times the reference on it.
+const benchTextFile = "testdata/bench.txt"
+
+func mustBenchText(b *testing.B) string {
+	data, err := os.ReadFile(benchTextFile)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return string(data)
+}
 
 func benchEncode(b *testing.B, dir string, cached bool) {
 	tok := mustLoad(b, dir)
+	benchText := mustBenchText(b)
 	b.SetBytes(int64(len(benchText)))
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -39,6 +43,7 @@ func BenchmarkDecode(b *testing.B) {
 	for _, dir := range []string{byteLevelDir, spDir} {
 		b.Run(filepath.Base(dir), func(b *testing.B) {
 			tok := mustLoad(b, dir)
+			benchText := mustBenchText(b)
 			ids := tok.Encode(benchText, false)
 			b.SetBytes(int64(len(benchText)))
 			b.ResetTimer()

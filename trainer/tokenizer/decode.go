@@ -125,7 +125,11 @@ func (byteLevelDecoder) decodeChain(tokens []string, t *Tokenizer) []string {
 		for _, r := range tok {
 			// Characters outside the byte alphabet become 0, as in the
 			// reference's Uint8Array conversion of undefined.
-			buf = append(buf, runeToByte[r])
+			var b byte
+			if r < byteRuneLimit {
+				b = runeToByte[r]
+			}
+			buf = append(buf, b)
 		}
 	}
 	flush()

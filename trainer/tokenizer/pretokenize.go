@@ -555,9 +555,9 @@ func byteLevelEncode(s string) string {
 
 // byteToRune and runeToByte are GPT-2's bytes_to_unicode: printable bytes
 // stand for themselves, the rest are shifted to U+0100 and up.
-var byteToRune, runeToByte = func() ([256]rune, map[rune]byte) {
+var byteToRune, runeToByte = func() ([256]rune, [byteRuneLimit]byte) {
 	var b2r [256]rune
-	r2b := make(map[rune]byte, 256)
+	var r2b [byteRuneLimit]byte
 	n := 0
 	for b := 0; b < 256; b++ {
 		if ('!' <= b && b <= '~') || (0xA1 <= b && b <= 0xAC) || (0xAE <= b && b <= 0xFF) {
@@ -570,6 +570,9 @@ var byteToRune, runeToByte = func() ([256]rune, map[rune]byte) {
 	}
 	return b2r, r2b
 }()
+
+// byteRuneLimit bounds the stand-in runes (U+0000..U+0143).
+const byteRuneLimit = 0x144
 
 // metaspacePre is the legacy SentencePiece pre-tokenizer: spaces become the
 // replacement character (▁), which is prepended per scheme, and with split
