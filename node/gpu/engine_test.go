@@ -69,6 +69,13 @@ func mustEngine(t *testing.T, mutate func(*Config)) *Engine {
 	cfg.Python = pythonWithTorch(t)
 	cfg.Threads = 1
 	cfg.ModelsDir = mustModelsDir(t)
+	// scripts/gpu-check.sh runs these tests on a GPU: SIGNAL_GPU_DEVICE=cuda:0
+	// (and SIGNAL_GPU_DTYPE=float32 for the strict native agreement).
+	if d := os.Getenv("SIGNAL_GPU_DEVICE"); d != "" {
+		cfg.Device = d
+		cfg.NVMLGPUs = 1
+	}
+	cfg.DType = os.Getenv("SIGNAL_GPU_DTYPE")
 	cfg.HealthInterval = 200 * time.Millisecond
 	cfg.InitialBackoff = 50 * time.Millisecond
 	cfg.MaxBackoff = 500 * time.Millisecond
@@ -123,8 +130,12 @@ func spec(run string) protocol.SessionSpec {
 
 func TestEngineSessionLifecycle(t *testing.T) {
 	e := mustEngine(t, nil)
-	if got := e.Backend(); got != BackendCPUTorch {
-		t.Fatalf("Backend() = %q, want %q", got, BackendCPUTorch)
+	want := BackendCPUTorch
+	if e.cfg.Device != "cpu" {
+		want = BackendCUDA
+	}
+	if got := e.Backend(); got != want {
+		t.Fatalf("Backend() = %q, want %q", got, want)
 	}
 	ctx := context.Background()
 	s, err := e.Open(ctx, spec("run-1"))

@@ -307,7 +307,8 @@ class Session:
         res = {"loss_sum": loss_sum, "loss_mean": loss_sum / denom if denom > 0 else 0.0,
                "tokens": ntok, "logprobs": lp_out}
         if grad:
-            gn = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads))
+            # One device→host sync for the norm, not one per tensor.
+            gn = float(torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt())
             res["grad_norm"] = gn
             if not math.isfinite(gn):
                 raise InvalidInput("forward_backward: the gradient is not finite (check logprobs/advantages)")
@@ -354,7 +355,7 @@ class Session:
         clip = get("grad_clip_norm", 0.0, 0.0)
         if self.grads is None:
             raise InvalidInput("optim_step: no accumulated gradients (call forward_backward first)")
-        gn = math.sqrt(sum(float(g.pow(2).sum()) for g in self.grads))
+        gn = float(torch.stack([g.double().pow(2).sum() for g in self.grads]).sum().sqrt())
         # clip_grad_norm_'s factor: min(1, max/(norm + 1e-6)).
         coef = clip / (gn + 1e-6) if clip > 0 else 1.0
         coef = min(coef, 1.0)
