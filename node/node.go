@@ -299,16 +299,18 @@ func (n *Node) Stop() error {
 	for run, cp := range cps {
 		n.log.Info("checkpointed at shutdown", "run", run, "step", cp.Step, "uri", cp.URI)
 	}
+	var errs []error
+	if n.topic != nil {
+		// Close the topic while pubsub still runs: afterwards it can only
+		// report that its context ended.
+		errs = append(errs, n.topic.Close())
+	}
 	if n.cancel != nil {
 		n.cancel()
 	}
 	n.wg.Wait()
-	var errs []error
 	if n.mdns != nil {
 		errs = append(errs, n.mdns.Close())
-	}
-	if n.topic != nil {
-		errs = append(errs, n.topic.Close())
 	}
 	if n.dht != nil {
 		errs = append(errs, n.dht.Close())

@@ -242,11 +242,17 @@ func (h *Host) Start(ctx context.Context) error {
 // Stop closes the host and waits for its goroutines.
 func (h *Host) Stop() error {
 	h.host.RemoveStreamHandler(libp2pproto.ID(protocol.JoinProtocolID))
-	if h.cancel != nil {
-		h.cancel()
-	}
+	var errs []error
 	if h.sub != nil {
 		h.sub.Cancel()
+	}
+	if h.topic != nil {
+		// Close the topic while pubsub still runs: afterwards it can only
+		// report that its context ended.
+		errs = append(errs, h.topic.Close())
+	}
+	if h.cancel != nil {
+		h.cancel()
 	}
 	h.wg.Wait()
 	h.mu.Lock()
@@ -257,10 +263,6 @@ func (h *Host) Stop() error {
 		delete(h.idle, p)
 	}
 	h.mu.Unlock()
-	var errs []error
-	if h.topic != nil {
-		errs = append(errs, h.topic.Close())
-	}
 	if h.dht != nil {
 		errs = append(errs, h.dht.Close())
 	}

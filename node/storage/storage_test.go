@@ -14,7 +14,7 @@ import (
 
 	"github.com/minio/minio-go/v7"
 
-	"github.com/signal-p2p/signal/node/internal/miniotest"
+	"github.com/signal-p2p/signal/node/miniotest"
 )
 
 func TestCIDKnownValue(t *testing.T) {

@@ -42,8 +42,8 @@ func binary() string {
 		return p
 	}
 	_, file, _, _ := runtime.Caller(0)
-	// node/internal/miniotest/miniotest.go → module root.
-	return filepath.Join(filepath.Dir(file), "..", "..", "..", ".cache", "bin", "minio")
+	// node/miniotest/miniotest.go → module root.
+	return filepath.Join(filepath.Dir(file), "..", "..", ".cache", "bin", "minio")
 }
 
 func freePort(t testing.TB) int {
