@@ -6,6 +6,8 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"golang.org/x/text/unicode/norm"
 )
 
 // normalizer rewrites one section of text before pre-tokenization.
@@ -29,6 +31,11 @@ func (p prependNormalizer) normalize(s string) string { return string(p) + s }
 type replaceNormalizer struct{ old, new string }
 
 func (r replaceNormalizer) normalize(s string) string { return strings.ReplaceAll(s, r.old, r.new) }
+
+// unicodeNormalizer applies a Unicode normalization form (Qwen uses NFC).
+type unicodeNormalizer struct{ form norm.Form }
+
+func (u unicodeNormalizer) normalize(s string) string { return u.form.String(s) }
 
 // patternJSON is the {"String": ...} | {"Regex": ...} pattern of Replace and
 // Split components.
@@ -93,6 +100,14 @@ func parseNormalizer(raw json.RawMessage) (normalizer, error) {
 			return nil, err
 		}
 		return replaceNormalizer{old: old, new: r.Content}, nil
+	case "NFC":
+		return unicodeNormalizer{norm.NFC}, nil
+	case "NFD":
+		return unicodeNormalizer{norm.NFD}, nil
+	case "NFKC":
+		return unicodeNormalizer{norm.NFKC}, nil
+	case "NFKD":
+		return unicodeNormalizer{norm.NFKD}, nil
 	default:
 		return nil, fmt.Errorf("%w: normalizer type %q", ErrUnsupported, typ)
 	}

@@ -244,7 +244,7 @@ func TestLoadErrors(t *testing.T) {
 		says   []string
 	}{
 		{"model type", set("model.type", "Unigram"), "", ErrUnsupported, []string{"tokenizer.json", `"Unigram"`}},
-		{"normalizer", set("normalizer", map[string]any{"type": "NFKC"}), "", ErrUnsupported, []string{"normalizer", `"NFKC"`}},
+		{"normalizer", set("normalizer", map[string]any{"type": "BertNormalizer"}), "", ErrUnsupported, []string{"normalizer", `"BertNormalizer"`}},
 		{"nested normalizer", set("normalizer.normalizers", []any{map[string]any{"type": "Lowercase"}}), "", ErrUnsupported, []string{"normalizers[0]", `"Lowercase"`}},
 		{"replace regex", set("normalizer", map[string]any{"type": "Replace", "pattern": map[string]any{"Regex": " +"}, "content": "▁"}), "", ErrUnsupported, []string{"Regex", `" +"`}},
 		{"pre-tokenizer", set("pre_tokenizer", map[string]any{"type": "BertPreTokenizer"}), "", ErrUnsupported, []string{"pre_tokenizer", `"BertPreTokenizer"`}},

@@ -1,7 +1,9 @@
 package tokenizer
 
 import (
+	"compress/gzip"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -30,6 +32,34 @@ func mustLoad(tb testing.TB, dir string) *Tokenizer {
 	}
 	loaded.Store(dir, t)
 	return t
+}
+
+// mustLoadGzip loads a directory whose tokenizer.json is stored gzipped
+// (the extra reference tokenizers, to keep the repository small).
+func mustLoadGzip(tb testing.TB, dir string) *Tokenizer {
+	tb.Helper()
+	f, err := os.Open(filepath.Join(dir, TokenizerFile+".gz"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	data, err := io.ReadAll(zr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cfg, err := os.ReadFile(filepath.Join(dir, ConfigFile))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tok, err := Parse(data, cfg)
+	if err != nil {
+		tb.Fatalf("Parse(%s): %v", dir, err)
+	}
+	return tok
 }
 
 type fixture struct {
@@ -66,7 +96,7 @@ func mustFixture(t *testing.T) fixture {
 // tokens, and decoded text with and without skipping special tokens.
 func TestReferenceFixture(t *testing.T) {
 	f := mustFixture(t)
-	for _, name := range []string{"byte-level-bpe", "sentencepiece-bpe"} {
+	for _, name := range []string{"byte-level-bpe", "sentencepiece-bpe", "extra/llama3_1", "extra/qwen3"} {
 		t.Run(name, func(t *testing.T) {
 			cases, ok := f.Tokenizers[name]
 			if !ok {
@@ -75,7 +105,12 @@ func TestReferenceFixture(t *testing.T) {
 			if len(cases.Encode) < 150 {
 				t.Fatalf("fixture has %d encode cases, want ≥ 150", len(cases.Encode))
 			}
-			tok := mustLoad(t, filepath.Join("testdata", name))
+			var tok *Tokenizer
+			if strings.HasPrefix(name, "extra/") {
+				tok = mustLoadGzip(t, filepath.Join("testdata", name))
+			} else {
+				tok = mustLoad(t, filepath.Join("testdata", name))
+			}
 			failures := 0
 			for i, c := range cases.Encode {
 				got := tok.Encode(c.Text, false)

