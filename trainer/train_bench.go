@@ -1,0 +1,251 @@
+package trainer
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/signal-p2p/signal/trainer/blas"
+)
+
+// SmolLM135MConfig is the SmolLM-135M-like shape the benchmarks use: hidden
+// 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocab 49152, tied.
+func SmolLM135MConfig() Config {
+	return Config{
+		Architectures: []string{"LlamaForCausalLM"}, ModelType: "llama",
+		HiddenSize: 576, IntermediateSize: 1536, NumHiddenLayers: 30, NumAttentionHeads: 9,
+		NumKeyValueHeads: 3, HeadDim: 64, VocabSize: 49152, MaxPositionEmbeddings: 2048,
+		RMSNormEps: 1e-5, RopeTheta: 10000, HiddenAct: "silu", TieWordEmbeddings: true,
+	}
+}
+
+// RandomModel builds a model of shape cfg in memory with random weights
+// (normal, std 0.02; norms 1), for benchmarks that need no files.
+func RandomModel(cfg Config, seed uint64) (*Model, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	rng := rand.New(rand.NewPCG(seed, 1))
+	fill := func(n int) []float32 {
+		s := make([]float32, n)
+		for i := range s {
+			s[i] = float32(rng.NormFloat64() * 0.02)
+		}
+		return s
+	}
+	ones := func(n int) []float32 {
+		s := make([]float32, n)
+		for i := range s {
+			s[i] = 1
+		}
+		return s
+	}
+	H, I := cfg.HiddenSize, cfg.IntermediateSize
+	AD := cfg.NumAttentionHeads * cfg.HeadDim
+	m := &Model{cfg: cfg, dir: "random", InvFreq: cfg.InvFreq()}
+	m.Embed = fill(cfg.VocabSize * H)
+	m.LMHead = m.Embed
+	if !cfg.TieWordEmbeddings {
+		m.LMHead = fill(cfg.VocabSize * H)
+	}
+	m.Norm = ones(H)
+	m.Layers = make([]Layer, cfg.NumHiddenLayers)
+	n := int64(len(m.Embed) + H)
+	for i := range m.Layers {
+		m.Layers[i] = Layer{AttnNorm: ones(H), WQKV: fill(cfg.QKVDim() * H), WO: fill(H * AD),
+			MLPNorm: ones(H), WGateUp: fill(2 * I * H), WDown: fill(H * I)}
+		n += int64(2*H + cfg.QKVDim()*H + H*AD + 3*I*H)
+	}
+	m.ownBytes = n * 4
+	return m, nil
+}
+
+// TrainBenchResult is one training benchmark's figures.
+type TrainBenchResult struct {
+	Batch, Seq, Rank int
+	TokensPerSec     float64
+	StepSeconds      []float64 // each timed step (forward_backward + optim_step)
+	GFLOPPerStep     float64   // model FLOPs of a step (see trainStepFLOPs)
+	GFLOPS           float64   // GFLOPPerStep / best step time
+	PeakRSSBytes     int64     // the process's peak resident set after the steps
+	ArenaBytes       int64     // the activation arena of one call
+}
+
+// trainStepFLOPs counts the useful FLOPs of one LoRA training step on
+// tokens = batch×seq: the frozen projections and LM head run forward and
+// once more for the input gradient (no weight gradient), i.e. 2 × 2·params·
+// tokens; causal attention's q·kᵀ and p·v forward (2·2·seq/2·heads·d per
+// token) and twice that backward; LoRA's rank-r products are left out.
+func trainStepFLOPs(c Config, batch, seq int) float64 {
+	H, I, AD := float64(c.HiddenSize), float64(c.IntermediateSize), float64(c.NumAttentionHeads*c.HeadDim)
+	perTokLinear := float64(c.NumHiddenLayers)*(H*float64(c.QKVDim())+AD*H+3*H*I) + H*float64(c.VocabSize)
+	tokens := float64(batch * seq)
+	linear := 2 * 2 * perTokLinear * tokens
+	attn := 3 * 2 * 2 * float64(seq) / 2 * AD * float64(c.NumHiddenLayers) * tokens
+	return linear + attn
+}
+
+// BenchTrain times LoRA training steps (ForwardBackward + OptimStep, rank
+// `rank` on every linear layer, random tokens) on m, after one warm-up step.
+func BenchTrain(ctx context.Context, m *Model, batch, seq, rank, steps int) (*TrainBenchResult, error) {
+	cfg := m.cfg
+	defer releaseTrainArenas(m)
+	s, err := NewSession(m, SessionConfig{Rank: rank, Alpha: float32(2 * rank), Seed: 1})
+	if err != nil {
+		return nil, err
+	}
+	defer s.Close()
+	rng := rand.New(rand.NewPCG(2, 2))
+	data := make([]Datum, batch)
+	for b := range data {
+		seqIDs := make([]int, seq+1)
+		for i := range seqIDs {
+			seqIDs[i] = rng.IntN(cfg.VocabSize)
+		}
+		w := make([]float32, seq)
+		for i := range w {
+			w[i] = 1
+		}
+		data[b] = Datum{Tokens: seqIDs[:seq], TargetTokens: seqIDs[1:], Weights: w}
+	}
+	res := &TrainBenchResult{Batch: batch, Seq: seq, Rank: rank}
+	best := 0.0
+	for i := 0; i <= steps; i++ {
+		t0 := time.Now()
+		if _, err := s.ForwardBackward(ctx, data, LossCrossEntropy, nil); err != nil {
+			return nil, err
+		}
+		if _, err := s.OptimStep(ctx, AdamParams{LearningRate: 1e-4, Beta1: 0.9, Beta2: 0.95, Eps: 1e-12}); err != nil {
+			return nil, err
+		}
+		dt := time.Since(t0).Seconds()
+		if i == 0 {
+			continue // warm-up: arenas and OpenBLAS buffers
+		}
+		res.StepSeconds = append(res.StepSeconds, dt)
+		if best == 0 || dt < best {
+			best = dt
+		}
+	}
+	res.TokensPerSec = float64(batch*seq) / best
+	res.GFLOPPerStep = trainStepFLOPs(cfg, batch, seq) / 1e9
+	res.GFLOPS = res.GFLOPPerStep / best
+	res.PeakRSSBytes = peakRSS()
+	trainArenas.Lock()
+	for _, a := range trainArenas.free[m] {
+		res.ArenaBytes = max(res.ArenaBytes, a.bytes())
+	}
+	trainArenas.Unlock()
+	return res, nil
+}
+
+// SessionMemory is the Go heap in use with a model loaded and 0, 1 and n
+// sessions open (each after one training step), and the activation arena.
+type SessionMemory struct {
+	ModelBytes               int64
+	HeapBase, HeapOne, HeapN int64
+	N                        int
+	PerSessionBytes          int64 // (HeapN − HeapOne)/(N−1): adapter, grads, moments
+	AdapterParams            int
+	ArenaBytes               int64 // activations of one call in flight, shared by sessions
+}
+
+// BenchSessionMemory measures what sessions cost on top of one shared base
+// model: the base is loaded once; every session holds only its adapter,
+// gradients and AdamW moments; activation arenas exist per call in flight.
+func BenchSessionMemory(ctx context.Context, m *Model, n, rank, seq int) (*SessionMemory, error) {
+	cfg := m.cfg
+	defer releaseTrainArenas(m)
+	heap := func() int64 {
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return int64(ms.HeapAlloc)
+	}
+	out := &SessionMemory{ModelBytes: m.MemoryBytes(), N: n}
+	out.HeapBase = heap()
+	ids := make([]int, seq+1)
+	for i := range ids {
+		ids[i] = (i * 7919) % cfg.VocabSize
+	}
+	w := make([]float32, seq)
+	data := []Datum{{Tokens: ids[:seq], TargetTokens: ids[1:], Weights: w}}
+	var sessions []*Session
+	defer func() {
+		for _, s := range sessions {
+			s.Close()
+		}
+	}()
+	for i := 0; i < n; i++ {
+		s, err := NewSession(m, SessionConfig{Rank: rank, Seed: int64(i)})
+		if err != nil {
+			return nil, err
+		}
+		sessions = append(sessions, s)
+		if _, err := s.ForwardBackward(ctx, data, LossCrossEntropy, nil); err != nil {
+			return nil, err
+		}
+		if _, err := s.OptimStep(ctx, AdamParams{LearningRate: 1e-4, Beta1: 0.9, Beta2: 0.95}); err != nil {
+			return nil, err
+		}
+		if i == 0 {
+			out.HeapOne = heap()
+			out.AdapterParams = s.LoRA().NumParams()
+		}
+	}
+	out.HeapN = heap()
+	if n > 1 {
+		out.PerSessionBytes = (out.HeapN - out.HeapOne) / int64(n-1)
+	}
+	trainArenas.Lock()
+	for _, a := range trainArenas.free[m] {
+		out.ArenaBytes += a.bytes()
+	}
+	trainArenas.Unlock()
+	return out, nil
+}
+
+// MeasureSgemm returns OpenBLAS's sgemm rate in GFLOP/s on n×n×n products
+// (the best of a few), the reference for model FLOP utilisation.
+func MeasureSgemm(n int) float64 {
+	a, b, c := make([]float32, n*n), make([]float32, n*n), make([]float32, n*n)
+	for i := range a {
+		a[i], b[i] = float32(i%7)*0.1, float32(i%5)*0.1
+	}
+	best := 0.0
+	for i := 0; i < 5; i++ {
+		t0 := time.Now()
+		blas.Sgemm(false, false, n, n, n, 1, a, n, b, n, 0, c, n)
+		dt := time.Since(t0).Seconds()
+		if r := 2 * float64(n) * float64(n) * float64(n) / dt / 1e9; r > best {
+			best = r
+		}
+	}
+	return best
+}
+
+// peakRSS is the process's peak resident set (VmHWM), or 0 where /proc has
+// no such line.
+func peakRSS() int64 {
+	raw, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmHWM:" {
+			kb, _ := strconv.ParseInt(f[1], 10, 64)
+			return kb * 1024
+		}
+	}
+	return 0
+}
+
+// String formats the result as one line.
+func (r *TrainBenchResult) String() string {
+	return fmt.Sprintf("batch %d x %d, rank %d: %.1f tokens/s, %.1f GFLOP/s", r.Batch, r.Seq, r.Rank, r.TokensPerSec, r.GFLOPS)
+}
