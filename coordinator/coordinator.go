@@ -59,7 +59,7 @@ type Coordinator struct {
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 	started bool
-	stopped bool
+	stopped atomic.Bool
 	stopMu  sync.Mutex
 }
 
@@ -213,10 +213,10 @@ func (c *Coordinator) Start(ctx context.Context) error {
 func (c *Coordinator) Stop() error {
 	c.stopMu.Lock()
 	defer c.stopMu.Unlock()
-	if !c.started || c.stopped {
+	if !c.started || c.stopped.Load() {
 		return nil
 	}
-	c.stopped = true
+	c.stopped.Store(true)
 	c.cancel()
 	var errs []error
 	if c.srv != nil {
@@ -286,7 +286,7 @@ func (c *Coordinator) ID() string { return c.cfg.ID }
 
 // IsLeader reports whether this member is the raft leader and ready to serve.
 func (c *Coordinator) IsLeader() bool {
-	return c.raft != nil && c.raft.State() == raft.Leader && c.leaderReady.Load()
+	return c.raft != nil && !c.stopped.Load() && c.raft.State() == raft.Leader && c.leaderReady.Load()
 }
 
 // WaitLeader waits until some member is leader and known to this one.

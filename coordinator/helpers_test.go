@@ -259,7 +259,7 @@ func startCluster(t *testing.T, n int, mod func(*Config)) []*Coordinator {
 
 func leaderOf(cs []*Coordinator) *Coordinator {
 	for _, c := range cs {
-		if c != nil && !c.stopped && c.IsLeader() {
+		if c != nil && c.IsLeader() {
 			return c
 		}
 	}

@@ -361,7 +361,13 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	if rec, ok, err := s.checkIdem(c.Idem); err != nil {
 		return ChargeResult{}, err
 	} else if ok {
-		return ChargeResult{Status: rec.Status, Body: rec.Body, Balance: s.ledger.Balance(c.Account), Replayed: true}, nil
+		// Answer exactly what the first call answered, balance included.
+		var first struct {
+			Cost    protocol.Cost `json:"cost"`
+			Balance int64         `json:"balance"`
+		}
+		_ = json.Unmarshal(rec.Body, &first)
+		return ChargeResult{Status: rec.Status, Body: rec.Body, Cost: first.Cost, Balance: first.Balance, Replayed: true}, nil
 	}
 	if _, ok := s.ledger.Account(c.Account); !ok {
 		return ChargeResult{}, fmt.Errorf("account %q: %w", c.Account, ErrNotFound)
@@ -397,11 +403,13 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		// A user charged for their own node pays the network only.
 		operator = ""
 	}
-	var body json.RawMessage
-	if c.Body != nil {
-		if body, err = withBilling(c.Body, cost, bal-cost.Credits); err != nil {
-			return ChargeResult{}, err
-		}
+	respBody := c.Body
+	if respBody == nil {
+		respBody = json.RawMessage("{}")
+	}
+	body, err := withBilling(respBody, cost, bal-cost.Credits)
+	if err != nil {
+		return ChargeResult{}, err
 	}
 	if err := s.ledger.Charge(c.Account, operator, s.feeAccount, split); err != nil {
 		return ChargeResult{}, err
