@@ -243,8 +243,8 @@ func (t *Tokenizer) DecodeWith(ids []int, o DecodeOptions) string {
 	return s
 }
 
-// cleanUpReplacer removes the spaces transformers' clean_up_tokenization
-// removes, in the same order (each rule applied to the result of the last).
+// cleanUpRules are the replacements of transformers' clean_up_tokenization,
+// in its order (each rule applied to the result of the last).
 var cleanUpRules = [][2]string{
 	{" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"},
 	{" n't", "n't"}, {" 'm", "'m"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"},
