@@ -1,0 +1,226 @@
+package testnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/signal-p2p/signal/coordinator"
+	"github.com/signal-p2p/signal/coordinator/dashboard"
+	"github.com/signal-p2p/signal/coordinator/p2p"
+	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/storage"
+	"github.com/signal-p2p/signal/trainer/tokenizer"
+)
+
+// CoordinatorSpec is one coordinator member: what the parent tells a child
+// process (as JSON) or StartInProcess passes directly.
+type CoordinatorSpec struct {
+	ID         string                  `json:"id"`
+	DataDir    string                  `json:"data_dir"`
+	Bootstrap  bool                    `json:"bootstrap"`
+	Join       string                  `json:"join,omitempty"`
+	AdminToken string                  `json:"admin_token"`
+	Models     []coordinator.ModelSpec `json:"models"`
+	// NodeLostAfter and NodeTTL are the failover timings (see Config).
+	NodeLostAfter time.Duration `json:"node_lost_after"`
+	NodeTTL       time.Duration `json:"node_ttl"`
+}
+
+// Coordinator is a running coordinator member: raft + API, its libp2p host
+// (the nodes' bootstrap peer) and a front HTTP server that serves the API
+// and the dashboard on one address.
+type Coordinator struct {
+	core  *coordinator.Coordinator
+	host  *p2p.Host
+	front *http.Server
+	ln    net.Listener
+	wg    sync.WaitGroup
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// registry adapts the coordinator to the p2p host's Registry: the
+// coordinator says ErrUnauthorized for a bad join token, the host wants
+// ErrInvalidJoinToken (so it refuses instead of retrying).
+type registry struct{ c *coordinator.Coordinator }
+
+func (r registry) RegisterNode(ctx context.Context, peerID, joinToken string) (string, error) {
+	op, err := r.c.RegisterNode(ctx, peerID, joinToken)
+	if errors.Is(err, coordinator.ErrUnauthorized) {
+		return "", fmt.Errorf("%w: %w", p2p.ErrInvalidJoinToken, err)
+	}
+	return op, err
+}
+
+func (r registry) IsJoined(peerID string) bool { return r.c.IsJoined(peerID) }
+
+// StartCoordinator starts one coordinator member on loopback with free ports.
+func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logger) (*Coordinator, error) {
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	cfg := coordinator.DefaultConfig()
+	cfg.ID = spec.ID
+	cfg.DataDir = spec.DataDir
+	cfg.RaftAddr = "127.0.0.1:0"
+	cfg.HTTPAddr = "127.0.0.1:0"
+	cfg.Bootstrap = spec.Bootstrap
+	cfg.Join = spec.Join
+	cfg.AdminToken = spec.AdminToken
+	cfg.Models = spec.Models
+	cfg.Logger = log
+	// The testnet's key is used by examples and tests in tight loops.
+	cfg.RatePerSecond, cfg.RateBurst = 1000, 2000
+	if spec.NodeLostAfter > 0 {
+		cfg.NodeLostAfter = spec.NodeLostAfter
+	}
+	// Loopback raft: elections in well under a second.
+	cfg.HeartbeatTimeout = 500 * time.Millisecond
+	cfg.ElectionTimeout = 500 * time.Millisecond
+	cfg.LeaderLeaseTimeout = 250 * time.Millisecond
+	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
+	core, err := coordinator.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
+	}
+	pcfg := p2p.DefaultConfig()
+	pcfg.DataDir = spec.DataDir
+	pcfg.ListenAddrs = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
+	pcfg.NodeLostErr = coordinator.ErrNodeLost
+	pcfg.Logger = log
+	if spec.NodeTTL > 0 {
+		pcfg.NodeTTL = spec.NodeTTL
+	}
+	host, err := p2p.New(pcfg, registry{core})
+	if err != nil {
+		return nil, fmt.Errorf("coordinator %s p2p: %w", spec.ID, err)
+	}
+	core.SetBackend(host)
+	if err := host.Start(ctx); err != nil {
+		_ = host.Stop()
+		return nil, fmt.Errorf("coordinator %s p2p: %w", spec.ID, err)
+	}
+	if err := core.Start(ctx); err != nil {
+		_ = host.Stop()
+		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
+	}
+	c := &Coordinator{core: core, host: host}
+
+	// The front server: the API as the coordinator serves it, plus the
+	// dashboard at / and /dashboard, reading through the same API.
+	api := core.Handler()
+	dash := dashboard.New(dashboard.NewAPISource(core.URL()), dashboard.Options{Title: "Signal testnet · " + spec.ID})
+	mux := http.NewServeMux()
+	mux.Handle("/v1/", api)
+	mux.Handle("/metrics", api)
+	mux.Handle("/", dash)
+	c.ln, err = net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		_ = c.Stop()
+		return nil, fmt.Errorf("coordinator %s front listener: %w", spec.ID, err)
+	}
+	c.front = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		if err := c.front.Serve(c.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("front server stopped", "err", err)
+		}
+	}()
+	return c, nil
+}
+
+// URL is the member's public base URL (API and dashboard).
+func (c *Coordinator) URL() string {
+	if c.ln == nil {
+		return c.core.URL()
+	}
+	return "http://" + c.ln.Addr().String()
+}
+
+// P2PAddrs are the multiaddrs nodes bootstrap to.
+func (c *Coordinator) P2PAddrs() []string { return c.host.Addrs() }
+
+// Core is the coordinator itself (raft state, leadership).
+func (c *Coordinator) Core() *coordinator.Coordinator { return c.core }
+
+// Stop stops the front server, the coordinator and its libp2p host.
+func (c *Coordinator) Stop() error {
+	c.stopOnce.Do(func() {
+		var errs []error
+		if c.front != nil {
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			if err := c.front.Shutdown(sctx); err != nil {
+				errs = append(errs, fmt.Errorf("front shutdown: %w", err))
+			}
+			cancel()
+		}
+		c.wg.Wait()
+		errs = append(errs, c.core.Stop(), c.host.Stop())
+		c.stopErr = errors.Join(errs...)
+	})
+	return c.stopErr
+}
+
+// NodeSpec is one node member.
+type NodeSpec struct {
+	DataDir     string              `json:"data_dir"`
+	Bootstrap   []string            `json:"bootstrap"`
+	JoinToken   string              `json:"join_token"`
+	StorageURL  string              `json:"storage_url"`
+	Creds       storage.Credentials `json:"creds"`
+	Models      map[string]string   `json:"models"`
+	MaxSessions int                 `json:"max_sessions"`
+	Engine      string              `json:"engine"`
+}
+
+// Node is a running node member.
+type Node struct {
+	*node.Node
+}
+
+// StartNode starts one node daemon on loopback.
+func StartNode(ctx context.Context, spec NodeSpec, log *slog.Logger) (*Node, error) {
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	f, ok := engineFactory(spec.Engine)
+	if !ok {
+		return nil, fmt.Errorf("%w: engine %q: known engines are %v", ErrInvalidConfig, spec.Engine, engineNames())
+	}
+	eng, err := f(spec.Models)
+	if err != nil {
+		return nil, err
+	}
+	cfg := node.DefaultConfig()
+	cfg.DataDir = spec.DataDir
+	cfg.ListenAddrs = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
+	cfg.Bootstrap = spec.Bootstrap
+	cfg.JoinToken = spec.JoinToken
+	cfg.StorageURL = spec.StorageURL
+	cfg.Creds = spec.Creds
+	cfg.MaxSessions = spec.MaxSessions
+	// Bootstrap peers are explicit; mDNS would make every testnet on the
+	// machine (other tests, other developers) find each other.
+	cfg.MDNS = false
+	cfg.AdvertInterval = time.Second
+	cfg.DrainTimeout = 10 * time.Second
+	cfg.Logger = log
+	n, err := node.New(cfg, eng)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.Start(ctx); err != nil {
+		_ = n.Stop()
+		return nil, err
+	}
+	return &Node{n}, nil
+}

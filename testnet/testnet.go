@@ -1,0 +1,166 @@
+// Package testnet starts local Signal networks for development and tests:
+// N coordinators (a raft cluster) and M nodes on loopback with free ports,
+// an admin token, a funded API key, and the embedded default model.
+//
+// Two variants share one start-up sequence (flow.go): StartInProcess runs
+// every member inside the calling process (the project's integration tests),
+// StartProcesses runs each member as a child process of the signal binary
+// (`signal testnet`), so that killing a node is killing a process.
+package testnet
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/signal-p2p/signal/node/storage"
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// Errors of this package.
+var (
+	// ErrInvalidConfig names a Config field that is out of range.
+	ErrInvalidConfig = errors.New("invalid testnet config")
+	// ErrNotReady means the network did not come up in time: no leader,
+	// a member that did not join, or nodes that never advertised.
+	ErrNotReady = errors.New("testnet not ready")
+	// ErrMemberExited means a child process ended while the testnet ran.
+	ErrMemberExited = errors.New("testnet member exited")
+)
+
+// Config describes a testnet.
+type Config struct {
+	// Coordinators and Nodes are how many of each to start.
+	Coordinators int
+	Nodes        int
+	// Dir holds everything: coordinator and node data, logs, the generated
+	// default model (kept across starts), checkpoints, testnet.json.
+	Dir string
+	// StorageURL is where nodes store checkpoints; empty means a local
+	// directory, file://Dir/checkpoints.
+	StorageURL string
+	// Creds are the S3 credentials for an s3:// StorageURL (empty: the
+	// nodes read AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+	Creds storage.Credentials
+	// Models are extra base models, name → Hugging Face model directory,
+	// served besides the embedded default (DefaultModelName).
+	Models map[string]string
+	// NoDefaultModel leaves signal-tiny out (then Models must name one).
+	NoDefaultModel bool
+	// Credits fund the API key the testnet mints, in micro-credits.
+	Credits int64
+	// MaxSessions bounds each node's open sessions.
+	MaxSessions int
+	// NodeLostAfter is how long a run's node may be silent before the run
+	// moves (the coordinator's setting); short in a testnet so that
+	// failover shows within seconds.
+	NodeLostAfter time.Duration
+	// NodeTTL is how long a node stays listed after its last advert.
+	NodeTTL time.Duration
+	// ReadyTimeout bounds start-up: leader election, joins, node adverts.
+	ReadyTimeout time.Duration
+	// Engine names the node engine: "native" (the Go trainer, the default)
+	// or another name registered with RegisterEngine.
+	Engine string
+	// Logger receives the testnet's own progress lines (and, in process,
+	// the members' logs).
+	Logger *slog.Logger
+}
+
+// DefaultConfig is `make run`'s network: 3 coordinators, 2 nodes, 1000
+// credits, timings short enough that failover shows within seconds.
+func DefaultConfig() Config {
+	return Config{
+		Coordinators:  3,
+		Nodes:         2,
+		Dir:           filepath.Join(".cache", "testnet"),
+		Credits:       1000 * 1_000_000,
+		MaxSessions:   8,
+		NodeLostAfter: 4 * time.Second,
+		NodeTTL:       4 * time.Second,
+		ReadyTimeout:  2 * time.Minute,
+		Engine:        "native",
+	}
+}
+
+// Validate names the first field out of range.
+func (c *Config) Validate() error {
+	switch {
+	case c.Coordinators < 1 || c.Coordinators > 9:
+		return fmt.Errorf("%w: coordinators %d: allowed 1..9", ErrInvalidConfig, c.Coordinators)
+	case c.Nodes < 0 || c.Nodes > 16:
+		return fmt.Errorf("%w: nodes %d: allowed 0..16", ErrInvalidConfig, c.Nodes)
+	case c.Dir == "":
+		return fmt.Errorf("%w: dir: required", ErrInvalidConfig)
+	case c.Credits < 0:
+		return fmt.Errorf("%w: credits %d: must not be negative", ErrInvalidConfig, c.Credits)
+	case c.MaxSessions < 1:
+		return fmt.Errorf("%w: max sessions %d: must be at least 1", ErrInvalidConfig, c.MaxSessions)
+	case c.NodeLostAfter <= 0 || c.NodeTTL <= 0 || c.ReadyTimeout <= 0:
+		return fmt.Errorf("%w: node lost after %v, node ttl %v, ready timeout %v: must be positive", ErrInvalidConfig, c.NodeLostAfter, c.NodeTTL, c.ReadyTimeout)
+	case c.NoDefaultModel && len(c.Models) == 0:
+		return fmt.Errorf("%w: models: %w: give --model NAME=DIR or keep the default", ErrInvalidConfig, errNoModels)
+	}
+	if _, ok := engineFactory(c.Engine); !ok {
+		return fmt.Errorf("%w: engine %q: known engines are %s", ErrInvalidConfig, c.Engine, strings.Join(engineNames(), ", "))
+	}
+	if c.StorageURL != "" {
+		if _, err := storage.Open(c.StorageURL, c.Creds); err != nil {
+			return fmt.Errorf("%w: storage %q: %w", ErrInvalidConfig, c.StorageURL, err)
+		}
+	}
+	for name, dir := range c.Models {
+		if name == "" || strings.ContainsAny(name, " /\t\n") {
+			return fmt.Errorf("%w: model name %q: must be non-empty without spaces or slashes", ErrInvalidConfig, name)
+		}
+		if name == DefaultModelName && !c.NoDefaultModel {
+			return fmt.Errorf("%w: model %s: the name is the embedded default's", ErrInvalidConfig, name)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
+			return fmt.Errorf("%w: model %s=%s: not a Hugging Face model directory: %w", ErrInvalidConfig, name, dir, err)
+		}
+	}
+	return nil
+}
+
+// ParseModelFlag parses one --model NAME=DIR.
+func ParseModelFlag(s string) (name, dir string, err error) {
+	name, dir, ok := strings.Cut(s, "=")
+	if !ok || name == "" || dir == "" {
+		return "", "", fmt.Errorf("%w: --model %q: want NAME=DIR", ErrInvalidConfig, s)
+	}
+	return name, dir, nil
+}
+
+// Info is testnet.json: what a client or a test needs to use the network.
+type Info struct {
+	Coordinators []string `json:"coordinators"`
+	AdminToken   string   `json:"admin_token"`
+	APIKey       string   `json:"api_key"`
+	Account      string   `json:"account"`
+	Models       []string `json:"models"`
+	Nodes        []string `json:"nodes"`
+	// Dashboard is the first coordinator's web page.
+	Dashboard string `json:"dashboard"`
+	// StorageURL is where checkpoints go.
+	StorageURL string `json:"storage"`
+	// Dir is the testnet's directory; Logs its members' logs.
+	Dir  string `json:"dir"`
+	Logs string `json:"logs"`
+	// PIDs are the member processes (StartProcesses only), coordinators
+	// first, so that a script can stop a kept testnet.
+	PIDs []int `json:"pids,omitempty"`
+}
+
+// nodeIDs lists the peer IDs of a node list.
+func nodeIDs(ns []protocol.Node) []string {
+	out := make([]string, 0, len(ns))
+	for _, n := range ns {
+		out = append(out, n.PeerID)
+	}
+	return out
+}
