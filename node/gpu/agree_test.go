@@ -6,54 +6,11 @@ import (
 	"math"
 	"os"
 	"path/filepath"
-	"strconv"
-	"sync/atomic"
 	"testing"
 
 	"github.com/signal-p2p/signal/protocol"
 	"github.com/signal-p2p/signal/trainer"
 )
-
-// dirCheckpoints is a Checkpoints over plain directories: a checkpoint's id
-// is its directory, so a test can hand the worker files the native engine
-// wrote and the other way round.
-type dirCheckpoints struct {
-	root string
-	n    atomic.Int64
-}
-
-func (d *dirCheckpoints) Save(_ context.Context, dir, runID string, step int, mode string) (protocol.Checkpoint, int64, error) {
-	dst := filepath.Join(d.root, strconv.FormatInt(d.n.Add(1), 10))
-	n, err := copyDir(dir, dst)
-	return protocol.Checkpoint{ID: dst, URI: dst, RunID: runID, Step: step, Mode: mode}, n, err
-}
-
-func (d *dirCheckpoints) Fetch(_ context.Context, ref, destDir string) error {
-	_, err := copyDir(ref, destDir)
-	return err
-}
-
-func copyDir(src, dst string) (int64, error) {
-	if err := os.MkdirAll(dst, 0o755); err != nil {
-		return 0, err
-	}
-	ents, err := os.ReadDir(src)
-	if err != nil {
-		return 0, err
-	}
-	var total int64
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join(src, e.Name()))
-		if err != nil {
-			return total, err
-		}
-		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o644); err != nil {
-			return total, err
-		}
-		total += int64(len(b))
-	}
-	return total, nil
-}
 
 // agreementData is two sequences of different lengths with a masked prompt.
 func agreementData() []protocol.Datum {
@@ -116,8 +73,7 @@ func testAgreement(t *testing.T, name string) {
 	if err := os.Symlink(modelDir, filepath.Join(models, name)); err != nil {
 		t.Fatal(err)
 	}
-	cps := &dirCheckpoints{root: t.TempDir()}
-	e := mustEngine(t, func(c *Config) { c.ModelsDir = models; c.Checkpoints = cps })
+	e := mustEngine(t, func(c *Config) { c.ModelsDir = models })
 	ctx := context.Background()
 
 	m, err := trainer.LoadModel(modelDir)
@@ -139,7 +95,9 @@ func testAgreement(t *testing.T, name string) {
 		t.Fatal(err)
 	}
 	defer gs.Close()
-	mustDo(t, gs, protocol.CallLoadState, protocol.LoadStateRequest{Checkpoint: adapterDir}, nil)
+	if err := gs.LoadState(ctx, adapterDir); err != nil {
+		t.Fatal(err)
+	}
 
 	data := agreementData()
 	compareForward := func(stage string, grad bool) {
@@ -222,10 +180,11 @@ func testAgreement(t *testing.T, name string) {
 	if _, err := nat.SaveState(natDir, trainer.SaveFull); err != nil {
 		t.Fatal(err)
 	}
-	var loaded struct{ Step int }
-	mustDo(t, gs, protocol.CallLoadState, protocol.LoadStateRequest{Checkpoint: natDir}, &loaded)
-	if loaded.Step != 1 {
-		t.Fatalf("worker loaded native checkpoint at step %d, want 1", loaded.Step)
+	if err := gs.LoadState(ctx, natDir); err != nil {
+		t.Fatal(err)
+	}
+	if gs.Step() != 1 {
+		t.Fatalf("worker loaded native checkpoint at step %d, want 1", gs.Step())
 	}
 	// Both now hold the native's adapter, moments and pending gradient: a
 	// second step must agree.
@@ -238,14 +197,16 @@ func testAgreement(t *testing.T, name string) {
 	}
 	compareForward("after a step from the native checkpoint", false)
 
-	var saved protocol.SaveStateResponse
-	mustDo(t, gs, protocol.CallSaveState, protocol.SaveStateRequest{Mode: "full"}, &saved)
+	gsDir := t.TempDir()
+	if err := gs.SaveState(ctx, gsDir, "full"); err != nil {
+		t.Fatal(err)
+	}
 	nat2, err := trainer.NewSession(m, trainer.SessionConfig{Rank: 8, Alpha: 16, Seed: 9})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nat2.Close()
-	if err := nat2.LoadState(saved.Checkpoint.URI); err != nil {
+	if err := nat2.LoadState(gsDir); err != nil {
 		t.Fatalf("native engine loading the worker's checkpoint: %v", err)
 	}
 	if nat2.Step() != 2 {

@@ -16,25 +16,30 @@ import (
 	"log/slog"
 	"os"
 	"time"
+
+	"github.com/signal-p2p/signal/node"
 )
 
-// Errors callers tell apart with errors.Is.
+// Errors callers tell apart with errors.Is. Each wraps the node's sentinel
+// for the same outcome, so the node maps them to API codes unchanged.
 var (
 	// ErrInvalidInput means the call's input is wrong (HTTP 400); the session is unchanged.
-	ErrInvalidInput = errors.New("invalid input")
+	ErrInvalidInput = fmt.Errorf("gpu: %w", node.ErrInvalidRequest)
+	// ErrUnknownModel means the models directory has no such base model.
+	ErrUnknownModel = fmt.Errorf("gpu: %w", node.ErrUnknownModel)
 	// ErrNotFound means the worker has no session for the run.
-	ErrNotFound = errors.New("not found")
+	ErrNotFound = fmt.Errorf("gpu: %w", node.ErrUnknownRun)
 	// ErrUnavailable means the worker is not running (starting, restarting,
 	// stopped) or out of device memory: retry later or elsewhere (HTTP 503).
-	ErrUnavailable = errors.New("gpu worker unavailable")
+	ErrUnavailable = fmt.Errorf("gpu worker: %w", node.ErrUnavailable)
 	// ErrSessionLost means the worker restarted since the session was opened,
 	// so its adapter and optimizer state are gone; the run must be reopened
 	// from its last checkpoint. It wraps ErrUnavailable.
 	ErrSessionLost = fmt.Errorf("%w: session lost in a worker restart", ErrUnavailable)
 	// ErrInternal means the worker failed on a valid call (a bug).
 	ErrInternal = errors.New("gpu worker internal error")
-	// ErrClosed means the session or engine was closed.
-	ErrClosed = errors.New("closed")
+	// ErrClosed means the session was closed.
+	ErrClosed = errors.New("gpu session closed")
 )
 
 // Backend names advertised in capacity adverts.
@@ -78,9 +83,6 @@ type Config struct {
 	MaxBackoff     time.Duration
 	// StopTimeout bounds a graceful shutdown before the worker is killed.
 	StopTimeout time.Duration
-	// Checkpoints stores save_state files; nil makes save_state and
-	// load_state fail with ErrUnavailable.
-	Checkpoints Checkpoints
 	// Logger receives supervisor events and the worker's stderr.
 	Logger *slog.Logger
 }

@@ -11,22 +11,13 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/protocol"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
 
-// Checkpoints moves a session's state files to and from checkpoint storage
-// (node/storage implements it: see StorageCheckpoints).
-type Checkpoints interface {
-	// Save uploads every file of dir as a checkpoint of runID at step and
-	// returns it with the bytes stored.
-	Save(ctx context.Context, dir, runID string, step int, mode string) (protocol.Checkpoint, int64, error)
-	// Fetch writes the files of the checkpoint ref names (id, URI or CID)
-	// into destDir, verified against their CIDs.
-	Fetch(ctx context.Context, ref, destDir string) error
-}
-
 // Engine exposes the worker's sessions to the node: one Engine per GPU.
+// It implements node.Engine.
 type Engine struct {
 	cfg Config
 	sup *Supervisor
@@ -70,8 +61,28 @@ func (e *Engine) Backend() string {
 	return ""
 }
 
-// Models lists the base models the worker holds loaded (shared by sessions).
+// Models lists the base models in ModelsDir (directories with a
+// config.json): what Open can load without a download.
 func (e *Engine) Models() []string {
+	if e.cfg.ModelsDir == "" {
+		return nil
+	}
+	ents, err := os.ReadDir(e.cfg.ModelsDir)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, d := range ents {
+		if _, err := os.Stat(filepath.Join(e.cfg.ModelsDir, d.Name(), "config.json")); err == nil {
+			out = append(out, d.Name())
+		}
+	}
+	return out
+}
+
+// LoadedModels lists the base models the worker holds in device memory
+// (loaded once, shared by every session on them).
+func (e *Engine) LoadedModels() []string {
 	h, _ := e.sup.LastHealth()
 	return h.Models
 }
@@ -79,14 +90,14 @@ func (e *Engine) Models() []string {
 // ModelDir is the directory of a base model: ModelsDir/name.
 func (e *Engine) ModelDir(name string) (string, error) {
 	if name == "" || name != filepath.Base(name) || strings.HasPrefix(name, ".") {
-		return "", fmt.Errorf("%w: base_model %q: want a model directory name", ErrInvalidInput, name)
+		return "", fmt.Errorf("%w: base_model %q: want a model directory name", ErrUnknownModel, name)
 	}
 	if e.cfg.ModelsDir == "" {
-		return "", fmt.Errorf("%w: base_model %q: the node has no models directory", ErrInvalidInput, name)
+		return "", fmt.Errorf("%w: base_model %q: the node has no models directory", ErrUnknownModel, name)
 	}
 	dir := filepath.Join(e.cfg.ModelsDir, name)
 	if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
-		return "", fmt.Errorf("%w: base_model %q: not in %s: %w", ErrInvalidInput, name, e.cfg.ModelsDir, err)
+		return "", fmt.Errorf("%w: base_model %q: not in %s: %w", ErrUnknownModel, name, e.cfg.ModelsDir, err)
 	}
 	return dir, nil
 }
@@ -136,9 +147,10 @@ type initBody struct {
 	ModelDir string `json:"model_dir"`
 }
 
-// Open creates the run's session on the worker (its base model is loaded
-// once and shared); with spec.ResumeFrom it restores that checkpoint first.
-func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (*Session, error) {
+// Open creates the run's session on the worker with a fresh adapter (its
+// base model is loaded once per worker and shared). The node restores
+// spec.ResumeFrom itself through LoadState.
+func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Session, error) {
 	if spec.RunID == "" {
 		return nil, fmt.Errorf("%w: run_id: required", ErrInvalidInput)
 	}
@@ -151,24 +163,25 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (*Session,
 		return nil, err
 	}
 	gen := e.sup.Generation()
-	if _, err := e.call(ctx, spec.RunID, protocol.CallInit, initBody{SessionSpec: spec, ModelDir: dir}); err != nil {
+	resp, err := e.call(ctx, spec.RunID, protocol.CallInit, initBody{SessionSpec: spec, ModelDir: dir})
+	if err != nil {
 		return nil, err
 	}
-	s := &Session{e: e, spec: spec, tok: tok, gen: gen}
-	if spec.ResumeFrom != nil {
-		ref := spec.ResumeFrom.URI
-		if ref == "" {
-			ref = spec.ResumeFrom.ID
-		}
-		if _, err := s.loadState(ctx, ref); err != nil {
-			_ = s.Close()
-			return nil, fmt.Errorf("resume run %s from %s: %w", spec.RunID, ref, err)
-		}
+	var out struct {
+		Step int `json:"step"`
 	}
-	return s, nil
+	if err := json.Unmarshal(resp.Body, &out); err != nil {
+		return nil, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallInit, ErrInternal, err)
+	}
+	return &Session{e: e, spec: spec, tok: tok, gen: gen, step: out.Step}, nil
 }
 
-// Session is one run's session on the worker.
+var (
+	_ node.Engine  = (*Engine)(nil)
+	_ node.Session = (*Session)(nil)
+)
+
+// Session is one run's session on the worker; it implements node.Session.
 type Session struct {
 	e    *Engine
 	spec protocol.SessionSpec
@@ -176,22 +189,18 @@ type Session struct {
 	gen  int64
 
 	mu     sync.Mutex
+	step   int
 	closed bool
 }
 
-// Do runs one call with the public API's JSON request body and returns the
-// API's JSON response body (without cost/balance), what the call used, and
-// the checkpoint it wrote (save_state, or the automatic one every
-// CheckpointEvery optimizer steps).
-func (s *Session) Do(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, *protocol.Checkpoint, error) {
+// Do runs forward_backward, forward, optim_step or sample with the public
+// API's JSON request body and returns the API's JSON response body (without
+// cost/balance) and what the call used.
+func (s *Session) Do(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var usage protocol.Usage
-	if s.closed {
-		return nil, usage, nil, fmt.Errorf("run %s: %w", s.spec.RunID, ErrClosed)
-	}
-	if g := s.e.sup.Generation(); g != s.gen && s.e.sup.Ready() {
-		return nil, usage, nil, fmt.Errorf("run %s: %w", s.spec.RunID, ErrSessionLost)
+	if err := s.usable(); err != nil {
+		return nil, protocol.Usage{}, err
 	}
 	if len(body) == 0 {
 		body = []byte("{}")
@@ -203,38 +212,75 @@ func (s *Session) Do(ctx context.Context, call protocol.Call, body []byte) ([]by
 		return s.optimStep(ctx, body)
 	case protocol.CallSample:
 		return s.sample(ctx, body)
-	case protocol.CallSaveState:
-		var req protocol.SaveStateRequest
-		if err := decodeStrict(body, &req); err != nil {
-			return nil, usage, nil, fmt.Errorf("%s: %w", call, err)
-		}
-		cp, stored, err := s.saveState(ctx, req.Mode)
-		if err != nil {
-			return nil, usage, nil, err
-		}
-		out, err := json.Marshal(protocol.SaveStateResponse{Checkpoint: cp})
-		return out, protocol.Usage{StoredBytes: stored}, &cp, err
-	case protocol.CallLoadState:
-		var req protocol.LoadStateRequest
-		if err := decodeStrict(body, &req); err != nil {
-			return nil, usage, nil, fmt.Errorf("%s: %w", call, err)
-		}
-		if req.Checkpoint == "" {
-			return nil, usage, nil, fmt.Errorf("%s: %w: checkpoint: required (id, URI or CID)", call, ErrInvalidInput)
-		}
-		step, err := s.loadState(ctx, req.Checkpoint)
-		if err != nil {
-			return nil, usage, nil, err
-		}
-		out, err := json.Marshal(map[string]any{"run_id": s.spec.RunID, "step": step})
-		return out, usage, nil, err
-	case protocol.CallClose:
-		s.mu.Unlock()
-		err := s.Close()
-		s.mu.Lock()
-		return []byte("{}"), usage, nil, err
 	}
-	return nil, usage, nil, fmt.Errorf("%w: call %q is not a session call", ErrInvalidInput, call)
+	return nil, protocol.Usage{}, fmt.Errorf("%w: call %q is not one Do runs (forward_backward, forward, optim_step, sample)", ErrInvalidInput, call)
+}
+
+// usable reports why the session cannot take a call; s.mu is held.
+func (s *Session) usable() error {
+	if s.closed {
+		return fmt.Errorf("run %s: %w", s.spec.RunID, ErrClosed)
+	}
+	if s.e.sup.Generation() != s.gen && s.e.sup.Ready() {
+		return fmt.Errorf("run %s: %w", s.spec.RunID, ErrSessionLost)
+	}
+	return nil
+}
+
+// Step is the number of optimizer steps taken.
+func (s *Session) Step() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.step
+}
+
+// SaveState has the worker write the session's files into dir: PEFT
+// adapter files, plus optimizer state (the native engine's format) when
+// mode is "full". The worker shares this machine's filesystem.
+func (s *Session) SaveState(ctx context.Context, dir, mode string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	if mode == "" {
+		mode = "adapter"
+	}
+	if mode != "adapter" && mode != "full" {
+		return fmt.Errorf("%s: %w: mode %q: want adapter or full", protocol.CallSaveState, ErrInvalidInput, mode)
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("%s: %w", protocol.CallSaveState, err)
+	}
+	_, err = s.e.call(ctx, s.spec.RunID, protocol.CallSaveState, map[string]string{"dir": abs, "mode": mode})
+	return err
+}
+
+// LoadState restores what SaveState (of this backend or the native engine)
+// wrote into dir; the session is unchanged if anything fails.
+func (s *Session) LoadState(ctx context.Context, dir string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.usable(); err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return fmt.Errorf("%s: %w", protocol.CallLoadState, err)
+	}
+	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallLoadState, map[string]string{"dir": abs})
+	if err != nil {
+		return err
+	}
+	var out struct {
+		Step int `json:"step"`
+	}
+	if err := json.Unmarshal(resp.Body, &out); err != nil {
+		return fmt.Errorf("%s: %w: decode answer: %w", protocol.CallLoadState, ErrInternal, err)
+	}
+	s.step = out.Step
+	return nil
 }
 
 // Close ends the session on the worker; closing twice is a no-op.
@@ -277,36 +323,36 @@ type workerFwdOut struct {
 	Logprobs [][]float64 `json:"logprobs"`
 }
 
-func (s *Session) forward(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, *protocol.Checkpoint, error) {
+func (s *Session) forward(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, error) {
 	var usage protocol.Usage
 	var req protocol.ForwardBackwardRequest
 	if err := decodeStrict(body, &req); err != nil {
-		return nil, usage, nil, fmt.Errorf("%s: %w", call, err)
+		return nil, usage, fmt.Errorf("%s: %w", call, err)
 	}
 	data := req.Data
 	if len(req.Examples) > 0 {
 		if len(data) > 0 {
-			return nil, usage, nil, fmt.Errorf("%s: %w: give data or examples, not both", call, ErrInvalidInput)
+			return nil, usage, fmt.Errorf("%s: %w: give data or examples, not both", call, ErrInvalidInput)
 		}
 		var err error
 		if data, err = ExamplesToData(s.tok, req.Examples); err != nil {
-			return nil, usage, nil, fmt.Errorf("%s: %w", call, err)
+			return nil, usage, fmt.Errorf("%s: %w", call, err)
 		}
 	}
 	resp, err := s.e.call(ctx, s.spec.RunID, call, workerFwd{Data: data, LossFn: req.LossFn, LossFnConfig: req.LossFnConfig})
 	if err != nil {
-		return nil, usage, nil, err
+		return nil, usage, err
 	}
 	var w workerFwdOut
 	if err := json.Unmarshal(resp.Body, &w); err != nil {
-		return nil, usage, nil, fmt.Errorf("%s: %w: decode answer: %w", call, ErrInternal, err)
+		return nil, usage, fmt.Errorf("%s: %w: decode answer: %w", call, ErrInternal, err)
 	}
 	out := protocol.ForwardBackwardResponse{LossSum: w.LossSum, LossMean: w.LossMean, Tokens: w.Tokens, Logprobs: w.Logprobs}
 	if call == protocol.CallForwardBackward {
 		out.GradNorm = w.GradNorm
 	}
 	b, err := json.Marshal(out)
-	return b, resp.Usage, nil, err
+	return b, resp.Usage, err
 }
 
 // ExamplesToData tokenizes text examples as the native engine does: Text is
@@ -352,31 +398,23 @@ func ExamplesToData(tok *tokenizer.Tokenizer, ex []protocol.TextExample) ([]prot
 
 // ---- optim_step ----
 
-func (s *Session) optimStep(ctx context.Context, body []byte) ([]byte, protocol.Usage, *protocol.Checkpoint, error) {
+func (s *Session) optimStep(ctx context.Context, body []byte) ([]byte, protocol.Usage, error) {
 	var usage protocol.Usage
 	var req protocol.OptimStepRequest
 	if err := decodeStrict(body, &req); err != nil {
-		return nil, usage, nil, fmt.Errorf("%s: %w", protocol.CallOptimStep, err)
+		return nil, usage, fmt.Errorf("%s: %w", protocol.CallOptimStep, err)
 	}
 	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallOptimStep, req)
 	if err != nil {
-		return nil, usage, nil, err
+		return nil, usage, err
 	}
 	var out protocol.OptimStepResponse
 	if err := json.Unmarshal(resp.Body, &out); err != nil {
-		return nil, usage, nil, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallOptimStep, ErrInternal, err)
+		return nil, usage, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallOptimStep, ErrInternal, err)
 	}
-	var cp *protocol.Checkpoint
-	if every := s.spec.CheckpointEvery; every > 0 && out.Step%every == 0 && s.e.cfg.Checkpoints != nil {
-		c, stored, err := s.saveState(ctx, "full")
-		if err != nil {
-			return nil, usage, nil, fmt.Errorf("automatic checkpoint at step %d: %w", out.Step, err)
-		}
-		cp = &c
-		usage.StoredBytes = stored
-	}
+	s.step = out.Step
 	b, err := json.Marshal(out)
-	return b, usage, cp, err
+	return b, resp.Usage, err
 }
 
 // ---- sample ----
@@ -392,11 +430,11 @@ type workerSample struct {
 	StopTokens     []int                   `json:"stop_tokens,omitempty"`
 }
 
-func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usage, *protocol.Checkpoint, error) {
+func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usage, error) {
 	var usage protocol.Usage
 	var req protocol.SampleRequest
 	if err := decodeStrict(body, &req); err != nil {
-		return nil, usage, nil, fmt.Errorf("%s: %w", protocol.CallSample, err)
+		return nil, usage, fmt.Errorf("%s: %w", protocol.CallSample, err)
 	}
 	w := workerSample{NumSamples: req.NumSamples, SamplingParams: req.SamplingParams}
 	// Stop strings are applied here, on decoded text: the worker has no
@@ -405,21 +443,21 @@ func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usa
 	for i, p := range req.Prompts {
 		switch {
 		case len(p.Tokens) > 0 && p.Text != "":
-			return nil, usage, nil, fmt.Errorf("%s: %w: prompts[%d]: give tokens or text, not both", protocol.CallSample, ErrInvalidInput, i)
+			return nil, usage, fmt.Errorf("%s: %w: prompts[%d]: give tokens or text, not both", protocol.CallSample, ErrInvalidInput, i)
 		case len(p.Tokens) > 0:
 			w.Prompts = append(w.Prompts, workerPrompt{Tokens: p.Tokens})
 		case p.Text != "":
 			if s.tok == nil {
-				return nil, usage, nil, fmt.Errorf("%s: %w: prompts[%d].text: the model has no tokenizer", protocol.CallSample, ErrInvalidInput, i)
+				return nil, usage, fmt.Errorf("%s: %w: prompts[%d].text: the model has no tokenizer", protocol.CallSample, ErrInvalidInput, i)
 			}
 			w.Prompts = append(w.Prompts, workerPrompt{Tokens: s.tok.Encode(p.Text, true)})
 		default:
-			return nil, usage, nil, fmt.Errorf("%s: %w: prompts[%d]: empty", protocol.CallSample, ErrInvalidInput, i)
+			return nil, usage, fmt.Errorf("%s: %w: prompts[%d]: empty", protocol.CallSample, ErrInvalidInput, i)
 		}
 	}
 	for i, st := range req.SamplingParams.Stop {
 		if st == "" {
-			return nil, usage, nil, fmt.Errorf("%s: %w: sampling_params.stop[%d]: empty string", protocol.CallSample, ErrInvalidInput, i)
+			return nil, usage, fmt.Errorf("%s: %w: sampling_params.stop[%d]: empty string", protocol.CallSample, ErrInvalidInput, i)
 		}
 	}
 	if s.tok != nil {
@@ -427,11 +465,11 @@ func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usa
 	}
 	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallSample, w)
 	if err != nil {
-		return nil, usage, nil, err
+		return nil, usage, err
 	}
 	var out protocol.SampleResponse
 	if err := json.Unmarshal(resp.Body, &out); err != nil {
-		return nil, usage, nil, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallSample, ErrInternal, err)
+		return nil, usage, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallSample, ErrInternal, err)
 	}
 	usage = resp.Usage
 	if s.tok != nil {
@@ -444,7 +482,7 @@ func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usa
 		}
 	}
 	b, err := json.Marshal(out)
-	return b, usage, nil, err
+	return b, usage, err
 }
 
 // applyStop decodes a sample's text and cuts it at the first stop string:
@@ -469,63 +507,4 @@ func applyStop(tok *tokenizer.Tokenizer, smp *protocol.Sample, stops []string) {
 		}
 	}
 	smp.Text = tok.Decode(smp.Tokens, true)
-}
-
-// ---- state ----
-
-func (s *Session) saveState(ctx context.Context, mode string) (protocol.Checkpoint, int64, error) {
-	if mode == "" {
-		mode = "adapter"
-	}
-	if mode != "adapter" && mode != "full" {
-		return protocol.Checkpoint{}, 0, fmt.Errorf("%s: %w: mode %q: want adapter or full", protocol.CallSaveState, ErrInvalidInput, mode)
-	}
-	if s.e.cfg.Checkpoints == nil {
-		return protocol.Checkpoint{}, 0, fmt.Errorf("%s: %w: no checkpoint storage configured", protocol.CallSaveState, ErrUnavailable)
-	}
-	dir, err := os.MkdirTemp(s.e.sup.runDir, "save-")
-	if err != nil {
-		return protocol.Checkpoint{}, 0, fmt.Errorf("%s: %w", protocol.CallSaveState, err)
-	}
-	defer os.RemoveAll(dir)
-	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallSaveState, map[string]string{"dir": dir, "mode": mode})
-	if err != nil {
-		return protocol.Checkpoint{}, 0, err
-	}
-	var out struct {
-		Step int `json:"step"`
-	}
-	if err := json.Unmarshal(resp.Body, &out); err != nil {
-		return protocol.Checkpoint{}, 0, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallSaveState, ErrInternal, err)
-	}
-	cp, stored, err := s.e.cfg.Checkpoints.Save(ctx, dir, s.spec.RunID, out.Step, mode)
-	if err != nil {
-		return protocol.Checkpoint{}, 0, fmt.Errorf("%s: upload: %w", protocol.CallSaveState, err)
-	}
-	return cp, stored, nil
-}
-
-func (s *Session) loadState(ctx context.Context, ref string) (int, error) {
-	if s.e.cfg.Checkpoints == nil {
-		return 0, fmt.Errorf("%s: %w: no checkpoint storage configured", protocol.CallLoadState, ErrUnavailable)
-	}
-	dir, err := os.MkdirTemp(s.e.sup.runDir, "load-")
-	if err != nil {
-		return 0, fmt.Errorf("%s: %w", protocol.CallLoadState, err)
-	}
-	defer os.RemoveAll(dir)
-	if err := s.e.cfg.Checkpoints.Fetch(ctx, ref, dir); err != nil {
-		return 0, fmt.Errorf("%s: fetch %s: %w", protocol.CallLoadState, ref, err)
-	}
-	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallLoadState, map[string]string{"dir": dir})
-	if err != nil {
-		return 0, err
-	}
-	var out struct {
-		Step int `json:"step"`
-	}
-	if err := json.Unmarshal(resp.Body, &out); err != nil {
-		return 0, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallLoadState, ErrInternal, err)
-	}
-	return out.Step, nil
 }
