@@ -17,16 +17,18 @@ var (
 	ErrSessionClosed = errors.New("session closed")
 )
 
-// DefaultLoRARank and DefaultLoRAAlpha are a SessionConfig's zero-value
-// choices (Tinker's: rank 32, alpha 32).
+// DefaultLoRARank is the public API's default rank (callers fill it in; a
+// SessionConfig's rank must be > 0). DefaultLoRAAlpha is taken when a
+// SessionConfig's Alpha is 0.
 const (
 	DefaultLoRARank  = 32
 	DefaultLoRAAlpha = 32
 )
 
 // SessionConfig configures a training session: its LoRA adapter and an
-// optional learning-rate schedule. Zero values take the defaults: rank
-// DefaultLoRARank, alpha DefaultLoRAAlpha, every linear layer of the blocks.
+// optional learning-rate schedule. Rank must be > 0; zero values of the
+// others take the defaults: alpha DefaultLoRAAlpha, every linear layer of
+// the blocks.
 type SessionConfig struct {
 	Rank          int
 	Alpha         float32
@@ -77,13 +79,10 @@ type Session struct {
 // NewSession opens a training session on m with a fresh PEFT-initialised
 // adapter (A Kaiming-uniform, B zero: outputs start equal to the base's).
 func NewSession(m *Model, cfg SessionConfig) (*Session, error) {
-	if cfg.Rank == 0 {
-		cfg.Rank = DefaultLoRARank
-	}
 	if cfg.Alpha == 0 {
 		cfg.Alpha = DefaultLoRAAlpha
 	}
-	if cfg.Rank < 0 {
+	if cfg.Rank <= 0 {
 		return nil, fmt.Errorf("%w: rank %d: want > 0", ErrInvalidInput, cfg.Rank)
 	}
 	if cfg.Schedule != nil {

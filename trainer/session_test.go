@@ -230,6 +230,7 @@ func TestNewSessionRejectsBadConfig(t *testing.T) {
 		want string
 	}{
 		{SessionConfig{Rank: -1}, "rank"},
+		{SessionConfig{Rank: 0}, "rank"},
 		{SessionConfig{Rank: 4, TargetModules: []string{"qkv"}}, "qkv"},
 		{SessionConfig{Rank: 4, Alpha: float32(math.Inf(1))}, "alpha"},
 		{SessionConfig{Rank: 4, Schedule: &LRSchedule{Kind: "cosine", PeakLR: 1e-3}}, "total_steps"},
