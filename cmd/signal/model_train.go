@@ -116,10 +116,10 @@ all LoRA parameters: those of --adapter, or of a fresh adapter of --rank
 func newModelTrainCmd() *cobra.Command {
 	var (
 		dir, adapter, data, out, loss, schedule string
-		steps, rank, warmup                      int
-		alpha                                    float32
-		seed                                     int64
-		adam                                     = trainer.DefaultAdamParams()
+		steps, rank, warmup                     int
+		alpha                                   float32
+		seed                                    int64
+		adam                                    = trainer.DefaultAdamParams()
 	)
 	cmd := &cobra.Command{
 		Use:   "train --model DIR --data FILE.jsonl --steps N --lr X [--rank R] --out DIR",
