@@ -303,7 +303,9 @@ func (n *Node) Stop() error {
 	if n.topic != nil {
 		// Close the topic while pubsub still runs: afterwards it can only
 		// report that its context ended.
-		errs = append(errs, n.topic.Close())
+		if err := n.topic.Close(); err != nil && !errors.Is(err, context.Canceled) {
+			errs = append(errs, err)
+		}
 	}
 	if n.cancel != nil {
 		n.cancel()

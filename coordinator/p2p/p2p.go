@@ -249,7 +249,9 @@ func (h *Host) Stop() error {
 	if h.topic != nil {
 		// Close the topic while pubsub still runs: afterwards it can only
 		// report that its context ended.
-		errs = append(errs, h.topic.Close())
+		if err := h.topic.Close(); err != nil && !errors.Is(err, context.Canceled) {
+			errs = append(errs, err)
+		}
 	}
 	if h.cancel != nil {
 		h.cancel()

@@ -1,0 +1,177 @@
+package main
+
+// signal node: the node daemon; signal node token create: issue a join
+// token through the admin API; signal node fingerprint: print what NVML
+// (or the CPU fallback) reports.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/fingerprint"
+	"github.com/signal-p2p/signal/node/native"
+	"github.com/signal-p2p/signal/protocol"
+)
+
+func init() { register(newNodeCmd) }
+
+func newNodeCmd() *cobra.Command {
+	cfg := node.DefaultConfig()
+	var modelsDir string
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Run a node daemon: join the network and serve training sessions",
+		Long: `signal node joins the Signal network through the coordinators given with
+--bootstrap (their libp2p multiaddrs, ending in /p2p/PEER_ID), proves its join
+token, advertises its capacity (GPUs through NVML, else CPU cores and memory)
+and serves run sessions on the native engine with the models in --models
+(Hugging Face layout, one directory per model). Checkpoints go to --storage:
+file:///dir (default: DATA/checkpoints) or
+s3://bucket/prefix?endpoint=host:port&secure=false with credentials from
+$AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY or the --s3-* flags.
+Ctrl-C or SIGTERM shuts down gracefully: running calls finish and open
+sessions are checkpointed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if cfg.JoinToken == "" {
+				cfg.JoinToken = os.Getenv("SIGNAL_JOIN_TOKEN")
+			}
+			if cfg.DataDir == "" {
+				return errors.New("--data: directory required")
+			}
+			if modelsDir == "" {
+				modelsDir = filepath.Join(cfg.DataDir, "models")
+				if err := os.MkdirAll(modelsDir, 0o755); err != nil {
+					return err
+				}
+			}
+			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+			eng, err := native.New(modelsDir)
+			if err != nil {
+				return fmt.Errorf("--models: %w", err)
+			}
+			defer eng.Close()
+			n, err := node.New(cfg, eng)
+			if err != nil {
+				return err
+			}
+			if err := n.Start(cmd.Context()); err != nil {
+				_ = n.Stop()
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s\n", n.PeerID())
+			for _, a := range n.Addrs() {
+				fmt.Fprintf(cmd.OutOrStdout(), "listening %s\n", a)
+			}
+			<-cmd.Context().Done()
+			fmt.Fprintln(cmd.ErrOrStderr(), "shutting down: finishing calls and checkpointing open sessions")
+			return n.Stop()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.DataDir, "data", "", "data directory (identity key, default checkpoint storage)")
+	f.StringSliceVar(&cfg.Bootstrap, "bootstrap", nil, "coordinator multiaddr with /p2p/ID (repeatable)")
+	f.StringVar(&cfg.JoinToken, "join-token", "", "join token from `signal node token create` (default $SIGNAL_JOIN_TOKEN)")
+	f.StringSliceVar(&cfg.ListenAddrs, "listen", cfg.ListenAddrs, "multiaddr to listen on (repeatable)")
+	f.StringVar(&cfg.StorageURL, "storage", "", "checkpoint storage URL: file:///dir or s3://bucket/prefix?endpoint=host:port&secure=false")
+	f.StringVar(&cfg.Creds.AccessKey, "s3-access-key", "", "S3 access key (default $AWS_ACCESS_KEY_ID)")
+	f.StringVar(&cfg.Creds.SecretKey, "s3-secret-key", "", "S3 secret key (default $AWS_SECRET_ACCESS_KEY)")
+	f.StringVar(&modelsDir, "models", "", "models directory, one Hugging Face model per subdirectory (default DATA/models)")
+	f.IntVar(&cfg.MaxSessions, "max-sessions", cfg.MaxSessions, "most sessions open at once")
+	f.DurationVar(&cfg.AdvertInterval, "advert-interval", cfg.AdvertInterval, "how often to publish a capacity advert")
+	f.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "bound on graceful shutdown")
+	f.BoolVar(&cfg.MDNS, "mdns", cfg.MDNS, "discover peers on the LAN with mDNS")
+	f.BoolVar(&cfg.DHT, "dht", cfg.DHT, "run a Kademlia DHT")
+	cmd.AddCommand(newNodeTokenCmd(), newNodeFingerprintCmd())
+	return cmd
+}
+
+func newNodeTokenCmd() *cobra.Command {
+	token := &cobra.Command{Use: "token", Short: "Manage node join tokens (admin)"}
+	var url, admin, operator string
+	var asJSON bool
+	create := &cobra.Command{
+		Use:   "create",
+		Short: "Issue a join token; nodes that present it earn for the operator account",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if admin == "" {
+				admin = os.Getenv("SIGNAL_ADMIN_TOKEN")
+			}
+			if url == "" {
+				url = os.Getenv("SIGNAL_URL")
+			}
+			if url == "" || admin == "" {
+				return errors.New("--coordinator and --admin-token (or $SIGNAL_URL, $SIGNAL_ADMIN_TOKEN) are required")
+			}
+			var out protocol.JoinTokenResponse
+			err := postJSON(cmd.Context(), strings.TrimRight(url, "/")+"/v1/admin/join_tokens", admin,
+				protocol.JoinTokenRequest{OperatorAccount: operator}, &out)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "join_token %s\noperator_account %s\n", out.JoinToken, out.OperatorAccount)
+			return nil
+		},
+	}
+	f := create.Flags()
+	f.StringVar(&url, "coordinator", "", "coordinator URL (default $SIGNAL_URL)")
+	f.StringVar(&admin, "admin-token", "", "admin token (default $SIGNAL_ADMIN_TOKEN)")
+	f.StringVar(&operator, "operator", "", "operator account the node's earnings go to (default: a new account)")
+	f.BoolVar(&asJSON, "json", false, "print the API's JSON")
+	token.AddCommand(create)
+	return token
+}
+
+// fingerprintReport is what `signal node fingerprint` prints.
+type fingerprintReport struct {
+	Source  string         `json:"source"`
+	NVMLErr string         `json:"nvml_error,omitempty"`
+	GPUs    []protocol.GPU `json:"gpus"`
+	CPU     protocol.CPU   `json:"cpu"`
+	Error   string         `json:"error,omitempty"`
+}
+
+func newNodeFingerprintCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "fingerprint",
+		Short: "Print the devices this machine would advertise (NVML GPUs, or CPU fallback) as JSON",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fp, why := fingerprint.Detect(time.Second)
+			rep := fingerprintReport{Source: fp.Source()}
+			if why != nil {
+				rep.NVMLErr = why.Error()
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 30*time.Second)
+			defer cancel()
+			r, ok := <-fp.Fingerprint(ctx)
+			if !ok {
+				return fmt.Errorf("fingerprint: %w", ctx.Err())
+			}
+			rep.GPUs, rep.CPU = r.Devices.GPUs, r.Devices.CPU
+			if rep.GPUs == nil {
+				rep.GPUs = []protocol.GPU{}
+			}
+			if r.Err != nil {
+				rep.Error = r.Err.Error()
+			}
+			enc := json.NewEncoder(cmd.OutOrStdout())
+			enc.SetIndent("", "  ")
+			return enc.Encode(rep)
+		},
+	}
+}
