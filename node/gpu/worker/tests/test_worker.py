@@ -149,7 +149,8 @@ class SafetensorsTest(unittest.TestCase):
         p = os.path.join(d, "bad.safetensors")
         good = os.path.join(d, "good.safetensors")
         safetensors.write(good, {"w": torch.ones(4, 4)})
-        raw = open(good, "rb").read()
+        with open(good, "rb") as f:
+            raw = f.read()
         cases = {
             "short": b"\x01\x02",
             "header past end": struct.pack("<Q", 1 << 20) + b"{}",
@@ -164,6 +165,32 @@ class SafetensorsTest(unittest.TestCase):
                     f.write(data)
                 with self.assertRaises(safetensors.FormatError):
                     safetensors.read(p)
+
+
+    def test_mutated_files_fail_cleanly(self):
+        # A small fuzz: flipped and truncated bytes of a valid file either
+        # read or raise FormatError; never another exception.
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        good = os.path.join(d, "good.safetensors")
+        safetensors.write(good, {"a": torch.ones(3, 2), "b": torch.zeros(5).bfloat16()})
+        with open(good, "rb") as f:
+            raw = bytearray(f.read())
+        g = torch.Generator().manual_seed(0)
+        p = os.path.join(d, "m.safetensors")
+        for i in range(300):
+            b = bytearray(raw)
+            for _ in range(1 + i % 4):
+                j = int(torch.randint(0, len(b), (1,), generator=g))
+                b[j] = int(torch.randint(0, 256, (1,), generator=g))
+            if i % 5 == 0:
+                b = b[:int(torch.randint(0, len(b), (1,), generator=g))]
+            with open(p, "wb") as f:
+                f.write(b)
+            try:
+                safetensors.read(p)
+            except safetensors.FormatError:
+                pass
 
 
 class ModelTest(unittest.TestCase):
@@ -464,6 +491,20 @@ class ServerTest(unittest.TestCase):
         self.addCleanup(sock.close)
         h = _call(sock, {"request_id": "h", "call": "health"})
         self.assertEqual((h["body"]["status"], h["body"]["backend"]), ("ok", "cpu-torch"))
+        # A foreign or oversized frame gets an error answer and that
+        # connection is dropped; the worker keeps serving the others.
+        for junk in (b"GET / HTTP/1.1\r\n\r\n", b"SG\x01\x01\xff\xff\xff\xff", b"SG\x09\x01\x00\x00\x00\x00"):
+            bad = socket.socket(socket.AF_UNIX)
+            bad.connect(path)
+            bad.sendall(junk)
+            head = _recv(bad, 8)
+            err = json.loads(_recv(bad, struct.unpack(">I", head[4:])[0]))
+            self.assertEqual(err["error"]["code"], "invalid_request", junk)
+            try:  # closed (or reset, when junk was left unread)
+                self.assertEqual(bad.recv(1), b"")
+            except ConnectionResetError:
+                pass
+            bad.close()
         model = find_model("tiny-sp")
         for run in ("r1", "r2"):
             r = _call(sock, {"request_id": "i" + run, "run_id": run, "call": "init",
