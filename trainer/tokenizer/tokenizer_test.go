@@ -296,3 +296,26 @@ func TestDecodeUTF8MatchesWHATWG(t *testing.T) {
 		t.Errorf("BOM stripped: %q", got)
 	}
 }
+
+func TestMetadataExtras(t *testing.T) {
+	l31 := mustLoadGzip(t, "testdata/extra/llama3_1")
+	if id, ok := l31.BOS(); !ok || id != 128000 {
+		t.Errorf("llama3_1 BOS = %d, %v; want 128000", id, ok)
+	}
+	if got := l31.EOS(); !slices.Equal(got, []int{128009}) {
+		t.Errorf("llama3_1 EOS = %v, want [128009] (<|eot_id|>)", got)
+	}
+	if got := l31.Encode("hi", true); len(got) < 2 || got[0] != 128000 {
+		t.Errorf("llama3_1 Encode(hi, true) = %v, want <|begin_of_text|> first", got)
+	}
+	q := mustLoadGzip(t, "testdata/extra/qwen3")
+	if _, ok := q.BOS(); ok {
+		t.Error("qwen3 has a BOS; its config sets bos_token null")
+	}
+	if got := q.EOS(); !slices.Equal(got, []int{151645}) {
+		t.Errorf("qwen3 EOS = %v, want [151645] (<|im_end|>)", got)
+	}
+	if got := q.VocabSize(); got != 151669 {
+		t.Errorf("qwen3 VocabSize = %d, want 151669", got)
+	}
+}
