@@ -237,6 +237,10 @@ func (c *Coordinator) handleCreateRun(cl *call) (any, error) {
 		return nil, err
 	}
 	ctx := cl.r.Context()
+	// Refuse before recording a run that could not be placed anywhere.
+	if _, err := c.place(model, nil); err != nil {
+		return nil, retryAfter(err, c.cfg.RetryAfter)
+	}
 	spec.RunID = "run_" + newID(8)
 	rec := RunRecord{
 		Run: protocol.Run{ID: spec.RunID, Name: req.Name, BaseModel: spec.BaseModel, LoRARank: spec.LoRARank,

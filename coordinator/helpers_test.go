@@ -187,7 +187,7 @@ func (n *fakeNet) do(_ context.Context, peer string, req protocol.SessionRequest
 }
 
 // testConfig is a coordinator config for loopback tests with fast raft timing.
-func testConfig(t *testing.T, id string) Config {
+func testConfig(t testing.TB, id string) Config {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.ID = id
@@ -205,7 +205,7 @@ func testConfig(t *testing.T, id string) Config {
 	return cfg
 }
 
-func mustStart(t *testing.T, cfg Config) *Coordinator {
+func mustStart(t testing.TB, cfg Config) *Coordinator {
 	t.Helper()
 	c, err := New(cfg)
 	if err != nil {
@@ -220,7 +220,7 @@ func mustStart(t *testing.T, cfg Config) *Coordinator {
 
 // startCluster starts n members over loopback: the first bootstraps, the
 // others join through it. mod adjusts each config.
-func startCluster(t *testing.T, n int, mod func(*Config)) []*Coordinator {
+func startCluster(t testing.TB, n int, mod func(*Config)) []*Coordinator {
 	t.Helper()
 	var cs []*Coordinator
 	for i := 0; i < n; i++ {
@@ -266,7 +266,7 @@ func leaderOf(cs []*Coordinator) *Coordinator {
 	return nil
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {

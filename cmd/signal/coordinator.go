@@ -1,0 +1,153 @@
+package main
+
+// signal coordinator: one member of the raft-replicated control plane, with
+// its libp2p host for the node network.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/signal-p2p/signal/coordinator"
+	"github.com/signal-p2p/signal/coordinator/p2p"
+	"github.com/signal-p2p/signal/trainer/tokenizer"
+)
+
+func init() { register(newCoordinatorCmd) }
+
+type coordinatorOpts struct {
+	id, data, raftAddr, httpAddr, join, adminToken, modelsFile, logLevel string
+	bootstrap, noP2P                                                     bool
+	models, p2pListen                                                    []string
+	feeBPS, burst                                                        int
+	rate                                                                 float64
+}
+
+func newCoordinatorCmd() *cobra.Command {
+	o := coordinatorOpts{}
+	d := coordinator.DefaultConfig()
+	cmd := &cobra.Command{
+		Use:   "coordinator",
+		Short: "Run a coordinator: raft member, public HTTP API, libp2p host for nodes",
+		Long: `Run one coordinator. A single coordinator started with --bootstrap is a
+working cluster; start more with --join URL (any member's HTTP URL) to form
+a cluster of three or five. Restarting with the same --data resumes.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return runCoordinator(cmd.Context(), cmd, o) },
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.id, "id", "", "raft server ID, unique in the cluster (required)")
+	f.StringVar(&o.data, "data", "", "data directory: raft log, snapshots, p2p identity (required)")
+	f.StringVar(&o.raftAddr, "raft-addr", d.RaftAddr, "raft TCP address HOST:PORT (advertised to the other members)")
+	f.StringVar(&o.httpAddr, "http-addr", d.HTTPAddr, "public API address HOST:PORT")
+	f.BoolVar(&o.bootstrap, "bootstrap", false, "start a new cluster with this member (first start only)")
+	f.StringVar(&o.join, "join", "", "join the cluster through this member's HTTP URL")
+	f.StringVar(&o.adminToken, "admin-token", "", "admin token for /v1/admin and cluster calls (default $SIGNAL_ADMIN_TOKEN)")
+	f.StringVar(&o.modelsFile, "models", "", "model registry file (JSON array of {name, hf_repo, path, context_length, memory_bytes, prices})")
+	f.StringArrayVar(&o.models, "model", nil, "add a local model NAME=DIR (Hugging Face layout); repeatable")
+	f.StringArrayVar(&o.p2pListen, "p2p-listen", nil, "libp2p listen multiaddr; repeatable (default TCP and QUIC, random ports)")
+	f.BoolVar(&o.noP2P, "no-p2p", false, "run without a node network (placement answers 503)")
+	f.IntVar(&o.feeBPS, "fee-bps", d.FeeBasisPoints, "network fee in basis points of each charge")
+	f.Float64Var(&o.rate, "rate", d.RatePerSecond, "requests per second per API key")
+	f.IntVar(&o.burst, "burst", d.RateBurst, "burst per API key")
+	f.StringVar(&o.logLevel, "log-level", "info", "audit/infrastructure log level: debug, info, warn, error")
+	return cmd
+}
+
+// joinRegistry adapts the coordinator to the p2p host's Registry: a refused
+// token must wrap p2p.ErrInvalidJoinToken so the node stops retrying.
+type joinRegistry struct{ c *coordinator.Coordinator }
+
+func (r joinRegistry) RegisterNode(ctx context.Context, peerID, token string) (string, error) {
+	op, err := r.c.RegisterNode(ctx, peerID, token)
+	if errors.Is(err, coordinator.ErrUnauthorized) {
+		return "", fmt.Errorf("%w: %w", p2p.ErrInvalidJoinToken, err)
+	}
+	return op, err
+}
+
+func (r joinRegistry) IsJoined(peerID string) bool { return r.c.IsJoined(peerID) }
+
+func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: %w", o.logLevel, err)
+	}
+	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	cfg := coordinator.DefaultConfig()
+	cfg.ID, cfg.DataDir, cfg.RaftAddr, cfg.HTTPAddr = o.id, o.data, o.raftAddr, o.httpAddr
+	cfg.Bootstrap, cfg.Join = o.bootstrap, o.join
+	cfg.AdminToken = o.adminToken
+	if cfg.AdminToken == "" {
+		cfg.AdminToken = os.Getenv("SIGNAL_ADMIN_TOKEN")
+	}
+	cfg.FeeBasisPoints, cfg.RatePerSecond, cfg.RateBurst = o.feeBPS, o.rate, o.burst
+	cfg.Logger, cfg.RaftLog = logger, os.Stderr
+	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
+	if o.modelsFile != "" {
+		ms, err := coordinator.LoadModels(o.modelsFile)
+		if err != nil {
+			return err
+		}
+		cfg.Models = append(cfg.Models, ms...)
+	}
+	for _, m := range o.models {
+		name, dir, ok := strings.Cut(m, "=")
+		if !ok || name == "" || dir == "" {
+			return fmt.Errorf("--model %q: want NAME=DIR", m)
+		}
+		spec, err := coordinator.ModelFromDir(name, dir)
+		if err != nil {
+			return fmt.Errorf("--model %s: %w", m, err)
+		}
+		cfg.Models = append(cfg.Models, spec)
+	}
+	c, err := coordinator.New(cfg)
+	if err != nil {
+		return err
+	}
+	var host *p2p.Host
+	if !o.noP2P {
+		pc := p2p.DefaultConfig()
+		pc.DataDir = filepath.Join(o.data, "p2p")
+		if len(o.p2pListen) > 0 {
+			pc.ListenAddrs = o.p2pListen
+		}
+		pc.NodeLostErr = coordinator.ErrNodeLost
+		pc.Logger = logger
+		if host, err = p2p.New(pc, joinRegistry{c}); err != nil {
+			return fmt.Errorf("p2p host: %w", err)
+		}
+		c.SetBackend(host)
+	}
+	if err := c.Start(ctx); err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "coordinator %s: api %s raft %s\n", cfg.ID, c.URL(), c.RaftAddr())
+	if host != nil {
+		if err := host.Start(ctx); err != nil {
+			_ = c.Stop()
+			return fmt.Errorf("p2p host: %w", err)
+		}
+		for _, a := range host.Addrs() {
+			fmt.Fprintf(out, "p2p %s\n", a)
+		}
+	}
+	<-ctx.Done()
+	var errs []error
+	if host != nil {
+		errs = append(errs, host.Stop())
+	}
+	errs = append(errs, c.Stop())
+	if err := errors.Join(errs...); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
