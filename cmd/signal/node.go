@@ -19,6 +19,7 @@ import (
 
 	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/node/fingerprint"
+	"github.com/signal-p2p/signal/node/hub"
 	"github.com/signal-p2p/signal/node/native"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -28,6 +29,7 @@ func init() { register(newNodeCmd) }
 func newNodeCmd() *cobra.Command {
 	cfg := node.DefaultConfig()
 	var modelsDir string
+	var hfModels []string
 	cmd := &cobra.Command{
 		Use:   "node",
 		Short: "Run a node daemon: join the network and serve training sessions",
@@ -61,6 +63,11 @@ sessions are checkpointed.`,
 				return fmt.Errorf("--models: %w", err)
 			}
 			defer eng.Close()
+			if len(hfModels) > 0 {
+				if eng.Fetch, err = hubFetcher(hfModels); err != nil {
+					return err
+				}
+			}
 			n, err := node.New(cfg, eng)
 			if err != nil {
 				return err
@@ -92,8 +99,33 @@ sessions are checkpointed.`,
 	f.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "bound on graceful shutdown")
 	f.BoolVar(&cfg.MDNS, "mdns", cfg.MDNS, "discover peers on the LAN with mDNS")
 	f.BoolVar(&cfg.DHT, "dht", cfg.DHT, "run a Kademlia DHT")
+	f.StringSliceVar(&hfModels, "hf", nil, "NAME=OWNER/REPO[@REV]: download model NAME from the Hugging Face Hub when it is not in --models (repeatable; $HF_TOKEN for gated models)")
 	cmd.AddCommand(newNodeTokenCmd(), newNodeFingerprintCmd())
 	return cmd
+}
+
+// hubFetcher maps model names to Hugging Face repositories and downloads
+// them on first use.
+func hubFetcher(specs []string) (func(ctx context.Context, name, dir string) error, error) {
+	type ref struct{ repo, rev string }
+	refs := make(map[string]ref, len(specs))
+	for _, s := range specs {
+		name, repo, ok := strings.Cut(s, "=")
+		if !ok || name == "" || repo == "" {
+			return nil, fmt.Errorf("--hf %q: want NAME=OWNER/REPO[@REV]", s)
+		}
+		repo, rev, _ := strings.Cut(repo, "@")
+		refs[name] = ref{repo, rev}
+	}
+	c := &hub.Client{}
+	return func(ctx context.Context, name, dir string) error {
+		r, ok := refs[name]
+		if !ok {
+			return fmt.Errorf("%w: %q is neither in --models nor named by --hf", node.ErrUnknownModel, name)
+		}
+		_, err := c.Download(ctx, r.repo, r.rev, dir, nil)
+		return err
+	}, nil
 }
 
 func newNodeTokenCmd() *cobra.Command {

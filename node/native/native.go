@@ -30,8 +30,14 @@ const BackendName = "native"
 type Engine struct {
 	dir string
 
-	mu     sync.Mutex
-	models map[string]*modelSlot
+	// Fetch, when set, is asked for a model missing from the directory: it
+	// fills dir (a temporary directory, renamed into place on success),
+	// e.g. from the Hugging Face Hub, or fails with node.ErrUnknownModel.
+	Fetch func(ctx context.Context, name, dir string) error
+
+	mu      sync.Mutex
+	models  map[string]*modelSlot
+	fetchMu sync.Mutex
 }
 
 // modelSlot loads a model once; concurrent opens of the same model wait
@@ -106,13 +112,18 @@ func (e *Engine) Close() error {
 	return errors.Join(errs...)
 }
 
-func (e *Engine) model(name string) (*trainer.Model, error) {
+func (e *Engine) model(ctx context.Context, name string) (*trainer.Model, error) {
 	if name == "" || name != filepath.Base(name) || strings.HasPrefix(name, ".") {
 		return nil, fmt.Errorf("%w: base_model %q", node.ErrUnknownModel, name)
 	}
 	dir := filepath.Join(e.dir, name)
 	if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
-		return nil, fmt.Errorf("%w: %q (have %v)", node.ErrUnknownModel, name, e.Models())
+		if e.Fetch == nil {
+			return nil, fmt.Errorf("%w: %q (have %v)", node.ErrUnknownModel, name, e.Models())
+		}
+		if err := e.fetch(ctx, name, dir); err != nil {
+			return nil, err
+		}
 	}
 	e.mu.Lock()
 	s, ok := e.models[name]
@@ -133,9 +144,32 @@ func (e *Engine) model(name string) (*trainer.Model, error) {
 	return s.model, nil
 }
 
+// fetch downloads a model into a temporary directory beside its final
+// place and renames it there, so that a failed download leaves no model
+// directory that looks complete. Concurrent fetches of one model are
+// serialised by the engine's fetch lock.
+func (e *Engine) fetch(ctx context.Context, name, dir string) error {
+	e.fetchMu.Lock()
+	defer e.fetchMu.Unlock()
+	if _, err := os.Stat(filepath.Join(dir, "config.json")); err == nil {
+		return nil // fetched by the caller before us
+	}
+	tmp := filepath.Join(e.dir, ".fetch-"+name)
+	if err := e.Fetch(ctx, name, tmp); err != nil {
+		return fmt.Errorf("fetch model %s: %w", name, err)
+	}
+	if _, err := os.Stat(filepath.Join(tmp, "config.json")); err != nil {
+		return fmt.Errorf("fetch model %s: %w: no config.json", name, node.ErrUnknownModel)
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return fmt.Errorf("fetch model %s: %w", name, err)
+	}
+	return nil
+}
+
 // Open starts a session with a fresh LoRA adapter on the shared model.
-func (e *Engine) Open(_ context.Context, spec protocol.SessionSpec) (node.Session, error) {
-	m, err := e.model(spec.BaseModel)
+func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Session, error) {
+	m, err := e.model(ctx, spec.BaseModel)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -164,5 +165,47 @@ func TestNewErrors(t *testing.T) {
 	}
 	if _, err := eng.Open(context.Background(), protocol.SessionSpec{BaseModel: "nope"}); !errors.Is(err, node.ErrUnknownModel) {
 		t.Fatalf("Open unknown = %v", err)
+	}
+}
+
+func TestFetchMissingModel(t *testing.T) {
+	src := filepath.Join(modelsDir(t), "tiny-sp")
+	eng, err := New(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer eng.Close()
+	fetches := 0
+	eng.Fetch = func(_ context.Context, name, dir string) error {
+		fetches++
+		if name != "tiny-sp" {
+			return fmt.Errorf("%w: %s", node.ErrUnknownModel, name)
+		}
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		for _, f := range []string{"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} {
+			b, err := os.ReadFile(filepath.Join(src, f))
+			if err != nil {
+				return err
+			}
+			if err := os.WriteFile(filepath.Join(dir, f), b, 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for i := 0; i < 2; i++ {
+		s, err := eng.Open(context.Background(), protocol.SessionSpec{BaseModel: "tiny-sp", LoRARank: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+	}
+	if fetches != 1 || len(eng.Models()) != 1 {
+		t.Fatalf("fetches = %d, models = %v", fetches, eng.Models())
+	}
+	if _, err := eng.Open(context.Background(), protocol.SessionSpec{BaseModel: "other"}); !errors.Is(err, node.ErrUnknownModel) {
+		t.Fatalf("unknown fetch err = %v", err)
 	}
 }
