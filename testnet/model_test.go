@@ -84,9 +84,9 @@ func TestDefaultModelTrains(t *testing.T) {
 		}
 	}
 	t.Logf("losses: %.3f", losses)
-	// Random weights start near ln(32000) = 10.4 nats; the adapter must learn
-	// the four sentences well enough to lose a good part of that.
-	if !(losses[19] < losses[0]-1) {
-		t.Fatalf("loss %.3f -> %.3f: did not fall by at least 1 nat", losses[0], losses[19])
+	// Random weights start near or above ln(32000) = 10.4 nats; the adapter
+	// must learn the four sentences well enough to lose most of that.
+	if !(losses[19] < losses[0]/2) {
+		t.Fatalf("loss %.3f -> %.3f: did not fall to half", losses[0], losses[19])
 	}
 }
