@@ -44,7 +44,11 @@ func trainParallel(n int, fn func(lo, hi int)) {
 // rmsNormForward writes y = x·rinv·w row by row and keeps rinv (one per row),
 // the only thing backward needs besides x. x and y are [rows, h].
 func rmsNormForward(y, x, w, rinv []float32, rows, h int, eps float32) {
-	for r := 0; r < rows; r++ {
+	trainParallel(rows, func(lo, hi int) { rmsNormForwardRows(y, x, w, rinv, lo, hi, h, eps) })
+}
+
+func rmsNormForwardRows(y, x, w, rinv []float32, lo, hi, h int, eps float32) {
+	for r := lo; r < hi; r++ {
 		xr := x[r*h : (r+1)*h]
 		var ss float64
 		for _, v := range xr {
@@ -62,7 +66,11 @@ func rmsNormForward(y, x, w, rinv []float32, rows, h int, eps float32) {
 // rmsNormBackward adds to dx the gradient through y = x·rinv·w (w frozen):
 // dx = rinv·(g − x·rinv²·mean(g·x)) with g = dy·w.
 func rmsNormBackward(dx, dy, x, w, rinv []float32, rows, h int) {
-	for r := 0; r < rows; r++ {
+	trainParallel(rows, func(lo, hi int) { rmsNormBackwardRows(dx, dy, x, w, rinv, lo, hi, h) })
+}
+
+func rmsNormBackwardRows(dx, dy, x, w, rinv []float32, lo, hi, h int) {
+	for r := lo; r < hi; r++ {
 		xr, dyr, dxr := x[r*h:(r+1)*h], dy[r*h:(r+1)*h], dx[r*h:(r+1)*h]
 		var dot float64
 		for i := range xr {
@@ -83,8 +91,12 @@ func rmsNormBackward(dx, dy, x, w, rinv []float32, rows, h int) {
 // forward rotation; -1 turns back, which is its backward (a rotation's
 // transpose is its inverse).
 func ropeApply(x []float32, rows, ld, off, nHeads, d int, pos []int32, cos, sin []float32, sign float32) {
+	trainParallel(rows, func(lo, hi int) { ropeRows(x, lo, hi, ld, off, nHeads, d, pos, cos, sin, sign) })
+}
+
+func ropeRows(x []float32, lo, hi, ld, off, nHeads, d int, pos []int32, cos, sin []float32, sign float32) {
 	half := d / 2
-	for r := 0; r < rows; r++ {
+	for r := lo; r < hi; r++ {
 		p := int(pos[r])
 		cr, sr := cos[p*half:(p+1)*half], sin[p*half:(p+1)*half]
 		for h := 0; h < nHeads; h++ {
@@ -100,12 +112,16 @@ func ropeApply(x []float32, rows, ld, off, nHeads, d int, pos []int32, cos, sin 
 }
 
 // silu is x·σ(x).
-func silu(x float32) float32 { return x / (1 + float32(math.Exp(float64(-x)))) }
+func silu(x float32) float32 { return x / (1 + Expf(-x)) }
 
 // swigluForward writes h = silu(gate)·up; gu is [rows, 2·inter] with gate in
 // columns [0, inter) and up in [inter, 2·inter), the fused gate/up product.
 func swigluForward(h, gu []float32, rows, inter int) {
-	for r := 0; r < rows; r++ {
+	trainParallel(rows, func(lo, hi int) { swigluForwardRows(h, gu, lo, hi, inter) })
+}
+
+func swigluForwardRows(h, gu []float32, lo, hi, inter int) {
+	for r := lo; r < hi; r++ {
 		g, u, hr := gu[r*2*inter:r*2*inter+inter], gu[r*2*inter+inter:(r+1)*2*inter], h[r*inter:(r+1)*inter]
 		for i := range hr {
 			hr[i] = silu(g[i]) * u[i]
@@ -116,13 +132,17 @@ func swigluForward(h, gu []float32, rows, inter int) {
 // swigluBackward writes dgu (same layout as gu) from dh:
 // d gate = dh·up·σ(g)(1 + g(1 − σ(g))), d up = dh·silu(g).
 func swigluBackward(dgu, dh, gu []float32, rows, inter int) {
-	for r := 0; r < rows; r++ {
+	trainParallel(rows, func(lo, hi int) { swigluBackwardRows(dgu, dh, gu, lo, hi, inter) })
+}
+
+func swigluBackwardRows(dgu, dh, gu []float32, lo, hi, inter int) {
+	for r := lo; r < hi; r++ {
 		o := r * 2 * inter
 		g, u := gu[o:o+inter], gu[o+inter:o+2*inter]
 		dg, du := dgu[o:o+inter], dgu[o+inter:o+2*inter]
 		dhr := dh[r*inter : (r+1)*inter]
 		for i := range dhr {
-			sg := 1 / (1 + float32(math.Exp(float64(-g[i]))))
+			sg := 1 / (1 + Expf(-g[i]))
 			du[i] = dhr[i] * g[i] * sg
 			dg[i] = dhr[i] * u[i] * sg * (1 + g[i]*(1-sg))
 		}
@@ -174,7 +194,7 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 			}
 			var sum float64
 			for j := 0; j <= i; j++ {
-				e := float32(math.Exp(float64(row[j] - m)))
+				e := Expf(row[j] - m)
 				row[j] = e
 				sum += float64(e)
 			}
@@ -223,7 +243,7 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 				row := s[i*n : (i+1)*n]
 				l := lse[h*tokens+st+i]
 				for j := 0; j <= i; j++ {
-					row[j] = float32(math.Exp(float64(row[j] - l)))
+					row[j] = Expf(row[j] - l)
 				}
 				for j := i + 1; j < n; j++ {
 					row[j] = 0
@@ -299,50 +319,54 @@ func loraBackward(dx []float32, ldx int, dy []float32, ldy int, x []float32, ldx
 }
 
 // lmHeadChunk is the row count of one LM-head chunk: logits for this many
-// tokens at a time ([chunk, vocab] floats) instead of [tokens, vocab].
-const lmHeadChunk = 32
+// tokens at a time ([chunk, vocab] floats, 12 MB at a 49k vocabulary)
+// instead of [tokens, vocab]; 64 rows keep the GEMM efficient.
+const lmHeadChunk = 64
 
 // lmHeadLoss runs the LM head over x [rows, h] (the final norm's output)
 // against w [vocab, h] in row chunks, fused with log-softmax, the loss and
 // its gradient: per row it computes logp of the target, asks lossAt(row,
-// logp) for the loss term's derivative g = d loss / d logp, and, when dx is
-// not nil, sets dx = dz·W with dz = g·(onehot(target) − softmax). logits is
-// [lmHeadChunk, vocab] scratch. It writes logp[row] for every row.
+// logp) for the loss term's derivative g = d loss / d logp (rows in order,
+// one goroutine), and, when dx is not nil, sets dx = dz·W with
+// dz = g·(onehot(target) − softmax). logits is [lmHeadChunk, vocab]
+// scratch. It writes logp[row] for every row.
 func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []float32,
 	lossAt func(row int, logp float64) float64, logits []float32) {
+	var lse [lmHeadChunk]float64
+	var grad [lmHeadChunk]float64
 	for c0 := 0; c0 < rows; c0 += lmHeadChunk {
 		c := min(lmHeadChunk, rows-c0)
 		z := logits[:c*vocab]
 		blas.Sgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
+		// Per row: exponentials in place (one exp per logit, reused for the
+		// gradient), the log-sum-exp in float64.
+		trainParallel(c, func(lo, hi int) {
+			for i := lo; i < hi; i++ {
+				zr := z[i*vocab : (i+1)*vocab]
+				t := int(targets[c0+i])
+				m := zr[0]
+				for _, v := range zr[1:] {
+					if v > m {
+						m = v
+					}
+				}
+				zt := zr[t]
+				var sum float64
+				for j, v := range zr {
+					e := Expf(v - m)
+					zr[j] = e
+					sum += float64(e)
+				}
+				lse[i] = math.Log(sum)
+				logp[c0+i] = float32(float64(zt-m) - lse[i])
+			}
+		})
 		any := false
 		for i := 0; i < c; i++ {
-			zr := z[i*vocab : (i+1)*vocab]
-			m := zr[0]
-			for _, v := range zr[1:] {
-				if v > m {
-					m = v
-				}
-			}
-			var sum float64
-			for _, v := range zr {
-				sum += math.Exp(float64(v - m))
-			}
-			lse := float64(m) + math.Log(sum)
-			t := int(targets[c0+i])
-			lp := float64(zr[t]) - lse
-			logp[c0+i] = float32(lp)
-			g := lossAt(c0+i, lp)
-			if dx == nil {
-				continue
-			}
-			if g != 0 {
+			grad[i] = lossAt(c0+i, float64(logp[c0+i]))
+			if grad[i] != 0 {
 				any = true
 			}
-			// dz_j = g·(δ_jt − p_j), written over the logits row.
-			for j, v := range zr {
-				zr[j] = float32(-g * math.Exp(float64(v)-lse))
-			}
-			zr[t] += float32(g)
 		}
 		if dx == nil {
 			continue
@@ -351,6 +375,17 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 			clear(dx[c0*h : (c0+c)*h])
 			continue
 		}
+		// dz_j = g·(δ_jt − p_j) with p_j = e_j / sum, over the exponentials.
+		trainParallel(c, func(lo, hi int) {
+			for i := lo; i < hi; i++ {
+				zr := z[i*vocab : (i+1)*vocab]
+				f := float32(-grad[i] * math.Exp(-lse[i]))
+				for j := range zr {
+					zr[j] *= f
+				}
+				zr[targets[c0+i]] += float32(grad[i])
+			}
+		})
 		blas.Sgemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
 	}
 }

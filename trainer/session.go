@@ -70,7 +70,6 @@ type Session struct {
 	closed   bool
 	lora     *LoRA
 	grads    *LoRA // accumulated since the last OptimStep
-	callGrad *LoRA // one call's gradient, added to grads when the call succeeds
 	m1, m2   *LoRA // AdamW first and second moments
 	step     int
 	hasGrad  bool
@@ -104,7 +103,7 @@ func NewSession(m *Model, cfg SessionConfig) (*Session, error) {
 // setLoRA installs an adapter with zero gradients and moments.
 func (s *Session) setLoRA(l *LoRA) {
 	s.lora = l
-	s.grads, s.callGrad = zerosLike(l), zerosLike(l)
+	s.grads = zerosLike(l)
 	s.m1, s.m2 = zerosLike(l), zerosLike(l)
 	s.hasGrad = false
 }
@@ -116,6 +115,19 @@ func zerosLike(l *LoRA) *LoRA {
 	for _, p := range z.Pairs() {
 		clear(p.A)
 		clear(p.B)
+	}
+	return z
+}
+
+// arenaLike returns zeroed gradient buffers of l's shape from the arena.
+func arenaLike(l *LoRA, ar *trainArena) *LoRA {
+	z := &LoRA{Rank: l.Rank, Alpha: l.Alpha, TargetModules: l.TargetModules, Layers: make([][NumModules]*LoRAPair, len(l.Layers))}
+	for i := range l.Layers {
+		for mod, p := range l.Layers[i] {
+			if p != nil {
+				z.Layers[i][mod] = &LoRAPair{A: ar.zeroed(len(p.A)), B: ar.zeroed(len(p.B)), In: p.In, Out: p.Out}
+			}
+		}
 	}
 	return z
 }
@@ -153,7 +165,7 @@ func (s *Session) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closed = true
-	s.lora, s.grads, s.callGrad, s.m1, s.m2 = nil, nil, nil, nil, nil
+	s.lora, s.grads, s.m1, s.m2 = nil, nil, nil, nil
 	return nil
 }
 
@@ -177,30 +189,22 @@ func (s *Session) run(ctx context.Context, data []Datum, lossFn string, lossCfg 
 	}
 	var g *LoRA
 	if grad {
-		g = s.callGrad
-		for _, t := range tensors(g) {
-			clear(t)
-		}
+		g = s.grads
 	}
 	res, err := runPass(ctx, s.m, s.lora, data, lossFn, lossCfg, g)
 	if err != nil {
 		return nil, err
 	}
 	if grad {
-		acc := tensors(s.grads)
-		for i, t := range tensors(g) {
-			a := acc[i]
-			for j, v := range t {
-				a[j] += v
-			}
-		}
 		s.hasGrad = true
 	}
 	return res, nil
 }
 
 // runPass validates data, runs the model with lora and, when grads is not
-// nil, adds the gradient of the loss sum to grads (shaped like lora).
+// nil, adds the gradient of the loss sum to grads (shaped like lora). The
+// call's gradient is built in arena buffers and added only once the whole
+// pass has succeeded, so a cancelled call leaves grads as they were.
 func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn string, lossCfg map[string]float64, grads *LoRA) (*ForwardResult, error) {
 	ls, err := parseLoss(lossFn, lossCfg)
 	if err != nil {
@@ -251,10 +255,17 @@ func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn str
 		if lora == nil {
 			return nil, fmt.Errorf("%w: forward_backward needs an adapter", ErrInvalidInput)
 		}
-		if err := p.backward(ctx, dxf, grads); err != nil {
+		call := arenaLike(lora, ar)
+		if err := p.backward(ctx, dxf, call); err != nil {
 			return nil, err
 		}
-		res.GradNorm = globalNorm(tensors(grads))
+		ct := tensors(call)
+		res.GradNorm = globalNorm(ct)
+		for i, acc := range tensors(grads) {
+			for j, v := range ct[i] {
+				acc[j] += v
+			}
+		}
 	}
 	return res, nil
 }

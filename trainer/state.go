@@ -139,7 +139,7 @@ func (s *Session) LoadState(dir string) error {
 		}
 	}
 	s.lora = lora
-	s.m1, s.m2, s.grads, s.callGrad = m1, m2, grads, zerosLike(lora)
+	s.m1, s.m2, s.grads = m1, m2, grads
 	s.hasGrad = st.HasGrad
 	s.step = st.Step
 	if s.cfg.Schedule == nil && st.Schedule != nil {
