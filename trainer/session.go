@@ -66,13 +66,13 @@ type Session struct {
 	m   *Model
 	cfg SessionConfig
 
-	mu       sync.Mutex
-	closed   bool
-	lora     *LoRA
-	grads    *LoRA // accumulated since the last OptimStep
-	m1, m2   *LoRA // AdamW first and second moments
-	step     int
-	hasGrad  bool
+	mu      sync.Mutex
+	closed  bool
+	lora    *LoRA
+	grads   *LoRA // accumulated since the last OptimStep
+	m1, m2  *LoRA // AdamW first and second moments
+	step    int
+	hasGrad bool
 }
 
 // NewSession opens a training session on m with a fresh PEFT-initialised
