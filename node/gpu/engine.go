@@ -19,9 +19,10 @@ import (
 // Engine exposes the worker's sessions to the node: one Engine per GPU.
 // It implements node.Engine.
 type Engine struct {
-	cfg Config
-	sup *Supervisor
-	seq atomic.Int64
+	cfg  Config
+	sup  *Supervisor
+	seq  atomic.Int64
+	open atomic.Int64 // sessions opened and not closed
 
 	mu   sync.Mutex
 	toks map[string]*tokenizer.Tokenizer // by model dir; nil entry: the dir has none
@@ -173,8 +174,12 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sess
 	if err := json.Unmarshal(resp.Body, &out); err != nil {
 		return nil, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallInit, ErrInternal, err)
 	}
+	e.open.Add(1)
 	return &Session{e: e, spec: spec, tok: tok, gen: gen, step: out.Step}, nil
 }
+
+// OpenSessions is the number of sessions opened on this engine and not closed.
+func (e *Engine) OpenSessions() int { return int(e.open.Load()) }
 
 var (
 	_ node.Engine  = (*Engine)(nil)
@@ -291,6 +296,7 @@ func (s *Session) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.e.open.Add(-1)
 	if s.e.sup.Generation() != s.gen {
 		return nil // the worker restarted: the session is already gone
 	}

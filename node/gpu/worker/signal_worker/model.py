@@ -319,12 +319,16 @@ class ModelCache:
         self._refs = {}
         self._lock = threading.Lock()
 
-    def acquire(self, dir_):
+    def acquire(self, dir_, name=""):
+        """Returns (key, model), loading the model on first use. name is the
+        base model's name as the node knows it (the directory's name when
+        empty); health reports it."""
         key = os.path.realpath(dir_)
         with self._lock:
             m = self._models.get(key)
             if m is None:
                 m = Model.load(key, self.device, self.dtype)
+                m.name = name or os.path.basename(os.path.normpath(dir_))
                 self._models[key] = m
             self._refs[key] = self._refs.get(key, 0) + 1
             return key, m

@@ -138,7 +138,7 @@ class Worker:
             model_dir = body.get("model_dir")
             if not isinstance(model_dir, str) or not model_dir:
                 raise InvalidInput("model_dir: the node must name the base model's directory")
-            key, model = self.models.acquire(model_dir)
+            key, model = self.models.acquire(model_dir, body.get("base_model") or "")
             try:
                 s = Session(model, rank=body.get("lora_rank") or 32, alpha=body.get("lora_alpha"),
                             targets=body.get("target_modules"), seed=body.get("seed") or 0,
