@@ -439,7 +439,13 @@ func (n *Node) Advert() protocol.Node {
 
 func (n *Node) advertLoop(ctx context.Context) {
 	defer n.wg.Done()
-	t := time.NewTicker(n.cfg.AdvertInterval)
+	// After a change (joined, session opened) a few adverts go out at a
+	// short interval: GossipSub drops a message published before the
+	// coordinator's subscription has reached this node, and a newly joined
+	// node should be schedulable at once, not one interval later.
+	const burstInterval = 150 * time.Millisecond
+	burst := 0
+	t := time.NewTimer(n.cfg.AdvertInterval)
 	defer t.Stop()
 	for {
 		select {
@@ -447,7 +453,14 @@ func (n *Node) advertLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		case <-n.kick:
+			burst = 4
 		}
+		next := n.cfg.AdvertInterval
+		if burst > 0 {
+			burst--
+			next = min(next, burstInterval)
+		}
+		t.Reset(next)
 		b, err := protocol.EncodeFrame(protocol.MsgAdvert, n.Advert())
 		if err != nil {
 			n.log.Error("encode advert", "err", err)

@@ -71,7 +71,7 @@ func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
 
-func startCoordinator(t *testing.T, reg p2p.Registry) *p2p.Host {
+func startCoordinator(t testing.TB, reg p2p.Registry) *p2p.Host {
 	t.Helper()
 	cfg := p2p.DefaultConfig()
 	cfg.DataDir = t.TempDir()
@@ -96,7 +96,7 @@ type nodeOpts struct {
 	creds      storage.Credentials
 }
 
-func startNode(t *testing.T, coord *p2p.Host, o nodeOpts) (*node.Node, *nodetest.Engine) {
+func startNode(t testing.TB, coord *p2p.Host, o nodeOpts) (*node.Node, *nodetest.Engine) {
 	t.Helper()
 	cfg := node.DefaultConfig()
 	cfg.DataDir = t.TempDir()
@@ -123,7 +123,7 @@ func startNode(t *testing.T, coord *p2p.Host, o nodeOpts) (*node.Node, *nodetest
 	return n, eng
 }
 
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) time.Duration {
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
 	for !cond() {

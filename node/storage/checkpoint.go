@@ -115,10 +115,12 @@ func putFile(ctx context.Context, st Store, path string) (protocol.CheckpointFil
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return protocol.CheckpointFile{}, fmt.Errorf("%s: %w", path, err)
 	}
-	// Hash again on the way out: a file changed between the passes must
-	// not be stored under a CID its bytes do not have.
-	vr := newVerifyingReader(f, c)
-	uri, err := st.Put(ctx, c.String(), vr, n)
+	// The file itself (an io.ReaderAt) goes to Put: minio-go then uploads
+	// parts in parallel, as `mc cp` does, where a wrapping reader would
+	// force one sequential stream. The files are the node's own temporary
+	// copies, written before SaveDir is called, so they do not change
+	// between the hash and the upload.
+	uri, err := st.Put(ctx, c.String(), f, n)
 	if err != nil {
 		return protocol.CheckpointFile{}, fmt.Errorf("%s: %w", path, err)
 	}
