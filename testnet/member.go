@@ -196,7 +196,7 @@ func StartNode(ctx context.Context, spec NodeSpec, log *slog.Logger) (*Node, err
 	if !ok {
 		return nil, fmt.Errorf("%w: engine %q: known engines are %v", ErrInvalidConfig, spec.Engine, engineNames())
 	}
-	eng, err := f(spec.Models)
+	eng, err := f(spec.DataDir, spec.Models)
 	if err != nil {
 		return nil, err
 	}
