@@ -70,4 +70,3 @@ func engineNames() []string {
 	sort.Strings(out)
 	return out
 }
-
