@@ -60,6 +60,10 @@ run_checks() {
     log "fingerprint: this build has no 'signal node fingerprint' subcommand yet"
   fi
 
+  # 1b. The worker under the Go supervisor on the device, and the backend a node would advertise.
+  SIGNAL_PYTHON=$PY timeout 120 "$BIN/signal" gpu check --device "$device" --timeout 100s > "$OUT/gpu-check.json" 2>&1
+  log "signal gpu check rc=$? : $(grep -E '"(backend|nvml_gpus|gpu_name|memory_total)"' "$OUT/gpu-check.json" | tr -s ' \n' ' ')"
+
   # 2. The worker's own tests on the device (bf16 on cuda against f32 on the CPU, plus
   #    everything else on the CPU).
   (cd node/gpu/worker && SIGNAL_WORKER_DEVICE=$device timeout 180 "$PY" -m unittest discover -s tests -v) \
