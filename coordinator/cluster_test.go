@@ -49,6 +49,13 @@ func TestClusterForwardingAndJoinThroughFollower(t *testing.T) {
 		f := cs[0].raft.GetConfiguration()
 		return f.Error() == nil && len(f.Configuration().Servers) == 3
 	})
+	for _, c := range cs {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		if err := c.WaitLeader(ctx); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+	}
 	follower := cs[2]
 	if follower.IsLeader() {
 		t.Fatal("c2 should be a follower")

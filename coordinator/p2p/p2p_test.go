@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/minio/minio-go/v7"
 
 	"github.com/signal-p2p/signal/coordinator/p2p"
@@ -423,5 +424,34 @@ func TestGracefulStopCheckpointsOpenSessions(t *testing.T) {
 	entries, _ := os.ReadDir(store)
 	if len(entries) != 4 { // adapter_config, adapter_model, optimizer, manifest
 		t.Fatalf("storage holds %d objects after Stop, want a full checkpoint (4)", len(entries))
+	}
+}
+
+// TestNodeServesOnlyItsCoordinators: a peer that is not one of the node's
+// bootstrap coordinators gets its adverts but cannot run calls on it.
+func TestNodeServesOnlyItsCoordinators(t *testing.T) {
+	coord, n, eng := startJoined(t, nodeOpts{})
+	rogueReg := newRegistry()
+	rogueReg.Register = func(string, string) (string, error) { return "x", nil }
+	rogue := startCoordinator(t, rogueReg)
+	if _, err := rogueReg.RegisterNode(context.Background(), n.PeerID(), "any"); err != nil {
+		t.Fatal(err)
+	}
+	ai, err := peer.AddrInfoFromString(rogue.Addrs()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Host().Connect(context.Background(), *ai); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "rogue sees adverts", func() bool { _, ok := listed(rogue, n.PeerID()); return ok })
+	spec, _ := json.Marshal(protocol.SessionSpec{BaseModel: "tiny"})
+	_, err = rogue.Do(context.Background(), n.PeerID(), protocol.SessionRequest{RequestID: "r", RunID: "x", Call: protocol.CallInit, Body: spec})
+	if err == nil || n.Manager().Sessions() != 0 || eng.OpenSessions() != 0 {
+		t.Fatalf("rogue call: err %v, sessions %d", err, n.Manager().Sessions())
+	}
+	// The real coordinator still gets through.
+	if r, err := coord.Do(context.Background(), n.PeerID(), protocol.SessionRequest{RequestID: "r", RunID: "x", Call: protocol.CallInit, Body: spec}); err != nil || r.Error != nil {
+		t.Fatalf("coordinator call: %v %+v", err, r.Error)
 	}
 }
