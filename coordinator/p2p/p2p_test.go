@@ -95,6 +95,7 @@ type nodeOpts struct {
 	token      string
 	storageURL string
 	creds      storage.Credentials
+	dht        bool
 }
 
 func startNode(t testing.TB, coord *p2p.Host, o nodeOpts) (*node.Node, *nodetest.Engine) {
@@ -106,6 +107,7 @@ func startNode(t testing.TB, coord *p2p.Host, o nodeOpts) (*node.Node, *nodetest
 	cfg.JoinToken = o.token
 	cfg.StorageURL = o.storageURL
 	cfg.Creds = o.creds
+	cfg.DHT = o.dht
 	cfg.MDNS = false
 	cfg.AdvertInterval = 200 * time.Millisecond
 	cfg.RedialInterval = 200 * time.Millisecond
@@ -453,5 +455,17 @@ func TestNodeServesOnlyItsCoordinators(t *testing.T) {
 	// The real coordinator still gets through.
 	if r, err := coord.Do(context.Background(), n.PeerID(), protocol.SessionRequest{RequestID: "r", RunID: "x", Call: protocol.CallInit, Body: spec}); err != nil || r.Error != nil {
 		t.Fatalf("coordinator call: %v %+v", err, r.Error)
+	}
+}
+
+// TestWithDHT runs the node with its Kademlia DHT on (bootstrapped from the
+// coordinator): joining, adverts and calls work the same.
+func TestWithDHT(t *testing.T) {
+	coord := startCoordinator(t, newRegistry())
+	n, _ := startNode(t, coord, nodeOpts{token: "good-token", dht: true})
+	waitFor(t, 10*time.Second, "node listed", func() bool { _, ok := listed(coord, n.PeerID()); return ok })
+	spec, _ := json.Marshal(protocol.SessionSpec{BaseModel: "tiny"})
+	if r, err := coord.Do(context.Background(), n.PeerID(), protocol.SessionRequest{RequestID: "r", RunID: "x", Call: protocol.CallInit, Body: spec}); err != nil || r.Error != nil {
+		t.Fatalf("init: %v %+v", err, r.Error)
 	}
 }
