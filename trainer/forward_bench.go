@@ -80,8 +80,8 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	best = time.Duration(1 << 62)
 	B := o.DecodeBatch
 	for r := 0; r < o.Repeats; r++ {
-		cache := newKVCache(B, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 8+o.DecodeTokens, c.HeadDim)
 		ws := m.GetArena()
+		cache := newKVCache(ws, B, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 8+o.DecodeTokens, c.HeadDim)
 		prompts := make([][]int, B)
 		slots := make([]int, B)
 		for i := range prompts {

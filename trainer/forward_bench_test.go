@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"context"
+	"math"
 	"testing"
 )
 
@@ -42,4 +43,29 @@ func BenchmarkPrefill135M(b *testing.B) {
 		m.PutArena(ws)
 	}
 	b.ReportMetric(float64(256*b.N)/b.Elapsed().Seconds(), "tokens/s")
+}
+
+func TestExpf(t *testing.T) {
+	for x := float32(-110); x < 89; x += 0.173 {
+		want := math.Exp(float64(x))
+		got := float64(Expf(x))
+		if want > math.MaxFloat32 {
+			if !math.IsInf(got, 1) {
+				t.Fatalf("Expf(%v) = %v, want +Inf", x, got)
+			}
+			continue
+		}
+		if want < 1e-38 {
+			if got > 2e-38 {
+				t.Fatalf("Expf(%v) = %v, want ~0", x, got)
+			}
+			continue
+		}
+		if math.Abs(got-want) > 2e-7*want {
+			t.Fatalf("Expf(%v) = %v, want %v", x, got, want)
+		}
+	}
+	if !math.IsInf(float64(Expf(100)), 1) || Expf(-200) != 0 {
+		t.Error("Expf range ends wrong")
+	}
 }

@@ -11,9 +11,14 @@ import (
 	"github.com/signal-p2p/signal/trainer/blas"
 )
 
-// maxBatchSeqs bounds how many sequences decode together; more prompts are
-// processed in successive groups so the KV cache stays bounded.
-const maxBatchSeqs = 32
+// maxBatchSeqs bounds how many sequences decode together, and
+// maxKVCacheBytes the KV cache of one group; more prompts are processed in
+// successive groups. All samples of a prompt share its prefill, so they
+// always decode in one group even past the cache bound.
+const (
+	maxBatchSeqs    = 32
+	maxKVCacheBytes = 256 << 20
+)
 
 // Sample generates numSamples continuations of each prompt with lora
 // applied (nil for the base model). Prompts are token ids used verbatim.
@@ -45,7 +50,14 @@ func (m *Model) Sample(ctx context.Context, prompts [][]int, numSamples int, p S
 		return nil, err
 	}
 	out := make([][]Sample, len(prompts))
-	per := max(1, maxBatchSeqs/numSamples)
+	maxLen := p.MaxTokens
+	for _, pr := range prompts {
+		maxLen = max(maxLen, len(pr)+p.MaxTokens)
+	}
+	c := m.cfg
+	seqBytes := 2 * 4 * c.NumHiddenLayers * c.NumKeyValueHeads * c.HeadDim * maxLen
+	seqs := min(maxBatchSeqs, max(1, maxKVCacheBytes/seqBytes))
+	per := max(1, seqs/numSamples)
 	for lo := 0; lo < len(prompts); lo += per {
 		hi := min(lo+per, len(prompts))
 		if err := m.sampleGroup(ctx, prompts[lo:hi], lo, numSamples, &p, lora, out[lo:hi]); err != nil {
@@ -83,9 +95,9 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 	for _, pr := range prompts {
 		maxPrompt = max(maxPrompt, len(pr))
 	}
-	cache := newKVCache(nSeq, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, maxPrompt+p.MaxTokens, c.HeadDim)
 	ws := m.GetArena()
 	defer m.PutArena(ws)
+	cache := newKVCache(ws, nSeq, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, maxPrompt+p.MaxTokens, c.HeadDim)
 
 	// Prefill every prompt once, into the slot of its first sample.
 	slots := make([]int, len(prompts))

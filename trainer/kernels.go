@@ -113,7 +113,8 @@ func Expf(x float32) float32 {
 	k := math.Floor(xd*log2e + 0.5)
 	r := xd - k*ln2 // |r| ≤ ln2/2: a degree-7 Taylor polynomial is exact to ~5e-9
 	p := 1 + r*(1+r*(1.0/2+r*(1.0/6+r*(1.0/24+r*(1.0/120+r*(1.0/720+r*(1.0/5040)))))))
-	return float32(math.Ldexp(p, int(k)))
+	// k ∈ [-149, 128]: 2^k is a normal float64 built from its exponent bits.
+	return float32(p * math.Float64frombits(uint64(int64(k)+1023)<<52))
 }
 
 // softmaxRow turns s[:n] into probabilities in place (sum in float64).

@@ -9,11 +9,14 @@ type kvCache struct {
 	lens                            []int // tokens cached per slot
 }
 
-func newKVCache(slots, layers, h, kv, maxLen, d int) *kvCache {
+// newKVCache takes the cache's memory from ws, so that a pooled arena
+// serves the next call's cache without a new allocation. Only positions
+// below lens are ever read, so the memory need not be zeroed.
+func newKVCache(ws *Arena, slots, layers, h, kv, maxLen, d int) *kvCache {
 	n := slots * layers * kv * maxLen * d
 	return &kvCache{
 		slots: slots, layers: layers, h: h, kv: kv, maxLen: maxLen, d: d,
-		k: make([]float32, n), v: make([]float32, n), lens: make([]int, slots),
+		k: ws.AllocDirty(n), v: ws.AllocDirty(n), lens: make([]int, slots),
 	}
 }
 

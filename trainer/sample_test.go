@@ -223,9 +223,9 @@ func TestDecodeStepAllocatesNothing(t *testing.T) {
 	m := mustLoad(t, "tiny-sp")
 	lora := mustAdapter(t, m, "tiny-sp")
 	c := m.Config()
-	cache := newKVCache(2, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 64, c.HeadDim)
 	ws := m.GetArena()
 	defer m.PutArena(ws)
+	cache := newKVCache(ws, 2, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 64, c.HeadDim)
 	dec := m.newDecoder(ws, cache, lora, 2)
 	slots, toks := []int{0, 1}, []int{5, 6}
 	tp := newTokenPicker(c.VocabSize)

@@ -108,6 +108,10 @@ func WriteFile(path string, tensors []Tensor, metadata map[string]string) (err e
 	if err = tmp.Sync(); err != nil {
 		return fmt.Errorf("write safetensors %s: %w", path, err)
 	}
+	// CreateTemp makes the file 0600; model files are meant to be shared.
+	if err = tmp.Chmod(0o644); err != nil {
+		return fmt.Errorf("write safetensors %s: %w", path, err)
+	}
 	if err = tmp.Close(); err != nil {
 		return fmt.Errorf("write safetensors %s: %w", path, err)
 	}
