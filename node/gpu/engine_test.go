@@ -218,7 +218,10 @@ func TestEngineSessionLifecycle(t *testing.T) {
 		t.Fatalf("restored session loss %v, saved session %v", same.LossSum, after.LossSum)
 	}
 
-	h, _ := e.Supervisor().LastHealth()
+	h, err := e.Supervisor().Health(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if h.Sessions != 2 || len(h.Models) != 1 {
 		t.Fatalf("health %+v: want 2 sessions on 1 shared model", h)
 	}

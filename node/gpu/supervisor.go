@@ -181,6 +181,14 @@ func (s *Supervisor) LastHealth() (Health, bool) {
 	return s.health, s.ready
 }
 
+// Health asks the worker now (LastHealth is the periodic check's answer).
+func (s *Supervisor) Health(ctx context.Context) (Health, error) {
+	if !s.Ready() {
+		return Health{}, fmt.Errorf("%w: worker on %s is not running", ErrUnavailable, s.cfg.Device)
+	}
+	return s.healthCall(ctx)
+}
+
 func (s *Supervisor) waitReady(ctx context.Context) error {
 	s.mu.Lock()
 	ch := s.readyCh
