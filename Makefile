@@ -19,6 +19,8 @@ PYTHON    ?= /usr/bin/python3
 RACE_PKGS  = $(shell $(GO) list ./... | grep -v '/trainer')
 PLAIN_PKGS = $(shell $(GO) list ./... | grep '/trainer')
 
+# go-nvml's cgo headers warn about deprecated NVML calls on every cold build.
+export CGO_CFLAGS       ?= -O2 -Wno-deprecated-declarations
 export SIGNAL_MINIO_BIN := $(MINIO)
 export SIGNAL_PYTHON    := $(PYTHON)
 
