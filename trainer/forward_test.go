@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 )
 
@@ -54,6 +55,14 @@ func readF32(t *testing.T, path string) []float32 {
 	return out
 }
 
+// modelDir maps a test model name (or an absolute directory) to its path.
+func modelDir(name string) string {
+	if filepath.IsAbs(name) {
+		return name
+	}
+	return filepath.Join("testdata", name)
+}
+
 // testTokens returns n deterministic ids spread over the vocabulary.
 func testTokens(n, vocab, salt int) []int {
 	out := make([]int, n)
@@ -91,15 +100,33 @@ func TestMatchesPyTorch(t *testing.T) {
 	var checks []check
 	var reqs []map[string]any
 	tmp := t.TempDir()
-	for _, name := range tinyModels {
+	// A generated model covers what the tiny ones do not: llama3 RoPE
+	// scaling (with an original context short enough that all three
+	// frequency bands occur), F32 weights used in place from the mapping.
+	gen := filepath.Join(tmp, "gen-llama3")
+	gcfg := Config{HiddenSize: 48, IntermediateSize: 64, NumHiddenLayers: 2, NumAttentionHeads: 3,
+		NumKeyValueHeads: 1, HeadDim: 16, VocabSize: 500, MaxPositionEmbeddings: 256, RopeTheta: 500000,
+		TorchDtype: "float32", RopeScaling: &RopeScaling{RopeType: "llama3", Factor: 8, LowFreqFactor: 1,
+			HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 32}}
+	if err := GenerateRandomModel(gen, gcfg, 5, ""); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range append(slices.Clone(tinyModels), gen) {
 		m := mustLoad(t, name)
 		V := m.Config().VocabSize
-		for _, adapter := range []string{"", filepath.Join("testdata", name, "adapter")} {
+		adapters := []string{"", filepath.Join("testdata", name, "adapter")}
+		if name == gen {
+			if !m.mapped {
+				t.Error("F32 weights were copied, not used in place")
+			}
+			adapters = adapters[:1]
+		}
+		for _, adapter := range adapters {
 			c := check{model: name, adapter: adapter, tokens: testTokens(19, V, 1),
 				prompts:    [][]int{testTokens(3, V, 2), testTokens(11, V, 3)},
 				logitsPath: filepath.Join(tmp, fmt.Sprintf("%d.f32", len(checks)))}
 			checks = append(checks, c)
-			base := map[string]any{"model": filepath.Join("testdata", name)}
+			base := map[string]any{"model": modelDir(name)}
 			if adapter != "" {
 				base["adapter"] = adapter
 			}
@@ -114,7 +141,7 @@ func TestMatchesPyTorch(t *testing.T) {
 	var ans struct{ Answers []json.RawMessage }
 	pythonRef(t, map[string]any{"cmd": "batch", "requests": reqs}, &ans)
 	for i, c := range checks {
-		label := c.model
+		label := filepath.Base(c.model)
 		if c.adapter != "" {
 			label += "+adapter"
 		}
@@ -174,5 +201,64 @@ func compareLogits(t *testing.T, got, want []float32) {
 	t.Logf("max |logit| %.4g, max diff %.3g (relative %.3g)", maxAbs, maxDiff, maxDiff/maxAbs)
 	if maxDiff > logitRelTol*maxAbs {
 		t.Errorf("logits differ from PyTorch by %.3g, more than %.0e of the largest logit %.4g", maxDiff, logitRelTol, maxAbs)
+	}
+}
+
+// Keep must not change the result, and what it keeps must be consistent
+// with the layer math (the training half's backward relies on it).
+func TestForwardKeepActivations(t *testing.T) {
+	m := mustLoad(t, "tiny-sp")
+	lora := mustAdapter(t, m, "tiny-sp")
+	c := m.Config()
+	V := c.VocabSize
+	b := NewBatch([][]int{testTokens(5, V, 1), testTokens(3, V, 2)})
+	ws1, ws2 := m.GetArena(), m.GetArena()
+	defer m.PutArena(ws1)
+	defer m.PutArena(ws2)
+	plain, err := m.Forward(context.Background(), ws1, b, ForwardOptions{LoRA: lora})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := m.Forward(context.Background(), ws2, b, ForwardOptions{LoRA: lora, Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range plain.Out {
+		if plain.Out[i] != kept.Out[i] {
+			t.Fatalf("Out[%d] differs with Keep: %v vs %v", i, kept.Out[i], plain.Out[i])
+		}
+	}
+	if len(kept.Layers) != c.NumHiddenLayers {
+		t.Fatalf("%d layers kept", len(kept.Layers))
+	}
+	T, hid := len(b.Tokens), c.HiddenSize
+	l1 := kept.Layers[1]
+	xn := make([]float32, T*hid)
+	RMSNorm(xn, nil, l1.X, m.Layers[1].AttnNorm, T, hid, float32(c.RMSNormEps))
+	for i := range xn {
+		if xn[i] != l1.XN1[i] {
+			t.Fatalf("XN1[%d] = %v, RMSNorm(X) = %v", i, l1.XN1[i], xn[i])
+		}
+	}
+	// The second sequence's attention probabilities are causal rows summing to 1.
+	L := b.Len(1)
+	probs := l1.Probs[kept.ProbOffsets[1]:]
+	for h := 0; h < c.NumAttentionHeads; h++ {
+		for i := 0; i < L; i++ {
+			var s float64
+			for j := 0; j < L; j++ {
+				v := probs[h*L*L+i*L+j]
+				if j > i && v != 0 {
+					t.Fatalf("head %d row %d attends to future position %d", h, i, j)
+				}
+				s += float64(v)
+			}
+			if math.Abs(s-1) > 1e-5 {
+				t.Fatalf("head %d row %d sums to %v", h, i, s)
+			}
+		}
+	}
+	if l1.U[ModQ] == nil || l1.U[ModGate] != nil {
+		t.Error("U kept for the wrong modules")
 	}
 }

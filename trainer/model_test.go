@@ -14,7 +14,7 @@ var tinyModels = []string{"tiny-sp", "tiny-bl"}
 
 func mustLoad(t testing.TB, name string) *Model {
 	t.Helper()
-	m, err := LoadModel(filepath.Join("testdata", name))
+	m, err := LoadModel(modelDir(name))
 	if err != nil {
 		t.Fatalf("LoadModel(%s): %v", name, err)
 	}
