@@ -424,12 +424,18 @@ func (n *Node) Advert() protocol.Node {
 	n.mu.Lock()
 	d := n.devices.Devices
 	n.mu.Unlock()
+	var backends []string
+	// An engine whose worker is down names no backend: advertise none
+	// rather than an empty name the coordinator could match.
+	if b := n.engine.Backend(); b != "" {
+		backends = []string{b}
+	}
 	return protocol.Node{
 		PeerID:      n.PeerID(),
 		Addrs:       n.Addrs(),
 		GPUs:        d.GPUs,
 		CPU:         d.CPU,
-		Backends:    []string{n.engine.Backend()},
+		Backends:    backends,
 		Models:      n.engine.Models(),
 		Sessions:    n.mgr.Sessions(),
 		MaxSessions: n.cfg.MaxSessions,

@@ -19,6 +19,7 @@ import (
 
 	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/node/fingerprint"
+	"github.com/signal-p2p/signal/node/gpu"
 	"github.com/signal-p2p/signal/node/hub"
 	"github.com/signal-p2p/signal/node/native"
 	"github.com/signal-p2p/signal/protocol"
@@ -30,13 +31,15 @@ func newNodeCmd() *cobra.Command {
 	cfg := node.DefaultConfig()
 	var modelsDir string
 	var hfModels []string
+	engineKind := "auto"
 	cmd := &cobra.Command{
 		Use:   "node",
 		Short: "Run a node daemon: join the network and serve training sessions",
 		Long: `signal node joins the Signal network through the coordinators given with
 --bootstrap (their libp2p multiaddrs, ending in /p2p/PEER_ID), proves its join
 token, advertises its capacity (GPUs through NVML, else CPU cores and memory)
-and serves run sessions on the native engine with the models in --models
+and serves run sessions with the models in --models on the engine --engine
+selects (auto: the CUDA worker when NVML finds GPUs, else the native engine)
 (Hugging Face layout, one directory per model). Checkpoints go to --storage:
 file:///dir (default: DATA/checkpoints) or
 s3://bucket/prefix?endpoint=host:port&secure=false with credentials from
@@ -58,16 +61,11 @@ sessions are checkpointed.`,
 				}
 			}
 			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
-			eng, err := native.New(modelsDir)
+			eng, stopEngine, err := openNodeEngine(cmd.Context(), engineKind, modelsDir, hfModels, cfg.Logger)
 			if err != nil {
-				return fmt.Errorf("--models: %w", err)
+				return err
 			}
-			defer eng.Close()
-			if len(hfModels) > 0 {
-				if eng.Fetch, err = hubFetcher(hfModels); err != nil {
-					return err
-				}
-			}
+			defer stopEngine()
 			n, err := node.New(cfg, eng)
 			if err != nil {
 				return err
@@ -99,9 +97,73 @@ sessions are checkpointed.`,
 	f.DurationVar(&cfg.DrainTimeout, "drain-timeout", cfg.DrainTimeout, "bound on graceful shutdown")
 	f.BoolVar(&cfg.MDNS, "mdns", cfg.MDNS, "discover peers on the LAN with mDNS")
 	f.BoolVar(&cfg.DHT, "dht", cfg.DHT, "run a Kademlia DHT")
+	f.StringVar(&engineKind, "engine", engineKind, "engine backend: auto, native, cuda or cpu-torch (the PyTorch worker on the CPU)")
 	f.StringSliceVar(&hfModels, "hf", nil, "NAME=OWNER/REPO[@REV]: download model NAME from the Hugging Face Hub when it is not in --models (repeatable; $HF_TOKEN for gated models)")
 	cmd.AddCommand(newNodeTokenCmd(), newNodeFingerprintCmd())
 	return cmd
+}
+
+// openNodeEngine builds the engine a node serves sessions on. auto picks the
+// PyTorch worker pool (one worker per GPU) when NVML reports GPUs, and the
+// native Go engine otherwise; the returned stop function releases it.
+func openNodeEngine(ctx context.Context, kind, modelsDir string, hfModels []string, log *slog.Logger) (node.Engine, func(), error) {
+	gpus := 0
+	if kind == "auto" || kind == "cuda" {
+		fp, _ := fingerprint.Detect(time.Second)
+		fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		if r, ok := <-fp.Fingerprint(fctx); ok {
+			gpus = len(r.Devices.GPUs)
+		}
+		cancel()
+		if kind == "auto" {
+			kind = "native"
+			if gpus > 0 {
+				kind = "cuda"
+			}
+		}
+	}
+	switch kind {
+	case "native":
+		eng, err := native.New(modelsDir)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--models: %w", err)
+		}
+		if len(hfModels) > 0 {
+			if eng.Fetch, err = hubFetcher(hfModels); err != nil {
+				_ = eng.Close()
+				return nil, nil, err
+			}
+		}
+		return eng, func() { _ = eng.Close() }, nil
+	case "cuda", "cpu-torch":
+		var cfgs []gpu.Config
+		devices := []string{"cpu"}
+		if kind == "cuda" {
+			if gpus == 0 {
+				return nil, nil, errors.New("--engine cuda: NVML found no GPU on this machine")
+			}
+			devices = devices[:0]
+			for i := 0; i < gpus; i++ {
+				devices = append(devices, fmt.Sprintf("cuda:%d", i))
+			}
+		}
+		for _, d := range devices {
+			c := gpu.DefaultConfig()
+			c.Device, c.ModelsDir, c.NVMLGPUs, c.Logger = d, modelsDir, gpus, log
+			cfgs = append(cfgs, c)
+		}
+		pool, err := gpu.NewPool(cfgs)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := pool.Start(ctx); err != nil {
+			_ = pool.Stop()
+			return nil, nil, fmt.Errorf("start %s workers: %w", kind, err)
+		}
+		return pool, func() { _ = pool.Stop() }, nil
+	default:
+		return nil, nil, fmt.Errorf("--engine %q: want auto, native, cuda or cpu-torch", kind)
+	}
 }
 
 // hubFetcher maps model names to Hugging Face repositories and downloads
