@@ -3,6 +3,7 @@ package trainer
 import (
 	"context"
 	"fmt"
+	"runtime"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 )
@@ -131,6 +132,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 	}
 	RopeTables(acts.Cos, acts.Sin, pos, m.InvFreq)
 
+	workers := max(1, runtime.GOMAXPROCS(0))
 	// x is the residual stream; with Keep each block gets fresh buffers,
 	// otherwise one set is reused by every block.
 	x := ws.AllocDirty(T * hid)
@@ -147,7 +149,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		if opt.Keep {
 			la.Probs = ws.AllocDirty(acts.ProbOffsets[b.NumSeqs()])
 		} else {
-			la.Probs = ws.AllocDirty(ad.H * maxL * maxL)
+			la.Probs = ws.AllocDirty(workers * maxL * maxL) // one [L, L] scratch per worker
 		}
 		if lora != nil {
 			for mod := Module(0); mod < NumModules; mod++ {
@@ -177,7 +179,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		}
 
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
-		RMSNorm(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
+		rmsNormPar(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
 		Linear(la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*ad.D}
@@ -187,16 +189,22 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				}
 			}
 		}
-		ApplyRope(la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
-		for s := 0; s < b.NumSeqs(); s++ {
+		ropePar(la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
+		// One job per (sequence, head), on goroutines with BLAS single-threaded.
+		parallelJobs(b.NumSeqs()*ad.H, workers, func(worker, job int) {
+			s, h := job/ad.H, job%ad.H
 			r0, L := b.Starts[s], b.Len(s)
-			probs := la.Probs
+			var probs []float32
 			if opt.Keep {
-				probs = la.Probs[acts.ProbOffsets[s]:]
+				probs = la.Probs[acts.ProbOffsets[s]+h*L*L : acts.ProbOffsets[s]+(h+1)*L*L]
+			} else {
+				probs = la.Probs[worker*maxL*maxL : worker*maxL*maxL+L*L]
 			}
-			CausalAttention(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, probs)
-			if opt.kv != nil {
-				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[r0*qkvd:], qkvd, L)
+			CausalAttentionHead(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, h, probs)
+		})
+		if opt.kv != nil {
+			for s := 0; s < b.NumSeqs(); s++ {
+				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
 			}
 		}
 		Linear(la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
@@ -205,7 +213,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		}
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
-		RMSNorm(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
+		rmsNormPar(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
 		Linear(la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
@@ -214,7 +222,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				}
 			}
 		}
-		SiluMul(la.Act, la.GU, T, inter)
+		siluMulPar(la.Act, la.GU, T, inter)
 		next := la.H
 		if opt.Keep {
 			next = ws.AllocDirty(T * hid)

@@ -152,21 +152,25 @@ func (a AttnDims) QKVDim() int { return (a.H + 2*a.KV) * a.D }
 // softmax probabilities (upper triangle zero); it may be a reused scratch
 // buffer when the caller does not keep them. Scores are one GEMM per head.
 func CausalAttention(out []float32, ldOut int, qkv []float32, L int, a AttnDims, probs []float32) {
-	ld := a.QKVDim()
-	group := a.H / a.KV
-	scale := float32(1 / math.Sqrt(float64(a.D)))
 	for h := 0; h < a.H; h++ {
-		g := h / group
-		p := probs[h*L*L : (h+1)*L*L]
-		q := qkv[h*a.D:]
-		k := qkv[(a.H+g)*a.D:]
-		v := qkv[(a.H+a.KV+g)*a.D:]
-		blas.Sgemm(false, true, L, L, a.D, scale, q, ld, k, ld, 0, p, L)
-		for i := 0; i < L; i++ {
-			row := p[i*L : (i+1)*L]
-			softmaxRow(row[:i+1])
-			clear(row[i+1:])
-		}
-		blas.Sgemm(false, false, L, a.D, L, 1, p, L, v, ld, 0, out[h*a.D:], ldOut)
+		CausalAttentionHead(out, ldOut, qkv, L, a, h, probs[h*L*L:(h+1)*L*L])
 	}
+}
+
+// CausalAttentionHead is CausalAttention for head h alone, with probs its
+// [L, L] block; heads are independent, so they can run concurrently.
+func CausalAttentionHead(out []float32, ldOut int, qkv []float32, L int, a AttnDims, h int, probs []float32) {
+	ld := a.QKVDim()
+	g := h / (a.H / a.KV)
+	scale := float32(1 / math.Sqrt(float64(a.D)))
+	q := qkv[h*a.D:]
+	k := qkv[(a.H+g)*a.D:]
+	v := qkv[(a.H+a.KV+g)*a.D:]
+	blas.Sgemm(false, true, L, L, a.D, scale, q, ld, k, ld, 0, probs, L)
+	for i := 0; i < L; i++ {
+		row := probs[i*L : (i+1)*L]
+		softmaxRow(row[:i+1])
+		clear(row[i+1:])
+	}
+	blas.Sgemm(false, false, L, a.D, L, 1, probs, L, v, ld, 0, out[h*a.D:], ldOut)
 }
