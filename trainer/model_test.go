@@ -1,7 +1,10 @@
 package trainer
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -275,5 +278,53 @@ func TestLoadAdapterErrors(t *testing.T) {
 				t.Errorf("err = %v, want %v", err, c.want)
 			}
 		})
+	}
+}
+
+// A sharded checkpoint (model.safetensors.index.json + shards) loads to the
+// same weights as the single file.
+func TestLoadModelSharded(t *testing.T) {
+	src := filepath.Join("testdata", "tiny-bl")
+	single := mustLoad(t, "tiny-bl")
+	f, err := safetensors.Open(filepath.Join(src, "model.safetensors"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dir := t.TempDir()
+	var shards [2][]safetensors.Tensor
+	index := map[string]string{}
+	for i, name := range f.Names() {
+		data, info, err := f.Float32(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		shards[i%2] = append(shards[i%2], safetensors.Tensor{Name: name, Shape: info.Shape, Data: data, DType: safetensors.BF16})
+		index[name] = fmt.Sprintf("model-%05d-of-00002.safetensors", i%2+1)
+	}
+	for i, ts := range shards {
+		if err := safetensors.WriteFile(filepath.Join(dir, fmt.Sprintf("model-%05d-of-00002.safetensors", i+1)), ts, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw, _ := json.Marshal(map[string]any{"metadata": map[string]any{}, "weight_map": index})
+	os.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), raw, 0o644)
+	cfg, _ := os.ReadFile(filepath.Join(src, "config.json"))
+	os.WriteFile(filepath.Join(dir, "config.json"), cfg, 0o644)
+	sharded, err := LoadModel(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sharded.Close()
+	toks := testTokens(6, single.Config().VocabSize, 3)
+	a, _ := single.Logits(context.Background(), toks, nil)
+	b, err := sharded.Logits(context.Background(), toks, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			t.Fatalf("logit %d: sharded %v, single %v", i, b[i], a[i])
+		}
 	}
 }
