@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -450,12 +451,8 @@ func (c *Coordinator) postAdmin(ctx context.Context, url string, body []byte, ou
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		var e protocol.ErrorResponse
-		_ = json.NewDecoder(resp.Body).Decode(&e)
-		base := ErrUnavailable
-		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
-			base = ErrUnauthorized
-		}
-		return fmt.Errorf("post %s: status %d %s: %w", url, resp.StatusCode, e.Error.Message, base)
+		_ = json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&e)
+		return fmt.Errorf("post %s: status %d %s: %w", url, resp.StatusCode, e.Error.Message, remoteError(resp.StatusCode, e.Error.Code))
 	}
 	if out != nil {
 		return json.NewDecoder(resp.Body).Decode(out)
@@ -514,8 +511,12 @@ func (c *Coordinator) RegisterNode(ctx context.Context, peerID, joinToken string
 }
 
 func (c *Coordinator) registerNode(ctx context.Context, peerID, joinToken string) (string, error) {
-	if peerID == "" || joinToken == "" {
-		return "", fmt.Errorf("register node: peer id and join token required: %w", ErrInvalidRequest)
+	if peerID == "" {
+		return "", fmt.Errorf("register node: peer id required: %w", ErrInvalidRequest)
+	}
+	if joinToken == "" {
+		// A missing token is a refused token: the node must stop, not retry.
+		return "", fmt.Errorf("register node %s: no join token: %w", peerID, ErrUnauthorized)
 	}
 	v, err := c.propose(ctx, cmdRegisterNode, registerNodeCmd{PeerID: peerID, TokenHash: hashSecret(joinToken), Time: now()})
 	if err != nil {

@@ -138,3 +138,48 @@ func nodeError(e *protocol.ErrorBody) error {
 	}
 	return fmt.Errorf("node: %s: %w", e.Message, base)
 }
+
+// remoteError maps another member's error answer back to the sentinel it
+// was made from (httpStatus in reverse), so an error keeps its meaning across
+// a hop: a join token the leader refused is ErrUnauthorized on the follower
+// too, and the node stops instead of retrying. The body's code decides; the
+// status alone is used when the body is not ours (a proxy's page). Anything
+// unrecognised, and every 5xx, is ErrUnavailable: worth a retry.
+func remoteError(status int, code string) error {
+	switch code {
+	case protocol.CodeInvalidRequest:
+		return ErrInvalidRequest
+	case protocol.CodeUnknownModel:
+		return ErrUnknownModel
+	case protocol.CodeUnauthorized:
+		return ErrUnauthorized
+	case protocol.CodeInsufficientBalance:
+		return ErrInsufficientBalance
+	case protocol.CodeForbidden:
+		return ErrForbidden
+	case protocol.CodeNotFound:
+		return ErrNotFound
+	case protocol.CodeConflict:
+		return ErrConflict
+	case protocol.CodeTooLarge:
+		return ErrTooLarge
+	case protocol.CodeRateLimited:
+		return ErrRateLimited
+	case protocol.CodeUnavailable, protocol.CodeInternal:
+		return ErrUnavailable
+	}
+	switch status {
+	case http.StatusBadRequest:
+		return ErrInvalidRequest
+	case http.StatusUnauthorized:
+		return ErrUnauthorized
+	case http.StatusForbidden:
+		return ErrForbidden
+	case http.StatusNotFound:
+		return ErrNotFound
+	case http.StatusConflict:
+		return ErrConflict
+	default:
+		return ErrUnavailable
+	}
+}
