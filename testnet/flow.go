@@ -57,7 +57,7 @@ func prepare(cfg Config) (*plan, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	for _, sub := range []string{"coordinators", "nodes", "logs"} {
+	for _, sub := range []string{"coordinators", "nodes", "logs", "run"} {
 		if err := os.RemoveAll(filepath.Join(dir, sub)); err != nil {
 			return nil, fmt.Errorf("testnet dir: clear %s: %w", sub, err)
 		}

@@ -118,9 +118,6 @@ func StartProcesses(ctx context.Context, cfg Config, binary string) (*Processes,
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(p.dir, "run"), 0o700); err != nil {
-		return nil, fmt.Errorf("testnet dir: %w", err)
-	}
 	t := &Processes{plan: p, binary: binary, exited: make(chan string, 32)}
 	info, err := bringUp(ctx, p, t)
 	if err != nil {
@@ -163,6 +160,10 @@ func (t *Processes) spawn(ctx context.Context, name string, spec MemberSpec, isN
 	spec.Name = name
 	spec.ReadyFile = filepath.Join(runDir, name+".ready")
 	specFile := filepath.Join(runDir, name+".json")
+	// A ready file left by an earlier start would name dead addresses.
+	if err := os.Remove(spec.ReadyFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return ready, fmt.Errorf("member ready file: %w", err)
+	}
 	b, err := json.Marshal(spec)
 	if err != nil {
 		return ready, err

@@ -138,6 +138,14 @@ func TestProcessesKillNode(t *testing.T) {
 	bin := buildSignal(ctx, t)
 	dir := t.TempDir()
 	seedModel(t, dir)
+	// An earlier start's ready file names dead addresses; it must not be
+	// taken for this start's.
+	if err := os.MkdirAll(filepath.Join(dir, "run"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "run", "c1.ready"), []byte(`{"url":"http://127.0.0.1:1","pid":1}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	cfg := DefaultConfig()
 	cfg.Dir, cfg.Coordinators, cfg.Nodes = dir, 1, 2
 	cfg.NodeTTL = 2 * time.Second
