@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"runtime"
+	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 )
@@ -117,6 +118,12 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 	half := c.HeadDim / 2
 	eps := float32(c.RMSNormEps)
 
+	// GEMMs are split across the model's workers, each single-threaded,
+	// so OpenBLAS's own threads stay idle instead of spinning beside ours.
+	AcquireSingleThreadBLAS()
+	defer ReleaseSingleThreadBLAS()
+	wg := new(sync.WaitGroup)
+
 	acts := &Activations{Batch: b}
 	acts.Cos, acts.Sin = ws.AllocDirty(T*half), ws.AllocDirty(T*half)
 	pos := make([]int, T)
@@ -180,7 +187,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
 		rmsNormPar(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
-		Linear(la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
+		m.linear(wg, la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*ad.D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {
@@ -207,14 +214,14 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
 			}
 		}
-		Linear(la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
+		m.linear(wg, la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
 		if lora != nil && lora.Targets(ModO) {
 			addLoRA(la.H, hid, 0, la.Attn, hd, T, lora, l, ModO, la.U[ModO])
 		}
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
 		rmsNormPar(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
-		Linear(la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
+		m.linear(wg, la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
 				if lora.Targets(mod) {
@@ -228,7 +235,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 			next = ws.AllocDirty(T * hid)
 			copy(next, la.H)
 		}
-		Linear(next, hid, la.Act, inter, w.WDown, T, inter, hid, 1)
+		m.linear(wg, next, hid, la.Act, inter, w.WDown, T, inter, hid, 1)
 		if lora != nil && lora.Targets(ModDown) {
 			addLoRA(next, hid, 0, la.Act, inter, T, lora, l, ModDown, la.U[ModDown])
 		}
@@ -246,7 +253,14 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 
 // HeadLogits writes logits [rows, vocab] = hidden·LMHeadᵀ for hidden [rows, hidden].
 func (m *Model) HeadLogits(logits, hidden []float32, rows int) {
-	Linear(logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
+	AcquireSingleThreadBLAS()
+	defer ReleaseSingleThreadBLAS()
+	m.headLogits(new(sync.WaitGroup), logits, hidden, rows)
+}
+
+// headLogits is HeadLogits for callers already holding single-thread BLAS.
+func (m *Model) headLogits(wg *sync.WaitGroup, logits, hidden []float32, rows int) {
+	m.linear(wg, logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
 }
 
 // Logits returns the logits [len(tokens), vocab] of one sequence, row i

@@ -4,9 +4,8 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"time"
-
-	"github.com/signal-p2p/signal/trainer/blas"
 )
 
 // InferBenchOptions configure BenchInfer.
@@ -26,7 +25,7 @@ type InferBenchResult struct {
 	PrefillGFLOPS     float64 `json:"prefill_gflops"`
 	SgemmGFLOPS       float64 `json:"sgemm_gflops"`
 	PrefillOfSgemm    float64 `json:"prefill_fraction_of_sgemm"`
-	BLASThreads       int     `json:"blas_threads"`
+	Threads           int     `json:"threads"` // goroutines splitting each GEMM (GOMAXPROCS)
 }
 
 // PrefillFLOPs returns the model FLOPs of prefilling one sequence of T
@@ -47,7 +46,9 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	if o.PrefillTokens > c.MaxPositionEmbeddings || 8+o.DecodeTokens > c.MaxPositionEmbeddings {
 		return InferBenchResult{}, fmt.Errorf("%w: bench lengths exceed the context of %d", ErrInvalidInput, c.MaxPositionEmbeddings)
 	}
-	res := InferBenchResult{BLASThreads: blas.Threads(), SgemmGFLOPS: MeasureSgemm(512)}
+	res := InferBenchResult{Threads: runtime.GOMAXPROCS(0), SgemmGFLOPS: MeasureSgemm(512)}
+	AcquireSingleThreadBLAS() // as Sample does: GEMMs split across the model's workers
+	defer ReleaseSingleThreadBLAS()
 	rng := rand.New(rand.NewPCG(3, 4))
 	tokens := func(n int) []int {
 		t := make([]int, n)

@@ -124,3 +124,70 @@ func siluMulPar(act, gu []float32, rows, inter int) {
 		SiluMul(act[lo*inter:hi*inter], gu[lo*2*inter:hi*2*inter], hi-lo, inter)
 	})
 }
+
+// linJob is one column block of a Linear product, run by a gemmPool worker.
+type linJob struct {
+	y, x, w       []float32
+	ldy, ldx      int
+	rows, in, out int
+	beta          float32
+	done          *sync.WaitGroup
+}
+
+// gemmPool runs column blocks of Linear products on goroutines that live as
+// long as the Model (started by LoadModel, stopped by Close). Jobs are plain
+// structs sent over a buffered channel, so dispatching allocates nothing and
+// the decode loop stays allocation-free.
+type gemmPool struct {
+	jobs    chan linJob
+	workers int
+	wg      sync.WaitGroup
+}
+
+func newGemmPool(workers int) *gemmPool {
+	p := &gemmPool{jobs: make(chan linJob, 4*workers), workers: workers}
+	for i := 0; i < workers; i++ {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			for j := range p.jobs {
+				Linear(j.y, j.ldy, j.x, j.ldx, j.w, j.rows, j.in, j.out, j.beta)
+				j.done.Done()
+			}
+		}()
+	}
+	return p
+}
+
+func (p *gemmPool) stop() {
+	close(p.jobs)
+	p.wg.Wait()
+}
+
+// minParallelMACs is the product size below which splitting a GEMM costs
+// more in hand-offs than it gains.
+const minParallelMACs = 1 << 17
+
+// linear is Linear split by output features across the model's gemmPool
+// and the calling goroutine, each block a single-threaded BLAS call: the
+// caller must hold AcquireSingleThreadBLAS. done is the caller's WaitGroup
+// (owned by a long-lived struct so that passing it does not allocate).
+func (m *Model) linear(done *sync.WaitGroup, y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, out int, beta float32) {
+	p := m.gemm
+	if p == nil || rows*in*out < minParallelMACs || out < 16*(p.workers+1) {
+		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
+		return
+	}
+	parts := p.workers + 1
+	bounds := func(i int) int { return (i * out / parts) &^ 7 } // 8-aligned column blocks
+	done.Add(parts - 1)
+	for i := 1; i < parts; i++ {
+		c0, c1 := bounds(i), out
+		if i < parts-1 {
+			c1 = bounds(i + 1)
+		}
+		p.jobs <- linJob{y: y[c0:], ldy: ldy, x: x, ldx: ldx, w: w[c0*in:], rows: rows, in: in, out: c1 - c0, beta: beta, done: done}
+	}
+	Linear(y, ldy, x, ldx, w, rows, in, bounds(1), beta)
+	done.Wait()
+}

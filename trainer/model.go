@@ -34,6 +34,7 @@ package trainer
 
 import (
 	"fmt"
+	"runtime"
 	"strings"
 
 	"github.com/signal-p2p/signal/trainer/safetensors"
@@ -65,6 +66,7 @@ type Model struct {
 	ownBytes int64
 	tok      tokenizerHandle
 	pool     arenaPool
+	gemm     *gemmPool // nil with one CPU
 }
 
 // Config returns the model's configuration.
@@ -77,8 +79,13 @@ func (m *Model) Dir() string { return m.dir }
 // mapped F32 tensors used in place).
 func (m *Model) MemoryBytes() int64 { return m.ownBytes }
 
-// Close releases the mapped weight files. The model must not be used after.
+// Close stops the model's GEMM workers and releases the mapped weight
+// files. The model must not be used after.
 func (m *Model) Close() error {
+	if m.gemm != nil {
+		m.gemm.stop()
+		m.gemm = nil
+	}
 	if m.weights == nil {
 		return nil
 	}
@@ -113,6 +120,9 @@ func LoadModel(dir string) (*Model, error) {
 	if err := m.loadTokenizer(); err != nil {
 		m.Close()
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	if n := runtime.GOMAXPROCS(0); n > 1 {
+		m.gemm = newGemmPool(n - 1)
 	}
 	return m, nil
 }
