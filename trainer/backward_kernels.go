@@ -165,49 +165,65 @@ func newAttnScratch(maxSeq int) *attnScratch {
 	return &attnScratch{s: make([]float32, maxSeq*maxSeq), dp: make([]float32, maxSeq*maxSeq)}
 }
 
+// withSingleThreadBLAS runs fn, whose goroutines each call BLAS on small
+// matrices, with OpenBLAS at one thread, so that the goroutines rather than
+// OpenBLAS's pool use the cores (never both at once). The setting is
+// process-wide; it is restored afterwards.
+func withSingleThreadBLAS(workers int, fn func()) {
+	if workers <= 1 {
+		fn()
+		return
+	}
+	prev := blas.Threads()
+	blas.SetThreads(1)
+	defer blas.SetThreads(prev)
+	fn()
+}
+
 // attnForward computes causal attention out [tokens, nHeads·d] from the
 // (already rotated) fused qkv, per sequence and head with GEMMs, and keeps
-// each row's log-sum-exp of scores lse [nHeads, tokens] for backward.
-// scratch holds one attnScratch per worker.
+// each row's log-sum-exp of scores lse [nHeads, tokens] for backward. The
+// (sequence, head) jobs run on one goroutine per scratch.
 func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []*attnScratch) {
 	ld, d := sh.qkvDim(), sh.d
 	group := sh.nHeads / sh.nKV
 	tokens := seqOff[len(seqOff)-1]
 	nSeq := len(seqOff) - 1
 	jobs := nSeq * sh.nHeads
-	trainParallelWorkers(jobs, len(scratch), func(worker, job int) {
-		sq, h := job/sh.nHeads, job%sh.nHeads
-		st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
-		g := h / group
-		q := qkv[st*ld+h*d:]
-		k := qkv[st*ld+(sh.nHeads+g)*d:]
-		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
-		s := scratch[worker].s[:n*n]
-		blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
-		for i := 0; i < n; i++ {
-			row := s[i*n : (i+1)*n]
-			m := row[0]
-			for j := 1; j <= i; j++ {
-				if row[j] > m {
-					m = row[j]
+	workers := min(len(scratch), jobs)
+	withSingleThreadBLAS(workers, func() {
+		trainParallelWorkers(jobs, workers, func(worker, job int) {
+			sq, h := job/sh.nHeads, job%sh.nHeads
+			st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
+			g := h / group
+			q := qkv[st*ld+h*d:]
+			k := qkv[st*ld+(sh.nHeads+g)*d:]
+			v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+			s := scratch[worker].s[:n*n]
+			blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+			for i := 0; i < n; i++ {
+				row := s[i*n : (i+1)*n]
+				m := row[0]
+				for j := 1; j <= i; j++ {
+					if row[j] > m {
+						m = row[j]
+					}
 				}
+				var sum float64
+				for j := 0; j <= i; j++ {
+					e := Expf(row[j] - m)
+					row[j] = e
+					sum += float64(e)
+				}
+				inv := float32(1 / sum)
+				for j := 0; j <= i; j++ {
+					row[j] *= inv
+				}
+				clear(row[i+1:])
+				lse[h*tokens+st+i] = m + float32(math.Log(sum))
 			}
-			var sum float64
-			for j := 0; j <= i; j++ {
-				e := Expf(row[j] - m)
-				row[j] = e
-				sum += float64(e)
-			}
-			inv := float32(1 / sum)
-			for j := 0; j <= i; j++ {
-				row[j] *= inv
-			}
-			for j := i + 1; j < n; j++ {
-				row[j] = 0
-			}
-			lse[h*tokens+st+i] = m + float32(math.Log(sum))
-		}
-		blas.Sgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
+			blas.Sgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
+		})
 	})
 }
 
@@ -215,25 +231,28 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 // before the RoPE backward), from dout [tokens, nHeads·d], recomputing the
 // probabilities from q, k and the kept lse rather than storing them:
 // dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P⊙(dP − rowsum(dO⊙O)), dQ = scale·dS·K,
-// dK = scale·dSᵀ·Q. Heads that share a KV head run in one job, in order, so
-// that their dK and dV sums need no locks.
-func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []*attnScratch) {
+// dK = scale·dSᵀ·Q. Each (sequence, head) job writes its dK and dV into
+// dkvHead [2, nHeads, tokens, d] scratch; the heads of a KV group are summed
+// afterwards, so jobs need no locks.
+func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []*attnScratch, dkvHead []float32) {
 	ld, d := sh.qkvDim(), sh.d
 	od := sh.nHeads * d
 	group := sh.nHeads / sh.nKV
 	tokens := seqOff[len(seqOff)-1]
 	nSeq := len(seqOff) - 1
-	jobs := nSeq * sh.nKV
-	trainParallelWorkers(jobs, len(scratch), func(worker, job int) {
-		sq, g := job/sh.nKV, job%sh.nKV
-		st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
-		k := qkv[st*ld+(sh.nHeads+g)*d:]
-		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
-		dk := dqkv[st*ld+(sh.nHeads+g)*d:]
-		dv := dqkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
-		s, dp := scratch[worker].s[:n*n], scratch[worker].dp[:n*n]
-		for hi := 0; hi < group; hi++ {
-			h := g*group + hi
+	jobs := nSeq * sh.nHeads
+	workers := min(len(scratch), jobs)
+	dkH, dvH := dkvHead[:sh.nHeads*tokens*d], dkvHead[sh.nHeads*tokens*d:2*sh.nHeads*tokens*d]
+	withSingleThreadBLAS(workers, func() {
+		trainParallelWorkers(jobs, workers, func(worker, job int) {
+			sq, h := job/sh.nHeads, job%sh.nHeads
+			st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
+			g := h / group
+			k := qkv[st*ld+(sh.nHeads+g)*d:]
+			v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+			dk := dkH[(h*tokens+st)*d:]
+			dv := dvH[(h*tokens+st)*d:]
+			s, dp := scratch[worker].s[:n*n], scratch[worker].dp[:n*n]
 			q := qkv[st*ld+h*d:]
 			dq := dqkv[st*ld+h*d:]
 			do := dout[st*od+h*d:]
@@ -245,15 +264,9 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 				for j := 0; j <= i; j++ {
 					row[j] = Expf(row[j] - l)
 				}
-				for j := i + 1; j < n; j++ {
-					row[j] = 0
-				}
+				clear(row[i+1:])
 			}
-			beta := float32(1)
-			if hi == 0 {
-				beta = 0
-			}
-			blas.Sgemm(true, false, n, d, n, 1, s, n, do, od, beta, dv, ld)
+			blas.Sgemm(true, false, n, d, n, 1, s, n, do, od, 0, dv, d)
 			blas.Sgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
 			for i := 0; i < n; i++ {
 				var di float32
@@ -266,7 +279,26 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 				}
 			}
 			blas.Sgemm(false, false, n, d, n, sh.scale, s, n, k, ld, 0, dq, ld)
-			blas.Sgemm(true, false, n, d, n, sh.scale, s, n, q, ld, beta, dk, ld)
+			blas.Sgemm(true, false, n, d, n, sh.scale, s, n, q, ld, 0, dk, d)
+		})
+	})
+	// Sum each KV group's heads into the k and v columns of dqkv.
+	trainParallel(tokens, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			for g := 0; g < sh.nKV; g++ {
+				dk := dqkv[r*ld+(sh.nHeads+g)*d : r*ld+(sh.nHeads+g+1)*d]
+				dv := dqkv[r*ld+(sh.nHeads+sh.nKV+g)*d : r*ld+(sh.nHeads+sh.nKV+g+1)*d]
+				clear(dk)
+				clear(dv)
+				for h := g * group; h < (g+1)*group; h++ {
+					hk := dkH[(h*tokens+r)*d : (h*tokens+r+1)*d]
+					hv := dvH[(h*tokens+r)*d : (h*tokens+r+1)*d]
+					for c := range dk {
+						dk[c] += hk[c]
+						dv[c] += hv[c]
+					}
+				}
+			}
 		}
 	})
 }

@@ -158,7 +158,7 @@ func TestAttentionBackwardFD(t *testing.T) {
 			// The forward must be causal softmax attention: check one row by hand.
 			checkAttnRow(t, qkv, out, seqOff, sh)
 			dqkv := make([]float32, len(qkv))
-			attnBackward(dqkv, dout, out, lse, qkv, seqOff, sh, scratch)
+			attnBackward(dqkv, dout, out, lse, qkv, seqOff, sh, scratch, make([]float32, 2*sh.nHeads*tokens*sh.d))
 			checkFD(t, "dqkv", qkv, dqkv, f)
 		})
 	}

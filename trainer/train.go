@@ -3,6 +3,7 @@ package trainer
 import (
 	"context"
 	"math"
+	"runtime"
 	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
@@ -145,7 +146,9 @@ func newTrainPass(m *Model, lora *LoRA, data []Datum, ar *trainArena) *trainPass
 			p.cos[ps*half+i], p.sin[ps*half+i] = float32(math.Cos(a)), float32(math.Sin(a))
 		}
 	}
-	p.scratch = []*attnScratch{{s: ar.dirty(p.maxSeq * p.maxSeq), dp: ar.dirty(p.maxSeq * p.maxSeq)}}
+	for w := 0; w < runtime.GOMAXPROCS(0); w++ {
+		p.scratch = append(p.scratch, &attnScratch{s: ar.dirty(p.maxSeq * p.maxSeq), dp: ar.dirty(p.maxSeq * p.maxSeq)})
+	}
 	return p
 }
 
@@ -279,6 +282,7 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 	dgu := ar.dirty(T * 2 * I)
 	datt := ar.dirty(T * AD)
 	dqkv := ar.dirty(T * Q)
+	dkvHead := ar.dirty(2 * c.NumAttentionHeads * T * c.HeadDim)
 	r := 1
 	if p.lora != nil {
 		r = p.lora.Rank
@@ -302,7 +306,7 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		// Attention: h1 = x + o(attn(rope(qkv(norm(x))))).
 		blas.Sgemm(false, false, T, AD, H, 1, dres, H, ly.WO, AD, 0, datt, AD)
 		p.loraBack(grads, l, ModO, datt, p.att[l], AD, dres, H, 0, dyB)
-		attnBackward(dqkv, datt, p.att[l], p.lse[l], p.qkv[l], p.seqOff, sh, p.scratch)
+		attnBackward(dqkv, datt, p.att[l], p.lse[l], p.qkv[l], p.seqOff, sh, p.scratch, dkvHead)
 		ropeApply(dqkv, T, Q, 0, c.NumAttentionHeads+c.NumKeyValueHeads, c.HeadDim, p.pos, p.cos, p.sin, -1)
 		rmsNormForward(xn, p.xIn[l], ly.AttnNorm, p.rinv1[l], T, H, eps)
 		blas.Sgemm(false, false, T, H, Q, 1, dqkv, Q, ly.WQKV, H, 0, dxn, H)
