@@ -239,3 +239,37 @@ func TestDecodeStepAllocatesNothing(t *testing.T) {
 		t.Errorf("decode step + pick allocated %v times", allocs)
 	}
 }
+
+// Many sessions share one Model: concurrent calls must neither race nor
+// change each other's results.
+func TestConcurrentSampling(t *testing.T) {
+	m := mustLoad(t, "tiny-sp")
+	lora := mustAdapter(t, m, "tiny-sp")
+	V := m.Config().VocabSize
+	prompts := [][]int{testTokens(6, V, 11), testTokens(9, V, 12)}
+	p := DefaultSamplingParams()
+	p.MaxTokens, p.Seed = 6, 3
+	want, err := m.Sample(context.Background(), prompts, 2, p, lora)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 4)
+	for g := 0; g < 4; g++ {
+		go func(g int) {
+			var l *LoRA
+			if g%2 == 0 {
+				l = lora
+			}
+			got, err := m.Sample(context.Background(), prompts, 2, p, l)
+			if err == nil && l != nil && !reflect.DeepEqual(got, want) {
+				err = errors.New("concurrent sample differs from the sequential one")
+			}
+			errs <- err
+		}(g)
+	}
+	for g := 0; g < 4; g++ {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
