@@ -10,7 +10,7 @@ BIN       := $(CURDIR)/bin
 # MinIO has no semver tags; this pseudo-version is the 2026-02-12 release commit.
 MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO     := $(CACHE)/bin/minio
-APT_PKGS  := libopenblas-dev libopenblas0-pthread python3-torch python3-numpy
+APT_PKGS  := libopenblas-dev libopenblas0-pthread python3-torch python3-numpy chromium
 # Debian's python3-torch installs for the system interpreter, not a pyenv one.
 PYTHON    ?= /usr/bin/python3
 
@@ -23,6 +23,8 @@ PLAIN_PKGS = $(shell $(GO) list ./... | grep '/trainer')
 export CGO_CFLAGS       ?= -O2 -Wno-deprecated-declarations
 export SIGNAL_MINIO_BIN := $(MINIO)
 export SIGNAL_PYTHON    := $(PYTHON)
+# Tests leave screenshots and other things worth a look here (the dashboard's).
+export SIGNAL_ARTIFACTS ?= $(CACHE)/artifacts
 
 .PHONY: help deps apt-deps minio build test test-go test-python bench lint run clean
 
@@ -66,7 +68,7 @@ lint: ## go vet, gofmt
 	$(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
-run: deps build ## start a local testnet on the embedded model and run the example end to end
+run: apt-deps build ## start a local testnet on the embedded model and run the example end to end
 	@if [ -x scripts/run.sh ]; then scripts/run.sh; else $(BIN)/signal version; echo "make run: the testnet is not built yet; this prints the version only"; fi
 
 clean: ## remove build outputs (keeps the MinIO cache)
