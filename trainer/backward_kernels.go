@@ -165,21 +165,6 @@ func newAttnScratch(maxSeq int) *attnScratch {
 	return &attnScratch{s: make([]float32, maxSeq*maxSeq), dp: make([]float32, maxSeq*maxSeq)}
 }
 
-// withSingleThreadBLAS runs fn, whose goroutines each call BLAS on small
-// matrices, with OpenBLAS at one thread, so that the goroutines rather than
-// OpenBLAS's pool use the cores (never both at once). The setting is
-// process-wide; it is restored afterwards.
-func withSingleThreadBLAS(workers int, fn func()) {
-	if workers <= 1 {
-		fn()
-		return
-	}
-	prev := blas.Threads()
-	blas.SetThreads(1)
-	defer blas.SetThreads(prev)
-	fn()
-}
-
 // attnForward computes causal attention out [tokens, nHeads·d] from the
 // (already rotated) fused qkv, per sequence and head with GEMMs, and keeps
 // each row's log-sum-exp of scores lse [nHeads, tokens] for backward. The
@@ -191,39 +176,39 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 	nSeq := len(seqOff) - 1
 	jobs := nSeq * sh.nHeads
 	workers := min(len(scratch), jobs)
-	withSingleThreadBLAS(workers, func() {
-		trainParallelWorkers(jobs, workers, func(worker, job int) {
-			sq, h := job/sh.nHeads, job%sh.nHeads
-			st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
-			g := h / group
-			q := qkv[st*ld+h*d:]
-			k := qkv[st*ld+(sh.nHeads+g)*d:]
-			v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
-			s := scratch[worker].s[:n*n]
-			blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
-			for i := 0; i < n; i++ {
-				row := s[i*n : (i+1)*n]
-				m := row[0]
-				for j := 1; j <= i; j++ {
-					if row[j] > m {
-						m = row[j]
-					}
+	// The pass runs OpenBLAS single-threaded (singleThreadBLAS): each job's
+	// small GEMMs run on its own goroutine.
+	trainParallelWorkers(jobs, workers, func(worker, job int) {
+		sq, h := job/sh.nHeads, job%sh.nHeads
+		st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
+		g := h / group
+		q := qkv[st*ld+h*d:]
+		k := qkv[st*ld+(sh.nHeads+g)*d:]
+		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+		s := scratch[worker].s[:n*n]
+		blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+		for i := 0; i < n; i++ {
+			row := s[i*n : (i+1)*n]
+			m := row[0]
+			for j := 1; j <= i; j++ {
+				if row[j] > m {
+					m = row[j]
 				}
-				var sum float64
-				for j := 0; j <= i; j++ {
-					e := Expf(row[j] - m)
-					row[j] = e
-					sum += float64(e)
-				}
-				inv := float32(1 / sum)
-				for j := 0; j <= i; j++ {
-					row[j] *= inv
-				}
-				clear(row[i+1:])
-				lse[h*tokens+st+i] = m + float32(math.Log(sum))
 			}
-			blas.Sgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
-		})
+			var sum float64
+			for j := 0; j <= i; j++ {
+				e := Expf(row[j] - m)
+				row[j] = e
+				sum += float64(e)
+			}
+			inv := float32(1 / sum)
+			for j := 0; j <= i; j++ {
+				row[j] *= inv
+			}
+			clear(row[i+1:])
+			lse[h*tokens+st+i] = m + float32(math.Log(sum))
+		}
+		blas.Sgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
 	})
 }
 
@@ -243,44 +228,44 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 	jobs := nSeq * sh.nHeads
 	workers := min(len(scratch), jobs)
 	dkH, dvH := dkvHead[:sh.nHeads*tokens*d], dkvHead[sh.nHeads*tokens*d:2*sh.nHeads*tokens*d]
-	withSingleThreadBLAS(workers, func() {
-		trainParallelWorkers(jobs, workers, func(worker, job int) {
-			sq, h := job/sh.nHeads, job%sh.nHeads
-			st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
-			g := h / group
-			k := qkv[st*ld+(sh.nHeads+g)*d:]
-			v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
-			dk := dkH[(h*tokens+st)*d:]
-			dv := dvH[(h*tokens+st)*d:]
-			s, dp := scratch[worker].s[:n*n], scratch[worker].dp[:n*n]
-			q := qkv[st*ld+h*d:]
-			dq := dqkv[st*ld+h*d:]
-			do := dout[st*od+h*d:]
-			o := out[st*od+h*d:]
-			blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
-			for i := 0; i < n; i++ {
-				row := s[i*n : (i+1)*n]
-				l := lse[h*tokens+st+i]
-				for j := 0; j <= i; j++ {
-					row[j] = Expf(row[j] - l)
-				}
-				clear(row[i+1:])
+	// The pass runs OpenBLAS single-threaded (singleThreadBLAS): each job's
+	// small GEMMs run on its own goroutine.
+	trainParallelWorkers(jobs, workers, func(worker, job int) {
+		sq, h := job/sh.nHeads, job%sh.nHeads
+		st, n := seqOff[sq], seqOff[sq+1]-seqOff[sq]
+		g := h / group
+		k := qkv[st*ld+(sh.nHeads+g)*d:]
+		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
+		dk := dkH[(h*tokens+st)*d:]
+		dv := dvH[(h*tokens+st)*d:]
+		s, dp := scratch[worker].s[:n*n], scratch[worker].dp[:n*n]
+		q := qkv[st*ld+h*d:]
+		dq := dqkv[st*ld+h*d:]
+		do := dout[st*od+h*d:]
+		o := out[st*od+h*d:]
+		blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
+		for i := 0; i < n; i++ {
+			row := s[i*n : (i+1)*n]
+			l := lse[h*tokens+st+i]
+			for j := 0; j <= i; j++ {
+				row[j] = Expf(row[j] - l)
 			}
-			blas.Sgemm(true, false, n, d, n, 1, s, n, do, od, 0, dv, d)
-			blas.Sgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
-			for i := 0; i < n; i++ {
-				var di float32
-				for c := 0; c < d; c++ {
-					di += do[i*od+c] * o[i*od+c]
-				}
-				pr, dpr := s[i*n:(i+1)*n], dp[i*n:(i+1)*n]
-				for j := 0; j <= i; j++ {
-					pr[j] *= dpr[j] - di
-				}
+			clear(row[i+1:])
+		}
+		blas.Sgemm(true, false, n, d, n, 1, s, n, do, od, 0, dv, d)
+		blas.Sgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
+		for i := 0; i < n; i++ {
+			var di float32
+			for c := 0; c < d; c++ {
+				di += do[i*od+c] * o[i*od+c]
 			}
-			blas.Sgemm(false, false, n, d, n, sh.scale, s, n, k, ld, 0, dq, ld)
-			blas.Sgemm(true, false, n, d, n, sh.scale, s, n, q, ld, 0, dk, d)
-		})
+			pr, dpr := s[i*n:(i+1)*n], dp[i*n:(i+1)*n]
+			for j := 0; j <= i; j++ {
+				pr[j] *= dpr[j] - di
+			}
+		}
+		blas.Sgemm(false, false, n, d, n, sh.scale, s, n, k, ld, 0, dq, ld)
+		blas.Sgemm(true, false, n, d, n, sh.scale, s, n, q, ld, 0, dk, d)
 	})
 	// Sum each KV group's heads into the k and v columns of dqkv.
 	trainParallel(tokens, func(lo, hi int) {
@@ -344,10 +329,10 @@ func trainParallelWorkers(jobs, workers int, fn func(worker, job int)) {
 // [rows, r] scratch.
 func loraBackward(dx []float32, ldx int, dy []float32, ldy int, x []float32, ldxIn int, u []float32,
 	a, b, da, db []float32, rows, in, out, r int, s float32, dyB []float32) {
-	blas.Sgemm(false, false, rows, r, out, 1, dy, ldy, b, r, 0, dyB, r)
-	blas.Sgemm(true, false, out, r, rows, s, dy, ldy, u, r, 1, db, r)
-	blas.Sgemm(true, false, r, in, rows, s, dyB, r, x, ldxIn, 1, da, in)
-	blas.Sgemm(false, false, rows, in, r, s, dyB, r, a, in, 1, dx, ldx)
+	pgemm(false, false, rows, r, out, 1, dy, ldy, b, r, 0, dyB, r)
+	pgemm(true, false, out, r, rows, s, dy, ldy, u, r, 1, db, r)
+	pgemm(true, false, r, in, rows, s, dyB, r, x, ldxIn, 1, da, in)
+	pgemm(false, false, rows, in, r, s, dyB, r, a, in, 1, dx, ldx)
 }
 
 // lmHeadChunk is the row count of one LM-head chunk: logits for this many
@@ -369,7 +354,7 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 	for c0 := 0; c0 < rows; c0 += lmHeadChunk {
 		c := min(lmHeadChunk, rows-c0)
 		z := logits[:c*vocab]
-		blas.Sgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
+		pgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
 		// Per row: exponentials in place (one exp per logit, reused for the
 		// gradient), the log-sum-exp in float64.
 		trainParallel(c, func(lo, hi int) {
@@ -418,6 +403,6 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 				zr[targets[c0+i]] += float32(grad[i])
 			}
 		})
-		blas.Sgemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
+		pgemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
 	}
 }

@@ -331,3 +331,36 @@ func TestLossTokenGradients(t *testing.T) {
 		t.Errorf("ppo loss at ratio 2, A 0.9 = %v, want -1.2·0.9", l)
 	}
 }
+
+// TestPgemmMatchesSgemm checks every transpose combination and both ways of
+// splitting (by rows, by columns) against one sgemm call. Each block is the
+// same sgemm on a sub-matrix, so only the kernel's blocking could change the
+// rounding: allow 1e-5.
+func TestPgemmMatchesSgemm(t *testing.T) {
+	r := rand.New(rand.NewSource(9))
+	for _, sz := range [][3]int{{300, 40, 200}, {20, 700, 200}, {3, 5, 7}} {
+		m, n, k := sz[0], sz[1], sz[2]
+		for _, ta := range []bool{false, true} {
+			for _, tb := range []bool{false, true} {
+				lda, ldb := k+3, n+2
+				ar, br := m, k
+				if ta {
+					lda, ar = m+3, k
+				}
+				if tb {
+					ldb, br = k+2, n
+				}
+				a, b := randSlice(r, ar*lda, 1), randSlice(r, br*ldb, 1)
+				c0 := randSlice(r, m*(n+1), 1)
+				c1 := append([]float32(nil), c0...)
+				blas.Sgemm(ta, tb, m, n, k, 0.5, a, lda, b, ldb, 1, c0, n+1)
+				pgemm(ta, tb, m, n, k, 0.5, a, lda, b, ldb, 1, c1, n+1)
+				for i := range c0 {
+					if d := c0[i] - c1[i]; d > 1e-5 || d < -1e-5 {
+						t.Fatalf("%dx%dx%d transA %v transB %v: C[%d] = %v, sgemm %v", m, n, k, ta, tb, i, c1[i], c0[i])
+					}
+				}
+			}
+		}
+	}
+}

@@ -219,6 +219,7 @@ func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn str
 	}
 	ar := getTrainArena(m)
 	defer putTrainArena(m, ar)
+	defer singleThreadBLAS()()
 	p := newTrainPass(m, lora, data, ar)
 	if err := p.forward(ctx); err != nil {
 		return nil, err

@@ -5,8 +5,6 @@ import (
 	"math"
 	"runtime"
 	"sync"
-
-	"github.com/signal-p2p/signal/trainer/blas"
 )
 
 // trainPass is one call's packed batch and, for backward, the activations it
@@ -170,8 +168,8 @@ func (p *trainPass) loraForward(l int, mod Module, x []float32, ldx int, y []flo
 	}
 	r, T := p.lora.Rank, p.rows
 	u := p.ar.dirty(T * r)
-	blas.Sgemm(false, true, T, r, pr.In, 1, x, ldx, pr.A, pr.In, 0, u, r)
-	blas.Sgemm(false, true, T, pr.Out, r, p.lora.Scale(), u, r, pr.B, r, 1, y[off:], ldy)
+	pgemm(false, true, T, r, pr.In, 1, x, ldx, pr.A, pr.In, 0, u, r)
+	pgemm(false, true, T, pr.Out, r, p.lora.Scale(), u, r, pr.B, r, 1, y[off:], ldy)
 	return u
 }
 
@@ -204,7 +202,7 @@ func (p *trainPass) forward(ctx context.Context) error {
 		p.rinv1[l] = ar.dirty(T)
 		rmsNormForward(xn, x, ly.AttnNorm, p.rinv1[l], T, H, eps)
 		qkv := ar.dirty(T * Q)
-		blas.Sgemm(false, true, T, Q, H, 1, xn, H, ly.WQKV, H, 0, qkv, Q)
+		pgemm(false, true, T, Q, H, 1, xn, H, ly.WQKV, H, 0, qkv, Q)
 		p.u[l][ModQ] = p.loraForward(l, ModQ, xn, H, qkv, Q, 0)
 		p.u[l][ModK] = p.loraForward(l, ModK, xn, H, qkv, Q, AD)
 		p.u[l][ModV] = p.loraForward(l, ModV, xn, H, qkv, Q, AD+c.NumKeyValueHeads*c.HeadDim)
@@ -216,20 +214,20 @@ func (p *trainPass) forward(ctx context.Context) error {
 		p.att[l] = att
 		h1 := ar.dirty(T * H)
 		copy(h1, x)
-		blas.Sgemm(false, true, T, H, AD, 1, att, AD, ly.WO, AD, 1, h1, H)
+		pgemm(false, true, T, H, AD, 1, att, AD, ly.WO, AD, 1, h1, H)
 		p.u[l][ModO] = p.loraForward(l, ModO, att, AD, h1, H, 0)
 		p.h1[l] = h1
 		p.rinv2[l] = ar.dirty(T)
 		rmsNormForward(xn, h1, ly.MLPNorm, p.rinv2[l], T, H, eps)
 		gu := ar.dirty(T * 2 * I)
-		blas.Sgemm(false, true, T, 2*I, H, 1, xn, H, ly.WGateUp, H, 0, gu, 2*I)
+		pgemm(false, true, T, 2*I, H, 1, xn, H, ly.WGateUp, H, 0, gu, 2*I)
 		p.u[l][ModGate] = p.loraForward(l, ModGate, xn, H, gu, 2*I, 0)
 		p.u[l][ModUp] = p.loraForward(l, ModUp, xn, H, gu, 2*I, I)
 		p.gu[l] = gu
 		swigluForward(act, gu, T, I)
 		next := ar.dirty(T * H)
 		copy(next, h1)
-		blas.Sgemm(false, true, T, H, I, 1, act, I, ly.WDown, I, 1, next, H)
+		pgemm(false, true, T, H, I, 1, act, I, ly.WDown, I, 1, next, H)
 		p.u[l][ModDown] = p.loraForward(l, ModDown, act, I, next, H, 0)
 		x = next
 	}
@@ -295,21 +293,21 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		ly := &p.m.Layers[l]
 		// MLP: next = h1 + down(swiglu(gate/up(norm(h1)))).
 		swigluForward(act, p.gu[l], T, I)
-		blas.Sgemm(false, false, T, I, H, 1, dres, H, ly.WDown, I, 0, dact, I)
+		pgemm(false, false, T, I, H, 1, dres, H, ly.WDown, I, 0, dact, I)
 		p.loraBack(grads, l, ModDown, dact, act, I, dres, H, 0, dyB)
 		swigluBackward(dgu, dact, p.gu[l], T, I)
 		rmsNormForward(xn, p.h1[l], ly.MLPNorm, p.rinv2[l], T, H, eps)
-		blas.Sgemm(false, false, T, H, 2*I, 1, dgu, 2*I, ly.WGateUp, H, 0, dxn, H)
+		pgemm(false, false, T, H, 2*I, 1, dgu, 2*I, ly.WGateUp, H, 0, dxn, H)
 		p.loraBack(grads, l, ModGate, dxn, xn, H, dgu, 2*I, 0, dyB)
 		p.loraBack(grads, l, ModUp, dxn, xn, H, dgu, 2*I, I, dyB)
 		rmsNormBackward(dres, dxn, p.h1[l], ly.MLPNorm, p.rinv2[l], T, H)
 		// Attention: h1 = x + o(attn(rope(qkv(norm(x))))).
-		blas.Sgemm(false, false, T, AD, H, 1, dres, H, ly.WO, AD, 0, datt, AD)
+		pgemm(false, false, T, AD, H, 1, dres, H, ly.WO, AD, 0, datt, AD)
 		p.loraBack(grads, l, ModO, datt, p.att[l], AD, dres, H, 0, dyB)
 		attnBackward(dqkv, datt, p.att[l], p.lse[l], p.qkv[l], p.seqOff, sh, p.scratch, dkvHead)
 		ropeApply(dqkv, T, Q, 0, c.NumAttentionHeads+c.NumKeyValueHeads, c.HeadDim, p.pos, p.cos, p.sin, -1)
 		rmsNormForward(xn, p.xIn[l], ly.AttnNorm, p.rinv1[l], T, H, eps)
-		blas.Sgemm(false, false, T, H, Q, 1, dqkv, Q, ly.WQKV, H, 0, dxn, H)
+		pgemm(false, false, T, H, Q, 1, dqkv, Q, ly.WQKV, H, 0, dxn, H)
 		p.loraBack(grads, l, ModQ, dxn, xn, H, dqkv, Q, 0, dyB)
 		p.loraBack(grads, l, ModK, dxn, xn, H, dqkv, Q, AD, dyB)
 		p.loraBack(grads, l, ModV, dxn, xn, H, dqkv, Q, AD+c.NumKeyValueHeads*c.HeadDim, dyB)

@@ -1,0 +1,90 @@
+package trainer
+
+import (
+	"runtime"
+	"sync"
+
+	"github.com/signal-p2p/signal/trainer/blas"
+)
+
+// A training pass runs OpenBLAS single-threaded and splits each large GEMM
+// across goroutines itself. With OpenBLAS's own pool, its worker threads
+// spin (sched_yield) for a while after every GEMM, stealing the cores from
+// the element-wise and attention goroutines that run between GEMMs: on two
+// cores a profile showed ~20% of the step in the scheduler. One pool — Go's
+// — for everything avoids that.
+
+// pgemmMinFlops is the product size below which splitting does not pay
+// (goroutine hand-off and smaller panels cost more than they save).
+const pgemmMinFlops = 1 << 21
+
+// pgemm is blas.Sgemm split over up to GOMAXPROCS goroutines by blocks of
+// C's rows (when m is large) or columns, each a single-threaded sgemm.
+func pgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
+	b []float32, ldb int, beta float32, c []float32, ldc int) {
+	w := runtime.GOMAXPROCS(0)
+	if w <= 1 || m*n*k < pgemmMinFlops {
+		blas.Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		return
+	}
+	var wg sync.WaitGroup
+	if m >= n || m >= 64*w {
+		w = min(w, (m+15)/16)
+		for i := 0; i < w; i++ {
+			lo, hi := i*m/w, (i+1)*m/w
+			aOff := lo * lda // rows of op(A) are rows of A
+			if transA {
+				aOff = lo // ... or columns of A
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				blas.Sgemm(transA, transB, hi-lo, n, k, alpha, a[aOff:], lda, b, ldb, beta, c[lo*ldc:], ldc)
+			}()
+		}
+	} else {
+		w = min(w, (n+15)/16)
+		for i := 0; i < w; i++ {
+			lo, hi := i*n/w, (i+1)*n/w
+			bOff := lo // columns of op(B) are columns of B
+			if transB {
+				bOff = lo * ldb // ... or rows of B
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				blas.Sgemm(transA, transB, m, hi-lo, k, alpha, a, lda, b[bOff:], ldb, beta, c[lo:], ldc)
+			}()
+		}
+	}
+	wg.Wait()
+}
+
+// blasThreadsMu serialises the save/restore of OpenBLAS's process-wide
+// thread count around training passes.
+var blasThreads struct {
+	sync.Mutex
+	active int // training passes running
+	saved  int // the count to restore when the last one ends
+}
+
+// singleThreadBLAS sets OpenBLAS to one thread for a training pass and
+// returns the function that restores the previous count when the last
+// concurrent pass ends.
+func singleThreadBLAS() (restore func()) {
+	blasThreads.Lock()
+	if blasThreads.active == 0 {
+		blasThreads.saved = blas.Threads()
+		blas.SetThreads(1)
+	}
+	blasThreads.active++
+	blasThreads.Unlock()
+	return func() {
+		blasThreads.Lock()
+		blasThreads.active--
+		if blasThreads.active == 0 {
+			blas.SetThreads(blasThreads.saved)
+		}
+		blasThreads.Unlock()
+	}
+}
