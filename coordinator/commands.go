@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 )
 
 // cmdType is the first byte of every raft log entry. New types are only
@@ -25,11 +26,15 @@ const (
 	cmdPutMember
 	cmdRemoveMember
 	cmdPutIdem
+	// cmdChargeBin is a charge in the compact binary layout of
+	// appendCharge: charges are the hot path, and JSON was a third of
+	// every member's apply cost. cmdCharge (JSON) still replays old logs.
+	cmdChargeBin
 )
 
 func (t cmdType) String() string {
 	names := [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-		"create_join_token", "register_node", "put_member", "remove_member", "put_idem"}
+		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin"}
 	if int(t) < len(names) && t > 0 {
 		return names[t]
 	}
@@ -71,7 +76,12 @@ type command struct {
 	payload []byte
 }
 
+// newCommand encodes v as a command of type t. A charge (cmdCharge with a
+// chargeCmd) is written as cmdChargeBin.
 func newCommand(t cmdType, v any) (command, error) {
+	if c, ok := v.(chargeCmd); ok && t == cmdCharge {
+		return newChargeCommand(c)
+	}
 	b, err := json.Marshal(v)
 	if err != nil {
 		return command{}, fmt.Errorf("encode %s command: %w", t, err)
@@ -124,4 +134,177 @@ func decodeBatch(b []byte) ([]command, error) {
 		return nil, fmt.Errorf("batch: %d trailing bytes: %w", len(b), errBadBatch)
 	}
 	return cmds, nil
+}
+
+// newChargeCommand encodes a charge as cmdChargeBin.
+func newChargeCommand(c chargeCmd) (command, error) {
+	var ru []byte
+	if c.RunUpdate != nil {
+		// Run updates are rarer and richer; JSON keeps them simple.
+		var err error
+		if ru, err = json.Marshal(c.RunUpdate); err != nil {
+			return command{}, fmt.Errorf("encode charge run update: %w", err)
+		}
+	}
+	return command{typ: cmdChargeBin, payload: appendCharge(nil, c, ru)}, nil
+}
+
+// Flags of a cmdChargeBin payload.
+const (
+	chargeRequireAll byte = 1 << iota
+	chargeHasIdem
+	chargeHasBody
+	chargeHasRunUpdate
+	chargeKnownFlags = chargeRequireAll | chargeHasIdem | chargeHasBody | chargeHasRunUpdate
+)
+
+// appendCharge lays out a charge: a flags byte; Account, Operator, RunID,
+// Call and Time as uvarint-length strings; FeeBPS and the four Cost figures
+// as varints; then, when flagged, the idempotency scope and body hash, the
+// response body, and the run update's JSON.
+func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
+	var flags byte
+	if c.RequireAll {
+		flags |= chargeRequireAll
+	}
+	if c.Idem != nil {
+		flags |= chargeHasIdem
+	}
+	if c.Body != nil {
+		flags |= chargeHasBody
+	}
+	if c.RunUpdate != nil {
+		flags |= chargeHasRunUpdate
+	}
+	n := 1 + 5*binary.MaxVarintLen64 + len(c.Account) + len(c.Operator) + len(c.RunID) + len(c.Call) + len(c.Time) +
+		5*binary.MaxVarintLen64 + 3*binary.MaxVarintLen64 + len(c.Body) + len(runUpdate)
+	if c.Idem != nil {
+		n += len(c.Idem.Scope) + len(c.Idem.BodyHash)
+	}
+	if cap(b)-len(b) < n {
+		nb := make([]byte, len(b), len(b)+n)
+		copy(nb, b)
+		b = nb
+	}
+	b = append(b, flags)
+	for _, s := range [...]string{c.Account, c.Operator, c.RunID, c.Call, c.Time} {
+		b = binary.AppendUvarint(b, uint64(len(s)))
+		b = append(b, s...)
+	}
+	b = binary.AppendVarint(b, int64(c.FeeBPS))
+	b = binary.AppendVarint(b, c.Cost.Credits)
+	b = binary.AppendVarint(b, c.Cost.TrainTokens)
+	b = binary.AppendVarint(b, c.Cost.PrefillTokens)
+	b = binary.AppendVarint(b, c.Cost.SampledTokens)
+	if c.Idem != nil {
+		b = binary.AppendUvarint(b, uint64(len(c.Idem.Scope)))
+		b = append(b, c.Idem.Scope...)
+		b = binary.AppendUvarint(b, uint64(len(c.Idem.BodyHash)))
+		b = append(b, c.Idem.BodyHash...)
+	}
+	if c.Body != nil {
+		b = binary.AppendUvarint(b, uint64(len(c.Body)))
+		b = append(b, c.Body...)
+	}
+	if c.RunUpdate != nil {
+		b = binary.AppendUvarint(b, uint64(len(runUpdate)))
+		b = append(b, runUpdate...)
+	}
+	return b
+}
+
+var errBadCharge = errors.New("malformed charge command")
+
+// chargeReader walks a cmdChargeBin payload; the first error sticks.
+type chargeReader struct {
+	b   []byte
+	err error
+}
+
+func (r *chargeReader) fail(what string) {
+	if r.err == nil {
+		r.err = fmt.Errorf("%s: %w", what, errBadCharge)
+	}
+}
+
+func (r *chargeReader) bytes(what string) []byte {
+	if r.err != nil {
+		return nil
+	}
+	l, n := binary.Uvarint(r.b)
+	if n <= 0 || l > uint64(len(r.b)-n) {
+		r.fail(what)
+		return nil
+	}
+	out := r.b[n : n+int(l)]
+	r.b = r.b[n+int(l):]
+	return out
+}
+
+func (r *chargeReader) str(what string) string { return string(r.bytes(what)) }
+
+func (r *chargeReader) varint(what string) int64 {
+	if r.err != nil {
+		return 0
+	}
+	v, n := binary.Varint(r.b)
+	if n <= 0 {
+		r.fail(what)
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+// decodeCharge reads a cmdChargeBin payload. It copies what it keeps, so
+// the state never pins a log entry's buffer.
+func decodeCharge(p []byte) (chargeCmd, error) {
+	var c chargeCmd
+	if len(p) == 0 {
+		return c, fmt.Errorf("empty: %w", errBadCharge)
+	}
+	flags := p[0]
+	if flags&^chargeKnownFlags != 0 {
+		return c, fmt.Errorf("flags %#x: %w", flags, errBadCharge)
+	}
+	r := chargeReader{b: p[1:]}
+	c.RequireAll = flags&chargeRequireAll != 0
+	c.Account = r.str("account")
+	c.Operator = r.str("operator")
+	c.RunID = r.str("run_id")
+	c.Call = r.str("call")
+	c.Time = r.str("time")
+	fee := r.varint("fee_bps")
+	if fee < math.MinInt32 || fee > math.MaxInt32 {
+		r.fail("fee_bps")
+	}
+	c.FeeBPS = int(fee)
+	c.Cost.Credits = r.varint("credits")
+	c.Cost.TrainTokens = r.varint("train_tokens")
+	c.Cost.PrefillTokens = r.varint("prefill_tokens")
+	c.Cost.SampledTokens = r.varint("sampled_tokens")
+	if flags&chargeHasIdem != 0 {
+		c.Idem = &IdemTag{Scope: r.str("idem scope"), BodyHash: r.str("idem body hash")}
+	}
+	if flags&chargeHasBody != 0 {
+		if b := r.bytes("body"); r.err == nil {
+			c.Body = append(json.RawMessage{}, b...)
+		}
+	}
+	if flags&chargeHasRunUpdate != 0 {
+		if b := r.bytes("run_update"); r.err == nil {
+			var u RunUpdate
+			if err := json.Unmarshal(b, &u); err != nil {
+				return c, fmt.Errorf("run_update: %w (%w)", errBadCharge, err)
+			}
+			c.RunUpdate = &u
+		}
+	}
+	if r.err == nil && len(r.b) != 0 {
+		r.fail(fmt.Sprintf("%d trailing bytes", len(r.b)))
+	}
+	if r.err != nil {
+		return chargeCmd{}, r.err
+	}
+	return c, nil
 }

@@ -24,9 +24,14 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.etcd.io/bbolt"
 
 	"github.com/signal-p2p/signal/protocol"
 )
+
+// logCacheEntries is how many recent raft entries stay in memory for
+// replication (each entry is a batch of up to MaxBatch commands).
+const logCacheEntries = 512
 
 // Coordinator is one member of the coordinator cluster: raft, FSM, HTTP API.
 type Coordinator struct {
@@ -111,7 +116,18 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	}
 	hl := hclog.New(&hclog.LoggerOptions{Name: "raft-" + c.cfg.ID, Output: c.cfg.RaftLog, Level: hclog.LevelFromString(c.cfg.RaftLogLevel)})
 
-	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(c.cfg.DataDir, "raft.db")})
+	store, err := raftboltdb.New(raftboltdb.Options{
+		Path: filepath.Join(c.cfg.DataDir, "raft.db"),
+		BoltOptions: &bbolt.Options{
+			// Another process holding the file: fail, do not hang.
+			Timeout: 5 * time.Second,
+			// The freelist is rebuilt when the file opens instead of being
+			// written with every commit: each StoreLogs writes fewer pages.
+			// Durability is unchanged (etcd runs bbolt so).
+			NoFreelistSync: true,
+			FreelistType:   bbolt.FreelistMapType,
+		},
+	})
 	if err != nil {
 		return fmt.Errorf("open raft store: %w", err)
 	}
@@ -151,15 +167,25 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	if c.cfg.SnapshotInterval > 0 {
 		rc.SnapshotInterval = c.cfg.SnapshotInterval
 	}
-	// Batches already group commands; let raft ship many entries per RPC too.
+	// Batches already group commands; let raft ship many entries per RPC too,
+	// and take Apply calls without waiting for the leader loop (which is
+	// busy writing the previous entries to disk).
 	rc.MaxAppendEntries = 256
+	rc.BatchApplyCh = true
 
 	hasState, err := raft.HasExistingState(store, store, snaps)
 	if err != nil {
 		c.closeStores()
 		return fmt.Errorf("inspect raft state: %w", err)
 	}
-	r, err := raft.NewRaft(rc, c.fsm, store, store, snaps, tr)
+	// Replication reads back the entries it sends; recent ones come from
+	// memory instead of a bolt read transaction each.
+	logs, err := raft.NewLogCache(logCacheEntries, store)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("raft log cache: %w", err)
+	}
+	r, err := raft.NewRaft(rc, c.fsm, logs, store, snaps, tr)
 	if err != nil {
 		c.closeStores()
 		return fmt.Errorf("start raft: %w", err)

@@ -101,6 +101,8 @@ func (f *fsm) applyOne(index uint64, t cmdType, p []byte) cmdResult {
 		return f.applyRemoveMember(index, p)
 	case cmdPutIdem:
 		return f.applyPutIdem(index, p)
+	case cmdChargeBin:
+		return f.applyChargeBin(index, p)
 	default:
 		panic(fmt.Sprintf("raft entry %d: unknown command type %d", index, byte(t)))
 	}
@@ -138,6 +140,15 @@ func (f *fsm) applyMint(index uint64, p []byte) cmdResult {
 func (f *fsm) applyCharge(index uint64, p []byte) cmdResult {
 	var c chargeCmd
 	mustDecode(index, cmdCharge, p, &c)
+	res, err := f.state.Charge(c)
+	return cmdResult{Value: res, Err: err}
+}
+
+func (f *fsm) applyChargeBin(index uint64, p []byte) cmdResult {
+	c, err := decodeCharge(p)
+	if err != nil {
+		panic(fmt.Sprintf("raft entry %d: decode %s: %v", index, cmdChargeBin, err))
+	}
 	res, err := f.state.Charge(c)
 	return cmdResult{Value: res, Err: err}
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"sort"
+	"strconv"
 
 	"github.com/signal-p2p/signal/ledger"
 	"github.com/signal-p2p/signal/protocol"
@@ -138,6 +139,8 @@ func (s *State) clone() *State {
 		c.keys[k] = v
 	}
 	for k, v := range s.accounts {
+		// Capped, so an append on either side reallocates (appendCharge100).
+		v.Charges = v.Charges[:len(v.Charges):len(v.Charges)]
 		c.accounts[k] = v
 	}
 	for k, v := range s.runs {
@@ -417,13 +420,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	if cost.Credits > 0 || c.Call != "" {
 		a := s.accounts[c.Account]
 		a.Name = c.Account
-		charges := make([]protocol.Charge, 0, len(a.Charges)+1)
-		charges = append(charges, a.Charges...)
-		charges = append(charges, protocol.Charge{RunID: c.RunID, Call: c.Call, Credits: cost.Credits, Time: c.Time})
-		if len(charges) > maxChargesPerAccount {
-			charges = charges[len(charges)-maxChargesPerAccount:]
-		}
-		a.Charges = charges
+		a.Charges = appendCharge100(a.Charges, protocol.Charge{RunID: c.RunID, Call: c.Call, Credits: cost.Credits, Time: c.Time})
 		s.accounts[c.Account] = a
 	}
 	if run != nil {
@@ -436,8 +433,41 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	return res, nil
 }
 
+// appendCharge100 appends ch to an account's recent charges, keeping the
+// last maxChargesPerAccount. Elements already in the slice are never written
+// again (a snapshot's clone may still read them): the window slides along a
+// backing array with room for twice the bound and moves to a new one when it
+// reaches the end, so each charge costs O(1) amortised instead of a copy of
+// the whole history. clone caps the slices it shares, so a clone that
+// appended would never write into this array either.
+func appendCharge100(charges []protocol.Charge, ch protocol.Charge) []protocol.Charge {
+	if len(charges) >= maxChargesPerAccount {
+		charges = charges[len(charges)-maxChargesPerAccount+1:]
+	}
+	if len(charges) == cap(charges) {
+		n := make([]protocol.Charge, len(charges), min(2*maxChargesPerAccount, 2*len(charges)+4))
+		copy(n, charges)
+		charges = n
+	}
+	return append(charges, ch)
+}
+
 // withBilling adds "cost" and "balance" to a JSON object response.
 func withBilling(body json.RawMessage, cost protocol.Cost, balance int64) (json.RawMessage, error) {
+	if string(body) == "{}" {
+		// The common bare charge: the bytes the general path below would
+		// produce (keys sorted, "balance" < "cost"), without a map round trip.
+		cb, err := json.Marshal(cost)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]byte, 0, len(`{"balance":,"cost":}`)+20+len(cb))
+		out = append(out, `{"balance":`...)
+		out = strconv.AppendInt(out, balance, 10)
+		out = append(out, `,"cost":`...)
+		out = append(out, cb...)
+		return append(out, '}'), nil
+	}
 	var m map[string]json.RawMessage
 	if err := json.Unmarshal(body, &m); err != nil {
 		return nil, fmt.Errorf("node response is not a JSON object: %w", ErrInvalidRequest)
