@@ -368,3 +368,54 @@ func TestClosedSession(t *testing.T) {
 		t.Fatalf("OptimStep after Close: %v", err)
 	}
 }
+
+// TestSessionsShareModelConcurrently: sessions on one base model train at
+// the same time (the base is read-only, arenas are per call) and each ends
+// exactly where it would alone.
+func TestSessionsShareModelConcurrently(t *testing.T) {
+	m := mustLoad(t, "tiny-bl")
+	V := m.Config().VocabSize
+	const n = 3
+	alone := make([]*LoRA, n)
+	for i := 0; i < n; i++ {
+		s := mustSession(t, m, SessionConfig{Rank: 2, Seed: int64(i)})
+		data := randomData(rand.New(rand.NewSource(int64(i))), V, 5+i, 3)
+		for step := 0; step < 3; step++ {
+			mustFB(t, s, data)
+			mustStep(t, s, adamLR(1e-2))
+		}
+		alone[i] = s.LoRA()
+	}
+	errs := make(chan error, n)
+	together := make([]*Session, n)
+	for i := 0; i < n; i++ {
+		together[i] = mustSession(t, m, SessionConfig{Rank: 2, Seed: int64(i)})
+	}
+	for i := 0; i < n; i++ {
+		go func() {
+			s := together[i]
+			data := randomData(rand.New(rand.NewSource(int64(i))), V, 5+i, 3)
+			for step := 0; step < 3; step++ {
+				if _, err := s.ForwardBackward(context.Background(), data, LossCrossEntropy, nil); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := s.OptimStep(context.Background(), adamLR(1e-2)); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < n; i++ {
+		if !sameBits(together[i].LoRA(), alone[i]) {
+			t.Errorf("session %d trained concurrently differs from alone by %g", i, maxRelDiff(together[i].LoRA(), alone[i]))
+		}
+	}
+}
