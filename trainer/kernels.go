@@ -11,6 +11,14 @@ import (
 // They allocate nothing and are safe to call from concurrent goroutines on
 // disjoint outputs.
 
+// maxGemvRows and gemvBlockBytes tune Linear's small-batch path: measured
+// on the 2-core EPYC, blocked sgemv beats sgemm up to about 4 rows, and a
+// 512 KiB block of W stays in the 1 MiB L2 while it serves every row.
+const (
+	maxGemvRows    = 4
+	gemvBlockBytes = 512 << 10
+)
+
 // Linear computes y = x·Wᵀ + beta·y for x [rows, in] (row stride ldx), W
 // [out, in] as Hugging Face stores it, and y [rows, out] (row stride ldy).
 func Linear(y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, out int, beta float32) {
@@ -18,6 +26,19 @@ func Linear(y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, o
 		// One row (a decode step) is a matrix-vector product; sgemm would
 		// pack all of W first.
 		blas.Sgemv(false, out, in, 1, w, in, x, beta, y)
+		return
+	}
+	if rows <= maxGemvRows {
+		// A few rows (a small decode batch): OpenBLAS's sgemm packs W and
+		// runs 2–3× slower than reading W once. Walk W in blocks that stay
+		// in L2 and apply each block to every row with sgemv.
+		blk := max(16, gemvBlockBytes/(4*in))
+		for n0 := 0; n0 < out; n0 += blk {
+			n1 := min(out, n0+blk)
+			for r := 0; r < rows; r++ {
+				blas.Sgemv(false, n1-n0, in, 1, w[n0*in:], in, x[r*ldx:], beta, y[r*ldy+n0:])
+			}
+		}
 		return
 	}
 	blas.Sgemm(false, true, rows, out, in, 1, x, ldx, w, in, beta, y, ldy)
