@@ -97,7 +97,8 @@ func (m *Model) Close() error {
 // LoadModel loads a Hugging Face Llama directory: config.json, the weights
 // (model.safetensors or a sharded index; F32, BF16 or F16) and, when present,
 // tokenizer.json. A missing tensor or a wrong shape is an error naming the
-// file and the tensor.
+// file and the tensor. The model starts GOMAXPROCS−1 GEMM worker goroutines;
+// Close stops them.
 func LoadModel(dir string) (*Model, error) {
 	cfg, err := ReadConfig(dir)
 	if err != nil {

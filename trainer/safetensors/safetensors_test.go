@@ -211,3 +211,36 @@ func FuzzParseHeader(f *testing.F) {
 		}
 	})
 }
+
+func TestReadF16(t *testing.T) {
+	// 1, -2, 0.5, 65504 as IEEE half, little-endian.
+	halves := []uint16{0x3c00, 0xc000, 0x3800, 0x7bff}
+	data := make([]byte, 0, 8)
+	for _, h := range halves {
+		data = binary.LittleEndian.AppendUint16(data, h)
+	}
+	buf := header(`{"h":{"dtype":"F16","shape":[2,2],"data_offsets":[0,8]}}`, 0)
+	buf = append(buf, data...)
+	path := filepath.Join(t.TempDir(), "h.safetensors")
+	if err := os.WriteFile(path, buf, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	f, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got, _, err := f.Float32("h")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []float32{1, -2, 0.5, 65504}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("h[%d] = %v, want %v", i, got[i], want[i])
+		}
+	}
+	if _, ok := f.View("h"); ok {
+		t.Error("an F16 tensor must not be viewed as f32")
+	}
+}
