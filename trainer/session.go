@@ -97,6 +97,7 @@ func NewSession(m *Model, cfg SessionConfig) (*Session, error) {
 	}
 	s := &Session{m: m, cfg: cfg}
 	s.setLoRA(lora)
+	holdTrainArenas(m)
 	return s, nil
 }
 
@@ -160,12 +161,17 @@ func (s *Session) Step() int {
 	return s.step
 }
 
-// Close releases the session's state. Later calls return ErrSessionClosed.
+// Close releases the session's state (and, with the model's last session,
+// the model's activation arenas). Later calls return ErrSessionClosed.
 func (s *Session) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
 	s.closed = true
 	s.lora, s.grads, s.m1, s.m2 = nil, nil, nil, nil
+	dropTrainArenas(s.m)
 	return nil
 }
 

@@ -360,7 +360,17 @@ func TestSessionSampleUsesAdapter(t *testing.T) {
 func TestClosedSession(t *testing.T) {
 	m := mustLoad(t, "tiny-sp")
 	s := mustSession(t, m, SessionConfig{Rank: 2})
+	mustFB(t, s, randomData(rand.New(rand.NewSource(1)), 100, 3))
+	trainArenas.Lock()
+	held := len(trainArenas.free[m])
+	trainArenas.Unlock()
 	s.Close()
+	trainArenas.Lock()
+	left := len(trainArenas.free[m])
+	trainArenas.Unlock()
+	if held != 1 || left != 0 {
+		t.Fatalf("model arenas: %d while the session is open (want 1), %d after its Close (want 0)", held, left)
+	}
 	if _, err := s.ForwardBackward(context.Background(), randomData(rand.New(rand.NewSource(1)), 100, 3), "", nil); !errors.Is(err, ErrSessionClosed) {
 		t.Fatalf("ForwardBackward after Close: %v", err)
 	}

@@ -81,11 +81,13 @@ func (a *trainArena) bytes() int64 { return int64(len(a.block)) * 4 }
 
 // trainArenas recycles the training arenas of each model: one per call in
 // flight, kept across calls (unlike a sync.Pool, which a GC would empty and
-// make the next step reallocate hundreds of megabytes).
+// make the next step reallocate hundreds of megabytes). Sessions hold a
+// reference on their model's entry; when the last one closes, the arenas go.
 var trainArenas = struct {
 	sync.Mutex
 	free map[*Model][]*trainArena
-}{free: map[*Model][]*trainArena{}}
+	refs map[*Model]int
+}{free: map[*Model][]*trainArena{}, refs: map[*Model]int{}}
 
 func getTrainArena(m *Model) *trainArena {
 	trainArenas.Lock()
@@ -106,8 +108,24 @@ func putTrainArena(m *Model, a *trainArena) {
 	trainArenas.Unlock()
 }
 
-// releaseTrainArenas drops a model's cached arenas (when it is unloaded or a
-// benchmark wants a clean measure).
+// holdTrainArenas and dropTrainArenas count the sessions using m's arenas.
+func holdTrainArenas(m *Model) {
+	trainArenas.Lock()
+	trainArenas.refs[m]++
+	trainArenas.Unlock()
+}
+
+func dropTrainArenas(m *Model) {
+	trainArenas.Lock()
+	defer trainArenas.Unlock()
+	if trainArenas.refs[m]--; trainArenas.refs[m] <= 0 {
+		delete(trainArenas.refs, m)
+		delete(trainArenas.free, m)
+	}
+}
+
+// releaseTrainArenas drops a model's cached arenas (a benchmark wants a
+// clean measure, or the model is going away).
 func releaseTrainArenas(m *Model) {
 	trainArenas.Lock()
 	delete(trainArenas.free, m)
