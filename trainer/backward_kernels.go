@@ -111,8 +111,17 @@ func ropeRows(x []float32, lo, hi, ld, off, nHeads, d int, pos []int32, cos, sin
 	}
 }
 
+// sigmoid is σ(x) = 1/(1+e^−x), through expNeg of −|x|.
+func sigmoid(x float32) float32 {
+	if x >= 0 {
+		return 1 / (1 + expNeg(-x))
+	}
+	e := expNeg(x)
+	return e / (1 + e)
+}
+
 // silu is x·σ(x).
-func silu(x float32) float32 { return x / (1 + Expf(-x)) }
+func silu(x float32) float32 { return x * sigmoid(x) }
 
 // swigluForward writes h = silu(gate)·up; gu is [rows, 2·inter] with gate in
 // columns [0, inter) and up in [inter, 2·inter), the fused gate/up product.
@@ -142,7 +151,7 @@ func swigluBackwardRows(dgu, dh, gu []float32, lo, hi, inter int) {
 		dg, du := dgu[o:o+inter], dgu[o+inter:o+2*inter]
 		dhr := dh[r*inter : (r+1)*inter]
 		for i := range dhr {
-			sg := 1 / (1 + Expf(-g[i]))
+			sg := sigmoid(g[i])
 			du[i] = dhr[i] * g[i] * sg
 			dg[i] = dhr[i] * u[i] * sg * (1 + g[i]*(1-sg))
 		}
@@ -197,7 +206,7 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 			}
 			var sum float64
 			for j := 0; j <= i; j++ {
-				e := Expf(row[j] - m)
+				e := expNeg(row[j] - m)
 				row[j] = e
 				sum += float64(e)
 			}
@@ -248,7 +257,7 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 			row := s[i*n : (i+1)*n]
 			l := lse[h*tokens+st+i]
 			for j := 0; j <= i; j++ {
-				row[j] = Expf(row[j] - l)
+				row[j] = expNeg(row[j] - l)
 			}
 			clear(row[i+1:])
 		}
@@ -370,7 +379,7 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 				zt := zr[t]
 				var sum float64
 				for j, v := range zr {
-					e := Expf(v - m)
+					e := expNeg(v - m)
 					zr[j] = e
 					sum += float64(e)
 				}

@@ -364,3 +364,23 @@ func TestPgemmMatchesSgemm(t *testing.T) {
 		}
 	}
 }
+
+func TestExpNeg(t *testing.T) {
+	worst := 0.0
+	for x := float32(-87); x <= 0; x += 0.0013 {
+		want := math.Exp(float64(x))
+		rel := math.Abs(float64(expNeg(x))-want) / want
+		worst = math.Max(worst, rel)
+	}
+	// float32 has 2^-24 ≈ 6e-8 of rounding; allow 4 ulp.
+	if worst > 2.4e-7 {
+		t.Fatalf("expNeg relative error up to %g", worst)
+	}
+	if expNeg(-100) != 0 || expNeg(0) != 1 {
+		t.Fatalf("expNeg(-100) = %v, expNeg(0) = %v", expNeg(-100), expNeg(0))
+	}
+	if d := math.Abs(float64(expNeg(0.5)) - math.Exp(0.5)); d > 1e-6 {
+		t.Fatalf("expNeg(0.5) = %v", expNeg(0.5))
+	}
+	t.Logf("worst relative error %.3g", worst)
+}

@@ -1,6 +1,7 @@
 package trainer
 
 import (
+	"math"
 	"runtime"
 	"sync"
 
@@ -87,4 +88,30 @@ func singleThreadBLAS() (restore func()) {
 		}
 		blasThreads.Unlock()
 	}
+}
+
+// expNeg is a float32 exp for x ≤ 0, the softmax and log-softmax case
+// (arguments are logits minus their maximum): Cody-Waite reduction to
+// |r| ≤ ln2/2 and Cephes' expf polynomial, in float32 throughout, within
+// 2 ulp of exp. It is the LM head's innermost operation (vocab exps per
+// token), where the float64 path of Expf costs about twice as much. Below
+// -87.3, where exp underflows float32's normal range, it returns 0.
+func expNeg(x float32) float32 {
+	if x > 0 {
+		return Expf(x)
+	}
+	if x < -87.3 {
+		return 0
+	}
+	k := int32(x*1.44269504088896341 - 0.5) // round to nearest for x ≤ 0
+	kf := float32(k)
+	r := x - kf*0.693359375 - kf*-2.12194440e-4
+	p := float32(1.9875691500e-4)
+	p = p*r + 1.3981999507e-3
+	p = p*r + 8.3334519073e-3
+	p = p*r + 4.1665795894e-2
+	p = p*r + 1.6666665459e-1
+	p = p*r + 5.0000001201e-1
+	p = p*r*r + r + 1
+	return p * math.Float32frombits(uint32(k+127)<<23)
 }
