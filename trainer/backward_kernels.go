@@ -138,20 +138,37 @@ func swigluForwardRows(h, gu []float32, lo, hi, inter int) {
 	}
 }
 
-// swigluBackward writes dgu (same layout as gu) from dh:
-// d gate = dh·up·σ(g)(1 + g(1 − σ(g))), d up = dh·silu(g).
-func swigluBackward(dgu, dh, gu []float32, rows, inter int) {
-	trainParallel(rows, func(lo, hi int) { swigluBackwardRows(dgu, dh, gu, lo, hi, inter) })
+// swigluRecompute rebuilds h = silu(gate)·up for backward and keeps
+// sg = σ(gate) [rows, inter] so that swigluBackward needs no exponential.
+func swigluRecompute(h, sg, gu []float32, rows, inter int) {
+	trainParallel(rows, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			o := r * 2 * inter
+			g, u := gu[o:o+inter], gu[o+inter:o+2*inter]
+			hr, sr := h[r*inter:(r+1)*inter], sg[r*inter:(r+1)*inter]
+			for i := range hr {
+				s := sigmoid(g[i])
+				sr[i] = s
+				hr[i] = g[i] * s * u[i]
+			}
+		}
+	})
 }
 
-func swigluBackwardRows(dgu, dh, gu []float32, lo, hi, inter int) {
+// swigluBackward writes dgu (same layout as gu) from dh and sg = σ(gate):
+// d gate = dh·up·σ(g)(1 + g(1 − σ(g))), d up = dh·silu(g).
+func swigluBackward(dgu, dh, gu, sg []float32, rows, inter int) {
+	trainParallel(rows, func(lo, hi int) { swigluBackwardRows(dgu, dh, gu, sg, lo, hi, inter) })
+}
+
+func swigluBackwardRows(dgu, dh, gu, sgAll []float32, lo, hi, inter int) {
 	for r := lo; r < hi; r++ {
 		o := r * 2 * inter
 		g, u := gu[o:o+inter], gu[o+inter:o+2*inter]
 		dg, du := dgu[o:o+inter], dgu[o+inter:o+2*inter]
-		dhr := dh[r*inter : (r+1)*inter]
+		dhr, sgr := dh[r*inter:(r+1)*inter], sgAll[r*inter:(r+1)*inter]
 		for i := range dhr {
-			sg := sigmoid(g[i])
+			sg := sgr[i]
 			du[i] = dhr[i] * g[i] * sg
 			dg[i] = dhr[i] * u[i] * sg * (1 + g[i]*(1-sg))
 		}

@@ -3,6 +3,7 @@ package trainer
 import (
 	"math"
 	"math/rand"
+	"slices"
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer/blas"
@@ -118,7 +119,13 @@ func TestSwiGLUBackwardFD(t *testing.T) {
 		return dot64(dh, h)
 	}
 	dgu := make([]float32, len(gu))
-	swigluBackward(dgu, dh, gu, rows, inter)
+	h2, sg := make([]float32, rows*inter), make([]float32, rows*inter)
+	swigluRecompute(h2, sg, gu, rows, inter)
+	f()
+	if !slices.Equal(h, h2) {
+		t.Fatalf("swigluRecompute gives %v, forward %v", h2, h)
+	}
+	swigluBackward(dgu, dh, gu, sg, rows, inter)
 	checkFD(t, "dgu", gu, dgu, f)
 }
 

@@ -295,6 +295,7 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 	dxn := ar.dirty(T * H)
 	act := ar.dirty(T * I)
 	dact := ar.dirty(T * I)
+	sg := ar.dirty(T * I)
 	dgu := ar.dirty(T * 2 * I)
 	datt := ar.dirty(T * AD)
 	dqkv := ar.dirty(T * Q)
@@ -310,10 +311,10 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		}
 		ly := &p.m.Layers[l]
 		// MLP: next = h1 + down(swiglu(gate/up(norm(h1)))).
-		swigluForward(act, p.gu[l], T, I)
+		swigluRecompute(act, sg, p.gu[l], T, I)
 		pgemm(false, false, T, I, H, 1, dres, H, ly.WDown, I, 0, dact, I)
 		p.loraBack(grads, l, ModDown, dact, act, I, dres, H, 0, dyB)
-		swigluBackward(dgu, dact, p.gu[l], T, I)
+		swigluBackward(dgu, dact, p.gu[l], sg, T, I)
 		rmsNormForward(xn, p.h1[l], ly.MLPNorm, p.rinv2[l], T, H, eps)
 		pgemm(false, false, T, H, 2*I, 1, dgu, 2*I, ly.WGateUp, H, 0, dxn, H)
 		p.loraBack(grads, l, ModGate, dxn, xn, H, dgu, 2*I, 0, dyB)

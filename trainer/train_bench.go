@@ -211,14 +211,15 @@ func BenchSessionMemory(ctx context.Context, m *Model, n, rank, seq int) (*Sessi
 }
 
 // MeasureSgemm returns OpenBLAS's sgemm rate in GFLOP/s on n×n×n products
-// (the best of a few), the reference for model FLOP utilisation.
+// (the best of ten: other processes on a shared machine only ever slow a
+// run down), the reference for model FLOP utilisation.
 func MeasureSgemm(n int) float64 {
 	a, b, c := make([]float32, n*n), make([]float32, n*n), make([]float32, n*n)
 	for i := range a {
 		a[i], b[i] = float32(i%7)*0.1, float32(i%5)*0.1
 	}
 	best := 0.0
-	for i := 0; i < 5; i++ {
+	for i := 0; i < 10; i++ {
 		t0 := time.Now()
 		blas.Sgemm(false, false, n, n, n, 1, a, n, b, n, 0, c, n)
 		dt := time.Since(t0).Seconds()
