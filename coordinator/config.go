@@ -62,6 +62,10 @@ type Config struct {
 	ElectionTimeout    time.Duration
 	LeaderLeaseTimeout time.Duration
 	CommitTimeout      time.Duration
+	// LogStore is where a fresh data dir keeps the raft log: LogStoreWAL
+	// (the default; empty means it too) or LogStoreBolt. A data dir that
+	// holds a log already keeps the store it has.
+	LogStore string
 	// SnapshotThreshold is how many log entries trigger a snapshot.
 	SnapshotThreshold uint64
 	SnapshotInterval  time.Duration
@@ -84,6 +88,7 @@ func DefaultConfig() Config {
 		MaxBodyBytes:       32 << 20,
 		MaxBatch:           512,
 		MaxInflightBatches: 2,
+		LogStore:           LogStoreWAL,
 		ApplyTimeout:       10 * time.Second,
 		NodeLostAfter:      15 * time.Second,
 		RetryAfter:         2 * time.Second,
@@ -120,6 +125,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config MaxBatch %d / MaxInflightBatches %d: must be positive: %w", c.MaxBatch, c.MaxInflightBatches, ErrInvalidRequest)
 	case c.ApplyTimeout <= 0 || c.NodeLostAfter <= 0 || c.RetryAfter <= 0:
 		return fmt.Errorf("config ApplyTimeout/NodeLostAfter/RetryAfter: must be positive: %w", ErrInvalidRequest)
+	case c.LogStore != "" && c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt:
+		return fmt.Errorf("config LogStore %q: want %q or %q: %w", c.LogStore, LogStoreWAL, LogStoreBolt, ErrInvalidRequest)
 	case c.Logger == nil:
 		return fmt.Errorf("config Logger: nil: %w", ErrInvalidRequest)
 	}

@@ -47,6 +47,8 @@ type Coordinator struct {
 	transport *raft.NetworkTransport
 	stream    *tcpStream
 	store     *raftboltdb.BoltStore
+	wal       io.Closer // the raft-wal log; nil when the log is in store
+	logKind   string
 	batch     *batcher
 	ln        net.Listener
 	srv       *http.Server
@@ -173,17 +175,23 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	rc.MaxAppendEntries = 256
 	rc.BatchApplyCh = true
 
-	hasState, err := raft.HasExistingState(store, store, snaps)
+	logStore, w, kind, err := openLogStore(c.cfg.DataDir, c.cfg.LogStore, store)
 	if err != nil {
 		c.closeStores()
-		return fmt.Errorf("inspect raft state: %w", err)
+		return err
 	}
+	c.wal, c.logKind = w, kind
 	// Replication reads back the entries it sends; recent ones come from
-	// memory instead of a bolt read transaction each.
-	logs, err := raft.NewLogCache(logCacheEntries, store)
+	// memory instead of a disk read each.
+	logs, err := raft.NewLogCache(logCacheEntries, logStore)
 	if err != nil {
 		c.closeStores()
 		return fmt.Errorf("raft log cache: %w", err)
+	}
+	hasState, err := raft.HasExistingState(logs, store, snaps)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("inspect raft state: %w", err)
 	}
 	r, err := raft.NewRaft(rc, c.fsm, logs, store, snaps, tr)
 	if err != nil {
@@ -231,7 +239,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 			c.joinLoop(ctx)
 		}()
 	}
-	c.log.Info("coordinator started", "category", "infrastructure", "raft_addr", c.RaftAddr(), "http_addr", c.HTTPAddr(), "existing_state", hasState)
+	c.log.Info("coordinator started", "category", "infrastructure", "raft_addr", c.RaftAddr(), "http_addr", c.HTTPAddr(), "existing_state", hasState, "log_store", c.logKind)
 	return nil
 }
 
@@ -278,16 +286,25 @@ func (c *Coordinator) shutdownRaft() error {
 }
 
 func (c *Coordinator) closeStores() error {
-	if c.store == nil {
-		return nil
+	var errs []error
+	if c.wal != nil {
+		if err := c.wal.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft wal: %w", err))
+		}
+		c.wal = nil
 	}
-	err := c.store.Close()
-	c.store = nil
-	if err != nil {
-		return fmt.Errorf("close raft store: %w", err)
+	if c.store != nil {
+		if err := c.store.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close raft store: %w", err))
+		}
+		c.store = nil
 	}
-	return nil
+	return errors.Join(errs...)
 }
+
+// LogStore says where this member's raft log lives: LogStoreWAL or
+// LogStoreBolt (fixed by the data dir once it holds a log). Empty before Start.
+func (c *Coordinator) LogStore() string { return c.logKind }
 
 // HTTPAddr is the address the API listens on (HOST:PORT).
 func (c *Coordinator) HTTPAddr() string {
