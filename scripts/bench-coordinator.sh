@@ -1,24 +1,39 @@
 #!/usr/bin/env bash
 # Committed charges per second and p50/p99 latency on a 3-coordinator raft
-# cluster over loopback (in-process, fsync'd raft-boltdb logs), with 1 and 64
-# concurrent clients, against the issue's anchors. Prints figures, no pass/fail.
+# cluster over loopback (in-process, fsync'd logs, production raft timing),
+# with 1 and 64 concurrent clients, for both raft log stores (raft-wal, the
+# default for fresh data dirs, and raft-boltdb), against the issue's anchors;
+# then one member's FSM cost per charge. Prints figures, no pass/fail.
+#   SIGNAL_BENCH_CHARGES    charges per 64-client run (default 20000)
+#   SIGNAL_BENCH_CHARGES_1  charges per 1-client run (default 2000)
+#   SIGNAL_BENCH_INFLIGHT   raft entries the leader keeps committing at once
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${SIGNAL_BENCH_CHARGES:-20000}
-out=$(go test ./coordinator -run '^$' -bench 'BenchmarkCommittedCharges' -benchtime "${N}x" -count 1 2>&1) || { echo "$out"; exit 1; }
-echo "$out" | grep -E '^Benchmark' | awk '
+N1=${SIGNAL_BENCH_CHARGES_1:-2000}
+run() { local o; o=$(go test ./coordinator -run '^$' -bench "$1" -benchtime "$2" -count 1 2>&1) || { echo "$o" >&2; exit 1; }; echo "$o"; }
+out=$(run 'BenchmarkCommittedCharges/log=.*/clients=64$' "${N}x")
+out1=$(run 'BenchmarkCommittedCharges/log=.*/clients=1$' "${N1}x")
+fsm=$(run 'BenchmarkApplyChargeBatch$' 2000x)
+printf '%s\n%s\n' "$out1" "$out" | grep -E '^Benchmark' | awk '
 {
-  clients=$1; sub(/.*clients=/, "", clients); sub(/-.*/, "", clients)
+  name=$1; store=name; sub(/.*log=/, "", store); sub(/\/.*/, "", store)
+  clients=name; sub(/.*clients=/, "", clients); sub(/-.*/, "", clients)
   for (i = 1; i <= NF; i++) {
     if ($(i+1) == "charges/s") cps = $i
     if ($(i+1) == "p50_ms") p50 = $i
     if ($(i+1) == "p99_ms") p99 = $i
+    if ($(i+1) == "max_ms") mx = $i
   }
-  printf "clients=%-3s %9.0f charges/s   p50 %7.2f ms   p99 %7.2f ms\n", clients, cps, p50, p99
+  printf "log=%-4s clients=%-3s %9.0f charges/s   p50 %7.2f ms   p99 %7.2f ms   max %7.2f ms\n", store, clients, cps, p50, p99, mx
   if (clients == 64) {
+    c64[store] = cps
     printf "  vs Consul 0.7 (3,780 w/s, p99 49 ms): %.2fx throughput, %.2fx p99\n", cps/3780, p99/49
     printf "  vs etcd 3.2 (~44,000 w/s, 1,000 clients): %.2fx throughput\n", cps/44000
     printf "  vs goal (>= 10,000/s, p99 < 20 ms): %.2fx throughput, %.2fx p99\n", cps/10000, p99/20
   }
-}'
-echo "(machine: $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg); figures from a shared machine are noisy)"
+}
+END { if (c64["bolt"] > 0) printf "64 clients, raft-wal vs raft-boltdb log: %.2fx throughput\n", c64["wal"]/c64["bolt"] }'
+echo "$fsm" | awk '/^BenchmarkApplyChargeBatch/ { for (i = 1; i <= NF; i++) { if ($(i+1) == "ns/charge") ns = $i; if ($(i+1) == "B/op") bop = $i }
+  printf "FSM apply (one member, 64-charge batches): %.0f ns/charge, %.0f B/charge\n", ns, bop/64 }'
+echo "(machine: $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg); figures from a shared machine are noisy: the disk's fsync tail and CPU contention from other work move p99 most)"

@@ -22,11 +22,11 @@ import (
 func init() { register(newCoordinatorCmd) }
 
 type coordinatorOpts struct {
-	id, data, raftAddr, httpAddr, join, adminToken, modelsFile, logLevel string
-	bootstrap, noP2P                                                     bool
-	models, p2pListen                                                    []string
-	feeBPS, burst                                                        int
-	rate                                                                 float64
+	id, data, raftAddr, httpAddr, join, adminToken, modelsFile, logLevel, logStore string
+	bootstrap, noP2P                                                               bool
+	models, p2pListen                                                              []string
+	feeBPS, burst                                                                  int
+	rate                                                                           float64
 }
 
 func newCoordinatorCmd() *cobra.Command {
@@ -57,6 +57,7 @@ a cluster of three or five. Restarting with the same --data resumes.`,
 	f.Float64Var(&o.rate, "rate", d.RatePerSecond, "requests per second per API key")
 	f.IntVar(&o.burst, "burst", d.RateBurst, "burst per API key")
 	f.StringVar(&o.logLevel, "log-level", "info", "audit/infrastructure log level: debug, info, warn, error")
+	f.StringVar(&o.logStore, "log-store", d.LogStore, "raft log store of a fresh --data dir: wal (raft-wal) or bolt (raft-boltdb); an existing dir keeps its own")
 	return cmd
 }
 
@@ -83,6 +84,7 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 	cfg := coordinator.DefaultConfig()
 	cfg.ID, cfg.DataDir, cfg.RaftAddr, cfg.HTTPAddr = o.id, o.data, o.raftAddr, o.httpAddr
 	cfg.Bootstrap, cfg.Join = o.bootstrap, o.join
+	cfg.LogStore = o.logStore
 	cfg.AdminToken = o.adminToken
 	if cfg.AdminToken == "" {
 		cfg.AdminToken = os.Getenv("SIGNAL_ADMIN_TOKEN")
