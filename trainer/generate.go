@@ -6,7 +6,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
@@ -76,7 +75,8 @@ type seqState struct {
 	logprobs []float32
 	done     bool
 	reason   string
-	cut      int // text length before the first stop string, -1 = none
+	cut      int          // text length before the first stop string, -1 = none
+	stop     *stopScanner // nil without stop strings
 }
 
 func (m *Model) stopTokenSet(p *SamplingParams) []int {
@@ -139,6 +139,9 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 			logprobs: make([]float32, 0, p.MaxTokens),
 			cut:      -1,
 		}
+		if len(p.Stop) > 0 {
+			seqs[s].stop = newStopScanner(m.codec(), p.Stop)
+		}
 		tok, lp := picker.pick(promptLogits[pi*V:(pi+1)*V], p, seqs[s].rng)
 		m.accept(&seqs[s], tok, lp, p, stopIDs)
 	}
@@ -189,7 +192,8 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 
 // accept appends a sampled token and decides whether the sequence stops:
 // on a stop token, on a stop string in the decoded text, or at max_tokens.
-// Stop strings need the text, so only then is the continuation decoded.
+// Stop strings need the text, so only then is the continuation decoded,
+// incrementally (stopScanner).
 func (m *Model) accept(st *seqState, tok int, lp float32, p *SamplingParams, stopIDs []int) {
 	st.tokens = append(st.tokens, tok)
 	st.logprobs = append(st.logprobs, lp)
@@ -197,15 +201,8 @@ func (m *Model) accept(st *seqState, tok int, lp float32, p *SamplingParams, sto
 		st.done, st.reason = true, StopStop
 		return
 	}
-	if len(p.Stop) > 0 {
-		text := m.codec().Decode(st.tokens, true)
-		cut := -1
-		for _, s := range p.Stop {
-			if i := strings.Index(text, s); i >= 0 && (cut < 0 || i < cut) {
-				cut = i
-			}
-		}
-		if cut >= 0 {
+	if st.stop != nil {
+		if cut := st.stop.scan(st.tokens); cut >= 0 {
 			st.done, st.reason, st.cut = true, StopStop, cut
 			return
 		}

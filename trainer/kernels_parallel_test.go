@@ -1,6 +1,8 @@
 package trainer
 
 import (
+	"context"
+	"math/rand"
 	"sync"
 	"testing"
 
@@ -26,6 +28,57 @@ func TestSingleThreadBLASNests(t *testing.T) {
 	wg.Wait()
 	if n := blas.Threads(); n != 2 {
 		t.Errorf("after concurrent use: %d threads, want 2 restored", n)
+	}
+}
+
+// TestSingleThreadBLASOneCounter: a training pass (singleThreadBLAS) and a
+// sampler (AcquireSingleThreadBLAS) that overlap, in the order that broke two
+// separate counters (sampler in, trainer in, sampler out, trainer out),
+// keep OpenBLAS at one thread while either runs and restore it after.
+func TestSingleThreadBLASOneCounter(t *testing.T) {
+	blas.SetThreads(2)
+	AcquireSingleThreadBLAS()
+	release := singleThreadBLAS()
+	ReleaseSingleThreadBLAS()
+	if n := blas.Threads(); n != 1 {
+		t.Errorf("training pass still running: %d threads, want 1", n)
+	}
+	release()
+	if n := blas.Threads(); n != 2 {
+		t.Fatalf("after both: %d threads, want 2 restored", n)
+	}
+
+	// The same with the real entry points racing on one model.
+	m := mustLoad(t, "tiny-sp")
+	V := m.Config().VocabSize
+	s := mustSession(t, m, SessionConfig{Rank: 2, Seed: 1})
+	data := randomData(rand.New(rand.NewSource(1)), V, 6, 2)
+	p := DefaultSamplingParams()
+	p.MaxTokens = 4
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := 0; g < 4; g++ {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			_, err := m.Sample(context.Background(), [][]int{testTokens(5, V, g)}, 1, p, nil)
+			errs <- err
+		}()
+		go func() {
+			defer wg.Done()
+			_, err := s.Forward(context.Background(), data, LossCrossEntropy, nil)
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := blas.Threads(); n != 2 {
+		t.Errorf("after concurrent sampling and training: %d threads, want 2 restored", n)
 	}
 }
 

@@ -61,33 +61,14 @@ func pgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int
 	wg.Wait()
 }
 
-// blasThreadsMu serialises the save/restore of OpenBLAS's process-wide
-// thread count around training passes.
-var blasThreads struct {
-	sync.Mutex
-	active int // training passes running
-	saved  int // the count to restore when the last one ends
-}
-
-// singleThreadBLAS sets OpenBLAS to one thread for a training pass and
-// returns the function that restores the previous count when the last
-// concurrent pass ends.
+// singleThreadBLAS is AcquireSingleThreadBLAS for a training pass, returning
+// the matching release. Training and sampling share that one process-wide
+// counter: with two, a sampler and a training pass that overlap would each
+// save the other's "1" and the last to finish could leave OpenBLAS at one
+// thread for good.
 func singleThreadBLAS() (restore func()) {
-	blasThreads.Lock()
-	if blasThreads.active == 0 {
-		blasThreads.saved = blas.Threads()
-		blas.SetThreads(1)
-	}
-	blasThreads.active++
-	blasThreads.Unlock()
-	return func() {
-		blasThreads.Lock()
-		blasThreads.active--
-		if blasThreads.active == 0 {
-			blas.SetThreads(blasThreads.saved)
-		}
-		blasThreads.Unlock()
-	}
+	AcquireSingleThreadBLAS()
+	return ReleaseSingleThreadBLAS
 }
 
 // expNeg is a float32 exp for x ≤ 0, the softmax and log-softmax case
