@@ -135,3 +135,23 @@ func BenchmarkApplyChargeBatch(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*perBatch), "ns/charge")
 }
+
+// BenchmarkSnapshotClone measures FSM.Snapshot's copy of a full state
+// (maxIdempotencyKeys idempotency records): it holds the FSM's lock, so
+// every charge arriving meanwhile waits for it.
+func BenchmarkSnapshotClone(b *testing.B) {
+	f := newFSM()
+	for i := 0; i < maxIdempotencyKeys; i++ {
+		f.state.putIdem(IdemRecord{Scope: "acct\x00k" + strconv.Itoa(i), BodyHash: "b", Status: 200, Body: []byte(`{"balance":1,"cost":{"credits":1}}`)})
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		snap, err := f.Snapshot()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if n := len(snap.(*fsmSnapshot).state.idem); n != maxIdempotencyKeys {
+			b.Fatalf("clone holds %d records", n)
+		}
+	}
+}

@@ -3,6 +3,8 @@ package coordinator
 import (
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"sort"
 	"strconv"
 
@@ -121,42 +123,28 @@ func NewState() *State {
 	}
 }
 
-// clone copies the maps; records are immutable and shared.
+// clone copies the maps; records are immutable and shared. raft takes a
+// snapshot under the FSM's lock, so this is on the charge path's tail:
+// maps.Clone copies a map's tables wholesale, 2-3x faster than
+// re-inserting 100,000 idempotency records one by one
+// (BenchmarkSnapshotClone).
 func (s *State) clone() *State {
 	c := &State{
 		ledger:     s.ledger.Clone(),
-		keys:       make(map[string]KeyRecord, len(s.keys)),
+		keys:       maps.Clone(s.keys),
 		accounts:   make(map[string]AccountRecord, len(s.accounts)),
-		runs:       make(map[string]*RunRecord, len(s.runs)),
-		nodes:      make(map[string]NodeRecord, len(s.nodes)),
-		joinTokens: make(map[string]JoinTokenRecord, len(s.joinTokens)),
-		members:    make(map[string]MemberRecord, len(s.members)),
-		idem:       make(map[string]IdemRecord, len(s.idem)),
-		idemOrder:  append([]string(nil), s.idemOrder...),
+		runs:       maps.Clone(s.runs),
+		nodes:      maps.Clone(s.nodes),
+		joinTokens: maps.Clone(s.joinTokens),
+		members:    maps.Clone(s.members),
+		idem:       maps.Clone(s.idem),
+		idemOrder:  slices.Clone(s.idemOrder),
 		feeAccount: s.feeAccount,
-	}
-	for k, v := range s.keys {
-		c.keys[k] = v
 	}
 	for k, v := range s.accounts {
 		// Capped, so an append on either side reallocates (appendCharge100).
 		v.Charges = v.Charges[:len(v.Charges):len(v.Charges)]
 		c.accounts[k] = v
-	}
-	for k, v := range s.runs {
-		c.runs[k] = v
-	}
-	for k, v := range s.nodes {
-		c.nodes[k] = v
-	}
-	for k, v := range s.joinTokens {
-		c.joinTokens[k] = v
-	}
-	for k, v := range s.members {
-		c.members[k] = v
-	}
-	for k, v := range s.idem {
-		c.idem[k] = v
 	}
 	return c
 }
