@@ -1,60 +1,93 @@
 #!/usr/bin/env bash
 # LoRA training step (forward_backward + optim_step) of the native Go engine
 # against the PyTorch autograd reference (trainer/reference/train_ref.py), same
-# shapes, same threads, rank 8 on all seven linear layers, in one run:
+# shapes, rank 8 on all seven linear layers, in one run:
 #   tiny-sp at 8 x 128; the SmolLM-135M shape at 1 x 256 and 4 x 256.
+# Each side runs in every thread configuration and the ratio is taken between
+# the FASTEST of each (median step):
+#   Go:      GOMAXPROCS 2 (GEMMs split over goroutines) and 1
+#   PyTorch: torch.set_num_threads 1 and 2 x OPENBLAS_NUM_THREADS 1 and 2
+#            (an eager loop: forward per sequence, one backward, AdamW)
+# Runs are interleaved (Go, torch, Go, torch) REPS times so that load from
+# other processes hits both alike; the table shows medians over REPS.
 # Also: the machine's sgemm rate, model FLOP utilisation, peak memory, and the
-# heap of 1 vs 8 sessions sharing one base model. Prints figures and ratios.
-# Env: SIGNAL_PYTHON (default /usr/bin/python3), THREADS (2), STEPS (2).
+# heap of 1 vs 8 sessions sharing one base model. Figures are noisy on a
+# shared machine: the load average is printed.
+# Env: SIGNAL_PYTHON (default /usr/bin/python3), STEPS (3), REPS (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
-THREADS=${THREADS:-2}
-STEPS=${STEPS:-2}
-BIN=bin/signal
+STEPS=${STEPS:-3}
+REPS=${REPS:-2}
+BIN=${SIGNAL_BIN:-bin/signal}
 if [ ! -x "$BIN" ]; then
   BIN=$(mktemp -d)/signal
   go build -o "$BIN" ./cmd/signal
 fi
-export OPENBLAS_NUM_THREADS=$THREADS
 have_torch=1
 "$PY" -c 'import torch, numpy' 2>/dev/null || have_torch=0
+load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 SMOL='{"hidden_size":576,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"intermediate_size":1536,"vocab_size":49152,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":10000}'
 TINY=$("$PY" -c 'import json;print(json.dumps(json.load(open("trainer/testdata/tiny-sp/config.json"))))')
 
-# row NAME GO_ARGS... -- PY_CONFIG BATCH SEQ
+# row NAME PY_CONFIG BATCH SEQ GO_ARGS...
 row() {
   local name=$1 cfg=$2 batch=$3 seq=$4; shift 4
-  local go_json py_json=""
-  go_json=$("$BIN" model bench "$@" --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads "$THREADS")
-  if [ "$have_torch" = 1 ]; then
-    py_json=$(echo "{\"config\":$cfg,\"batch\":$batch,\"seq\":$seq,\"rank\":8,\"steps\":$STEPS,\"threads\":$THREADS}" |
-      "$PY" trainer/reference/train_ref.py bench)
-  fi
-  GO_JSON=$go_json PY_JSON=$py_json NAME=$name "$PY" - <<'PYEOF'
-import json, os
-g = json.loads(os.environ["GO_JSON"]); t = g["train"]
-name = os.environ["NAME"]
-print(f"{name:<22} go      {t['TokensPerSec']:9.1f} tokens/s  {t['GFLOPS']:6.1f} GFLOP/s  "
-      f"MFU {100*g['mfu']:4.1f}% of sgemm {g['sgemm_gflops']:.0f} GFLOP/s  "
-      f"peak RSS {t['PeakRSSBytes']/2**20:7.0f} MiB  arena {t['ArenaBytes']/2**20:6.0f} MiB")
-if os.environ.get("PY_JSON"):
-    p = json.loads(os.environ["PY_JSON"])
-    print(f"{'':<22} pytorch {p['tokens_per_s']:9.1f} tokens/s  {t['GFLOPPerStep']*p['tokens_per_s']/(t['Batch']*t['Seq']):6.1f} GFLOP/s  "
-          f"peak RSS {p['peak_rss_bytes']/2**20:7.0f} MiB")
-    print(f"{'':<22} ratio go/pytorch {t['TokensPerSec']/p['tokens_per_s']:.2f}x  (goal >= 1.5x on the 135M shape)")
+  local results="" r i gp ob req
+  req="{\"config\":$cfg,\"batch\":$batch,\"seq\":$seq,\"rank\":8,\"steps\":$STEPS,\"threads_list\":[1,2]}"
+  for r in $(seq "$REPS"); do
+    for i in 0 1; do
+      gp=$((2 - i)) ob=$((1 + i))
+      results+="go $gp $(GOMAXPROCS=$gp "$BIN" model bench "$@" --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads 2)"$'\n'
+      if [ "$have_torch" = 1 ]; then
+        results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/train_ref.py bench)"$'\n'
+      fi
+    done
+  done
+  RESULTS=$results NAME=$name LOAD="$(load)" "$PY" - <<'PYEOF'
+import json, os, statistics as st
+runs, sgemm, meta = {}, [], {}
+for line in os.environ["RESULTS"].splitlines():
+    side, thr, js = line.split(" ", 2)
+    j = json.loads(js)
+    if side == "go":
+        t = j["train"]
+        runs.setdefault("go GOMAXPROCS=%s" % thr, []).append(t["TokensPerSec"])
+        sgemm.append(j["sgemm_gflops"])
+        meta["go"] = t
+    else:
+        for c in j["configs"]:
+            runs.setdefault("torch threads=%d OPENBLAS=%s" % (c["torch_threads"], c["openblas_threads"]), []).append(c["tokens_per_s"])
+        meta["torch_rss"] = max(meta.get("torch_rss", 0), j["peak_rss_bytes"])
+t = meta["go"]
+sg = st.median(sgemm)
+gflops = lambda tps: t["GFLOPPerStep"] * tps / (t["Batch"] * t["Seq"])
+print("-- %s (load at end %s; sgemm %.0f GFLOP/s, median of %d; %.1f model GFLOP per step)"
+      % (os.environ["NAME"], os.environ["LOAD"], sg, len(sgemm), t["GFLOPPerStep"]))
+med = {k: st.median(v) for k, v in runs.items()}
+for k, v in med.items():
+    print("   %-30s %8.1f tokens/s  %6.1f GFLOP/s  MFU %4.1f%% of sgemm   runs %s"
+          % (k, v, gflops(v), 100 * gflops(v) / sg, " ".join("%.0f" % x for x in runs[k])))
+print("   peak RSS: go %.0f MiB (arena %.0f MiB), torch %s"
+      % (t["PeakRSSBytes"] / 2**20, t["ArenaBytes"] / 2**20,
+         "%.0f MiB" % (meta["torch_rss"] / 2**20) if "torch_rss" in meta else "n/a"))
+g = max((v, k) for k, v in med.items() if k.startswith("go"))
+tb = max(((v, k) for k, v in med.items() if k.startswith("torch")), default=None)
+if tb:
+    print("   best go %.1f (%s) / best torch %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)"
+          % (g[0], g[1], tb[0], tb[1], g[0] / tb[0]))
 else:
-    print(f"{'':<22} pytorch: not available ({os.environ.get('SIGNAL_PYTHON','/usr/bin/python3')} lacks torch)")
+    print("   best go %.1f (%s); pytorch not available" % g)
 PYEOF
 }
 
-echo "engine-train: LoRA training step, rank 8 all linear layers, $THREADS threads, best of $STEPS steps"
+echo "== engine-train: LoRA training step, rank 8 all linear layers, median of $STEPS steps, $REPS interleaved rounds (load: $(load))"
 row "tiny-sp 8x128" "$TINY" 8 128 --model trainer/testdata/tiny-sp
 row "smollm-135m 1x256" "$SMOL" 1 256 --shape smollm-135m
 row "smollm-135m 4x256" "$SMOL" 4 256 --shape smollm-135m
 
-mem=$("$BIN" model bench --shape smollm-135m --sessions 8 --rank 8 --seq 256 --threads "$THREADS")
+mem=$("$BIN" model bench --shape smollm-135m --sessions 8 --rank 8 --seq 256 --threads 2)
 MEM=$mem "$PY" - <<'PYEOF'
 import json, os
 s = json.loads(os.environ["MEM"])["sessions"]

@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
 // The training kernels: the forward pieces that must keep what backward needs
@@ -130,28 +131,14 @@ func swigluForward(h, gu []float32, rows, inter int) {
 }
 
 func swigluForwardRows(h, gu []float32, lo, hi, inter int) {
-	for r := lo; r < hi; r++ {
-		g, u, hr := gu[r*2*inter:r*2*inter+inter], gu[r*2*inter+inter:(r+1)*2*inter], h[r*inter:(r+1)*inter]
-		for i := range hr {
-			hr[i] = silu(g[i]) * u[i]
-		}
-	}
+	vmath.SwiGLU(h[lo*inter:hi*inter], nil, gu[lo*2*inter:hi*2*inter], hi-lo, inter)
 }
 
 // swigluRecompute rebuilds h = silu(gate)·up for backward and keeps
 // sg = σ(gate) [rows, inter] so that swigluBackward needs no exponential.
 func swigluRecompute(h, sg, gu []float32, rows, inter int) {
 	trainParallel(rows, func(lo, hi int) {
-		for r := lo; r < hi; r++ {
-			o := r * 2 * inter
-			g, u := gu[o:o+inter], gu[o+inter:o+2*inter]
-			hr, sr := h[r*inter:(r+1)*inter], sg[r*inter:(r+1)*inter]
-			for i := range hr {
-				s := sigmoid(g[i])
-				sr[i] = s
-				hr[i] = g[i] * s * u[i]
-			}
-		}
+		vmath.SwiGLU(h[lo*inter:hi*inter], sg[lo*inter:hi*inter], gu[lo*2*inter:hi*2*inter], hi-lo, inter)
 	})
 }
 
@@ -213,27 +200,7 @@ func attnForward(out, lse, qkv []float32, seqOff []int, sh attnShape, scratch []
 		v := qkv[st*ld+(sh.nHeads+sh.nKV+g)*d:]
 		s := scratch[worker].s[:n*n]
 		blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
-		for i := 0; i < n; i++ {
-			row := s[i*n : (i+1)*n]
-			m := row[0]
-			for j := 1; j <= i; j++ {
-				if row[j] > m {
-					m = row[j]
-				}
-			}
-			var sum float64
-			for j := 0; j <= i; j++ {
-				e := expNeg(row[j] - m)
-				row[j] = e
-				sum += float64(e)
-			}
-			inv := float32(1 / sum)
-			for j := 0; j <= i; j++ {
-				row[j] *= inv
-			}
-			clear(row[i+1:])
-			lse[h*tokens+st+i] = m + float32(math.Log(sum))
-		}
+		vmath.CausalSoftmax(s, n, n, lse[h*tokens+st:], 1)
 		blas.Sgemm(false, false, n, d, n, 1, s, n, v, ld, 0, out[st*sh.nHeads*d+h*d:], sh.nHeads*d)
 	})
 }
@@ -270,14 +237,7 @@ func attnBackward(dqkv, dout, out, lse, qkv []float32, seqOff []int, sh attnShap
 		do := dout[st*od+h*d:]
 		o := out[st*od+h*d:]
 		blas.Sgemm(false, true, n, n, d, sh.scale, q, ld, k, ld, 0, s, n)
-		for i := 0; i < n; i++ {
-			row := s[i*n : (i+1)*n]
-			l := lse[h*tokens+st+i]
-			for j := 0; j <= i; j++ {
-				row[j] = expNeg(row[j] - l)
-			}
-			clear(row[i+1:])
-		}
+		vmath.CausalExp(s, n, n, lse[h*tokens+st:], 1)
 		blas.Sgemm(true, false, n, d, n, 1, s, n, do, od, 0, dv, d)
 		blas.Sgemm(false, true, n, n, d, 1, do, od, v, ld, 0, dp, n)
 		for i := 0; i < n; i++ {
@@ -387,19 +347,9 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 			for i := lo; i < hi; i++ {
 				zr := z[i*vocab : (i+1)*vocab]
 				t := int(targets[c0+i])
-				m := zr[0]
-				for _, v := range zr[1:] {
-					if v > m {
-						m = v
-					}
-				}
+				m := vmath.Max(zr)
 				zt := zr[t]
-				var sum float64
-				for j, v := range zr {
-					e := expNeg(v - m)
-					zr[j] = e
-					sum += float64(e)
-				}
+				sum := vmath.ExpShift(zr, m)
 				lse[i] = math.Log(sum)
 				logp[c0+i] = float32(float64(zt-m) - lse[i])
 			}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"runtime"
-	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 )
@@ -122,7 +121,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 	// so OpenBLAS's own threads stay idle instead of spinning beside ours.
 	AcquireSingleThreadBLAS()
 	defer ReleaseSingleThreadBLAS()
-	wg := new(sync.WaitGroup)
+	gt := new(gemmTask)
 
 	acts := &Activations{Batch: b}
 	acts.Cos, acts.Sin = ws.AllocDirty(T*half), ws.AllocDirty(T*half)
@@ -187,7 +186,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
 		rmsNormPar(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
-		m.linear(wg, la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
+		m.linear(gt, la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*ad.D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {
@@ -214,14 +213,14 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
 			}
 		}
-		m.linear(wg, la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
+		m.linear(gt, la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
 		if lora != nil && lora.Targets(ModO) {
 			addLoRA(la.H, hid, 0, la.Attn, hd, T, lora, l, ModO, la.U[ModO])
 		}
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
 		rmsNormPar(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
-		m.linear(wg, la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
+		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
 				if lora.Targets(mod) {
@@ -235,7 +234,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 			next = ws.AllocDirty(T * hid)
 			copy(next, la.H)
 		}
-		m.linear(wg, next, hid, la.Act, inter, w.WDown, T, inter, hid, 1)
+		m.linear(gt, next, hid, la.Act, inter, w.WDown, T, inter, hid, 1)
 		if lora != nil && lora.Targets(ModDown) {
 			addLoRA(next, hid, 0, la.Act, inter, T, lora, l, ModDown, la.U[ModDown])
 		}
@@ -255,12 +254,12 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 func (m *Model) HeadLogits(logits, hidden []float32, rows int) {
 	AcquireSingleThreadBLAS()
 	defer ReleaseSingleThreadBLAS()
-	m.headLogits(new(sync.WaitGroup), logits, hidden, rows)
+	m.headLogits(new(gemmTask), logits, hidden, rows)
 }
 
 // headLogits is HeadLogits for callers already holding single-thread BLAS.
-func (m *Model) headLogits(wg *sync.WaitGroup, logits, hidden []float32, rows int) {
-	m.linear(wg, logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
+func (m *Model) headLogits(gt *gemmTask, logits, hidden []float32, rows int) {
+	m.linear(gt, logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
 }
 
 // Logits returns the logits [len(tokens), vocab] of one sequence, row i

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"time"
 )
 
@@ -13,13 +14,14 @@ type InferBenchOptions struct {
 	PrefillTokens int // one sequence of this many tokens
 	DecodeTokens  int // tokens decoded per sequence after an 8-token prompt
 	DecodeBatch   int // sequences decoded together
-	Repeats       int // the best of this many runs is reported
+	Repeats       int // the median of this many runs (after a warm-up run) is reported
 }
 
 // InferBenchResult is what BenchInfer measured. FLOP counts are model
 // FLOPs: 2 per multiply-add of every projection, causal attention counted
 // over its lower triangle, the LM head on the one row sampling needs.
 type InferBenchResult struct {
+	PrefillFLOPs      float64 `json:"prefill_flops"` // model FLOPs of one prefill (PrefillFLOPs)
 	PrefillTokensPerS float64 `json:"prefill_tokens_per_s"`
 	DecodeTokensPerS  float64 `json:"decode_tokens_per_s"`
 	PrefillGFLOPS     float64 `json:"prefill_gflops"`
@@ -60,8 +62,10 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	}
 	prompt := tokens(o.PrefillTokens)
 	logits := make([]float32, c.VocabSize)
-	best := time.Duration(1 << 62)
-	for r := 0; r < o.Repeats; r++ {
+	// Run 0 warms up (page faults of fresh arenas, thread start-up) and is
+	// not counted; the median of the rest resists a busy moment either way.
+	times := make([]time.Duration, 0, o.Repeats)
+	for r := 0; r <= o.Repeats; r++ {
 		ws := m.GetArena()
 		t0 := time.Now()
 		acts, err := m.Forward(ctx, ws, NewBatch([][]int{prompt}), ForwardOptions{})
@@ -70,17 +74,21 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 			return res, err
 		}
 		m.HeadLogits(logits, acts.Out[(o.PrefillTokens-1)*c.HiddenSize:], 1)
-		best = min(best, time.Since(t0))
+		if r > 0 {
+			times = append(times, time.Since(t0))
+		}
 		m.PutArena(ws)
 	}
-	res.PrefillTokensPerS = float64(o.PrefillTokens) / best.Seconds()
-	res.PrefillGFLOPS = c.PrefillFLOPs(o.PrefillTokens) / best.Seconds() / 1e9
+	med := medianDuration(times)
+	res.PrefillFLOPs = c.PrefillFLOPs(o.PrefillTokens)
+	res.PrefillTokensPerS = float64(o.PrefillTokens) / med.Seconds()
+	res.PrefillGFLOPS = res.PrefillFLOPs / med.Seconds() / 1e9
 
 	// Decode: DecodeBatch sequences of an 8-token prompt, greedy, one
 	// batched step per token against the KV cache (what Sample runs).
-	best = time.Duration(1 << 62)
+	times = times[:0]
 	B := o.DecodeBatch
-	for r := 0; r < o.Repeats; r++ {
+	for r := 0; r <= o.Repeats; r++ {
 		ws := m.GetArena()
 		cache := newKVCache(ws, B, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 8+o.DecodeTokens, c.HeadDim)
 		prompts := make([][]int, B)
@@ -109,10 +117,12 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 				next[i], _ = picker.pick(lg[i*c.VocabSize:(i+1)*c.VocabSize], greedy, nil)
 			}
 		}
-		best = min(best, time.Since(t0))
+		if r > 0 {
+			times = append(times, time.Since(t0))
+		}
 		m.PutArena(ws)
 	}
-	res.DecodeTokensPerS = float64(B*o.DecodeTokens) / best.Seconds()
+	res.DecodeTokensPerS = float64(B*o.DecodeTokens) / medianDuration(times).Seconds()
 	// On a shared machine a single sgemm sample can land in a busy moment:
 	// take the best of before and after, so the fraction is not inflated.
 	ReleaseSingleThreadBLAS()
@@ -120,4 +130,14 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	AcquireSingleThreadBLAS()
 	res.PrefillOfSgemm = res.PrefillGFLOPS / res.SgemmGFLOPS
 	return res, nil
+}
+
+// medianDuration returns the median of ts (which it sorts).
+func medianDuration(ts []time.Duration) time.Duration {
+	slices.Sort(ts)
+	n := len(ts)
+	if n%2 == 1 {
+		return ts[n/2]
+	}
+	return (ts[n/2-1] + ts[n/2]) / 2
 }

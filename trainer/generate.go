@@ -6,7 +6,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
-	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 )
@@ -120,7 +119,7 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 		cache.lens[slots[i]] = b.Len(i)
 	}
 	promptLogits := ws.AllocDirty(len(prompts) * V)
-	m.headLogits(new(sync.WaitGroup), promptLogits, last, len(prompts))
+	m.headLogits(new(gemmTask), promptLogits, last, len(prompts))
 	for i := range prompts {
 		for j := 1; j < numSamples; j++ {
 			cache.copySlot(slots[i]+j, slots[i])
@@ -221,7 +220,7 @@ type decoder struct {
 	lora                                                   *LoRA
 	x, xn, qkv, attn, gu, act, u, scores, cos, sin, logits []float32
 	pos                                                    []int
-	wg                                                     sync.WaitGroup // for m.linear; a field so passing it does not allocate
+	gt                                                     gemmTask // for m.linear; a field so passing it does not allocate
 }
 
 func (m *Model) newDecoder(ws *Arena, cache *kvCache, lora *LoRA, maxB int) *decoder {
@@ -264,7 +263,7 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 	for l := range m.Layers {
 		w := &m.Layers[l]
 		RMSNorm(xn, nil, x, w.AttnNorm, B, hid, eps)
-		m.linear(&d.wg, qkv, qkvd, xn, hid, w.WQKV, B, hid, qkvd, 0)
+		m.linear(&d.gt, qkv, qkvd, xn, hid, w.WQKV, B, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {
@@ -288,12 +287,12 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 				blas.Sgemm(false, false, group, D, n, 1, s, n, cache.v[off:], D, 0, attn[i*hd+g*group*D:], D)
 			}
 		}
-		m.linear(&d.wg, x, hid, attn, hd, w.WO, B, hd, hid, 1)
+		m.linear(&d.gt, x, hid, attn, hd, w.WO, B, hd, hid, 1)
 		if lora != nil && lora.Targets(ModO) {
 			addLoRA(x, hid, 0, attn, hd, B, lora, l, ModO, d.u)
 		}
 		RMSNorm(xn, nil, x, w.MLPNorm, B, hid, eps)
-		m.linear(&d.wg, gu, 2*inter, xn, hid, w.WGateUp, B, hid, 2*inter, 0)
+		m.linear(&d.gt, gu, 2*inter, xn, hid, w.WGateUp, B, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
 				if lora.Targets(mod) {
@@ -302,14 +301,14 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 			}
 		}
 		SiluMul(act, gu, B, inter)
-		m.linear(&d.wg, x, hid, act, inter, w.WDown, B, inter, hid, 1)
+		m.linear(&d.gt, x, hid, act, inter, w.WDown, B, inter, hid, 1)
 		if lora != nil && lora.Targets(ModDown) {
 			addLoRA(x, hid, 0, act, inter, B, lora, l, ModDown, d.u)
 		}
 	}
 	RMSNorm(xn, nil, x, m.Norm, B, hid, eps)
 	logits := d.logits[:B*c.VocabSize]
-	m.headLogits(&d.wg, logits, xn, B)
+	m.headLogits(&d.gt, logits, xn, B)
 	for _, slot := range slots {
 		cache.lens[slot]++
 	}

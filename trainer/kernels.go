@@ -4,6 +4,7 @@ import (
 	"math"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
 // The inference kernels. Every matrix is row-major float32; "packed" means
@@ -101,16 +102,10 @@ func ApplyRope(x []float32, rows, ld, col0, nHeads, d int, cos, sin []float32) {
 }
 
 // SiluMul writes act = silu(gate)·up for gu [rows, 2·inter] holding the
-// fused gate (columns [0, inter)) and up (columns [inter, 2·inter)) products.
+// fused gate (columns [0, inter)) and up (columns [inter, 2·inter)) products
+// (vectorized: vmath.SwiGLU).
 func SiluMul(act, gu []float32, rows, inter int) {
-	for r := 0; r < rows; r++ {
-		g := gu[r*2*inter : r*2*inter+inter]
-		u := gu[r*2*inter+inter : (r+1)*2*inter]
-		a := act[r*inter : (r+1)*inter]
-		for i, gv := range g {
-			a[i] = gv / (1 + Expf(-gv)) * u[i]
-		}
-	}
+	vmath.SwiGLU(act, nil, gu, rows, inter)
 }
 
 // Expf is a float32 exp accurate to about 1 ulp for the softmax and SiLU:
@@ -140,18 +135,7 @@ func Expf(x float32) float32 {
 
 // softmaxRow turns s[:n] into probabilities in place (sum in float64).
 func softmaxRow(s []float32) {
-	m := s[0]
-	for _, v := range s[1:] {
-		if v > m {
-			m = v
-		}
-	}
-	var sum float64
-	for i, v := range s {
-		e := Expf(v - m)
-		s[i] = e
-		sum += float64(e)
-	}
+	sum := vmath.ExpShift(s, vmath.Max(s))
 	inv := float32(1 / sum)
 	for i := range s {
 		s[i] *= inv
@@ -188,10 +172,6 @@ func CausalAttentionHead(out []float32, ldOut int, qkv []float32, L int, a AttnD
 	k := qkv[(a.H+g)*a.D:]
 	v := qkv[(a.H+a.KV+g)*a.D:]
 	blas.Sgemm(false, true, L, L, a.D, scale, q, ld, k, ld, 0, probs, L)
-	for i := 0; i < L; i++ {
-		row := probs[i*L : (i+1)*L]
-		softmaxRow(row[:i+1])
-		clear(row[i+1:])
-	}
+	vmath.CausalSoftmax(probs, L, L, nil, 0)
 	blas.Sgemm(false, false, L, a.D, L, 1, probs, L, v, ld, 0, out[h*a.D:], ldOut)
 }

@@ -125,34 +125,52 @@ func siluMulPar(act, gu []float32, rows, inter int) {
 	})
 }
 
-// linJob is one column block of a Linear product, run by a gemmPool worker.
-type linJob struct {
+// gemmTask is one Linear product shared by the workers that help with it:
+// its output columns are cut into chunks that the caller and the helpers
+// claim one at a time until none are left. More chunks than workers keep
+// both cores busy when another process takes one for a while: a static
+// half-and-half split waits for the slower half. The task is owned by the
+// caller (a field of a long-lived struct), so dispatch allocates nothing.
+type gemmTask struct {
 	y, x, w       []float32
 	ldy, ldx      int
 	rows, in, out int
 	beta          float32
-	done          *sync.WaitGroup
+	chunk, chunks int
+	next          atomic.Int32
+	wg            sync.WaitGroup
 }
 
-// gemmPool runs column blocks of Linear products on goroutines that live as
-// long as the Model (started by LoadModel, stopped by Close). Jobs are plain
-// structs sent over a buffered channel, so dispatching allocates nothing and
-// the decode loop stays allocation-free.
+// run claims and computes chunks until every one is taken.
+func (t *gemmTask) run() {
+	for {
+		c := int(t.next.Add(1)) - 1
+		if c >= t.chunks {
+			return
+		}
+		c0 := c * t.chunk
+		c1 := min(t.out, c0+t.chunk)
+		Linear(t.y[c0:], t.ldy, t.x, t.ldx, t.w[c0*t.in:], t.rows, t.in, c1-c0, t.beta)
+	}
+}
+
+// gemmPool runs chunks of Linear products on goroutines that live as long
+// as the Model (started by LoadModel, stopped by Close).
 type gemmPool struct {
-	jobs    chan linJob
+	tasks   chan *gemmTask
 	workers int
 	wg      sync.WaitGroup
 }
 
 func newGemmPool(workers int) *gemmPool {
-	p := &gemmPool{jobs: make(chan linJob, 4*workers), workers: workers}
+	p := &gemmPool{tasks: make(chan *gemmTask, 4*workers), workers: workers}
 	for i := 0; i < workers; i++ {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			for j := range p.jobs {
-				Linear(j.y, j.ldy, j.x, j.ldx, j.w, j.rows, j.in, j.out, j.beta)
-				j.done.Done()
+			for t := range p.tasks {
+				t.run()
+				t.wg.Done()
 			}
 		}()
 	}
@@ -160,7 +178,7 @@ func newGemmPool(workers int) *gemmPool {
 }
 
 func (p *gemmPool) stop() {
-	close(p.jobs)
+	close(p.tasks)
 	p.wg.Wait()
 }
 
@@ -168,26 +186,44 @@ func (p *gemmPool) stop() {
 // more in hand-offs than it gains.
 const minParallelMACs = 1 << 17
 
+// Chunking of a split Linear: about chunksPerThread chunks per thread, each
+// at least minChunkMACs multiply-adds and minChunkCols columns (a multiple
+// of 8), so that a chunk's BLAS call stays efficient.
+const (
+	chunksPerThread = 4
+	minChunkMACs    = 1 << 18
+	minChunkCols    = 64
+)
+
 // linear is Linear split by output features across the model's gemmPool
-// and the calling goroutine, each block a single-threaded BLAS call: the
-// caller must hold AcquireSingleThreadBLAS. done is the caller's WaitGroup
-// (owned by a long-lived struct so that passing it does not allocate).
-func (m *Model) linear(done *sync.WaitGroup, y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, out int, beta float32) {
+// and the calling goroutine, each chunk a single-threaded BLAS call: the
+// caller must hold AcquireSingleThreadBLAS. t is the caller's task (owned
+// by a long-lived struct so that passing it does not allocate); one task
+// serves one product at a time.
+func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, out int, beta float32) {
 	p := m.gemm
 	if p == nil || rows*in*out < minParallelMACs || out < 16*(p.workers+1) {
 		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
 		return
 	}
-	parts := p.workers + 1
-	bounds := func(i int) int { return (i * out / parts) &^ 7 } // 8-aligned column blocks
-	done.Add(parts - 1)
-	for i := 1; i < parts; i++ {
-		c0, c1 := bounds(i), out
-		if i < parts-1 {
-			c1 = bounds(i + 1)
-		}
-		p.jobs <- linJob{y: y[c0:], ldy: ldy, x: x, ldx: ldx, w: w[c0*in:], rows: rows, in: in, out: c1 - c0, beta: beta, done: done}
+	threads := p.workers + 1
+	chunk := (out + chunksPerThread*threads - 1) / (chunksPerThread * threads)
+	chunk = max(chunk, minChunkCols, minChunkMACs/max(1, rows*in))
+	chunk = (chunk + 7) &^ 7
+	chunks := (out + chunk - 1) / chunk
+	if chunks < 2 {
+		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
+		return
 	}
-	Linear(y, ldy, x, ldx, w, rows, in, bounds(1), beta)
-	done.Wait()
+	t.y, t.x, t.w, t.ldy, t.ldx = y, x, w, ldy, ldx
+	t.rows, t.in, t.out, t.beta = rows, in, out, beta
+	t.chunk, t.chunks = chunk, chunks
+	t.next.Store(0)
+	helpers := min(p.workers, chunks-1)
+	t.wg.Add(helpers)
+	for i := 0; i < helpers; i++ {
+		p.tasks <- t
+	}
+	t.run()
+	t.wg.Wait()
 }

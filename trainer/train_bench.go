@@ -71,7 +71,7 @@ type TrainBenchResult struct {
 	TokensPerSec     float64
 	StepSeconds      []float64 // each timed step (forward_backward + optim_step)
 	GFLOPPerStep     float64   // model FLOPs of a step (see trainStepFLOPs)
-	GFLOPS           float64   // GFLOPPerStep / best step time
+	GFLOPS           float64   // GFLOPPerStep / median step time
 	PeakRSSBytes     int64     // the process's peak resident set after the steps
 	ArenaBytes       int64     // the activation arena of one call
 }
@@ -114,7 +114,6 @@ func BenchTrain(ctx context.Context, m *Model, batch, seq, rank, steps int) (*Tr
 		data[b] = Datum{Tokens: seqIDs[:seq], TargetTokens: seqIDs[1:], Weights: w}
 	}
 	res := &TrainBenchResult{Batch: batch, Seq: seq, Rank: rank}
-	best := 0.0
 	for i := 0; i <= steps; i++ {
 		t0 := time.Now()
 		if _, err := s.ForwardBackward(ctx, data, LossCrossEntropy, nil); err != nil {
@@ -123,18 +122,22 @@ func BenchTrain(ctx context.Context, m *Model, batch, seq, rank, steps int) (*Tr
 		if _, err := s.OptimStep(ctx, AdamParams{LearningRate: 1e-4, Beta1: 0.9, Beta2: 0.95, Eps: 1e-12}); err != nil {
 			return nil, err
 		}
-		dt := time.Since(t0).Seconds()
+		dt := time.Since(t0)
 		if i == 0 {
 			continue // warm-up: arenas and OpenBLAS buffers
 		}
-		res.StepSeconds = append(res.StepSeconds, dt)
-		if best == 0 || dt < best {
-			best = dt
-		}
+		res.StepSeconds = append(res.StepSeconds, dt.Seconds())
 	}
-	res.TokensPerSec = float64(batch*seq) / best
+	// The median step: a busy moment on a shared machine moves it less than
+	// the mean, and unlike the best it is not a lucky outlier.
+	ts := make([]time.Duration, len(res.StepSeconds))
+	for i, s := range res.StepSeconds {
+		ts[i] = time.Duration(s * float64(time.Second))
+	}
+	med := medianDuration(ts).Seconds()
+	res.TokensPerSec = float64(batch*seq) / med
 	res.GFLOPPerStep = trainStepFLOPs(cfg, batch, seq) / 1e9
-	res.GFLOPS = res.GFLOPPerStep / best
+	res.GFLOPS = res.GFLOPPerStep / med
 	res.PeakRSSBytes = peakRSS()
 	trainArenas.Lock()
 	for _, a := range trainArenas.free[m] {

@@ -192,7 +192,7 @@ func newModelBenchInferCmd() *cobra.Command {
 	f.IntVar(&o.PrefillTokens, "prefill-tokens", o.PrefillTokens, "prefill sequence length")
 	f.IntVar(&o.DecodeTokens, "decode-tokens", o.DecodeTokens, "tokens decoded per sequence")
 	f.IntVar(&o.DecodeBatch, "decode-batch", o.DecodeBatch, "sequences decoded together")
-	f.IntVar(&o.Repeats, "repeats", o.Repeats, "report the best of this many runs")
+	f.IntVar(&o.Repeats, "repeats", o.Repeats, "report the median of this many runs (after a warm-up run)")
 	_ = cmd.MarkFlagRequired("model")
 	return cmd
 }

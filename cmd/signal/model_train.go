@@ -252,7 +252,7 @@ and N sessions sharing the base model.`,
 	f.IntVar(&batch, "batch", 1, "sequences per step")
 	f.IntVar(&seq, "seq", 256, "tokens per sequence")
 	f.IntVar(&rank, "rank", 8, "LoRA rank (all linear layers)")
-	f.IntVar(&runs, "steps", 3, "timed steps (after one warm-up step); the best is reported")
+	f.IntVar(&runs, "steps", 3, "timed steps (after one warm-up step); the median is reported")
 	f.IntVar(&threads, "threads", 2, "OpenBLAS threads")
 	f.IntVar(&sessions, "sessions", 0, "measure memory of 1 and N sessions instead of speed")
 	return cmd

@@ -15,9 +15,10 @@ Usage: llama_ref.py < request.json > answer.json, where request is one of
       -> {"samples": [{"tokens": [...], "logprobs": [...]}]}  (no stop tokens;
          logprob of each chosen token under log_softmax of the raw logits;
          each step recomputes the whole sequence, so no KV cache is involved)
-  {"cmd": "bench", "model": DIR, "threads": 2, "prefill_tokens": n, "decode_tokens": n,
-   "decode_batch": b, "repeats": r}
-      -> {"prefill_tokens_per_s": x, "decode_tokens_per_s": y}
+  {"cmd": "bench", "model": DIR, "threads_list": [1, 2], "prefill_tokens": n,
+   "decode_tokens": n, "decode_batch": b, "repeats": r}
+      -> {"configs": [{"torch_threads", "openblas_threads", "prefill_tokens_per_s",
+          "decode_tokens_per_s"}, ...]}  (medians; OpenBLAS threads from the env)
   {"cmd": "batch", "requests": [request, ...]}
       -> {"answers": [answer, ...]}  (one interpreter start for many checks)
 """
@@ -202,40 +203,59 @@ def cmd_greedy(req):
     return {"samples": samples}
 
 
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 def cmd_bench(req):
-    torch.set_num_threads(int(req.get("threads", 2)))
+    """Times prefill and decode under torch.inference_mode(). With
+    "threads_list", each torch thread count is measured in turn in this one
+    process (OpenBLAS's own count comes from OPENBLAS_NUM_THREADS, read when
+    torch loads); each figure is the median of "repeats" runs after a warm-up."""
     m = Llama(req["model"])
     c = m.cfg
     vocab = c["vocab_size"]
-    g = torch.Generator().manual_seed(1)
     n_pre, n_dec, batch = req["prefill_tokens"], req["decode_tokens"], req.get("decode_batch", 1)
     repeats = req.get("repeats", 3)
-    prompt = torch.randint(0, vocab, (1, n_pre), generator=g)
-    best_pre = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            h = m.forward(prompt)
-            m.head(h[:, -1])
-            best_pre = min(best_pre, time.perf_counter() - t0)
-        # Decode: batch sequences of an 8-token prompt, one token per step
-        # against a preallocated KV cache.
-        best_dec = float("inf")
-        maxlen = 8 + n_dec
-        for _ in range(repeats):
-            cache = [(torch.zeros(batch, c["num_key_value_heads"], maxlen, c["head_dim"]),
-                      torch.zeros(batch, c["num_key_value_heads"], maxlen, c["head_dim"]))
-                     for _ in range(c["num_hidden_layers"])]
-            start = torch.randint(0, vocab, (batch, 8), generator=g)
-            h = m.forward(start, cache, 0)
-            tok = torch.argmax(m.head(h[:, -1]), dim=-1, keepdim=True)
-            t0 = time.perf_counter()
-            for i in range(n_dec):
-                h = m.forward(tok, cache, 8 + i)
+    configs = []
+    for threads in req.get("threads_list", [req.get("threads", 2)]):
+        torch.set_num_threads(int(threads))
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, vocab, (1, n_pre), generator=g)
+        pre, dec = [], []
+        with torch.inference_mode():
+            for r in range(repeats + 1):
+                t0 = time.perf_counter()
+                h = m.forward(prompt)
+                m.head(h[:, -1])
+                if r > 0:  # the first run warms up allocators and thread pools
+                    pre.append(time.perf_counter() - t0)
+            # Decode: batch sequences of an 8-token prompt, one token per step
+            # against a preallocated KV cache.
+            maxlen = 8 + n_dec
+            for r in range(repeats + 1):
+                cache = [(torch.zeros(batch, c["num_key_value_heads"], maxlen, c["head_dim"]),
+                          torch.zeros(batch, c["num_key_value_heads"], maxlen, c["head_dim"]))
+                         for _ in range(c["num_hidden_layers"])]
+                start = torch.randint(0, vocab, (batch, 8), generator=g)
+                h = m.forward(start, cache, 0)
                 tok = torch.argmax(m.head(h[:, -1]), dim=-1, keepdim=True)
-            best_dec = min(best_dec, time.perf_counter() - t0)
-    return {"prefill_tokens_per_s": n_pre / best_pre, "decode_tokens_per_s": batch * n_dec / best_dec,
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+                t0 = time.perf_counter()
+                for i in range(n_dec):
+                    h = m.forward(tok, cache, 8 + i)
+                    tok = torch.argmax(m.head(h[:, -1]), dim=-1, keepdim=True)
+                if r > 0:
+                    dec.append(time.perf_counter() - t0)
+        configs.append({"torch_threads": torch.get_num_threads(),
+                        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+                        "prefill_tokens_per_s": n_pre / _median(pre),
+                        "decode_tokens_per_s": batch * n_dec / _median(dec)})
+    out = dict(configs[-1])
+    out["configs"] = configs
+    out["torch"] = torch.__version__
+    return out
 
 
 def run(req):

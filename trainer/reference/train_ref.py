@@ -15,8 +15,9 @@ Usage: train_ref.py grad|train|bench < request.json > answer.json
   train: {"model", "adapter", "data", "steps", "adam": {learning_rate, beta1, beta2, eps,
           weight_decay, grad_clip_norm}, "dtype"}
          -> {"losses": [...], "grad_norms": [...]}
-  bench: {"config": {hidden_size, ...}, "batch", "seq", "rank", "steps", "threads"}
-         -> {"tokens_per_s", "step_s": [...], "peak_rss_bytes"}
+  bench: {"config": {hidden_size, ...}, "batch", "seq", "rank", "steps", "threads_list": [1, 2]}
+         -> {"configs": [{"torch_threads", "openblas_threads", "tokens_per_s", "step_s"}],
+             "peak_rss_bytes"}  (tokens/s from the median step; OpenBLAS threads from the env)
 
 Datum is the API's: {"tokens", "target_tokens", "weights", "logprobs"?, "advantages"?}.
 """
@@ -261,24 +262,34 @@ def cmd_bench(req):
             b = torch.zeros(o, r).requires_grad_(True)
             model.lora[(i, m)] = (a, b)
             params += [a, b]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, V, (B, T + 1), generator=g)
-    times = []
-    for _ in range(req.get("steps", 3) + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = 0
-        for b in range(B):
-            logits = model.logits(data[b, :T])
-            loss = loss + torch.nn.functional.cross_entropy(logits, data[b, 1:], reduction="sum")
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    times = times[1:]  # the first step warms up allocators and threads
-    best = min(times)
-    return {"tokens_per_s": B * T / best, "step_s": times,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    configs = []
+    for threads in req.get("threads_list", [req.get("threads", 2)]):
+        torch.set_num_threads(int(threads))
+        for p in params:  # every configuration starts from the same adapter
+            p.grad = None
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        times = []
+        for _ in range(req.get("steps", 3) + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = 0
+            for b in range(B):
+                logits = model.logits(data[b, :T])
+                loss = loss + torch.nn.functional.cross_entropy(logits, data[b, 1:], reduction="sum")
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        times = sorted(times[1:])  # the first step warms up allocators and threads
+        med = times[len(times) // 2] if len(times) % 2 else 0.5 * (times[len(times) // 2 - 1] + times[len(times) // 2])
+        configs.append({"torch_threads": torch.get_num_threads(),
+                        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+                        "tokens_per_s": B * T / med, "step_s": times})
+    out = dict(configs[-1])
+    out["configs"] = configs
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
 
 
 def main():

@@ -1,0 +1,175 @@
+package vmath
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+)
+
+func relErr(got, want float64) float64 {
+	if want == 0 {
+		return math.Abs(got)
+	}
+	return math.Abs(got-want) / math.Abs(want)
+}
+
+func TestExp(t *testing.T) {
+	t.Logf("SIMD path: %v", SIMD())
+	for x := float32(-87); x < 88; x += 0.0137 {
+		if e := relErr(float64(Exp(x)), math.Exp(float64(x))); e > 3e-7 {
+			t.Fatalf("Exp(%v) = %v, want %v (rel err %.2g)", x, Exp(x), math.Exp(float64(x)), e)
+		}
+	}
+	if Exp(-100) != 0 || !math.IsInf(float64(Exp(100)), 1) || !math.IsNaN(float64(Exp(float32(math.NaN())))) {
+		t.Error("Exp range ends or NaN wrong")
+	}
+}
+
+// TestExpShiftSIMDAndTail checks every element of rows whose lengths are not
+// multiples of 8 (the vector body and the scalar tail), the float64 sum,
+// and the out-of-range lanes of the vector path (underflow, overflow, NaN).
+func TestExpShiftSIMDAndTail(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{1, 7, 8, 9, 31, 100, 1029} {
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64() * 30)
+		}
+		orig := append([]float32(nil), x...)
+		const shift = 3.5
+		sum := ExpShift(x, shift)
+		var want float64
+		for i, v := range orig {
+			w := math.Exp(float64(v - shift))
+			if float64(v-shift) < -87.3 {
+				w = 0
+			}
+			if float64(v-shift) > 88 {
+				if !math.IsInf(float64(x[i]), 1) {
+					t.Fatalf("n=%d: exp(%v) = %v, want +Inf", n, v-shift, x[i])
+				}
+				want = math.Inf(1)
+				continue
+			}
+			if e := relErr(float64(x[i]), w); e > 3e-7 {
+				t.Fatalf("n=%d: element %d: exp(%v) = %v, want %v", n, i, v-shift, x[i], w)
+			}
+			want += float64(x[i])
+		}
+		if e := relErr(sum, want); e > 1e-12 && !math.IsInf(want, 1) {
+			t.Fatalf("n=%d: sum %v, want %v", n, sum, want)
+		}
+	}
+	x := []float32{0, -200, 200, float32(math.NaN()), 1, 2, 3, 4, 5}
+	ExpShift(x, 0)
+	if x[0] != 1 || x[1] != 0 || !math.IsInf(float64(x[2]), 1) || !math.IsNaN(float64(x[3])) {
+		t.Errorf("special lanes: %v", x[:4])
+	}
+	if m := Max([]float32{1, -3, 9, 2, 0, 0, 0, 0, 0, 4, 8.5}); m != 9 {
+		t.Errorf("Max = %v, want 9", m)
+	}
+	if m := Max([]float32{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}); m != 12 {
+		t.Errorf("Max = %v, want 12 (tail)", m)
+	}
+}
+
+func TestCausalSoftmaxAndExp(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, L := range []int{1, 5, 17} {
+		ld := L + 3
+		s := make([]float32, L*ld)
+		for i := range s {
+			s[i] = float32(rng.NormFloat64() * 4)
+		}
+		raw := append([]float32(nil), s...)
+		lse := make([]float32, 2*L)
+		CausalSoftmax(s, L, ld, lse, 2)
+		for i := 0; i < L; i++ {
+			m := math.Inf(-1)
+			for j := 0; j <= i; j++ {
+				m = math.Max(m, float64(raw[i*ld+j]))
+			}
+			var z float64
+			for j := 0; j <= i; j++ {
+				z += math.Exp(float64(raw[i*ld+j]) - m)
+			}
+			if e := math.Abs(float64(lse[2*i]) - (m + math.Log(z))); e > 1e-5 {
+				t.Fatalf("L=%d row %d: lse %v, want %v", L, i, lse[2*i], m+math.Log(z))
+			}
+			for j := 0; j < L; j++ {
+				want := 0.0
+				if j <= i {
+					want = math.Exp(float64(raw[i*ld+j])-m) / z
+				}
+				if math.Abs(float64(s[i*ld+j])-want) > 1e-6 {
+					t.Fatalf("L=%d p[%d][%d] = %v, want %v", L, i, j, s[i*ld+j], want)
+				}
+			}
+			for j := L; j < ld; j++ {
+				if s[i*ld+j] != raw[i*ld+j] {
+					t.Fatalf("L=%d: column %d beyond the block was written", L, j)
+				}
+			}
+		}
+		// CausalExp rebuilds the same probabilities from raw scores and lse.
+		again := append([]float32(nil), raw...)
+		CausalExp(again, L, ld, lse, 2)
+		for i := 0; i < L; i++ {
+			for j := 0; j < L; j++ {
+				if math.Abs(float64(again[i*ld+j]-s[i*ld+j])) > 1e-6 {
+					t.Fatalf("L=%d CausalExp[%d][%d] = %v, softmax gave %v", L, i, j, again[i*ld+j], s[i*ld+j])
+				}
+			}
+		}
+	}
+}
+
+func TestSwiGLU(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	const rows, inter = 3, 21
+	gu := make([]float32, rows*2*inter)
+	for i := range gu {
+		gu[i] = float32(rng.NormFloat64() * 6)
+	}
+	gu[0], gu[1] = -120, 120 // σ saturates both ways without NaN
+	act, sg := make([]float32, rows*inter), make([]float32, rows*inter)
+	SwiGLU(act, sg, gu, rows, inter)
+	act2 := make([]float32, rows*inter)
+	SwiGLU(act2, nil, gu, rows, inter)
+	for r := 0; r < rows; r++ {
+		for i := 0; i < inter; i++ {
+			g, u := float64(gu[r*2*inter+i]), float64(gu[r*2*inter+inter+i])
+			s := 1 / (1 + math.Exp(-g))
+			if math.Abs(float64(sg[r*inter+i])-s) > 1e-6*math.Max(s, 1e-30) && math.Abs(float64(sg[r*inter+i])-s) > 1e-37 {
+				t.Fatalf("σ(%v) = %v, want %v", g, sg[r*inter+i], s)
+			}
+			want := g * s * u
+			if math.Abs(float64(act[r*inter+i])-want) > 1e-6*math.Max(1, math.Abs(want)) {
+				t.Fatalf("silu(%v)·%v = %v, want %v", g, u, act[r*inter+i], want)
+			}
+			if act2[r*inter+i] != act[r*inter+i] {
+				t.Fatalf("act differs with and without sg")
+			}
+		}
+	}
+}
+
+func TestShapeErrorsPanic(t *testing.T) {
+	cases := map[string]func(){
+		"softmax": func() { CausalSoftmax(make([]float32, 8), 3, 3, nil, 1) },
+		"lse":     func() { CausalExp(make([]float32, 9), 3, 3, make([]float32, 2), 1) },
+		"swiglu":  func() { SwiGLU(make([]float32, 4), nil, make([]float32, 8), 2, 4) },
+		"ld":      func() { CausalSoftmax(make([]float32, 9), 3, 2, nil, 1) },
+		"max":     func() { Max(nil) },
+	}
+	for name, fn := range cases {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("%s: bad shape accepted", name)
+				}
+			}()
+			fn()
+		}()
+	}
+}
