@@ -38,6 +38,8 @@ if [ -f "$DIR/testnet.pid" ]; then
 fi
 
 mkdir -p "$DIR"
+# Files of an earlier run would read as "ready" before this testnet is.
+rm -f "$DIR/testnet.line" "$DIR/testnet.json"
 LOG="$DIR/testnet.log"
 if ! [ -f "$DIR/models/signal-tiny/.signal-generated" ]; then
   say "generating the default model signal-tiny into $DIR/models (once; a few seconds)"
