@@ -316,6 +316,21 @@ func TestAPINodeLostMovesRunFromCheckpoint(t *testing.T) {
 	if run.ResumedFromStep == nil || *run.ResumedFromStep != 2 || run.Step != 2 {
 		t.Fatalf("moved run %+v, want resumed from step 2", run)
 	}
+	// A call that went to the dead node before the move and fails only now
+	// reports the old node lost; the run must stay on its new node (with
+	// the old node still down, moving it again would leave it moving).
+	moved := run.Node
+	c.markLost(run.ID, lost)
+	waitFor(t, 10*time.Second, "stale mark dropped", func() bool {
+		c.movingMu.Lock()
+		defer c.movingMu.Unlock()
+		_, marked := c.missing[run.ID]
+		return !marked && !c.moving[run.ID]
+	})
+	do(t, "GET", url, key, nil).decode(t, &run)
+	if run.Status != protocol.RunReady || run.Node != moved {
+		t.Fatalf("after a stale node-lost report the run is %s on %s, want ready on %s", run.Status, run.Node, moved)
+	}
 	r = do(t, "POST", url+"/optim_step", key, nil)
 	mustStatus(t, r, 200)
 	var os protocol.OptimStepResponse

@@ -61,8 +61,8 @@ type Coordinator struct {
 	inflightMu sync.Mutex
 	inflight   map[string]chan struct{} // idempotency scopes being executed
 	movingMu   sync.Mutex
-	moving     map[string]bool // runs being moved by this leader
-	missing    map[string]time.Time
+	moving     map[string]bool     // runs being moved by this leader
+	missing    map[string]lostMark // runs whose node seems gone
 
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -86,7 +86,7 @@ func New(cfg Config) (*Coordinator, error) {
 		limits:   newRateLimits(cfg.RatePerSecond, cfg.RateBurst),
 		inflight: map[string]chan struct{}{},
 		moving:   map[string]bool{},
-		missing:  map[string]time.Time{},
+		missing:  map[string]lostMark{},
 		client:   &http.Client{Timeout: 30 * time.Minute},
 	}
 	c.metrics = newMetrics(c)

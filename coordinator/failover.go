@@ -45,13 +45,21 @@ func (c *Coordinator) failoverLoop(ctx context.Context) {
 			}
 			due := r.Run.Status == protocol.RunMoving
 			if !due && r.Run.Status == protocol.RunReady && r.Run.Node != "" {
-				since, seen := c.missing[id]
+				m, seen := c.missing[id]
+				if seen && m.node != r.Run.Node {
+					// The mark is about a node the run has left since (a
+					// call to the dead node failed after the move): moving
+					// the run off its new, healthy node would be wrong.
+					delete(c.missing, id)
+					seen = false
+				}
+				reported := seen && m.since.IsZero()
 				switch {
-				case live[r.Run.Node] && !(seen && since.IsZero()):
+				case live[r.Run.Node] && !reported:
 					delete(c.missing, id)
 				case !seen:
-					c.missing[id] = nowT
-				case since.IsZero() || nowT.Sub(since) >= c.cfg.NodeLostAfter:
+					c.missing[id] = lostMark{node: r.Run.Node, since: nowT}
+				case reported || nowT.Sub(m.since) >= c.cfg.NodeLostAfter:
 					due = true
 				}
 			}
@@ -71,6 +79,15 @@ func (c *Coordinator) failoverLoop(ctx context.Context) {
 		}
 		c.movingMu.Unlock()
 	}
+}
+
+// lostMark is why the failover loop suspects a run's node: which node (a
+// mark about a node the run has left since is stale and dropped) and since
+// when it is missing from the backend's list; a zero since means a call
+// found the node lost, so the run moves at the next tick.
+type lostMark struct {
+	node  string
+	since time.Time
 }
 
 // moveRun marks a run moving, places it on another node and reopens its

@@ -477,7 +477,7 @@ func (c *Coordinator) doRun(cl *call, rec *RunRecord, callName protocol.Call, bo
 	resp, err := c.nodesBackend().Do(cl.r.Context(), rec.Run.Node, protocol.SessionRequest{RequestID: requestID(cl), RunID: rec.Run.ID, Call: callName, Body: body})
 	if err != nil {
 		if errors.Is(err, ErrNodeLost) {
-			c.markLost(rec.Run.ID)
+			c.markLost(rec.Run.ID, rec.Run.Node)
 			return resp, retryAfter(fmt.Errorf("run %s: node %s lost; the run is moving: %w", rec.Run.ID, rec.Run.Node, err), c.cfg.RetryAfter)
 		}
 		return resp, fmt.Errorf("run %s call %s: %w", rec.Run.ID, callName, err)
@@ -620,9 +620,11 @@ func priceUsage(p protocol.Prices, u protocol.Usage) protocol.Cost {
 	return protocol.Cost{Credits: credits, TrainTokens: u.TrainTokens, PrefillTokens: u.PrefillTokens, SampledTokens: u.SampledTokens}
 }
 
-// markLost asks the failover loop to move a run now.
-func (c *Coordinator) markLost(runID string) {
+// markLost asks the failover loop to move a run off node now. node is the
+// node the failed call went to: by the time the call fails the run may have
+// moved already, and the loop then ignores the mark.
+func (c *Coordinator) markLost(runID, node string) {
 	c.movingMu.Lock()
-	c.missing[runID] = time.Time{}
+	c.missing[runID] = lostMark{node: node}
 	c.movingMu.Unlock()
 }

@@ -186,17 +186,7 @@ func TestExamplesOnMinIOTestnet(t *testing.T) {
 // that checkpoint's step, and keep training from the learned state.
 func TestFailoverResumesFromCheckpoint(t *testing.T) {
 	t.Run("idle", func(t *testing.T) { testFailover(t, false) })
-	t.Run("calling", func(t *testing.T) {
-		if os.Getenv("SIGNAL_TEST_FAILOVER_RACE") != "1" {
-			// A call that reached the dead node and fails after the run has
-			// moved marks the run lost again, now on its new, healthy node
-			// (coordinator markLost records the run, not the node), and the
-			// run stays "moving" for good with two nodes. Reported to the
-			// coordinator's owner; set SIGNAL_TEST_FAILOVER_RACE=1 to run.
-			t.Skip("coordinator: a stale node-lost error re-moves a run that already moved (markLost race); SIGNAL_TEST_FAILOVER_RACE=1 runs it")
-		}
-		testFailover(t, true)
-	})
+	t.Run("calling", func(t *testing.T) { testFailover(t, true) })
 }
 
 // testFailover trains 7 steps (automatic checkpoint at 5), kills the run's
