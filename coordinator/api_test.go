@@ -351,3 +351,45 @@ func TestAPINoCapacity(t *testing.T) {
 		t.Fatalf("no capacity answer %s", r.body)
 	}
 }
+
+// TestAPIMetricsLossMeanIsWeighted: a step's loss_mean in the run's metrics
+// is the mean forward_backward returned (over the loss weights), also when
+// examples carry weight-0 prompt tokens.
+func TestAPIMetricsLossMeanIsWeighted(t *testing.T) {
+	c, _ := startOne(t, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny"})
+	mustStatus(t, r, 201)
+	var run protocol.Run
+	r.decode(t, &run)
+	url := base + "/v1/runs/" + run.ID
+
+	// Two calls in one step: 10 tokens of which the first 6 are prompt
+	// (weight 0), then 4 unweighted tokens.
+	prompt := fbBody(10)
+	for i := range 6 {
+		prompt.Data[0].LossFnInputs.Weights[i] = 0
+	}
+	var means []float64
+	for _, body := range []protocol.ForwardBackwardRequest{prompt, fbBody(4)} {
+		r = do(t, "POST", url+"/forward_backward", key, body)
+		mustStatus(t, r, 200)
+		var fb protocol.ForwardBackwardResponse
+		r.decode(t, &fb)
+		means = append(means, fb.LossMean)
+	}
+	mustStatus(t, do(t, "POST", url+"/optim_step", key, nil), 200)
+
+	var ms protocol.MetricsResponse
+	do(t, "GET", url+"/metrics", key, nil).decode(t, &ms)
+	if len(ms.Metrics) != 1 || ms.Metrics[0].LossMean == nil {
+		t.Fatalf("metrics %+v", ms.Metrics)
+	}
+	// Both calls returned the same mean, so the step's mean over their
+	// 4 + 4 weighted tokens is that mean too; over the 14 tokens it would
+	// be 8/14 of it.
+	if got := *ms.Metrics[0].LossMean; got != means[0] || got != means[1] || ms.Metrics[0].Tokens != 14 {
+		t.Fatalf("step loss_mean %v over %d tokens; forward_backward returned %v", got, ms.Metrics[0].Tokens, means)
+	}
+}

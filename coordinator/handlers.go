@@ -557,13 +557,16 @@ func runUpdateFor(runID string, callName protocol.Call, resp protocol.SessionRes
 	switch callName {
 	case protocol.CallForwardBackward:
 		var fb struct {
-			LossSum float64 `json:"loss_sum"`
-			Tokens  int64   `json:"tokens"`
+			LossSum  float64 `json:"loss_sum"`
+			LossMean float64 `json:"loss_mean"`
+			Tokens   int64   `json:"tokens"`
 		}
 		if err := json.Unmarshal(resp.Body, &fb); err != nil {
 			return u, fmt.Errorf("node forward_backward answer: %w", err)
 		}
 		u.Loss, u.Tokens = &fb.LossSum, fb.Tokens
+		w := lossWeight(fb.LossSum, fb.LossMean)
+		u.Weight = &w
 	case protocol.CallOptimStep:
 		var os protocol.OptimStepResponse
 		if err := json.Unmarshal(resp.Body, &os); err != nil {
@@ -579,6 +582,22 @@ func runUpdateFor(runID string, callName protocol.Call, resp protocol.SessionRes
 		}
 	}
 	return u, nil
+}
+
+// lossWeight is the sum of a forward_backward's loss weights, which the
+// node's answer carries as loss_sum / loss_mean. Tokens would count the
+// weight-0 prompt tokens too and understate the mean. A zero mean means a
+// zero sum as well, so the call adds nothing to the step's loss and its
+// weight cannot be known: it counts 0.
+func lossWeight(lossSum, lossMean float64) float64 {
+	if lossMean == 0 || math.IsNaN(lossMean) || math.IsInf(lossMean, 0) {
+		return 0
+	}
+	w := lossSum / lossMean
+	if !(w > 0) || math.IsInf(w, 0) {
+		return 0
+	}
+	return w
 }
 
 // perThousand is ceil(n × price / 1000) without overflow, saturating.

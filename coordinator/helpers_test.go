@@ -130,13 +130,26 @@ func (n *fakeNet) do(_ context.Context, peer string, req protocol.SessionRequest
 		if err := json.Unmarshal(req.Body, &fb); err != nil {
 			return fail(protocol.CodeInvalidRequest, err.Error())
 		}
+		// Every token with weight w costs loss 2w (weight 1 without
+		// weights), so loss_mean is 2 over the weighted tokens, as a real
+		// node's loss_sum / Σweights.
 		var tokens int64
+		var weight float64
 		var lp [][]float64
 		for _, d := range fb.Data {
 			tokens += int64(len(d.ModelInput.Tokens))
 			lp = append(lp, make([]float64, len(d.ModelInput.Tokens)))
+			if d.LossFnInputs.Weights == nil {
+				weight += float64(len(d.ModelInput.Tokens))
+			}
+			for _, w := range d.LossFnInputs.Weights {
+				weight += w
+			}
 		}
-		out := protocol.ForwardBackwardResponse{LossSum: 2 * float64(tokens), LossMean: 2, Tokens: tokens, Logprobs: lp}
+		out := protocol.ForwardBackwardResponse{LossSum: 2 * weight, Tokens: tokens, Logprobs: lp}
+		if weight > 0 {
+			out.LossMean = 2
+		}
 		if req.Call == protocol.CallForwardBackward {
 			g := 1.5
 			out.GradNorm = &g

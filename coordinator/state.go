@@ -66,10 +66,14 @@ type RunRecord struct {
 	Seed       int64              `json:"seed"`
 	LRSchedule json.RawMessage    `json:"lr_schedule,omitempty"`
 	Metrics    []protocol.Metrics `json:"metrics,omitempty"`
-	// PendingLoss and PendingTokens come from forward_backward calls since
-	// the last optim_step; that step's Metrics report them.
+	// PendingLoss, PendingTokens and PendingWeight come from
+	// forward_backward calls since the last optim_step; that step's Metrics
+	// report them. The step's loss_mean is PendingLoss / PendingWeight (the
+	// loss weights' sum, which leaves out weight-0 prompt tokens), the mean
+	// that forward_backward itself returns.
 	PendingLoss   *float64 `json:"pending_loss,omitempty"`
 	PendingTokens int64    `json:"pending_tokens,omitempty"`
+	PendingWeight float64  `json:"pending_weight,omitempty"`
 }
 
 // IdemRecord is the first response to a call made with an Idempotency-Key.
@@ -490,9 +494,12 @@ type RunUpdate struct {
 	Step            *int                 `json:"step,omitempty"`
 	ResumedFromStep *int                 `json:"resumed_from_step,omitempty"`
 	Checkpoint      *protocol.Checkpoint `json:"checkpoint,omitempty"`
-	// Loss and Tokens of a forward_backward accumulate until the next optim_step.
+	// Loss (the call's loss_sum), Tokens and Weight (the sum of its loss
+	// weights) of a forward_backward accumulate until the next optim_step.
+	// A nil Weight (entries written before it existed) counts Tokens.
 	Loss   *float64 `json:"loss,omitempty"`
 	Tokens int64    `json:"tokens,omitempty"`
+	Weight *float64 `json:"weight,omitempty"`
 	// Optim, set by an optim_step, appends a Metrics entry.
 	Optim *OptimFigures `json:"optim,omitempty"`
 	// ExpectStatus, when set, makes the update fail with ErrConflict unless
@@ -572,13 +579,18 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		}
 		r.PendingLoss = &sum
 		r.PendingTokens += u.Tokens
+		if u.Weight != nil {
+			r.PendingWeight += *u.Weight
+		} else {
+			r.PendingWeight += float64(u.Tokens)
+		}
 	}
 	if u.Optim != nil {
 		m := protocol.Metrics{Step: u.Optim.Step, Tokens: r.PendingTokens, Time: u.Time}
 		lr, gn := u.Optim.LearningRate, u.Optim.GradNorm
 		m.LearningRate, m.GradNorm = &lr, &gn
-		if r.PendingLoss != nil && r.PendingTokens > 0 {
-			mean := *r.PendingLoss / float64(r.PendingTokens)
+		if r.PendingLoss != nil && r.PendingWeight > 0 {
+			mean := *r.PendingLoss / r.PendingWeight
 			m.LossMean = &mean
 		}
 		ms := make([]protocol.Metrics, 0, len(r.Metrics)+1)
@@ -590,7 +602,7 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		r.Metrics = ms
 		r.Run.LastMetrics = &ms[len(ms)-1]
 		r.Run.Step = u.Optim.Step
-		r.PendingLoss, r.PendingTokens = nil, 0
+		r.PendingLoss, r.PendingTokens, r.PendingWeight = nil, 0, 0
 	}
 	r.Run.Spent += u.AddSpent
 	return &r, nil

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"math"
 	"reflect"
 	"testing"
 
@@ -90,6 +91,23 @@ func TestStateRunMetricsAndMoves(t *testing.T) {
 	}
 	if r.Run.Step != 1 || len(r.Metrics) != 1 || *r.Metrics[0].LossMean != 2.5 || r.PendingLoss != nil {
 		t.Fatalf("after optim %+v", r)
+	}
+	// With weights the step's mean is Σloss / Σweight, not Σloss / Σtokens:
+	// prompt tokens (weight 0) count as tokens but not in the mean.
+	for _, c := range []struct {
+		loss, weight float64
+		tokens       int64
+	}{{6, 3, 10}, {4, 2, 6}} {
+		if _, err := s.UpdateRun(RunUpdate{RunID: "r1", Loss: &c.loss, Tokens: c.tokens, Weight: &c.weight}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err = s.UpdateRun(RunUpdate{RunID: "r1", Optim: &OptimFigures{Step: 2}, Time: "t2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := r.Metrics[1]; m.LossMean == nil || *m.LossMean != 2 || m.Tokens != 16 || r.PendingWeight != 0 {
+		t.Fatalf("weighted step metrics %+v (loss_mean %v), pending weight %v", m, m.LossMean, r.PendingWeight)
 	}
 	if _, err := s.UpdateRun(RunUpdate{RunID: "r1", Status: protocol.RunReady, ExpectStatus: []string{protocol.RunMoving}}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("compare-and-set on status: %v", err)
@@ -259,3 +277,21 @@ func (m *memSink) Close() error  { return nil }
 type readCloser struct{ *bytes.Reader }
 
 func (readCloser) Close() error { return nil }
+
+func TestLossWeight(t *testing.T) {
+	for _, c := range []struct {
+		sum, mean, want float64
+	}{
+		{12, 3, 4},                   // loss_sum / loss_mean
+		{0, 0, 0},                    // all weights 0: nothing to count
+		{5, 0, 0},                    // inconsistent answer: counts nothing rather than divide by 0
+		{5, math.NaN(), 0},           // NaN mean
+		{-3, 1, 0},                   // a negative weight sum is not a weight
+		{1, math.Inf(1), 0},          // infinite mean
+		{math.MaxFloat64, 1e-300, 0}, // overflows to +Inf
+	} {
+		if got := lossWeight(c.sum, c.mean); got != c.want {
+			t.Errorf("lossWeight(%v, %v) = %v, want %v", c.sum, c.mean, got, c.want)
+		}
+	}
+}
