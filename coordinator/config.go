@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"time"
 
@@ -36,6 +37,9 @@ type Config struct {
 	Models []ModelSpec
 	// Backend reaches the node network; nil means none (placement fails with 503).
 	Backend Backend
+	// UI, when set, serves the web pages: GET / and everything under
+	// /dashboard (the dashboard package's Handler). Nil leaves them 404.
+	UI http.Handler
 	// LoadTokenizer loads a model's tokenizer for /v1/tokenize from the
 	// model's local path; nil makes /v1/tokenize answer 503.
 	LoadTokenizer func(dir string) (Tokenizer, error)

@@ -101,6 +101,13 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "POST /v1/runs/{id}/sample", "sample", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSample))
 	c.route(mux, "POST /v1/runs/{id}/save_state", "save_state", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSaveState))
 	c.route(mux, "POST /v1/runs/{id}/load_state", "load_state", routeOpts{auth: authUser, mutating: true}, c.handleLoadState)
+	if ui := c.cfg.UI; ui != nil {
+		// Before the catch-all: "/{$}" is the root alone, so unknown paths
+		// still get the API's JSON 404.
+		mux.Handle("GET /{$}", ui)
+		mux.Handle("/dashboard", ui)
+		mux.Handle("/dashboard/", ui)
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, protocol.CodeNotFound, fmt.Sprintf("no route %s %s", r.Method, r.URL.Path), "")
 	})

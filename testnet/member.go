@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/http"
 	"sync"
 	"time"
 
@@ -33,15 +31,12 @@ type CoordinatorSpec struct {
 	NodeTTL       time.Duration `json:"node_ttl"`
 }
 
-// Coordinator is a running coordinator member: raft + API, its libp2p host
-// (the nodes' bootstrap peer) and a front HTTP server that serves the API
-// and the dashboard on one address.
+// Coordinator is a running coordinator member: raft, the API and the
+// dashboard on one address (as `signal coordinator` serves them), and its
+// libp2p host (the nodes' bootstrap peer).
 type Coordinator struct {
-	core  *coordinator.Coordinator
-	host  *p2p.Host
-	front *http.Server
-	ln    net.Listener
-	wg    sync.WaitGroup
+	core *coordinator.Coordinator
+	host *p2p.Host
 
 	stopOnce sync.Once
 	stopErr  error
@@ -87,6 +82,10 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 	cfg.ElectionTimeout = 500 * time.Millisecond
 	cfg.LeaderLeaseTimeout = 250 * time.Millisecond
 	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
+	// The dashboard at / and /dashboard, reading through the member's own
+	// API once it listens.
+	var core *coordinator.Coordinator
+	cfg.UI = dashboard.New(dashboard.NewSelfSource(func() string { return core.URL() }), dashboard.Options{Title: "Signal testnet · " + spec.ID, Logger: log})
 	core, err := coordinator.New(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
@@ -112,39 +111,11 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 		_ = host.Stop()
 		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
 	}
-	c := &Coordinator{core: core, host: host}
-
-	// The front server: the API as the coordinator serves it, plus the
-	// dashboard at / and /dashboard, reading through the same API.
-	api := core.Handler()
-	dash := dashboard.New(dashboard.NewAPISource(core.URL()), dashboard.Options{Title: "Signal testnet · " + spec.ID})
-	mux := http.NewServeMux()
-	mux.Handle("/v1/", api)
-	mux.Handle("/metrics", api)
-	mux.Handle("/", dash)
-	c.ln, err = net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		_ = c.Stop()
-		return nil, fmt.Errorf("coordinator %s front listener: %w", spec.ID, err)
-	}
-	c.front = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		if err := c.front.Serve(c.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error("front server stopped", "err", err)
-		}
-	}()
-	return c, nil
+	return &Coordinator{core: core, host: host}, nil
 }
 
 // URL is the member's public base URL (API and dashboard).
-func (c *Coordinator) URL() string {
-	if c.ln == nil {
-		return c.core.URL()
-	}
-	return "http://" + c.ln.Addr().String()
-}
+func (c *Coordinator) URL() string { return c.core.URL() }
 
 // P2PAddrs are the multiaddrs nodes bootstrap to.
 func (c *Coordinator) P2PAddrs() []string { return c.host.Addrs() }
@@ -152,20 +123,10 @@ func (c *Coordinator) P2PAddrs() []string { return c.host.Addrs() }
 // Core is the coordinator itself (raft state, leadership).
 func (c *Coordinator) Core() *coordinator.Coordinator { return c.core }
 
-// Stop stops the front server, the coordinator and its libp2p host.
+// Stop stops the coordinator and its libp2p host.
 func (c *Coordinator) Stop() error {
 	c.stopOnce.Do(func() {
-		var errs []error
-		if c.front != nil {
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			if err := c.front.Shutdown(sctx); err != nil {
-				errs = append(errs, fmt.Errorf("front shutdown: %w", err))
-			}
-			cancel()
-		}
-		c.wg.Wait()
-		errs = append(errs, c.core.Stop(), c.host.Stop())
-		c.stopErr = errors.Join(errs...)
+		c.stopErr = errors.Join(c.core.Stop(), c.host.Stop())
 	})
 	return c.stopErr
 }

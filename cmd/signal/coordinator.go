@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/signal-p2p/signal/coordinator"
+	"github.com/signal-p2p/signal/coordinator/dashboard"
 	"github.com/signal-p2p/signal/coordinator/p2p"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
@@ -110,6 +111,10 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 		}
 		cfg.Models = append(cfg.Models, spec)
 	}
+	// The dashboard reads through this member's own API (a follower
+	// forwards to the leader), at the address it listens on once started.
+	var c *coordinator.Coordinator
+	cfg.UI = dashboard.New(dashboard.NewSelfSource(func() string { return c.URL() }), dashboard.Options{Title: "Signal · " + cfg.ID, Logger: logger})
 	c, err := coordinator.New(cfg)
 	if err != nil {
 		return err
@@ -132,7 +137,7 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 		return err
 	}
 	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "coordinator %s: api %s raft %s\n", cfg.ID, c.URL(), c.RaftAddr())
+	fmt.Fprintf(out, "coordinator %s: api %s raft %s dashboard %s/dashboard\n", cfg.ID, c.URL(), c.RaftAddr(), c.URL())
 	if host != nil {
 		if err := host.Start(ctx); err != nil {
 			_ = c.Stop()

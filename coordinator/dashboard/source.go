@@ -42,7 +42,11 @@ type Source interface {
 // own key, so the dashboard can show nothing the API would not.
 type APISource struct {
 	BaseURL string
-	HTTP    *http.Client
+	// URL, when set, is asked for the base URL at each read instead of
+	// BaseURL: a coordinator that mounts the dashboard itself learns its
+	// own address only once it listens (port 0).
+	URL  func() string
+	HTTP *http.Client
 }
 
 var _ Source = (*APISource)(nil)
@@ -52,8 +56,18 @@ func NewAPISource(baseURL string) *APISource {
 	return &APISource{BaseURL: strings.TrimRight(baseURL, "/"), HTTP: &http.Client{Timeout: 10 * time.Second}}
 }
 
+// NewSelfSource reads from the coordinator whose base URL baseURL returns
+// when a page is served (see APISource.URL).
+func NewSelfSource(baseURL func() string) *APISource {
+	return &APISource{URL: baseURL, HTTP: &http.Client{Timeout: 10 * time.Second}}
+}
+
 func (s *APISource) get(ctx context.Context, key, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.BaseURL+path, nil)
+	base := s.BaseURL
+	if s.URL != nil {
+		base = strings.TrimRight(s.URL(), "/")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
 	if err != nil {
 		return fmt.Errorf("dashboard: %w", err)
 	}
