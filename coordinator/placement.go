@@ -9,7 +9,7 @@ import (
 )
 
 // place picks the node for a run of model among the backend's live nodes:
-// joined, not excluded, with a free session slot and the memory the model
+// joined, not excluded, with an engine backend up, a free session slot and the memory the model
 // needs (or the model already loaded); nodes with the model loaded first,
 // then the least loaded. It fails with ErrNoCapacity.
 func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.Node, error) {
@@ -36,6 +36,11 @@ func placeOn(nodes []protocol.Node, model ModelSpec, eligible func(peerID string
 	var cs []cand
 	for _, n := range nodes {
 		if !eligible(n.PeerID) {
+			continue
+		}
+		// A node advertises no backend while its engine's worker is down:
+		// it is alive but would fail every init.
+		if len(n.Backends) == 0 {
 			continue
 		}
 		if n.MaxSessions > 0 && n.Sessions >= n.MaxSessions {
