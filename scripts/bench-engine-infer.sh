@@ -16,7 +16,9 @@
 # its repeats, and the table shows the median over REPS. The machine's sgemm
 # rate (OpenBLAS, its own threads, 512^3, best of ten) is measured in each Go
 # run. Figures are noisy on a shared machine: the load average is printed.
-# Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (3), SIGNAL_BIN.
+# Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (3), SIGNAL_BIN;
+# BEFORE_BIN=path/to/older/signal adds that build ("go-before", GOMAXPROCS
+# 2) to every round, for before/after figures under the same load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
@@ -50,6 +52,10 @@ bench() {
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/llama_ref.py)"$'\n'
       fi
     done
+    if [ -n "${BEFORE_BIN:-}" ]; then
+      results+="go-before 2 $("$BEFORE_BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
+        --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
+    fi
   done
   RESULTS=$results NAME=$name PRE=$pre DEC=$dec BATCH=$batch LOAD="$(load)" "$PY" - <<'PYEOF'
 import json, os, statistics as st
@@ -59,7 +65,9 @@ sgemm, flops = [], None
 for line in os.environ["RESULTS"].splitlines():
     side, thr, js = line.split(" ", 2)
     j = json.loads(js)
-    if side == "go":
+    if side == "go-before":
+        runs.setdefault("go-before GOMAXPROCS=%s" % thr, []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
+    elif side == "go":
         runs.setdefault("go GOMAXPROCS=%s" % thr, []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
         sgemm.append(j["sgemm_gflops"])
         flops = j["prefill_flops"]
@@ -76,11 +84,14 @@ for k, (p, d) in med.items():
     print("   %-30s prefill %7.1f tok/s (%5.1f GFLOP/s, %3.0f%% of sgemm)  decode %6.1f tok/s   runs %s"
           % (k, p, gf(p), 100 * gf(p) / sg, d, " ".join("%.0f/%.1f" % x for x in runs[k])))
 def best(side, i):
-    ks = [k for k in med if k.startswith(side)]
+    ks = [k for k in med if k.startswith(side + " ")]
     return max(((med[k][i], k) for k in ks), default=(None, None))
 for i, what in ((0, "prefill"), (1, "decode ")):
     g, gk = best("go", i)
     t, tk = best("torch", i)
+    b, bk = best("go-before", i)
+    if b:
+        print("   %s go after/before: %.1f / %.1f = %.2fx" % (what, g, b, g / b))
     if t:
         print("   %s best go %.1f (%s) / best torch %.1f (%s) = %.2fx" % (what, g, gk, t, tk, g / t))
     else:

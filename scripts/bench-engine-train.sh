@@ -13,7 +13,9 @@
 # Also: the machine's sgemm rate, model FLOP utilisation, peak memory, and the
 # heap of 1 vs 8 sessions sharing one base model. Figures are noisy on a
 # shared machine: the load average is printed.
-# Env: SIGNAL_PYTHON (default /usr/bin/python3), STEPS (3), REPS (2).
+# Env: SIGNAL_PYTHON (default /usr/bin/python3), STEPS (3), REPS (2),
+# SIGNAL_BIN; BEFORE_BIN=path/to/older/signal adds that build ("go-before",
+# GOMAXPROCS 2) to every round, for before/after figures under the same load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
@@ -44,6 +46,9 @@ row() {
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/train_ref.py bench)"$'\n'
       fi
     done
+    if [ -n "${BEFORE_BIN:-}" ]; then
+      results+="go-before 2 $("$BEFORE_BIN" model bench "$@" --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads 2)"$'\n'
+    fi
   done
   RESULTS=$results NAME=$name LOAD="$(load)" "$PY" - <<'PYEOF'
 import json, os, statistics as st
@@ -51,7 +56,9 @@ runs, sgemm, meta = {}, [], {}
 for line in os.environ["RESULTS"].splitlines():
     side, thr, js = line.split(" ", 2)
     j = json.loads(js)
-    if side == "go":
+    if side == "go-before":
+        runs.setdefault("go-before GOMAXPROCS=%s" % thr, []).append(j["train"]["TokensPerSec"])
+    elif side == "go":
         t = j["train"]
         runs.setdefault("go GOMAXPROCS=%s" % thr, []).append(t["TokensPerSec"])
         sgemm.append(j["sgemm_gflops"])
@@ -72,8 +79,11 @@ for k, v in med.items():
 print("   peak RSS: go %.0f MiB (arena %.0f MiB), torch %s"
       % (t["PeakRSSBytes"] / 2**20, t["ArenaBytes"] / 2**20,
          "%.0f MiB" % (meta["torch_rss"] / 2**20) if "torch_rss" in meta else "n/a"))
-g = max((v, k) for k, v in med.items() if k.startswith("go"))
-tb = max(((v, k) for k, v in med.items() if k.startswith("torch")), default=None)
+g = max((v, k) for k, v in med.items() if k.startswith("go "))
+tb = max(((v, k) for k, v in med.items() if k.startswith("torch ")), default=None)
+bb = max(((v, k) for k, v in med.items() if k.startswith("go-before ")), default=None)
+if bb:
+    print("   go after/before: %.1f / %.1f = %.2fx" % (g[0], bb[0], g[0] / bb[0]))
 if tb:
     print("   best go %.1f (%s) / best torch %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)"
           % (g[0], g[1], tb[0], tb[1], g[0] / tb[0]))

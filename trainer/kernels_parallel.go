@@ -14,13 +14,18 @@ import (
 // run small GEMMs (attention), OpenBLAS is set to one thread so the two do
 // not oversubscribe the cores.
 
-// minRowsPerWorker keeps goroutine start-up (~1µs) small beside the work.
-const minRowsPerWorker = 8
+// minElemsPerWorker keeps the element-wise kernels on the calling goroutine
+// unless each worker gets this many elements: below it (a 128-token
+// RMSNorm, ~20µs) a split saves less than the goroutine hand-off costs, and
+// on a loaded machine every join is a chance to wait for a descheduled
+// thread.
+const minElemsPerWorker = 1 << 16
 
-// parallelRows runs fn on contiguous row ranges covering [0, rows) on up to
-// GOMAXPROCS goroutines and waits for all of them.
-func parallelRows(rows int, fn func(lo, hi int)) {
-	w := min(runtime.GOMAXPROCS(0), rows/minRowsPerWorker)
+// parallelRows runs fn on contiguous row ranges covering [0, rows) of
+// width elements each on up to GOMAXPROCS goroutines and waits for all of
+// them.
+func parallelRows(rows, width int, fn func(lo, hi int)) {
+	w := min(runtime.GOMAXPROCS(0), rows*width/minElemsPerWorker, rows)
 	if w <= 1 {
 		fn(0, rows)
 		return
@@ -103,7 +108,7 @@ func ReleaseSingleThreadBLAS() {
 
 // rmsNormPar, ropePar and siluMulPar split the element-wise kernels by rows.
 func rmsNormPar(out, rstd, x, w []float32, rows, dim int, eps float32) {
-	parallelRows(rows, func(lo, hi int) {
+	parallelRows(rows, dim, func(lo, hi int) {
 		var rs []float32
 		if rstd != nil {
 			rs = rstd[lo:hi]
@@ -114,13 +119,13 @@ func rmsNormPar(out, rstd, x, w []float32, rows, dim int, eps float32) {
 
 func ropePar(x []float32, rows, ld, col0, nHeads, d int, cos, sin []float32) {
 	half := d / 2
-	parallelRows(rows, func(lo, hi int) {
+	parallelRows(rows, nHeads*d, func(lo, hi int) {
 		ApplyRope(x[lo*ld:], hi-lo, ld, col0, nHeads, d, cos[lo*half:hi*half], sin[lo*half:hi*half])
 	})
 }
 
 func siluMulPar(act, gu []float32, rows, inter int) {
-	parallelRows(rows, func(lo, hi int) {
+	parallelRows(rows, 3*inter, func(lo, hi int) {
 		SiluMul(act[lo*inter:hi*inter], gu[lo*2*inter:hi*2*inter], hi-lo, inter)
 	})
 }
@@ -186,13 +191,16 @@ func (p *gemmPool) stop() {
 // more in hand-offs than it gains.
 const minParallelMACs = 1 << 17
 
-// Chunking of a split Linear: about chunksPerThread chunks per thread, each
-// at least minChunkMACs multiply-adds and minChunkCols columns (a multiple
-// of 8), so that a chunk's BLAS call stays efficient.
+// Chunking of a split Linear: chunksPerThread chunks per thread, each at
+// least minChunkMACs multiply-adds and minChunkCols columns (a multiple of
+// 8), so that a chunk's BLAS call stays efficient. Every sgemm chunk packs
+// all of x again, so products of many rows use fewer chunks
+// (gemmChunksPerThread); matrix-vector chunks (decode) pack nothing.
 const (
-	chunksPerThread = 4
-	minChunkMACs    = 1 << 18
-	minChunkCols    = 64
+	chunksPerThread     = 4
+	gemmChunksPerThread = 2
+	minChunkMACs        = 1 << 18
+	minChunkCols        = 64
 )
 
 // linear is Linear split by output features across the model's gemmPool
@@ -207,7 +215,11 @@ func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, 
 		return
 	}
 	threads := p.workers + 1
-	chunk := (out + chunksPerThread*threads - 1) / (chunksPerThread * threads)
+	per := chunksPerThread
+	if rows > maxGemvRows {
+		per = gemmChunksPerThread
+	}
+	chunk := (out + per*threads - 1) / (per * threads)
 	chunk = max(chunk, minChunkCols, minChunkMACs/max(1, rows*in))
 	chunk = (chunk + 7) &^ 7
 	chunks := (out + chunk - 1) / chunk

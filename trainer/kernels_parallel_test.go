@@ -86,7 +86,7 @@ func TestParallelRowsCoversAll(t *testing.T) {
 	for _, rows := range []int{0, 1, 7, 8, 17, 100} {
 		seen := make([]int, rows)
 		var mu sync.Mutex
-		parallelRows(rows, func(lo, hi int) {
+		parallelRows(rows, 1<<14, func(lo, hi int) {
 			mu.Lock()
 			defer mu.Unlock()
 			for i := lo; i < hi; i++ {
@@ -97,6 +97,47 @@ func TestParallelRowsCoversAll(t *testing.T) {
 			if n != 1 {
 				t.Fatalf("rows %d: row %d visited %d times", rows, i, n)
 			}
+		}
+	}
+}
+
+// TestLinearChunksMatchOneCall: a Linear split into claimable column chunks
+// across the pool (sgemv, blocked-sgemv and sgemm paths, widths that are
+// not a multiple of the chunk) gives what one BLAS call gives, with beta 0
+// and 1.
+func TestLinearChunksMatchOneCall(t *testing.T) {
+	m := &Model{gemm: newGemmPool(3)}
+	defer m.gemm.stop()
+	AcquireSingleThreadBLAS()
+	defer ReleaseSingleThreadBLAS()
+	rng := rand.New(rand.NewSource(9))
+	var task gemmTask
+	for _, sh := range [][3]int{{1, 576, 1000}, {3, 300, 2050}, {130, 576, 963}, {64, 1536, 576}} {
+		rows, in, out := sh[0], sh[1], sh[2]
+		task.chunks = 0
+		x, w := make([]float32, rows*in), make([]float32, out*in)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+		for i := range w {
+			w[i] = float32(rng.NormFloat64())
+		}
+		for _, beta := range []float32{0, 1} {
+			want, got := make([]float32, rows*out), make([]float32, rows*out)
+			for i := range want {
+				want[i] = float32(i % 3)
+				got[i] = want[i]
+			}
+			Linear(want, out, x, in, w, rows, in, out, beta)
+			m.linear(&task, got, out, x, in, w, rows, in, out, beta)
+			for i := range want {
+				if d := want[i] - got[i]; d > 1e-4 || d < -1e-4 {
+					t.Fatalf("%v beta %v: element %d = %v, one call gives %v", sh, beta, i, got[i], want[i])
+				}
+			}
+		}
+		if task.chunks < 2 {
+			t.Errorf("%v: not split (%d chunks); the test checks nothing", sh, task.chunks)
 		}
 	}
 }

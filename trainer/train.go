@@ -262,7 +262,7 @@ func (p *trainPass) forward(ctx context.Context) error {
 func (p *trainPass) head(dxf []float32, lossAt func(row int, logp float64) float64) {
 	c := p.cfg
 	p.logp = p.ar.dirty(p.rows)
-	logits := p.ar.dirty(min(lmHeadChunk, p.rows) * c.VocabSize)
+	logits := p.ar.dirty(min(lmHeadRows(c.VocabSize), p.rows) * c.VocabSize)
 	lmHeadLoss(dxf, p.xf, p.m.LMHead, p.rows, c.HiddenSize, c.VocabSize, p.targets, p.logp, lossAt, logits)
 }
 
