@@ -4,6 +4,7 @@ import (
 	"math"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 )
@@ -19,8 +20,16 @@ import (
 // (goroutine hand-off and smaller panels cost more than they save).
 const pgemmMinFlops = 1 << 21
 
-// pgemm is blas.Sgemm split over up to GOMAXPROCS goroutines by blocks of
-// C's rows (when m is large) or columns, each a single-threaded sgemm.
+// pgemmChunksPerThread: a split product is cut into this many chunks per
+// thread, claimed one at a time, so that a thread that another process
+// delays for a while does not hold up the whole product (a static split
+// waits for its slowest half); each chunk re-packs the shared operand, so
+// not many more.
+const pgemmChunksPerThread = 2
+
+// pgemm is blas.Sgemm split over up to GOMAXPROCS goroutines (the caller
+// and helpers) by chunks of C's rows (when m is large) or columns, each a
+// single-threaded sgemm.
 func pgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 	b []float32, ldb int, beta float32, c []float32, ldc int) {
 	w := runtime.GOMAXPROCS(0)
@@ -28,36 +37,54 @@ func pgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int
 		blas.Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 		return
 	}
-	var wg sync.WaitGroup
-	if m >= n || m >= 64*w {
-		w = min(w, (m+15)/16)
-		for i := 0; i < w; i++ {
-			lo, hi := i*m/w, (i+1)*m/w
-			aOff := lo * lda // rows of op(A) are rows of A
-			if transA {
-				aOff = lo // ... or columns of A
+	byRows := m >= n || m >= 64*w
+	dim := n
+	if byRows {
+		dim = m
+	}
+	chunks := min(pgemmChunksPerThread*w, (dim+15)/16)
+	size := (dim + chunks - 1) / chunks
+	if !byRows {
+		size = (size + 7) &^ 7 // 8-aligned column blocks
+	}
+	chunks = (dim + size - 1) / size
+	if chunks < 2 {
+		blas.Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		return
+	}
+	var next atomic.Int32
+	run := func() {
+		for {
+			i := int(next.Add(1)) - 1
+			if i >= chunks {
+				return
 			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
+			lo, hi := i*size, min(dim, (i+1)*size)
+			if byRows {
+				aOff := lo * lda // rows of op(A) are rows of A
+				if transA {
+					aOff = lo // ... or columns of A
+				}
 				blas.Sgemm(transA, transB, hi-lo, n, k, alpha, a[aOff:], lda, b, ldb, beta, c[lo*ldc:], ldc)
-			}()
-		}
-	} else {
-		w = min(w, (n+15)/16)
-		for i := 0; i < w; i++ {
-			lo, hi := i*n/w, (i+1)*n/w
-			bOff := lo // columns of op(B) are columns of B
-			if transB {
-				bOff = lo * ldb // ... or rows of B
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
+			} else {
+				bOff := lo // columns of op(B) are columns of B
+				if transB {
+					bOff = lo * ldb // ... or rows of B
+				}
 				blas.Sgemm(transA, transB, m, hi-lo, k, alpha, a, lda, b[bOff:], ldb, beta, c[lo:], ldc)
-			}()
+			}
 		}
 	}
+	var wg sync.WaitGroup
+	helpers := min(w, chunks) - 1
+	wg.Add(helpers)
+	for i := 0; i < helpers; i++ {
+		go func() {
+			defer wg.Done()
+			run()
+		}()
+	}
+	run()
 	wg.Wait()
 }
 
