@@ -57,7 +57,14 @@ type Config struct {
 	// ApplyTimeout bounds one raft apply.
 	ApplyTimeout time.Duration
 	// NodeLostAfter is how long a run's node may be missing from the
-	// backend's node list before the run moves.
+	// backend's node list before the run moves. The list already has the
+	// slack against false alarms (the p2p host keeps a node NodeTTL = 6 s,
+	// three 2 s adverts, after its last one, and unlists it at once only
+	// when every connection to it closed), so this is a short grace for a
+	// connection that drops and comes back. Default 2 s: a node whose
+	// process dies is replaced ~2 s after its sockets close; one that goes
+	// silent (machine, network) at most 6 + 2 s after its last advert,
+	// inside issue 6's 10 s with the move itself.
 	NodeLostAfter time.Duration
 	// RetryAfter is what 503s tell clients to wait.
 	RetryAfter time.Duration
@@ -94,7 +101,7 @@ func DefaultConfig() Config {
 		MaxInflightBatches: 2,
 		LogStore:           LogStoreWAL,
 		ApplyTimeout:       10 * time.Second,
-		NodeLostAfter:      15 * time.Second,
+		NodeLostAfter:      2 * time.Second,
 		RetryAfter:         2 * time.Second,
 		SnapshotThreshold:  8192,
 		SnapshotInterval:   2 * time.Minute,

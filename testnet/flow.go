@@ -160,14 +160,15 @@ func bringUp(ctx context.Context, p *plan, l launcher) (*Info, error) {
 
 	for j := 0; j < p.cfg.Nodes; j++ {
 		spec := NodeSpec{
-			DataDir:     filepath.Join(p.dir, "nodes", fmt.Sprintf("n%d", j+1)),
-			Bootstrap:   p2pAddrs,
-			JoinToken:   jt.JoinToken,
-			StorageURL:  p.storageURL,
-			Creds:       p.cfg.Creds,
-			Models:      p.modelDirs,
-			MaxSessions: p.cfg.MaxSessions,
-			Engine:      p.cfg.Engine,
+			DataDir:        filepath.Join(p.dir, "nodes", fmt.Sprintf("n%d", j+1)),
+			Bootstrap:      p2pAddrs,
+			JoinToken:      jt.JoinToken,
+			StorageURL:     p.storageURL,
+			Creds:          p.cfg.Creds,
+			Models:         p.modelDirs,
+			MaxSessions:    p.cfg.MaxSessions,
+			Engine:         p.cfg.Engine,
+			AdvertInterval: p.cfg.AdvertInterval,
 		}
 		id, err := l.node(ctx, j, spec)
 		if err != nil {

@@ -21,7 +21,7 @@ var (
 
 // seedModel puts a generated signal-tiny into dir/models so that prepare
 // finds it there instead of generating it again.
-func seedModel(t *testing.T, dir string) {
+func seedModel(t testing.TB, dir string) {
 	t.Helper()
 	modelOnce.Do(func() {
 		modelRoot, modelErr = os.MkdirTemp("", "signal-testnet-model-")
@@ -58,14 +58,14 @@ func TestMain(m *testing.M) {
 }
 
 // testLogger writes the testnet's logs to the test log when -v asks.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	if !testing.Verbose() {
 		return nil
 	}
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(p))
@@ -74,7 +74,7 @@ func (w tWriter) Write(p []byte) (int, error) {
 
 // startTestnet starts an in-process testnet for one test and stops it at
 // the end.
-func startTestnet(t *testing.T, mut func(*Config)) *InProcess {
+func startTestnet(t testing.TB, mut func(*Config)) *InProcess {
 	t.Helper()
 	dir := t.TempDir()
 	seedModel(t, dir)

@@ -194,7 +194,9 @@ func TestFailoverResumesFromCheckpoint(t *testing.T) {
 // Retry-After until the run has moved; the SDK retries) or after the
 // coordinator has moved the run by itself.
 func testFailover(t *testing.T, callAtOnce bool) {
-	tn := startTestnet(t, func(c *Config) { c.NodeLostAfter, c.NodeTTL = 2*time.Second, 2*time.Second })
+	// The default timing (coordinator NodeLostAfter, p2p NodeTTL, node
+	// advert interval): what a real network runs.
+	tn := startTestnet(t, nil)
 	info := tn.Info()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

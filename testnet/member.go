@@ -141,6 +141,8 @@ type NodeSpec struct {
 	Models      map[string]string   `json:"models"`
 	MaxSessions int                 `json:"max_sessions"`
 	Engine      string              `json:"engine"`
+	// AdvertInterval is how often the node advertises (0: node default).
+	AdvertInterval time.Duration `json:"advert_interval,omitempty"`
 }
 
 // Node is a running node member.
@@ -172,7 +174,9 @@ func StartNode(ctx context.Context, spec NodeSpec, log *slog.Logger) (*Node, err
 	// Bootstrap peers are explicit; mDNS would make every testnet on the
 	// machine (other tests, other developers) find each other.
 	cfg.MDNS = false
-	cfg.AdvertInterval = time.Second
+	if spec.AdvertInterval > 0 {
+		cfg.AdvertInterval = spec.AdvertInterval
+	}
 	cfg.DrainTimeout = 10 * time.Second
 	cfg.Logger = log
 	n, err := node.New(cfg, eng)

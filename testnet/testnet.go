@@ -17,6 +17,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/signal-p2p/signal/coordinator"
+	"github.com/signal-p2p/signal/coordinator/p2p"
 	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -55,12 +57,14 @@ type Config struct {
 	Credits int64
 	// MaxSessions bounds each node's open sessions.
 	MaxSessions int
-	// NodeLostAfter is how long a run's node may be silent before the run
-	// moves (the coordinator's setting); short in a testnet so that
-	// failover shows within seconds.
+	// NodeLostAfter is how long a run's node may be missing before the run
+	// moves (the coordinator's setting).
 	NodeLostAfter time.Duration
-	// NodeTTL is how long a node stays listed after its last advert.
+	// NodeTTL is how long a node stays listed after its last advert (the
+	// coordinators' p2p setting).
 	NodeTTL time.Duration
+	// AdvertInterval is how often nodes advertise (0: the node's default).
+	AdvertInterval time.Duration
 	// ReadyTimeout bounds start-up: leader election, joins, node adverts.
 	ReadyTimeout time.Duration
 	// Engine names the node engine: "native" (the Go trainer, the default)
@@ -72,7 +76,8 @@ type Config struct {
 }
 
 // DefaultConfig is `make run`'s network: 3 coordinators, 2 nodes, 1000
-// credits, timings short enough that failover shows within seconds.
+// credits, and the failover timings a production network runs with (a
+// dead node's runs serve again within seconds).
 func DefaultConfig() Config {
 	return Config{
 		Coordinators:  3,
@@ -80,8 +85,8 @@ func DefaultConfig() Config {
 		Dir:           filepath.Join(".cache", "testnet"),
 		Credits:       1000 * 1_000_000,
 		MaxSessions:   8,
-		NodeLostAfter: 4 * time.Second,
-		NodeTTL:       4 * time.Second,
+		NodeLostAfter: coordinator.DefaultConfig().NodeLostAfter,
+		NodeTTL:       p2p.DefaultConfig().NodeTTL,
 		ReadyTimeout:  2 * time.Minute,
 		Engine:        "native",
 	}
@@ -100,8 +105,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: credits %d: must not be negative", ErrInvalidConfig, c.Credits)
 	case c.MaxSessions < 1:
 		return fmt.Errorf("%w: max sessions %d: must be at least 1", ErrInvalidConfig, c.MaxSessions)
-	case c.NodeLostAfter <= 0 || c.NodeTTL <= 0 || c.ReadyTimeout <= 0:
-		return fmt.Errorf("%w: node lost after %v, node ttl %v, ready timeout %v: must be positive", ErrInvalidConfig, c.NodeLostAfter, c.NodeTTL, c.ReadyTimeout)
+	case c.NodeLostAfter <= 0 || c.NodeTTL <= 0 || c.ReadyTimeout <= 0 || c.AdvertInterval < 0:
+		return fmt.Errorf("%w: node lost after %v, node ttl %v, ready timeout %v, advert interval %v: must be positive", ErrInvalidConfig, c.NodeLostAfter, c.NodeTTL, c.ReadyTimeout, c.AdvertInterval)
 	case c.NoDefaultModel && len(c.Models) == 0:
 		return fmt.Errorf("%w: models: %w: give --model NAME=DIR or keep the default", ErrInvalidConfig, errNoModels)
 	}

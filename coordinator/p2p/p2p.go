@@ -75,7 +75,10 @@ type Config struct {
 	DataDir string
 	// ListenAddrs default to TCP and QUIC on all interfaces, random ports.
 	ListenAddrs []string
-	// NodeTTL is how long a node stays listed after its last advert.
+	// NodeTTL is how long a node stays listed after its last advert. A
+	// node whose every connection to this host closed is unlisted at once
+	// (until it reconnects or adverts again): a dead process's sockets
+	// close, so only a silent death (machine, network) waits for the TTL.
 	NodeTTL time.Duration
 	// MaxIdleStreams bounds the pooled session streams per node.
 	MaxIdleStreams int
@@ -145,11 +148,15 @@ type Host struct {
 	operators map[peer.ID]string
 	idle      map[peer.ID][]network.Stream
 	now       func() time.Time
+	notify    *network.NotifyBundle
 }
 
 type nodeEntry struct {
 	advert protocol.Node
 	seen   time.Time
+	// disconnected: every connection to the node closed since its last
+	// advert; it is not listed nor called until it reconnects or adverts.
+	disconnected bool
 }
 
 // New creates the host and starts listening; Start subscribes to adverts.
@@ -232,6 +239,8 @@ func (h *Host) Start(ctx context.Context) error {
 		}
 	}
 	h.host.SetStreamHandler(libp2pproto.ID(protocol.JoinProtocolID), h.handleJoin)
+	h.notify = &network.NotifyBundle{ConnectedF: h.connected, DisconnectedF: h.disconnected}
+	h.host.Network().Notify(h.notify)
 	h.wg.Add(2)
 	go h.readAdverts(ctx)
 	go h.sweep(ctx)
@@ -242,6 +251,9 @@ func (h *Host) Start(ctx context.Context) error {
 // Stop closes the host and waits for its goroutines.
 func (h *Host) Stop() error {
 	h.host.RemoveStreamHandler(libp2pproto.ID(protocol.JoinProtocolID))
+	if h.notify != nil {
+		h.host.Network().StopNotify(h.notify)
+	}
 	var errs []error
 	if h.sub != nil {
 		h.sub.Cancel()
@@ -319,6 +331,39 @@ func (h *Host) readAdverts(ctx context.Context) {
 	}
 }
 
+// connected clears a node's disconnected mark: it is reachable again.
+func (h *Host) connected(_ network.Network, c network.Conn) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if e, ok := h.nodes[c.RemotePeer()]; ok {
+		e.disconnected = false
+	}
+}
+
+// disconnected unlists a node once its last connection to this host
+// closed, so that a node whose process died is lost in moments rather than
+// after NodeTTL. Its pooled streams died with the connection.
+func (h *Host) disconnected(n network.Network, c network.Conn) {
+	id := c.RemotePeer()
+	if n.Connectedness(id) == network.Connected {
+		return // another connection remains
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	e, ok := h.nodes[id]
+	if !ok {
+		return
+	}
+	if !e.disconnected {
+		h.log.Info("node disconnected; unlisted until it reconnects or adverts", "peer", id)
+	}
+	e.disconnected = true
+	for _, s := range h.idle[id] {
+		_ = s.Reset()
+	}
+	delete(h.idle, id)
+}
+
 // sweep forgets nodes long expired, so the table stays bounded.
 func (h *Host) sweep(ctx context.Context) {
 	defer h.wg.Done()
@@ -347,7 +392,7 @@ func (h *Host) Nodes() []protocol.Node {
 	now := h.now()
 	out := make([]protocol.Node, 0, len(h.nodes))
 	for id, e := range h.nodes {
-		if now.Sub(e.seen) > h.cfg.NodeTTL || !h.reg.IsJoined(id.String()) {
+		if e.disconnected || now.Sub(e.seen) > h.cfg.NodeTTL || !h.reg.IsJoined(id.String()) {
 			continue
 		}
 		n := e.advert
@@ -361,12 +406,23 @@ func (h *Host) Nodes() []protocol.Node {
 	return out
 }
 
+// live reports whether the node adverted within NodeTTL. A node marked
+// disconnected still counts: Do redials it (briefly) rather than fail a
+// call on a connection that may just have dropped.
 func (h *Host) live(id peer.ID) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	e, ok := h.nodes[id]
 	return ok && h.now().Sub(e.seen) <= h.cfg.NodeTTL
 }
+
+// redialTimeout bounds the dial of a call to a node this host has no
+// connection to. A live node keeps connections to its coordinators (it
+// redials them every second), so this is mostly a node whose connections
+// just closed: alive, it answers a dial in milliseconds; dead, a dial can
+// wait out QUIC's handshake timeout while the call's client waits for the
+// run to move.
+const redialTimeout = 2 * time.Second
 
 func (h *Host) handleJoin(s network.Stream) {
 	defer s.Close()
@@ -427,7 +483,13 @@ func (h *Host) Do(ctx context.Context, nodePeerID string, req protocol.SessionRe
 	if !h.live(id) {
 		return protocol.SessionResponse{}, h.lost(id, fmt.Errorf("no advert within %v", h.cfg.NodeTTL))
 	}
-	s, err := h.stream(ctx, id)
+	dialCtx := ctx
+	if h.host.Network().Connectedness(id) != network.Connected {
+		var cancel context.CancelFunc
+		dialCtx, cancel = context.WithTimeout(ctx, redialTimeout)
+		defer cancel()
+	}
+	s, err := h.stream(dialCtx, id)
 	if err != nil {
 		if ctx.Err() != nil {
 			return protocol.SessionResponse{}, ctx.Err()

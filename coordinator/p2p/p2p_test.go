@@ -469,3 +469,41 @@ func TestWithDHT(t *testing.T) {
 		t.Fatalf("init: %v %+v", err, r.Error)
 	}
 }
+
+// TestKilledNodeUnlistedWithoutWaitingForTTL: a node whose process dies
+// closes its connections; the coordinator unlists it at once instead of
+// after NodeTTL (a minute here, so only the disconnect can explain it), and
+// a call to it fails as lost without waiting for a dial to time out.
+func TestKilledNodeUnlistedWithoutWaitingForTTL(t *testing.T) {
+	reg := newRegistry()
+	cfg := p2p.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.ListenAddrs = loopback
+	cfg.NodeTTL = time.Minute
+	cfg.NodeLostErr = errCoordinatorNodeLost
+	cfg.Logger = quietLogger()
+	coord, err := p2p.New(cfg, reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := coord.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = coord.Stop() })
+	a, _ := startNode(t, coord, nodeOpts{token: "good-token"})
+	b, _ := startNode(t, coord, nodeOpts{token: "good-token"})
+	waitFor(t, 10*time.Second, "both nodes listed", func() bool { return len(coord.Nodes()) == 2 })
+
+	a.Kill()
+	took := waitFor(t, 20*time.Second, "killed node unlisted", func() bool { _, ok := listed(coord, a.PeerID()); return !ok })
+	t.Logf("node killed → unlisted after %v (NodeTTL %v)", took, cfg.NodeTTL)
+	if _, ok := listed(coord, b.PeerID()); !ok {
+		t.Fatal("the live node was unlisted too")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err = coord.Do(ctx, a.PeerID(), protocol.SessionRequest{RequestID: "after-kill", RunID: "run-k", Call: protocol.CallSample, Body: []byte(`{}`)})
+	if !errors.Is(err, p2p.ErrNodeLost) || ctx.Err() != nil {
+		t.Fatalf("Do on a killed node: err = %v (ctx %v), want ErrNodeLost before the deadline", err, ctx.Err())
+	}
+}
