@@ -147,6 +147,13 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	c.stream = stream
 	tr := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: hl})
 	c.transport = tr
+	// Until raft runs (shutdownRaft then closes all), a failed start must
+	// free the raft port too, or a retry in this process cannot bind it.
+	abort := func() {
+		_ = tr.Close() // closes the stream layer's listener
+		c.transport, c.stream = nil, nil
+		_ = c.closeStores()
+	}
 
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(c.cfg.ID)
@@ -177,7 +184,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 
 	logStore, w, kind, err := openLogStore(c.cfg.DataDir, c.cfg.LogStore, store)
 	if err != nil {
-		c.closeStores()
+		abort()
 		return err
 	}
 	c.wal, c.logKind = w, kind
@@ -185,17 +192,17 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	// memory instead of a disk read each.
 	logs, err := raft.NewLogCache(logCacheEntries, logStore)
 	if err != nil {
-		c.closeStores()
+		abort()
 		return fmt.Errorf("raft log cache: %w", err)
 	}
 	hasState, err := raft.HasExistingState(logs, store, snaps)
 	if err != nil {
-		c.closeStores()
+		abort()
 		return fmt.Errorf("inspect raft state: %w", err)
 	}
 	r, err := raft.NewRaft(rc, c.fsm, logs, store, snaps, tr)
 	if err != nil {
-		c.closeStores()
+		abort()
 		return fmt.Errorf("start raft: %w", err)
 	}
 	c.raft = r
@@ -252,6 +259,9 @@ func (c *Coordinator) Stop() error {
 		return nil
 	}
 	c.stopped.Store(true)
+	if c.cancel == nil { // Start failed: it released what it had opened
+		return nil
+	}
 	c.cancel()
 	var errs []error
 	if c.srv != nil {
