@@ -8,11 +8,13 @@ import (
 	"github.com/signal-p2p/signal/trainer/blas"
 )
 
-// The inference forward uses one pool of cores two ways, never both at
-// once: OpenBLAS's own threads inside each large GEMM, and Go goroutines for
-// element-wise work and per-head attention between GEMMs. While goroutines
-// run small GEMMs (attention), OpenBLAS is set to one thread so the two do
-// not oversubscribe the cores.
+// The inference forward uses one pool of threads, Go's: OpenBLAS runs
+// single-threaded (AcquireSingleThreadBLAS, one process-wide counter shared
+// with training) and each large product is cut into column chunks that the
+// model's gemmPool workers and the caller claim (gemmTask); per-head
+// attention and large element-wise passes run on goroutines between
+// products. OpenBLAS's own threads would spin after every GEMM and fight
+// those goroutines for the cores.
 
 // minElemsPerWorker keeps the element-wise kernels on the calling goroutine
 // unless each worker gets this many elements: below it (a 128-token
@@ -193,14 +195,15 @@ const minParallelMACs = 1 << 17
 
 // Chunking of a split Linear: chunksPerThread chunks per thread, each at
 // least minChunkMACs multiply-adds and minChunkCols columns (a multiple of
-// 8), so that a chunk's BLAS call stays efficient. Every sgemm chunk packs
-// all of x again, so products of many rows use fewer chunks
-// (gemmChunksPerThread); matrix-vector chunks (decode) pack nothing.
+// 8), so that a chunk's BLAS call stays efficient. One chunk per thread
+// measured best on the 135M shape (median of interleaved runs, 2 busy
+// cores, noisy): with 2, prefill lost ~15% (every sgemm chunk packs all of
+// x again); with 4, decode lost ~10%. Chunks are still claimed, not assigned, so the
+// caller takes a helper's chunk when the helper is slow to wake.
 const (
-	chunksPerThread     = 4
-	gemmChunksPerThread = 2
-	minChunkMACs        = 1 << 18
-	minChunkCols        = 64
+	chunksPerThread = 1
+	minChunkMACs    = 1 << 18
+	minChunkCols    = 64
 )
 
 // linear is Linear split by output features across the model's gemmPool
@@ -215,11 +218,7 @@ func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, 
 		return
 	}
 	threads := p.workers + 1
-	per := chunksPerThread
-	if rows > maxGemvRows {
-		per = gemmChunksPerThread
-	}
-	chunk := (out + per*threads - 1) / (per * threads)
+	chunk := (out + chunksPerThread*threads - 1) / (chunksPerThread * threads)
 	chunk = max(chunk, minChunkCols, minChunkMACs/max(1, rows*in))
 	chunk = (chunk + 7) &^ 7
 	chunks := (out + chunk - 1) / chunk

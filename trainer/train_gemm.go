@@ -21,11 +21,10 @@ import (
 const pgemmMinFlops = 1 << 21
 
 // pgemmChunksPerThread: a split product is cut into this many chunks per
-// thread, claimed one at a time, so that a thread that another process
-// delays for a while does not hold up the whole product (a static split
-// waits for its slowest half); each chunk re-packs the shared operand, so
-// not many more.
-const pgemmChunksPerThread = 2
+// thread, claimed one at a time, so that the caller takes a helper's chunk
+// when the helper goroutine is slow to start. Each chunk re-packs the shared
+// operand: more chunks per thread measured slower (see chunksPerThread).
+const pgemmChunksPerThread = 1
 
 // pgemm is blas.Sgemm split over up to GOMAXPROCS goroutines (the caller
 // and helpers) by chunks of C's rows (when m is large) or columns, each a

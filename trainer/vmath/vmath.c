@@ -66,15 +66,15 @@ static inline __m256 exp8(__m256 x) {
 	return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
-static int have_avx2 = -1;
+// Set once at load time, before any goroutine can call in: read-only after.
+static int have_avx2;
 
-static inline int avx2(void) {
-	if (have_avx2 < 0) {
-		__builtin_cpu_init();
-		have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-	}
-	return have_avx2;
+__attribute__((constructor)) static void vm_init(void) {
+	__builtin_cpu_init();
+	have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
+
+static inline int avx2(void) { return have_avx2; }
 
 int vm_simd(void) { return avx2(); }
 
