@@ -506,7 +506,15 @@ type RunUpdate struct {
 	// the run is in one of these statuses (compare-and-set for moves).
 	ExpectStatus []string `json:"expect_status,omitempty"`
 	AddSpent     int64    `json:"add_spent,omitempty"`
-	Time         string   `json:"time"`
+	// ExpectNode, when set, makes the update fail with ErrConflict unless
+	// the run is still assigned to this node (a stopping node's drain
+	// checkpoint must not land on a run that moved on).
+	ExpectNode string `json:"expect_node,omitempty"`
+	// CheckpointIfNewer makes the update fail with ErrConflict when
+	// Checkpoint is older than the run's recorded step or already
+	// recorded (a drain report reaches every coordinator).
+	CheckpointIfNewer bool   `json:"checkpoint_if_newer,omitempty"`
+	Time              string `json:"time"`
 }
 
 // OptimFigures are an optim_step's results.
@@ -547,6 +555,19 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		}
 		if !match {
 			return nil, fmt.Errorf("run %s is %s: %w", u.RunID, old.Run.Status, ErrConflict)
+		}
+	}
+	if u.ExpectNode != "" && old.Run.Node != u.ExpectNode {
+		return nil, fmt.Errorf("run %s is on node %q, not %q: %w", u.RunID, old.Run.Node, u.ExpectNode, ErrConflict)
+	}
+	if u.CheckpointIfNewer && u.Checkpoint != nil {
+		if u.Checkpoint.Step < old.Run.Step {
+			return nil, fmt.Errorf("run %s checkpoint %s: step %d is older than the run's step %d: %w", u.RunID, u.Checkpoint.ID, u.Checkpoint.Step, old.Run.Step, ErrConflict)
+		}
+		for _, cp := range old.Run.Checkpoints {
+			if cp.ID == u.Checkpoint.ID {
+				return nil, fmt.Errorf("run %s checkpoint %s: already recorded: %w", u.RunID, cp.ID, ErrConflict)
+			}
 		}
 	}
 	r := *old

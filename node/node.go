@@ -299,6 +299,7 @@ func (n *Node) Stop() error {
 	for run, cp := range cps {
 		n.log.Info("checkpointed at shutdown", "run", run, "step", cp.Step, "uri", cp.URI)
 	}
+	n.reportDrained(cps)
 	var errs []error
 	if n.topic != nil {
 		// Close the topic while pubsub still runs: afterwards it can only
@@ -320,6 +321,79 @@ func (n *Node) Stop() error {
 	errs = append(errs, n.host.Close())
 	n.streams.Wait()
 	return errors.Join(errs...)
+}
+
+// drainReportTimeout bounds telling the coordinators the drain
+// checkpoints: a coordinator that does not answer by then costs its runs
+// the steps since their last automatic checkpoint, not the shutdown.
+const drainReportTimeout = 10 * time.Second
+
+// reportDrained tells every coordinator this node joined the checkpoints
+// it saved while draining, over a direct stream (a GossipSub message
+// published while the host closes may never leave), so that its runs
+// resume from them on another node. Each coordinator records them through
+// raft, so one acknowledgement would do; asking all of them rides out a
+// coordinator that is down. Failures are logged: they lose steps, not data.
+func (n *Node) reportDrained(cps map[string]protocol.Checkpoint) {
+	if len(cps) == 0 {
+		return
+	}
+	rep := protocol.DrainReport{PeerID: n.PeerID(), Checkpoints: make([]protocol.Checkpoint, 0, len(cps))}
+	for run, cp := range cps {
+		cp.RunID = run
+		rep.Checkpoints = append(rep.Checkpoints, cp)
+	}
+	n.mu.Lock()
+	coords := make([]peer.ID, 0, len(n.joined))
+	for id := range n.joined {
+		coords = append(coords, id)
+	}
+	n.mu.Unlock()
+	if len(coords) == 0 {
+		n.log.Warn("drain checkpoints not reported: joined no coordinator", "checkpoints", len(cps))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), drainReportTimeout)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, id := range coords {
+		wg.Add(1)
+		go func(id peer.ID) {
+			defer wg.Done()
+			recorded, err := n.sendDrainReport(ctx, id, rep)
+			if err != nil {
+				n.log.Warn("drain checkpoints not reported", "coordinator", id, "err", err)
+				return
+			}
+			n.log.Info("drain checkpoints reported", "coordinator", id, "checkpoints", len(rep.Checkpoints), "recorded", recorded)
+		}(id)
+	}
+	wg.Wait()
+}
+
+// sendDrainReport sends rep on a /signal/drained/1 stream and reads the ack.
+func (n *Node) sendDrainReport(ctx context.Context, id peer.ID, rep protocol.DrainReport) (int, error) {
+	s, err := n.host.NewStream(ctx, id, libp2pproto.ID(protocol.DrainedProtocolID))
+	if err != nil {
+		return 0, fmt.Errorf("open drained stream: %w", err)
+	}
+	defer s.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = s.SetDeadline(dl)
+	}
+	if err := protocol.WriteFrame(s, protocol.MsgDrainReport, rep); err != nil {
+		_ = s.Reset()
+		return 0, err
+	}
+	var ack protocol.DrainAck
+	if err := protocol.ReadMessage(s, protocol.MsgDrainAck, 1<<20, &ack); err != nil {
+		_ = s.Reset()
+		return 0, fmt.Errorf("read drain ack: %w", err)
+	}
+	if ack.Error != nil {
+		return 0, fmt.Errorf("coordinator refused the drain report: %s: %s", ack.Error.Code, ack.Error.Message)
+	}
+	return ack.Recorded, nil
 }
 
 // Kill closes the host without draining: for tests that simulate a crash.

@@ -44,6 +44,8 @@ const (
 	MsgAdvert          MsgType = 3
 	MsgJoinRequest     MsgType = 4
 	MsgJoinResponse    MsgType = 5
+	MsgDrainReport     MsgType = 6
+	MsgDrainAck        MsgType = 7
 )
 
 func (t MsgType) String() string {
@@ -58,11 +60,15 @@ func (t MsgType) String() string {
 		return "join_request"
 	case MsgJoinResponse:
 		return "join_response"
+	case MsgDrainReport:
+		return "drain_report"
+	case MsgDrainAck:
+		return "drain_ack"
 	}
 	return fmt.Sprintf("msg_type(%d)", uint8(t))
 }
 
-func (t MsgType) known() bool { return t >= MsgSessionRequest && t <= MsgJoinResponse }
+func (t MsgType) known() bool { return t >= MsgSessionRequest && t <= MsgDrainAck }
 
 // Frame decoding errors.
 var (
@@ -216,6 +222,8 @@ func decodePayload(t MsgType, payload []byte, v any) error {
 	case *Node:
 		err = validateAdvert(m)
 	case *JoinRequest:
+		err = m.Validate()
+	case *DrainReport:
 		err = m.Validate()
 	}
 	if err != nil {

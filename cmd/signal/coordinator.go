@@ -17,6 +17,7 @@ import (
 	"github.com/signal-p2p/signal/coordinator"
 	"github.com/signal-p2p/signal/coordinator/dashboard"
 	"github.com/signal-p2p/signal/coordinator/p2p"
+	"github.com/signal-p2p/signal/protocol"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
 
@@ -75,6 +76,13 @@ func (r joinRegistry) RegisterNode(ctx context.Context, peerID, token string) (s
 }
 
 func (r joinRegistry) IsJoined(peerID string) bool { return r.c.IsJoined(peerID) }
+
+// RecordDrained makes the p2p host take stopping nodes' drain reports.
+func (r joinRegistry) RecordDrained(ctx context.Context, peerID string, cps []protocol.Checkpoint) (int, error) {
+	return r.c.RecordDrained(ctx, peerID, cps)
+}
+
+var _ p2p.DrainRecorder = joinRegistry{}
 
 func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) error {
 	var level slog.Level

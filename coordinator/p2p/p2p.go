@@ -51,6 +51,21 @@ type Registry interface {
 	IsJoined(peerID string) bool
 }
 
+// DrainRecorder records the checkpoints a node saved while stopping
+// gracefully, so that its runs resume from them on another node. The
+// coordinator implements it through raft, next to Registry; a Registry
+// that also implements DrainRecorder gets drain reports, otherwise they
+// are refused (the node logs it and its runs resume from their last
+// automatic checkpoint).
+type DrainRecorder interface {
+	// RecordDrained records each checkpoint for its run when the run is
+	// still assigned to peerID and the checkpoint is not older than the
+	// run's recorded step; it returns how many it recorded. Checkpoints it
+	// declines are not an error; an error means none could be considered
+	// (no leader, say).
+	RecordDrained(ctx context.Context, peerID string, cps []protocol.Checkpoint) (recorded int, err error)
+}
+
 // Errors of this package.
 var (
 	// ErrNodeLost means the node is unreachable or its stream broke. Do
@@ -239,6 +254,7 @@ func (h *Host) Start(ctx context.Context) error {
 		}
 	}
 	h.host.SetStreamHandler(libp2pproto.ID(protocol.JoinProtocolID), h.handleJoin)
+	h.host.SetStreamHandler(libp2pproto.ID(protocol.DrainedProtocolID), h.handleDrained)
 	h.notify = &network.NotifyBundle{ConnectedF: h.connected, DisconnectedF: h.disconnected}
 	h.host.Network().Notify(h.notify)
 	h.wg.Add(2)
@@ -251,6 +267,7 @@ func (h *Host) Start(ctx context.Context) error {
 // Stop closes the host and waits for its goroutines.
 func (h *Host) Stop() error {
 	h.host.RemoveStreamHandler(libp2pproto.ID(protocol.JoinProtocolID))
+	h.host.RemoveStreamHandler(libp2pproto.ID(protocol.DrainedProtocolID))
 	if h.notify != nil {
 		h.host.Network().StopNotify(h.notify)
 	}
@@ -453,6 +470,50 @@ func (h *Host) handleJoin(s network.Stream) {
 		h.mu.Unlock()
 	}
 	if err := protocol.WriteFrame(s, protocol.MsgJoinResponse, resp); err != nil {
+		_ = s.Reset()
+	}
+}
+
+// maxDrainReportBytes bounds a drain report: up to 1024 checkpoints of a
+// few files each.
+const maxDrainReportBytes = 4 << 20
+
+// handleDrained takes a stopping node's drain report: only from a joined
+// peer, about itself, and only when the registry records them.
+func (h *Host) handleDrained(s network.Stream) {
+	defer s.Close()
+	remote := s.Conn().RemotePeer()
+	_ = s.SetDeadline(time.Now().Add(30 * time.Second))
+	var req protocol.DrainReport
+	if err := protocol.ReadMessage(s, protocol.MsgDrainReport, maxDrainReportBytes, &req); err != nil {
+		h.log.Warn("drain report: bad request", "peer", remote, "err", err)
+		_ = s.Reset()
+		return
+	}
+	var ack protocol.DrainAck
+	rec, canRecord := h.reg.(DrainRecorder)
+	switch {
+	case !h.reg.IsJoined(remote.String()):
+		h.log.Warn("drain report from a peer that has not joined", "peer", remote)
+		ack.Error = &protocol.ErrorBody{Code: protocol.CodeUnauthorized, Message: ErrNotJoined.Error()}
+	case req.PeerID != remote.String():
+		h.log.Warn("drain report about another peer", "peer", remote, "about", req.PeerID)
+		ack.Error = &protocol.ErrorBody{Code: protocol.CodeInvalidRequest, Message: fmt.Sprintf("peer_id: %q is not the sender %s", req.PeerID, remote)}
+	case !canRecord:
+		ack.Error = &protocol.ErrorBody{Code: protocol.CodeUnavailable, Message: "this coordinator does not record drain reports"}
+	default:
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		n, err := rec.RecordDrained(ctx, remote.String(), req.Checkpoints)
+		cancel()
+		if err != nil {
+			h.log.Warn("drain report not recorded", "peer", remote, "err", err)
+			ack.Error = &protocol.ErrorBody{Code: protocol.CodeUnavailable, Message: err.Error()}
+		} else {
+			h.log.Info("drain report recorded", "peer", remote, "checkpoints", len(req.Checkpoints), "recorded", n)
+			ack.Recorded = n
+		}
+	}
+	if err := protocol.WriteFrame(s, protocol.MsgDrainAck, ack); err != nil {
 		_ = s.Reset()
 	}
 }
