@@ -127,6 +127,7 @@ func FuzzReadFrame(f *testing.F) {
 		{MsgSessionResponse, SessionResponse{RequestID: "r", Error: &ErrorBody{Code: CodeInternal, Message: "x"}}},
 		{MsgAdvert, Node{PeerID: "p", GPUs: []GPU{{Name: "H200"}}}},
 		{MsgJoinRequest, JoinRequest{JoinToken: "t"}},
+		{MsgDrainReport, DrainReport{PeerID: "p", Checkpoints: []Checkpoint{{ID: "c", RunID: "run", Step: 7, Mode: "full", URI: "file:///x"}}}},
 	} {
 		b, err := EncodeFrame(m.t, m.v)
 		if err != nil {
@@ -159,6 +160,11 @@ func FuzzReadFrame(f *testing.F) {
 			m, err := DecodeAdvert(payload)
 			if err == nil {
 				reencode(t, typ, &m, &Node{})
+			}
+		case MsgDrainReport:
+			var m DrainReport
+			if ReadMessage(bytes.NewReader(data), MsgDrainReport, 1<<20, &m) == nil {
+				reencode(t, typ, &m, &DrainReport{})
 			}
 		}
 	})

@@ -130,6 +130,25 @@ func (t *InProcess) KillNode(i int) error {
 	return nil
 }
 
+// StopNode stops node i gracefully: its running calls finish, its open
+// sessions are checkpointed and reported to the coordinators, and it leaves.
+func (t *InProcess) StopNode(i int) error {
+	t.mu.Lock()
+	if i < 0 || i >= len(t.nodes) {
+		t.mu.Unlock()
+		return fmt.Errorf("%w: node index %d: have %d nodes", ErrInvalidConfig, i, len(t.nodes))
+	}
+	if t.killed[i] {
+		t.mu.Unlock()
+		return nil
+	}
+	// Stop below leaves the node as a killed one would: gone, not stopped again.
+	t.killed[i] = true
+	n := t.nodes[i]
+	t.mu.Unlock()
+	return n.Stop()
+}
+
 // Stop stops nodes (gracefully, except killed ones) and then coordinators.
 func (t *InProcess) Stop() error {
 	t.mu.Lock()

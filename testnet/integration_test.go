@@ -185,15 +185,18 @@ func TestExamplesOnMinIOTestnet(t *testing.T) {
 // automatic checkpoint; the run must move to the other node, resume from
 // that checkpoint's step, and keep training from the learned state.
 func TestFailoverResumesFromCheckpoint(t *testing.T) {
-	t.Run("idle", func(t *testing.T) { testFailover(t, false) })
-	t.Run("calling", func(t *testing.T) { testFailover(t, true) })
+	t.Run("idle", func(t *testing.T) { testFailover(t, false, false) })
+	t.Run("calling", func(t *testing.T) { testFailover(t, true, false) })
+	t.Run("drained", func(t *testing.T) { testFailover(t, false, true) })
 }
 
 // testFailover trains 7 steps (automatic checkpoint at 5), kills the run's
 // node, and trains on: either calling at once (the calls see 503 +
 // Retry-After until the run has moved; the SDK retries) or after the
-// coordinator has moved the run by itself.
-func testFailover(t *testing.T, callAtOnce bool) {
+// coordinator has moved the run by itself. With graceful, the node is
+// stopped instead of killed: it checkpoints the run at step 7 and reports
+// it, so the run resumes from 7, not from the automatic checkpoint at 5.
+func testFailover(t *testing.T, callAtOnce, graceful bool) {
 	// The default timing (coordinator NodeLostAfter, p2p NodeTTL, node
 	// advert interval): what a real network runs.
 	tn := startTestnet(t, nil)
@@ -217,7 +220,12 @@ func testFailover(t *testing.T, callAtOnce bool) {
 		t.Fatalf("run on unknown node %s", before.Node)
 	}
 	killed := time.Now()
-	if err := tn.KillNode(victim); err != nil {
+	stop := tn.KillNode
+	wantResumed := 5
+	if graceful {
+		stop, wantResumed = tn.StopNode, 7
+	}
+	if err := stop(victim); err != nil {
 		t.Fatal(err)
 	}
 	if !callAtOnce {
@@ -259,11 +267,11 @@ func testFailover(t *testing.T, callAtOnce bool) {
 	if after.Node == before.Node || after.Node == "" {
 		t.Fatalf("run still on node %q after it died", after.Node)
 	}
-	if after.ResumedFromStep == nil || *after.ResumedFromStep != 5 {
-		t.Fatalf("resumed_from_step = %v, want 5", after.ResumedFromStep)
+	if after.ResumedFromStep == nil || *after.ResumedFromStep != wantResumed {
+		t.Fatalf("resumed_from_step = %v, want %d", after.ResumedFromStep, wantResumed)
 	}
-	if st.Step != 6 {
-		t.Fatalf("first step after resuming is %d, want 6 (checkpoint 5 + 1)", st.Step)
+	if st.Step != wantResumed+1 {
+		t.Fatalf("first step after resuming is %d, want %d (checkpoint %d + 1)", st.Step, wantResumed+1, wantResumed)
 	}
 	// The restored adapter remembers what steps 1..5 learned: the loss is
 	// near the pre-kill losses, far below the untrained first step's.

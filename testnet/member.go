@@ -42,21 +42,6 @@ type Coordinator struct {
 	stopErr  error
 }
 
-// registry adapts the coordinator to the p2p host's Registry: the
-// coordinator says ErrUnauthorized for a bad join token, the host wants
-// ErrInvalidJoinToken (so it refuses instead of retrying).
-type registry struct{ c *coordinator.Coordinator }
-
-func (r registry) RegisterNode(ctx context.Context, peerID, joinToken string) (string, error) {
-	op, err := r.c.RegisterNode(ctx, peerID, joinToken)
-	if errors.Is(err, coordinator.ErrUnauthorized) {
-		return "", fmt.Errorf("%w: %w", p2p.ErrInvalidJoinToken, err)
-	}
-	return op, err
-}
-
-func (r registry) IsJoined(peerID string) bool { return r.c.IsJoined(peerID) }
-
 // StartCoordinator starts one coordinator member on loopback with free ports.
 func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logger) (*Coordinator, error) {
 	if log == nil {
@@ -98,7 +83,7 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 	if spec.NodeTTL > 0 {
 		pcfg.NodeTTL = spec.NodeTTL
 	}
-	host, err := p2p.New(pcfg, registry{core})
+	host, err := p2p.New(pcfg, core.NodeRegistry())
 	if err != nil {
 		return nil, fmt.Errorf("coordinator %s p2p: %w", spec.ID, err)
 	}

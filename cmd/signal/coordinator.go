@@ -17,7 +17,6 @@ import (
 	"github.com/signal-p2p/signal/coordinator"
 	"github.com/signal-p2p/signal/coordinator/dashboard"
 	"github.com/signal-p2p/signal/coordinator/p2p"
-	"github.com/signal-p2p/signal/protocol"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
 
@@ -62,27 +61,6 @@ a cluster of three or five. Restarting with the same --data resumes.`,
 	f.StringVar(&o.logStore, "log-store", d.LogStore, "raft log store of a fresh --data dir: wal (raft-wal) or bolt (raft-boltdb); an existing dir keeps its own")
 	return cmd
 }
-
-// joinRegistry adapts the coordinator to the p2p host's Registry: a refused
-// token must wrap p2p.ErrInvalidJoinToken so the node stops retrying.
-type joinRegistry struct{ c *coordinator.Coordinator }
-
-func (r joinRegistry) RegisterNode(ctx context.Context, peerID, token string) (string, error) {
-	op, err := r.c.RegisterNode(ctx, peerID, token)
-	if errors.Is(err, coordinator.ErrUnauthorized) {
-		return "", fmt.Errorf("%w: %w", p2p.ErrInvalidJoinToken, err)
-	}
-	return op, err
-}
-
-func (r joinRegistry) IsJoined(peerID string) bool { return r.c.IsJoined(peerID) }
-
-// RecordDrained makes the p2p host take stopping nodes' drain reports.
-func (r joinRegistry) RecordDrained(ctx context.Context, peerID string, cps []protocol.Checkpoint) (int, error) {
-	return r.c.RecordDrained(ctx, peerID, cps)
-}
-
-var _ p2p.DrainRecorder = joinRegistry{}
 
 func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) error {
 	var level slog.Level
@@ -136,7 +114,7 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 		}
 		pc.NodeLostErr = coordinator.ErrNodeLost
 		pc.Logger = logger
-		if host, err = p2p.New(pc, joinRegistry{c}); err != nil {
+		if host, err = p2p.New(pc, c.NodeRegistry()); err != nil {
 			return fmt.Errorf("p2p host: %w", err)
 		}
 		c.SetBackend(host)
