@@ -5,6 +5,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"slices"
+
+	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
 // SamplingParams configure Sample. Use DefaultSamplingParams and override.
@@ -77,19 +79,12 @@ func newTokenPicker(vocab int) *tokenPicker {
 	return &tokenPicker{idx: make([]int32, vocab), probs: make([]float64, vocab)}
 }
 
-// logSumExp returns log Σ exp(logits) accumulated in float64.
+// logSumExp returns log Σ exp(logits) accumulated in float64 (vectorized:
+// with a 128k vocabulary the scalar loop was a third of a tiny model's
+// decode step).
 func logSumExp(logits []float32) float64 {
-	m := logits[0]
-	for _, v := range logits[1:] {
-		if v > m {
-			m = v
-		}
-	}
-	var s float64
-	for _, v := range logits {
-		s += float64(Expf(v - m))
-	}
-	return float64(m) + math.Log(s)
+	m := vmath.Max(logits)
+	return float64(m) + math.Log(vmath.SumExpShift(logits, m))
 }
 
 // pick chooses a token from logits under p and returns it with its logprob

@@ -138,6 +138,30 @@ double vm_exp_shift(float *x, long n, float shift) {
 }
 
 __attribute__((target("avx2,fma")))
+static double sum_exp_shift_avx2(const float *x, long n, float shift) {
+	__m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+	__m256 vs = _mm256_set1_ps(shift);
+	long i = 0;
+	for (; i + 8 <= n; i += 8) {
+		__m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+		s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+		s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+	}
+	double t[4];
+	_mm256_storeu_pd(t, _mm256_add_pd(s0, s1));
+	double sum = (t[0] + t[1]) + (t[2] + t[3]);
+	for (; i < n; i++) sum += exp1(x[i] - shift);
+	return sum;
+}
+
+double vm_sum_exp_shift(const float *x, long n, float shift) {
+	if (avx2()) return sum_exp_shift_avx2(x, n, shift);
+	double sum = 0;
+	for (long i = 0; i < n; i++) sum += exp1(x[i] - shift);
+	return sum;
+}
+
+__attribute__((target("avx2,fma")))
 static void scale_avx2(float *x, long n, float f) {
 	__m256 vf = _mm256_set1_ps(f);
 	long i = 0;

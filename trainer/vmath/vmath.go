@@ -48,6 +48,15 @@ func ExpShift(x []float32, shift float32) float64 {
 	return float64(C.vm_exp_shift(ptr(x), C.long(len(x)), C.float(shift)))
 }
 
+// SumExpShift returns Σ e^(x[i]−shift) in float64, leaving x unchanged
+// (a log-sum-exp over logits that are still needed).
+func SumExpShift(x []float32, shift float32) float64 {
+	if len(x) == 0 {
+		return 0
+	}
+	return float64(C.vm_sum_exp_shift(ptr(x), C.long(len(x)), C.float(shift)))
+}
+
 func need(name string, n, rows, cols, ld int) {
 	if rows == 0 || cols == 0 {
 		return

@@ -37,7 +37,16 @@ func TestExpShiftSIMDAndTail(t *testing.T) {
 		}
 		orig := append([]float32(nil), x...)
 		const shift = 3.5
+		sumRO := SumExpShift(x, shift)
+		for i := range x {
+			if x[i] != orig[i] && !(x[i] != x[i]) {
+				t.Fatalf("SumExpShift wrote x[%d]", i)
+			}
+		}
 		sum := ExpShift(x, shift)
+		if sumRO != sum {
+			t.Fatalf("n=%d: SumExpShift %v, ExpShift's sum %v", n, sumRO, sum)
+		}
 		var want float64
 		for i, v := range orig {
 			w := math.Exp(float64(v - shift))
