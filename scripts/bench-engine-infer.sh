@@ -18,7 +18,8 @@
 # run. Figures are noisy on a shared machine: the load average is printed.
 # Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (3), SIGNAL_BIN;
 # BEFORE_BIN=path/to/older/signal adds that build ("go-before", GOMAXPROCS
-# 2) to every round, for before/after figures under the same load.
+# 2) to every round, for before/after figures under the same load;
+# ONLY=regex runs just the rows whose "name prefill" matches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
@@ -40,6 +41,7 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 # bench NAME DIR PREFILL DECODE BATCH REPEATS
 bench() {
   local name=$1 dir=$2 pre=$3 dec=$4 batch=$5 rep=$6
+  [[ "$name $pre" =~ ${ONLY:-.} ]] || return 0
   local results="" r gp ob req
   req=$(printf '{"cmd":"bench","model":"%s","threads_list":[1,2],"prefill_tokens":%d,"decode_tokens":%d,"decode_batch":%d,"repeats":%d}' \
         "$dir" "$pre" "$dec" "$batch" "$rep")

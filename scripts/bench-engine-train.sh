@@ -15,7 +15,8 @@
 # shared machine: the load average is printed.
 # Env: SIGNAL_PYTHON (default /usr/bin/python3), STEPS (3), REPS (2),
 # SIGNAL_BIN; BEFORE_BIN=path/to/older/signal adds that build ("go-before",
-# GOMAXPROCS 2) to every round, for before/after figures under the same load.
+# GOMAXPROCS 2) to every round, for before/after figures under the same load;
+# ONLY=regex runs just the rows whose name matches (and skips the memory row).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
@@ -36,6 +37,7 @@ TINY=$("$PY" -c 'import json;print(json.dumps(json.load(open("trainer/testdata/t
 # row NAME PY_CONFIG BATCH SEQ GO_ARGS...
 row() {
   local name=$1 cfg=$2 batch=$3 seq=$4; shift 4
+  [[ "$name" =~ ${ONLY:-.} ]] || return 0
   local results="" r i gp ob req
   req="{\"config\":$cfg,\"batch\":$batch,\"seq\":$seq,\"rank\":8,\"steps\":$STEPS,\"threads_list\":[1,2]}"
   for r in $(seq "$REPS"); do
@@ -97,6 +99,7 @@ row "tiny-sp 8x128" "$TINY" 8 128 --model trainer/testdata/tiny-sp
 row "smollm-135m 1x256" "$SMOL" 1 256 --shape smollm-135m
 row "smollm-135m 4x256" "$SMOL" 4 256 --shape smollm-135m
 
+[ -z "${ONLY:-}" ] || exit 0
 mem=$("$BIN" model bench --shape smollm-135m --sessions 8 --rank 8 --seq 256 --threads 2)
 MEM=$mem "$PY" - <<'PYEOF'
 import json, os
