@@ -16,7 +16,7 @@
 # its repeats, and the table shows the median over REPS. The machine's sgemm
 # rate (OpenBLAS, its own threads, 512^3, best of ten) is measured in each Go
 # run. Figures are noisy on a shared machine: the load average is printed.
-# Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (3), SIGNAL_BIN;
+# Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (1; 3 for medians), SIGNAL_BIN;
 # BEFORE_BIN=path/to/older/signal adds that build ("go-before", GOMAXPROCS
 # 2) to every round, for before/after figures under the same load;
 # ONLY=regex runs just the rows whose "name prefill" matches.
@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
 BIN=${SIGNAL_BIN:-bin/signal}
-REPS=${REPS:-3}
+REPS=${REPS:-1}
 if [ ! -x "$BIN" ]; then
   mkdir -p bin && go build -o bin/signal ./cmd/signal
   BIN=bin/signal

@@ -13,7 +13,7 @@
 # Also: the machine's sgemm rate, model FLOP utilisation, peak memory, and the
 # heap of 1 vs 8 sessions sharing one base model. Figures are noisy on a
 # shared machine: the load average is printed.
-# Env: SIGNAL_PYTHON (default /usr/bin/python3), STEPS (3), REPS (2),
+# Env: SIGNAL_PYTHON (default /usr/bin/python3), STEPS (3), REPS (1; 3 for medians),
 # SIGNAL_BIN; BEFORE_BIN=path/to/older/signal adds that build ("go-before",
 # GOMAXPROCS 2) to every round, for before/after figures under the same load;
 # ONLY=regex runs just the rows whose name matches (and skips the memory row).
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${SIGNAL_PYTHON:-/usr/bin/python3}
 STEPS=${STEPS:-3}
-REPS=${REPS:-2}
+REPS=${REPS:-1}
 BIN=${SIGNAL_BIN:-bin/signal}
 if [ ! -x "$BIN" ]; then
   BIN=$(mktemp -d)/signal
