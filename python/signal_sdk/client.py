@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from . import __version__
 from .errors import (
     ResponseTooLargeError,
+    TooLargeError,
     SignalConnectionError,
     SignalError,
     error_from_response,
@@ -43,6 +44,10 @@ DEFAULT_MIN_BACKOFF_S = 0.25
 # client for hours.
 DEFAULT_MAX_BACKOFF_S = 30.0
 DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
+# The coordinator's default body limit. A server answers a larger body with
+# 413 and closes the connection while urllib is still sending, which urllib
+# reports as a broken pipe, so the SDK checks the size before sending.
+DEFAULT_MAX_REQUEST_BYTES = 32 << 20
 _MAX_ERROR_BODY_BYTES = 64 << 10
 
 Json = Dict[str, Any]
@@ -121,6 +126,7 @@ class SignalClient:
         min_backoff: float = DEFAULT_MIN_BACKOFF_S,
         max_backoff: float = DEFAULT_MAX_BACKOFF_S,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         if api_key is None:
             api_key = os.environ.get("SIGNAL_API_KEY", "")
@@ -150,6 +156,9 @@ class SignalClient:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.max_response_bytes = max_response_bytes
+        if max_request_bytes <= 0:
+            raise ValueError("max_request_bytes %r: want > 0" % max_request_bytes)
+        self.max_request_bytes = max_request_bytes
         self.user_agent = "signal-python/%s" % __version__
         # A loopback testnet must not go through an HTTP proxy from the environment.
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback(u.hostname or "") else []
@@ -172,6 +181,15 @@ class SignalClient:
         """Sends one logical call, retrying 429/503 and refused connections."""
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode("utf-8")
         full_path = API_PREFIX + path
+        if data is not None and len(data) > self.max_request_bytes:
+            raise TooLargeError(
+                "%s %s: request body of %d bytes is over the limit of %d bytes: "
+                "split the batch into smaller calls" % (method, full_path, len(data), self.max_request_bytes),
+                status=413,
+                code="too_large",
+                method=method,
+                path=full_path,
+            )
         headers = {"Accept": "application/json", "User-Agent": self.user_agent}
         if data is not None:
             headers["Content-Type"] = "application/json"

@@ -1,0 +1,177 @@
+"""The Python SDK against a real testnet: the signal binary's in-process
+network (1 coordinator, 1 node, the embedded signal-tiny model).
+
+Needs $SIGNAL_BIN (make test-python sets it to bin/signal). Without it the
+tests skip, except under CI=true, where they fail.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from signal_sdk import (  # noqa: E402
+    ConflictError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    NotFoundError,
+    SignalClient,
+    TooLargeError,
+    UnauthorizedError,
+    UnknownModelError,
+)
+
+BIN = os.environ.get("SIGNAL_BIN", "")
+MODEL = "signal-tiny"
+
+
+def setUpModule():
+    global NET, TMP, LOG
+    if not BIN or not os.access(BIN, os.X_OK):
+        msg = "SIGNAL_BIN is not an executable signal binary (make test-python sets it)"
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(msg)
+        raise unittest.SkipTest(msg)
+    TMP = tempfile.mkdtemp(prefix="signal-pytest-")
+    LOG = log = open(os.path.join(TMP, "testnet.log"), "wb")
+    NET = subprocess.Popen(
+        [BIN, "testnet", "--in-process", "--coordinators", "1", "--nodes", "1", "--dir", TMP],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    path = os.path.join(TMP, "testnet.json")
+    deadline = time.time() + 180
+    while not os.path.exists(path):
+        if NET.poll() is not None or time.time() > deadline:
+            tearDownModule()
+            with open(os.path.join(TMP, "testnet.log"), errors="replace") as f:
+                raise RuntimeError("testnet did not start:\n" + f.read()[-2000:])
+        time.sleep(0.2)
+
+
+def tearDownModule():
+    NET.terminate()
+    try:
+        NET.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        NET.kill()
+        NET.wait()
+    LOG.close()
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+def testnet():
+    with open(os.path.join(TMP, "testnet.json")) as f:
+        return json.load(f)
+
+
+class TestRealTestnet(unittest.TestCase):
+    def setUp(self):
+        self.client = SignalClient.from_testnet(os.path.join(TMP, "testnet.json"), max_retries=10)
+
+    def test_train_sample_save_load(self):
+        run = self.client.create_run(MODEL, lora_rank=8, seed=1)
+        self.addCleanup(run.close)
+        batch = ["The cat sat on the mat.", ("Question: What color is the sky?\nAnswer:", " The sky is blue.")]
+        losses = []
+        for _ in range(8):
+            fb = run.forward_backward(batch)
+            self.assertGreater(fb["tokens"], 0)
+            self.assertGreater(fb["cost"]["credits"], 0)
+            losses.append(fb["loss_mean"])
+            st = run.optim_step(learning_rate=5e-3)
+        self.assertEqual(st["step"], 8)
+        self.assertLess(losses[-1], losses[0] / 2, "loss did not fall: %r" % losses)
+        out = run.sample("The cat sat", max_tokens=8, temperature=0.0)
+        sample = out["samples"][0][0]
+        self.assertEqual(len(sample["tokens"]), len(sample["logprobs"]))
+        self.assertIn(sample["stop_reason"], ("length", "stop"))
+        saved = run.save_state(mode="full")["checkpoint"]
+        self.assertEqual(saved["step"], 8)
+        self.assertEqual(sorted(f["name"] for f in saved["files"])[:2], ["adapter_config.json", "adapter_model.safetensors"])
+        # Train on, then go back to the checkpoint: the loss is the saved one again.
+        fb_saved = run.forward(batch)["loss_mean"]
+        run.forward_backward(batch)
+        run.optim_step(learning_rate=5e-3)
+        run.load_state(saved["id"])
+        self.assertAlmostEqual(run.forward(batch)["loss_mean"], fb_saved, places=4)
+        metrics = run.metrics()
+        self.assertGreaterEqual(len(metrics), 8)
+
+    def test_tokenize(self):
+        ids = self.client.tokenize(MODEL, "Hello world")
+        self.assertTrue(ids and all(isinstance(i, int) for i in ids))
+
+    def test_unauthorized(self):
+        bad = SignalClient("sk-not-a-key", testnet()["coordinators"][0])
+        with self.assertRaises(UnauthorizedError) as cm:
+            bad.account()
+        self.assertEqual(cm.exception.status, 401)
+
+    def test_unknown_model_lists_supported(self):
+        with self.assertRaises(UnknownModelError) as cm:
+            self.client.create_run("no-such-model", lora_rank=8)
+        self.assertEqual(cm.exception.status, 400)
+        self.assertIn(MODEL, cm.exception.message)
+
+    def test_invalid_token_ids_name_the_field(self):
+        run = self.client.create_run(MODEL, lora_rank=8)
+        self.addCleanup(run.close)
+        datum = {"model_input": {"tokens": [1, 10**9]},
+                 "loss_fn_inputs": {"target_tokens": [2, 3], "weights": [1.0, 1.0]}}
+        with self.assertRaises(InvalidRequestError) as cm:
+            run.forward_backward([datum])
+        self.assertEqual(cm.exception.status, 400)
+        self.assertIn("tokens", cm.exception.message)
+        # The rejected call changed nothing: there are no gradients to step on.
+        with self.assertRaises(InvalidRequestError):
+            run.optim_step(learning_rate=1e-3)
+
+    def test_not_found(self):
+        with self.assertRaises(NotFoundError) as cm:
+            self.client.get_run("run_does_not_exist")
+        self.assertEqual(cm.exception.status, 404)
+
+    def test_ended_run_conflicts(self):
+        run = self.client.create_run(MODEL, lora_rank=8)
+        run.close()
+        with self.assertRaises(ConflictError) as cm:
+            run.forward_backward(["The cat sat on the mat."])
+        self.assertEqual(cm.exception.status, 409)
+
+    def test_insufficient_balance(self):
+        tn = testnet()
+        key = self.client.create_key(tn["admin_token"], credits=1)
+        poor = SignalClient(key["api_key"], tn["coordinators"][0])
+        with self.assertRaises(InsufficientBalanceError) as cm:
+            run = poor.create_run(MODEL, lora_rank=8)
+            self.addCleanup(run.close)
+            run.forward_backward(["The cat sat on the mat. " * 20])
+        self.assertEqual(cm.exception.status, 402)
+        self.assertIn("balance", cm.exception.message)
+
+    def test_body_too_large(self):
+        run = self.client.create_run(MODEL, lora_rank=8)
+        self.addCleanup(run.close)
+        # The SDK refuses a body over the coordinator's limit before sending
+        # it: a server answers 413 mid-upload and closes the connection,
+        # which urllib would report as a broken pipe.
+        with self.assertRaises(TooLargeError) as cm:
+            run.forward_backward(["x" * (40 << 20)])
+        self.assertEqual(cm.exception.status, 413)
+        self.assertIn("over the limit of %d bytes" % (32 << 20), cm.exception.message)
+        # Under the SDK's limit but over a server's: the server's own 413.
+        small = SignalClient.from_testnet(os.path.join(TMP, "testnet.json"), max_request_bytes=64 << 20)
+        with self.assertRaises(TooLargeError) as cm:
+            small.run(run.id).forward_backward(["x" * ((32 << 20) + 100)])
+        self.assertEqual(cm.exception.status, 413)
+
+
+if __name__ == "__main__":
+    unittest.main()
