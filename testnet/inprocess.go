@@ -114,39 +114,36 @@ func (t *InProcess) NodeIndex(peerID string) int {
 // KillNode crashes node i: its host closes without draining or
 // checkpointing, as if the process died.
 func (t *InProcess) KillNode(i int) error {
-	t.mu.Lock()
-	if i < 0 || i >= len(t.nodes) {
-		t.mu.Unlock()
-		return fmt.Errorf("%w: node index %d: have %d nodes", ErrInvalidConfig, i, len(t.nodes))
+	n, err := t.takeNode(i)
+	if n != nil {
+		n.Kill()
 	}
-	if t.killed[i] {
-		t.mu.Unlock()
-		return nil
-	}
-	t.killed[i] = true
-	n := t.nodes[i]
-	t.mu.Unlock()
-	n.Kill()
-	return nil
+	return err
 }
 
 // StopNode stops node i gracefully: its running calls finish, its open
 // sessions are checkpointed and reported to the coordinators, and it leaves.
 func (t *InProcess) StopNode(i int) error {
+	n, err := t.takeNode(i)
+	if n == nil {
+		return err
+	}
+	return n.Stop()
+}
+
+// takeNode marks node i as gone (Stop skips it) and returns it, or nil when
+// it was gone already.
+func (t *InProcess) takeNode(i int) (*Node, error) {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	if i < 0 || i >= len(t.nodes) {
-		t.mu.Unlock()
-		return fmt.Errorf("%w: node index %d: have %d nodes", ErrInvalidConfig, i, len(t.nodes))
+		return nil, fmt.Errorf("%w: node index %d: have %d nodes", ErrInvalidConfig, i, len(t.nodes))
 	}
 	if t.killed[i] {
-		t.mu.Unlock()
-		return nil
+		return nil, nil
 	}
-	// Stop below leaves the node as a killed one would: gone, not stopped again.
 	t.killed[i] = true
-	n := t.nodes[i]
-	t.mu.Unlock()
-	return n.Stop()
+	return t.nodes[i], nil
 }
 
 // Stop stops nodes (gracefully, except killed ones) and then coordinators.
