@@ -20,23 +20,8 @@ func parseDecoder(raw json.RawMessage) (decoder, error) {
 	}
 	switch typ {
 	case "Sequence":
-		var s struct {
-			Decoders []json.RawMessage `json:"decoders"`
-		}
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return nil, fmt.Errorf("%w: Sequence: %w", ErrInvalidInput, err)
-		}
-		var seq decoderSeq
-		for i, r := range s.Decoders {
-			d, err := parseDecoder(r)
-			if err != nil {
-				return nil, fmt.Errorf("decoders[%d]: %w", i, err)
-			}
-			if d != nil {
-				seq = append(seq, d)
-			}
-		}
-		return seq, nil
+		seq, err := parseSequence(raw, "decoders", parseDecoder)
+		return decoderSeq(seq), err
 	case "ByteLevel":
 		return byteLevelDecoder{}, nil
 	case "Replace":

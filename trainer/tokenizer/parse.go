@@ -333,3 +333,30 @@ func (t *Tokenizer) parseTemplate(raw json.RawMessage) ([]templatePiece, error) 
 	}
 	return out, nil
 }
+
+// parseSequence parses the stages of a Sequence component (a normalizer,
+// pre-tokenizer or decoder) listed under key, dropping null stages.
+func parseSequence[T comparable](raw json.RawMessage, key string, parse func(json.RawMessage) (T, error)) ([]T, error) {
+	var s map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return nil, fmt.Errorf("%w: Sequence: %w", ErrInvalidInput, err)
+	}
+	var stages []json.RawMessage
+	if list, ok := s[key]; ok && !isNull(list) {
+		if err := json.Unmarshal(list, &stages); err != nil {
+			return nil, fmt.Errorf("%w: Sequence %s: %w", ErrInvalidInput, key, err)
+		}
+	}
+	var zero T
+	var seq []T
+	for i, r := range stages {
+		stage, err := parse(r)
+		if err != nil {
+			return nil, fmt.Errorf("%s[%d]: %w", key, i, err)
+		}
+		if stage != zero {
+			seq = append(seq, stage)
+		}
+	}
+	return seq, nil
+}
