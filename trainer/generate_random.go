@@ -65,20 +65,7 @@ func GenerateRandomModel(dir string, cfg Config, seed int64, tokenizerDir string
 		return fmt.Errorf("generate model: %w", err)
 	}
 	rng := rand.New(rand.NewPCG(uint64(seed), 0x52414e444f4d)) // "RANDOM"
-	normal := func(n int) []float32 {
-		s := make([]float32, n)
-		for i := range s {
-			s[i] = float32(rng.NormFloat64() * 0.02)
-		}
-		return s
-	}
-	ones := func(n int) []float32 {
-		s := make([]float32, n)
-		for i := range s {
-			s[i] = 1
-		}
-		return s
-	}
+	normal := func(n int) []float32 { return randomWeights(rng, n) }
 	hid, inter := cfg.HiddenSize, cfg.IntermediateSize
 	hd, kvd := cfg.NumAttentionHeads*cfg.HeadDim, cfg.NumKeyValueHeads*cfg.HeadDim
 	var ts []safetensors.Tensor
@@ -127,4 +114,23 @@ func GenerateRandomModel(dir string, cfg Config, seed int64, tokenizerDir string
 		}
 	}
 	return nil
+}
+
+// randomWeights returns n weights drawn from N(0, 0.02²), the initialisation
+// Hugging Face gives Llama's linear layers.
+func randomWeights(rng *rand.Rand, n int) []float32 {
+	s := make([]float32, n)
+	for i := range s {
+		s[i] = float32(rng.NormFloat64() * 0.02)
+	}
+	return s
+}
+
+// ones returns n weights of 1, a norm's initial scale.
+func ones(n int) []float32 {
+	s := make([]float32, n)
+	for i := range s {
+		s[i] = 1
+	}
+	return s
 }

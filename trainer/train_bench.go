@@ -31,20 +31,7 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 		return nil, err
 	}
 	rng := rand.New(rand.NewPCG(seed, 1))
-	fill := func(n int) []float32 {
-		s := make([]float32, n)
-		for i := range s {
-			s[i] = float32(rng.NormFloat64() * 0.02)
-		}
-		return s
-	}
-	ones := func(n int) []float32 {
-		s := make([]float32, n)
-		for i := range s {
-			s[i] = 1
-		}
-		return s
-	}
+	fill := func(n int) []float32 { return randomWeights(rng, n) }
 	H, I := cfg.HiddenSize, cfg.IntermediateSize
 	AD := cfg.NumAttentionHeads * cfg.HeadDim
 	m := &Model{cfg: cfg, dir: "random", InvFreq: cfg.InvFreq()}
