@@ -13,40 +13,10 @@ Standard library only (Python >= 3.9)::
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
-    ConflictError,
-    ForbiddenError,
-    InsufficientBalanceError,
-    InternalError,
-    InvalidRequestError,
-    NotFoundError,
-    RateLimitedError,
-    ResponseTooLargeError,
-    SignalConnectionError,
-    SignalError,
-    TooLargeError,
-    UnauthorizedError,
-    UnavailableError,
-    UnknownModelError,
-)
+from . import errors as _errors  # noqa: E402
+from .errors import *  # noqa: E402,F401,F403  (every exception, listed in errors.__all__)
 from .client import SignalClient, SignalRun, datum_from_tokens  # noqa: E402
 
-__all__ = [
-    "SignalClient",
-    "SignalRun",
-    "datum_from_tokens",
-    "SignalError",
-    "InvalidRequestError",
-    "UnknownModelError",
-    "UnauthorizedError",
-    "InsufficientBalanceError",
-    "ForbiddenError",
-    "NotFoundError",
-    "ConflictError",
-    "TooLargeError",
-    "RateLimitedError",
-    "UnavailableError",
-    "InternalError",
-    "SignalConnectionError",
-    "ResponseTooLargeError",
+__all__ = ["SignalClient", "SignalRun", "datum_from_tokens"] + [
+    name for name in _errors.__all__ if name != "error_from_response"
 ]
