@@ -625,7 +625,7 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		r.Run.Step = u.Optim.Step
 		r.PendingLoss, r.PendingTokens, r.PendingWeight = nil, 0, 0
 	}
-	r.Run.Spent += u.AddSpent
+	r.Run.Spent = ledger.SaturatingAdd(r.Run.Spent, u.AddSpent)
 	return &r, nil
 }
 

@@ -59,7 +59,10 @@ func SplitCharge(amount int64, feeBasisPoints int) (Split, error) {
 type AccountState struct {
 	Name    string `json:"name"`
 	Balance int64  `json:"balance"`
-	// Spent is the total this account has paid in charges.
+	// Spent is the total this account has paid in charges. Like Earned it
+	// is a lifetime statistic, not money: credits can cycle between
+	// accounts without bound, so it saturates at math.MaxInt64 instead of
+	// overflowing or refusing a charge the balances allow.
 	Spent int64 `json:"spent"`
 	// Earned is the total this account has received from charges.
 	Earned int64 `json:"earned"`
@@ -119,6 +122,15 @@ func (l *Ledger) Total() int64 { return l.total }
 
 // Minted is the sum of all mints; Total always equals Minted.
 func (l *Ledger) Minted() int64 { return l.minted }
+
+// SaturatingAdd adds a non-negative b to a, stopping at math.MaxInt64: for
+// lifetime statistics that must never overflow or refuse a valid charge.
+func SaturatingAdd(a, b int64) int64 {
+	if s, ok := addChecked(a, b); ok {
+		return s
+	}
+	return math.MaxInt64
+}
 
 func addChecked(a, b int64) (int64, bool) {
 	if b > 0 && a > math.MaxInt64-b {
@@ -189,16 +201,16 @@ func (l *Ledger) Charge(user, operator, fee string, split Split) error {
 	}
 	u := l.account(user)
 	u.Balance -= split.Total
-	u.Spent += split.Total
+	u.Spent = SaturatingAdd(u.Spent, split.Total)
 	if split.Operator > 0 {
 		o := l.account(operator)
 		o.Balance += split.Operator
-		o.Earned += split.Operator
+		o.Earned = SaturatingAdd(o.Earned, split.Operator)
 	}
 	if split.Fee > 0 {
 		f := l.account(fee)
 		f.Balance += split.Fee
-		f.Earned += split.Fee
+		f.Earned = SaturatingAdd(f.Earned, split.Fee)
 	}
 	return nil
 }

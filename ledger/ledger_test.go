@@ -78,7 +78,7 @@ func TestPropertyInvariants(t *testing.T) {
 		}
 		return true
 	}
-	if err := quick.Check(prop, &quick.Config{MaxCount: 500}); err != nil {
+	if err := quick.Check(prop, &quick.Config{MaxCount: 5000}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -191,5 +191,35 @@ func TestRestoreRoundTripAndCorruption(t *testing.T) {
 	bad := append(l.Accounts(), AccountState{Name: "c", Balance: -1})
 	if _, err := Restore(bad, l.Minted()-1); !errors.Is(err, ErrInvariant) {
 		t.Fatalf("restore with negative balance: %v, want ErrInvariant", err)
+	}
+}
+
+// TestLifetimeCountersSaturate is the case a random run found: credits that
+// cycle between two accounts through charges grow Earned and Spent past the
+// total in existence. The counters must stop at MaxInt64 while the charges,
+// which the balances allow, keep going through.
+func TestLifetimeCountersSaturate(t *testing.T) {
+	l := New()
+	const big = math.MaxInt64 - 10
+	if err := l.Mint("a", big); err != nil {
+		t.Fatal(err)
+	}
+	payer, payee := "a", "b"
+	for i := range 3 {
+		if err := l.Charge(payer, payee, "fee", Split{Total: big, Operator: big}); err != nil {
+			t.Fatalf("charge %d: %v", i, err)
+		}
+		if err := l.Check(); err != nil {
+			t.Fatalf("after charge %d: %v", i, err)
+		}
+		payer, payee = payee, payer
+	}
+	a, _ := l.Account("a")
+	b, _ := l.Account("b")
+	if a.Spent != math.MaxInt64 || a.Earned != big || b.Spent != big || b.Earned != math.MaxInt64 {
+		t.Fatalf("counters a %+v b %+v: want the twice-hit ones saturated at MaxInt64", a, b)
+	}
+	if b.Balance != big || a.Balance != 0 {
+		t.Fatalf("balances a %d b %d, want 0 and %d", a.Balance, b.Balance, int64(big))
 	}
 }
