@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"testing"
 )
@@ -33,16 +34,21 @@ func BenchmarkPrefill135M(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	toks := testTokens(256, cfg.VocabSize, 1)
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		ws := m.GetArena()
-		if _, err := m.Forward(context.Background(), ws, NewBatch([][]int{toks}), ForwardOptions{}); err != nil {
-			b.Fatal(err)
-		}
-		m.PutArena(ws)
+	AcquireSingleThreadBLAS() // as Sample and BenchInfer do
+	defer ReleaseSingleThreadBLAS()
+	for _, T := range []int{128, 512} {
+		toks := testTokens(T, cfg.VocabSize, 1)
+		b.Run(fmt.Sprintf("T=%d", T), func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				ws := m.GetArena()
+				if _, err := m.Forward(context.Background(), ws, NewBatch([][]int{toks}), ForwardOptions{}); err != nil {
+					b.Fatal(err)
+				}
+				m.PutArena(ws)
+			}
+			b.ReportMetric(float64(T*b.N)/b.Elapsed().Seconds(), "tokens/s")
+		})
 	}
-	b.ReportMetric(float64(256*b.N)/b.Elapsed().Seconds(), "tokens/s")
 }
 
 func TestExpf(t *testing.T) {

@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"context"
+	"fmt"
 	"math/rand"
 	"testing"
 )
@@ -18,15 +19,23 @@ func BenchmarkTrainStep135M(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	data := randomData(rand.New(rand.NewSource(3)), m.Config().VocabSize, 256)
-	ctx := context.Background()
-	for i := 0; i < b.N; i++ {
-		if _, err := s.ForwardBackward(ctx, data, LossCrossEntropy, nil); err != nil {
-			b.Fatal(err)
+	for _, batch := range []int{1, 4} {
+		lens := make([]int, batch)
+		for i := range lens {
+			lens[i] = 256
 		}
-		if _, err := s.OptimStep(ctx, adamLR(1e-4)); err != nil {
-			b.Fatal(err)
-		}
+		data := randomData(rand.New(rand.NewSource(3)), m.Config().VocabSize, lens...)
+		ctx := context.Background()
+		b.Run(fmt.Sprintf("%dx256", batch), func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				if _, err := s.ForwardBackward(ctx, data, LossCrossEntropy, nil); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := s.OptimStep(ctx, adamLR(1e-4)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(batch*256*b.N)/b.Elapsed().Seconds(), "tokens/s")
+		})
 	}
-	b.ReportMetric(float64(256*b.N)/b.Elapsed().Seconds(), "tokens/s")
 }
