@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -443,9 +444,10 @@ func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usa
 		return nil, usage, fmt.Errorf("%s: %w", protocol.CallSample, err)
 	}
 	w := workerSample{NumSamples: req.NumSamples, SamplingParams: req.SamplingParams}
-	// Stop strings are applied here, on decoded text: the worker has no
-	// tokenizer. It stops on token ids (the model's and tokenizer's EOS).
-	w.SamplingParams.Stop = nil
+	// The worker stops on token ids (the model's and the tokenizer's EOS)
+	// and ends rows early on stop strings it can see in token bytes
+	// (worker/signal_worker/stopbytes.py); the cut itself is made here, on
+	// exactly decoded text (applyStop).
 	for i, p := range req.Prompts {
 		switch {
 		case len(p.Tokens) > 0 && p.Text != "":
@@ -493,24 +495,31 @@ func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usa
 
 // applyStop decodes a sample's text and cuts it at the first stop string:
 // tokens keep the one that completed the stop string, text ends before it.
+// That token is found by binary search over prefix decodes (whether a
+// prefix's text holds a stop string only changes once, from no to yes), so
+// a long sample costs O(n log n), not a decode per token.
 func applyStop(tok *tokenizer.Tokenizer, smp *protocol.Sample, stops []string) {
-	if len(stops) > 0 {
-		for k := 1; k <= len(smp.Tokens); k++ {
-			text := tok.Decode(smp.Tokens[:k], true)
-			cut := -1
-			for _, st := range stops {
-				if i := strings.Index(text, st); i >= 0 && (cut < 0 || i < cut) {
-					cut = i
-				}
-			}
-			if cut >= 0 {
-				smp.Tokens = smp.Tokens[:k]
-				smp.Logprobs = smp.Logprobs[:k]
-				smp.Text = text[:cut]
-				smp.StopReason = "stop"
-				return
+	first := func(text string) int {
+		cut := -1
+		for _, st := range stops {
+			if i := strings.Index(text, st); i >= 0 && (cut < 0 || i < cut) {
+				cut = i
 			}
 		}
+		return cut
 	}
-	smp.Text = tok.Decode(smp.Tokens, true)
+	text := tok.Decode(smp.Tokens, true)
+	if len(stops) == 0 || first(text) < 0 {
+		smp.Text = text
+		return
+	}
+	k := sort.Search(len(smp.Tokens), func(k int) bool { return first(tok.Decode(smp.Tokens[:k+1], true)) >= 0 }) + 1
+	if k > len(smp.Tokens) || first(tok.Decode(smp.Tokens[:k], true)) < 0 {
+		k = len(smp.Tokens) // a decoder whose prefixes disagree: cut the full text
+	}
+	text = tok.Decode(smp.Tokens[:k], true)
+	smp.Tokens = smp.Tokens[:k]
+	smp.Logprobs = smp.Logprobs[:k]
+	smp.Text = text[:first(text)]
+	smp.StopReason = "stop"
 }

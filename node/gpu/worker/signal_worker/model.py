@@ -15,7 +15,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import safetensors
+from . import safetensors, stopbytes
 
 # The module names LoRA may target, as PEFT spells them, and where each lives.
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -161,7 +161,16 @@ class Model:
             w[name] = t.to(device=dev, dtype=dtype)
         m = cls(cfg, w, dev, dtype, name=os.path.basename(os.path.normpath(dir_)))
         m._check()
+        m.dir = dir_
         return m
+
+    def token_bytes(self):
+        """The tokenizer's per-token bytes for stop strings (stopbytes), read
+        once per model on first use; None without a usable tokenizer.json."""
+        if not hasattr(self, "_token_bytes"):
+            d = getattr(self, "dir", None)
+            self._token_bytes = stopbytes.TokenBytes.load(d) if d else None
+        return self._token_bytes
 
     def _check(self):
         c = self.cfg

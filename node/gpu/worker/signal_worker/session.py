@@ -423,21 +423,30 @@ class Session:
         if not isinstance(stop_tokens, list) or not all(isinstance(t, int) for t in stop_tokens):
             raise InvalidInput("stop_tokens: want a list of token ids")
         stop_tokens = list(default_stop_tokens) + stop_tokens
+        # Stop strings: the node cuts the text exactly; the worker ends rows
+        # early when the tokenizer lets it see them (stopbytes).
+        stop = sp.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+            raise InvalidInput(f"sampling_params.stop = {stop!r}: want a list of non-empty strings")
         seed = sp.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InvalidInput(f"sampling_params.seed = {seed!r}: want an integer")
         with torch.no_grad():
             rows = self._generate([p for p in ptoks for _ in range(n)], mx, float(temp), top_k,
-                                  float(top_p), set(stop_tokens), seed)
+                                  float(top_p), set(stop_tokens), seed, stop)
         samples = [rows[i * n:(i + 1) * n] for i in range(len(ptoks))]
         usage = {"prefill_tokens": sum(len(p) for p in ptoks) * n,
                  "sampled_tokens": sum(len(r["tokens"]) for r in rows)}
         return {"samples": samples}, usage
 
-    def _generate(self, prompts, max_tokens, temp, top_k, top_p, stops, seed):
+    def _generate(self, prompts, max_tokens, temp, top_k, top_p, stops, seed, stop_strings=()):
         model = self.model
         dev = model.device
         r = len(prompts)
+        tb = model.token_bytes() if stop_strings else None
+        scan = [tb.scanner(stop_strings) for _ in range(r)] if tb else None
         plen = max(len(p) for p in prompts)
         # Left-pad so every row's next token lands in the same cache slot.
         pad = torch.tensor([plen - len(p) for p in prompts], device=dev)
@@ -486,7 +495,7 @@ class Session:
                     continue
                 out[i].append(tl[i])
                 lps[i].append(ll[i])
-                if tl[i] in stops:
+                if tl[i] in stops or (scan and scan[i].feed(tl[i])):
                     done[i] = True
                     reason[i] = "stop"
             if all(done) or s == max_tokens - 1:
