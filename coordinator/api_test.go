@@ -393,3 +393,27 @@ func TestAPIMetricsLossMeanIsWeighted(t *testing.T) {
 		t.Fatalf("step loss_mean %v over %d tokens; forward_backward returned %v", got, ms.Metrics[0].Tokens, means)
 	}
 }
+
+// TestAPIBurstOfRunsSpreadsAcrossNodes: nodes advertise every few seconds,
+// so runs created in a burst all see the same adverts. Placement must count
+// the runs the registry has already put on each node, or every run of the
+// burst lands on the node that looked emptiest.
+func TestAPIBurstOfRunsSpreadsAcrossNodes(t *testing.T) {
+	c, _ := startOne(t, func(cfg *Config) {
+		live := cfg.Backend.(*fakeBackend)
+		stale := live.NodesFn() // the adverts as they stood before the burst: no sessions
+		cfg.Backend = &fakeBackend{NodesFn: func() []protocol.Node { return stale }, DoFn: live.DoFn}
+	})
+	key, _ := createKey(t, c.URL(), 1_000_000)
+	per := map[string]int{}
+	for i := 0; i < 6; i++ {
+		r := do(t, "POST", c.URL()+"/v1/runs", key, map[string]any{"base_model": "tiny"})
+		mustStatus(t, r, 201)
+		var run protocol.Run
+		r.decode(t, &run)
+		per[run.Node]++
+	}
+	if per["nodeA"] != 3 || per["nodeB"] != 3 {
+		t.Fatalf("runs per node %v, want 3 on each", per)
+	}
+}

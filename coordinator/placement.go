@@ -12,8 +12,14 @@ import (
 // joined, not excluded, with an engine backend up, a free session slot and the memory the model
 // needs (or the model already loaded); nodes with the model loaded first,
 // then the least loaded. It fails with ErrNoCapacity.
+//
+// A node's session count is the larger of its last advert's and the
+// registry's active runs placed on it: adverts come every few seconds, so a
+// burst of new runs counted from adverts alone would all land on the node
+// that looked emptiest, past its session limit.
 func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.Node, error) {
 	var joined map[string]bool
+	assigned := map[string]int{}
 	nodes := c.nodesBackend().Nodes()
 	c.fsm.read(func(s *State) {
 		joined = make(map[string]bool, len(nodes))
@@ -22,12 +28,18 @@ func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.
 				joined[n.PeerID] = true
 			}
 		}
+		for _, r := range s.ActiveRuns() {
+			if r.Run.Node != "" {
+				assigned[r.Run.Node]++
+			}
+		}
 	})
-	return placeOn(nodes, model, func(id string) bool { return joined[id] && !exclude[id] })
+	return placeOn(nodes, model, assigned, func(id string) bool { return joined[id] && !exclude[id] })
 }
 
 // placeOn is the placement rule, without the coordinator (tests drive it).
-func placeOn(nodes []protocol.Node, model ModelSpec, eligible func(peerID string) bool) (protocol.Node, error) {
+// assigned counts the registry's active runs per node.
+func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, eligible func(peerID string) bool) (protocol.Node, error) {
 	type cand struct {
 		n      protocol.Node
 		loaded bool
@@ -43,16 +55,17 @@ func placeOn(nodes []protocol.Node, model ModelSpec, eligible func(peerID string
 		if len(n.Backends) == 0 {
 			continue
 		}
-		if n.MaxSessions > 0 && n.Sessions >= n.MaxSessions {
+		sessions := max(n.Sessions, assigned[n.PeerID])
+		if n.MaxSessions > 0 && sessions >= n.MaxSessions {
 			continue
 		}
 		loaded := slices.Contains(n.Models, model.Name)
 		if !loaded && !fits(n, model.MemoryBytes) {
 			continue
 		}
-		load := float64(n.Sessions)
+		load := float64(sessions)
 		if n.MaxSessions > 0 {
-			load = float64(n.Sessions) / float64(n.MaxSessions)
+			load = float64(sessions) / float64(n.MaxSessions)
 		}
 		cs = append(cs, cand{n: n, loaded: loaded, load: load})
 	}

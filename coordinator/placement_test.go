@@ -22,17 +22,22 @@ func TestPlaceOn(t *testing.T) {
 		nodes    []protocol.Node
 		eligible func(string) bool
 		want     string // "" = ErrNoCapacity
+		assigned map[string]int
 	}{
-		{"least loaded", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 2 }), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b"},
-		{"model loaded first", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 3; n.Models = []string{"tiny"} }), node("b", nil)}, all, "a"},
-		{"no backend skipped", []protocol.Node{node("a", func(n *protocol.Node) { n.Backends = nil; n.Models = []string{"tiny"} }), node("b", func(n *protocol.Node) { n.Sessions = 3 })}, all, "b"},
-		{"only nodes without a backend", []protocol.Node{node("a", func(n *protocol.Node) { n.Backends = nil })}, all, ""},
-		{"full", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 4 })}, all, ""},
-		{"too little memory", []protocol.Node{node("a", func(n *protocol.Node) { n.CPU.MemoryTotal = 1 << 20 })}, all, ""},
-		{"excluded", []protocol.Node{node("a", nil), node("b", nil)}, func(id string) bool { return id != "a" }, "b"},
+		{"least loaded", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 2 }), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b", nil},
+		{"model loaded first", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 3; n.Models = []string{"tiny"} }), node("b", nil)}, all, "a", nil},
+		{"no backend skipped", []protocol.Node{node("a", func(n *protocol.Node) { n.Backends = nil; n.Models = []string{"tiny"} }), node("b", func(n *protocol.Node) { n.Sessions = 3 })}, all, "b", nil},
+		{"only nodes without a backend", []protocol.Node{node("a", func(n *protocol.Node) { n.Backends = nil })}, all, "", nil},
+		{"full", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 4 })}, all, "", nil},
+		{"too little memory", []protocol.Node{node("a", func(n *protocol.Node) { n.CPU.MemoryTotal = 1 << 20 })}, all, "", nil},
+		{"excluded", []protocol.Node{node("a", nil), node("b", nil)}, func(id string) bool { return id != "a" }, "b", nil},
+		// Runs placed since the last advert count: a looks empty but holds 2.
+		{"registry runs count", []protocol.Node{node("a", nil), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b", map[string]int{"a": 2}},
+		{"registry full", []protocol.Node{node("a", nil)}, all, "", map[string]int{"a": 4}},
+		{"advert above registry", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 3 }), node("b", nil)}, all, "b", map[string]int{"a": 1, "b": 2}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			got, err := placeOn(c.nodes, model, c.eligible)
+			got, err := placeOn(c.nodes, model, c.assigned, c.eligible)
 			if c.want == "" {
 				if !errors.Is(err, ErrNoCapacity) {
 					t.Fatalf("placed on %q (err %v), want ErrNoCapacity", got.PeerID, err)
