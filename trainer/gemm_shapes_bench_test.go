@@ -9,7 +9,7 @@ import (
 
 // BenchmarkGemmShapes measures single-threaded OpenBLAS sgemm on the 135M
 // shape's products (what each worker of a split runs), to see which shapes
-// lose rate:
+// lose rate and how close the 128-token prefill's come to the core's peak:
 //
 //	go test ./trainer -run x -bench GemmShapes
 func BenchmarkGemmShapes(b *testing.B) {
@@ -19,6 +19,11 @@ func BenchmarkGemmShapes(b *testing.B) {
 		m, n, k int
 	}
 	shapes := []shape{
+		// A 128-token prefill's products, one worker's half of the columns.
+		{"qkv-prefill128", false, true, 128, 480, 576},
+		{"o-prefill128", false, true, 128, 288, 576},
+		{"gateup-prefill128", false, true, 128, 1536, 576},
+		{"down-prefill128", false, true, 128, 288, 1536},
 		{"qkv-fwd", false, true, 256, 960, 576},
 		{"gateup-fwd", false, true, 256, 3072, 576},
 		{"down-fwd", false, true, 256, 576, 1536},
