@@ -25,40 +25,17 @@ import json
 import math
 import os
 import resource
-import struct
 import sys
 import time
 
-import numpy as np
 import torch
+
+# The inference reference beside this file (its directory is sys.path[0]
+# when run as a script) reads safetensors and rotates halves the same way.
+from llama_ref import read_safetensors, rotate_half
 
 MODULES_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MODULES_MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        raw = f.read()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        s, e = info["data_offsets"]
-        buf = raw[base + s:base + e]
-        dt = info["dtype"]
-        if dt == "F32":
-            a = np.frombuffer(buf, dtype="<f4").astype(np.float32)
-        elif dt == "F16":
-            a = np.frombuffer(buf, dtype="<f2").astype(np.float32)
-        elif dt == "BF16":
-            a = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            raise ValueError("unsupported dtype %s for %s" % (dt, name))
-        out[name] = torch.from_numpy(a.reshape(info["shape"]).copy())
-    return out
 
 
 def rope_tables(cfg, n, dtype):
@@ -81,11 +58,6 @@ def rope_tables(cfg, n, dtype):
     ang = torch.arange(n, dtype=torch.float32)[:, None] * inv[None, :]
     emb = torch.cat([ang, ang], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
 class Llama:
