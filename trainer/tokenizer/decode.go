@@ -25,18 +25,11 @@ func parseDecoder(raw json.RawMessage) (decoder, error) {
 	case "ByteLevel":
 		return byteLevelDecoder{}, nil
 	case "Replace":
-		var r struct {
-			Pattern patternJSON `json:"pattern"`
-			Content string      `json:"content"`
-		}
-		if err := json.Unmarshal(raw, &r); err != nil {
-			return nil, fmt.Errorf("%w: Replace: %w", ErrInvalidInput, err)
-		}
-		old, err := r.Pattern.literal("decoder Replace")
+		old, repl, err := parseReplace(raw, "decoder")
 		if err != nil {
 			return nil, err
 		}
-		return replaceDecoder{old: old, new: r.Content}, nil
+		return replaceDecoder{old: old, new: repl}, nil
 	case "ByteFallback":
 		return byteFallbackDecoder{}, nil
 	case "Fuse":

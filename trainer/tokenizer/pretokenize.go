@@ -73,18 +73,11 @@ func parseNormalizer(raw json.RawMessage) (normalizer, error) {
 		}
 		return prependNormalizer(p.Prepend), nil
 	case "Replace":
-		var r struct {
-			Pattern patternJSON `json:"pattern"`
-			Content string      `json:"content"`
-		}
-		if err := json.Unmarshal(raw, &r); err != nil {
-			return nil, fmt.Errorf("%w: Replace: %w", ErrInvalidInput, err)
-		}
-		old, err := r.Pattern.literal("normalizer Replace")
+		old, repl, err := parseReplace(raw, "normalizer")
 		if err != nil {
 			return nil, err
 		}
-		return replaceNormalizer{old: old, new: r.Content}, nil
+		return replaceNormalizer{old: old, new: repl}, nil
 	case "NFC":
 		return unicodeNormalizer{norm.NFC}, nil
 	case "NFD":
@@ -623,4 +616,18 @@ func (d digitsPre) preTokenize(pieces []string, _ int) []string {
 		}
 	}
 	return out
+}
+
+// parseReplace reads a Replace step (normalizer or decoder: the same JSON)
+// whose pattern must be a literal string.
+func parseReplace(raw json.RawMessage, kind string) (old, repl string, err error) {
+	var r struct {
+		Pattern patternJSON `json:"pattern"`
+		Content string      `json:"content"`
+	}
+	if err := json.Unmarshal(raw, &r); err != nil {
+		return "", "", fmt.Errorf("%w: Replace: %w", ErrInvalidInput, err)
+	}
+	old, err = r.Pattern.literal(kind + " Replace")
+	return old, r.Content, err
 }
