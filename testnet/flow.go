@@ -129,6 +129,8 @@ func bringUp(ctx context.Context, p *plan, l launcher) (*Info, error) {
 			Models:        p.models,
 			NodeLostAfter: p.cfg.NodeLostAfter,
 			NodeTTL:       p.cfg.NodeTTL,
+			RatePerSecond: p.cfg.RatePerSecond,
+			RateBurst:     p.cfg.RateBurst,
 		}
 		if i > 0 {
 			spec.Join = info.Coordinators[0]

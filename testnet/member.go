@@ -29,6 +29,10 @@ type CoordinatorSpec struct {
 	// NodeLostAfter and NodeTTL are the failover timings (see Config).
 	NodeLostAfter time.Duration `json:"node_lost_after"`
 	NodeTTL       time.Duration `json:"node_ttl"`
+	// RatePerSecond and RateBurst are each API key's token bucket (0: the
+	// testnet's defaults).
+	RatePerSecond float64 `json:"rate_per_second,omitempty"`
+	RateBurst     int     `json:"rate_burst,omitempty"`
 }
 
 // Coordinator is a running coordinator member: raft, the API and the
@@ -58,7 +62,10 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 	cfg.Models = spec.Models
 	cfg.Logger = log
 	// The testnet's key is used by examples and tests in tight loops.
-	cfg.RatePerSecond, cfg.RateBurst = 1000, 2000
+	cfg.RatePerSecond, cfg.RateBurst = DefaultConfig().RatePerSecond, DefaultConfig().RateBurst
+	if spec.RatePerSecond > 0 && spec.RateBurst > 0 {
+		cfg.RatePerSecond, cfg.RateBurst = spec.RatePerSecond, spec.RateBurst
+	}
 	if spec.NodeLostAfter > 0 {
 		cfg.NodeLostAfter = spec.NodeLostAfter
 	}

@@ -217,6 +217,8 @@ func TestConfigValidate(t *testing.T) {
 		"negative credits": {func(c *Config) { c.Credits = -1 }, "credits -1"},
 		"no sessions":      {func(c *Config) { c.MaxSessions = 0 }, "max sessions 0"},
 		"zero timings":     {func(c *Config) { c.NodeLostAfter = 0 }, "node lost after 0s"},
+		"zero rate":        {func(c *Config) { c.RatePerSecond = 0 }, "rate 0/s"},
+		"zero burst":       {func(c *Config) { c.RateBurst = 0 }, "burst 0"},
 		"unknown engine":   {func(c *Config) { c.Engine = "warp" }, `engine "warp"`},
 		"bad storage":      {func(c *Config) { c.StorageURL = "ftp://x/y" }, `storage "ftp://x/y"`},
 		"no models":        {func(c *Config) { c.NoDefaultModel = true }, "no models"},

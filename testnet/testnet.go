@@ -63,6 +63,11 @@ type Config struct {
 	// NodeTTL is how long a node stays listed after its last advert (the
 	// coordinators' p2p setting).
 	NodeTTL time.Duration
+	// RatePerSecond and RateBurst are each API key's token bucket on the
+	// coordinators. The defaults are generous (examples call in tight
+	// loops); lower them to see how a client meets 429s.
+	RatePerSecond float64
+	RateBurst     int
 	// AdvertInterval is how often nodes advertise (0: the node's default).
 	AdvertInterval time.Duration
 	// ReadyTimeout bounds start-up: leader election, joins, node adverts.
@@ -87,6 +92,8 @@ func DefaultConfig() Config {
 		MaxSessions:   8,
 		NodeLostAfter: coordinator.DefaultConfig().NodeLostAfter,
 		NodeTTL:       p2p.DefaultConfig().NodeTTL,
+		RatePerSecond: 1000,
+		RateBurst:     2000,
 		ReadyTimeout:  2 * time.Minute,
 		Engine:        "native",
 	}
@@ -107,6 +114,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: max sessions %d: must be at least 1", ErrInvalidConfig, c.MaxSessions)
 	case c.NodeLostAfter <= 0 || c.NodeTTL <= 0 || c.ReadyTimeout <= 0 || c.AdvertInterval < 0:
 		return fmt.Errorf("%w: node lost after %v, node ttl %v, ready timeout %v, advert interval %v: must be positive", ErrInvalidConfig, c.NodeLostAfter, c.NodeTTL, c.ReadyTimeout, c.AdvertInterval)
+	case c.RatePerSecond <= 0 || c.RateBurst < 1:
+		return fmt.Errorf("%w: rate %v/s, burst %d: must be positive", ErrInvalidConfig, c.RatePerSecond, c.RateBurst)
 	case c.NoDefaultModel && len(c.Models) == 0:
 		return fmt.Errorf("%w: models: %w: give --model NAME=DIR or keep the default", ErrInvalidConfig, errNoModels)
 	}

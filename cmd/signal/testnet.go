@@ -60,6 +60,8 @@ DIR/logs; each start is a fresh network (the model and checkpoints stay).`,
 	f.Int64Var(&cfg.Credits, "credits", cfg.Credits, "micro-credits on the minted API key")
 	f.StringVar(&cfg.Engine, "engine", cfg.Engine, "node engine")
 	f.DurationVar(&cfg.NodeLostAfter, "node-lost-after", cfg.NodeLostAfter, "how long a run's node may be silent before the run moves")
+	f.Float64Var(&cfg.RatePerSecond, "rate", cfg.RatePerSecond, "requests per second per API key (lower it to see a client meet 429s)")
+	f.IntVar(&cfg.RateBurst, "burst", cfg.RateBurst, "burst per API key")
 	f.DurationVar(&cfg.ReadyTimeout, "ready-timeout", cfg.ReadyTimeout, "how long to wait for the network to come up")
 	f.BoolVar(&inProcess, "in-process", false, "run every member inside this process instead of child processes")
 	cmd.AddCommand(newTestnetMemberCmd(), newTestnetStopCmd())

@@ -21,6 +21,7 @@ from signal_sdk import (  # noqa: E402
     InsufficientBalanceError,
     InvalidRequestError,
     NotFoundError,
+    RateLimitedError,
     SignalClient,
     TooLargeError,
     UnauthorizedError,
@@ -41,7 +42,10 @@ def setUpModule():
     TMP = tempfile.mkdtemp(prefix="signal-pytest-")
     LOG = log = open(os.path.join(TMP, "testnet.log"), "wb")
     NET = subprocess.Popen(
-        [BIN, "testnet", "--in-process", "--coordinators", "1", "--nodes", "1", "--dir", TMP],
+        # --rate/--burst: low enough that test_rate_limited_then_retried
+        # can run out its own key's bucket, high enough for the other tests.
+        [BIN, "testnet", "--in-process", "--coordinators", "1", "--nodes", "1", "--dir", TMP,
+         "--rate", "100", "--burst", "200"],
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
@@ -155,6 +159,25 @@ class TestRealTestnet(unittest.TestCase):
             run.forward_backward(["The cat sat on the mat. " * 20])
         self.assertEqual(cm.exception.status, 402)
         self.assertIn("balance", cm.exception.message)
+
+    def test_rate_limited_then_retried(self):
+        # This testnet's bucket (setUpModule): 200 calls of burst per key,
+        # 100 per second after. 1000 calls in a row cannot all fit (even at
+        # 4 ms each they take 4 s: 200 + 400 tokens), so a client that does
+        # not retry meets the 429 with the Retry-After the server sent.
+        tn = testnet()
+        key = self.client.create_key(tn["admin_token"], credits=1000)["api_key"]
+        eager = SignalClient(key, tn["coordinators"][0], max_retries=0)
+        with self.assertRaises(RateLimitedError) as cm:
+            for _ in range(1000):
+                eager.account()
+        self.assertEqual(cm.exception.status, 429)
+        self.assertIsNotNone(cm.exception.retry_after)
+        self.assertGreater(cm.exception.retry_after, 0)
+        # With retries the SDK waits as told and the same calls go through.
+        patient = SignalClient(key, tn["coordinators"][0], max_retries=10)
+        for _ in range(20):
+            self.assertEqual(patient.account()["balance"], 1000)
 
     def test_body_too_large(self):
         run = self.client.create_run(MODEL, lora_rank=8)
