@@ -25,6 +25,7 @@ from signal_sdk import (  # noqa: E402
     SignalClient,
     TooLargeError,
     UnauthorizedError,
+    UnavailableError,
     UnknownModelError,
 )
 
@@ -178,6 +179,25 @@ class TestRealTestnet(unittest.TestCase):
         patient = SignalClient(key, tn["coordinators"][0], max_retries=10)
         for _ in range(20):
             self.assertEqual(patient.account()["balance"], 1000)
+
+    def test_full_network_is_unavailable(self):
+        # One node with 8 session slots (the testnet's default): the ninth
+        # open run finds no node, a 503 with Retry-After; closing one frees
+        # its slot.
+        eager = SignalClient.from_testnet(os.path.join(TMP, "testnet.json"), max_retries=0)
+        runs = []
+        try:
+            with self.assertRaises(UnavailableError) as cm:
+                for _ in range(9):
+                    runs.append(eager.create_run(MODEL, lora_rank=8))
+            self.assertEqual(cm.exception.status, 503)
+            self.assertEqual(len(runs), 8)
+            self.assertIsNotNone(cm.exception.retry_after)
+            runs.pop().close()
+            runs.append(eager.create_run(MODEL, lora_rank=8))
+        finally:
+            for r in runs:
+                r.close()
 
     def test_body_too_large(self):
         run = self.client.create_run(MODEL, lora_rank=8)
