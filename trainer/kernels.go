@@ -162,6 +162,12 @@ func CausalAttention(out []float32, ldOut int, qkv []float32, L int, a AttnDims,
 	}
 }
 
+// attnBlockRows is the query block of CausalAttentionHead: a block of rows
+// scores only the keys it can see, so a prompt of 4 blocks computes 10 of
+// the 16 blocks of the score matrix (and of P·V). Smaller blocks skip more
+// but make smaller, slower GEMMs.
+const attnBlockRows = 128
+
 // CausalAttentionHead is CausalAttention for head h alone, with probs its
 // [L, L] block; heads are independent, so they can run concurrently.
 func CausalAttentionHead(out []float32, ldOut int, qkv []float32, L int, a AttnDims, h int, probs []float32) {
@@ -171,7 +177,14 @@ func CausalAttentionHead(out []float32, ldOut int, qkv []float32, L int, a AttnD
 	q := qkv[h*a.D:]
 	k := qkv[(a.H+g)*a.D:]
 	v := qkv[(a.H+a.KV+g)*a.D:]
-	blas.Sgemm(false, true, L, L, a.D, scale, q, ld, k, ld, 0, probs, L)
-	vmath.CausalSoftmax(probs, L, L, nil, 0)
-	blas.Sgemm(false, false, L, a.D, L, 1, probs, L, v, ld, 0, out[h*a.D:], ldOut)
+	for r0 := 0; r0 < L; r0 += attnBlockRows {
+		r1 := min(L, r0+attnBlockRows) // rows [r0, r1) see keys [0, r1)
+		n, p := r1-r0, probs[r0*L:]
+		blas.Sgemm(false, true, n, r1, a.D, scale, q[r0*ld:], ld, k, ld, 0, p, L)
+		vmath.CausalSoftmaxRows(p, n, r0, r1, L)
+		for i := 0; i < n && r1 < L; i++ {
+			clear(p[i*L+r1 : (i+1)*L]) // keys past the block: probability 0
+		}
+		blas.Sgemm(false, false, n, a.D, r1, 1, p, L, v, ld, 0, out[r0*ldOut+h*a.D:], ldOut)
+	}
 }

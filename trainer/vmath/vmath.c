@@ -179,15 +179,20 @@ static void scale(float *x, long n, float f) {
 
 // ---- causal softmax of an [L, L] score block ----
 
-void vm_causal_softmax(float *s, long L, long ld, float *lse, long lse_stride) {
-	for (long i = 0; i < L; i++) {
+void vm_causal_softmax_rows(float *s, long rows, long off, long width, long ld, float *lse, long lse_stride) {
+	for (long i = 0; i < rows; i++) {
 		float *row = s + i * ld;
-		float m = vm_max(row, i + 1);
-		double sum = vm_exp_shift(row, i + 1, m);
-		scale(row, i + 1, (float)(1.0 / sum));
-		if (i + 1 < L) memset(row + i + 1, 0, (size_t)(L - i - 1) * sizeof(float));
+		long n = off + i + 1; // row off+i sees keys 0..off+i
+		float m = vm_max(row, n);
+		double sum = vm_exp_shift(row, n, m);
+		scale(row, n, (float)(1.0 / sum));
+		if (n < width) memset(row + n, 0, (size_t)(width - n) * sizeof(float));
 		if (lse) lse[i * lse_stride] = m + (float)log(sum);
 	}
+}
+
+void vm_causal_softmax(float *s, long L, long ld, float *lse, long lse_stride) {
+	vm_causal_softmax_rows(s, L, 0, L, ld, lse, lse_stride);
 }
 
 void vm_causal_exp(float *s, long L, long ld, const float *lse, long lse_stride) {

@@ -86,6 +86,23 @@ func CausalSoftmax(s []float32, L, ld int, lse []float32, lseStride int) {
 	C.vm_causal_softmax(ptr(s), C.long(L), C.long(ld), lp, C.long(lseStride))
 }
 
+// CausalSoftmaxRows is CausalSoftmax for rows [off, off+rows) of a larger
+// causal score matrix, given as a [rows, width] block (row stride ld) that
+// holds those rows' scores against keys [0, width): row i's softmax runs
+// over columns [0, off+i] and zeros the rest of the block. A blocked
+// attention computes only the keys a block of queries can see (width =
+// off+rows) instead of every row against every key.
+func CausalSoftmaxRows(s []float32, rows, off, width, ld int) {
+	if rows == 0 {
+		return
+	}
+	if off < 0 || width < off+rows {
+		panic(fmt.Sprintf("vmath: CausalSoftmaxRows: rows %d from %d need width >= %d, have %d", rows, off, off+rows, width))
+	}
+	need("s", len(s), rows, width, ld)
+	C.vm_causal_softmax_rows(ptr(s), C.long(rows), C.long(off), C.long(width), C.long(ld), nil, 0)
+}
+
 // CausalExp rebuilds causal probabilities in place from raw scores s and
 // each row's log-sum-exp: s[i][j] = e^(s[i][j] − lse[i·lseStride]) for
 // j ≤ i, 0 after.

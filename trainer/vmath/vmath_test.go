@@ -182,3 +182,40 @@ func TestShapeErrorsPanic(t *testing.T) {
 		}()
 	}
 }
+
+// TestCausalSoftmaxRowsMatchesFull: a block of rows [off, off+rows) against
+// keys [0, width) gives those rows of the full causal softmax, zeros after
+// each row's last key, and leaves columns past width alone.
+func TestCausalSoftmaxRowsMatchesFull(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	const L = 23
+	full := make([]float32, L*L)
+	for i := range full {
+		full[i] = float32(rng.NormFloat64() * 4)
+	}
+	raw := append([]float32(nil), full...)
+	CausalSoftmax(full, L, L, nil, 0)
+	for _, b := range []struct{ off, rows, width int }{{0, 5, 5}, {5, 7, 12}, {12, 11, 23}, {3, 4, 20}} {
+		s := append([]float32(nil), raw[b.off*L:]...) // rows from off, stride L
+		CausalSoftmaxRows(s, b.rows, b.off, b.width, L)
+		for i := 0; i < b.rows; i++ {
+			for j := 0; j < L; j++ {
+				got := s[i*L+j]
+				switch {
+				case j >= b.width:
+					if got != raw[(b.off+i)*L+j] {
+						t.Fatalf("%+v row %d: column %d past the block written", b, i, j)
+					}
+				case math.Abs(float64(got-full[(b.off+i)*L+j])) > 1e-6:
+					t.Fatalf("%+v p[%d][%d] = %v, full softmax %v", b, b.off+i, j, got, full[(b.off+i)*L+j])
+				}
+			}
+		}
+	}
+	defer func() {
+		if recover() == nil {
+			t.Fatal("a block narrower than its last row's keys did not panic")
+		}
+	}()
+	CausalSoftmaxRows(make([]float32, 4*8), 4, 5, 8, 8)
+}
