@@ -40,16 +40,13 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	base := c.URL()
 	key, acct := createKey(t, base, 1_000_000)
 
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny", "lora_rank": 8, "checkpoint_every": 2})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 8, "checkpoint_every": 2})
 	if run.Status != protocol.RunReady || run.Node == "" || run.LoRARank != 8 || len(run.TargetModules) != 7 {
 		t.Fatalf("created run %+v", run)
 	}
 
 	// forward_backward over 100 tokens at 1000 µcredits/1K = 100.
-	r = do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(100))
+	r := do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(100))
 	mustStatus(t, r, 200)
 	var fb protocol.ForwardBackwardResponse
 	r.decode(t, &fb)
@@ -137,10 +134,7 @@ func TestAPIErrors(t *testing.T) {
 	base := c.URL()
 	key, _ := createKey(t, base, 50)
 	other, _ := createKey(t, base, 1000)
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny"})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny"})
 	runURL := base + "/v1/runs/" + run.ID
 
 	tests := []struct {
@@ -292,17 +286,14 @@ func TestAPINodeLostMovesRunFromCheckpoint(t *testing.T) {
 	c, fnet := startOne(t, nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny", "checkpoint_every": 2})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "checkpoint_every": 2})
 	url := base + "/v1/runs/" + run.ID
 	for i := 0; i < 3; i++ { // steps 1..3; automatic checkpoint at step 2
 		mustStatus(t, do(t, "POST", url+"/optim_step", key, nil), 200)
 	}
 	lost := run.Node
 	fnet.setDown(lost, true)
-	r = do(t, "POST", url+"/optim_step", key, nil)
+	r := do(t, "POST", url+"/optim_step", key, nil)
 	mustStatus(t, r, 503)
 	if r.header.Get("Retry-After") == "" {
 		t.Fatal("503 without Retry-After")
@@ -359,10 +350,7 @@ func TestAPIMetricsLossMeanIsWeighted(t *testing.T) {
 	c, _ := startOne(t, nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny"})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny"})
 	url := base + "/v1/runs/" + run.ID
 
 	// Two calls in one step: 10 tokens of which the first 6 are prompt
@@ -373,7 +361,7 @@ func TestAPIMetricsLossMeanIsWeighted(t *testing.T) {
 	}
 	var means []float64
 	for _, body := range []protocol.ForwardBackwardRequest{prompt, fbBody(4)} {
-		r = do(t, "POST", url+"/forward_backward", key, body)
+		r := do(t, "POST", url+"/forward_backward", key, body)
 		mustStatus(t, r, 200)
 		var fb protocol.ForwardBackwardResponse
 		r.decode(t, &fb)
@@ -407,11 +395,7 @@ func TestAPIBurstOfRunsSpreadsAcrossNodes(t *testing.T) {
 	key, _ := createKey(t, c.URL(), 1_000_000)
 	per := map[string]int{}
 	for i := 0; i < 6; i++ {
-		r := do(t, "POST", c.URL()+"/v1/runs", key, map[string]any{"base_model": "tiny"})
-		mustStatus(t, r, 201)
-		var run protocol.Run
-		r.decode(t, &run)
-		per[run.Node]++
+		per[createRun(t, c.URL(), key, map[string]any{"base_model": "tiny"}).Node]++
 	}
 	if per["nodeA"] != 3 || per["nodeB"] != 3 {
 		t.Fatalf("runs per node %v, want 3 on each", per)

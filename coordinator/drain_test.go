@@ -17,10 +17,7 @@ func TestDrainedCheckpointIsResumedFrom(t *testing.T) {
 	c, fnet := startOne(t, nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny", "checkpoint_every": 4})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "checkpoint_every": 4})
 	url := base + "/v1/runs/" + run.ID
 	for i := 0; i < 7; i++ { // steps 1..7: automatic checkpoint at 4, 3 steps past it
 		mustStatus(t, do(t, "POST", url+"/optim_step", key, nil), 200)
@@ -94,10 +91,7 @@ func TestDrainedCheckpointThroughFollower(t *testing.T) {
 	joinNodes(t, leader, "operator-1", "nodeA", "nodeB")
 	base := leader.URL()
 	key, _ := createKey(t, base, 1_000_000)
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny", "checkpoint_every": 0})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "checkpoint_every": 0})
 	url := base + "/v1/runs/" + run.ID
 	for i := 0; i < 3; i++ {
 		mustStatus(t, do(t, "POST", url+"/optim_step", key, nil), 200)

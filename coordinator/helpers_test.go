@@ -392,3 +392,13 @@ func (c *Coordinator) charge(ctx context.Context, account string, credits int64,
 }
 
 var _ = raft.Leader
+
+// createRun creates a run with body as the POST /v1/runs request, requiring 201.
+func createRun(t *testing.T, base, key string, body map[string]any) protocol.Run {
+	t.Helper()
+	r := do(t, "POST", base+"/v1/runs", key, body)
+	mustStatus(t, r, 201)
+	var run protocol.Run
+	r.decode(t, &run)
+	return run
+}

@@ -20,10 +20,7 @@ func TestUIMountedBesideTheAPI(t *testing.T) {
 	})
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
-	r := do(t, "POST", base+"/v1/runs", key, map[string]any{"base_model": "tiny", "name": "ui-run"})
-	mustStatus(t, r, 201)
-	var run protocol.Run
-	r.decode(t, &run)
+	createRun(t, base, key, map[string]any{"base_model": "tiny", "name": "ui-run"})
 
 	page := func(path, key string) (int, string) {
 		t.Helper()
@@ -51,7 +48,7 @@ func TestUIMountedBesideTheAPI(t *testing.T) {
 	if status, body := page("/dashboard", ""); status != 401 || !strings.Contains(body, "<form") {
 		t.Fatalf("GET /dashboard without a key: status %d:\n%.300s", status, body)
 	}
-	r = do(t, "GET", base+"/no/such/page", "", nil)
+	r := do(t, "GET", base+"/no/such/page", "", nil)
 	if r.status != 404 || r.errCode(t) != protocol.CodeNotFound {
 		t.Fatalf("unknown path: %d %s", r.status, r.body)
 	}

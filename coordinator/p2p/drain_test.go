@@ -41,23 +41,9 @@ func (r *drainRegistry) got(peerID string) []protocol.Checkpoint {
 // checkpoint it saved while draining, before it leaves; another node
 // resumes the run from exactly that step.
 func TestGracefulStopReportsDrainCheckpoints(t *testing.T) {
-	store := t.TempDir()
 	reg := &drainRegistry{fakeRegistry: newRegistry(), reports: map[string][]protocol.Checkpoint{}}
-	coord := startCoordinator(t, reg)
-	a, _ := startNode(t, coord, nodeOpts{token: "good-token", storageURL: "file://" + store})
-	b, _ := startNode(t, coord, nodeOpts{token: "good-token", storageURL: "file://" + store})
-	waitFor(t, 10*time.Second, "both nodes listed", func() bool { return len(coord.Nodes()) == 2 })
-
-	c := &caller{t: t, coord: coord, node: a.PeerID(), run: "run-d"}
-	spec := protocol.SessionSpec{RunID: "run-d", BaseModel: "tiny", LoRARank: 8, CheckpointEvery: 4}
-	c.ok(protocol.CallInit, spec, nil)
-	var auto *protocol.Checkpoint
-	for i := 0; i < 7; i++ {
-		c.ok(protocol.CallForwardBackward, protocol.ForwardBackwardRequest{Data: []protocol.Datum{datum(4)}}, nil)
-		if r := c.ok(protocol.CallOptimStep, protocol.OptimStepRequest{}, nil); r.Checkpoint != nil {
-			auto = r.Checkpoint
-		}
-	}
+	m := startMovingRun(t, reg, "run-d", 4, 7)
+	a, b, c, spec, auto := m.a, m.b, m.c, m.spec, m.auto
 	if auto == nil || auto.Step != 4 {
 		t.Fatalf("last automatic checkpoint = %+v, want step 4", auto)
 	}

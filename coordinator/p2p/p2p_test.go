@@ -362,24 +362,40 @@ func TestCheckpointToMinIO(t *testing.T) {
 	}
 }
 
-func TestNodeLostAndResumeElsewhere(t *testing.T) {
-	store := t.TempDir()
-	reg := newRegistry()
-	coord := startCoordinator(t, reg)
-	a, _ := startNode(t, coord, nodeOpts{token: "good-token", storageURL: "file://" + store})
-	b, _ := startNode(t, coord, nodeOpts{token: "good-token", storageURL: "file://" + store})
-	waitFor(t, 10*time.Second, "both nodes listed", func() bool { return len(coord.Nodes()) == 2 })
+// movingRun is a run trained on node a of two nodes that share checkpoint
+// storage, ready to move to b: the failover and drain tests start from it.
+type movingRun struct {
+	coord *p2p.Host
+	a, b  *node.Node
+	c     *caller
+	spec  protocol.SessionSpec
+	auto  *protocol.Checkpoint // the last automatic checkpoint
+}
 
-	c := &caller{t: t, coord: coord, node: a.PeerID(), run: "run-f"}
-	spec := protocol.SessionSpec{RunID: "run-f", BaseModel: "tiny", LoRARank: 8, CheckpointEvery: 2}
-	c.ok(protocol.CallInit, spec, nil)
-	var last *protocol.Checkpoint
-	for i := 0; i < 3; i++ {
-		c.ok(protocol.CallForwardBackward, protocol.ForwardBackwardRequest{Data: []protocol.Datum{datum(4)}}, nil)
-		if r := c.ok(protocol.CallOptimStep, protocol.OptimStepRequest{}, nil); r.Checkpoint != nil {
-			last = r.Checkpoint
+// startMovingRun opens run on a with a checkpoint every `every` steps and
+// trains it for `steps` steps.
+func startMovingRun(t *testing.T, reg p2p.Registry, run string, every, steps int) *movingRun {
+	t.Helper()
+	store := t.TempDir()
+	m := &movingRun{coord: startCoordinator(t, reg)}
+	m.a, _ = startNode(t, m.coord, nodeOpts{token: "good-token", storageURL: "file://" + store})
+	m.b, _ = startNode(t, m.coord, nodeOpts{token: "good-token", storageURL: "file://" + store})
+	waitFor(t, 10*time.Second, "both nodes listed", func() bool { return len(m.coord.Nodes()) == 2 })
+	m.c = &caller{t: t, coord: m.coord, node: m.a.PeerID(), run: run}
+	m.spec = protocol.SessionSpec{RunID: run, BaseModel: "tiny", LoRARank: 8, CheckpointEvery: every}
+	m.c.ok(protocol.CallInit, m.spec, nil)
+	for i := 0; i < steps; i++ {
+		m.c.ok(protocol.CallForwardBackward, protocol.ForwardBackwardRequest{Data: []protocol.Datum{datum(4)}}, nil)
+		if r := m.c.ok(protocol.CallOptimStep, protocol.OptimStepRequest{}, nil); r.Checkpoint != nil {
+			m.auto = r.Checkpoint
 		}
 	}
+	return m
+}
+
+func TestNodeLostAndResumeElsewhere(t *testing.T) {
+	m := startMovingRun(t, newRegistry(), "run-f", 2, 3)
+	coord, a, b, c, spec, last := m.coord, m.a, m.b, m.c, m.spec, m.auto
 	if last == nil || last.Step != 2 {
 		t.Fatalf("last automatic checkpoint = %+v", last)
 	}
