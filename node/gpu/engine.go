@@ -514,12 +514,18 @@ func applyStop(tok *tokenizer.Tokenizer, smp *protocol.Sample, stops []string) {
 		return
 	}
 	k := sort.Search(len(smp.Tokens), func(k int) bool { return first(tok.Decode(smp.Tokens[:k+1], true)) >= 0 }) + 1
-	if k > len(smp.Tokens) || first(tok.Decode(smp.Tokens[:k], true)) < 0 {
-		k = len(smp.Tokens) // a decoder whose prefixes disagree: cut the full text
+	cut := -1
+	if k <= len(smp.Tokens) {
+		prefix := tok.Decode(smp.Tokens[:k], true)
+		if cut = first(prefix); cut >= 0 {
+			text = prefix
+		}
 	}
-	text = tok.Decode(smp.Tokens[:k], true)
+	if cut < 0 { // a decoder whose prefixes disagree: cut the full text
+		k, cut = len(smp.Tokens), first(text)
+	}
 	smp.Tokens = smp.Tokens[:k]
 	smp.Logprobs = smp.Logprobs[:k]
-	smp.Text = text[:first(text)]
+	smp.Text = text[:cut]
 	smp.StopReason = "stop"
 }
