@@ -186,7 +186,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
 		rmsNormPar(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
-		m.linear(gt, la.QKV, qkvd, la.XN1, hid, w.WQKV, T, hid, qkvd, 0)
+		m.linear(gt, la.QKV, qkvd, la.XN1, hid, w.WQKV, w.pQKV, T, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*ad.D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {
@@ -213,14 +213,14 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
 			}
 		}
-		m.linear(gt, la.H, hid, la.Attn, hd, w.WO, T, hd, hid, 1)
+		m.linear(gt, la.H, hid, la.Attn, hd, w.WO, w.pO, T, hd, hid, 1)
 		if lora != nil && lora.Targets(ModO) {
 			addLoRA(la.H, hid, 0, la.Attn, hd, T, lora, l, ModO, la.U[ModO])
 		}
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
 		rmsNormPar(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
-		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, T, hid, 2*inter, 0)
+		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, w.pGateUp, T, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
 				if lora.Targets(mod) {
@@ -234,7 +234,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 			next = ws.AllocDirty(T * hid)
 			copy(next, la.H)
 		}
-		m.linear(gt, next, hid, la.Act, inter, w.WDown, T, inter, hid, 1)
+		m.linear(gt, next, hid, la.Act, inter, w.WDown, w.pDown, T, inter, hid, 1)
 		if lora != nil && lora.Targets(ModDown) {
 			addLoRA(next, hid, 0, la.Act, inter, T, lora, l, ModDown, la.U[ModDown])
 		}
@@ -259,7 +259,7 @@ func (m *Model) HeadLogits(logits, hidden []float32, rows int) {
 
 // headLogits is HeadLogits for callers already holding single-thread BLAS.
 func (m *Model) headLogits(gt *gemmTask, logits, hidden []float32, rows int) {
-	m.linear(gt, logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
+	m.linear(gt, logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, m.pHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
 }
 
 // Logits returns the logits [len(tokens), vocab] of one sequence, row i

@@ -263,7 +263,7 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 	for l := range m.Layers {
 		w := &m.Layers[l]
 		RMSNorm(xn, nil, x, w.AttnNorm, B, hid, eps)
-		m.linear(&d.gt, qkv, qkvd, xn, hid, w.WQKV, B, hid, qkvd, 0)
+		m.linear(&d.gt, qkv, qkvd, xn, hid, w.WQKV, w.pQKV, B, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {
@@ -287,12 +287,12 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 				blas.Sgemm(false, false, group, D, n, 1, s, n, cache.v[off:], D, 0, attn[i*hd+g*group*D:], D)
 			}
 		}
-		m.linear(&d.gt, x, hid, attn, hd, w.WO, B, hd, hid, 1)
+		m.linear(&d.gt, x, hid, attn, hd, w.WO, w.pO, B, hd, hid, 1)
 		if lora != nil && lora.Targets(ModO) {
 			addLoRA(x, hid, 0, attn, hd, B, lora, l, ModO, d.u)
 		}
 		RMSNorm(xn, nil, x, w.MLPNorm, B, hid, eps)
-		m.linear(&d.gt, gu, 2*inter, xn, hid, w.WGateUp, B, hid, 2*inter, 0)
+		m.linear(&d.gt, gu, 2*inter, xn, hid, w.WGateUp, w.pGateUp, B, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
 				if lora.Targets(mod) {
@@ -301,7 +301,7 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 			}
 		}
 		SiluMul(act, gu, B, inter)
-		m.linear(&d.gt, x, hid, act, inter, w.WDown, B, inter, hid, 1)
+		m.linear(&d.gt, x, hid, act, inter, w.WDown, w.pDown, B, inter, hid, 1)
 		if lora != nil && lora.Targets(ModDown) {
 			addLoRA(x, hid, 0, act, inter, B, lora, l, ModDown, d.u)
 		}

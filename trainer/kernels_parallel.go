@@ -6,6 +6,7 @@ import (
 	"sync/atomic"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/packed"
 )
 
 // The inference forward uses one pool of threads, Go's: OpenBLAS runs
@@ -140,6 +141,7 @@ func siluMulPar(act, gu []float32, rows, inter int) {
 // caller (a field of a long-lived struct), so dispatch allocates nothing.
 type gemmTask struct {
 	y, x, w       []float32
+	pw            *packed.Weights // when set, chunks run on it (chunk a multiple of its panel width) instead of w
 	ldy, ldx      int
 	rows, in, out int
 	beta          float32
@@ -157,6 +159,10 @@ func (t *gemmTask) run() {
 		}
 		c0 := c * t.chunk
 		c1 := min(t.out, c0+t.chunk)
+		if t.pw != nil {
+			t.pw.MulCols(t.y, t.ldy, t.x, t.ldx, t.rows, c0, c1, t.beta)
+			continue
+		}
 		Linear(t.y[c0:], t.ldy, t.x, t.ldx, t.w[c0*t.in:], t.rows, t.in, c1-c0, t.beta)
 	}
 }
@@ -208,25 +214,42 @@ const (
 
 // linear is Linear split by output features across the model's gemmPool
 // and the calling goroutine, each chunk a single-threaded BLAS call: the
-// caller must hold AcquireSingleThreadBLAS. t is the caller's task (owned
-// by a long-lived struct so that passing it does not allocate); one task
-// serves one product at a time.
-func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, out int, beta float32) {
+// caller must hold AcquireSingleThreadBLAS. pw, when not nil, is w packed
+// at load (packWeights) and does the product instead of OpenBLAS. t is the
+// caller's task (owned by a long-lived struct so that passing it does not
+// allocate); one task serves one product at a time.
+func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed.Weights, rows, in, out int, beta float32) {
 	p := m.gemm
 	if p == nil || rows*in*out < minParallelMACs || out < 16*(p.workers+1) {
+		if pw != nil {
+			pw.Mul(y, ldy, x, ldx, rows, beta)
+			return
+		}
 		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
 		return
 	}
 	threads := p.workers + 1
-	chunk := (out + chunksPerThread*threads - 1) / (chunksPerThread * threads)
-	chunk = max(chunk, minChunkCols, minChunkMACs/max(1, rows*in))
-	chunk = (chunk + 7) &^ 7
+	var chunk int
+	if pw != nil {
+		// Whole panels, spread evenly: the packed kernel has no per-call
+		// packing of x to amortize, so chunks need not be large.
+		panels := (out + packed.PanelCols - 1) / packed.PanelCols
+		chunk = (panels + chunksPerThread*threads - 1) / (chunksPerThread * threads) * packed.PanelCols
+	} else {
+		chunk = (out + chunksPerThread*threads - 1) / (chunksPerThread * threads)
+		chunk = max(chunk, minChunkCols, minChunkMACs/max(1, rows*in))
+		chunk = (chunk + 7) &^ 7
+	}
 	chunks := (out + chunk - 1) / chunk
 	if chunks < 2 {
+		if pw != nil {
+			pw.Mul(y, ldy, x, ldx, rows, beta)
+			return
+		}
 		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
 		return
 	}
-	t.y, t.x, t.w, t.ldy, t.ldx = y, x, w, ldy, ldx
+	t.y, t.x, t.w, t.pw, t.ldy, t.ldx = y, x, w, pw, ldy, ldx
 	t.rows, t.in, t.out, t.beta = rows, in, out, beta
 	t.chunk, t.chunks = chunk, chunks
 	t.next.Store(0)

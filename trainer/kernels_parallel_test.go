@@ -2,11 +2,13 @@ package trainer
 
 import (
 	"context"
+	"math"
 	"math/rand"
 	"sync"
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/packed"
 )
 
 func TestSingleThreadBLASNests(t *testing.T) {
@@ -104,7 +106,8 @@ func TestParallelRowsCoversAll(t *testing.T) {
 // TestLinearChunksMatchOneCall: a Linear split into claimable column chunks
 // across the pool (sgemv, blocked-sgemv and sgemm paths, widths that are
 // not a multiple of the chunk) gives what one BLAS call gives, with beta 0
-// and 1.
+// and 1; so does the packed kernel's split (whole panels per chunk) where
+// the CPU runs it.
 func TestLinearChunksMatchOneCall(t *testing.T) {
 	m := &Model{gemm: newGemmPool(3)}
 	defer m.gemm.stop()
@@ -123,21 +126,44 @@ func TestLinearChunksMatchOneCall(t *testing.T) {
 			w[i] = float32(rng.NormFloat64())
 		}
 		for _, beta := range []float32{0, 1} {
-			want, got := make([]float32, rows*out), make([]float32, rows*out)
-			for i := range want {
-				want[i] = float32(i % 3)
-				got[i] = want[i]
-			}
+			want, got := linearStartY(rows*out), linearStartY(rows*out)
 			Linear(want, out, x, in, w, rows, in, out, beta)
-			m.linear(&task, got, out, x, in, w, rows, in, out, beta)
+			m.linear(&task, got, out, x, in, w, nil, rows, in, out, beta)
 			for i := range want {
 				if d := want[i] - got[i]; d > 1e-4 || d < -1e-4 {
 					t.Fatalf("%v beta %v: element %d = %v, one call gives %v", sh, beta, i, got[i], want[i])
 				}
 			}
-		}
-		if task.chunks < 2 {
-			t.Errorf("%v: not split (%d chunks); the test checks nothing", sh, task.chunks)
+			if task.chunks < 2 {
+				t.Errorf("%v: not split (%d chunks); the test checks nothing", sh, task.chunks)
+			}
+			if !packed.Available() {
+				continue
+			}
+			task.chunks = 0
+			copy(got, linearStartY(rows*out))
+			m.linear(&task, got, out, x, in, w, packed.Pack(w, out, in), rows, in, out, beta)
+			for i := range want {
+				// Its sums run in another order: agree to the f32 rounding
+				// of an in-term dot product of N(0,1) products (error
+				// grows like √in) plus rounding of the result; a wrong
+				// panel or beta is off by O(1).
+				if d := float64(want[i] - got[i]); math.Abs(d) > 1e-5*(math.Sqrt(float64(in))+math.Abs(float64(want[i]))) {
+					t.Fatalf("%v beta %v packed: element %d = %v, one call gives %v", sh, beta, i, got[i], want[i])
+				}
+			}
+			if task.chunks < 2 {
+				t.Errorf("%v packed: not split (%d chunks); the test checks nothing", sh, task.chunks)
+			}
 		}
 	}
+}
+
+// linearStartY is the y both sides of TestLinearChunksMatchOneCall start from.
+func linearStartY(n int) []float32 {
+	y := make([]float32, n)
+	for i := range y {
+		y[i] = float32(i % 3)
+	}
+	return y
 }

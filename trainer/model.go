@@ -34,9 +34,12 @@ package trainer
 
 import (
 	"fmt"
+	"os"
 	"runtime"
 	"strings"
+	"sync"
 
+	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/safetensors"
 )
 
@@ -48,6 +51,10 @@ type Layer struct {
 	MLPNorm  []float32 // [hidden]
 	WGateUp  []float32 // [2·I, hidden]
 	WDown    []float32 // [hidden, I]
+
+	// The same four projections packed for the forward (package packed), nil when
+	// the CPU lacks AVX-512F or packing is off (see packWeights).
+	pQKV, pO, pGateUp, pDown *packed.Weights
 }
 
 // Model is a loaded base model. It is read-only after LoadModel and safe for
@@ -60,6 +67,7 @@ type Model struct {
 	Norm    []float32 // [hidden]
 	LMHead  []float32 // [vocab, hidden]; aliases Embed when tied
 	InvFreq []float32 // [D/2] rotary inverse frequencies (llama3 scaling applied)
+	pHead   *packed.Weights // LMHead packed, like Layer's projections
 
 	weights  *safetensors.Set // kept open while views alias its mapping
 	mapped   bool             // some weights are views of the mapping
@@ -112,6 +120,9 @@ func LoadModel(dir string) (*Model, error) {
 	if err := m.loadWeights(); err != nil {
 		set.Close()
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	if PackedWeights() {
+		m.packWeights()
 	}
 	if !m.mapped {
 		// Everything was converted into heap copies: the mapping can go.
@@ -249,4 +260,55 @@ func (m *Model) loadWeights() error {
 	m.ownBytes = l.bytes
 	m.mapped = l.views > 0
 	return nil
+}
+
+// PackedWeights reports whether LoadModel packs the projection weights for
+// the forward: on CPUs with AVX-512F, unless SIGNAL_ENGINE_PACKED is 0,
+// false or off.
+func PackedWeights() bool {
+	switch strings.ToLower(os.Getenv("SIGNAL_ENGINE_PACKED")) {
+	case "0", "false", "off", "no":
+		return false
+	}
+	return packed.Available()
+}
+
+// packWeights gives every projection the forward runs (and the LM head) a
+// packed copy (package packed), the layers on parallel goroutines. The row-major
+// weights stay: the backward's dx = dy·W reads them with OpenBLAS, as do
+// CPUs without AVX-512F. The copy costs the projections' size again in
+// memory (about 0.54 GB on the 135M shape) and buys 20–30 % on every
+// forward product: OpenBLAS re-packs W on each call, from memory.
+func (m *Model) packWeights() {
+	c := m.cfg
+	hid, inter, hd := c.HiddenSize, c.IntermediateSize, c.NumAttentionHeads*c.HeadDim
+	jobs := make(chan int)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				if i == len(m.Layers) {
+					m.pHead = packed.Pack(m.LMHead, c.VocabSize, hid)
+					continue
+				}
+				ly := &m.Layers[i]
+				ly.pQKV = packed.Pack(ly.WQKV, c.QKVDim(), hid)
+				ly.pO = packed.Pack(ly.WO, hid, hd)
+				ly.pGateUp = packed.Pack(ly.WGateUp, 2*inter, hid)
+				ly.pDown = packed.Pack(ly.WDown, hid, inter)
+			}
+		}()
+	}
+	for i := 0; i <= len(m.Layers); i++ {
+		jobs <- i
+	}
+	close(jobs)
+	wg.Wait()
+	m.ownBytes += m.pHead.Bytes()
+	for i := range m.Layers {
+		ly := &m.Layers[i]
+		m.ownBytes += ly.pQKV.Bytes() + ly.pO.Bytes() + ly.pGateUp.Bytes() + ly.pDown.Bytes()
+	}
 }
