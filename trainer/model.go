@@ -64,9 +64,9 @@ type Model struct {
 	dir     string
 	Embed   []float32 // [vocab, hidden]
 	Layers  []Layer
-	Norm    []float32 // [hidden]
-	LMHead  []float32 // [vocab, hidden]; aliases Embed when tied
-	InvFreq []float32 // [D/2] rotary inverse frequencies (llama3 scaling applied)
+	Norm    []float32       // [hidden]
+	LMHead  []float32       // [vocab, hidden]; aliases Embed when tied
+	InvFreq []float32       // [D/2] rotary inverse frequencies (llama3 scaling applied)
 	pHead   *packed.Weights // LMHead packed, like Layer's projections
 
 	weights  *safetensors.Set // kept open while views alias its mapping
