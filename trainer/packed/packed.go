@@ -7,9 +7,9 @@
 // weights are read once per product, from memory. On the 135M shape's
 // 128-token prefill products that packing was 14 % of the prefill's time
 // (perf: sgemm_incopy) and the kernel ran at 84–91 GFLOP/s per core; with W
-// packed at load and the next panel prefetched while the current one is
-// multiplied, the same products run at 100–110 (the core's FMA peak is
-// 116). Small row counts (decode) gain more: W streams once, in order.
+// packed once, the panels stream from memory in the order the kernel reads
+// them and the same products run at 104–111 (the core's FMA peak is 116).
+// Small row counts (decode) gain more: W streams once, in order.
 //
 // The arithmetic is plain f32: each output is a sum over k in order, as in
 // OpenBLAS's kernel, so results agree with sgemm to rounding.
