@@ -49,21 +49,7 @@ func Linear(y []float32, ldy int, x []float32, ldx int, w []float32, rows, in, o
 // width dim, and when rstd is non-nil stores each row's 1/rms there (what
 // the backward needs). The mean of squares accumulates in float64.
 func RMSNorm(out, rstd, x, w []float32, rows, dim int, eps float32) {
-	for r := 0; r < rows; r++ {
-		xr := x[r*dim : (r+1)*dim]
-		var ss float64
-		for _, v := range xr {
-			ss += float64(v) * float64(v)
-		}
-		inv := float32(1 / math.Sqrt(ss/float64(dim)+float64(eps)))
-		if rstd != nil {
-			rstd[r] = inv
-		}
-		or := out[r*dim : (r+1)*dim]
-		for i, v := range xr {
-			or[i] = v * inv * w[i]
-		}
-	}
+	vmath.RMSNorm(out, rstd, x, w, rows, dim, eps)
 }
 
 // RopeTables fills cos and sin, each [len(positions), D/2], with the rotary
@@ -86,19 +72,10 @@ func RopeTables(cos, sin []float32, positions []int, invFreq []float32) {
 // layout: (x[i], x[i+d/2]) turns by row r's angle i, taken from the
 // [rows, d/2] tables. Pass a negated sin table to rotate back (the backward).
 func ApplyRope(x []float32, rows, ld, col0, nHeads, d int, cos, sin []float32) {
-	half := d / 2
-	for r := 0; r < rows; r++ {
-		cr, sr := cos[r*half:(r+1)*half], sin[r*half:(r+1)*half]
-		for h := 0; h < nHeads; h++ {
-			v := x[r*ld+col0+h*d : r*ld+col0+(h+1)*d]
-			lo, hi := v[:half], v[half:d]
-			for i := range lo {
-				a, b := lo[i], hi[i]
-				lo[i] = a*cr[i] - b*sr[i]
-				hi[i] = b*cr[i] + a*sr[i]
-			}
-		}
+	if rows == 0 {
+		return
 	}
+	vmath.Rope(x[col0:], rows, ld, nHeads, d, cos, sin)
 }
 
 // SiluMul writes act = silu(gate)·up for gu [rows, 2·inter] holding the

@@ -250,3 +250,90 @@ void vm_swiglu_rows(float *act, float *sg, const float *gu, long rows, long inte
 		}
 	}
 }
+
+// RMSNorm: out = x / sqrt(mean(x²) + eps) · w per row, the mean of squares
+// accumulated in float64 (4 lanes, then summed) as the scalar path does in
+// order; both round the same 1/rms to f32 before scaling.
+__attribute__((target("avx2,fma"))) static double sumsq_avx2(const float *x, long n) {
+	__m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+	long i = 0;
+	for (; i + 8 <= n; i += 8) {
+		__m256 v = _mm256_loadu_ps(x + i);
+		__m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+		a0 = _mm256_fmadd_pd(lo, lo, a0);
+		a1 = _mm256_fmadd_pd(hi, hi, a1);
+	}
+	double t[4];
+	_mm256_storeu_pd(t, _mm256_add_pd(a0, a1));
+	double s = (t[0] + t[1]) + (t[2] + t[3]);
+	for (; i < n; i++) s += (double)x[i] * (double)x[i];
+	return s;
+}
+
+__attribute__((target("avx2,fma"))) static void scale_mul_avx2(float *out, const float *x, const float *w, float inv, long n) {
+	__m256 iv = _mm256_set1_ps(inv);
+	long i = 0;
+	for (; i + 8 <= n; i += 8)
+		_mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), iv), _mm256_loadu_ps(w + i)));
+	for (; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+void vm_rmsnorm(float *out, float *rstd, const float *x, const float *w, long rows, long dim, float eps) {
+	for (long r = 0; r < rows; r++) {
+		const float *xr = x + r * dim;
+		float *or = out + r * dim;
+		double ss = 0;
+		if (avx2()) {
+			ss = sumsq_avx2(xr, dim);
+		} else {
+			for (long i = 0; i < dim; i++) ss += (double)xr[i] * (double)xr[i];
+		}
+		float inv = (float)(1.0 / sqrt(ss / (double)dim + (double)eps));
+		if (rstd) rstd[r] = inv;
+		if (avx2()) {
+			scale_mul_avx2(or, xr, w, inv, dim);
+			continue;
+		}
+		for (long i = 0; i < dim; i++) or[i] = xr[i] * inv * w[i];
+	}
+}
+
+// Rotary embedding in Hugging Face's rotate-half layout, in place: for each
+// row and head (d wide, halves lo and hi), lo' = lo·cos − hi·sin and
+// hi' = hi·cos + lo·sin, each product rounded before the sum as in the
+// scalar path (no FMA contraction: results match it bit for bit).
+__attribute__((target("avx2"))) static void rope_avx2(float *lo, float *hi, const float *c, const float *s, long half) {
+	long i = 0;
+	for (; i + 8 <= half; i += 8) {
+		__m256 a = _mm256_loadu_ps(lo + i), b = _mm256_loadu_ps(hi + i);
+		__m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+		_mm256_storeu_ps(lo + i, _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)));
+		_mm256_storeu_ps(hi + i, _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)));
+	}
+	for (; i < half; i++) {
+		float a = lo[i], b = hi[i];
+		float ac = a * c[i], bs = b * s[i], bc = b * c[i], as = a * s[i];
+		lo[i] = ac - bs;
+		hi[i] = bc + as;
+	}
+}
+
+void vm_rope(float *x, long rows, long ld, long nheads, long d, const float *cos, const float *sin) {
+	long half = d / 2;
+	for (long r = 0; r < rows; r++) {
+		const float *c = cos + r * half, *s = sin + r * half;
+		for (long h = 0; h < nheads; h++) {
+			float *lo = x + r * ld + h * d, *hi = lo + half;
+			if (avx2()) {
+				rope_avx2(lo, hi, c, s, half);
+				continue;
+			}
+			for (long i = 0; i < half; i++) {
+				float a = lo[i], b = hi[i];
+				float ac = a * c[i], bs = b * s[i], bc = b * c[i], as = a * s[i];
+				lo[i] = ac - bs;
+				hi[i] = bc + as;
+			}
+		}
+	}
+}

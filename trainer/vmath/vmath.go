@@ -132,3 +132,37 @@ func SwiGLU(act, sg, gu []float32, rows, inter int) {
 	}
 	C.vm_swiglu_rows(ptr(act), sp, ptr(gu), C.long(rows), C.long(inter))
 }
+
+// RMSNorm writes out = x / sqrt(mean(x²) + eps) · w for rows of x [rows,
+// dim], and when rstd is not nil stores each row's 1/rms there. The mean of
+// squares accumulates in float64.
+func RMSNorm(out, rstd, x, w []float32, rows, dim int, eps float32) {
+	if rows == 0 || dim == 0 {
+		return
+	}
+	need("x", len(x), rows, dim, dim)
+	need("out", len(out), rows, dim, dim)
+	need("w", len(w), 1, dim, dim)
+	var rp *C.float
+	if rstd != nil {
+		need("rstd", len(rstd), rows, 1, 1)
+		rp = ptr(rstd)
+	}
+	C.vm_rmsnorm(ptr(out), rp, ptr(x), ptr(w), C.long(rows), C.long(dim), C.float(eps))
+}
+
+// Rope rotates nHeads heads of d columns (even), starting at x[0] in each
+// of rows rows of stride ld, in place by the angles whose cosines and sines
+// are cos and sin [rows, d/2] (Hugging Face's rotate-half layout).
+func Rope(x []float32, rows, ld, nHeads, d int, cos, sin []float32) {
+	if rows == 0 || nHeads == 0 || d == 0 {
+		return
+	}
+	if d%2 != 0 {
+		panic(fmt.Sprintf("vmath: Rope: head width %d is odd", d))
+	}
+	need("x", len(x), rows, nHeads*d, ld)
+	need("cos", len(cos), rows, d/2, d/2)
+	need("sin", len(sin), rows, d/2, d/2)
+	C.vm_rope(ptr(x), C.long(rows), C.long(ld), C.long(nHeads), C.long(d), ptr(cos), ptr(sin))
+}

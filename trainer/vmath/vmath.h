@@ -7,3 +7,5 @@ void vm_causal_softmax(float *s, long L, long ld, float *lse, long lse_stride);
 void vm_causal_softmax_rows(float *s, long rows, long off, long width, long ld, float *lse, long lse_stride);
 void vm_causal_exp(float *s, long L, long ld, const float *lse, long lse_stride);
 void vm_swiglu_rows(float *act, float *sg, const float *gu, long rows, long inter);
+void vm_rmsnorm(float *out, float *rstd, const float *x, const float *w, long rows, long dim, float eps);
+void vm_rope(float *x, long rows, long ld, long nheads, long d, const float *cos, const float *sin);

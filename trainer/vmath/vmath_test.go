@@ -219,3 +219,76 @@ func TestCausalSoftmaxRowsMatchesFull(t *testing.T) {
 	}()
 	CausalSoftmaxRows(make([]float32, 4*8), 4, 5, 8, 8)
 }
+
+// TestRMSNormMatchesFloat64 compares with the definition in float64: the
+// vectorized sum of squares runs in another order, so 1/rms may differ in
+// its last bit; outputs agree to 2 ulp.
+func TestRMSNormMatchesFloat64(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	for _, dim := range []int{1, 7, 8, 9, 64, 576, 1003} {
+		rows := 5
+		x, w := make([]float32, rows*dim), make([]float32, dim)
+		for i := range x {
+			x[i] = float32(r.NormFloat64() * 3)
+		}
+		for i := range w {
+			w[i] = float32(1 + r.NormFloat64()*0.1)
+		}
+		out, rstd := make([]float32, rows*dim), make([]float32, rows)
+		const eps = 1e-5
+		RMSNorm(out, rstd, x, w, rows, dim, eps)
+		for row := 0; row < rows; row++ {
+			var ss float64
+			for _, v := range x[row*dim : (row+1)*dim] {
+				ss += float64(v) * float64(v)
+			}
+			inv := 1 / math.Sqrt(ss/float64(dim)+eps)
+			if d := math.Abs(float64(rstd[row]) - inv); d > 2e-7*inv {
+				t.Fatalf("dim %d row %d: rstd %v, want %v", dim, row, rstd[row], inv)
+			}
+			for i := 0; i < dim; i++ {
+				want := float64(x[row*dim+i]) * inv * float64(w[i])
+				if d := math.Abs(float64(out[row*dim+i]) - want); d > 3e-7*math.Abs(want)+1e-30 {
+					t.Fatalf("dim %d row %d: out[%d] = %v, want %v", dim, row, i, out[row*dim+i], want)
+				}
+			}
+		}
+	}
+}
+
+// TestRopeMatchesScalar checks the rotation bit for bit against the scalar
+// formula (each product rounded, then the sum), on heads whose half width
+// is and is not a multiple of the vector width, within a wider row.
+func TestRopeMatchesScalar(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 10))
+	for _, d := range []int{2, 16, 22, 64} {
+		rows, heads, ld := 3, 4, 4*d+5
+		x := make([]float32, rows*ld)
+		for i := range x {
+			x[i] = float32(r.NormFloat64())
+		}
+		cos, sin := make([]float32, rows*d/2), make([]float32, rows*d/2)
+		for i := range cos {
+			a := r.Float64() * 6
+			cos[i], sin[i] = float32(math.Cos(a)), float32(math.Sin(a))
+		}
+		want := append([]float32(nil), x...)
+		for row := 0; row < rows; row++ {
+			for h := 0; h < heads; h++ {
+				v := want[row*ld+h*d : row*ld+(h+1)*d]
+				for i := 0; i < d/2; i++ {
+					a, b := v[i], v[i+d/2]
+					c, s := cos[row*d/2+i], sin[row*d/2+i]
+					ac, bs, bc, as := a*c, b*s, b*c, a*s
+					v[i], v[i+d/2] = ac-bs, bc+as
+				}
+			}
+		}
+		Rope(x, rows, ld, heads, d, cos, sin)
+		for i := range x {
+			if x[i] != want[i] {
+				t.Fatalf("d %d: x[%d] = %v, scalar %v", d, i, x[i], want[i])
+			}
+		}
+	}
+}
