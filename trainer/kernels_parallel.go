@@ -4,6 +4,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 	"github.com/signal-p2p/signal/trainer/packed"
@@ -181,13 +182,44 @@ func newGemmPool(workers int) *gemmPool {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			for t := range p.tasks {
+			for {
+				t, ok := p.next()
+				if !ok {
+					return
+				}
 				t.run()
 				t.wg.Done()
 			}
 		}()
 	}
 	return p
+}
+
+// spinFor is how long a worker keeps polling for the next task before it
+// parks. A forward hands a product to the workers every few hundred
+// microseconds; waking a parked goroutine takes tens (a futex wake, then
+// the scheduler), and on two cores the caller finishes its chunk and waits
+// for the late helper. Polling yields the P each round (runtime.Gosched),
+// so goroutines started meanwhile (attention jobs, row splits) still run.
+const spinFor = 200 * time.Microsecond
+
+// next returns the next task, polling for up to spinFor before blocking;
+// ok is false once the pool is stopped.
+func (p *gemmPool) next() (t *gemmTask, ok bool) {
+	start := time.Now()
+	for i := 0; ; i++ {
+		select {
+		case t, ok = <-p.tasks:
+			return t, ok
+		default:
+		}
+		if i&15 == 15 && time.Since(start) > spinFor {
+			break
+		}
+		runtime.Gosched()
+	}
+	t, ok = <-p.tasks
+	return t, ok
 }
 
 func (p *gemmPool) stop() {
