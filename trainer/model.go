@@ -87,13 +87,14 @@ func (m *Model) Dir() string { return m.dir }
 // mapped F32 tensors used in place).
 func (m *Model) MemoryBytes() int64 { return m.ownBytes }
 
-// Close stops the model's GEMM workers and releases the mapped weight
-// files. The model must not be used after.
+// Close stops the model's GEMM workers and releases the packed weights
+// and the mapped weight files. The model must not be used after.
 func (m *Model) Close() error {
 	if m.gemm != nil {
 		m.gemm.stop()
 		m.gemm = nil
 	}
+	m.freePacked()
 	if m.weights == nil {
 		return nil
 	}
@@ -310,5 +311,23 @@ func (m *Model) packWeights() {
 	for i := range m.Layers {
 		ly := &m.Layers[i]
 		m.ownBytes += ly.pQKV.Bytes() + ly.pO.Bytes() + ly.pGateUp.Bytes() + ly.pDown.Bytes()
+	}
+}
+
+// freePacked releases the packed copies (memory outside Go's heap, which
+// the garbage collector would otherwise free only when it next runs).
+func (m *Model) freePacked() {
+	if m.pHead != nil {
+		m.pHead.Free()
+		m.pHead = nil
+	}
+	for i := range m.Layers {
+		ly := &m.Layers[i]
+		for _, p := range []**packed.Weights{&ly.pQKV, &ly.pO, &ly.pGateUp, &ly.pDown} {
+			if *p != nil {
+				(*p).Free()
+				*p = nil
+			}
+		}
 	}
 }

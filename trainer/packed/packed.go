@@ -21,6 +21,8 @@ import "C"
 
 import (
 	"fmt"
+	"runtime"
+	"sync"
 	"unsafe"
 )
 
@@ -31,16 +33,35 @@ const PanelCols = 32
 // Available reports whether this CPU runs the kernel (AVX-512F).
 func Available() bool { return C.pk_avx512() != 0 }
 
-// Weights is a matrix W [N, K] packed for Mul. It is read-only after Pack
-// and safe for concurrent use.
+// Weights is a matrix W [N, K] packed for Mul, in memory outside Go's heap
+// (2 MiB-aligned, advised to use huge pages: see pk_alloc). It is read-only
+// after Pack and safe for concurrent use; Free releases it (or the garbage
+// collector does, once the Weights is unreachable).
 type Weights struct {
 	N, K int
-	data []float32 // 64-byte aligned view of buf
-	buf  []float32
+	data []float32
+	mem  *memory
+}
+
+// memory owns the C allocation, so that a cleanup can free it without
+// keeping the Weights reachable.
+type memory struct {
+	mu sync.Mutex
+	p  *C.float
+}
+
+func (m *memory) free() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.p != nil {
+		C.pk_free(m.p)
+		m.p = nil
+	}
 }
 
 // Pack copies w [n, k] (row-major) into the packed layout. It panics if w
-// is too short or the CPU lacks AVX-512F (check Available first).
+// is too short, memory runs out, or the CPU lacks AVX-512F (check Available
+// first).
 func Pack(w []float32, n, k int) *Weights {
 	if !Available() {
 		panic("packed: Pack on a CPU without AVX-512F")
@@ -49,18 +70,26 @@ func Pack(w []float32, n, k int) *Weights {
 		panic(fmt.Sprintf("packed: Pack of [%d, %d] from %d elements", n, k, len(w)))
 	}
 	size := (n + PanelCols - 1) / PanelCols * PanelCols * k
-	buf := make([]float32, size+16)
-	off := 0
-	for uintptr(unsafe.Pointer(&buf[off]))%64 != 0 {
-		off++
+	cp := C.pk_alloc(C.long(size))
+	if cp == nil {
+		panic(fmt.Sprintf("packed: out of memory for [%d, %d]", n, k))
 	}
-	p := &Weights{N: n, K: k, buf: buf, data: buf[off : off+size]}
-	C.pk_pack((*C.float)(&p.data[0]), (*C.float)(&w[0]), C.long(n), C.long(k))
+	mem := &memory{p: cp}
+	p := &Weights{N: n, K: k, data: unsafe.Slice((*float32)(unsafe.Pointer(cp)), size), mem: mem}
+	runtime.AddCleanup(p, func(m *memory) { m.free() }, mem)
+	C.pk_pack(cp, (*C.float)(&w[0]), C.long(n), C.long(k))
 	return p
 }
 
+// Free releases the packed copy now; the Weights must not be used after.
+// It is safe to call more than once.
+func (p *Weights) Free() {
+	p.data = nil
+	p.mem.free()
+}
+
 // Bytes returns the memory the packed copy holds.
-func (p *Weights) Bytes() int64 { return int64(len(p.buf)) * 4 }
+func (p *Weights) Bytes() int64 { return int64(len(p.data)) * 4 }
 
 // Mul writes y = x·Wᵀ + beta·y for rows rows: x [rows, K] with row stride
 // ldx, y [rows, N] with row stride ldy. With beta 0, y is only written.
@@ -82,6 +111,7 @@ func (p *Weights) MulCols(y []float32, ldy int, x []float32, ldx int, rows, n0, 
 	need("y", len(y), rows, p.N, ldy)
 	C.pk_mul(C.long(rows), C.long(p.K), (*C.float)(&x[0]), C.long(ldx), (*C.float)(&p.data[0]),
 		C.long(n0), C.long(n1), (*C.float)(&y[0]), C.long(ldy), C.float(beta))
+	runtime.KeepAlive(p) // its cleanup frees the memory C just read
 }
 
 // need panics unless a [rows, cols] matrix with row stride ld fits in n

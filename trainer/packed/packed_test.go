@@ -126,6 +126,12 @@ func TestShapeErrorsPanic(t *testing.T) {
 		"short x":         func() { p.Mul(make([]float32, 128), 64, make([]float32, 8), 8, 2, 0) },
 		"short y":         func() { p.Mul(make([]float32, 64), 64, make([]float32, 16), 8, 2, 0) },
 		"short w":         func() { Pack(make([]float32, 10), 4, 4) },
+		"after Free": func() {
+			q := Pack(make([]float32, 64*8), 64, 8)
+			q.Free()
+			q.Free() // idempotent
+			q.Mul(make([]float32, 64), 64, make([]float32, 8), 8, 1, 0)
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			defer func() {
