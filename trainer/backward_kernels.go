@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
@@ -340,14 +341,14 @@ func lmHeadRows(vocab int) int {
 }
 
 // lmHeadLoss runs the LM head over x [rows, h] (the final norm's output)
-// against w [vocab, h] in row chunks, fused with log-softmax, the loss and
+// against w [vocab, h] (packed as pw when not nil) in row chunks, fused with log-softmax, the loss and
 // its gradient: per row it computes logp of the target, asks lossAt(row,
 // logp) for the loss term's derivative g = d loss / d logp (rows in order,
 // one goroutine), and, when dx is not nil, sets dx = dz·W with
 // dz = g·(onehot(target) − softmax). logits is [chunk, vocab] scratch
 // (chunk ≤ maxLMHeadChunk rows; lmHeadRows picks it). It writes logp[row]
 // for every row.
-func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []float32,
+func lmHeadLoss(dx, x, w []float32, pw *packed.Weights, rows, h, vocab int, targets []int32, logp []float32,
 	lossAt func(row int, logp float64) float64, logits []float32) {
 	var lse [maxLMHeadChunk]float64
 	var grad [maxLMHeadChunk]float64
@@ -355,7 +356,7 @@ func lmHeadLoss(dx, x, w []float32, rows, h, vocab int, targets []int32, logp []
 	for c0 := 0; c0 < rows; c0 += chunk {
 		c := min(chunk, rows-c0)
 		z := logits[:c*vocab]
-		pgemm(false, true, c, vocab, h, 1, x[c0*h:], h, w, h, 0, z, vocab)
+		project(z, vocab, x[c0*h:], h, w, pw, c, h, vocab, 0)
 		// Per row: exponentials in place (one exp per logit, reused for the
 		// gradient), the log-sum-exp in float64.
 		trainParallel(c, func(lo, hi int) {

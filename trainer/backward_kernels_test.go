@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/packed"
 )
 
 // The backward kernels are checked against central finite differences of
@@ -245,53 +246,61 @@ func TestLMHeadLossFD(t *testing.T) {
 		d.Advantages[i] = r.Float32()*2 - 1
 	}
 	d.Weights[3] = 0
+	// The head's logits through OpenBLAS and, where the CPU runs it, through
+	// the packed kernel the engine uses for a loaded model.
+	heads := map[string]*packed.Weights{"sgemm": nil}
+	if packed.Available() {
+		heads["packed"] = packed.Pack(w, vocab, h)
+	}
 	for _, name := range []string{LossCrossEntropy, LossImportanceSampling, LossPPO} {
-		t.Run(name, func(t *testing.T) {
-			ls, err := parseLoss(name, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			logp, logits := make([]float32, rows), make([]float32, lmHeadChunk*vocab)
-			var total float64
-			lossAt := func(row int, lp float64) float64 {
-				l, g := ls.token(&d, row, lp)
-				total += l
-				return g
-			}
-			f := func() float64 {
-				total = 0
-				lmHeadLoss(nil, x, w, rows, h, vocab, targets, logp, lossAt, logits)
-				return total
-			}
-			f()
-			// Place each ratio exp(logp − sampling logp) at 0.5, 1 or 1.5, away
-			// from PPO's clip edges where the loss has a kink that a finite
-			// difference would straddle.
-			for i := range d.Logprobs {
-				d.Logprobs[i] = logp[i] - float32(math.Log([]float64{0.5, 1, 1.5}[i%3]))
-			}
-			// logp must be the log-softmax of the logits at the target.
-			for i := 0; i < rows; i += 7 {
-				var zs []float64
-				m := math.Inf(-1)
-				for j := 0; j < vocab; j++ {
-					z := dot64(x[i*h:(i+1)*h], w[j*h:(j+1)*h])
-					zs = append(zs, z)
-					m = math.Max(m, z)
+		for kind, pw := range heads {
+			t.Run(name+"/"+kind, func(t *testing.T) {
+				ls, err := parseLoss(name, nil)
+				if err != nil {
+					t.Fatal(err)
 				}
-				var s float64
-				for _, z := range zs {
-					s += math.Exp(z - m)
+				logp, logits := make([]float32, rows), make([]float32, lmHeadChunk*vocab)
+				var total float64
+				lossAt := func(row int, lp float64) float64 {
+					l, g := ls.token(&d, row, lp)
+					total += l
+					return g
 				}
-				want := zs[targets[i]] - m - math.Log(s)
-				if math.Abs(want-float64(logp[i])) > 1e-5 {
-					t.Fatalf("logp[%d] = %v, want %v", i, logp[i], want)
+				f := func() float64 {
+					total = 0
+					lmHeadLoss(nil, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits)
+					return total
 				}
-			}
-			dx := make([]float32, rows*h)
-			lmHeadLoss(dx, x, w, rows, h, vocab, targets, logp, lossAt, logits)
-			checkFD(t, "dx", x, dx, f)
-		})
+				f()
+				// Place each ratio exp(logp − sampling logp) at 0.5, 1 or 1.5, away
+				// from PPO's clip edges where the loss has a kink that a finite
+				// difference would straddle.
+				for i := range d.Logprobs {
+					d.Logprobs[i] = logp[i] - float32(math.Log([]float64{0.5, 1, 1.5}[i%3]))
+				}
+				// logp must be the log-softmax of the logits at the target.
+				for i := 0; i < rows; i += 7 {
+					var zs []float64
+					m := math.Inf(-1)
+					for j := 0; j < vocab; j++ {
+						z := dot64(x[i*h:(i+1)*h], w[j*h:(j+1)*h])
+						zs = append(zs, z)
+						m = math.Max(m, z)
+					}
+					var s float64
+					for _, z := range zs {
+						s += math.Exp(z - m)
+					}
+					want := zs[targets[i]] - m - math.Log(s)
+					if math.Abs(want-float64(logp[i])) > 1e-5 {
+						t.Fatalf("logp[%d] = %v, want %v", i, logp[i], want)
+					}
+				}
+				dx := make([]float32, rows*h)
+				lmHeadLoss(dx, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits)
+				checkFD(t, "dx", x, dx, f)
+			})
+		}
 	}
 }
 

@@ -220,7 +220,7 @@ func (p *trainPass) forward(ctx context.Context) error {
 		p.rinv1[l] = ar.dirty(T)
 		rmsNormForward(xn, x, ly.AttnNorm, p.rinv1[l], T, H, eps)
 		qkv := ar.dirty(T * Q)
-		pgemm(false, true, T, Q, H, 1, xn, H, ly.WQKV, H, 0, qkv, Q)
+		project(qkv, Q, xn, H, ly.WQKV, ly.pQKV, T, H, Q, 0)
 		p.u[l][ModQ] = p.loraForward(l, ModQ, xn, H, qkv, Q, 0)
 		p.u[l][ModK] = p.loraForward(l, ModK, xn, H, qkv, Q, AD)
 		p.u[l][ModV] = p.loraForward(l, ModV, xn, H, qkv, Q, AD+c.NumKeyValueHeads*c.HeadDim)
@@ -232,20 +232,20 @@ func (p *trainPass) forward(ctx context.Context) error {
 		p.att[l] = att
 		h1 := ar.dirty(T * H)
 		copy(h1, x)
-		pgemm(false, true, T, H, AD, 1, att, AD, ly.WO, AD, 1, h1, H)
+		project(h1, H, att, AD, ly.WO, ly.pO, T, AD, H, 1)
 		p.u[l][ModO] = p.loraForward(l, ModO, att, AD, h1, H, 0)
 		p.h1[l] = h1
 		p.rinv2[l] = ar.dirty(T)
 		rmsNormForward(xn, h1, ly.MLPNorm, p.rinv2[l], T, H, eps)
 		gu := ar.dirty(T * 2 * I)
-		pgemm(false, true, T, 2*I, H, 1, xn, H, ly.WGateUp, H, 0, gu, 2*I)
+		project(gu, 2*I, xn, H, ly.WGateUp, ly.pGateUp, T, H, 2*I, 0)
 		p.u[l][ModGate] = p.loraForward(l, ModGate, xn, H, gu, 2*I, 0)
 		p.u[l][ModUp] = p.loraForward(l, ModUp, xn, H, gu, 2*I, I)
 		p.gu[l] = gu
 		swigluForward(act, gu, T, I)
 		next := ar.dirty(T * H)
 		copy(next, h1)
-		pgemm(false, true, T, H, I, 1, act, I, ly.WDown, I, 1, next, H)
+		project(next, H, act, I, ly.WDown, ly.pDown, T, I, H, 1)
 		p.u[l][ModDown] = p.loraForward(l, ModDown, act, I, next, H, 0)
 		x = next
 	}
@@ -263,7 +263,7 @@ func (p *trainPass) head(dxf []float32, lossAt func(row int, logp float64) float
 	c := p.cfg
 	p.logp = p.ar.dirty(p.rows)
 	logits := p.ar.dirty(min(lmHeadRows(c.VocabSize), p.rows) * c.VocabSize)
-	lmHeadLoss(dxf, p.xf, p.m.LMHead, p.rows, c.HiddenSize, c.VocabSize, p.targets, p.logp, lossAt, logits)
+	lmHeadLoss(dxf, p.xf, p.m.LMHead, p.m.pHead, p.rows, c.HiddenSize, c.VocabSize, p.targets, p.logp, lossAt, logits)
 }
 
 // loraBack adds the gradients of layer l's module mod (input x with row

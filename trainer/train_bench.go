@@ -49,6 +49,9 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 		n += int64(2*H + cfg.QKVDim()*H + H*AD + 3*I*H)
 	}
 	m.ownBytes = n * 4
+	if PackedWeights() {
+		m.packWeights() // as LoadModel does, so that benchmarks run the engine's kernels
+	}
 	return m, nil
 }
 

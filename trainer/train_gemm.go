@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/packed"
 )
 
 // A training pass runs OpenBLAS single-threaded and splits each large GEMM
@@ -84,6 +85,34 @@ func pgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int
 		}()
 	}
 	run()
+	wg.Wait()
+}
+
+// project is y = x·Wᵀ + beta·y for one of the model's projections (W
+// [out, in], x [rows, in]): on the packed kernel when the model has W
+// packed (pw, see Model.packWeights), its panels split over up to
+// GOMAXPROCS goroutines, otherwise pgemm.
+func project(y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed.Weights, rows, in, out int, beta float32) {
+	if pw == nil {
+		pgemm(false, true, rows, out, in, 1, x, ldx, w, in, beta, y, ldy)
+		return
+	}
+	panels := (out + packed.PanelCols - 1) / packed.PanelCols
+	workers := min(runtime.GOMAXPROCS(0), panels)
+	if workers <= 1 || rows*in*out < pgemmMinFlops {
+		pw.Mul(y, ldy, x, ldx, rows, beta)
+		return
+	}
+	per := (panels + workers - 1) / workers * packed.PanelCols
+	var wg sync.WaitGroup
+	for n0 := per; n0 < out; n0 += per {
+		wg.Add(1)
+		go func(n0 int) {
+			defer wg.Done()
+			pw.MulCols(y, ldy, x, ldx, rows, n0, min(out, n0+per), beta)
+		}(n0)
+	}
+	pw.MulCols(y, ldy, x, ldx, rows, 0, min(out, per), beta)
 	wg.Wait()
 }
 
