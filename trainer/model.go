@@ -28,6 +28,11 @@
 // each head D wide; attention reads heads in place with a leading dimension
 // of QKVDim.
 //
+// On CPUs with AVX-512F, LoadModel also packs WQKV, WO, WGateUp, WDown and
+// LMHead into 32-column panels (package packed) for every forward product,
+// inference and training alike; the row-major copies stay for the
+// backward's dx = dy·W and for other CPUs (PackedWeights).
+//
 // LoRA adapters (LoRA) are never merged into these weights: the base is
 // read-only after LoadModel and shared by every session.
 package trainer
