@@ -207,13 +207,19 @@ const spinFor = 200 * time.Microsecond
 // ok is false once the pool is stopped.
 func (p *gemmPool) next() (t *gemmTask, ok bool) {
 	start := time.Now()
-	for i := 0; ; i++ {
-		select {
-		case t, ok = <-p.tasks:
-			return t, ok
-		default:
+	for {
+		// len of a buffered channel is a plain read: poll it in a tight loop
+		// and take the channel's lock only when a task is there.
+		for range 64 {
+			if len(p.tasks) > 0 {
+				select {
+				case t, ok = <-p.tasks:
+					return t, ok
+				default: // another worker took it
+				}
+			}
 		}
-		if i&15 == 15 && time.Since(start) > spinFor {
+		if time.Since(start) > spinFor {
 			break
 		}
 		runtime.Gosched()
