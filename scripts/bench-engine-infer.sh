@@ -17,6 +17,8 @@
 # rate (OpenBLAS, its own threads, 512^3, best of ten) is measured in each Go
 # run. Figures are noisy on a shared machine: the load average is printed.
 # Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (1; 3 for medians), SIGNAL_BIN;
+# every round also runs the Go engine with SIGNAL_ENGINE_PACKED=0 ("go-unpacked":
+# OpenBLAS for every product) for the packed kernel's share;
 # BEFORE_BIN=path/to/older/signal adds that build ("go-before", GOMAXPROCS
 # 2) to every round, for before/after figures under the same load;
 # ONLY=regex runs just the rows whose "name prefill" matches.
@@ -54,6 +56,10 @@ bench() {
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/llama_ref.py)"$'\n'
       fi
     done
+    # The same build with the packed weights off (OpenBLAS sgemm for every
+    # product), for the packed kernel's share of the figures.
+    results+="go-unpacked 2 $(SIGNAL_ENGINE_PACKED=0 GOMAXPROCS=2 "$BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
+      --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
     if [ -n "${BEFORE_BIN:-}" ]; then
       results+="go-before 2 $("$BEFORE_BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
         --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
@@ -67,8 +73,8 @@ sgemm, flops = [], None
 for line in os.environ["RESULTS"].splitlines():
     side, thr, js = line.split(" ", 2)
     j = json.loads(js)
-    if side == "go-before":
-        runs.setdefault("go-before GOMAXPROCS=%s" % thr, []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
+    if side in ("go-before", "go-unpacked"):
+        runs.setdefault("%s GOMAXPROCS=%s" % (side, thr), []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
     elif side == "go":
         runs.setdefault("go GOMAXPROCS=%s" % thr, []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
         sgemm.append(j["sgemm_gflops"])
@@ -91,6 +97,9 @@ def best(side, i):
 for i, what in ((0, "prefill"), (1, "decode ")):
     g, gk = best("go", i)
     t, tk = best("torch", i)
+    u, uk = best("go-unpacked", i)
+    if u:
+        print("   %s go packed/unpacked weights: %.1f / %.1f = %.2fx" % (what, g, u, g / u))
     b, bk = best("go-before", i)
     if b:
         print("   %s go after/before: %.1f / %.1f = %.2fx" % (what, g, b, g / b))
