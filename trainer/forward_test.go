@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"github.com/signal-p2p/signal/trainer/packed"
 )
 
 // pythonRef runs reference/llama_ref.py with req and decodes its answer. It
@@ -146,45 +148,65 @@ func TestMatchesPyTorch(t *testing.T) {
 			label += "+adapter"
 		}
 		t.Run(label, func(t *testing.T) {
-			m := mustLoad(t, c.model)
-			var lora *LoRA
-			if c.adapter != "" {
-				lora = mustAdapter(t, m, c.model)
-			}
-			got, err := m.Logits(context.Background(), c.tokens, lora)
-			if err != nil {
-				t.Fatal(err)
-			}
-			compareLogits(t, got, readF32(t, c.logitsPath))
+			forEachWeightPath(t, func(t *testing.T, packedOn bool) {
+				m := mustLoad(t, c.model)
+				if (m.pHead != nil) != packedOn {
+					t.Fatalf("packed weights: %v, want %v", m.pHead != nil, packedOn)
+				}
+				var lora *LoRA
+				if c.adapter != "" {
+					lora = mustAdapter(t, m, c.model)
+				}
+				got, err := m.Logits(context.Background(), c.tokens, lora)
+				if err != nil {
+					t.Fatal(err)
+				}
+				compareLogits(t, got, readF32(t, c.logitsPath))
 
-			var want refGreedy
-			if err := json.Unmarshal(ans.Answers[2*i+1], &want); err != nil {
-				t.Fatal(err)
-			}
-			p := DefaultSamplingParams()
-			p.Temperature, p.MaxTokens = 0, 10
-			samples, err := m.Sample(context.Background(), c.prompts, 1, p, lora)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for pi := range c.prompts {
-				g, w := samples[pi][0], want.Samples[pi]
-				// The reference never stops early; compare the prefix the engine produced.
-				n := len(g.Tokens)
-				if g.StopReason == StopLength && n != 10 {
-					t.Errorf("prompt %d: %d tokens with stop_reason length", pi, n)
+				var want refGreedy
+				if err := json.Unmarshal(ans.Answers[2*i+1], &want); err != nil {
+					t.Fatal(err)
 				}
-				for j := 0; j < n; j++ {
-					if g.Tokens[j] != w.Tokens[j] {
-						t.Fatalf("prompt %d token %d: got %v, PyTorch %v", pi, j, g.Tokens, w.Tokens[:n])
+				p := DefaultSamplingParams()
+				p.Temperature, p.MaxTokens = 0, 10
+				samples, err := m.Sample(context.Background(), c.prompts, 1, p, lora)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for pi := range c.prompts {
+					g, w := samples[pi][0], want.Samples[pi]
+					// The reference never stops early; compare the prefix the engine produced.
+					n := len(g.Tokens)
+					if g.StopReason == StopLength && n != 10 {
+						t.Errorf("prompt %d: %d tokens with stop_reason length", pi, n)
 					}
-					// logprob = logit − logsumexp: its error is the logits' error, ~1e-5 absolute.
-					if d := math.Abs(float64(g.Logprobs[j]) - w.Logprobs[j]); d > 1e-4*math.Max(1, math.Abs(w.Logprobs[j])) {
-						t.Errorf("prompt %d logprob %d: got %v, PyTorch %v", pi, j, g.Logprobs[j], w.Logprobs[j])
+					for j := 0; j < n; j++ {
+						if g.Tokens[j] != w.Tokens[j] {
+							t.Fatalf("prompt %d token %d: got %v, PyTorch %v", pi, j, g.Tokens, w.Tokens[:n])
+						}
+						// logprob = logit − logsumexp: its error is the logits' error, ~1e-5 absolute.
+						if d := math.Abs(float64(g.Logprobs[j]) - w.Logprobs[j]); d > 1e-4*math.Max(1, math.Abs(w.Logprobs[j])) {
+							t.Errorf("prompt %d logprob %d: got %v, PyTorch %v", pi, j, g.Logprobs[j], w.Logprobs[j])
+						}
 					}
 				}
-			}
+			})
 		})
+	}
+}
+
+// forEachWeightPath runs f once per way the engine can hold the
+// projections: row-major for OpenBLAS (SIGNAL_ENGINE_PACKED=0) and, where
+// the CPU runs the kernel, packed (package packed). A machine with AVX-512
+// would otherwise never check the OpenBLAS forward, and one without it
+// never the packed one.
+func forEachWeightPath(t *testing.T, f func(t *testing.T, packedOn bool)) {
+	t.Run("sgemm", func(t *testing.T) {
+		t.Setenv("SIGNAL_ENGINE_PACKED", "0")
+		f(t, false)
+	})
+	if packed.Available() {
+		t.Run("packed", func(t *testing.T) { f(t, true) })
 	}
 }
 

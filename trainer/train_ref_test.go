@@ -157,58 +157,65 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 					}
 				}
 			}
-			grads := zerosLike(lora)
-			res, err := runPass(context.Background(), m, lora, data, tc.loss, tc.cfg, grads)
-			if err != nil {
-				t.Fatal(err)
-			}
 			var ref refGrad
 			runTrainRef(t, "grad", map[string]any{
 				"model": filepath.Join("testdata", tc.model), "adapter": dir, "data": toRef(data),
 				"loss_fn": tc.loss, "loss_fn_config": tc.cfg, "dtype": "float64",
 			}, &ref)
-			if d := math.Abs(res.LossSum - ref.LossSum); d > 1e-4*math.Max(1, math.Abs(ref.LossSum)) {
-				t.Errorf("loss_sum %v, PyTorch %v", res.LossSum, ref.LossSum)
-			}
-			if d := math.Abs(res.GradNorm - ref.GradNorm); d > 1e-3*ref.GradNorm {
-				t.Errorf("grad_norm %v, PyTorch %v", res.GradNorm, ref.GradNorm)
-			}
-			var worstLP float64
-			for i := range data {
-				for j, v := range ref.Logprobs[i] {
-					worstLP = math.Max(worstLP, math.Abs(float64(res.Logprobs[i][j])-v))
+			// Both ways of holding the projections against the one reference.
+			forEachWeightPath(t, func(t *testing.T, packedOn bool) {
+				m := mustLoad(t, tc.model)
+				if (m.pHead != nil) != packedOn {
+					t.Fatalf("packed weights: %v, want %v", m.pHead != nil, packedOn)
 				}
-			}
-			if worstLP > 1e-4 {
-				t.Errorf("logprobs differ from PyTorch by up to %g", worstLP)
-			}
-			worstG := 0.0
-			for li := range grads.Layers {
-				for mod, p := range grads.Layers[li] {
-					if p == nil {
-						continue
-					}
-					pre := peftPrefix(li, Module(mod))
-					for ab, got := range map[string][]float32{"A": p.A, "B": p.B} {
-						want, ok := ref.Grads[pre+".lora_"+ab+".weight"]
-						if !ok || len(want) != len(got) {
-							t.Fatalf("%s.lora_%s: PyTorch has %d values, engine %d", pre, ab, len(want), len(got))
-						}
-						var scale, diff float64
-						for k := range want {
-							scale = math.Max(scale, math.Abs(want[k]))
-							diff = math.Max(diff, math.Abs(float64(got[k])-want[k]))
-						}
-						rel := diff / math.Max(scale, 1e-12)
-						worstG = math.Max(worstG, rel)
-						if rel > 1e-3 {
-							t.Errorf("%s.lora_%s: gradient off by %g of its largest entry %g", pre, ab, rel, scale)
-						}
+				grads := zerosLike(lora)
+				res, err := runPass(context.Background(), m, lora, data, tc.loss, tc.cfg, grads)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if d := math.Abs(res.LossSum - ref.LossSum); d > 1e-4*math.Max(1, math.Abs(ref.LossSum)) {
+					t.Errorf("loss_sum %v, PyTorch %v", res.LossSum, ref.LossSum)
+				}
+				if d := math.Abs(res.GradNorm - ref.GradNorm); d > 1e-3*ref.GradNorm {
+					t.Errorf("grad_norm %v, PyTorch %v", res.GradNorm, ref.GradNorm)
+				}
+				var worstLP float64
+				for i := range data {
+					for j, v := range ref.Logprobs[i] {
+						worstLP = math.Max(worstLP, math.Abs(float64(res.Logprobs[i][j])-v))
 					}
 				}
-			}
-			t.Logf("loss %.6f (PyTorch %.6f), worst logprob diff %.2g, worst relative grad diff %.2g",
-				res.LossSum, ref.LossSum, worstLP, worstG)
+				if worstLP > 1e-4 {
+					t.Errorf("logprobs differ from PyTorch by up to %g", worstLP)
+				}
+				worstG := 0.0
+				for li := range grads.Layers {
+					for mod, p := range grads.Layers[li] {
+						if p == nil {
+							continue
+						}
+						pre := peftPrefix(li, Module(mod))
+						for ab, got := range map[string][]float32{"A": p.A, "B": p.B} {
+							want, ok := ref.Grads[pre+".lora_"+ab+".weight"]
+							if !ok || len(want) != len(got) {
+								t.Fatalf("%s.lora_%s: PyTorch has %d values, engine %d", pre, ab, len(want), len(got))
+							}
+							var scale, diff float64
+							for k := range want {
+								scale = math.Max(scale, math.Abs(want[k]))
+								diff = math.Max(diff, math.Abs(float64(got[k])-want[k]))
+							}
+							rel := diff / math.Max(scale, 1e-12)
+							worstG = math.Max(worstG, rel)
+							if rel > 1e-3 {
+								t.Errorf("%s.lora_%s: gradient off by %g of its largest entry %g", pre, ab, rel, scale)
+							}
+						}
+					}
+				}
+				t.Logf("loss %.6f (PyTorch %.6f), worst logprob diff %.2g, worst relative grad diff %.2g",
+					res.LossSum, ref.LossSum, worstLP, worstG)
+			})
 		})
 	}
 }
