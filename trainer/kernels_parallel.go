@@ -259,11 +259,7 @@ const (
 func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed.Weights, rows, in, out int, beta float32) {
 	p := m.gemm
 	if p == nil || rows*in*out < minParallelMACs || out < 16*(p.workers+1) {
-		if pw != nil {
-			pw.Mul(y, ldy, x, ldx, rows, beta)
-			return
-		}
-		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
+		linearOne(y, ldy, x, ldx, w, pw, rows, in, out, beta)
 		return
 	}
 	threads := p.workers + 1
@@ -280,11 +276,7 @@ func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, 
 	}
 	chunks := (out + chunk - 1) / chunk
 	if chunks < 2 {
-		if pw != nil {
-			pw.Mul(y, ldy, x, ldx, rows, beta)
-			return
-		}
-		Linear(y, ldy, x, ldx, w, rows, in, out, beta)
+		linearOne(y, ldy, x, ldx, w, pw, rows, in, out, beta)
 		return
 	}
 	t.y, t.x, t.w, t.pw, t.ldy, t.ldx = y, x, w, pw, ldy, ldx
@@ -298,4 +290,13 @@ func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, 
 	}
 	t.run()
 	t.wg.Wait()
+}
+
+// linearOne is linear's product on the calling goroutine alone.
+func linearOne(y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed.Weights, rows, in, out int, beta float32) {
+	if pw != nil {
+		pw.Mul(y, ldy, x, ldx, rows, beta)
+		return
+	}
+	Linear(y, ldy, x, ldx, w, rows, in, out, beta)
 }

@@ -57,8 +57,8 @@ type Layer struct {
 	WGateUp  []float32 // [2·I, hidden]
 	WDown    []float32 // [hidden, I]
 
-	// The same four projections packed for the forward (package packed), nil when
-	// the CPU lacks AVX-512F or packing is off (see packWeights).
+	// The same four projections packed for the forward (package packed),
+	// nil when the CPU lacks AVX-512F or packing is off (see packWeights).
 	pQKV, pO, pGateUp, pDown *packed.Weights
 }
 
@@ -280,8 +280,8 @@ func PackedWeights() bool {
 }
 
 // packWeights gives every projection the forward runs (and the LM head) a
-// packed copy (package packed), the layers on parallel goroutines. The row-major
-// weights stay: the backward's dx = dy·W reads them with OpenBLAS, as do
+// packed copy (package packed), the layers on parallel goroutines. The
+// row-major weights stay: the backward's dx = dy·W reads them with OpenBLAS, as do
 // CPUs without AVX-512F. The copy costs the projections' size again in
 // memory (about 0.54 GB on the 135M shape) and buys 20–30 % on every
 // forward product: OpenBLAS re-packs W on each call, from memory.
