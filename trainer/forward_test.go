@@ -206,7 +206,10 @@ func forEachWeightPath(t *testing.T, f func(t *testing.T, packedOn bool)) {
 		f(t, false)
 	})
 	if packed.Available() {
-		t.Run("packed", func(t *testing.T) { f(t, true) })
+		t.Run("packed", func(t *testing.T) {
+			t.Setenv("SIGNAL_ENGINE_PACKED", "1") // even when the caller's environment turns it off
+			f(t, true)
+		})
 	}
 }
 
