@@ -341,8 +341,8 @@ func lmHeadRows(vocab int) int {
 }
 
 // lmHeadLoss runs the LM head over x [rows, h] (the final norm's output)
-// against w [vocab, h] (packed as pw when not nil) in row chunks, fused with log-softmax, the loss and
-// its gradient: per row it computes logp of the target, asks lossAt(row,
+// against w [vocab, h] (packed as pw when not nil) in row chunks, fused
+// with log-softmax, the loss and its gradient: per row it computes logp of the target, asks lossAt(row,
 // logp) for the loss term's derivative g = d loss / d logp (rows in order,
 // one goroutine), and, when dx is not nil, sets dx = dz·W with
 // dz = g·(onehot(target) − softmax). logits is [chunk, vocab] scratch

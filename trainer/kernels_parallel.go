@@ -267,8 +267,7 @@ func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, 
 	if pw != nil {
 		// Whole panels, spread evenly: the packed kernel has no per-call
 		// packing of x to amortize, so chunks need not be large.
-		panels := (out + packed.PanelCols - 1) / packed.PanelCols
-		chunk = (panels + chunksPerThread*threads - 1) / (chunksPerThread * threads) * packed.PanelCols
+		chunk = pw.PanelChunk(chunksPerThread * threads)
 	} else {
 		chunk = (out + chunksPerThread*threads - 1) / (chunksPerThread * threads)
 		chunk = max(chunk, minChunkCols, minChunkMACs/max(1, rows*in))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"math"
 	"math/rand"
+	"runtime"
 	"sync"
 	"testing"
 
@@ -166,4 +167,36 @@ func linearStartY(n int) []float32 {
 		y[i] = float32(i % 3)
 	}
 	return y
+}
+
+// TestProjectPackedSplitMatchesSgemm: the training forward's product on
+// packed weights, cut into panel chunks over goroutines, agrees with
+// OpenBLAS's (pgemm) to f32 rounding, with beta 0 and 1.
+func TestProjectPackedSplitMatchesSgemm(t *testing.T) {
+	if !packed.Available() {
+		t.Skip("no AVX-512F: project always takes pgemm here")
+	}
+	rows, in, out := 64, 128, 300
+	rng := rand.New(rand.NewSource(21))
+	x, w := make([]float32, rows*in), make([]float32, out*in)
+	for i := range x {
+		x[i] = float32(rng.NormFloat64())
+	}
+	for i := range w {
+		w[i] = float32(rng.NormFloat64())
+	}
+	pw := packed.Pack(w, out, in)
+	if rows*in*out < pgemmMinFlops || pw.PanelChunk(runtime.GOMAXPROCS(0)) >= out {
+		t.Skip("the product would not be split here (one CPU)")
+	}
+	for _, beta := range []float32{0, 1} {
+		want, got := linearStartY(rows*out), linearStartY(rows*out)
+		project(want, out, x, in, w, nil, rows, in, out, beta)
+		project(got, out, x, in, w, pw, rows, in, out, beta)
+		for i := range want {
+			if d := float64(want[i] - got[i]); math.Abs(d) > 1e-5*(math.Sqrt(float64(in))+math.Abs(float64(want[i]))) {
+				t.Fatalf("beta %v: element %d = %v, pgemm gives %v", beta, i, got[i], want[i])
+			}
+		}
+	}
 }

@@ -97,13 +97,11 @@ func project(y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed
 		pgemm(false, true, rows, out, in, 1, x, ldx, w, in, beta, y, ldy)
 		return
 	}
-	panels := (out + packed.PanelCols - 1) / packed.PanelCols
-	workers := min(runtime.GOMAXPROCS(0), panels)
-	if workers <= 1 || rows*in*out < pgemmMinFlops {
+	per := pw.PanelChunk(runtime.GOMAXPROCS(0))
+	if per >= out || rows*in*out < pgemmMinFlops {
 		pw.Mul(y, ldy, x, ldx, rows, beta)
 		return
 	}
-	per := (panels + workers - 1) / workers * packed.PanelCols
 	var wg sync.WaitGroup
 	for n0 := per; n0 < out; n0 += per {
 		wg.Add(1)

@@ -92,6 +92,15 @@ func (p *Weights) Free() {
 	p.mem.free()
 }
 
+// PanelChunk is the width of each of at most parts column chunks, whole
+// panels each, that together cover the N columns: how a product is shared
+// out to threads through MulCols.
+func (p *Weights) PanelChunk(parts int) int {
+	panels := (p.N + PanelCols - 1) / PanelCols
+	parts = max(1, min(parts, panels))
+	return (panels + parts - 1) / parts * PanelCols
+}
+
 // Bytes returns the memory the packed copy holds.
 func (p *Weights) Bytes() int64 { return int64(len(p.data)) * 4 }
 

@@ -117,6 +117,24 @@ func TestConcurrentColumnRanges(t *testing.T) {
 	}
 }
 
+// TestPanelChunk: at most parts chunks of whole panels cover N, for N on
+// and off a panel edge and more parts than panels.
+func TestPanelChunk(t *testing.T) {
+	skipWithout(t)
+	for _, n := range []int{1, 32, 33, 300, 3072} {
+		p := Pack(make([]float32, n), n, 1)
+		for _, parts := range []int{1, 2, 3, 7, 200} {
+			c := p.PanelChunk(parts)
+			if c%PanelCols != 0 || c <= 0 {
+				t.Fatalf("N %d parts %d: chunk %d is not whole panels", n, parts, c)
+			}
+			if chunks := (n + c - 1) / c; chunks > parts || (chunks-1)*c >= n {
+				t.Fatalf("N %d parts %d: chunk %d gives %d chunks", n, parts, c, chunks)
+			}
+		}
+	}
+}
+
 func TestShapeErrorsPanic(t *testing.T) {
 	skipWithout(t)
 	p := Pack(make([]float32, 64*8), 64, 8)
