@@ -3,7 +3,6 @@ package trainer
 import (
 	"context"
 	"fmt"
-	"runtime"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 )
@@ -121,7 +120,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 	// so OpenBLAS's own threads stay idle instead of spinning beside ours.
 	AcquireSingleThreadBLAS()
 	defer ReleaseSingleThreadBLAS()
-	gt := new(gemmTask)
+	gt, jt := new(gemmTask), new(jobsTask)
 
 	acts := &Activations{Batch: b}
 	acts.Cos, acts.Sin = ws.AllocDirty(T*half), ws.AllocDirty(T*half)
@@ -138,7 +137,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 	}
 	RopeTables(acts.Cos, acts.Sin, pos, m.InvFreq)
 
-	workers := max(1, runtime.GOMAXPROCS(0))
+	workers := m.threads()
 	// x is the residual stream; with Keep each block gets fresh buffers,
 	// otherwise one set is reused by every block.
 	x := ws.AllocDirty(T * hid)
@@ -185,7 +184,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		}
 
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
-		rmsNormPar(la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
+		m.rmsNormPar(jt, la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
 		m.linear(gt, la.QKV, qkvd, la.XN1, hid, w.WQKV, w.pQKV, T, hid, qkvd, 0)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*ad.D}
@@ -195,19 +194,17 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				}
 			}
 		}
-		ropePar(la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
-		// One job per (sequence, head), on goroutines with BLAS single-threaded.
-		parallelJobs(b.NumSeqs()*ad.H, workers, func(worker, job int) {
-			s, h := job/ad.H, job%ad.H
-			r0, L := b.Starts[s], b.Len(s)
-			var probs []float32
+		m.ropePar(jt, la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
+		// One job per (sequence, head), shared out (BLAS single-threaded).
+		if m.team != nil {
+			var off []int
 			if opt.Keep {
-				probs = la.Probs[acts.ProbOffsets[s]+h*L*L : acts.ProbOffsets[s]+(h+1)*L*L]
-			} else {
-				probs = la.Probs[worker*maxL*maxL : worker*maxL*maxL+L*L]
+				off = acts.ProbOffsets
 			}
-			CausalAttentionHead(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, h, probs)
-		})
+			m.team.Attention(la.Attn, hd, la.QKV, b.Starts, ad.H, ad.KV, ad.D, la.Probs, off, maxL*maxL)
+		} else {
+			m.attention(jt, &la, acts, b, opt.Keep, maxL)
+		}
 		if opt.kv != nil {
 			for s := 0; s < b.NumSeqs(); s++ {
 				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
@@ -219,7 +216,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		}
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
-		rmsNormPar(la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
+		m.rmsNormPar(jt, la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
 		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, w.pGateUp, T, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
@@ -228,7 +225,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				}
 			}
 		}
-		siluMulPar(la.Act, la.GU, T, inter)
+		m.siluMulPar(jt, la.Act, la.GU, T, inter)
 		next := la.H
 		if opt.Keep {
 			next = ws.AllocDirty(T * hid)
@@ -302,4 +299,23 @@ func (m *Model) checkLoRA(l *LoRA) error {
 		}
 	}
 	return nil
+}
+
+// attention is the pool's causal attention for one block: one job per
+// (sequence, head), with la.Probs per-worker scratch unless keep (then the
+// probabilities stay at acts.ProbOffsets for the backward).
+func (m *Model) attention(jt *jobsTask, la *LayerActs, acts *Activations, b Batch, keep bool, maxL int) {
+	ad := m.attnDims()
+	qkvd, hd := ad.QKVDim(), ad.H*ad.D
+	m.parallel(jt, b.NumSeqs()*ad.H, func(worker, job int) {
+		s, h := job/ad.H, job%ad.H
+		r0, L := b.Starts[s], b.Len(s)
+		var probs []float32
+		if keep {
+			probs = la.Probs[acts.ProbOffsets[s]+h*L*L : acts.ProbOffsets[s]+(h+1)*L*L]
+		} else {
+			probs = la.Probs[worker*maxL*maxL : worker*maxL*maxL+L*L]
+		}
+		CausalAttentionHead(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, h, probs)
+	})
 }

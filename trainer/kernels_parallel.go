@@ -12,69 +12,60 @@ import (
 
 // The inference forward uses one pool of threads, Go's: OpenBLAS runs
 // single-threaded (AcquireSingleThreadBLAS, one process-wide counter shared
-// with training) and each large product is cut into column chunks that the
-// model's gemmPool workers and the caller claim (gemmTask); per-head
-// attention and large element-wise passes run on goroutines between
-// products. OpenBLAS's own threads would spin after every GEMM and fight
-// those goroutines for the cores.
+// with training), and everything that runs in parallel — column chunks of
+// the large products (gemmTask), per-head attention and row splits of the
+// element-wise passes (jobsTask) — is shared out by the model's workPool
+// between its workers and the caller. OpenBLAS's own threads would spin
+// after every GEMM and fight those workers for the cores; so would
+// goroutines started per pass, which compete with a pool worker still
+// polling for its next task (a third thread on two cores).
 
 // minElemsPerWorker keeps the element-wise kernels on the calling goroutine
-// unless each worker gets this many elements: below it (a 128-token
-// RMSNorm, ~20µs) a split saves less than the goroutine hand-off costs, and
-// on a loaded machine every join is a chance to wait for a descheduled
-// thread.
+// unless each worker gets this many elements: below it a split saves less
+// than the hand-off costs, and on a loaded machine every join is a chance
+// to wait for a descheduled thread.
 const minElemsPerWorker = 1 << 16
 
-// parallelRows runs fn on contiguous row ranges covering [0, rows) of
-// width elements each on up to GOMAXPROCS goroutines and waits for all of
-// them.
-func parallelRows(rows, width int, fn func(lo, hi int)) {
-	w := min(runtime.GOMAXPROCS(0), rows*width/minElemsPerWorker, rows)
-	if w <= 1 {
-		fn(0, rows)
-		return
-	}
-	var wg sync.WaitGroup
-	for i := 1; i < w; i++ {
-		wg.Add(1)
-		go func(lo, hi int) {
-			defer wg.Done()
-			fn(lo, hi)
-		}(i*rows/w, (i+1)*rows/w)
-	}
-	fn(0, rows/w)
-	wg.Wait()
-}
-
-// parallelJobs runs fn(worker, job) for jobs [0, n) on up to workers
-// goroutines pulling jobs in order, with OpenBLAS held at one thread;
-// worker indexes per-worker scratch.
-func parallelJobs(n, workers int, fn func(worker, job int)) {
-	workers = min(workers, n)
-	if workers <= 1 {
+// parallel runs fn(worker, job) for jobs [0, n) on the calling goroutine
+// and the model's pool, each job once. worker is 0 on the caller and
+// 1..m.threads()-1 on the pool's workers: an index into per-worker scratch,
+// never used by two jobs at once. t is the caller's task, as for linear.
+func (m *Model) parallel(t *jobsTask, n int, fn func(worker, job int)) {
+	p := m.gemm
+	if p == nil || n < 2 {
 		for j := 0; j < n; j++ {
 			fn(0, j)
 		}
 		return
 	}
-	AcquireSingleThreadBLAS()
-	defer ReleaseSingleThreadBLAS()
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			for {
-				j := int(next.Add(1) - 1)
-				if j >= n {
-					return
-				}
-				fn(w, j)
-			}
-		}(w)
+	t.fn, t.n = fn, n
+	t.next.Store(0)
+	p.share(t, min(p.workers, n-1))
+	t.fn = nil
+}
+
+// parallelRows runs fn on contiguous row ranges covering [0, rows), rows of
+// width elements each, split across the pool when each part gets at least
+// minElemsPerWorker elements.
+func (m *Model) parallelRows(t *jobsTask, rows, width int, fn func(lo, hi int)) {
+	w := min(m.threads(), rows*width/minElemsPerWorker, rows)
+	if w <= 1 {
+		fn(0, rows)
+		return
 	}
-	wg.Wait()
+	m.parallel(t, w, func(_, j int) { fn(j*rows/w, (j+1)*rows/w) })
+}
+
+// threads is how many threads share the model's parallel work: the team's
+// or the pool's, and the caller.
+func (m *Model) threads() int {
+	switch {
+	case m.team != nil:
+		return m.team.Threads()
+	case m.gemm != nil:
+		return m.gemm.workers + 1
+	}
+	return 1
 }
 
 // singleBLAS counts the callers that need OpenBLAS at one thread. OpenBLAS's
@@ -111,8 +102,8 @@ func ReleaseSingleThreadBLAS() {
 }
 
 // rmsNormPar, ropePar and siluMulPar split the element-wise kernels by rows.
-func rmsNormPar(out, rstd, x, w []float32, rows, dim int, eps float32) {
-	parallelRows(rows, dim, func(lo, hi int) {
+func (m *Model) rmsNormPar(t *jobsTask, out, rstd, x, w []float32, rows, dim int, eps float32) {
+	m.parallelRows(t, rows, dim, func(lo, hi int) {
 		var rs []float32
 		if rstd != nil {
 			rs = rstd[lo:hi]
@@ -121,17 +112,29 @@ func rmsNormPar(out, rstd, x, w []float32, rows, dim int, eps float32) {
 	})
 }
 
-func ropePar(x []float32, rows, ld, col0, nHeads, d int, cos, sin []float32) {
+func (m *Model) ropePar(t *jobsTask, x []float32, rows, ld, col0, nHeads, d int, cos, sin []float32) {
 	half := d / 2
-	parallelRows(rows, nHeads*d, func(lo, hi int) {
+	m.parallelRows(t, rows, nHeads*d, func(lo, hi int) {
 		ApplyRope(x[lo*ld:], hi-lo, ld, col0, nHeads, d, cos[lo*half:hi*half], sin[lo*half:hi*half])
 	})
 }
 
-func siluMulPar(act, gu []float32, rows, inter int) {
-	parallelRows(rows, 3*inter, func(lo, hi int) {
+func (m *Model) siluMulPar(t *jobsTask, act, gu []float32, rows, inter int) {
+	if m.team != nil && rows*3*inter >= 2*minElemsPerWorker {
+		m.team.SwiGLU(act, gu, rows, inter)
+		return
+	}
+	m.parallelRows(t, rows, 3*inter, func(lo, hi int) {
 		SiluMul(act[lo*inter:hi*inter], gu[lo*2*inter:hi*2*inter], hi-lo, inter)
 	})
+}
+
+// poolTask is work that the caller and the pool's workers share: run
+// claims pieces of it until none are left; the caller waits for its
+// helpers on group.
+type poolTask interface {
+	run(worker int)
+	group() *sync.WaitGroup
 }
 
 // gemmTask is one Linear product shared by the workers that help with it:
@@ -151,8 +154,7 @@ type gemmTask struct {
 	wg            sync.WaitGroup
 }
 
-// run claims and computes chunks until every one is taken.
-func (t *gemmTask) run() {
+func (t *gemmTask) run(int) {
 	for {
 		c := int(t.next.Add(1)) - 1
 		if c >= t.chunks {
@@ -168,44 +170,77 @@ func (t *gemmTask) run() {
 	}
 }
 
-// gemmPool runs chunks of Linear products on goroutines that live as long
-// as the Model (started by LoadModel, stopped by Close).
-type gemmPool struct {
-	tasks   chan *gemmTask
+func (t *gemmTask) group() *sync.WaitGroup { return &t.wg }
+
+// jobsTask is n independent jobs (Model.parallel), claimed in order.
+type jobsTask struct {
+	fn   func(worker, job int)
+	n    int
+	next atomic.Int32
+	wg   sync.WaitGroup
+}
+
+func (t *jobsTask) run(worker int) {
+	for {
+		j := int(t.next.Add(1)) - 1
+		if j >= t.n {
+			return
+		}
+		t.fn(worker, j)
+	}
+}
+
+func (t *jobsTask) group() *sync.WaitGroup { return &t.wg }
+
+// workPool runs shared tasks on goroutines that live as long as the Model
+// (started by LoadModel, stopped by Close).
+type workPool struct {
+	tasks   chan poolTask
 	workers int
 	wg      sync.WaitGroup
 }
 
-func newGemmPool(workers int) *gemmPool {
-	p := &gemmPool{tasks: make(chan *gemmTask, 4*workers), workers: workers}
+func newWorkPool(workers int) *workPool {
+	p := &workPool{tasks: make(chan poolTask, 4*workers), workers: workers}
 	for i := 0; i < workers; i++ {
 		p.wg.Add(1)
-		go func() {
+		go func(worker int) {
 			defer p.wg.Done()
 			for {
 				t, ok := p.next()
 				if !ok {
 					return
 				}
-				t.run()
-				t.wg.Done()
+				t.run(worker)
+				t.group().Done()
 			}
-		}()
+		}(i + 1)
 	}
 	return p
 }
 
+// share offers t to helpers of the pool's workers, runs it on the caller
+// (worker 0) and returns once every helper is done with it.
+func (p *workPool) share(t poolTask, helpers int) {
+	t.group().Add(helpers)
+	for i := 0; i < helpers; i++ {
+		p.tasks <- t
+	}
+	t.run(0)
+	t.group().Wait()
+}
+
 // spinFor is how long a worker keeps polling for the next task before it
-// parks. A forward hands a product to the workers every few hundred
+// parks. A forward hands work to the workers every few hundred
 // microseconds; waking a parked goroutine takes tens (a futex wake, then
-// the scheduler), and on two cores the caller finishes its chunk and waits
+// the scheduler), and on two cores the caller finishes its part and waits
 // for the late helper. Polling yields the P each round (runtime.Gosched),
-// so goroutines started meanwhile (attention jobs, row splits) still run.
+// so other goroutines still run.
 const spinFor = 200 * time.Microsecond
 
 // next returns the next task, polling for up to spinFor before blocking;
 // ok is false once the pool is stopped.
-func (p *gemmPool) next() (t *gemmTask, ok bool) {
+func (p *workPool) next() (t poolTask, ok bool) {
 	start := time.Now()
 	for {
 		// len of a buffered channel is a plain read: poll it in a tight loop
@@ -228,7 +263,7 @@ func (p *gemmPool) next() (t *gemmTask, ok bool) {
 	return t, ok
 }
 
-func (p *gemmPool) stop() {
+func (p *workPool) stop() {
 	close(p.tasks)
 	p.wg.Wait()
 }
@@ -250,13 +285,17 @@ const (
 	minChunkCols    = 64
 )
 
-// linear is Linear split by output features across the model's gemmPool
+// linear is Linear split by output features across the model's workPool
 // and the calling goroutine, each chunk a single-threaded BLAS call: the
 // caller must hold AcquireSingleThreadBLAS. pw, when not nil, is w packed
 // at load (packWeights) and does the product instead of OpenBLAS. t is the
 // caller's task (owned by a long-lived struct so that passing it does not
 // allocate); one task serves one product at a time.
 func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed.Weights, rows, in, out int, beta float32) {
+	if pw != nil && m.team != nil && rows*in*out >= minParallelMACs {
+		m.team.Mul(pw, y, ldy, x, ldx, rows, beta)
+		return
+	}
 	p := m.gemm
 	if p == nil || rows*in*out < minParallelMACs || out < 16*(p.workers+1) {
 		linearOne(y, ldy, x, ldx, w, pw, rows, in, out, beta)
@@ -282,13 +321,7 @@ func (m *Model) linear(t *gemmTask, y []float32, ldy int, x []float32, ldx int, 
 	t.rows, t.in, t.out, t.beta = rows, in, out, beta
 	t.chunk, t.chunks = chunk, chunks
 	t.next.Store(0)
-	helpers := min(p.workers, chunks-1)
-	t.wg.Add(helpers)
-	for i := 0; i < helpers; i++ {
-		p.tasks <- t
-	}
-	t.run()
-	t.wg.Wait()
+	p.share(t, min(p.workers, chunks-1))
 }
 
 // linearOne is linear's product on the calling goroutine alone.

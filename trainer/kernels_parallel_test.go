@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer/blas"
@@ -86,21 +87,71 @@ func TestSingleThreadBLASOneCounter(t *testing.T) {
 }
 
 func TestParallelRowsCoversAll(t *testing.T) {
+	m := &Model{gemm: newWorkPool(3)}
+	defer m.gemm.stop()
+	var task jobsTask
 	for _, rows := range []int{0, 1, 7, 8, 17, 100} {
 		seen := make([]int, rows)
 		var mu sync.Mutex
-		parallelRows(rows, 1<<14, func(lo, hi int) {
+		parts := 0
+		m.parallelRows(&task, rows, minElemsPerWorker, func(lo, hi int) {
 			mu.Lock()
 			defer mu.Unlock()
+			parts++
 			for i := lo; i < hi; i++ {
 				seen[i]++
 			}
 		})
+		if want := min(rows, 4); rows > 0 && parts != want {
+			t.Errorf("rows %d: %d parts, want %d", rows, parts, want)
+		}
 		for i, n := range seen {
 			if n != 1 {
 				t.Fatalf("rows %d: row %d visited %d times", rows, i, n)
 			}
 		}
+	}
+}
+
+// TestParallelWorkerIndexes: every job runs once, on a worker index below
+// threads() that no other job holds at the same time (per-worker scratch
+// relies on it), and the pool's workers take part.
+func TestParallelWorkerIndexes(t *testing.T) {
+	m := &Model{gemm: newWorkPool(3)}
+	defer m.gemm.stop()
+	var task jobsTask
+	busy := make([]atomic.Bool, m.threads())
+	ran := make([]atomic.Int32, 200)
+	var helped atomic.Int32
+	for round := 0; round < 20; round++ {
+		for i := range ran {
+			ran[i].Store(0)
+		}
+		m.parallel(&task, len(ran), func(worker, job int) {
+			if worker < 0 || worker >= len(busy) {
+				t.Errorf("worker %d of %d", worker, len(busy))
+				return
+			}
+			if busy[worker].Swap(true) {
+				t.Errorf("worker %d runs two jobs at once", worker)
+			}
+			if worker > 0 {
+				helped.Add(1)
+			}
+			for i := 0; i < 2000; i++ { // long enough for helpers to join
+				_ = math.Sqrt(float64(i))
+			}
+			ran[job].Add(1)
+			busy[worker].Store(false)
+		})
+		for i := range ran {
+			if n := ran[i].Load(); n != 1 {
+				t.Fatalf("round %d: job %d ran %d times", round, i, n)
+			}
+		}
+	}
+	if helped.Load() == 0 {
+		t.Error("the pool's workers ran none of the jobs")
 	}
 }
 
@@ -110,7 +161,7 @@ func TestParallelRowsCoversAll(t *testing.T) {
 // and 1; so does the packed kernel's split (whole panels per chunk) where
 // the CPU runs it.
 func TestLinearChunksMatchOneCall(t *testing.T) {
-	m := &Model{gemm: newGemmPool(3)}
+	m := &Model{gemm: newWorkPool(3)}
 	defer m.gemm.stop()
 	AcquireSingleThreadBLAS()
 	defer ReleaseSingleThreadBLAS()

@@ -46,6 +46,7 @@ import (
 
 	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/safetensors"
+	"github.com/signal-p2p/signal/trainer/team"
 )
 
 // Layer holds one decoder block's weights in the fused layout above.
@@ -79,7 +80,10 @@ type Model struct {
 	ownBytes int64
 	tok      tokenizerHandle
 	pool     arenaPool
-	gemm     *gemmPool // nil with one CPU
+	// The forward's parallel work runs on team with packed weights (POSIX
+	// threads: see package team), on gemm otherwise; both nil with one CPU.
+	team *team.Team
+	gemm *workPool
 }
 
 // Config returns the model's configuration.
@@ -92,12 +96,16 @@ func (m *Model) Dir() string { return m.dir }
 // mapped F32 tensors used in place).
 func (m *Model) MemoryBytes() int64 { return m.ownBytes }
 
-// Close stops the model's GEMM workers and releases the packed weights
+// Close stops the model's pool workers and releases the packed weights
 // and the mapped weight files. The model must not be used after.
 func (m *Model) Close() error {
 	if m.gemm != nil {
 		m.gemm.stop()
 		m.gemm = nil
+	}
+	if m.team != nil {
+		m.team.Close()
+		m.team = nil
 	}
 	m.freePacked()
 	if m.weights == nil {
@@ -111,7 +119,7 @@ func (m *Model) Close() error {
 // LoadModel loads a Hugging Face Llama directory: config.json, the weights
 // (model.safetensors or a sharded index; F32, BF16 or F16) and, when present,
 // tokenizer.json. A missing tensor or a wrong shape is an error naming the
-// file and the tensor. The model starts GOMAXPROCS−1 GEMM worker goroutines;
+// file and the tensor. The model starts GOMAXPROCS−1 pool worker goroutines;
 // Close stops them.
 func LoadModel(dir string) (*Model, error) {
 	cfg, err := ReadConfig(dir)
@@ -139,8 +147,9 @@ func LoadModel(dir string) (*Model, error) {
 		m.Close()
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
-	if n := runtime.GOMAXPROCS(0); n > 1 {
-		m.gemm = newGemmPool(n - 1)
+	if err := m.startWorkers(); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
 	return m, nil
 }
@@ -277,6 +286,27 @@ func PackedWeights() bool {
 		return false
 	}
 	return packed.Available()
+}
+
+// startWorkers starts the threads that share the forward's work with its
+// caller, GOMAXPROCS−1 of them: a team when the weights are packed (its C
+// threads run the packed products, attention and SwiGLU), a goroutine pool
+// otherwise.
+func (m *Model) startWorkers() error {
+	n := runtime.GOMAXPROCS(0)
+	if n < 2 {
+		return nil
+	}
+	if m.pHead == nil {
+		m.gemm = newWorkPool(n - 1)
+		return nil
+	}
+	t, err := team.New(n - 1)
+	if err != nil {
+		return err
+	}
+	m.team = t
+	return nil
 }
 
 // packWeights gives every projection the forward runs (and the LM head) a

@@ -120,11 +120,31 @@ func (p *Weights) MulCols(y []float32, ldy int, x []float32, ldx int, rows, n0, 
 	if n0 < 0 || n0 > n1 || n1 > p.N || n0%PanelCols != 0 {
 		panic(fmt.Sprintf("packed: columns [%d, %d) of %d (start must be a multiple of %d)", n0, n1, p.N, PanelCols))
 	}
-	need("x", len(x), rows, p.K, ldx)
-	need("y", len(y), rows, p.N, ldy)
+	p.Check(y, ldy, x, ldx, rows)
 	C.pk_mul(C.long(rows), C.long(p.K), (*C.float)(&x[0]), C.long(ldx), (*C.float)(&p.data[0]),
 		C.long(n0), C.long(n1), (*C.float)(&y[0]), C.long(ldy), C.float(beta))
 	runtime.KeepAlive(p) // its cleanup frees the memory C just read
+}
+
+// Check panics unless y and x fit a product of rows rows (Mul's arguments)
+// and p has not been freed: for code that runs pk_mul itself, from C
+// (package team), and checks first.
+func (p *Weights) Check(y []float32, ldy int, x []float32, ldx int, rows int) {
+	if len(p.data) == 0 {
+		panic("packed: Weights used after Free")
+	}
+	need("x", len(x), rows, p.K, ldx)
+	need("y", len(y), rows, p.N, ldy)
+}
+
+// Panels returns the packed copy's memory, for C code that calls pk_mul
+// (package team). It stays valid until Free; the caller keeps p alive
+// while C reads it (runtime.KeepAlive).
+func (p *Weights) Panels() unsafe.Pointer {
+	if len(p.data) == 0 {
+		panic("packed: Weights used after Free")
+	}
+	return unsafe.Pointer(&p.data[0])
 }
 
 // need panics unless a [rows, cols] matrix with row stride ld fits in n
