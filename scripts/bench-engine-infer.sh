@@ -18,7 +18,9 @@
 # run. Figures are noisy on a shared machine: the load average is printed.
 # Env: SIGNAL_PYTHON (default /usr/bin/python3), REPS (1; 3 for medians), SIGNAL_BIN;
 # every round also runs the Go engine with SIGNAL_ENGINE_PACKED=0 ("go-unpacked":
-# OpenBLAS for every product) for the packed kernel's share;
+# OpenBLAS for every product) for the packed kernel's share, and with
+# --all-rows ("go-allrows": the prefill's last block on every row, the work
+# PyTorch's forward does; sampling needs only the last row's);
 # BEFORE_BIN=path/to/older/signal adds that build ("go-before", GOMAXPROCS
 # 2) to every round, for before/after figures under the same load;
 # ONLY=regex runs just the rows whose "name prefill" matches.
@@ -60,6 +62,10 @@ bench() {
     # product), for the packed kernel's share of the figures.
     results+="go-unpacked 2 $(SIGNAL_ENGINE_PACKED=0 GOMAXPROCS=2 "$BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
       --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
+    # The same build with the prefill's last block on every row, as
+    # PyTorch's forward does: the figure without sampling's LastRows saving.
+    results+="go-allrows 2 $(GOMAXPROCS=2 "$BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
+      --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep" --all-rows)"$'\n'
     if [ -n "${BEFORE_BIN:-}" ]; then
       results+="go-before 2 $("$BEFORE_BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
         --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
@@ -73,7 +79,7 @@ sgemm, flops = [], None
 for line in os.environ["RESULTS"].splitlines():
     side, thr, js = line.split(" ", 2)
     j = json.loads(js)
-    if side in ("go-before", "go-unpacked"):
+    if side in ("go-before", "go-unpacked", "go-allrows"):
         runs.setdefault("%s GOMAXPROCS=%s" % (side, thr), []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
     elif side == "go":
         runs.setdefault("go GOMAXPROCS=%s" % thr, []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
@@ -100,6 +106,9 @@ for i, what in ((0, "prefill"), (1, "decode ")):
     u, uk = best("go-unpacked", i)
     if u:
         print("   %s go packed/unpacked weights: %.1f / %.1f = %.2fx" % (what, g, u, g / u))
+    a, ak = best("go-allrows", i)
+    if a and t and i == 0:
+        print("   %s go with the last block on every row (as torch): %.1f / best torch %.1f = %.2fx" % (what, a, t, a / t))
     b, bk = best("go-before", i)
     if b:
         print("   %s go after/before: %.1f / %.1f = %.2fx" % (what, g, b, g / b))

@@ -3,8 +3,10 @@ package trainer
 import (
 	"context"
 	"fmt"
+	"math"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
 // Batch is a packed set of sequences: Tokens holds them back to back and
@@ -67,6 +69,11 @@ type Activations struct {
 type ForwardOptions struct {
 	LoRA *LoRA // applied unmerged on the modules it targets; nil for the base model
 	Keep bool  // keep every activation the backward needs (Activations.Layers)
+	// LastRows: only each sequence's last row is needed (a prompt's
+	// next-token logits). The last block then runs o_proj and the MLP for
+	// those rows alone — llama.cpp skips the same work — and Out (and XF,
+	// RStdF) hold one row per sequence. Not with Keep.
+	LastRows bool
 	// kv, when set, receives each sequence's rotated keys and values.
 	kv *kvCache
 	// kvSlots[i] is the cache slot of sequence i.
@@ -108,6 +115,9 @@ func addLoRA(y []float32, ldy, col0 int, x []float32, ldx, rows int, lora *LoRA,
 // returned Activations hold every layer's tensors for the backward,
 // otherwise only Out is meaningful.
 func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOptions) (*Activations, error) {
+	if opt.LastRows && opt.Keep {
+		return nil, fmt.Errorf("%w: Forward with both LastRows and Keep", ErrInvalidInput)
+	}
 	c := m.cfg
 	T, hid, inter := len(b.Tokens), c.HiddenSize, c.IntermediateSize
 	ad := m.attnDims()
@@ -169,6 +179,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 	} else {
 		newBuffers()
 	}
+	rows := T // rows the block computes after attention (see LastRows)
 	for l := range m.Layers {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -195,8 +206,25 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 			}
 		}
 		m.ropePar(jt, la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
-		// One job per (sequence, head), shared out (BLAS single-threaded).
-		if m.team != nil {
+		if opt.kv != nil {
+			for s := 0; s < b.NumSeqs(); s++ {
+				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
+			}
+		}
+		if opt.LastRows && l == len(m.Layers)-1 {
+			// Only each sequence's last row goes on (every row's keys and
+			// values are in the cache already): its attention against the
+			// whole sequence, and its residual row gathered to row s.
+			rows = b.NumSeqs()
+			for s := 0; s < rows; s++ {
+				r0, L := b.Starts[s], b.Len(s)
+				for h := 0; h < ad.H; h++ {
+					lastRowAttention(la.Attn[s*hd+h*ad.D:], la.QKV[r0*qkvd:], L, ad, h, la.Probs[:L])
+				}
+				copy(x[s*hid:(s+1)*hid], x[(r0+L-1)*hid:(r0+L)*hid]) // s ≤ r0+L−1, and later rows lie further on
+			}
+		} else if m.team != nil {
+			// One job per (sequence, head), shared out (BLAS single-threaded).
 			var off []int
 			if opt.Keep {
 				off = acts.ProbOffsets
@@ -205,45 +233,40 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		} else {
 			m.attention(jt, &la, acts, b, opt.Keep, maxL)
 		}
-		if opt.kv != nil {
-			for s := 0; s < b.NumSeqs(); s++ {
-				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
-			}
-		}
-		m.linear(gt, la.H, hid, la.Attn, hd, w.WO, w.pO, T, hd, hid, 1)
+		m.linear(gt, la.H, hid, la.Attn, hd, w.WO, w.pO, rows, hd, hid, 1)
 		if lora != nil && lora.Targets(ModO) {
-			addLoRA(la.H, hid, 0, la.Attn, hd, T, lora, l, ModO, la.U[ModO])
+			addLoRA(la.H, hid, 0, la.Attn, hd, rows, lora, l, ModO, la.U[ModO])
 		}
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
-		m.rmsNormPar(jt, la.XN2, la.RStd2, la.H, w.MLPNorm, T, hid, eps)
-		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, w.pGateUp, T, hid, 2*inter, 0)
+		m.rmsNormPar(jt, la.XN2, la.RStd2, la.H, w.MLPNorm, rows, hid, eps)
+		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, w.pGateUp, rows, hid, 2*inter, 0)
 		if lora != nil {
 			for i, mod := range [2]Module{ModGate, ModUp} {
 				if lora.Targets(mod) {
-					addLoRA(la.GU, 2*inter, i*inter, la.XN2, hid, T, lora, l, mod, la.U[mod])
+					addLoRA(la.GU, 2*inter, i*inter, la.XN2, hid, rows, lora, l, mod, la.U[mod])
 				}
 			}
 		}
-		m.siluMulPar(jt, la.Act, la.GU, T, inter)
+		m.siluMulPar(jt, la.Act, la.GU, rows, inter)
 		next := la.H
 		if opt.Keep {
-			next = ws.AllocDirty(T * hid)
+			next = ws.AllocDirty(rows * hid)
 			copy(next, la.H)
 		}
-		m.linear(gt, next, hid, la.Act, inter, w.WDown, w.pDown, T, inter, hid, 1)
+		m.linear(gt, next, hid, la.Act, inter, w.WDown, w.pDown, rows, inter, hid, 1)
 		if lora != nil && lora.Targets(ModDown) {
-			addLoRA(next, hid, 0, la.Act, inter, T, lora, l, ModDown, la.U[ModDown])
+			addLoRA(next, hid, 0, la.Act, inter, rows, lora, l, ModDown, la.U[ModDown])
 		}
 		if opt.Keep {
 			acts.Layers[l] = la
 		}
 		x = next
 	}
-	acts.XF = x
-	acts.RStdF = ws.AllocDirty(T)
-	acts.Out = ws.AllocDirty(T * hid)
-	RMSNorm(acts.Out, acts.RStdF, x, m.Norm, T, hid, eps)
+	acts.XF = x[:rows*hid]
+	acts.RStdF = ws.AllocDirty(rows)
+	acts.Out = ws.AllocDirty(rows * hid)
+	RMSNorm(acts.Out, acts.RStdF, acts.XF, m.Norm, rows, hid, eps)
 	return acts, nil
 }
 
@@ -318,4 +341,16 @@ func (m *Model) attention(jt *jobsTask, la *LayerActs, acts *Activations, b Batc
 		}
 		CausalAttentionHead(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, h, probs)
 	})
+}
+
+// lastRowAttention writes head h's attention output for the last of a
+// sequence's L rows (qkv from its first row) into out[0:D]; p is [L]
+// scratch. The calls are CausalAttentionHead's for one row.
+func lastRowAttention(out, qkv []float32, L int, a AttnDims, h int, p []float32) {
+	ld := a.QKVDim()
+	g := h / (a.H / a.KV)
+	scale := float32(1 / math.Sqrt(float64(a.D)))
+	blas.Sgemm(false, true, 1, L, a.D, scale, qkv[(L-1)*ld+h*a.D:], ld, qkv[(a.H+g)*a.D:], ld, 0, p, L)
+	vmath.CausalSoftmaxRows(p, 1, L-1, L, L)
+	blas.Sgemm(false, false, 1, a.D, L, 1, p, L, qkv[(a.H+a.KV+g)*a.D:], ld, 0, out, a.D)
 }

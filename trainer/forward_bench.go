@@ -15,6 +15,10 @@ type InferBenchOptions struct {
 	DecodeTokens  int // tokens decoded per sequence after an 8-token prompt
 	DecodeBatch   int // sequences decoded together
 	Repeats       int // the median of this many runs (after a warm-up run) is reported
+	// AllRows runs the prefill's last block on every row (a full forward,
+	// as the PyTorch reference does) instead of on the last row alone, as
+	// sampling does (ForwardOptions.LastRows).
+	AllRows bool
 }
 
 // InferBenchResult is what BenchInfer measured. FLOP counts are model
@@ -68,12 +72,12 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	for r := 0; r <= o.Repeats; r++ {
 		ws := m.GetArena()
 		t0 := time.Now()
-		acts, err := m.Forward(ctx, ws, NewBatch([][]int{prompt}), ForwardOptions{})
+		acts, err := m.Forward(ctx, ws, NewBatch([][]int{prompt}), ForwardOptions{LastRows: !o.AllRows})
 		if err != nil {
 			m.PutArena(ws)
 			return res, err
 		}
-		m.HeadLogits(logits, acts.Out[(o.PrefillTokens-1)*c.HiddenSize:], 1)
+		m.HeadLogits(logits, acts.Out[len(acts.Out)-c.HiddenSize:], 1)
 		if r > 0 {
 			times = append(times, time.Since(t0))
 		}

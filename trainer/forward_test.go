@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -227,6 +228,58 @@ func compareLogits(t *testing.T, got, want []float32) {
 	if maxDiff > logitRelTol*maxAbs {
 		t.Errorf("logits differ from PyTorch by %.3g, more than %.0e of the largest logit %.4g", maxDiff, logitRelTol, maxAbs)
 	}
+}
+
+// TestForwardLastRows: with LastRows the last block runs on each
+// sequence's last row alone, and Out holds those rows: they agree with a
+// full forward's (the last row's attention is the same sums, made by a
+// one-row GEMM, so to f32 rounding), with an adapter on every module and
+// sequences of one row and of more than one 128-row query block; the keys
+// and values cached are the same bits. LastRows with Keep is refused.
+func TestForwardLastRows(t *testing.T) {
+	forEachWeightPath(t, func(t *testing.T, _ bool) {
+		m := mustLoad(t, "tiny-sp")
+		lora := mustAdapter(t, m, "tiny-sp")
+		c := m.Config()
+		b := NewBatch([][]int{testTokens(9, c.VocabSize, 1), testTokens(1, c.VocabSize, 2), testTokens(140, c.VocabSize, 3)})
+		hid, n := c.HiddenSize, b.NumSeqs()
+		run := func(last bool) (*Activations, *kvCache) {
+			ws := m.GetArena()
+			t.Cleanup(func() { m.PutArena(ws) })
+			cache := newKVCache(ws, n, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 140, c.HeadDim)
+			acts, err := m.Forward(context.Background(), ws, b, ForwardOptions{LoRA: lora, LastRows: last, kv: cache, kvSlots: []int{0, 1, 2}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return acts, cache
+		}
+		full, fullKV := run(false)
+		last, lastKV := run(true)
+		if len(last.Out) != n*hid {
+			t.Fatalf("LastRows Out has %d floats, want %d rows of %d", len(last.Out), n, hid)
+		}
+		for s := 0; s < n; s++ {
+			r := b.Starts[s+1] - 1
+			var maxAbs, maxDiff float64
+			for j := 0; j < hid; j++ {
+				w, g := float64(full.Out[r*hid+j]), float64(last.Out[s*hid+j])
+				maxAbs, maxDiff = max(maxAbs, math.Abs(w)), max(maxDiff, math.Abs(g-w))
+			}
+			if maxDiff > 1e-5*maxAbs {
+				t.Errorf("sequence %d: last row differs from the full forward's by %.3g (largest %.3g)", s, maxDiff, maxAbs)
+			}
+		}
+		for i := range fullKV.k {
+			if fullKV.k[i] != lastKV.k[i] || fullKV.v[i] != lastKV.v[i] {
+				t.Fatalf("cached key or value %d differs", i)
+			}
+		}
+		ws := m.GetArena()
+		defer m.PutArena(ws)
+		if _, err := m.Forward(context.Background(), ws, b, ForwardOptions{LastRows: true, Keep: true}); !errors.Is(err, ErrInvalidInput) {
+			t.Errorf("LastRows with Keep: err %v, want ErrInvalidInput", err)
+		}
+	})
 }
 
 // Keep must not change the result, and what it keeps must be consistent

@@ -107,19 +107,16 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 		slots[i] = i * numSamples
 	}
 	b := NewBatch(prompts)
-	acts, err := m.Forward(ctx, ws, b, ForwardOptions{LoRA: lora, kv: cache, kvSlots: slots})
+	acts, err := m.Forward(ctx, ws, b, ForwardOptions{LoRA: lora, LastRows: true, kv: cache, kvSlots: slots})
 	if err != nil {
 		return err
 	}
-	hid, V := c.HiddenSize, c.VocabSize
-	last := ws.AllocDirty(len(prompts) * hid)
+	V := c.VocabSize
 	for i := range prompts {
-		r := b.Starts[i+1] - 1
-		copy(last[i*hid:(i+1)*hid], acts.Out[r*hid:(r+1)*hid])
 		cache.lens[slots[i]] = b.Len(i)
 	}
 	promptLogits := ws.AllocDirty(len(prompts) * V)
-	m.headLogits(new(gemmTask), promptLogits, last, len(prompts))
+	m.headLogits(new(gemmTask), promptLogits, acts.Out, len(prompts)) // one row per prompt: its last
 	for i := range prompts {
 		for j := 1; j < numSamples; j++ {
 			cache.copySlot(slots[i]+j, slots[i])

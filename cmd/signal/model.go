@@ -193,6 +193,7 @@ func newModelBenchInferCmd() *cobra.Command {
 	f.IntVar(&o.DecodeTokens, "decode-tokens", o.DecodeTokens, "tokens decoded per sequence")
 	f.IntVar(&o.DecodeBatch, "decode-batch", o.DecodeBatch, "sequences decoded together")
 	f.IntVar(&o.Repeats, "repeats", o.Repeats, "report the median of this many runs (after a warm-up run)")
+	f.BoolVar(&o.AllRows, "all-rows", false, "prefill runs the last block on every row, as a full forward does, not on the last row alone as sampling does")
 	_ = cmd.MarkFlagRequired("model")
 	return cmd
 }
