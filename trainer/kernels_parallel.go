@@ -10,15 +10,17 @@ import (
 	"github.com/signal-p2p/signal/trainer/packed"
 )
 
-// The inference forward uses one pool of threads, Go's: OpenBLAS runs
-// single-threaded (AcquireSingleThreadBLAS, one process-wide counter shared
-// with training), and everything that runs in parallel — column chunks of
-// the large products (gemmTask), per-head attention and row splits of the
-// element-wise passes (jobsTask) — is shared out by the model's workPool
-// between its workers and the caller. OpenBLAS's own threads would spin
-// after every GEMM and fight those workers for the cores; so would
-// goroutines started per pass, which compete with a pool worker still
-// polling for its next task (a third thread on two cores).
+// The inference forward shares its parallel work between the caller and
+// the model's helpers. With packed weights the helpers are a team of POSIX
+// threads (package team, which explains why not goroutines) and the team
+// runs the products, attention and SwiGLU; the element-wise passes left
+// (RMSNorm, RoPE) run on the caller. Otherwise the helpers are the
+// goroutines of a workPool, which runs column chunks of the products
+// (gemmTask), per-head attention and row splits of the element-wise passes
+// (jobsTask). Either way OpenBLAS runs single-threaded
+// (AcquireSingleThreadBLAS, one process-wide counter shared with
+// training): its own threads would spin after every GEMM and fight the
+// helpers for the cores, as would goroutines started per pass.
 
 // minElemsPerWorker keeps the element-wise kernels on the calling goroutine
 // unless each worker gets this many elements: below it a split saves less

@@ -3,8 +3,9 @@
 // calling goroutine and helper threads that are POSIX threads, not
 // goroutines.
 //
-// Why not goroutines: the forward hands work out 120 times per 128-token
-// prefill on the 135M shape, each share a millisecond or less. While one
+// Why not goroutines: the forward hands work out about 180 times per
+// 128-token prefill on the 135M shape (four products, attention and SwiGLU
+// in each of 30 layers), each share a millisecond or less. While one
 // goroutine computes in a cgo call and another holds the second P (polling
 // for its next share, or waiting at the join), Go's sysmon finds no idle P,
 // retakes the cgo call's P, and keeps waking every 20 µs to do so again;
@@ -131,9 +132,17 @@ func lptr(s []int) *C.long {
 	return (*C.long)(unsafe.Pointer(&s[0]))
 }
 
+// minChunkMACs is the least work in one claimed chunk of a product: about
+// 10 µs of the kernel, so that claims and calls stay a small part of it.
+const minChunkMACs = 1 << 20
+
 // Mul is p.Mul (y = x·Wᵀ + beta·y) shared out in column chunks of whole
-// panels, two per thread so that a thread delayed by another process does
-// not hold the rest back.
+// panels that the threads claim in turn. With many rows a chunk is one
+// panel: a panel's work is then ~40 µs or more, and with more chunks than
+// threads, each thread ends within a panel of the others (chunks of a
+// quarter of the product left one thread 10 % more on the 576-column
+// products: 18 panels cut 5+5+5+3). With few rows (decode) a chunk is as
+// many panels as make minChunkMACs, but at least two chunks per thread.
 func (tm *Team) Mul(p *packed.Weights, y []float32, ldy int, x []float32, ldx int, rows int, beta float32) {
 	if rows == 0 {
 		return
@@ -141,7 +150,8 @@ func (tm *Team) Mul(p *packed.Weights, y []float32, ldy int, x []float32, ldx in
 	p.Check(y, ldy, x, ldx, rows)
 	t := tm.acquire()
 	defer tm.release(t)
-	chunk := p.PanelChunk(2 * tm.threads)
+	perPanel := rows * p.K * packed.PanelCols
+	chunk := min(p.PanelChunk(2*tm.threads), (minChunkMACs+perPanel-1)/perPanel*packed.PanelCols)
 	C.tm_mul(t, C.long(rows), C.long(p.K), fptr(x), C.long(ldx), (*C.float)(p.Panels()), C.long(p.N), C.long(chunk),
 		fptr(y), C.long(ldy), C.float(beta))
 	runtime.KeepAlive(p)
