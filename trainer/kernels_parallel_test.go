@@ -8,6 +8,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/signal-p2p/signal/trainer/blas"
 	"github.com/signal-p2p/signal/trainer/packed"
@@ -115,43 +116,57 @@ func TestParallelRowsCoversAll(t *testing.T) {
 
 // TestParallelWorkerIndexes: every job runs once, on a worker index below
 // threads() that no other job holds at the same time (per-worker scratch
-// relies on it), and the pool's workers take part.
+// relies on it), and the pool's workers take part: each round's first job
+// waits until a job finishes on another worker, so a round cannot end on
+// one goroutine.
 func TestParallelWorkerIndexes(t *testing.T) {
 	m := &Model{gemm: newWorkPool(3)}
 	defer m.gemm.stop()
 	var task jobsTask
-	busy := make([]atomic.Bool, m.threads())
+	threads := m.threads()
+	busy := make([]atomic.Bool, threads)
+	doneBy := make([]atomic.Int32, threads)
 	ran := make([]atomic.Int32, 200)
-	var helped atomic.Int32
 	for round := 0; round < 20; round++ {
 		for i := range ran {
 			ran[i].Store(0)
 		}
+		for i := range doneBy {
+			doneBy[i].Store(0)
+		}
+		var first atomic.Bool
 		m.parallel(&task, len(ran), func(worker, job int) {
-			if worker < 0 || worker >= len(busy) {
-				t.Errorf("worker %d of %d", worker, len(busy))
+			if worker < 0 || worker >= threads {
+				t.Errorf("worker %d of %d", worker, threads)
 				return
 			}
 			if busy[worker].Swap(true) {
 				t.Errorf("worker %d runs two jobs at once", worker)
 			}
-			if worker > 0 {
-				helped.Add(1)
-			}
-			for i := 0; i < 2000; i++ { // long enough for helpers to join
-				_ = math.Sqrt(float64(i))
+			if first.CompareAndSwap(false, true) {
+				deadline := time.Now().Add(10 * time.Second)
+				for others := int32(0); others == 0; {
+					if time.Now().After(deadline) {
+						t.Errorf("round %d: no other worker finished a job in 10 s", round)
+						break
+					}
+					runtime.Gosched()
+					for w := range doneBy {
+						if w != worker {
+							others += doneBy[w].Load()
+						}
+					}
+				}
 			}
 			ran[job].Add(1)
 			busy[worker].Store(false)
+			doneBy[worker].Add(1)
 		})
 		for i := range ran {
 			if n := ran[i].Load(); n != 1 {
 				t.Fatalf("round %d: job %d ran %d times", round, i, n)
 			}
 		}
-	}
-	if helped.Load() == 0 {
-		t.Error("the pool's workers ran none of the jobs")
 	}
 }
 
