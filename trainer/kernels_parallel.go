@@ -32,6 +32,7 @@ const minElemsPerWorker = 1 << 16
 // and the model's pool, each job once. worker is 0 on the caller and
 // 1..m.threads()-1 on the pool's workers: an index into per-worker scratch,
 // never used by two jobs at once. t is the caller's task, as for linear.
+// Jobs that call BLAS need the caller to hold AcquireSingleThreadBLAS.
 func (m *Model) parallel(t *jobsTask, n int, fn func(worker, job int)) {
 	p := m.gemm
 	if p == nil || n < 2 {

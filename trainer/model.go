@@ -96,7 +96,7 @@ func (m *Model) Dir() string { return m.dir }
 // mapped F32 tensors used in place).
 func (m *Model) MemoryBytes() int64 { return m.ownBytes }
 
-// Close stops the model's pool workers and releases the packed weights
+// Close stops the model's helpers and releases the packed weights
 // and the mapped weight files. The model must not be used after.
 func (m *Model) Close() error {
 	if m.gemm != nil {
@@ -119,8 +119,8 @@ func (m *Model) Close() error {
 // LoadModel loads a Hugging Face Llama directory: config.json, the weights
 // (model.safetensors or a sharded index; F32, BF16 or F16) and, when present,
 // tokenizer.json. A missing tensor or a wrong shape is an error naming the
-// file and the tensor. The model starts GOMAXPROCS−1 pool worker goroutines;
-// Close stops them.
+// file and the tensor. The model starts GOMAXPROCS−1 helpers for its
+// forward (startWorkers); Close stops them.
 func LoadModel(dir string) (*Model, error) {
 	cfg, err := ReadConfig(dir)
 	if err != nil {

@@ -166,7 +166,9 @@ func (tm *Team) Mul(p *packed.Weights, y []float32, ldy int, x []float32, ldx in
 // backward), otherwise to per-thread scratch: probs then holds Threads()
 // blocks of scratch floats, each at least the longest sequence squared.
 // The results equal trainer.CausalAttentionHead's, which makes the same
-// calls.
+// calls. Its GEMMs are OpenBLAS's: keep OpenBLAS at one thread meanwhile
+// (trainer.AcquireSingleThreadBLAS), or its threads and the team's fight
+// for the cores.
 func (tm *Team) Attention(out []float32, ldOut int, qkv []float32, starts []int, heads, kvHeads, d int, probs []float32, probOffsets []int, scratch int) {
 	seqs := len(starts) - 1
 	if seqs <= 0 {
