@@ -15,6 +15,8 @@ import "C"
 import (
 	"fmt"
 	"unsafe"
+
+	"github.com/signal-p2p/signal/trainer/internal/shape"
 )
 
 // SetThreads sets the number of threads OpenBLAS uses for every later call
@@ -38,17 +40,7 @@ func trans(t bool) C.enum_CBLAS_TRANSPOSE {
 
 // need checks that a row-major matrix of rows×cols with leading dimension ld
 // fits in a slice of length n.
-func need(name string, n, rows, cols, ld int) {
-	if rows == 0 || cols == 0 {
-		return
-	}
-	if ld < cols || ld < 1 {
-		panic(fmt.Sprintf("blas: %s: leading dimension %d < %d columns", name, ld, cols))
-	}
-	if (rows-1)*ld+cols > n {
-		panic(fmt.Sprintf("blas: %s: %dx%d (ld %d) needs %d elements, slice has %d", name, rows, cols, ld, (rows-1)*ld+cols, n))
-	}
-}
+func need(name string, n, rows, cols, ld int) { shape.Need("blas", name, n, rows, cols, ld) }
 
 // Sgemm computes C = alpha·op(A)·op(B) + beta·C, where op(X) is X or Xᵀ,
 // op(A) is m×k, op(B) is k×n and C is m×n, all row-major.

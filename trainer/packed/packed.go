@@ -28,6 +28,8 @@ import (
 	"runtime"
 	"sync"
 	"unsafe"
+
+	"github.com/signal-p2p/signal/trainer/internal/shape"
 )
 
 // PanelCols is the panel width: a column range handed to MulCols must start
@@ -149,11 +151,4 @@ func (p *Weights) Panels() unsafe.Pointer {
 
 // need panics unless a [rows, cols] matrix with row stride ld fits in n
 // elements: a shape error is a programming error, caught before C reads.
-func need(name string, n, rows, cols, ld int) {
-	if rows < 0 || ld < cols {
-		panic(fmt.Sprintf("packed: %s: %d rows, leading dimension %d < %d columns", name, rows, ld, cols))
-	}
-	if (rows-1)*ld+cols > n {
-		panic(fmt.Sprintf("packed: %s: %dx%d (ld %d) needs %d elements, slice has %d", name, rows, cols, ld, (rows-1)*ld+cols, n))
-	}
-}
+func need(name string, n, rows, cols, ld int) { shape.Need("packed", name, n, rows, cols, ld) }

@@ -31,6 +31,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/signal-p2p/signal/trainer/internal/shape"
 	"github.com/signal-p2p/signal/trainer/packed"
 	// The team's C code calls vmath's (the softmax and SwiGLU rows).
 	_ "github.com/signal-p2p/signal/trainer/vmath"
@@ -225,11 +226,4 @@ func (tm *Team) SwiGLU(act, gu []float32, rows, inter int) {
 
 // need panics unless a [rows, cols] matrix with row stride ld fits in n
 // elements: a shape error is a programming error, caught before C reads.
-func need(name string, n, rows, cols, ld int) {
-	if rows < 0 || ld < cols {
-		panic(fmt.Sprintf("team: %s: %d rows, leading dimension %d < %d columns", name, rows, ld, cols))
-	}
-	if rows > 0 && (rows-1)*ld+cols > n {
-		panic(fmt.Sprintf("team: %s: %dx%d (ld %d) needs %d elements, slice has %d", name, rows, cols, ld, (rows-1)*ld+cols, n))
-	}
-}
+func need(name string, n, rows, cols, ld int) { shape.Need("team", name, n, rows, cols, ld) }

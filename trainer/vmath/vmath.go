@@ -21,6 +21,8 @@ import "C"
 import (
 	"fmt"
 	"unsafe"
+
+	"github.com/signal-p2p/signal/trainer/internal/shape"
 )
 
 // SIMD reports whether the AVX2+FMA path is in use.
@@ -57,17 +59,7 @@ func SumExpShift(x []float32, shift float32) float64 {
 	return float64(C.vm_sum_exp_shift(ptr(x), C.long(len(x)), C.float(shift)))
 }
 
-func need(name string, n, rows, cols, ld int) {
-	if rows == 0 || cols == 0 {
-		return
-	}
-	if ld < cols {
-		panic(fmt.Sprintf("vmath: %s: leading dimension %d < %d columns", name, ld, cols))
-	}
-	if (rows-1)*ld+cols > n {
-		panic(fmt.Sprintf("vmath: %s: %dx%d (ld %d) needs %d elements, slice has %d", name, rows, cols, ld, (rows-1)*ld+cols, n))
-	}
-}
+func need(name string, n, rows, cols, ld int) { shape.Need("vmath", name, n, rows, cols, ld) }
 
 // CausalSoftmax turns the [L, L] block of scores s (row stride ld) into
 // causal attention probabilities in place: row i's softmax over columns
