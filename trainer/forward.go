@@ -3,10 +3,9 @@ package trainer
 import (
 	"context"
 	"fmt"
-	"math"
 
 	"github.com/signal-p2p/signal/trainer/blas"
-	"github.com/signal-p2p/signal/trainer/vmath"
+	"github.com/signal-p2p/signal/trainer/team"
 )
 
 // Batch is a packed set of sequences: Tokens holds them back to back and
@@ -219,7 +218,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 			for s := 0; s < rows; s++ {
 				r0, L := b.Starts[s], b.Len(s)
 				for h := 0; h < ad.H; h++ {
-					lastRowAttention(la.Attn[s*hd+h*ad.D:], la.QKV[r0*qkvd:], L, ad, h, la.Probs[:L])
+					team.AttentionHead(la.Attn[s*hd:], hd, la.QKV[r0*qkvd:r0*qkvd+L*qkvd], L, ad.H, ad.KV, ad.D, h, L-1, la.Probs[:L])
 				}
 				copy(x[s*hid:(s+1)*hid], x[(r0+L-1)*hid:(r0+L)*hid]) // s ≤ r0+L−1, and later rows lie further on
 			}
@@ -341,16 +340,4 @@ func (m *Model) attention(jt *jobsTask, la *LayerActs, acts *Activations, b Batc
 		}
 		CausalAttentionHead(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, h, probs)
 	})
-}
-
-// lastRowAttention writes head h's attention output for the last of a
-// sequence's L rows (qkv from its first row) into out[0:D]; p is [L]
-// scratch. The calls are CausalAttentionHead's for one row.
-func lastRowAttention(out, qkv []float32, L int, a AttnDims, h int, p []float32) {
-	ld := a.QKVDim()
-	g := h / (a.H / a.KV)
-	scale := float32(1 / math.Sqrt(float64(a.D)))
-	blas.Sgemm(false, true, 1, L, a.D, scale, qkv[(L-1)*ld+h*a.D:], ld, qkv[(a.H+g)*a.D:], ld, 0, p, L)
-	vmath.CausalSoftmaxRows(p, 1, L-1, L, L)
-	blas.Sgemm(false, false, 1, a.D, L, 1, p, L, qkv[(a.H+a.KV+g)*a.D:], ld, 0, out, a.D)
 }

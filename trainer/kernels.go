@@ -4,6 +4,7 @@ import (
 	"math"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/team"
 	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
@@ -139,29 +140,14 @@ func CausalAttention(out []float32, ldOut int, qkv []float32, L int, a AttnDims,
 	}
 }
 
-// attnBlockRows is the query block of CausalAttentionHead: a block of rows
-// scores only the keys it can see, so a prompt of 4 blocks computes 10 of
-// the 16 blocks of the score matrix (and of P·V). Smaller blocks skip more
-// but make smaller, slower GEMMs.
-const attnBlockRows = 128
-
 // CausalAttentionHead is CausalAttention for head h alone, with probs its
-// [L, L] block; heads are independent, so they can run concurrently.
+// [L, L] block; heads are independent, so they can run concurrently. It is
+// team.AttentionHead from row 0: queries in blocks of attnBlockRows rows,
+// each scoring only the keys it can see.
 func CausalAttentionHead(out []float32, ldOut int, qkv []float32, L int, a AttnDims, h int, probs []float32) {
-	ld := a.QKVDim()
-	g := h / (a.H / a.KV)
-	scale := float32(1 / math.Sqrt(float64(a.D)))
-	q := qkv[h*a.D:]
-	k := qkv[(a.H+g)*a.D:]
-	v := qkv[(a.H+a.KV+g)*a.D:]
-	for r0 := 0; r0 < L; r0 += attnBlockRows {
-		r1 := min(L, r0+attnBlockRows) // rows [r0, r1) see keys [0, r1)
-		n, p := r1-r0, probs[r0*L:]
-		blas.Sgemm(false, true, n, r1, a.D, scale, q[r0*ld:], ld, k, ld, 0, p, L)
-		vmath.CausalSoftmaxRows(p, n, r0, r1, L)
-		for i := 0; i < n && r1 < L; i++ {
-			clear(p[i*L+r1 : (i+1)*L]) // keys past the block: probability 0
-		}
-		blas.Sgemm(false, false, n, a.D, r1, 1, p, L, v, ld, 0, out[r0*ldOut+h*a.D:], ldOut)
-	}
+	team.AttentionHead(out, ldOut, qkv, L, a.H, a.KV, a.D, h, 0, probs)
 }
+
+// attnBlockRows is team.AttentionHead's query block (its C code's
+// ATTN_BLOCK_ROWS), for tests that cross it.
+const attnBlockRows = 128

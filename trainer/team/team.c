@@ -86,25 +86,30 @@ static int claimable(tm_team *t) {
 	return IDX(v) < CNT(v);
 }
 
-// attn_head is one head's causal attention, as CausalAttentionHead in the
-// trainer package (the same calls, so the same results): queries in blocks
-// of 128 rows, each scoring only the keys it can see.
-static void attn_head(const tm_task *k, long s, long h, float *probs) {
-	long r0s = k->starts[s], L = k->starts[s + 1] - r0s, D = k->d;
-	long ld = (k->heads + 2 * k->kv_heads) * D;
-	long g = h / (k->heads / k->kv_heads);
-	float scale = 1.0f / sqrtf((float)D);
-	const float *qkv = k->qkv + r0s * ld;
-	const float *q = qkv + h * D, *kk = qkv + (k->heads + g) * D, *v = qkv + (k->heads + k->kv_heads + g) * D;
-	float *out = k->out + r0s * k->ld_out + h * D;
-	for (long r0 = 0; r0 < L; r0 += 128) {
-		long r1 = r0 + 128 < L ? r0 + 128 : L, n = r1 - r0;
-		float *p = probs + r0 * L;
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, D, scale, q + r0 * ld, ld, kk, ld, 0, p, L);
+// tm_attn_head is one head's causal attention for rows [row0, L) of a
+// sequence of L rows (qkv and out from its first row): queries in blocks of
+// attnBlockRows rows, each block scoring only the keys it can see, so a
+// prompt of 4 blocks computes 10 of the 16 blocks of the score matrix (and
+// of P·V); smaller blocks would skip more but make smaller, slower GEMMs.
+// Row r's output goes to out + (r − row0)·ld_out + h·d and its probabilities
+// [L] to probs + (r − row0)·L. It is the engine's one attention forward:
+// trainer.CausalAttentionHead calls it too.
+#define ATTN_BLOCK_ROWS 128
+void tm_attn_head(float *out, long ld_out, const float *qkv, long L, long heads, long kv_heads, long d, long h,
+                  long row0, float *probs) {
+	long ld = (heads + 2 * kv_heads) * d;
+	long g = h / (heads / kv_heads);
+	float scale = 1.0f / sqrtf((float)d);
+	const float *q = qkv + h * d, *kk = qkv + (heads + g) * d, *v = qkv + (heads + kv_heads + g) * d;
+	for (long r0 = row0; r0 < L; r0 += ATTN_BLOCK_ROWS) {
+		long r1 = r0 + ATTN_BLOCK_ROWS < L ? r0 + ATTN_BLOCK_ROWS : L, n = r1 - r0; // rows [r0, r1) see keys [0, r1)
+		float *p = probs + (r0 - row0) * L;
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, r1, d, scale, q + r0 * ld, ld, kk, ld, 0, p, L);
 		vm_causal_softmax_rows(p, n, r0, r1, L, NULL, 0);
 		if (r1 < L)
-			for (long i = 0; i < n; i++) memset(p + i * L + r1, 0, (L - r1) * sizeof(float));
-		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, D, r1, 1, p, L, v, ld, 0, out + r0 * k->ld_out, k->ld_out);
+			for (long i = 0; i < n; i++) memset(p + i * L + r1, 0, (L - r1) * sizeof(float)); // keys past the block
+		cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, d, r1, 1, p, L, v, ld, 0,
+		            out + (r0 - row0) * ld_out + h * d, ld_out);
 	}
 }
 
@@ -118,7 +123,9 @@ static void job(const tm_task *k, long j, int worker) {
 	case TM_ATTN: {
 		long s = j / k->heads, h = j % k->heads, L = k->starts[s + 1] - k->starts[s];
 		float *p = k->poff ? k->probs + k->poff[s] + h * L * L : k->probs + worker * k->scratch;
-		attn_head(k, s, h, p);
+		long r = k->starts[s];
+		tm_attn_head(k->out + r * k->ld_out, k->ld_out, k->qkv + r * (k->heads + 2 * k->kv_heads) * k->d, L, k->heads,
+		             k->kv_heads, k->d, h, 0, p);
 		break;
 	}
 	case TM_SWIGLU: {
@@ -144,7 +151,7 @@ typedef struct {
 } helper_arg;
 
 // helper polls for work for spin_ns, then sleeps on the condition variable
-// until tm_run signals it.
+// until submit wakes it.
 static void *helper(void *p) {
 	helper_arg a = *(helper_arg *)p;
 	free(p);

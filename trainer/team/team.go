@@ -49,7 +49,6 @@ type Team struct {
 	mu      sync.Mutex
 	h       *handle
 	threads int
-	longs   []int64 // C copies of the attention's row starts and offsets
 }
 
 // handle owns the C team so that a cleanup can stop its threads without
@@ -166,10 +165,9 @@ func (tm *Team) Mul(p *packed.Weights, y []float32, ldy int, x []float32, ldx in
 // to probs at probOffsets[s] + h·L² when probOffsets is not nil (kept for a
 // backward), otherwise to per-thread scratch: probs then holds Threads()
 // blocks of scratch floats, each at least the longest sequence squared.
-// The results equal trainer.CausalAttentionHead's, which makes the same
-// calls. Its GEMMs are OpenBLAS's: keep OpenBLAS at one thread meanwhile
-// (trainer.AcquireSingleThreadBLAS), or its threads and the team's fight
-// for the cores.
+// Each job is AttentionHead from row 0. Its GEMMs are OpenBLAS's: keep
+// OpenBLAS at one thread meanwhile (trainer.AcquireSingleThreadBLAS), or
+// its threads and the team's fight for the cores.
 func (tm *Team) Attention(out []float32, ldOut int, qkv []float32, starts []int, heads, kvHeads, d int, probs []float32, probOffsets []int, scratch int) {
 	seqs := len(starts) - 1
 	if seqs <= 0 {
@@ -178,11 +176,14 @@ func (tm *Team) Attention(out []float32, ldOut int, qkv []float32, starts []int,
 	if heads <= 0 || kvHeads <= 0 || heads%kvHeads != 0 || d <= 0 {
 		panic(fmt.Sprintf("team: Attention: %d heads over %d kv heads of %d", heads, kvHeads, d))
 	}
+	if starts[0] != 0 {
+		panic(fmt.Sprintf("team: Attention: starts %v do not begin at 0", starts))
+	}
 	T, maxL := starts[seqs], 0
 	for s := 0; s < seqs; s++ {
 		L := starts[s+1] - starts[s]
-		if starts[0] != 0 || L < 0 {
-			panic(fmt.Sprintf("team: Attention: starts %v do not begin at 0 and ascend", starts))
+		if L < 0 {
+			panic(fmt.Sprintf("team: Attention: starts %v do not ascend", starts))
 		}
 		maxL = max(maxL, L)
 		if probOffsets != nil && (probOffsets[s] < 0 || probOffsets[s]+heads*L*L > len(probs)) {
@@ -207,6 +208,27 @@ func (tm *Team) Attention(out []float32, ldOut int, qkv []float32, starts []int,
 	defer tm.release(t)
 	C.tm_attention(t, fptr(out), C.long(ldOut), fptr(qkv), lptr(starts), C.long(seqs), C.long(heads), C.long(kvHeads),
 		C.long(d), fptr(probs), poff, C.long(scratch))
+}
+
+// AttentionHead is head h's causal attention for rows [row0, L) of one
+// sequence of L rows, on the calling goroutine (no team needed): qkv holds
+// the sequence's rows as Attention's do; row r's output goes to out at
+// (r−row0)·ldOut + h·d and its softmax probabilities [L] to probs at
+// (r−row0)·L (zero past r). Queries run in blocks of 128 rows, each scoring
+// only the keys it can see. Attention's jobs run the same C function, so
+// the engine has one attention forward.
+func AttentionHead(out []float32, ldOut int, qkv []float32, L, heads, kvHeads, d, h, row0 int, probs []float32) {
+	if row0 >= L {
+		return
+	}
+	if heads <= 0 || kvHeads <= 0 || heads%kvHeads != 0 || d <= 0 || h < 0 || h >= heads || row0 < 0 {
+		panic(fmt.Sprintf("team: AttentionHead: head %d of %d over %d kv heads of %d, from row %d", h, heads, kvHeads, d, row0))
+	}
+	need("qkv", len(qkv), L, (heads+2*kvHeads)*d, (heads+2*kvHeads)*d)
+	need("out", len(out), L-row0, heads*d, ldOut)
+	need("probs", len(probs), L-row0, L, L)
+	C.tm_attn_head(fptr(out), C.long(ldOut), fptr(qkv), C.long(L), C.long(heads), C.long(kvHeads), C.long(d), C.long(h),
+		C.long(row0), fptr(probs))
 }
 
 // SwiGLU writes act = silu(gate)·up for rows of gu [rows, 2·inter] (gate

@@ -13,3 +13,7 @@ void tm_attention(tm_team *t, float *out, long ld_out, const float *qkv, const l
 void tm_swiglu(tm_team *t, float *act, const float *gu, long rows, long inter, long chunk);
 // tm_helped counts the jobs helpers have run (tests check that they help).
 long tm_helped(tm_team *t);
+// tm_attn_head is one head's causal attention for rows [row0, L) of one
+// sequence, on the calling thread (see team.c).
+void tm_attn_head(float *out, long ld_out, const float *qkv, long L, long heads, long kv_heads, long d, long h,
+                  long row0, float *probs);

@@ -218,6 +218,44 @@ func TestAttentionMatchesFloat64(t *testing.T) {
 	}
 }
 
+// TestAttentionHeadFromRow: one head's attention from a later row (the
+// last alone, as sampling's prefill asks, and from inside the first query
+// block of a sequence longer than one) writes only those rows, relative to
+// row0, in agreement with float64.
+func TestAttentionHeadFromRow(t *testing.T) {
+	const H, KV, D, L = 4, 2, 8, 150
+	ld := (H + 2*KV) * D
+	r := rand.New(rand.NewPCG(11, 12))
+	qkv := randSlice(r, L*ld)
+	want, wantProbs := attnRef(qkv, []int{0, L}, H, KV, D)
+	for _, row0 := range []int{L - 1, 100, 0} {
+		for h := 0; h < H; h++ {
+			n := L - row0
+			out, probs := make([]float32, n*H*D), make([]float32, n*L)
+			AttentionHead(out, H*D, qkv, L, H, KV, D, h, row0, probs)
+			for i := 0; i < n; i++ {
+				for c := 0; c < H*D; c++ {
+					g := float64(out[i*H*D+c])
+					if c/D != h {
+						if g != 0 {
+							t.Fatalf("row0 %d head %d: row %d column %d of another head written", row0, h, i, c)
+						}
+						continue
+					}
+					if w := want[(row0+i)*H*D+c]; math.Abs(g-w) > 1e-5*(1+math.Abs(w)) {
+						t.Fatalf("row0 %d head %d: out[%d][%d] = %v, float64 gives %v", row0, h, row0+i, c, g, w)
+					}
+				}
+				for j := 0; j < L; j++ {
+					if g, w := float64(probs[i*L+j]), wantProbs[h][(row0+i)*L+j]; math.Abs(g-w) > 1e-6 {
+						t.Fatalf("row0 %d head %d: probability [%d][%d] = %v, float64 gives %v", row0, h, row0+i, j, g, w)
+					}
+				}
+			}
+		}
+	}
+}
+
 // TestSwiGLUMatchesVmath: the row chunks give vmath's SwiGLU bit for bit,
 // for row counts below, at and above the number of chunks.
 func TestSwiGLUMatchesVmath(t *testing.T) {
