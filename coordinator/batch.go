@@ -111,7 +111,7 @@ func (b *batcher) finish(f raft.ApplyFuture, batch []*proposal) {
 	}
 	results, ok := f.Response().([]cmdResult)
 	if !ok || len(results) != len(batch) {
-		err := fmt.Errorf("batch of %d got response %T", len(batch), f.Response())
+		err := fmt.Errorf("batch of %d got response %T: %w", len(batch), f.Response(), errBadEntry)
 		for _, p := range batch {
 			p.done <- cmdResult{Err: err}
 		}

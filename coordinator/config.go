@@ -33,6 +33,14 @@ type Config struct {
 	// AdminToken authorises /v1/admin/* and /v1/cluster/*; every member of
 	// a cluster needs the same one.
 	AdminToken string
+	// ClusterSecret authenticates members to each other: the raft
+	// transport is mutual TLS under a CA derived from it (clusterTLS), so a
+	// process without it cannot reach raft at all. Every member needs the
+	// same one. Empty derives it from AdminToken, which every member shares
+	// already and which can mint credits anyway, so it grants nothing new;
+	// set it apart where the admin token is handed to more people than the
+	// coordinators' hosts.
+	ClusterSecret string
 	// Models is the model registry; every member needs the same one.
 	Models []ModelSpec
 	// Backend reaches the node network; nil means none (placement fails with 503).
@@ -111,6 +119,14 @@ func DefaultConfig() Config {
 	}
 }
 
+// clusterSecret is the secret the raft transport's certificates derive from.
+func (c Config) clusterSecret() string {
+	if c.ClusterSecret != "" {
+		return c.ClusterSecret
+	}
+	return "admin-token:" + c.AdminToken
+}
+
 // Validate checks the configuration, naming the first bad field.
 func (c Config) Validate() error {
 	switch {
@@ -124,6 +140,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config HTTPAddr: empty: %w", ErrInvalidRequest)
 	case len(c.AdminToken) < 8:
 		return fmt.Errorf("config AdminToken: at least 8 characters required: %w", ErrInvalidRequest)
+	case c.ClusterSecret != "" && len(c.ClusterSecret) < 16:
+		return fmt.Errorf("config ClusterSecret: at least 16 characters required: %w", ErrInvalidRequest)
 	case c.Bootstrap && c.Join != "":
 		return fmt.Errorf("config Bootstrap and Join: choose one: %w", ErrInvalidRequest)
 	case c.FeeBasisPoints < 0 || c.FeeBasisPoints > ledger.MaxBasisPoints:

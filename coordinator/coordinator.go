@@ -89,6 +89,7 @@ func New(cfg Config) (*Coordinator, error) {
 		missing:  map[string]lostMark{},
 		client:   &http.Client{Timeout: 30 * time.Minute},
 	}
+	c.fsm.log = c.log
 	c.metrics = newMetrics(c)
 	b := cfg.Backend
 	if b == nil {
@@ -139,7 +140,12 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		c.closeStores()
 		return fmt.Errorf("open snapshot store: %w", err)
 	}
-	stream, err := newTCPStream(c.cfg.RaftAddr)
+	serverTLS, clientTLS, err := clusterTLS(c.cfg.clusterSecret(), c.cfg.ID)
+	if err != nil {
+		c.closeStores()
+		return fmt.Errorf("raft transport certificates: %w", err)
+	}
+	stream, err := newTCPStream(c.cfg.RaftAddr, serverTLS, clientTLS)
 	if err != nil {
 		c.closeStores()
 		return fmt.Errorf("raft transport on %s: %w", c.cfg.RaftAddr, err)

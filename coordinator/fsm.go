@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"sync"
 
 	"github.com/hashicorp/raft"
@@ -30,11 +31,12 @@ type fsm struct {
 	state *State
 	// lastIndex is the index of the last applied entry (for tests and metrics).
 	lastIndex uint64
+	log       *slog.Logger
 }
 
 var _ raft.FSM = (*fsm)(nil)
 
-func newFSM() *fsm { return &fsm{state: NewState()} }
+func newFSM() *fsm { return &fsm{state: NewState(), log: slog.New(slog.DiscardHandler)} }
 
 // read runs f with the state under a read lock.
 func (f *fsm) read(fn func(s *State)) {
@@ -43,9 +45,13 @@ func (f *fsm) read(fn func(s *State)) {
 	fn(f.state)
 }
 
-// Apply decodes one log entry. A payload that does not decode is a bug (an
-// entry written by this code), never an input error, so it panics rather
-// than let members diverge.
+// errBadEntry marks a command that did not decode. Only members write the
+// log (the raft transport is mutually authenticated), so such an entry is a
+// bug; every member skips the same entry the same way and logs which one,
+// instead of crashing the whole cluster on it, on every replay.
+var errBadEntry = errors.New("raft entry does not decode")
+
+// Apply decodes one log entry and dispatches it.
 func (f *fsm) Apply(l *raft.Log) any {
 	if l.Type != raft.LogCommand || len(l.Data) == 0 {
 		return nil
@@ -64,7 +70,10 @@ func (f *fsm) Apply(l *raft.Log) any {
 func (f *fsm) applyBatch(index uint64, payload []byte) []cmdResult {
 	cmds, err := decodeBatch(payload)
 	if err != nil {
-		panic(fmt.Sprintf("raft entry %d: %v", index, err))
+		// The results slice is empty: the proposers' futures see too few
+		// results and fail with errBadEntry (batcher).
+		f.badEntry(index, cmdBatch, err)
+		return nil
 	}
 	out := make([]cmdResult, len(cmds))
 	for i, c := range cmds {
@@ -73,53 +82,87 @@ func (f *fsm) applyBatch(index uint64, payload []byte) []cmdResult {
 	return out
 }
 
-func mustDecode(index uint64, t cmdType, payload []byte, v any) {
-	if err := json.Unmarshal(payload, v); err != nil {
-		panic(fmt.Sprintf("raft entry %d: decode %s: %v", index, t, err))
+// badEntry logs a command that did not decode and returns its result.
+func (f *fsm) badEntry(index uint64, t cmdType, err error) cmdResult {
+	f.log.Error("raft entry skipped", "category", "infrastructure", "index", index, "type", t.String(), "err", err)
+	return cmdResult{Err: fmt.Errorf("raft entry %d: %s: %v: %w", index, t, err, errBadEntry)}
+}
+
+// decoded decodes a JSON payload and applies it with fn.
+func decoded[T any](f *fsm, index uint64, t cmdType, p []byte, fn func(T) cmdResult) cmdResult {
+	var v T
+	if err := json.Unmarshal(p, &v); err != nil {
+		return f.badEntry(index, t, err)
 	}
+	return fn(v)
 }
 
 func (f *fsm) applyOne(index uint64, t cmdType, p []byte) cmdResult {
+	s := f.state
 	switch t {
 	case cmdCreateKey:
-		return f.applyCreateKey(index, p)
+		return decoded(f, index, t, p, func(c createKeyCmd) cmdResult {
+			if err := s.CreateKey(c.Key, c.Credits); err != nil {
+				return cmdResult{Err: err}
+			}
+			return cmdResult{Value: c.Key}
+		})
 	case cmdMint:
-		return f.applyMint(index, p)
+		return decoded(f, index, t, p, f.applyMint)
 	case cmdCharge:
-		return f.applyCharge(index, p)
-	case cmdCreateRun:
-		return f.applyCreateRun(index, p)
-	case cmdUpdateRun:
-		return f.applyUpdateRun(index, p)
-	case cmdCreateJoinToken:
-		return f.applyCreateJoinToken(index, p)
-	case cmdRegisterNode:
-		return f.applyRegisterNode(index, p)
-	case cmdPutMember:
-		return f.applyPutMember(index, p)
-	case cmdRemoveMember:
-		return f.applyRemoveMember(index, p)
-	case cmdPutIdem:
-		return f.applyPutIdem(index, p)
+		return decoded(f, index, t, p, func(c chargeCmd) cmdResult {
+			res, err := s.Charge(c)
+			return cmdResult{Value: res, Err: err}
+		})
 	case cmdChargeBin:
-		return f.applyChargeBin(index, p)
+		c, err := decodeCharge(p)
+		if err != nil {
+			return f.badEntry(index, t, err)
+		}
+		res, err := s.Charge(c)
+		return cmdResult{Value: res, Err: err}
+	case cmdCreateRun:
+		return decoded(f, index, t, p, func(r RunRecord) cmdResult {
+			if err := s.CreateRun(r); err != nil {
+				return cmdResult{Err: err}
+			}
+			rec, _ := s.Run(r.Run.ID)
+			return cmdResult{Value: rec}
+		})
+	case cmdUpdateRun:
+		return decoded(f, index, t, p, func(u RunUpdate) cmdResult {
+			rec, err := s.UpdateRun(u)
+			return cmdResult{Value: rec, Err: err}
+		})
+	case cmdCreateJoinToken:
+		return decoded(f, index, t, p, func(jt JoinTokenRecord) cmdResult {
+			return cmdResult{Value: jt, Err: s.CreateJoinToken(jt)}
+		})
+	case cmdRegisterNode:
+		return decoded(f, index, t, p, func(c registerNodeCmd) cmdResult {
+			op, err := s.RegisterNode(c.PeerID, c.TokenHash, c.Time)
+			return cmdResult{Value: op, Err: err}
+		})
+	case cmdPutMember:
+		return decoded(f, index, t, p, func(m MemberRecord) cmdResult {
+			return cmdResult{Err: s.PutMember(m)}
+		})
+	case cmdRemoveMember:
+		return decoded(f, index, t, p, func(c removeMemberCmd) cmdResult {
+			s.RemoveMember(c.ID)
+			return cmdResult{}
+		})
+	case cmdPutIdem:
+		return decoded(f, index, t, p, func(c putIdemCmd) cmdResult {
+			rec, err := s.PutIdem(c.Tag, c.Status, c.Body)
+			return cmdResult{Value: rec, Err: err}
+		})
 	default:
-		panic(fmt.Sprintf("raft entry %d: unknown command type %d", index, byte(t)))
+		return f.badEntry(index, t, errors.New("unknown command type"))
 	}
 }
 
-func (f *fsm) applyCreateKey(index uint64, p []byte) cmdResult {
-	var c createKeyCmd
-	mustDecode(index, cmdCreateKey, p, &c)
-	if err := f.state.CreateKey(c.Key, c.Credits); err != nil {
-		return cmdResult{Err: err}
-	}
-	return cmdResult{Value: c.Key}
-}
-
-func (f *fsm) applyMint(index uint64, p []byte) cmdResult {
-	var c mintCmd
-	mustDecode(index, cmdMint, p, &c)
+func (f *fsm) applyMint(c mintCmd) cmdResult {
 	if rec, ok, err := f.state.checkIdem(c.Idem); err != nil || ok {
 		return cmdResult{Value: rec, Err: err}
 	}
@@ -135,72 +178,6 @@ func (f *fsm) applyMint(index uint64, p []byte) cmdResult {
 		rec, _ = f.state.PutIdem(*c.Idem, 200, body)
 	}
 	return cmdResult{Value: rec}
-}
-
-func (f *fsm) applyCharge(index uint64, p []byte) cmdResult {
-	var c chargeCmd
-	mustDecode(index, cmdCharge, p, &c)
-	res, err := f.state.Charge(c)
-	return cmdResult{Value: res, Err: err}
-}
-
-func (f *fsm) applyChargeBin(index uint64, p []byte) cmdResult {
-	c, err := decodeCharge(p)
-	if err != nil {
-		panic(fmt.Sprintf("raft entry %d: decode %s: %v", index, cmdChargeBin, err))
-	}
-	res, err := f.state.Charge(c)
-	return cmdResult{Value: res, Err: err}
-}
-
-func (f *fsm) applyCreateRun(index uint64, p []byte) cmdResult {
-	var r RunRecord
-	mustDecode(index, cmdCreateRun, p, &r)
-	if err := f.state.CreateRun(r); err != nil {
-		return cmdResult{Err: err}
-	}
-	rec, _ := f.state.Run(r.Run.ID)
-	return cmdResult{Value: rec}
-}
-
-func (f *fsm) applyUpdateRun(index uint64, p []byte) cmdResult {
-	var u RunUpdate
-	mustDecode(index, cmdUpdateRun, p, &u)
-	rec, err := f.state.UpdateRun(u)
-	return cmdResult{Value: rec, Err: err}
-}
-
-func (f *fsm) applyCreateJoinToken(index uint64, p []byte) cmdResult {
-	var t JoinTokenRecord
-	mustDecode(index, cmdCreateJoinToken, p, &t)
-	return cmdResult{Value: t, Err: f.state.CreateJoinToken(t)}
-}
-
-func (f *fsm) applyRegisterNode(index uint64, p []byte) cmdResult {
-	var c registerNodeCmd
-	mustDecode(index, cmdRegisterNode, p, &c)
-	op, err := f.state.RegisterNode(c.PeerID, c.TokenHash, c.Time)
-	return cmdResult{Value: op, Err: err}
-}
-
-func (f *fsm) applyPutMember(index uint64, p []byte) cmdResult {
-	var m MemberRecord
-	mustDecode(index, cmdPutMember, p, &m)
-	return cmdResult{Err: f.state.PutMember(m)}
-}
-
-func (f *fsm) applyRemoveMember(index uint64, p []byte) cmdResult {
-	var c removeMemberCmd
-	mustDecode(index, cmdRemoveMember, p, &c)
-	f.state.RemoveMember(c.ID)
-	return cmdResult{}
-}
-
-func (f *fsm) applyPutIdem(index uint64, p []byte) cmdResult {
-	var c putIdemCmd
-	mustDecode(index, cmdPutIdem, p, &c)
-	rec, err := f.state.PutIdem(c.Tag, c.Status, c.Body)
-	return cmdResult{Value: rec, Err: err}
 }
 
 // ---- snapshots ----

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/hashicorp/raft"
+
 	"github.com/signal-p2p/signal/protocol"
 )
 
@@ -44,6 +46,24 @@ func FuzzDecodeRequests(f *testing.F) {
 		var cr protocol.CreditRequest
 		if err := decodeJSON(b, &cr, false); err != nil && !errors.Is(err, ErrInvalidRequest) {
 			t.Fatalf("credit: %v", err)
+		}
+	})
+}
+
+// FuzzApply feeds arbitrary log entries to the FSM: it must never panic and
+// must keep the ledger's invariants, whatever a corrupt entry holds.
+func FuzzApply(f *testing.F) {
+	k, _ := newCommand(cmdCreateKey, createKeyCmd{Key: KeyRecord{Hash: "h", Account: "a"}, Credits: 10})
+	c, _ := newCommand(cmdCharge, chargeCmd{Account: "a", Cost: protocol.Cost{Credits: 3}, Time: "t"})
+	f.Add(encodeBatch([]command{k, c}))
+	f.Add(append([]byte{byte(cmdMint)}, `{"account":"a","amount":5}`...))
+	f.Add([]byte{byte(cmdChargeBin), 1, 2, 3})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		m := newFSM()
+		m.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: encodeBatch([]command{k})})
+		m.Apply(&raft.Log{Index: 2, Type: raft.LogCommand, Data: data})
+		if err := m.state.Ledger().Check(); err != nil {
+			t.Fatalf("ledger invariants after entry %x: %v", data, err)
 		}
 	})
 }

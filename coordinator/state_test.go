@@ -295,3 +295,30 @@ func TestLossWeight(t *testing.T) {
 		}
 	}
 }
+
+func TestFSMSkipsEntriesThatDoNotDecode(t *testing.T) {
+	f := newFSM()
+	k, _ := newCommand(cmdCreateKey, createKeyCmd{Key: KeyRecord{Hash: "h", Account: "a"}, Credits: 10})
+	garbled := command{typ: cmdMint, payload: []byte(`{"account": "a", "amount": `)}
+	unknown := command{typ: cmdType(250), payload: []byte(`{}`)}
+	badCharge := command{typ: cmdChargeBin, payload: []byte{0xff, 0x01}}
+	m, _ := newCommand(cmdMint, mintCmd{Account: "a", Amount: 5})
+	res := f.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: encodeBatch([]command{k, garbled, unknown, badCharge, m})}).([]cmdResult)
+	if len(res) != 5 || res[0].Err != nil || res[4].Err != nil {
+		t.Fatalf("results %+v", res)
+	}
+	for i := 1; i <= 3; i++ {
+		if !errors.Is(res[i].Err, errBadEntry) {
+			t.Errorf("command %d: err %v, want errBadEntry", i, res[i].Err)
+		}
+	}
+	// A batch entry whose framing is broken applies nothing and does not panic.
+	if got := f.Apply(&raft.Log{Index: 2, Type: raft.LogCommand, Data: []byte{byte(cmdBatch), 0xff}}); got != nil {
+		if rs, ok := got.([]cmdResult); !ok || len(rs) != 0 {
+			t.Fatalf("broken batch answered %#v", got)
+		}
+	}
+	if f.state.Balance("a") != 15 {
+		t.Fatalf("balance %d, want 15: only the good commands apply", f.state.Balance("a"))
+	}
+}

@@ -1,6 +1,8 @@
 package coordinator
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -13,11 +15,28 @@ import (
 // errPartitioned is what a partitioned stream layer's Dial returns.
 var errPartitioned = errors.New("raft transport partitioned (test)")
 
-// tcpStream is raft's TCP stream layer with a switch that cuts it off, so
-// tests can partition a member over real sockets. In production the switch
-// is never thrown and it behaves as raft.TCPStreamLayer.
+// Bounds on connections that have not proved membership yet: a stranger
+// who reaches the raft port holds at most maxPendingHandshakes goroutines
+// for at most handshakeTimeout each, and is never read by raft.
+const (
+	handshakeTimeout     = 5 * time.Second
+	maxPendingHandshakes = 64
+)
+
+// tcpStream is raft's stream layer: TCP under mutual TLS with the cluster's
+// certificates (clusterTLS), so only members reach raft's RPCs, with a
+// switch tests throw to partition a member over real sockets.
 type tcpStream struct {
-	net.Listener
+	ln        net.Listener
+	serverTLS *tls.Config
+	clientTLS *tls.Config
+
+	accepted chan net.Conn
+	pending  chan struct{} // one slot per handshake in progress
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+
 	mu          sync.Mutex
 	partitioned bool
 	conns       map[net.Conn]struct{}
@@ -25,7 +44,7 @@ type tcpStream struct {
 
 var _ raft.StreamLayer = (*tcpStream)(nil)
 
-func newTCPStream(bind string) (*tcpStream, error) {
+func newTCPStream(bind string, serverTLS, clientTLS *tls.Config) (*tcpStream, error) {
 	ln, err := net.Listen("tcp", bind)
 	if err != nil {
 		return nil, err
@@ -34,7 +53,54 @@ func newTCPStream(bind string) (*tcpStream, error) {
 		_ = ln.Close()
 		return nil, fmt.Errorf("raft address %s is not advertisable; bind a specific IP", bind)
 	}
-	return &tcpStream{Listener: ln, conns: map[net.Conn]struct{}{}}, nil
+	ctx, cancel := context.WithCancel(context.Background())
+	t := &tcpStream{ln: ln, serverTLS: serverTLS, clientTLS: clientTLS, accepted: make(chan net.Conn),
+		pending: make(chan struct{}, maxPendingHandshakes), ctx: ctx, cancel: cancel, conns: map[net.Conn]struct{}{}}
+	t.wg.Add(1)
+	go func() {
+		defer t.wg.Done()
+		t.acceptLoop()
+	}()
+	return t, nil
+}
+
+// acceptLoop takes TCP connections and proves each in a goroutine of its
+// own, so one slow stranger cannot stall members' connections.
+func (t *tcpStream) acceptLoop() {
+	for {
+		c, err := t.ln.Accept()
+		if err != nil {
+			return
+		}
+		select {
+		case t.pending <- struct{}{}:
+		default:
+			_ = c.Close() // too many strangers at once
+			continue
+		}
+		t.wg.Add(1)
+		go func() {
+			defer t.wg.Done()
+			defer func() { <-t.pending }()
+			tc := tls.Server(c, t.serverTLS)
+			hctx, cancel := context.WithTimeout(t.ctx, handshakeTimeout)
+			err := tc.HandshakeContext(hctx)
+			cancel()
+			if err != nil {
+				_ = c.Close()
+				return
+			}
+			tracked, err := t.track(tc)
+			if err != nil {
+				return
+			}
+			select {
+			case t.accepted <- tracked:
+			case <-t.ctx.Done():
+				_ = tracked.Close()
+			}
+		}()
+	}
 }
 
 func (t *tcpStream) track(c net.Conn) (net.Conn, error) {
@@ -48,7 +114,8 @@ func (t *tcpStream) track(c net.Conn) (net.Conn, error) {
 	return &trackedConn{Conn: c, t: t}, nil
 }
 
-// Dial implements raft.StreamLayer.
+// Dial implements raft.StreamLayer: TCP, then the TLS handshake that proves
+// both ends are members.
 func (t *tcpStream) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
 	t.mu.Lock()
 	p := t.partitioned
@@ -56,25 +123,38 @@ func (t *tcpStream) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Co
 	if p {
 		return nil, errPartitioned
 	}
-	c, err := net.DialTimeout("tcp", string(addr), timeout)
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: timeout}, Config: t.clientTLS}
+	ctx, cancel := context.WithTimeout(t.ctx, timeout)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", string(addr))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("raft dial %s: %w", addr, err)
 	}
 	return t.track(c)
 }
 
-// Accept implements net.Listener; connections arriving while partitioned are dropped.
+// Accept implements net.Listener: the next connection that proved itself a
+// member.
 func (t *tcpStream) Accept() (net.Conn, error) {
-	for {
-		c, err := t.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		if tc, err := t.track(c); err == nil {
-			return tc, nil
-		}
+	select {
+	case c := <-t.accepted:
+		return c, nil
+	case <-t.ctx.Done():
+		return nil, net.ErrClosed
 	}
 }
+
+// Close implements net.Listener; it stops the accept loop and waits for
+// handshakes in progress.
+func (t *tcpStream) Close() error {
+	t.cancel()
+	err := t.ln.Close()
+	t.wg.Wait()
+	return err
+}
+
+// Addr implements net.Listener.
+func (t *tcpStream) Addr() net.Addr { return t.ln.Addr() }
 
 // setPartitioned cuts (true) or restores (false) every raft connection.
 func (t *tcpStream) setPartitioned(p bool) {

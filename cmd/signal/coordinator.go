@@ -38,7 +38,11 @@ func newCoordinatorCmd() *cobra.Command {
 		Short: "Run a coordinator: raft member, public HTTP API, libp2p host for nodes",
 		Long: `Run one coordinator. A single coordinator started with --bootstrap is a
 working cluster; start more with --join URL (any member's HTTP URL) to form
-a cluster of three or five. Restarting with the same --data resumes.`,
+a cluster of three or five. Restarting with the same --data resumes.
+
+Members authenticate each other on the raft port with mutual TLS under a CA
+derived from $SIGNAL_CLUSTER_SECRET (every member needs the same one; unset, it
+is derived from the admin token).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runCoordinator(cmd.Context(), cmd, o) },
 	}
@@ -76,6 +80,9 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 	if cfg.AdminToken == "" {
 		cfg.AdminToken = os.Getenv("SIGNAL_ADMIN_TOKEN")
 	}
+	// Only from the environment: a secret in argv is readable by every
+	// user of the host (ps).
+	cfg.ClusterSecret = os.Getenv("SIGNAL_CLUSTER_SECRET")
 	cfg.FeeBasisPoints, cfg.RatePerSecond, cfg.RateBurst = o.feeBPS, o.rate, o.burst
 	cfg.Logger, cfg.RaftLog = logger, os.Stderr
 	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
