@@ -158,7 +158,7 @@ func TestAPIErrors(t *testing.T) {
 		{"unknown account credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "nobody", "amount": 5}, 404, "not_found", "nobody"},
 		{"other's run", "GET", runURL, other, nil, 403, "forbidden", "another account"},
 		{"unknown run", "GET", base + "/v1/runs/run_x", key, nil, 404, "not_found", "run_x"},
-		{"over balance", "POST", runURL + "/forward_backward", key, fbBody(100), 402, "insufficient_balance", "estimated cost 100 micro-credits exceeds balance 50"},
+		{"over balance", "POST", runURL + "/forward_backward", key, fbBody(100), 402, "insufficient_balance", "estimated cost 100 micro-credits exceeds the available balance 50"},
 		{"datum mismatch", "POST", runURL + "/forward_backward", key, `{"data":[{"model_input":{"tokens":[1,2]},"loss_fn_inputs":{"target_tokens":[1],"weights":[1,1]}}]}`, 400, "invalid_request", "data[0].loss_fn_inputs"},
 		{"context too long", "POST", runURL + "/forward", key, fbBody(129), 400, "invalid_request", "allows 128"},
 		{"bad adam", "POST", runURL + "/optim_step", key, map[string]any{"adam_params": map[string]any{"beta1": 1.5}}, 400, "invalid_request", "adam_params.beta1"},

@@ -30,11 +30,15 @@ const (
 	// appendCharge: charges are the hot path, and JSON was a third of
 	// every member's apply cost. cmdCharge (JSON) still replays old logs.
 	cmdChargeBin
+	// cmdHold reserves a billed call's quote before it reaches a node;
+	// cmdReleaseHolds frees reservations whose calls will not be charged.
+	cmdHold
+	cmdReleaseHolds
 )
 
 func (t cmdType) String() string {
 	names := [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin"}
+		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds"}
 	if int(t) < len(names) && t > 0 {
 		return names[t]
 	}
@@ -58,6 +62,10 @@ type registerNodeCmd struct {
 	PeerID    string `json:"peer_id"`
 	TokenHash string `json:"token_hash"`
 	Time      string `json:"time"`
+}
+
+type releaseHoldsCmd struct {
+	IDs []string `json:"ids"`
 }
 
 type removeMemberCmd struct {
@@ -155,7 +163,8 @@ const (
 	chargeHasIdem
 	chargeHasBody
 	chargeHasRunUpdate
-	chargeKnownFlags = chargeRequireAll | chargeHasIdem | chargeHasBody | chargeHasRunUpdate
+	chargeHasHold
+	chargeKnownFlags = chargeRequireAll | chargeHasIdem | chargeHasBody | chargeHasRunUpdate | chargeHasHold
 )
 
 // appendCharge lays out a charge: a flags byte; Account, Operator, RunID,
@@ -176,7 +185,10 @@ func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
 	if c.RunUpdate != nil {
 		flags |= chargeHasRunUpdate
 	}
-	n := 1 + 5*binary.MaxVarintLen64 + len(c.Account) + len(c.Operator) + len(c.RunID) + len(c.Call) + len(c.Time) +
+	if c.HoldID != "" {
+		flags |= chargeHasHold
+	}
+	n := 1 + binary.MaxVarintLen64 + len(c.HoldID) + 5*binary.MaxVarintLen64 + len(c.Account) + len(c.Operator) + len(c.RunID) + len(c.Call) + len(c.Time) +
 		5*binary.MaxVarintLen64 + 3*binary.MaxVarintLen64 + len(c.Body) + len(runUpdate)
 	if c.Idem != nil {
 		n += len(c.Idem.Scope) + len(c.Idem.BodyHash)
@@ -209,6 +221,10 @@ func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
 	if c.RunUpdate != nil {
 		b = binary.AppendUvarint(b, uint64(len(runUpdate)))
 		b = append(b, runUpdate...)
+	}
+	if c.HoldID != "" {
+		b = binary.AppendUvarint(b, uint64(len(c.HoldID)))
+		b = append(b, c.HoldID...)
 	}
 	return b
 }
@@ -299,6 +315,9 @@ func decodeCharge(p []byte) (chargeCmd, error) {
 			}
 			c.RunUpdate = &u
 		}
+	}
+	if flags&chargeHasHold != 0 {
+		c.HoldID = r.str("hold_id")
 	}
 	if r.err == nil && len(r.b) != 0 {
 		r.fail(fmt.Sprintf("%d trailing bytes", len(r.b)))

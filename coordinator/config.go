@@ -56,6 +56,14 @@ type Config struct {
 	// RatePerSecond and RateBurst configure each API key's token bucket.
 	RatePerSecond float64
 	RateBurst     int
+	// CheckpointStores are the URI prefixes of the network's checkpoint
+	// store (s3://bucket/prefix, file:///shared/dir): a node's checkpoint
+	// is recorded only inside one. Empty (development) takes any plain
+	// file or s3 URI.
+	CheckpointStores []string
+	// CallTimeout bounds one billed call on a node. The call runs to its
+	// end even when the client hangs up, so the work is billed.
+	CallTimeout time.Duration
 	// MaxBodyBytes limits request bodies (413 above it).
 	MaxBodyBytes int64
 	// MaxBatch is the most commands in one raft entry; MaxInflightBatches
@@ -109,6 +117,7 @@ func DefaultConfig() Config {
 		MaxInflightBatches: 2,
 		LogStore:           LogStoreWAL,
 		ApplyTimeout:       10 * time.Second,
+		CallTimeout:        30 * time.Minute,
 		NodeLostAfter:      2 * time.Second,
 		RetryAfter:         2 * time.Second,
 		SnapshotThreshold:  8192,
@@ -152,8 +161,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config MaxBodyBytes %d: at least 1024: %w", c.MaxBodyBytes, ErrInvalidRequest)
 	case c.MaxBatch < 1 || c.MaxInflightBatches < 1:
 		return fmt.Errorf("config MaxBatch %d / MaxInflightBatches %d: must be positive: %w", c.MaxBatch, c.MaxInflightBatches, ErrInvalidRequest)
-	case c.ApplyTimeout <= 0 || c.NodeLostAfter <= 0 || c.RetryAfter <= 0:
-		return fmt.Errorf("config ApplyTimeout/NodeLostAfter/RetryAfter: must be positive: %w", ErrInvalidRequest)
+	case c.ApplyTimeout <= 0 || c.NodeLostAfter <= 0 || c.RetryAfter <= 0 || c.CallTimeout <= 0:
+		return fmt.Errorf("config ApplyTimeout/NodeLostAfter/RetryAfter/CallTimeout: must be positive: %w", ErrInvalidRequest)
 	case c.LogStore != "" && c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt:
 		return fmt.Errorf("config LogStore %q: want %q or %q: %w", c.LogStore, LogStoreWAL, LogStoreBolt, ErrInvalidRequest)
 	case c.Logger == nil:

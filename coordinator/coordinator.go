@@ -58,6 +58,9 @@ type Coordinator struct {
 	// entry of earlier terms (a barrier), so its reads are current.
 	leaderReady atomic.Bool
 
+	// tokenizeSlots bounds concurrent /v1/tokenize work on this member.
+	tokenizeSlots chan struct{}
+
 	inflightMu sync.Mutex
 	inflight   map[string]chan struct{} // idempotency scopes being executed
 	movingMu   sync.Mutex
@@ -88,6 +91,8 @@ func New(cfg Config) (*Coordinator, error) {
 		moving:   map[string]bool{},
 		missing:  map[string]lostMark{},
 		client:   &http.Client{Timeout: 30 * time.Minute},
+
+		tokenizeSlots: make(chan struct{}, 2),
 	}
 	c.fsm.log = c.log
 	c.metrics = newMetrics(c)

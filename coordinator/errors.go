@@ -39,6 +39,10 @@ var (
 	ErrUnavailable = errors.New("unavailable")
 	// ErrNotLeader means a write reached a member that is not the raft leader.
 	ErrNotLeader = errors.New("not the raft leader")
+	// ErrBadNodeAnswer is a node's answer the coordinator refuses to believe
+	// (a checkpoint of another run or outside the store, a step that skips):
+	// nothing of it is recorded, and the caller may retry (503).
+	ErrBadNodeAnswer = errors.New("node answer refused")
 	// ErrInsufficientBalance is an estimate above the balance (402).
 	ErrInsufficientBalance = ledger.ErrInsufficientBalance
 )
@@ -91,7 +95,7 @@ func httpStatus(err error) (int, string) {
 	case errors.Is(err, ErrRateLimited):
 		return http.StatusTooManyRequests, protocol.CodeRateLimited
 	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrNoCapacity), errors.Is(err, ErrNodeLost),
-		errors.Is(err, ErrNotLeader):
+		errors.Is(err, ErrNotLeader), errors.Is(err, ErrBadNodeAnswer):
 		return http.StatusServiceUnavailable, protocol.CodeUnavailable
 	default:
 		return http.StatusInternalServerError, protocol.CodeInternal

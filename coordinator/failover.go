@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"sort"
 	"sync"
 	"time"
 
@@ -30,6 +31,7 @@ func (c *Coordinator) failoverLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		c.releaseStaleHolds(ctx)
 		live := map[string]bool{}
 		for _, n := range c.nodesBackend().Nodes() {
 			live[n.PeerID] = true
@@ -134,4 +136,30 @@ func lastCheckpoint(cps []protocol.Checkpoint) *protocol.Checkpoint {
 		return &cp
 	}
 	return nil
+}
+
+// releaseStaleHolds frees holds no call will settle: those another member
+// placed (its calls cannot commit a charge now that it is not leader) and
+// those older than CallTimeout plus a minute (a charge or release that
+// failed to commit).
+func (c *Coordinator) releaseStaleHolds(ctx context.Context) {
+	var stale []string
+	cutoff := time.Now().Add(-c.cfg.CallTimeout - time.Minute)
+	c.fsm.read(func(s *State) {
+		for _, h := range s.holds {
+			t, err := time.Parse(time.RFC3339Nano, h.Time)
+			if h.Holder != c.cfg.ID || err != nil || t.Before(cutoff) {
+				stale = append(stale, h.ID)
+			}
+		}
+	})
+	if len(stale) == 0 {
+		return
+	}
+	sort.Strings(stale)
+	if _, err := c.propose(ctx, cmdReleaseHolds, releaseHoldsCmd{IDs: stale}); err != nil {
+		c.log.Warn("release stale holds", "category", "billing", "holds", len(stale), "err", err)
+		return
+	}
+	c.log.Info("released stale holds", "category", "billing", "holds", len(stale))
 }

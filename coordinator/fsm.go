@@ -152,6 +152,15 @@ func (f *fsm) applyOne(index uint64, t cmdType, p []byte) cmdResult {
 			s.RemoveMember(c.ID)
 			return cmdResult{}
 		})
+	case cmdHold:
+		return decoded(f, index, t, p, func(h HoldRecord) cmdResult {
+			return cmdResult{Value: h, Err: s.Hold(h)}
+		})
+	case cmdReleaseHolds:
+		return decoded(f, index, t, p, func(c releaseHoldsCmd) cmdResult {
+			s.ReleaseHolds(c.IDs)
+			return cmdResult{}
+		})
 	case cmdPutIdem:
 		return decoded(f, index, t, p, func(c putIdemCmd) cmdResult {
 			rec, err := s.PutIdem(c.Tag, c.Status, c.Body)
@@ -198,6 +207,7 @@ const (
 	recJoinToken
 	recMember
 	recIdem
+	recHold
 )
 
 const snapshotMagic = "SIGSNAP1"
@@ -312,6 +322,11 @@ func writeSnapshot(w io.Writer, s *State) error {
 			}
 		}
 	}
+	for _, h := range s.Holds() {
+		if err := put(recHold, h); err != nil {
+			return err
+		}
+	}
 	if err := bw.WriteByte(byte(recEnd)); err != nil {
 		return err
 	}
@@ -424,6 +439,15 @@ func decodeRecord(s *State, t recType, buf []byte, meta *snapshotMeta, accounts 
 			return err
 		}
 		s.putIdem(rec)
+	case recHold:
+		var h HoldRecord
+		if err := dec(&h); err != nil {
+			return err
+		}
+		if h.ID == "" || h.Amount < 0 {
+			return fmt.Errorf("hold record without id or with a negative amount: %w", errBadSnapshot)
+		}
+		s.putHold(h)
 	default:
 		return fmt.Errorf("record type %d: %w", t, errBadSnapshot)
 	}

@@ -27,12 +27,12 @@ func FuzzDecodeRequests(f *testing.F) {
 	c := &Coordinator{models: newRegistry([]ModelSpec{fuzzModel})}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		for _, call := range []protocol.Call{protocol.CallForwardBackward, protocol.CallForward, protocol.CallOptimStep, protocol.CallSample, protocol.CallSaveState} {
-			est, err := estimateCost(call, b, fuzzModel)
+			q, err := quoteCall(call, b, fuzzModel, protocol.Run{LoRARank: 8, CheckpointEvery: 1}, nil)
 			if err != nil && !errors.Is(err, ErrInvalidRequest) {
 				t.Fatalf("%s: error %v is not invalid_request", call, err)
 			}
-			if est < 0 {
-				t.Fatalf("%s: negative estimate %d", call, est)
+			if q.credits < 0 || q.max.TrainTokens < 0 || q.max.PrefillTokens < 0 || q.max.SampledTokens < 0 || q.max.StoredBytes < 0 {
+				t.Fatalf("%s: negative quote %+v", call, q)
 			}
 		}
 		var req protocol.CreateRunRequest

@@ -11,6 +11,9 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"net/url"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -157,27 +160,59 @@ func (c *Coordinator) handleAccount(cl *call) (any, error) {
 
 var tokenizers sync.Map // model path -> Tokenizer
 
+// tokenizer returns a model's tokenizer, loaded once per path; nil when this
+// coordinator has none for it.
+func (c *Coordinator) tokenizer(m ModelSpec) (Tokenizer, error) {
+	if c.cfg.LoadTokenizer == nil || m.Path == "" {
+		return nil, nil
+	}
+	if t, ok := tokenizers.Load(m.Path); ok {
+		return t.(Tokenizer), nil
+	}
+	tk, err := c.cfg.LoadTokenizer(m.Path)
+	if err != nil {
+		return nil, fmt.Errorf("load tokenizer for %s: %w", m.Name, err)
+	}
+	t, _ := tokenizers.LoadOrStore(m.Path, tk)
+	return t.(Tokenizer), nil
+}
+
+// textCounter counts texts with the model's tokenizer where this member has
+// it, so text examples are billed by their tokens, not bounded by bytes.
+func (c *Coordinator) textCounter(m ModelSpec) textCounter {
+	t, err := c.tokenizer(m)
+	if err != nil || t == nil {
+		return nil
+	}
+	return func(text string) int64 { return int64(len(t.Encode(text, false))) }
+}
+
+// maxTokenizeBytes bounds one /v1/tokenize text: the leader tokenizes it
+// in memory, and a context's worth of text is far below this.
+const maxTokenizeBytes = 1 << 20
+
 func (c *Coordinator) handleTokenize(cl *call) (any, error) {
 	var req protocol.TokenizeRequest
 	if err := decodeJSON(cl.body, &req, false); err != nil {
 		return nil, err
 	}
+	if len(req.Text) > maxTokenizeBytes {
+		return nil, fmt.Errorf("field text: %d bytes, at most %d; split it into several calls: %w", len(req.Text), maxTokenizeBytes, ErrInvalidRequest)
+	}
 	m, err := c.models.get(req.BaseModel)
 	if err != nil {
 		return nil, err
 	}
-	if c.cfg.LoadTokenizer == nil || m.Path == "" {
+	t, err := c.tokenizer(m)
+	if err != nil {
+		return nil, err
+	}
+	if t == nil {
 		return nil, retryAfter(fmt.Errorf("no tokenizer for model %s on this coordinator: %w", m.Name, ErrUnavailable), c.cfg.RetryAfter)
 	}
-	t, ok := tokenizers.Load(m.Path)
-	if !ok {
-		tk, err := c.cfg.LoadTokenizer(m.Path)
-		if err != nil {
-			return nil, fmt.Errorf("load tokenizer for %s: %w", m.Name, err)
-		}
-		t, _ = tokenizers.LoadOrStore(m.Path, tk)
-	}
-	toks := t.(Tokenizer).Encode(req.Text, req.AddSpecialTokens)
+	c.tokenizeSlots <- struct{}{}
+	defer func() { <-c.tokenizeSlots }()
+	toks := t.Encode(req.Text, req.AddSpecialTokens)
 	if toks == nil {
 		toks = []int{}
 	}
@@ -426,13 +461,24 @@ func (c *Coordinator) handleLoadState(cl *call) (any, error) {
 	if req.Checkpoint == "" {
 		return nil, fmt.Errorf("field checkpoint: required (an id, URI or CID): %w", ErrInvalidRequest)
 	}
-	for _, cp := range rec.Run.Checkpoints {
-		if cp.ID == req.Checkpoint {
-			req.Checkpoint = cp.URI
-		}
+	var cp protocol.Checkpoint
+	var src *RunRecord
+	var ok bool
+	c.fsm.read(func(s *State) { cp, src, ok = s.OwnedCheckpoint(cl.account, req.Checkpoint) })
+	if !ok {
+		return nil, fmt.Errorf("field checkpoint: %q is not a checkpoint of your runs (GET /v1/runs/{id} lists them by id): %w", req.Checkpoint, ErrNotFound)
+	}
+	if src.Run.BaseModel != rec.Run.BaseModel || src.Run.LoRARank != rec.Run.LoRARank || !slices.Equal(src.Run.TargetModules, rec.Run.TargetModules) {
+		return nil, fmt.Errorf("field checkpoint: %s holds a %s adapter of rank %d on %v, run %s is %s rank %d on %v; create a run with the checkpoint's settings to load it: %w",
+			cp.ID, src.Run.BaseModel, src.Run.LoRARank, src.Run.TargetModules, rec.Run.ID, rec.Run.BaseModel, rec.Run.LoRARank, rec.Run.TargetModules, ErrInvalidRequest)
+	}
+	// The node gets the recorded reference, never the caller's string.
+	req.Checkpoint = cp.URI
+	if req.Checkpoint == "" {
+		req.Checkpoint = cp.ID
 	}
 	body, _ := json.Marshal(req)
-	resp, err := c.doRun(cl, rec, protocol.CallLoadState, body)
+	resp, err := c.doRun(cl.r.Context(), cl, rec, protocol.CallLoadState, body)
 	if err != nil {
 		return nil, err
 	}
@@ -473,8 +519,8 @@ func requestID(cl *call) string {
 
 // doRun sends one call to the run's node; a lost node starts the run's move
 // and answers 503.
-func (c *Coordinator) doRun(cl *call, rec *RunRecord, callName protocol.Call, body []byte) (protocol.SessionResponse, error) {
-	resp, err := c.nodesBackend().Do(cl.r.Context(), rec.Run.Node, protocol.SessionRequest{RequestID: requestID(cl), RunID: rec.Run.ID, Call: callName, Body: body})
+func (c *Coordinator) doRun(ctx context.Context, cl *call, rec *RunRecord, callName protocol.Call, body []byte) (protocol.SessionResponse, error) {
+	resp, err := c.nodesBackend().Do(ctx, rec.Run.Node, protocol.SessionRequest{RequestID: requestID(cl), RunID: rec.Run.ID, Call: callName, Body: body})
 	if err != nil {
 		if errors.Is(err, ErrNodeLost) {
 			c.markLost(rec.Run.ID, rec.Run.Node)
@@ -488,7 +534,10 @@ func (c *Coordinator) doRun(cl *call, rec *RunRecord, callName protocol.Call, bo
 	return resp, nil
 }
 
-// billed returns the handler of a billed session call.
+// billed returns the handler of a billed session call: quote the call from
+// its request, hold the quote through raft, run it on the node, and charge
+// what the coordinator counts (never above the quote) in one entry that
+// also releases the hold.
 func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 	return func(cl *call) (any, error) {
 		rec, err := c.ownedRun(cl)
@@ -502,26 +551,43 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		if err != nil {
 			return nil, err
 		}
-		estimate, err := estimateCost(callName, cl.body, model)
+		q, err := quoteCall(callName, cl.body, model, rec.Run, c.textCounter(model))
 		if err != nil {
 			return nil, err
 		}
-		var bal int64
-		c.fsm.read(func(s *State) { bal = s.Balance(cl.account) })
-		if estimate > bal {
-			return nil, fmt.Errorf("estimated cost %d micro-credits exceeds balance %d: %w", estimate, bal, ErrInsufficientBalance)
+		ctx := cl.r.Context()
+		hold := HoldRecord{ID: "hold_" + newID(8), Account: cl.account, Amount: q.credits, Holder: c.cfg.ID, Time: now()}
+		if _, err := c.propose(ctx, cmdHold, hold); err != nil {
+			return nil, err
+		}
+		// From here the call is the coordinator's to finish: a client that
+		// hangs up does not make work done free, nor leave the hold behind.
+		work, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.CallTimeout)
+		defer cancel()
+		release := func() {
+			if _, err := c.propose(work, cmdReleaseHolds, releaseHoldsCmd{IDs: []string{hold.ID}}); err != nil {
+				c.log.Warn("release hold", "category", "billing", "hold", hold.ID, "err", err)
+			}
+		}
+		if err := ctx.Err(); err != nil {
+			release() // the client left before the node was asked
+			return nil, fmt.Errorf("client gone before the call started: %w", err)
 		}
 		body := cl.body
 		if len(body) == 0 {
 			body = []byte("{}")
 		}
-		resp, err := c.doRun(cl, rec, callName, body)
+		resp, err := c.doRun(work, cl, rec, callName, body)
 		if err != nil {
+			release()
 			return nil, err
 		}
-		cost := priceUsage(model.Prices, resp.Usage)
-		update, err := runUpdateFor(rec.Run.ID, callName, resp)
+		usage := q.settle(resp.Usage)
+		cost := priceUsage(model.Prices, usage)
+		cost.Credits = min(cost.Credits, q.credits)
+		update, err := c.runUpdateFor(rec.Run, callName, resp)
 		if err != nil {
+			release()
 			return nil, err
 		}
 		respBody := resp.Body
@@ -534,10 +600,10 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 				operator = n.Operator
 			}
 		})
-		// The node did the work: commit the charge even if the client hung up.
-		v, err := c.propose(context.WithoutCancel(cl.r.Context()), cmdCharge, chargeCmd{
+		v, err := c.propose(work, cmdCharge, chargeCmd{
 			Account: cl.account, Operator: operator, FeeBPS: c.cfg.FeeBasisPoints, Cost: cost,
 			RunID: rec.Run.ID, Call: string(callName), Time: now(), Idem: cl.idem, Body: respBody, RunUpdate: &update,
+			HoldID: hold.ID,
 		})
 		if err != nil {
 			return nil, err
@@ -547,13 +613,21 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 			c.metrics.charges.Inc()
 			c.metrics.credits.Add(float64(res.Cost.Credits))
 		}
+		if ctx.Err() != nil {
+			c.log.Info("call finished and charged after the client left", "category", "billing", "run", rec.Run.ID, "call", callName, "credits", res.Cost.Credits)
+		}
 		return rawResponse{status: res.Status, body: res.Body, recorded: true, replayed: res.Replayed}, nil
 	}
 }
 
 // runUpdateFor extracts what the run record keeps from a call's answer.
-func runUpdateFor(runID string, callName protocol.Call, resp protocol.SessionResponse) (RunUpdate, error) {
-	u := RunUpdate{RunID: runID, Checkpoint: resp.Checkpoint, Time: now()}
+// A node is a stranger, so a checkpoint is recorded only from the calls
+// that make one (save_state; optim_step's automatic full checkpoint), for
+// this run at the step the call leaves it, and inside the network's store:
+// anything else is refused (save_state) or dropped (optim_step), never
+// written into the run for a later move to fetch.
+func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, resp protocol.SessionResponse) (RunUpdate, error) {
+	u := RunUpdate{RunID: run.ID, Time: now()}
 	switch callName {
 	case protocol.CallForwardBackward:
 		var fb struct {
@@ -562,7 +636,7 @@ func runUpdateFor(runID string, callName protocol.Call, resp protocol.SessionRes
 			Tokens   int64   `json:"tokens"`
 		}
 		if err := json.Unmarshal(resp.Body, &fb); err != nil {
-			return u, fmt.Errorf("node forward_backward answer: %w", err)
+			return u, fmt.Errorf("node forward_backward answer: %v: %w", err, ErrBadNodeAnswer)
 		}
 		u.Loss, u.Tokens = &fb.LossSum, fb.Tokens
 		w := lossWeight(fb.LossSum, fb.LossMean)
@@ -570,18 +644,76 @@ func runUpdateFor(runID string, callName protocol.Call, resp protocol.SessionRes
 	case protocol.CallOptimStep:
 		var os protocol.OptimStepResponse
 		if err := json.Unmarshal(resp.Body, &os); err != nil {
-			return u, fmt.Errorf("node optim_step answer: %w", err)
+			return u, fmt.Errorf("node optim_step answer: %v: %w", err, ErrBadNodeAnswer)
 		}
 		u.Optim = &OptimFigures{Step: os.Step, LearningRate: os.LearningRate, GradNorm: os.GradNorm}
-	case protocol.CallSaveState:
-		if resp.Checkpoint == nil {
-			var ss protocol.SaveStateResponse
-			if err := json.Unmarshal(resp.Body, &ss); err == nil && ss.Checkpoint.ID != "" {
-				u.Checkpoint = &ss.Checkpoint
+		if cp := resp.Checkpoint; cp != nil {
+			if err := c.checkCheckpoint(run, *cp, os.Step, "full"); err != nil {
+				c.log.Warn("node's automatic checkpoint dropped", "category", "security", "run", run.ID, "node", run.Node, "err", err)
+			} else {
+				u.Checkpoint = cp
 			}
 		}
+	case protocol.CallSaveState:
+		cp := resp.Checkpoint
+		if cp == nil {
+			var ss protocol.SaveStateResponse
+			if err := json.Unmarshal(resp.Body, &ss); err == nil && ss.Checkpoint.ID != "" {
+				cp = &ss.Checkpoint
+			}
+		}
+		if cp == nil {
+			return u, fmt.Errorf("node save_state answer: no checkpoint: %w", ErrBadNodeAnswer)
+		}
+		if err := c.checkCheckpoint(run, *cp, run.Step, ""); err != nil {
+			return u, err
+		}
+		u.Checkpoint = cp
 	}
 	return u, nil
+}
+
+// checkCheckpoint says whether a node's checkpoint may be recorded in run:
+// its run, step and mode (empty: adapter or full) and every URI inside
+// the network's store.
+func (c *Coordinator) checkCheckpoint(run protocol.Run, cp protocol.Checkpoint, step int, mode string) error {
+	switch {
+	case cp.ID == "" || len(cp.ID) > maxNameLen:
+		return fmt.Errorf("node checkpoint: id %q: %w", cp.ID, ErrBadNodeAnswer)
+	case cp.RunID != run.ID:
+		return fmt.Errorf("node checkpoint %s: for run %q, not %s: %w", cp.ID, cp.RunID, run.ID, ErrBadNodeAnswer)
+	case cp.Step != step && cp.Step != step+1:
+		// step+1: an optim_step that ran beside a save_state.
+		return fmt.Errorf("node checkpoint %s: step %d, the run is at %d: %w", cp.ID, cp.Step, step, ErrBadNodeAnswer)
+	case mode != "" && cp.Mode != mode, cp.Mode != "adapter" && cp.Mode != "full":
+		return fmt.Errorf("node checkpoint %s: mode %q: %w", cp.ID, cp.Mode, ErrBadNodeAnswer)
+	}
+	uris := []string{cp.URI}
+	for _, f := range cp.Files {
+		uris = append(uris, f.URI)
+	}
+	for _, u := range uris {
+		if !c.inStore(u) {
+			return fmt.Errorf("node checkpoint %s: URI %q is outside the network's store %v: %w", cp.ID, u, c.cfg.CheckpointStores, ErrBadNodeAnswer)
+		}
+	}
+	return nil
+}
+
+// inStore says whether uri names an object inside one of the network's
+// checkpoint stores. With none configured (a development cluster) only
+// plain file and s3 URIs pass: never one that names its own endpoint.
+func (c *Coordinator) inStore(uri string) bool {
+	if len(c.cfg.CheckpointStores) == 0 {
+		u, err := url.Parse(uri)
+		return err == nil && (u.Scheme == "file" || u.Scheme == "s3") && u.RawQuery == "" && !strings.Contains(u.Path, "/../")
+	}
+	for _, prefix := range c.cfg.CheckpointStores {
+		if strings.HasPrefix(uri, strings.TrimRight(prefix, "/")+"/") && !strings.Contains(uri[len(prefix):], "..") {
+			return true
+		}
+	}
+	return false
 }
 
 // lossWeight is the sum of a forward_backward's loss weights, which the

@@ -214,7 +214,9 @@ func testConfig(t testing.TB, id string) Config {
 	cfg.CommitTimeout = 5 * time.Millisecond
 	cfg.NodeLostAfter = 300 * time.Millisecond
 	cfg.RetryAfter = time.Second
-	cfg.Models = []ModelSpec{{Name: "tiny", ContextLength: 128, MemoryBytes: 1 << 20, Prices: protocol.Prices{TrainPer1K: 1000, PrefillPer1K: 500, SamplePer1K: 2000, StoragePerGBHour: 100}}}
+	// AdapterBytesPerRank bounds a rank-8 full checkpoint at 2.4 GB: room
+	// for the fake node's 2 GB save_state.
+	cfg.Models = []ModelSpec{{Name: "tiny", ContextLength: 128, MemoryBytes: 1 << 20, AdapterBytesPerRank: 100_000_000, Prices: protocol.Prices{TrainPer1K: 1000, PrefillPer1K: 500, SamplePer1K: 2000, StoragePerGBHour: 100}}}
 	return cfg
 }
 

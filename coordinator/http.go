@@ -90,7 +90,9 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "GET /v1/models", "models", routeOpts{auth: authUser}, c.handleModels)
 	c.route(mux, "GET /v1/nodes", "nodes", routeOpts{auth: authUser}, c.handleNodes)
 	c.route(mux, "GET /v1/account", "account", routeOpts{auth: authUser}, c.handleAccount)
-	c.route(mux, "POST /v1/tokenize", "tokenize", routeOpts{auth: authUser}, c.handleTokenize)
+	// Member-local: each member tokenizes on its own CPU, in bounded slots,
+	// so a flood of texts cannot starve the leader's raft work.
+	c.route(mux, "POST /v1/tokenize", "tokenize", routeOpts{auth: authUser, local: true}, c.handleTokenize)
 	c.route(mux, "POST /v1/runs", "create_run", routeOpts{auth: authUser, mutating: true}, c.handleCreateRun)
 	c.route(mux, "GET /v1/runs", "list_runs", routeOpts{auth: authUser}, c.handleListRuns)
 	c.route(mux, "GET /v1/runs/{id}", "get_run", routeOpts{auth: authUser}, c.handleGetRun)

@@ -17,10 +17,14 @@ type ModelSpec struct {
 	// HFRepo is the Hugging Face repository nodes download the model from.
 	HFRepo string `json:"hf_repo,omitempty"`
 	// Path is a local model directory (Hugging Face layout).
-	Path          string          `json:"path,omitempty"`
-	ContextLength int             `json:"context_length"`
-	MemoryBytes   int64           `json:"memory_bytes"`
-	Prices        protocol.Prices `json:"prices"`
+	Path          string `json:"path,omitempty"`
+	ContextLength int    `json:"context_length"`
+	MemoryBytes   int64  `json:"memory_bytes"`
+	// AdapterBytesPerRank is the size of a rank-1 f32 LoRA adapter on every
+	// target module; it bounds what a checkpoint may bill (0: unknown, the
+	// model's size bounds it).
+	AdapterBytesPerRank int64           `json:"adapter_bytes_per_rank,omitempty"`
+	Prices              protocol.Prices `json:"prices"`
 }
 
 // DefaultPrices are the prices of a model whose registry entry names none,
@@ -34,8 +38,8 @@ func (m ModelSpec) Validate() error {
 		return fmt.Errorf("model name %q: must be non-empty without spaces or slashes: %w", m.Name, ErrInvalidRequest)
 	case m.ContextLength <= 0:
 		return fmt.Errorf("model %s context_length %d: must be positive: %w", m.Name, m.ContextLength, ErrInvalidRequest)
-	case m.MemoryBytes < 0:
-		return fmt.Errorf("model %s memory_bytes %d: must not be negative: %w", m.Name, m.MemoryBytes, ErrInvalidRequest)
+	case m.MemoryBytes < 0 || m.AdapterBytesPerRank < 0:
+		return fmt.Errorf("model %s memory_bytes %d / adapter_bytes_per_rank %d: must not be negative: %w", m.Name, m.MemoryBytes, m.AdapterBytesPerRank, ErrInvalidRequest)
 	case m.Prices.TrainPer1K < 0 || m.Prices.PrefillPer1K < 0 || m.Prices.SamplePer1K < 0 || m.Prices.StoragePerGBHour < 0:
 		return fmt.Errorf("model %s prices: must not be negative: %w", m.Name, ErrInvalidRequest)
 	}
@@ -76,6 +80,12 @@ func ModelFromDir(name, dir string) (ModelSpec, error) {
 	var cfg struct {
 		MaxPositionEmbeddings int    `json:"max_position_embeddings"`
 		TorchDtype            string `json:"torch_dtype"`
+		Hidden                int64  `json:"hidden_size"`
+		Intermediate          int64  `json:"intermediate_size"`
+		Layers                int64  `json:"num_hidden_layers"`
+		Heads                 int64  `json:"num_attention_heads"`
+		KVHeads               int64  `json:"num_key_value_heads"`
+		HeadDim               int64  `json:"head_dim"`
 	}
 	if err := json.Unmarshal(b, &cfg); err != nil {
 		return ModelSpec{}, fmt.Errorf("model %s config.json: %w", name, err)
@@ -91,6 +101,19 @@ func ModelFromDir(name, dir string) (ModelSpec, error) {
 		size *= 2
 	}
 	m := ModelSpec{Name: name, Path: dir, ContextLength: cfg.MaxPositionEmbeddings, MemoryBytes: size, Prices: DefaultPrices}
+	if cfg.Hidden > 0 && cfg.Layers > 0 && cfg.Heads > 0 {
+		hd, kv := cfg.HeadDim, cfg.KVHeads
+		if hd == 0 {
+			hd = cfg.Hidden / cfg.Heads
+		}
+		if kv == 0 {
+			kv = cfg.Heads
+		}
+		h, q, k, i := cfg.Hidden, cfg.Heads*hd, kv*hd, cfg.Intermediate
+		// A and B of q, k, v, o, gate, up, down: (in + out) × rank each.
+		perLayer := (h + q) + 2*(h+k) + (q + h) + 3*(h+i)
+		m.AdapterBytesPerRank = 4 * cfg.Layers * perLayer
+	}
 	if m.ContextLength == 0 {
 		m.ContextLength = 2048
 	}

@@ -103,6 +103,9 @@ type State struct {
 	joinTokens map[string]JoinTokenRecord
 	members    map[string]MemberRecord
 	idem       map[string]IdemRecord
+	holds      map[string]HoldRecord
+	// held is each account's sum of holds (derived from holds).
+	held map[string]int64
 	// idemOrder is insertion order, oldest first, for bounded eviction.
 	idemOrder []string
 	// FeeAccount receives the network's share of every charge.
@@ -123,6 +126,8 @@ func NewState() *State {
 		joinTokens: map[string]JoinTokenRecord{},
 		members:    map[string]MemberRecord{},
 		idem:       map[string]IdemRecord{},
+		holds:      map[string]HoldRecord{},
+		held:       map[string]int64{},
 		feeAccount: DefaultFeeAccount,
 	}
 }
@@ -143,6 +148,8 @@ func (s *State) clone() *State {
 		members:    maps.Clone(s.members),
 		idem:       maps.Clone(s.idem),
 		idemOrder:  slices.Clone(s.idemOrder),
+		holds:      maps.Clone(s.holds),
+		held:       maps.Clone(s.held),
 		feeAccount: s.feeAccount,
 	}
 	for k, v := range s.accounts {
@@ -205,6 +212,20 @@ func (s *State) ActiveRuns() []*RunRecord {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Run.ID < out[j].Run.ID })
 	return out
+}
+
+// OwnedCheckpoint finds ref (a checkpoint's ID, CID or URI) among the
+// checkpoints of account's runs, and the run that made it. Checkpoints
+// belong to their run's owner: nobody else can load one by any name.
+func (s *State) OwnedCheckpoint(account, ref string) (protocol.Checkpoint, *RunRecord, bool) {
+	for _, r := range s.RunsOf(account) {
+		for i := len(r.Run.Checkpoints) - 1; i >= 0; i-- {
+			if cp := r.Run.Checkpoints[i]; cp.ID == ref || (cp.URI != "" && cp.URI == ref) {
+				return cp, r, true
+			}
+		}
+	}
+	return protocol.Checkpoint{}, nil, false
 }
 
 // Node returns a joined node.
@@ -349,6 +370,8 @@ type chargeCmd struct {
 	Body       json.RawMessage `json:"body,omitempty"`
 	RunUpdate  *RunUpdate      `json:"run_update,omitempty"`
 	RequireAll bool            `json:"require_all,omitempty"`
+	// HoldID is the call's reservation (cmdHold), released by this charge.
+	HoldID string `json:"hold_id,omitempty"`
 }
 
 // Charge applies a billed call.
@@ -362,6 +385,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 			Balance int64         `json:"balance"`
 		}
 		_ = json.Unmarshal(rec.Body, &first)
+		s.releaseHold(c.HoldID)
 		return ChargeResult{Status: rec.Status, Body: rec.Body, Cost: first.Cost, Balance: first.Balance, Replayed: true}, nil
 	}
 	if _, ok := s.ledger.Account(c.Account); !ok {
@@ -372,11 +396,17 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	}
 	cost := c.Cost
 	bal := s.ledger.Balance(c.Account)
-	if cost.Credits > bal {
+	// Other calls' holds are not this charge's to take; its own is.
+	var own int64
+	if h, ok := s.holds[c.HoldID]; ok && h.Account == c.Account {
+		own = h.Amount
+	}
+	avail := max(bal-(s.held[c.Account]-own), 0)
+	if cost.Credits > avail {
 		if c.RequireAll {
-			return ChargeResult{}, fmt.Errorf("charge %d with balance %d: %w", cost.Credits, bal, ErrInsufficientBalance)
+			return ChargeResult{}, fmt.Errorf("charge %d with available balance %d: %w", cost.Credits, avail, ErrInsufficientBalance)
 		}
-		cost.Credits = bal
+		cost.Credits = avail
 	}
 	// Compute the run's next record before touching the ledger so that a
 	// failing update leaves everything unchanged.
@@ -418,6 +448,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	if run != nil {
 		s.runs[run.Run.ID] = run
 	}
+	s.releaseHold(c.HoldID)
 	res := ChargeResult{Cost: cost, Balance: s.ledger.Balance(c.Account), Status: 200, Body: body}
 	if c.Idem != nil {
 		s.putIdem(IdemRecord{Scope: c.Idem.Scope, BodyHash: c.Idem.BodyHash, Status: res.Status, Body: res.Body})

@@ -7,57 +7,145 @@ import (
 	"github.com/signal-p2p/signal/protocol"
 )
 
-// estimateCost validates a billed call's body and returns the most it can
-// cost at the model's prices, for the balance check before any work.
-func estimateCost(callName protocol.Call, body []byte, m ModelSpec) (int64, error) {
+// quote is what the coordinator knows of a billed call from its request
+// alone, before any node sees it: the most usage the call can take, field by
+// field, and what that costs (the estimate held against the balance and
+// the most the caller is ever charged). A node reports its usage, but it is
+// a stranger: settle bills the smaller of its report and the bound, and the
+// coordinator's own count where that count is exact.
+type quote struct {
+	max protocol.Usage
+	// exactTrain and exactPrefill say max's token counts are the call's
+	// true counts (token Datum): billed as counted, whatever the node says.
+	exactTrain, exactPrefill bool
+	credits                  int64
+}
+
+// settle is the usage billed for a node's report.
+func (q quote) settle(reported protocol.Usage) protocol.Usage {
+	u := protocol.Usage{
+		TrainTokens:   min(max(reported.TrainTokens, 0), q.max.TrainTokens),
+		PrefillTokens: min(max(reported.PrefillTokens, 0), q.max.PrefillTokens),
+		SampledTokens: min(max(reported.SampledTokens, 0), q.max.SampledTokens),
+		StoredBytes:   min(max(reported.StoredBytes, 0), q.max.StoredBytes),
+	}
+	if q.exactTrain {
+		u.TrainTokens = q.max.TrainTokens
+	}
+	if q.exactPrefill {
+		u.PrefillTokens = q.max.PrefillTokens
+	}
+	return u
+}
+
+// textCounter counts a text's tokens (no special tokens); nil bounds a
+// text by its bytes.
+type textCounter func(text string) int64
+
+// specialTokensPerText is the slack for BOS and EOS around each text.
+const specialTokensPerText = 2
+
+func (count textCounter) bound(texts ...string) int64 {
+	joined := ""
+	var sum, bytes int64
+	for _, t := range texts {
+		joined += t
+		bytes += int64(len(t))
+		if count != nil {
+			sum += count(t)
+		}
+	}
+	if count == nil {
+		return bytes + specialTokensPerText
+	}
+	// Encoded apart or together, whichever an engine does, is the longer.
+	return max(sum, count(joined)) + specialTokensPerText
+}
+
+// checkpointSlackBytes covers what a checkpoint holds beside its tensors:
+// adapter_config.json, the trainer state, safetensors headers.
+const checkpointSlackBytes = 1 << 20
+
+// checkpointBound is the most a checkpoint of run can store: the adapter's
+// f32 tensors (×3 with AdamW's two moments in full mode). Without the
+// model's shape it is the model's own size.
+func checkpointBound(m ModelSpec, rank int, mode string) int64 {
+	if m.AdapterBytesPerRank <= 0 {
+		return max(m.MemoryBytes, checkpointSlackBytes)
+	}
+	n := m.AdapterBytesPerRank * int64(rank)
+	if mode == "full" {
+		n *= 3
+	}
+	return n + checkpointSlackBytes
+}
+
+// quoteCall validates a billed call's body and quotes it at the model's
+// prices for run.
+func quoteCall(callName protocol.Call, body []byte, m ModelSpec, run protocol.Run, count textCounter) (quote, error) {
+	var q quote
 	switch callName {
 	case protocol.CallForwardBackward, protocol.CallForward:
 		var req protocol.ForwardBackwardRequest
 		if err := decodeJSON(body, &req, false); err != nil {
-			return 0, err
+			return q, err
 		}
-		tokens, err := validateForward(&req, m)
+		tokens, err := validateForward(&req, m, count)
 		if err != nil {
-			return 0, err
+			return q, err
 		}
-		price := m.Prices.TrainPer1K
+		exact := len(req.Examples) == 0
 		if callName == protocol.CallForward {
-			price = m.Prices.PrefillPer1K
+			q.max.PrefillTokens, q.exactPrefill = tokens, exact
+		} else {
+			q.max.TrainTokens, q.exactTrain = tokens, exact
 		}
-		return perThousand(tokens, price), nil
 	case protocol.CallOptimStep:
 		var req protocol.OptimStepRequest
 		if err := decodeJSON(body, &req, true); err != nil {
-			return 0, err
+			return q, err
 		}
-		return 0, validateAdam(req.AdamParams)
+		if err := validateAdam(req.AdamParams); err != nil {
+			return q, err
+		}
+		if run.CheckpointEvery > 0 {
+			// The step may write the automatic full checkpoint.
+			q.max.StoredBytes = checkpointBound(m, run.LoRARank, "full")
+		}
 	case protocol.CallSample:
 		var req protocol.SampleRequest
 		if err := decodeJSON(body, &req, false); err != nil {
-			return 0, err
+			return q, err
 		}
-		return validateSample(&req, m)
+		u, err := validateSample(&req, m, count)
+		if err != nil {
+			return q, err
+		}
+		q.max = u
 	case protocol.CallSaveState:
 		var req protocol.SaveStateRequest
 		if err := decodeJSON(body, &req, true); err != nil {
-			return 0, err
+			return q, err
 		}
 		if req.Mode != "" && req.Mode != "adapter" && req.Mode != "full" {
-			return 0, fmt.Errorf("field mode: %q is not adapter or full: %w", req.Mode, ErrInvalidRequest)
+			return q, fmt.Errorf("field mode: %q is not adapter or full: %w", req.Mode, ErrInvalidRequest)
 		}
 		if len(req.Name) > maxNameLen {
-			return 0, fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+			return q, fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
 		}
-		return 0, nil
+		q.max.StoredBytes = checkpointBound(m, run.LoRARank, req.Mode)
+	default:
+		return q, fmt.Errorf("call %s is not billed: %w", callName, ErrInvalidRequest)
 	}
-	return 0, fmt.Errorf("call %s is not billed: %w", callName, ErrInvalidRequest)
+	q.credits = priceUsage(m.Prices, q.max).Credits
+	return q, nil
 }
 
 func finite(f float64) bool { return !math.IsNaN(f) && !math.IsInf(f, 0) }
 
 // validateForward checks a forward(_backward) body and returns its token
-// count (for text examples, an upper bound: bytes + 2 special tokens).
-func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec) (int64, error) {
+// count (for text examples, an upper bound: see textCounter.bound).
+func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count textCounter) (int64, error) {
 	if (len(req.Data) == 0) == (len(req.Examples) == 0) {
 		return 0, fmt.Errorf("fields data and examples: exactly one must be a non-empty list: %w", ErrInvalidRequest)
 	}
@@ -127,7 +215,11 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec) (int64, 
 		if pair && e.Completion == "" {
 			return 0, fmt.Errorf("field examples[%d].completion: required with prompt: %w", i, ErrInvalidRequest)
 		}
-		tokens += int64(len(e.Text)+len(e.Prompt)+len(e.Completion)) + 2
+		if e.Text != "" {
+			tokens += count.bound(e.Text)
+		} else {
+			tokens += count.bound(e.Prompt, e.Completion)
+		}
 	}
 	return tokens, nil
 }
@@ -157,48 +249,55 @@ func validateAdam(p *protocol.AdamParams) error {
 	return nil
 }
 
-func validateSample(req *protocol.SampleRequest, m ModelSpec) (int64, error) {
+// validateSample checks a sample body and returns the most usage it can take.
+func validateSample(req *protocol.SampleRequest, m ModelSpec, count textCounter) (protocol.Usage, error) {
+	var u protocol.Usage
 	if len(req.Prompts) == 0 || len(req.Prompts) > maxPrompts {
-		return 0, fmt.Errorf("field prompts: %d prompts, want 1..%d: %w", len(req.Prompts), maxPrompts, ErrInvalidRequest)
+		return u, fmt.Errorf("field prompts: %d prompts, want 1..%d: %w", len(req.Prompts), maxPrompts, ErrInvalidRequest)
 	}
 	n := 1
 	if req.NumSamples != nil {
 		n = *req.NumSamples
 	}
 	if n < 1 || n > maxNumSamples {
-		return 0, fmt.Errorf("field num_samples: %d out of range 1..%d: %w", n, maxNumSamples, ErrInvalidRequest)
+		return u, fmt.Errorf("field num_samples: %d out of range 1..%d: %w", n, maxNumSamples, ErrInvalidRequest)
 	}
 	sp := req.SamplingParams
 	if sp.MaxTokens < 1 || sp.MaxTokens > m.ContextLength {
-		return 0, fmt.Errorf("field sampling_params.max_tokens: %d out of range 1..%d: %w", sp.MaxTokens, m.ContextLength, ErrInvalidRequest)
+		return u, fmt.Errorf("field sampling_params.max_tokens: %d out of range 1..%d: %w", sp.MaxTokens, m.ContextLength, ErrInvalidRequest)
 	}
 	if sp.Temperature != nil && !(finite(*sp.Temperature) && *sp.Temperature >= 0 && *sp.Temperature <= 100) {
-		return 0, fmt.Errorf("field sampling_params.temperature: %v out of range [0, 100]: %w", *sp.Temperature, ErrInvalidRequest)
+		return u, fmt.Errorf("field sampling_params.temperature: %v out of range [0, 100]: %w", *sp.Temperature, ErrInvalidRequest)
 	}
 	if sp.TopK != nil && *sp.TopK < -1 {
-		return 0, fmt.Errorf("field sampling_params.top_k: %d, want -1 (off) or a positive count: %w", *sp.TopK, ErrInvalidRequest)
+		return u, fmt.Errorf("field sampling_params.top_k: %d, want -1 (off) or a positive count: %w", *sp.TopK, ErrInvalidRequest)
 	}
 	if sp.TopP != nil && !(finite(*sp.TopP) && *sp.TopP > 0 && *sp.TopP <= 1) {
-		return 0, fmt.Errorf("field sampling_params.top_p: %v out of range (0, 1]: %w", *sp.TopP, ErrInvalidRequest)
+		return u, fmt.Errorf("field sampling_params.top_p: %v out of range (0, 1]: %w", *sp.TopP, ErrInvalidRequest)
 	}
 	if len(sp.Stop) > 16 {
-		return 0, fmt.Errorf("field sampling_params.stop: %d strings, at most 16: %w", len(sp.Stop), ErrInvalidRequest)
+		return u, fmt.Errorf("field sampling_params.stop: %d strings, at most 16: %w", len(sp.Stop), ErrInvalidRequest)
 	}
 	var prefill int64
 	for i, p := range req.Prompts {
 		if (len(p.Tokens) == 0) == (p.Text == "") {
-			return 0, fmt.Errorf("field prompts[%d]: set exactly one of tokens and text: %w", i, ErrInvalidRequest)
+			return u, fmt.Errorf("field prompts[%d]: set exactly one of tokens and text: %w", i, ErrInvalidRequest)
 		}
 		if len(p.Tokens) > m.ContextLength {
-			return 0, fmt.Errorf("field prompts[%d].tokens: %d tokens, model %s allows %d: %w", i, len(p.Tokens), m.Name, m.ContextLength, ErrInvalidRequest)
+			return u, fmt.Errorf("field prompts[%d].tokens: %d tokens, model %s allows %d: %w", i, len(p.Tokens), m.Name, m.ContextLength, ErrInvalidRequest)
 		}
 		for j, t := range p.Tokens {
 			if t < 0 {
-				return 0, fmt.Errorf("field prompts[%d].tokens[%d]: %d is negative: %w", i, j, t, ErrInvalidRequest)
+				return u, fmt.Errorf("field prompts[%d].tokens[%d]: %d is negative: %w", i, j, t, ErrInvalidRequest)
 			}
 		}
-		prefill += int64(len(p.Tokens)+len(p.Text)+2) * int64(n)
+		if p.Text != "" {
+			prefill += count.bound(p.Text) * int64(n)
+		} else {
+			prefill += int64(len(p.Tokens)) * int64(n)
+		}
 	}
-	sampled := int64(len(req.Prompts)) * int64(n) * int64(sp.MaxTokens)
-	return satAdd(perThousand(prefill, m.Prices.PrefillPer1K), perThousand(sampled, m.Prices.SamplePer1K)), nil
+	u.PrefillTokens = prefill
+	u.SampledTokens = int64(len(req.Prompts)) * int64(n) * int64(sp.MaxTokens)
+	return u, nil
 }

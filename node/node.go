@@ -194,7 +194,6 @@ func New(cfg Config, engine Engine) (*Node, error) {
 	n.mgr = NewManager(ManagerConfig{
 		MaxSessions: cfg.MaxSessions,
 		Storage:     st,
-		Creds:       cfg.Creds,
 		TempDir:     "",
 		Logger:      log,
 	}, engine)

@@ -27,8 +27,6 @@ type ManagerConfig struct {
 	MaxSessions int
 	// Storage is where checkpoints go and CIDs are looked up.
 	Storage storage.Store
-	// Creds open s3:// checkpoint URIs on other endpoints.
-	Creds storage.Credentials
 	// TempDir holds checkpoint files between the engine and storage ("" = os.TempDir()).
 	TempDir string
 	// IdemEntries bounds the remembered request ids.
@@ -71,7 +69,7 @@ func NewManager(cfg ManagerConfig, engine Engine) *Manager {
 	return &Manager{
 		cfg:    cfg,
 		engine: engine,
-		res:    storage.Resolver{Default: cfg.Storage, Creds: cfg.Creds},
+		res:    storage.Resolver{Default: cfg.Storage},
 		idem:   newIdemCache(cfg.IdemEntries),
 		log:    cfg.Logger,
 		runs:   make(map[string]*run),

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -127,39 +126,41 @@ func putFile(ctx context.Context, st Store, path string) (protocol.CheckpointFil
 	return protocol.CheckpointFile{Name: filepath.Base(path), CID: c.String(), Size: n, URI: uri}, nil
 }
 
-// Resolver finds checkpoints by CID (in the default store) or by URI.
+// Resolver finds checkpoints in the node's own store, by CID or by that
+// store's URI. It never opens another store: a checkpoint reference comes
+// from the network, and a URI naming another directory or S3 endpoint
+// would make the node create directories or send its signed requests
+// wherever a stranger points (issue 13, item 10).
 type Resolver struct {
 	// Default is where CIDs are looked up and new checkpoints go.
 	Default Store
-	// Creds open s3:// URIs that name another endpoint.
-	Creds Credentials
 }
+
+// ErrForeignStore means a checkpoint URI names a store other than the
+// node's own.
+var ErrForeignStore = errors.New("checkpoint is outside this node's store")
+
+// maxCheckpointBytes bounds the files one manifest may list, so a manifest
+// cannot make a node fill its disk (a rank-256 full checkpoint of a 70B
+// model is about 40 GB).
+const maxCheckpointBytes = 64 << 30
 
 // storeFor returns the store and object name a reference points to.
 func (r Resolver) storeFor(ref string) (Store, string, error) {
+	if r.Default == nil {
+		return nil, "", fmt.Errorf("checkpoint %q: %w: no storage configured", ref, ErrForeignStore)
+	}
 	if c, err := ParseCID(ref); err == nil {
 		return r.Default, c.String(), nil
 	}
-	storeURL, name, err := splitObjectURI(ref)
+	_, name, err := splitObjectURI(ref)
 	if err != nil {
 		return nil, "", fmt.Errorf("checkpoint %q is neither a CID nor a URI: %w", ref, err)
 	}
-	if r.Default != nil && r.Default.URI(name) == ref {
-		return r.Default, name, nil
+	if r.Default.URI(name) != ref {
+		return nil, "", fmt.Errorf("checkpoint %q: %w (%s)", ref, ErrForeignStore, r.Default.URI(""))
 	}
-	u, err := url.Parse(storeURL)
-	if err != nil {
-		return nil, "", fmt.Errorf("%w: %q: %w", ErrInvalidURL, ref, err)
-	}
-	if u.Scheme == "s3" && u.Query().Get("endpoint") == "" {
-		if def, ok := r.Default.(*s3Store); ok {
-			st, err := def.sibling(u.Host, u.Path)
-			return st, name, err
-		}
-		return nil, "", fmt.Errorf("%w: %q: s3 URI without endpoint and no s3 storage configured", ErrInvalidURL, ref)
-	}
-	st, err := Open(storeURL, r.Creds)
-	return st, name, err
+	return r.Default, name, nil
 }
 
 // Fetch reads the checkpoint ref names (a manifest CID or URI), writes its
@@ -195,8 +196,17 @@ func (r Resolver) Fetch(ctx context.Context, ref, destDir string) (Manifest, err
 	if err := m.Validate(); err != nil {
 		return Manifest{}, fmt.Errorf("checkpoint %q: %w", ref, err)
 	}
-	if err := os.MkdirAll(destDir, 0o755); err != nil {
-		return Manifest{}, fmt.Errorf("checkpoint %q: %w", ref, err)
+	var total int64
+	for _, f := range m.Files {
+		total += f.Size
+		if total > maxCheckpointBytes {
+			return Manifest{}, fmt.Errorf("checkpoint %q: %w: files over %d bytes", ref, ErrInvalidManifest, int64(maxCheckpointBytes))
+		}
+	}
+	// destDir is the caller's (a fresh temporary directory): reading never
+	// creates directories.
+	if st, err := os.Stat(destDir); err != nil || !st.IsDir() {
+		return Manifest{}, fmt.Errorf("checkpoint %q: destination %s is not a directory", ref, destDir)
 	}
 	for _, f := range m.Files {
 		if err := fetchFile(ctx, st, f, filepath.Join(destDir, f.Name)); err != nil {
@@ -228,7 +238,9 @@ func fetchFile(ctx context.Context, st Store, f ManifestFile, dest string) (err 
 			os.Remove(dest)
 		}
 	}()
-	n, err := io.Copy(out, ctxReader{ctx, rc})
+	// Stop at the manifest's size: one byte more already proves the object
+	// wrong, and a stranger's object may be endless.
+	n, err := io.Copy(out, io.LimitReader(ctxReader{ctx, rc}, f.Size+1))
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/url"
-	"path"
 	"strconv"
 	"strings"
 
@@ -110,9 +109,3 @@ func (s *s3Store) Get(ctx context.Context, name string) (io.ReadCloser, error) {
 	return obj, nil
 }
 
-// sibling opens another bucket/prefix on the same endpoint with the same
-// credentials: how an s3:// URI without an endpoint is resolved.
-func (s *s3Store) sibling(bucket, prefix string) (*s3Store, error) {
-	u := &url.URL{Scheme: "s3", Host: bucket, Path: "/" + path.Clean("/" + prefix)[1:], RawQuery: s.query.Encode()}
-	return openS3(u, s.creds)
-}

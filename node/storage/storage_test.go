@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/url"
@@ -223,4 +224,53 @@ func FuzzFetchManifest(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestResolverStaysInItsStore is issue 13's tenth attack: a checkpoint
+// reference naming another directory or S3 endpoint is refused without
+// creating a directory or dialling anything, and a download stops at the
+// manifest's size.
+func TestResolverStaysInItsStore(t *testing.T) {
+	st, err := Open("file://"+t.TempDir(), Credentials{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := Resolver{Default: st}
+	elsewhere := filepath.Join(t.TempDir(), "made-by-attacker")
+	c := NewCID([]byte("x")).String()
+	for _, ref := range []string{
+		"file://" + elsewhere + "/" + c,
+		"s3://bucket/prefix/" + c + "?endpoint=127.0.0.1:1&secure=false",
+		"s3://other-bucket/" + c,
+	} {
+		_, err := r.Fetch(context.Background(), ref, t.TempDir())
+		if !errors.Is(err, ErrForeignStore) {
+			t.Errorf("Fetch(%q) err = %v, want ErrForeignStore", ref, err)
+		}
+	}
+	if _, err := os.Stat(elsewhere); !os.IsNotExist(err) {
+		t.Fatalf("reading created %s: %v", elsewhere, err)
+	}
+	if _, err := r.Fetch(context.Background(), c, filepath.Join(t.TempDir(), "missing")); err == nil {
+		t.Fatal("Fetch into a missing directory succeeded")
+	}
+
+	// A manifest that lists 1 byte for a 1 MiB object: the copy stops at 2.
+	big := bytes.Repeat([]byte("a"), 1<<20)
+	bc := NewCID(big)
+	if _, err := st.Put(context.Background(), bc.String(), bytes.NewReader(big), int64(len(big))); err != nil {
+		t.Fatal(err)
+	}
+	body, _ := json.Marshal(Manifest{Version: ManifestVersion, RunID: "r", Mode: "adapter", Files: []ManifestFile{{Name: "f", CID: bc.String(), Size: 1}}})
+	mc := NewCID(body)
+	if _, err := st.Put(context.Background(), mc.String(), bytes.NewReader(body), int64(len(body))); err != nil {
+		t.Fatal(err)
+	}
+	dst := t.TempDir()
+	if _, err := r.Fetch(context.Background(), mc.String(), dst); err == nil {
+		t.Fatal("a file longer than its manifest entry was accepted")
+	}
+	if _, err := os.Stat(filepath.Join(dst, "f")); !os.IsNotExist(err) {
+		t.Fatalf("the oversized file was left behind: %v", err)
+	}
 }

@@ -1,0 +1,298 @@
+package coordinator
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// startLying starts one member over a fake network whose nodes answer as
+// lie rewrites their honest answers: issue 13's lying engine behind a node.
+func startLying(t *testing.T, lie func(req protocol.SessionRequest, resp *protocol.SessionResponse), mod func(*Config)) (*Coordinator, *fakeNet) {
+	t.Helper()
+	return startOne(t, func(cfg *Config) {
+		b := cfg.Backend.(*fakeBackend)
+		honest := b.DoFn
+		b.DoFn = func(ctx context.Context, peer string, req protocol.SessionRequest) (protocol.SessionResponse, error) {
+			resp, err := honest(ctx, peer, req)
+			if err == nil && resp.Error == nil && lie != nil {
+				lie(req, &resp)
+			}
+			return resp, err
+		}
+		if mod != nil {
+			mod(cfg)
+		}
+	})
+}
+
+func accountOf(t *testing.T, base, key string) protocol.Account {
+	t.Helper()
+	var a protocol.Account
+	r := do(t, "GET", base+"/v1/account", key, nil)
+	mustStatus(t, r, 200)
+	r.decode(t, &a)
+	return a
+}
+
+// TestNodeCannotSetTheBill: a node that reports a thousand times the work
+// it was given is billed the coordinator's own count (token Datum), and
+// the most the request allows (sampled tokens, stored bytes).
+func TestNodeCannotSetTheBill(t *testing.T) {
+	c, _ := startLying(t, func(req protocol.SessionRequest, resp *protocol.SessionResponse) {
+		resp.Usage.TrainTokens *= 1000
+		resp.Usage.PrefillTokens *= 1000
+		resp.Usage.SampledTokens *= 1000
+		if req.Call == protocol.CallSaveState {
+			resp.Usage.StoredBytes = 1 << 50
+		}
+	}, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 100_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1, "checkpoint_every": 0})
+
+	// 3 tokens at 1000 µc/1K: 3, not 3000.
+	r := do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(3))
+	mustStatus(t, r, 200)
+	var fb protocol.ForwardBackwardResponse
+	r.decode(t, &fb)
+	if fb.Cost.Credits != 3 || fb.Cost.TrainTokens != 3 {
+		t.Fatalf("forward_backward of 3 tokens charged %+v", fb.Cost)
+	}
+	// 1 prompt × 1 sample × 4 tokens at 2000/1K = 8, + 2 prefill tokens at 500/1K = 1.
+	r = do(t, "POST", base+"/v1/runs/"+run.ID+"/sample", key, map[string]any{"prompts": []any{map[string]any{"tokens": []int{1, 2}}}, "sampling_params": map[string]any{"max_tokens": 4}})
+	mustStatus(t, r, 200)
+	var sr protocol.SampleResponse
+	r.decode(t, &sr)
+	if sr.Cost.SampledTokens != 4 || sr.Cost.PrefillTokens != 2 || sr.Cost.Credits != 9 {
+		t.Fatalf("sample of 4 tokens charged %+v", sr.Cost)
+	}
+	// A rank-1 full checkpoint of this model is at most 3 × 100 MB + 1 MiB:
+	// 0.3 GB-hour at 100/GB-hour, not 2^50 bytes.
+	r = do(t, "POST", base+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "full"})
+	mustStatus(t, r, 200)
+	var ss protocol.SaveStateResponse
+	r.decode(t, &ss)
+	bound := priceUsage(c.cfg.Models[0].Prices, protocol.Usage{StoredBytes: checkpointBound(c.cfg.Models[0], 1, "full")}).Credits
+	if ss.Cost.Credits != bound || bound > 32 {
+		t.Fatalf("save_state charged %d, want the bound %d", ss.Cost.Credits, bound)
+	}
+	if a := accountOf(t, base, key); a.Spent != 3+9+bound {
+		t.Fatalf("spent %d, want %d", a.Spent, 3+9+bound)
+	}
+}
+
+// TestNodeCannotPlantCheckpoints: checkpoints a node attaches to calls
+// that make none, for another run, at another step, or outside the
+// network's store, never enter the run; a save_state answered with one is
+// refused and not charged.
+func TestNodeCannotPlantCheckpoints(t *testing.T) {
+	var mu sync.Mutex
+	var plant func(req protocol.SessionRequest) *protocol.Checkpoint
+	c, _ := startLying(t, func(req protocol.SessionRequest, resp *protocol.SessionResponse) {
+		mu.Lock()
+		defer mu.Unlock()
+		if plant == nil {
+			return
+		}
+		if cp := plant(req); cp != nil {
+			resp.Checkpoint = cp
+			if req.Call == protocol.CallSaveState {
+				resp.Body, _ = json.Marshal(protocol.SaveStateResponse{Checkpoint: *cp})
+			}
+		}
+	}, func(cfg *Config) { cfg.CheckpointStores = []string{"file:///ck"} })
+	base := c.URL()
+	key, _ := createKey(t, base, 100_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1, "checkpoint_every": 1})
+	good := func(req protocol.SessionRequest, step int) protocol.Checkpoint {
+		return protocol.Checkpoint{ID: "bafk-planted", RunID: req.RunID, Step: step, Mode: "full", URI: "file:///ck/planted"}
+	}
+	cases := []struct {
+		name string
+		call string
+		cp   func(req protocol.SessionRequest) protocol.Checkpoint
+	}{
+		{"on forward_backward", "forward_backward", func(req protocol.SessionRequest) protocol.Checkpoint { return good(req, 0) }},
+		{"another run's", "optim_step", func(req protocol.SessionRequest) protocol.Checkpoint {
+			cp := good(req, 1)
+			cp.RunID = "run_victim"
+			return cp
+		}},
+		{"outside the store", "optim_step", func(req protocol.SessionRequest) protocol.Checkpoint {
+			cp := good(req, 2)
+			cp.URI = "s3://attacker/ck?endpoint=evil.example:9000"
+			return cp
+		}},
+		{"a file outside the store", "optim_step", func(req protocol.SessionRequest) protocol.Checkpoint {
+			cp := good(req, 3)
+			cp.Files = []protocol.CheckpointFile{{Name: "adapter_model.safetensors", URI: "file:///etc/passwd"}}
+			return cp
+		}},
+		{"an old step", "optim_step", func(req protocol.SessionRequest) protocol.Checkpoint { return good(req, 0) }},
+	}
+	for _, tc := range cases {
+		mu.Lock()
+		plant = func(req protocol.SessionRequest) *protocol.Checkpoint {
+			if string(req.Call) != tc.call {
+				return nil
+			}
+			cp := tc.cp(req)
+			return &cp
+		}
+		mu.Unlock()
+		body := any(map[string]any{})
+		if tc.call == "forward_backward" {
+			body = fbBody(2)
+		}
+		mustStatus(t, do(t, "POST", base+"/v1/runs/"+run.ID+"/"+tc.call, key, body), 200)
+	}
+	r := do(t, "GET", base+"/v1/runs/"+run.ID, key, nil)
+	r.decode(t, &run)
+	for _, cp := range run.Checkpoints {
+		if cp.ID == "bafk-planted" {
+			t.Fatalf("planted checkpoint recorded: %+v", cp)
+		}
+	}
+	// Every optim_step's honest checkpoint was replaced by a planted one.
+	if len(run.Checkpoints) != 0 || run.Step != 4 {
+		t.Fatalf("run at step %d with checkpoints %+v, want step 4 and none", run.Step, run.Checkpoints)
+	}
+
+	mu.Lock()
+	plant = func(req protocol.SessionRequest) *protocol.Checkpoint {
+		if req.Call != protocol.CallSaveState {
+			return nil
+		}
+		cp := good(req, 4)
+		cp.URI = "file:///tmp/attacker/ck"
+		return &cp
+	}
+	mu.Unlock()
+	before := accountOf(t, base, key)
+	r = do(t, "POST", base+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "full"})
+	mustStatus(t, r, 503)
+	if after := accountOf(t, base, key); after.Balance != before.Balance {
+		t.Fatalf("a refused save_state was charged: %d -> %d", before.Balance, after.Balance)
+	}
+}
+
+// TestConcurrentCallsCannotOverdraw is issue 13's fourth attack: balance
+// 1,000 µc, 20 concurrent calls quoted 820 µc each. One runs; the others
+// are refused before they reach a node, so no work goes unpaid.
+func TestConcurrentCallsCannotOverdraw(t *testing.T) {
+	c, fnet := startLying(t, func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
+		if req.Call == protocol.CallForwardBackward {
+			time.Sleep(300 * time.Millisecond) // every call overlaps the first
+		}
+	}, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	// 820 tokens in 10 Datum of 82 (the model's context is 128).
+	body := fbBody(82)
+	for len(body.Data) < 10 {
+		body.Data = append(body.Data, body.Data[0])
+	}
+	var wg sync.WaitGroup
+	statuses := make([]int, 20)
+	for i := range statuses {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			statuses[i] = do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, body).status
+		}()
+	}
+	wg.Wait()
+	ok, refused := 0, 0
+	for _, s := range statuses {
+		switch s {
+		case 200:
+			ok++
+		case http.StatusPaymentRequired:
+			refused++
+		}
+	}
+	if ok != 1 || refused != 19 {
+		t.Fatalf("statuses %v: want one 200 and nineteen 402", statuses)
+	}
+	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
+		t.Fatalf("%d calls reached a node, want 1", n)
+	}
+	if a := accountOf(t, base, key); a.Balance != 180 || a.Spent != 820 {
+		t.Fatalf("balance %d spent %d, want 180 and 820", a.Balance, a.Spent)
+	}
+	var holds int
+	c.fsm.read(func(s *State) { holds = len(s.Holds()) })
+	if holds != 0 {
+		t.Fatalf("%d holds left after every call ended", holds)
+	}
+}
+
+// TestHangUpStillBills is the fifth attack: a client that hangs up while
+// its call runs is charged for the work, and the run records it.
+func TestHangUpStillBills(t *testing.T) {
+	c, fnet := startLying(t, func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
+		if req.Call == protocol.CallForwardBackward {
+			time.Sleep(500 * time.Millisecond)
+		}
+	}, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	body, _ := json.Marshal(fbBody(100))
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", bytes.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+key)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the call answered %d before the client hung up", resp.StatusCode)
+	}
+	waitFor(t, 5*time.Second, "the abandoned call's charge", func() bool { return accountOf(t, base, key).Spent == 100 })
+	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
+		t.Fatalf("node ran %d calls", n)
+	}
+	var rec *RunRecord
+	c.fsm.read(func(s *State) { rec, _ = s.Run(run.ID) })
+	if rec.PendingTokens != 100 {
+		t.Fatalf("run's pending tokens %d, want 100: the applied gradients are on record", rec.PendingTokens)
+	}
+}
+
+// TestCheckpointsBelongToTheirOwner is the ninth attack: user B names user
+// A's checkpoint by id and by URI on B's own run; neither reaches a node.
+// A checkpoint of another rank is refused on A's own runs too.
+func TestCheckpointsBelongToTheirOwner(t *testing.T) {
+	c, fnet := startOne(t, nil)
+	base := c.URL()
+	keyA, _ := createKey(t, base, 100_000_000)
+	keyB, _ := createKey(t, base, 100_000_000)
+	runA := createRun(t, base, keyA, map[string]any{"base_model": "tiny", "lora_rank": 8})
+	r := do(t, "POST", base+"/v1/runs/"+runA.ID+"/save_state", keyA, map[string]any{"mode": "full"})
+	mustStatus(t, r, 200)
+	var ss protocol.SaveStateResponse
+	r.decode(t, &ss)
+	runB := createRun(t, base, keyB, map[string]any{"base_model": "tiny", "lora_rank": 8})
+	for _, ref := range []string{ss.Checkpoint.ID, ss.Checkpoint.URI} {
+		r := do(t, "POST", base+"/v1/runs/"+runB.ID+"/load_state", keyB, map[string]any{"checkpoint": ref})
+		mustStatus(t, r, 404)
+	}
+	if n := fnet.count(protocol.CallLoadState); n != 0 {
+		t.Fatalf("%d cross-tenant load_state calls reached a node", n)
+	}
+	other := createRun(t, base, keyA, map[string]any{"base_model": "tiny", "lora_rank": 4})
+	r = do(t, "POST", base+"/v1/runs/"+other.ID+"/load_state", keyA, map[string]any{"checkpoint": ss.Checkpoint.ID})
+	mustStatus(t, r, 400)
+	same := createRun(t, base, keyA, map[string]any{"base_model": "tiny", "lora_rank": 8})
+	mustStatus(t, do(t, "POST", base+"/v1/runs/"+same.ID+"/load_state", keyA, map[string]any{"checkpoint": ss.Checkpoint.URI}), 200)
+	if n := fnet.count(protocol.CallLoadState); n != 1 {
+		t.Fatalf("%d load_state calls reached a node, want the owner's one", n)
+	}
+}
