@@ -152,7 +152,7 @@ func TestAPIErrors(t *testing.T) {
 		{"out of range", "POST", base + "/v1/runs", key, map[string]any{"base_model": "tiny", "lora_rank": 0}, 400, "invalid_request", "lora_rank: 0 out of range 1..256"},
 		{"malformed json", "POST", base + "/v1/runs", key, `{"base_model": `, 400, "invalid_request", "malformed JSON"},
 		{"trailing data", "POST", base + "/v1/runs", key, `{"base_model": "tiny"} {}`, 400, "invalid_request", "after the JSON object"},
-		{"too large", "POST", base + "/v1/runs", key, `{"name": "` + strings.Repeat("x", 5000) + `"}`, 413, "too_large", "4096 bytes"},
+		{"too large", "POST", runURL + "/forward_backward", key, `{"name": "` + strings.Repeat("x", 5000) + `"}`, 413, "too_large", "4096 bytes"},
 		{"negative credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "a", "amount": -5}, 400, "invalid_request", "field amount"},
 		{"overflowing credit", "POST", base + "/v1/admin/credit", testAdmin, `{"account": "a", "amount": 99999999999999999999}`, 400, "invalid_request", "field amount"},
 		{"unknown account credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "nobody", "amount": 5}, 404, "not_found", "nobody"},

@@ -34,11 +34,14 @@ const (
 	// cmdReleaseHolds frees reservations whose calls will not be charged.
 	cmdHold
 	cmdReleaseHolds
+	// cmdCreateRunLimited is a create_run under the account's quotas,
+	// checked in the apply so concurrent creates cannot pass them together.
+	cmdCreateRunLimited
 )
 
 func (t cmdType) String() string {
 	names := [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds"}
+		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited"}
 	if int(t) < len(names) && t > 0 {
 		return names[t]
 	}
@@ -56,12 +59,21 @@ type mintCmd struct {
 	Account string   `json:"account"`
 	Amount  int64    `json:"amount"`
 	Idem    *IdemTag `json:"idem,omitempty"`
+	Time    string   `json:"time,omitempty"`
 }
 
 type registerNodeCmd struct {
 	PeerID    string `json:"peer_id"`
 	TokenHash string `json:"token_hash"`
 	Time      string `json:"time"`
+}
+
+type createRunLimitedCmd struct {
+	Run RunRecord `json:"run"`
+	// MaxActive is the most runs holding a session the owner may have;
+	// MinAvailable the balance less holds the owner needs to open one.
+	MaxActive    int   `json:"max_active"`
+	MinAvailable int64 `json:"min_available"`
 }
 
 type releaseHoldsCmd struct {
@@ -76,6 +88,7 @@ type putIdemCmd struct {
 	Tag    IdemTag         `json:"tag"`
 	Status int             `json:"status"`
 	Body   json.RawMessage `json:"body"`
+	Time   string          `json:"time,omitempty"`
 }
 
 // command is one typed payload, before batching.

@@ -61,11 +61,24 @@ type Config struct {
 	// is recorded only inside one. Empty (development) takes any plain
 	// file or s3 URI.
 	CheckpointStores []string
+	// MaxRunsPerAccount is the most runs one account may hold open
+	// (starting, ready or moving); MinRunBalance the micro-credits an
+	// account needs available to open one.
+	MaxRunsPerAccount int
+	MinRunBalance     int64
 	// CallTimeout bounds one billed call on a node. The call runs to its
 	// end even when the client hangs up, so the work is billed.
 	CallTimeout time.Duration
-	// MaxBodyBytes limits request bodies (413 above it).
+	// MaxBodyBytes limits the bodies of the compute calls (forward,
+	// forward_backward, sample); every other route takes at most
+	// smallBodyBytes. Bodies are read only after the caller authenticated.
 	MaxBodyBytes int64
+	// ReadTimeout bounds reading one request, body included; IdleTimeout
+	// an idle keep-alive connection. Writes are bounded by CallTimeout.
+	ReadTimeout time.Duration
+	IdleTimeout time.Duration
+	// MaxConnsPerIP caps the connections one client address holds open.
+	MaxConnsPerIP int
 	// MaxBatch is the most commands in one raft entry; MaxInflightBatches
 	// is how many entries may be committing at once.
 	MaxBatch           int
@@ -113,11 +126,16 @@ func DefaultConfig() Config {
 		RatePerSecond:      50,
 		RateBurst:          100,
 		MaxBodyBytes:       32 << 20,
+		ReadTimeout:        time.Minute,
+		IdleTimeout:        2 * time.Minute,
+		MaxConnsPerIP:      256,
 		MaxBatch:           512,
 		MaxInflightBatches: 2,
 		LogStore:           LogStoreWAL,
 		ApplyTimeout:       10 * time.Second,
 		CallTimeout:        30 * time.Minute,
+		MaxRunsPerAccount:  16,
+		MinRunBalance:      1,
 		NodeLostAfter:      2 * time.Second,
 		RetryAfter:         2 * time.Second,
 		SnapshotThreshold:  8192,
@@ -159,6 +177,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config RatePerSecond %v / RateBurst %d: must be positive: %w", c.RatePerSecond, c.RateBurst, ErrInvalidRequest)
 	case c.MaxBodyBytes < 1024:
 		return fmt.Errorf("config MaxBodyBytes %d: at least 1024: %w", c.MaxBodyBytes, ErrInvalidRequest)
+	case c.MaxRunsPerAccount < 1 || c.MinRunBalance < 0:
+		return fmt.Errorf("config MaxRunsPerAccount %d / MinRunBalance %d: want ≥ 1 and ≥ 0: %w", c.MaxRunsPerAccount, c.MinRunBalance, ErrInvalidRequest)
+	case c.ReadTimeout <= 0 || c.IdleTimeout <= 0 || c.MaxConnsPerIP < 1:
+		return fmt.Errorf("config ReadTimeout/IdleTimeout/MaxConnsPerIP: must be positive: %w", ErrInvalidRequest)
 	case c.MaxBatch < 1 || c.MaxInflightBatches < 1:
 		return fmt.Errorf("config MaxBatch %d / MaxInflightBatches %d: must be positive: %w", c.MaxBatch, c.MaxInflightBatches, ErrInvalidRequest)
 	case c.ApplyTimeout <= 0 || c.NodeLostAfter <= 0 || c.RetryAfter <= 0 || c.CallTimeout <= 0:

@@ -29,6 +29,12 @@ import (
 	"github.com/signal-p2p/signal/protocol"
 )
 
+// joinsPerSecond and joinBurst bound new node registrations per join token.
+const (
+	joinsPerSecond = 5
+	joinBurst      = 20
+)
+
 // logCacheEntries is how many recent raft entries stay in memory for
 // replication (each entry is a batch of up to MaxBatch commands).
 const logCacheEntries = 512
@@ -41,7 +47,9 @@ type Coordinator struct {
 	models  *registry
 	metrics *metrics
 	limits  *rateLimits
-	backend atomic.Pointer[backendBox]
+	// joinLimits bounds new node registrations per join token.
+	joinLimits *rateLimits
+	backend    atomic.Pointer[backendBox]
 
 	raft      *raft.Raft
 	transport *raft.NetworkTransport
@@ -82,15 +90,17 @@ func New(cfg Config) (*Coordinator, error) {
 		return nil, err
 	}
 	c := &Coordinator{
-		cfg:      cfg,
-		log:      cfg.Logger.With("coordinator", cfg.ID),
-		fsm:      newFSM(),
-		models:   newRegistry(cfg.Models),
-		limits:   newRateLimits(cfg.RatePerSecond, cfg.RateBurst),
-		inflight: map[string]chan struct{}{},
-		moving:   map[string]bool{},
-		missing:  map[string]lostMark{},
-		client:   &http.Client{Timeout: 30 * time.Minute},
+		cfg:    cfg,
+		log:    cfg.Logger.With("coordinator", cfg.ID),
+		fsm:    newFSM(),
+		models: newRegistry(cfg.Models),
+		limits: newRateLimits(cfg.RatePerSecond, cfg.RateBurst),
+
+		joinLimits: newRateLimits(joinsPerSecond, joinBurst),
+		inflight:   map[string]chan struct{}{},
+		moving:     map[string]bool{},
+		missing:    map[string]lostMark{},
+		client:     &http.Client{Timeout: 30 * time.Minute},
 
 		tokenizeSlots: make(chan struct{}, 2),
 	}
@@ -231,7 +241,15 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		return fmt.Errorf("http listen on %s: %w", c.cfg.HTTPAddr, err)
 	}
 	c.ln = ln
-	c.srv = &http.Server{Handler: c.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	c.srv = &http.Server{
+		Handler:           c.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       c.cfg.ReadTimeout,
+		// A billed call may run CallTimeout on its node before the answer.
+		WriteTimeout:   c.cfg.CallTimeout + time.Minute,
+		IdleTimeout:    c.cfg.IdleTimeout,
+		MaxHeaderBytes: 64 << 10,
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	c.cancel = cancel
@@ -241,7 +259,7 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := c.srv.Serve(newPerIPListener(ln, c.cfg.MaxConnsPerIP)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.log.Error("http server stopped", "category", "infrastructure", "err", err)
 		}
 	}()
@@ -582,7 +600,30 @@ func (c *Coordinator) registerNode(ctx context.Context, peerID, joinToken string
 		// A missing token is a refused token: the node must stop, not retry.
 		return "", fmt.Errorf("register node %s: no join token: %w", peerID, ErrUnauthorized)
 	}
-	v, err := c.propose(ctx, cmdRegisterNode, registerNodeCmd{PeerID: peerID, TokenHash: hashSecret(joinToken), Time: now()})
+	// The leader's replica is current (it ran a barrier before serving):
+	// a join it can answer from state writes no raft entry, so a flood of
+	// bogus or repeated joins costs the log nothing (issue 13, item 13).
+	hash := hashSecret(joinToken)
+	var tok JoinTokenRecord
+	var known bool
+	var node NodeRecord
+	var joined bool
+	c.fsm.read(func(s *State) {
+		tok, known = s.JoinToken(hash)
+		node, joined = s.Node(peerID)
+	})
+	if !known {
+		return "", fmt.Errorf("register node %s: unknown join token: %w", peerID, ErrUnauthorized)
+	}
+	if joined && node.Operator == tok.Operator {
+		return node.Operator, nil
+	}
+	// New peers under one token are rate limited: a leaked token must not
+	// let its holder grow the node table at raft speed.
+	if ok, wait := c.joinLimits.allow("token:" + hash); !ok {
+		return "", retryAfter(fmt.Errorf("register node %s: joins with this token over %d/s: %w", peerID, joinsPerSecond, ErrRateLimited), wait)
+	}
+	v, err := c.propose(ctx, cmdRegisterNode, registerNodeCmd{PeerID: peerID, TokenHash: hash, Time: now()})
 	if err != nil {
 		return "", err
 	}

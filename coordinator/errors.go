@@ -39,6 +39,9 @@ var (
 	ErrUnavailable = errors.New("unavailable")
 	// ErrNotLeader means a write reached a member that is not the raft leader.
 	ErrNotLeader = errors.New("not the raft leader")
+	// ErrTooManyRuns is an account at its quota of open runs (429: it
+	// clears when the account ends a run).
+	ErrTooManyRuns = errors.New("too many open runs")
 	// ErrBadNodeAnswer is a node's answer the coordinator refuses to believe
 	// (a checkpoint of another run or outside the store, a step that skips):
 	// nothing of it is recorded, and the caller may retry (503).
@@ -92,7 +95,7 @@ func httpStatus(err error) (int, string) {
 		return http.StatusNotFound, protocol.CodeNotFound
 	case errors.Is(err, ErrConflict):
 		return http.StatusConflict, protocol.CodeConflict
-	case errors.Is(err, ErrRateLimited):
+	case errors.Is(err, ErrRateLimited), errors.Is(err, ErrTooManyRuns):
 		return http.StatusTooManyRequests, protocol.CodeRateLimited
 	case errors.Is(err, ErrUnavailable), errors.Is(err, ErrNoCapacity), errors.Is(err, ErrNodeLost),
 		errors.Is(err, ErrNotLeader), errors.Is(err, ErrBadNodeAnswer):

@@ -129,6 +129,14 @@ func (f *fsm) applyOne(index uint64, t cmdType, p []byte) cmdResult {
 			rec, _ := s.Run(r.Run.ID)
 			return cmdResult{Value: rec}
 		})
+	case cmdCreateRunLimited:
+		return decoded(f, index, t, p, func(c createRunLimitedCmd) cmdResult {
+			if err := s.CreateRunLimited(c.Run, c.MaxActive, c.MinAvailable); err != nil {
+				return cmdResult{Err: err}
+			}
+			rec, _ := s.Run(c.Run.Run.ID)
+			return cmdResult{Value: rec}
+		})
 	case cmdUpdateRun:
 		return decoded(f, index, t, p, func(u RunUpdate) cmdResult {
 			rec, err := s.UpdateRun(u)
@@ -163,7 +171,7 @@ func (f *fsm) applyOne(index uint64, t cmdType, p []byte) cmdResult {
 		})
 	case cmdPutIdem:
 		return decoded(f, index, t, p, func(c putIdemCmd) cmdResult {
-			rec, err := s.PutIdem(c.Tag, c.Status, c.Body)
+			rec, err := s.PutIdem(c.Tag, c.Status, c.Body, c.Time)
 			return cmdResult{Value: rec, Err: err}
 		})
 	default:
@@ -184,7 +192,7 @@ func (f *fsm) applyMint(c mintCmd) cmdResult {
 	if c.Idem != nil {
 		// Recorded with the mint itself, so a retry after a leader change
 		// finds it and credits once.
-		rec, _ = f.state.PutIdem(*c.Idem, 200, body)
+		rec, _ = f.state.PutIdem(*c.Idem, 200, body, c.Time)
 	}
 	return cmdResult{Value: rec}
 }
@@ -314,11 +322,14 @@ func writeSnapshot(w io.Writer, s *State) error {
 			return err
 		}
 	}
-	// Idempotency records go in insertion order so eviction order survives.
-	for _, scope := range s.idemOrder {
-		if rec, ok := s.idem[scope]; ok {
-			if err := put(recIdem, rec); err != nil {
-				return err
+	// Idempotency records go account by account in insertion order, so
+	// eviction order survives.
+	for _, acct := range sortedKeys(s.idemOrder) {
+		for _, scope := range s.idemOrder[acct] {
+			if rec, ok := s.idem[scope]; ok {
+				if err := put(recIdem, rec); err != nil {
+					return err
+				}
 			}
 		}
 	}

@@ -111,7 +111,7 @@ func (c *Coordinator) handleCredit(cl *call) (any, error) {
 	if req.Amount <= 0 || req.Amount > maxCredits {
 		return nil, fmt.Errorf("field amount: %d out of range 1..%d: %w", req.Amount, int64(maxCredits), ErrInvalidRequest)
 	}
-	v, err := c.propose(cl.r.Context(), cmdMint, mintCmd{Account: req.Account, Amount: req.Amount, Idem: cl.idem})
+	v, err := c.propose(cl.r.Context(), cmdMint, mintCmd{Account: req.Account, Amount: req.Amount, Idem: cl.idem, Time: now()})
 	if err != nil {
 		return nil, err
 	}
@@ -283,7 +283,10 @@ func (c *Coordinator) handleCreateRun(cl *call) (any, error) {
 			CheckpointEvery: spec.CheckpointEvery, CreatedAt: now()},
 		Owner: cl.account, Seed: spec.Seed, LRSchedule: spec.LRSchedule,
 	}
-	if _, err := c.propose(ctx, cmdCreateRun, rec); err != nil {
+	if _, err := c.propose(ctx, cmdCreateRunLimited, createRunLimitedCmd{Run: rec, MaxActive: c.cfg.MaxRunsPerAccount, MinAvailable: c.cfg.MinRunBalance}); err != nil {
+		if errors.Is(err, ErrTooManyRuns) {
+			err = retryAfter(err, c.cfg.RetryAfter)
+		}
 		return nil, err
 	}
 	run, err := c.openSession(ctx, spec, model, nil, false, map[string]bool{})

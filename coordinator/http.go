@@ -48,7 +48,13 @@ type routeOpts struct {
 	local bool
 	// mutating routes accept Idempotency-Key.
 	mutating bool
+	// maxBody is the route's body limit; 0 means smallBodyBytes.
+	maxBody int64
 }
+
+// smallBodyBytes is the body limit of every route but the compute calls:
+// their bodies are a few fields.
+const smallBodyBytes = 1 << 20
 
 // call is one request as handlers see it.
 type call struct {
@@ -92,16 +98,16 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "GET /v1/account", "account", routeOpts{auth: authUser}, c.handleAccount)
 	// Member-local: each member tokenizes on its own CPU, in bounded slots,
 	// so a flood of texts cannot starve the leader's raft work.
-	c.route(mux, "POST /v1/tokenize", "tokenize", routeOpts{auth: authUser, local: true}, c.handleTokenize)
+	c.route(mux, "POST /v1/tokenize", "tokenize", routeOpts{auth: authUser, local: true, maxBody: 8 * maxTokenizeBytes}, c.handleTokenize)
 	c.route(mux, "POST /v1/runs", "create_run", routeOpts{auth: authUser, mutating: true}, c.handleCreateRun)
 	c.route(mux, "GET /v1/runs", "list_runs", routeOpts{auth: authUser}, c.handleListRuns)
 	c.route(mux, "GET /v1/runs/{id}", "get_run", routeOpts{auth: authUser}, c.handleGetRun)
 	c.route(mux, "DELETE /v1/runs/{id}", "end_run", routeOpts{auth: authUser, mutating: true}, c.handleEndRun)
 	c.route(mux, "GET /v1/runs/{id}/metrics", "run_metrics", routeOpts{auth: authUser}, c.handleRunMetrics)
-	c.route(mux, "POST /v1/runs/{id}/forward_backward", "forward_backward", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallForwardBackward))
-	c.route(mux, "POST /v1/runs/{id}/forward", "forward", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallForward))
+	c.route(mux, "POST /v1/runs/{id}/forward_backward", "forward_backward", routeOpts{auth: authUser, mutating: true, maxBody: c.cfg.MaxBodyBytes}, c.billed(protocol.CallForwardBackward))
+	c.route(mux, "POST /v1/runs/{id}/forward", "forward", routeOpts{auth: authUser, mutating: true, maxBody: c.cfg.MaxBodyBytes}, c.billed(protocol.CallForward))
 	c.route(mux, "POST /v1/runs/{id}/optim_step", "optim_step", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallOptimStep))
-	c.route(mux, "POST /v1/runs/{id}/sample", "sample", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSample))
+	c.route(mux, "POST /v1/runs/{id}/sample", "sample", routeOpts{auth: authUser, mutating: true, maxBody: c.cfg.MaxBodyBytes}, c.billed(protocol.CallSample))
 	c.route(mux, "POST /v1/runs/{id}/save_state", "save_state", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSaveState))
 	c.route(mux, "POST /v1/runs/{id}/load_state", "load_state", routeOpts{auth: authUser, mutating: true}, c.handleLoadState)
 	if ui := c.cfg.UI; ui != nil {
@@ -123,7 +129,7 @@ func (c *Coordinator) route(mux *http.ServeMux, pattern, name string, o routeOpt
 		status, account, err := c.serve(w, r, name, o, h)
 		c.metrics.requests.WithLabelValues(name, strconv.Itoa(status)).Inc()
 		c.metrics.duration.WithLabelValues(name).Observe(time.Since(start).Seconds())
-		c.audit(r, name, status, account, time.Since(start), err)
+		c.audit(r, name, status, account, w.Header().Get("X-Request-Id"), time.Since(start), err)
 	})
 }
 
@@ -131,6 +137,9 @@ func (c *Coordinator) route(mux *http.ServeMux, pattern, name string, o routeOpt
 // audit log needs.
 func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string, o routeOpts, h handlerFunc) (int, string, error) {
 	cl := &call{r: r, reqID: newID(6)}
+	// Every answer names its request id, and the audit log records it, so a
+	// user's report of any error (a 500 above all) finds its log line.
+	w.Header().Set("X-Request-Id", cl.reqID)
 	fail := func(err error) (int, string, error) {
 		status, code := httpStatus(err)
 		msg := err.Error()
@@ -149,17 +158,8 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 		}
 		return c.forward(w, r)
 	}
-	if r.Body != nil && r.Method != http.MethodGet {
-		b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, c.cfg.MaxBodyBytes))
-		if err != nil {
-			var mbe *http.MaxBytesError
-			if errors.As(err, &mbe) {
-				return fail(fmt.Errorf("request body over the limit of %d bytes: %w", c.cfg.MaxBodyBytes, ErrTooLarge))
-			}
-			return fail(fmt.Errorf("read body: %v: %w", err, ErrInvalidRequest))
-		}
-		cl.body = b
-	}
+	// Authenticate from the headers before reading a byte of the body: a
+	// stranger's upload costs this member nothing.
 	switch o.auth {
 	case authUser:
 		acct, err := c.authenticate(r)
@@ -175,6 +175,24 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 			return fail(err)
 		}
 		cl.account = "admin"
+	}
+	if r.Body != nil && r.Method != http.MethodGet {
+		limit := o.maxBody
+		if limit == 0 {
+			limit = smallBodyBytes
+		}
+		if r.ContentLength > limit {
+			return fail(fmt.Errorf("request body of %d bytes is over this route's limit of %d bytes: %w", r.ContentLength, limit, ErrTooLarge))
+		}
+		b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+		if err != nil {
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				return fail(fmt.Errorf("request body over this route's limit of %d bytes: %w", limit, ErrTooLarge))
+			}
+			return fail(fmt.Errorf("read body: %v: %w", err, ErrInvalidRequest))
+		}
+		cl.body = b
 	}
 	if key := r.Header.Get(idempotencyHeader); key != "" && o.mutating {
 		if len(key) > maxIdempotencyKeyLen {
@@ -216,7 +234,7 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 	if cl.idem != nil {
 		// Record the answer so a retry gets it; if another request recorded
 		// first, answer what it recorded.
-		res, err := c.propose(r.Context(), cmdPutIdem, putIdemCmd{Tag: *cl.idem, Status: status, Body: body})
+		res, err := c.propose(r.Context(), cmdPutIdem, putIdemCmd{Tag: *cl.idem, Status: status, Body: body, Time: now()})
 		if err != nil {
 			c.log.Warn("record idempotent response", "category", "infrastructure", "err", err)
 		} else if rec, ok := res.(IdemRecord); ok {
@@ -373,12 +391,15 @@ func writeError(w http.ResponseWriter, status int, code, msg, reqID string) {
 }
 
 // audit logs one outcome as a structured event in its category.
-func (c *Coordinator) audit(r *http.Request, route string, status int, account string, d time.Duration, err error) {
+func (c *Coordinator) audit(r *http.Request, route string, status int, account, reqID string, d time.Duration, err error) {
 	cat := auditCategory(status)
 	attrs := []any{"category", cat, "route", route, "method", r.Method, "path", r.URL.Path, "status", status,
 		"duration_ms", float64(d.Microseconds()) / 1000}
 	if account != "" {
 		attrs = append(attrs, "account", account)
+	}
+	if reqID != "" {
+		attrs = append(attrs, "request_id", reqID)
 	}
 	if r.Header.Get(forwardedHeader) != "" {
 		attrs = append(attrs, "forwarded_by", r.Header.Get(forwardedHeader))

@@ -105,3 +105,41 @@ func TestPostAdminMapsAnswersToSentinels(t *testing.T) {
 		}
 	}
 }
+
+// TestJoinFloodWritesNoRaftEntries is issue 13's thirteenth attack: 500
+// joins with bogus tokens, and 500 repeated joins of a joined node, write
+// no raft entry; new peers under one token are rate limited.
+func TestJoinFloodWritesNoRaftEntries(t *testing.T) {
+	c, _ := startOne(t, nil)
+	ctx := context.Background()
+	r := do(t, "POST", c.URL()+"/v1/admin/join_tokens", testAdmin, protocol.JoinTokenRequest{OperatorAccount: "op-flood"})
+	mustStatus(t, r, 200)
+	var jt protocol.JoinTokenResponse
+	r.decode(t, &jt)
+	if _, err := c.RegisterNode(ctx, "peer-real", jt.JoinToken); err != nil {
+		t.Fatal(err)
+	}
+	before := c.raft.LastIndex()
+	for i := 0; i < 500; i++ {
+		if _, err := c.RegisterNode(ctx, "peer-fake-"+itoa(i), "jt-bogus-"+itoa(i)); !errors.Is(err, ErrUnauthorized) {
+			t.Fatalf("bogus join %d: %v", i, err)
+		}
+		if _, err := c.RegisterNode(ctx, "peer-real", jt.JoinToken); err != nil {
+			t.Fatalf("repeated join %d: %v", i, err)
+		}
+	}
+	if after := c.raft.LastIndex(); after != before {
+		t.Fatalf("the flood wrote %d raft entries", after-before)
+	}
+	limited := 0
+	for i := 0; i < 2*joinBurst; i++ {
+		if _, err := c.RegisterNode(ctx, "peer-new-"+itoa(i), jt.JoinToken); errors.Is(err, ErrRateLimited) {
+			limited++
+		} else if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if limited == 0 {
+		t.Fatalf("%d new peers under one token in a burst were all written", 2*joinBurst)
+	}
+}

@@ -4,9 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
-	"slices"
 	"sort"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/signal-p2p/signal/ledger"
 	"github.com/signal-p2p/signal/protocol"
@@ -18,7 +19,12 @@ const (
 	maxMetricsPerRun     = 1000
 	maxCheckpointsPerRun = 50
 	maxChargesPerAccount = 100
-	maxIdempotencyKeys   = 100_000
+	// Each account's idempotency records are its own FIFO, bounded by
+	// count, bytes and age, so one tenant's flood evicts only its own
+	// records (issue 13, item 8).
+	maxIdempotencyKeys     = 10_000
+	maxIdempotencyBytes    = 64 << 20
+	idempotencyTTLSeconds  = 24 * 60 * 60
 )
 
 // KeyRecord is an API key, stored only as its SHA-256 hash.
@@ -82,7 +88,17 @@ type IdemRecord struct {
 	BodyHash string          `json:"body_hash"`
 	Status   int             `json:"status"`
 	Body     json.RawMessage `json:"body"`
+	// Time is when the leader recorded it (RFC 3339); empty never ages out.
+	Time string `json:"time,omitempty"`
 }
+
+// idemAccount is the account an idempotency scope belongs to.
+func idemAccount(scope string) string {
+	acct, _, _ := strings.Cut(scope, "\x00")
+	return acct
+}
+
+func (r IdemRecord) size() int64 { return int64(len(r.Scope) + len(r.BodyHash) + len(r.Body) + 64) }
 
 // IdemTag asks a command to record its response under an idempotency scope
 // (account + key), or to return the recorded one.
@@ -103,11 +119,13 @@ type State struct {
 	joinTokens map[string]JoinTokenRecord
 	members    map[string]MemberRecord
 	idem       map[string]IdemRecord
+	// idemOrder is each account's scopes in insertion order, oldest first,
+	// and idemBytes their sizes' sum, for bounded eviction.
+	idemOrder map[string][]string
+	idemBytes map[string]int64
 	holds      map[string]HoldRecord
 	// held is each account's sum of holds (derived from holds).
 	held map[string]int64
-	// idemOrder is insertion order, oldest first, for bounded eviction.
-	idemOrder []string
 	// FeeAccount receives the network's share of every charge.
 	feeAccount string
 }
@@ -126,6 +144,8 @@ func NewState() *State {
 		joinTokens: map[string]JoinTokenRecord{},
 		members:    map[string]MemberRecord{},
 		idem:       map[string]IdemRecord{},
+		idemOrder:  map[string][]string{},
+		idemBytes:  map[string]int64{},
 		holds:      map[string]HoldRecord{},
 		held:       map[string]int64{},
 		feeAccount: DefaultFeeAccount,
@@ -147,7 +167,10 @@ func (s *State) clone() *State {
 		joinTokens: maps.Clone(s.joinTokens),
 		members:    maps.Clone(s.members),
 		idem:       maps.Clone(s.idem),
-		idemOrder:  slices.Clone(s.idemOrder),
+		// Eviction only reslices and appends past a clone's length, so
+		// the clone may share the order slices' arrays.
+		idemOrder: maps.Clone(s.idemOrder),
+		idemBytes: maps.Clone(s.idemBytes),
 		holds:      maps.Clone(s.holds),
 		held:       maps.Clone(s.held),
 		feeAccount: s.feeAccount,
@@ -205,8 +228,7 @@ func (s *State) RunsOf(owner string) []*RunRecord {
 func (s *State) ActiveRuns() []*RunRecord {
 	var out []*RunRecord
 	for _, r := range s.runs {
-		switch r.Run.Status {
-		case protocol.RunStarting, protocol.RunReady, protocol.RunMoving:
+		if isActive(r.Run.Status) {
 			out = append(out, r)
 		}
 	}
@@ -232,6 +254,12 @@ func (s *State) OwnedCheckpoint(account, ref string) (protocol.Checkpoint, *RunR
 func (s *State) Node(peerID string) (NodeRecord, bool) {
 	n, ok := s.nodes[peerID]
 	return n, ok
+}
+
+// JoinToken returns the join token with this hash.
+func (s *State) JoinToken(hash string) (JoinTokenRecord, bool) {
+	t, ok := s.joinTokens[hash]
+	return t, ok
 }
 
 // Member returns a raft member's record.
@@ -281,30 +309,57 @@ func (s *State) putIdem(rec IdemRecord) {
 	if _, ok := s.idem[rec.Scope]; ok {
 		return
 	}
+	acct := idemAccount(rec.Scope)
 	s.idem[rec.Scope] = rec
-	s.idemOrder = append(s.idemOrder, rec.Scope)
-	// Evict the oldest keys; compact the order slice once half of it is dead
-	// so eviction stays amortised O(1).
-	for len(s.idem) > maxIdempotencyKeys {
-		oldest := s.idemOrder[0]
-		s.idemOrder = s.idemOrder[1:]
-		delete(s.idem, oldest)
+	order := append(s.idemOrder[acct], rec.Scope)
+	bytes := s.idemBytes[acct] + rec.size()
+	// Evict the account's oldest records: over the count or byte bound, or
+	// older than the TTL by the new record's time (the leader's clock,
+	// carried in the command, so every member evicts the same).
+	cutoff, aging := recordTime(rec.Time)
+	for len(order) > 0 {
+		old, ok := s.idem[order[0]]
+		if !ok {
+			order = order[1:]
+			continue
+		}
+		t, dated := recordTime(old.Time)
+		expired := aging && dated && cutoff.Sub(t).Seconds() > idempotencyTTLSeconds
+		if len(order) <= maxIdempotencyKeys && bytes <= maxIdempotencyBytes && !expired {
+			break
+		}
+		delete(s.idem, order[0])
+		bytes -= old.size()
+		order = order[1:]
 	}
-	if cap(s.idemOrder) > 2*maxIdempotencyKeys {
-		s.idemOrder = append([]string(nil), s.idemOrder...)
+	// Compact once the dead prefix dominates so eviction stays amortised O(1).
+	if cap(order) > 2*len(order)+64 {
+		order = append([]string(nil), order...)
 	}
+	if len(order) == 0 {
+		delete(s.idemOrder, acct)
+		delete(s.idemBytes, acct)
+		return
+	}
+	s.idemOrder[acct], s.idemBytes[acct] = order, bytes
+}
+
+// recordTime parses a record's RFC 3339 time.
+func recordTime(v string) (time.Time, bool) {
+	t, err := time.Parse(time.RFC3339Nano, v)
+	return t, err == nil
 }
 
 // PutIdem records a response under tag unless one is recorded already; it
 // returns the record that stands.
-func (s *State) PutIdem(tag IdemTag, status int, body json.RawMessage) (IdemRecord, error) {
+func (s *State) PutIdem(tag IdemTag, status int, body json.RawMessage, at string) (IdemRecord, error) {
 	if tag.Scope == "" {
 		return IdemRecord{}, fmt.Errorf("idempotency scope empty: %w", ErrInvalidRequest)
 	}
 	if rec, ok, err := s.checkIdem(&tag); err != nil || ok {
 		return rec, err
 	}
-	rec := IdemRecord{Scope: tag.Scope, BodyHash: tag.BodyHash, Status: status, Body: body}
+	rec := IdemRecord{Scope: tag.Scope, BodyHash: tag.BodyHash, Status: status, Body: body, Time: at}
 	s.putIdem(rec)
 	return rec, nil
 }
@@ -451,7 +506,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	s.releaseHold(c.HoldID)
 	res := ChargeResult{Cost: cost, Balance: s.ledger.Balance(c.Account), Status: 200, Body: body}
 	if c.Idem != nil {
-		s.putIdem(IdemRecord{Scope: c.Idem.Scope, BodyHash: c.Idem.BodyHash, Status: res.Status, Body: res.Body})
+		s.putIdem(IdemRecord{Scope: c.Idem.Scope, BodyHash: c.Idem.BodyHash, Status: res.Status, Body: res.Body, Time: c.Time})
 	}
 	return res, nil
 }
@@ -515,6 +570,31 @@ func (s *State) CreateRun(r RunRecord) error {
 	cp := r
 	s.runs[r.Run.ID] = &cp
 	return nil
+}
+
+// CreateRunLimited stores a new run if its owner is within the quotas: at
+// most maxActive runs holding a session, and at least minAvailable
+// micro-credits of balance not held by calls in progress. Session slots
+// are the network's scarcest resource; an unfunded account must not hold
+// them, nor one account all of them (issue 13, item 6).
+func (s *State) CreateRunLimited(r RunRecord, maxActive int, minAvailable int64) error {
+	if avail := s.Available(r.Owner); avail < minAvailable {
+		return fmt.Errorf("opening a run needs %d micro-credits available, the account has %d; top it up (POST /v1/admin/credit) first: %w", minAvailable, avail, ErrInsufficientBalance)
+	}
+	active := 0
+	for _, o := range s.runs {
+		if o.Owner == r.Owner && isActive(o.Run.Status) {
+			active++
+		}
+	}
+	if maxActive > 0 && active >= maxActive {
+		return fmt.Errorf("the account holds %d open runs, at most %d; end one (DELETE /v1/runs/{id}) first: %w", active, maxActive, ErrTooManyRuns)
+	}
+	return s.CreateRun(r)
+}
+
+func isActive(status string) bool {
+	return status == protocol.RunStarting || status == protocol.RunReady || status == protocol.RunMoving
 }
 
 // RunUpdate changes a run; nil fields are left alone.

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"math"
 	"reflect"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -140,16 +142,41 @@ func TestStateRegisterNodeAndKeys(t *testing.T) {
 	}
 }
 
-func TestStateIdempotencyBounded(t *testing.T) {
+// TestStateIdempotencyPerAccount is issue 13's eighth attack at the state
+// level: one account's flood of records (by count, by bytes, or simply by
+// age) evicts only its own oldest ones; a victim's record stays.
+func TestStateIdempotencyPerAccount(t *testing.T) {
 	s := NewState()
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(d time.Duration) string { return t0.Add(d).Format(time.RFC3339Nano) }
+	s.putIdem(IdemRecord{Scope: "victim\x00k", BodyHash: "h", Time: at(0)})
 	for i := 0; i < maxIdempotencyKeys+10; i++ {
-		s.putIdem(IdemRecord{Scope: string(rune('a'+i%26)) + itoa(i)})
+		s.putIdem(IdemRecord{Scope: "flood\x00k" + itoa(i), Time: at(time.Second)})
 	}
-	if len(s.idem) != maxIdempotencyKeys {
-		t.Fatalf("%d idempotency records, want %d", len(s.idem), maxIdempotencyKeys)
+	if n := len(s.idemOrder["flood"]); n != maxIdempotencyKeys {
+		t.Fatalf("%d records of the flooding account, want %d", n, maxIdempotencyKeys)
 	}
-	if _, ok := s.Idem("a0"); ok {
-		t.Fatal("oldest record not evicted")
+	if _, ok := s.Idem("flood\x00k0"); ok {
+		t.Fatal("the flood's oldest record not evicted")
+	}
+	if _, ok := s.Idem("victim\x00k"); !ok {
+		t.Fatal("another account's flood evicted the victim's record")
+	}
+	// Bytes: a few large bodies push the account's oldest out.
+	big := json.RawMessage(`"` + strings.Repeat("x", maxIdempotencyBytes/4) + `"`)
+	for i := 0; i < 5; i++ {
+		s.putIdem(IdemRecord{Scope: "big\x00k" + itoa(i), Body: big, Time: at(time.Second)})
+	}
+	if s.idemBytes["big"] > maxIdempotencyBytes || len(s.idemOrder["big"]) != 3 {
+		t.Fatalf("big account holds %d bytes in %d records", s.idemBytes["big"], len(s.idemOrder["big"]))
+	}
+	// Age: the victim's next record, a day and a second later, retires its first.
+	s.putIdem(IdemRecord{Scope: "victim\x00k2", Time: at(24*time.Hour + 2*time.Second)})
+	if _, ok := s.Idem("victim\x00k"); ok {
+		t.Fatal("a record older than the TTL survived")
+	}
+	if _, ok := s.Idem("victim\x00k2"); !ok {
+		t.Fatal("the new record is missing")
 	}
 }
 
@@ -159,7 +186,8 @@ func itoa(i int) string { b, _ := json.Marshal(i); return string(b) }
 func fullState(t *testing.T) *State {
 	s := mustState(t)
 	_ = s.PutMember(MemberRecord{ID: "c1", RaftAddr: "127.0.0.1:1", HTTPAddr: "127.0.0.1:2"})
-	_, _ = s.PutIdem(IdemTag{Scope: "alice\x00k", BodyHash: "h"}, 200, json.RawMessage(`{"a":1}`))
+	_, _ = s.PutIdem(IdemTag{Scope: "alice\x00k", BodyHash: "h"}, 200, json.RawMessage(`{"a":1}`), "2026-01-01T00:00:00Z")
+	_ = s.Hold(HoldRecord{ID: "hold_1", Account: "alice", Amount: 5, Holder: "c1", Time: "2026-01-01T00:00:00Z"})
 	cp := protocol.Checkpoint{ID: "ck", RunID: "r1", Step: 3, Mode: "full", URI: "file:///x", Files: []protocol.CheckpointFile{{Name: "a", CID: "bafy", Size: 3}}}
 	loss := 1.5
 	_, _ = s.Charge(chargeCmd{Account: "alice", Operator: "op1", FeeBPS: 500, Cost: protocol.Cost{Credits: 40}, RunID: "r1", Call: "fb", Time: "t",
@@ -191,6 +219,7 @@ func TestSnapshotRoundTripEveryRecordType(t *testing.T) {
 		{recJoinToken, s.joinTokens, got.joinTokens},
 		{recMember, s.members, got.members},
 		{recIdem, s.idem, got.idem},
+		{recHold, s.holds, got.holds},
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.want, c.got) {

@@ -296,3 +296,28 @@ func TestCheckpointsBelongToTheirOwner(t *testing.T) {
 		t.Fatalf("%d load_state calls reached a node, want the owner's one", n)
 	}
 }
+
+// TestSessionSlotsNeedFundsAndHaveAQuota is the sixth attack: a 0-credit
+// account opens no run, a funded one at most MaxRunsPerAccount, and the
+// slots it cannot take stay for others.
+func TestSessionSlotsNeedFundsAndHaveAQuota(t *testing.T) {
+	c, _ := startOne(t, func(cfg *Config) { cfg.MaxRunsPerAccount = 3 })
+	base := c.URL()
+	broke, _ := createKey(t, base, 0)
+	r := do(t, "POST", base+"/v1/runs", broke, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	mustStatus(t, r, http.StatusPaymentRequired)
+	greedy, _ := createKey(t, base, 1_000_000)
+	var runs []protocol.Run
+	for i := 0; i < 3; i++ {
+		runs = append(runs, createRun(t, base, greedy, map[string]any{"base_model": "tiny", "lora_rank": 1}))
+	}
+	r = do(t, "POST", base+"/v1/runs", greedy, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	mustStatus(t, r, http.StatusTooManyRequests)
+	if r.header.Get("Retry-After") == "" {
+		t.Fatal("429 without Retry-After")
+	}
+	victim, _ := createKey(t, base, 1_000_000)
+	createRun(t, base, victim, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	mustStatus(t, do(t, "DELETE", base+"/v1/runs/"+runs[0].ID, greedy, nil), 200)
+	createRun(t, base, greedy, map[string]any{"base_model": "tiny", "lora_rank": 1})
+}

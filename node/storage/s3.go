@@ -108,4 +108,3 @@ func (s *s3Store) Get(ctx context.Context, name string) (io.ReadCloser, error) {
 	}
 	return obj, nil
 }
-

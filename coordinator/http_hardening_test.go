@@ -1,0 +1,110 @@
+package coordinator
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestHTTPAuthenticatesBeforeReadingTheBody is issue 13's seventh attack:
+// a 33 MiB POST without a key is answered 401 from its headers alone, and
+// a keyed one over a route's limit 413.
+func TestHTTPAuthenticatesBeforeReadingTheBody(t *testing.T) {
+	c, _ := startOne(t, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1000)
+	big := bytes.Repeat([]byte("x"), 33<<20)
+	r := do(t, "POST", base+"/v1/runs", "", big)
+	mustStatus(t, r, http.StatusUnauthorized)
+	r = do(t, "POST", base+"/v1/runs", "sk-sig-wrong", big)
+	mustStatus(t, r, http.StatusUnauthorized)
+	// create_run takes small bodies: 2 MiB is over its limit.
+	r = do(t, "POST", base+"/v1/runs", key, bytes.Repeat([]byte(" "), 2<<20))
+	mustStatus(t, r, http.StatusRequestEntityTooLarge)
+	if r.header.Get("X-Request-Id") == "" {
+		t.Fatal("an error without X-Request-Id")
+	}
+}
+
+// TestHTTPSlowBodiesAndConnectionFloods: a body dribbled slower than the
+// read timeout loses its connection, and one address cannot hold more
+// than MaxConnsPerIP connections.
+func TestHTTPSlowBodiesAndConnectionFloods(t *testing.T) {
+	c, _ := startOne(t, func(cfg *Config) {
+		cfg.ReadTimeout = 500 * time.Millisecond
+		cfg.MaxConnsPerIP = 4
+	})
+	key, _ := createKey(t, c.URL(), 1000)
+
+	slow, err := net.Dial("tcp", c.HTTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	fmt.Fprintf(slow, "POST /v1/runs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: 100000\r\n\r\n{", key)
+	start := time.Now()
+	_ = slow.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		if _, err := slow.Write([]byte(" ")); err != nil {
+			break
+		}
+		one := make([]byte, 1)
+		_ = slow.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := slow.Read(one); err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				if time.Since(start) > 10*time.Second {
+					t.Fatal("a dribbled body held its connection for 10 s")
+				}
+				continue
+			}
+			break // answered or closed: the server let go
+		}
+		break
+	}
+	slow.Close()
+
+	// Four idle connections are the cap; the fifth is closed unread.
+	var held []net.Conn
+	defer func() {
+		for _, h := range held {
+			h.Close()
+		}
+	}()
+	for i := 0; i < 4; i++ {
+		h, err := net.Dial("tcp", c.HTTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, h)
+	}
+	waitFor(t, 5*time.Second, "a fifth connection refused", func() bool {
+		extra, err := net.Dial("tcp", c.HTTPAddr())
+		if err != nil {
+			return true
+		}
+		defer extra.Close()
+		_, _ = io.WriteString(extra, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+		_ = extra.SetReadDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(extra).ReadString('\n')
+		return err != nil && !strings.HasPrefix(line, "HTTP/1.1 200")
+	})
+	// Freed slots serve again.
+	for _, h := range held {
+		h.Close()
+	}
+	held = nil
+	waitFor(t, 5*time.Second, "health after the flood", func() bool {
+		resp, err := http.Get(c.URL() + "/v1/health")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == 200
+	})
+}
