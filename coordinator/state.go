@@ -22,9 +22,9 @@ const (
 	// Each account's idempotency records are its own FIFO, bounded by
 	// count, bytes and age, so one tenant's flood evicts only its own
 	// records (issue 13, item 8).
-	maxIdempotencyKeys     = 10_000
-	maxIdempotencyBytes    = 64 << 20
-	idempotencyTTLSeconds  = 24 * 60 * 60
+	maxIdempotencyKeys    = 10_000
+	maxIdempotencyBytes   = 64 << 20
+	idempotencyTTLSeconds = 24 * 60 * 60
 )
 
 // KeyRecord is an API key, stored only as its SHA-256 hash.
@@ -123,7 +123,7 @@ type State struct {
 	// and idemBytes their sizes' sum, for bounded eviction.
 	idemOrder map[string][]string
 	idemBytes map[string]int64
-	holds      map[string]HoldRecord
+	holds     map[string]HoldRecord
 	// held is each account's sum of holds (derived from holds).
 	held map[string]int64
 	// FeeAccount receives the network's share of every charge.
@@ -169,8 +169,8 @@ func (s *State) clone() *State {
 		idem:       maps.Clone(s.idem),
 		// Eviction only reslices and appends past a clone's length, so
 		// the clone may share the order slices' arrays.
-		idemOrder: maps.Clone(s.idemOrder),
-		idemBytes: maps.Clone(s.idemBytes),
+		idemOrder:  maps.Clone(s.idemOrder),
+		idemBytes:  maps.Clone(s.idemBytes),
 		holds:      maps.Clone(s.holds),
 		held:       maps.Clone(s.held),
 		feeAccount: s.feeAccount,
