@@ -74,6 +74,12 @@ type Coordinator struct {
 	movingMu   sync.Mutex
 	moving     map[string]bool     // runs being moved by this leader
 	missing    map[string]lostMark // runs whose node seems gone
+	// badCheckpoints are the checkpoints a node refused to restore, per
+	// run (id → why), and lastBad the latest; moves fall back past them.
+	badCheckpoints map[string]map[string]string
+	lastBad        map[string]string
+	// lostFrom is the node each run in a move was lost from.
+	lostFrom map[string]string
 
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -99,8 +105,12 @@ func New(cfg Config) (*Coordinator, error) {
 		joinLimits: newRateLimits(joinsPerSecond, joinBurst),
 		inflight:   map[string]chan struct{}{},
 		moving:     map[string]bool{},
-		missing:    map[string]lostMark{},
-		client:     &http.Client{Timeout: 30 * time.Minute},
+
+		badCheckpoints: map[string]map[string]string{},
+		lastBad:        map[string]string{},
+		lostFrom:       map[string]string{},
+		missing:        map[string]lostMark{},
+		client:         &http.Client{Timeout: 30 * time.Minute},
 
 		tokenizeSlots: make(chan struct{}, 2),
 	}

@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"sort"
 	"sync"
 	"time"
@@ -96,7 +98,16 @@ type lostMark struct {
 // session from the last checkpoint. On failure the run stays moving and
 // the next tick tries again.
 func (c *Coordinator) moveRun(ctx context.Context, r *RunRecord) {
+	// A retry finds the run assigned to the node its last attempt tried;
+	// the node it was lost from is the one to keep away from.
 	lost := r.Run.Node
+	c.movingMu.Lock()
+	if from, ok := c.lostFrom[r.Run.ID]; ok && r.Run.Status == protocol.RunMoving {
+		lost = from
+	} else {
+		c.lostFrom[r.Run.ID] = lost
+	}
+	c.movingMu.Unlock()
 	log := c.log.With("category", "infrastructure", "run", r.Run.ID, "lost_node", lost)
 	if r.Run.Status != protocol.RunMoving {
 		if _, err := c.propose(ctx, cmdUpdateRun, RunUpdate{RunID: r.Run.ID, Status: protocol.RunMoving, ExpectStatus: []string{protocol.RunReady}, Time: now()}); err != nil {
@@ -109,34 +120,89 @@ func (c *Coordinator) moveRun(ctx context.Context, r *RunRecord) {
 		log.Error("moving run of unknown model", "err", err)
 		return
 	}
-	resume := lastCheckpoint(r.Run.Checkpoints)
+	resume, tried := c.nextResume(r)
+	if resume == nil && tried > 0 {
+		// Every checkpoint failed to restore: starting over at step 0 would
+		// silently throw the user's training away, so the run fails, saying why.
+		reason := fmt.Sprintf("moving off lost node %s: none of the run's %d checkpoints could be restored (last: %s)", lost, tried, c.lastBadCheckpoint(r.Run.ID))
+		if _, err := c.propose(ctx, cmdUpdateRun, RunUpdate{RunID: r.Run.ID, Status: protocol.RunFailed, Reason: reason, ExpectStatus: []string{protocol.RunMoving}, Time: now()}); err != nil {
+			log.Warn("mark run failed", "err", err)
+			return
+		}
+		c.forgetBadCheckpoints(r.Run.ID)
+		c.metrics.moves.WithLabelValues("failed").Inc()
+		log.Error("run failed: no checkpoint restores", "reason", reason)
+		return
+	}
 	spec := protocol.SessionSpec{RunID: r.Run.ID, BaseModel: r.Run.BaseModel, LoRARank: r.Run.LoRARank, LoRAAlpha: r.Run.LoRAAlpha,
 		TargetModules: r.Run.TargetModules, Seed: r.Seed, CheckpointEvery: r.Run.CheckpointEvery, LRSchedule: r.LRSchedule}
 	rec, err := c.openSession(ctx, spec, model, resume, true, map[string]bool{lost: true})
 	if err != nil {
+		if resume != nil && !errors.Is(err, ErrUnavailable) && !errors.Is(err, ErrNoCapacity) && !errors.Is(err, ErrNodeLost) && ctx.Err() == nil {
+			// A node answered, and refused this checkpoint: the next try
+			// falls back to the one before it.
+			c.markBadCheckpoint(r.Run.ID, resume.ID, err)
+		}
 		c.metrics.moves.WithLabelValues("retry").Inc()
 		log.Warn("run move failed; will retry", "err", err)
 		return
 	}
+	c.forgetBadCheckpoints(r.Run.ID)
 	c.metrics.moves.WithLabelValues("moved").Inc()
 	log.Info("run moved", "node", rec.Run.Node, "resumed_from_step", rec.Run.Step)
 }
 
-// lastCheckpoint is the newest full checkpoint (adapter + optimizer), or
-// the newest adapter-only one when there is no full one.
-func lastCheckpoint(cps []protocol.Checkpoint) *protocol.Checkpoint {
-	for i := len(cps) - 1; i >= 0; i-- {
-		if cps[i].Mode == "full" {
-			cp := cps[i]
-			return &cp
+// nextResume is the checkpoint a move resumes from: the newest full one,
+// then older full ones, then adapter-only ones, skipping those a node
+// already refused in this leader's moves. tried counts the skipped; nil
+// with tried > 0 means every checkpoint was refused.
+func (c *Coordinator) nextResume(r *RunRecord) (*protocol.Checkpoint, int) {
+	c.movingMu.Lock()
+	bad := c.badCheckpoints[r.Run.ID]
+	c.movingMu.Unlock()
+	var order []protocol.Checkpoint
+	for _, mode := range []string{"full", "adapter"} {
+		for i := len(r.Run.Checkpoints) - 1; i >= 0; i-- {
+			if cp := r.Run.Checkpoints[i]; cp.Mode == mode {
+				order = append(order, cp)
+			}
 		}
 	}
-	if len(cps) > 0 {
-		cp := cps[len(cps)-1]
-		return &cp
+	tried := 0
+	for _, cp := range order {
+		if _, refused := bad[cp.ID]; refused {
+			tried++
+			continue
+		}
+		return &cp, tried
 	}
-	return nil
+	return nil, tried
 }
+
+func (c *Coordinator) markBadCheckpoint(runID, cpID string, err error) {
+	c.movingMu.Lock()
+	defer c.movingMu.Unlock()
+	if c.badCheckpoints[runID] == nil {
+		c.badCheckpoints[runID] = map[string]string{}
+	}
+	c.badCheckpoints[runID][cpID] = err.Error()
+	c.lastBad[runID] = cpID + ": " + err.Error()
+}
+
+func (c *Coordinator) lastBadCheckpoint(runID string) string {
+	c.movingMu.Lock()
+	defer c.movingMu.Unlock()
+	return c.lastBad[runID]
+}
+
+func (c *Coordinator) forgetBadCheckpoints(runID string) {
+	c.movingMu.Lock()
+	defer c.movingMu.Unlock()
+	delete(c.badCheckpoints, runID)
+	delete(c.lastBad, runID)
+	delete(c.lostFrom, runID)
+}
+
 
 // releaseStaleHolds frees holds no call will settle: those another member
 // placed (its calls cannot commit a charge now that it is not leader) and

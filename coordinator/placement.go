@@ -11,7 +11,11 @@ import (
 // place picks the node for a run of model among the backend's live nodes:
 // joined, not excluded, with an engine backend up, a free session slot and the memory the model
 // needs (or the model already loaded); nodes with the model loaded first,
-// then the least loaded. It fails with ErrNoCapacity.
+// then the fewest sessions. It fails with ErrNoCapacity.
+//
+// Load is the count of sessions, not their share of max_sessions: a node's
+// max_sessions is its own claim, and a node claiming a thousand slots must
+// not look empty next to honest ones and win every placement.
 //
 // A node's session count is the larger of its last advert's and the
 // registry's active runs placed on it: adverts come every few seconds, so a
@@ -63,11 +67,7 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 		if !loaded && !fits(n, model.MemoryBytes) {
 			continue
 		}
-		load := float64(sessions)
-		if n.MaxSessions > 0 {
-			load = float64(sessions) / float64(n.MaxSessions)
-		}
-		cs = append(cs, cand{n: n, loaded: loaded, load: load})
+		cs = append(cs, cand{n: n, loaded: loaded, load: float64(sessions)})
 	}
 	if len(cs) == 0 {
 		return protocol.Node{}, fmt.Errorf("model %s needs %d bytes; none of %d live nodes can take it: %w", model.Name, model.MemoryBytes, len(nodes), ErrNoCapacity)

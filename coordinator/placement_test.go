@@ -34,6 +34,8 @@ func TestPlaceOn(t *testing.T) {
 		// Runs placed since the last advert count: a looks empty but holds 2.
 		{"registry runs count", []protocol.Node{node("a", nil), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b", map[string]int{"a": 2}},
 		{"registry full", []protocol.Node{node("a", nil)}, all, "", map[string]int{"a": 4}},
+		// A claim of many slots does not make a node look emptier (issue 13).
+		{"claimed slots do not win", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 2; n.MaxSessions = 256 }), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b", nil},
 		{"advert above registry", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 3 }), node("b", nil)}, all, "b", map[string]int{"a": 1, "b": 2}},
 	} {
 		t.Run(c.name, func(t *testing.T) {

@@ -624,8 +624,10 @@ type RunUpdate struct {
 	// CheckpointIfNewer makes the update fail with ErrConflict when
 	// Checkpoint is older than the run's recorded step or already
 	// recorded (a drain report reaches every coordinator).
-	CheckpointIfNewer bool   `json:"checkpoint_if_newer,omitempty"`
-	Time              string `json:"time"`
+	CheckpointIfNewer bool `json:"checkpoint_if_newer,omitempty"`
+	// Reason is recorded as the run's failure_reason.
+	Reason string `json:"reason,omitempty"`
+	Time   string `json:"time"`
 }
 
 // OptimFigures are an optim_step's results.
@@ -687,6 +689,9 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 	}
 	if u.Node != nil {
 		r.Run.Node = *u.Node
+	}
+	if u.Reason != "" {
+		r.Run.FailureReason = u.Reason
 	}
 	if u.Step != nil {
 		r.Run.Step = *u.Step

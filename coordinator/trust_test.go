@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"sync"
+	"strings"
 	"testing"
 	"time"
 
@@ -320,4 +321,63 @@ func TestSessionSlotsNeedFundsAndHaveAQuota(t *testing.T) {
 	createRun(t, base, victim, map[string]any{"base_model": "tiny", "lora_rank": 1})
 	mustStatus(t, do(t, "DELETE", base+"/v1/runs/"+runs[0].ID, greedy, nil), 200)
 	createRun(t, base, greedy, map[string]any{"base_model": "tiny", "lora_rank": 1})
+}
+
+// TestMoveFallsBackThenFails: a move whose newest checkpoint a node
+// refuses falls back to the one before it; when every one is refused the
+// run ends failed with the reason, instead of moving forever.
+func TestMoveFallsBackThenFails(t *testing.T) {
+	var mu sync.Mutex
+	refused := map[int]bool{}
+	c, fnet := startLying(t, func(req protocol.SessionRequest, resp *protocol.SessionResponse) {
+		if req.Call != protocol.CallInit {
+			return
+		}
+		var spec protocol.SessionSpec
+		_ = json.Unmarshal(req.Body, &spec)
+		mu.Lock()
+		defer mu.Unlock()
+		if spec.ResumeFrom != nil && refused[spec.ResumeFrom.Step] {
+			resp.Body = nil
+			resp.Error = &protocol.ErrorBody{Code: protocol.CodeInvalidRequest, Message: "checkpoint does not match its cid"}
+		}
+	}, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 100_000_000)
+	trained := func() protocol.Run {
+		run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1, "checkpoint_every": 1})
+		for i := 0; i < 3; i++ {
+			mustStatus(t, do(t, "POST", base+"/v1/runs/"+run.ID+"/optim_step", key, nil), 200)
+		}
+		return run
+	}
+	settle := func(run protocol.Run, lost string) protocol.Run {
+		var cur protocol.Run
+		waitFor(t, 15*time.Second, "the move to end", func() bool {
+			do(t, "GET", base+"/v1/runs/"+run.ID, key, nil).decode(t, &cur)
+			return cur.Status == protocol.RunFailed || (cur.Status == protocol.RunReady && cur.Node != lost)
+		})
+		return cur
+	}
+
+	mu.Lock()
+	refused[3] = true
+	mu.Unlock()
+	run := trained()
+	fnet.setDown(run.Node, true)
+	got := settle(run, run.Node)
+	if got.Status != protocol.RunReady || got.ResumedFromStep == nil || *got.ResumedFromStep != 2 {
+		t.Fatalf("run after one refused checkpoint: %s, resumed from %v; want ready from step 2", got.Status, got.ResumedFromStep)
+	}
+	fnet.setDown(run.Node, false)
+
+	mu.Lock()
+	refused[1], refused[2] = true, true
+	mu.Unlock()
+	run = trained()
+	fnet.setDown(run.Node, true)
+	got = settle(run, run.Node)
+	if got.Status != protocol.RunFailed || !strings.Contains(got.FailureReason, "3 checkpoints") {
+		t.Fatalf("run with every checkpoint refused: %s (%q), want failed naming its checkpoints", got.Status, got.FailureReason)
+	}
 }

@@ -426,7 +426,7 @@ func errorResponse(requestID string, err error) protocol.SessionResponse {
 func ErrorCode(err error) string {
 	switch {
 	case errors.Is(err, storage.ErrCIDMismatch), errors.Is(err, storage.ErrInvalidManifest),
-		errors.Is(err, storage.ErrInvalidURL), errors.Is(err, ErrInvalidRequest):
+		errors.Is(err, storage.ErrInvalidURL), errors.Is(err, storage.ErrForeignStore), errors.Is(err, ErrInvalidRequest):
 		return protocol.CodeInvalidRequest
 	case errors.Is(err, storage.ErrNotFound), errors.Is(err, ErrUnknownRun):
 		return protocol.CodeNotFound

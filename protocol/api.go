@@ -160,6 +160,8 @@ type Run struct {
 	CreatedAt       string       `json:"created_at"`
 	Checkpoints     []Checkpoint `json:"checkpoints,omitempty"`
 	LastMetrics     *Metrics     `json:"last_metrics,omitempty"`
+	// FailureReason says why a run is failed.
+	FailureReason string `json:"failure_reason,omitempty"`
 }
 
 // LRSchedule is a learning-rate schedule set when a run is created; an

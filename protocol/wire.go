@@ -282,12 +282,53 @@ func (r *SessionResponse) Validate() error {
 	return nil
 }
 
+// Bounds on a capacity advert. A node is a stranger: what it claims
+// decides placement, so claims beyond any real machine are refused whole.
+const (
+	MaxAdvertSessions = 256
+	maxAdvertGPUs     = 16
+	maxAdvertList     = 256
+	maxAdvertString   = 256
+	maxGPUMemoryBytes = 1 << 40 // 1 TiB; an H200 has 141 GB
+	maxCPUMemoryBytes = 64 << 40
+	maxCPUCores       = 4096
+)
+
 func validateAdvert(n *Node) error {
-	if n.PeerID == "" {
-		return errors.New("peer_id: missing")
+	if n.PeerID == "" || len(n.PeerID) > maxAdvertString {
+		return errors.New("peer_id: missing or too long")
 	}
-	if n.Sessions < 0 || n.MaxSessions < 0 {
-		return fmt.Errorf("sessions: negative (%d of %d)", n.Sessions, n.MaxSessions)
+	if n.Sessions < 0 || n.MaxSessions < 0 || n.MaxSessions > MaxAdvertSessions || (n.MaxSessions > 0 && n.Sessions > n.MaxSessions) {
+		return fmt.Errorf("sessions: %d of %d, want 0 ≤ sessions ≤ max_sessions ≤ %d", n.Sessions, n.MaxSessions, MaxAdvertSessions)
+	}
+	if len(n.GPUs) > maxAdvertGPUs {
+		return fmt.Errorf("gpus: %d, at most %d", len(n.GPUs), maxAdvertGPUs)
+	}
+	uuids := map[string]bool{}
+	for i, g := range n.GPUs {
+		if g.UUID == "" || uuids[g.UUID] || len(g.UUID) > maxAdvertString || len(g.Name) > maxAdvertString || len(g.ComputeCapability) > maxAdvertString {
+			return fmt.Errorf("gpus[%d]: uuid missing, repeated or too long", i)
+		}
+		uuids[g.UUID] = true
+		if g.MemoryTotal < 0 || g.MemoryTotal > maxGPUMemoryBytes || g.MemoryFree < 0 || g.MemoryFree > g.MemoryTotal {
+			return fmt.Errorf("gpus[%d]: memory %d free of %d, want 0 ≤ free ≤ total ≤ %d", i, g.MemoryFree, g.MemoryTotal, int64(maxGPUMemoryBytes))
+		}
+		if !(g.Utilization >= 0 && g.Utilization <= 100) {
+			return fmt.Errorf("gpus[%d]: utilization %v out of 0..100", i, g.Utilization)
+		}
+	}
+	if n.CPU.Cores < 0 || n.CPU.Cores > maxCPUCores || n.CPU.MemoryTotal < 0 || n.CPU.MemoryTotal > maxCPUMemoryBytes {
+		return fmt.Errorf("cpu: %d cores, %d bytes out of range", n.CPU.Cores, n.CPU.MemoryTotal)
+	}
+	for name, list := range map[string][]string{"addrs": n.Addrs, "backends": n.Backends, "models": n.Models} {
+		if len(list) > maxAdvertList {
+			return fmt.Errorf("%s: %d entries, at most %d", name, len(list), maxAdvertList)
+		}
+		for _, v := range list {
+			if len(v) > maxAdvertString {
+				return fmt.Errorf("%s: an entry over %d bytes", name, maxAdvertString)
+			}
+		}
 	}
 	return nil
 }

@@ -185,3 +185,39 @@ func reencode(t *testing.T, typ MsgType, m, fresh any) {
 		t.Fatalf("%s changed on re-encode:\n%s\n%s", typ, a, c)
 	}
 }
+
+// TestAdvertBounds: adverts that claim more than any machine has (issue
+// 13's fake H100 with a thousand sessions) do not decode.
+func TestAdvertBounds(t *testing.T) {
+	honest := Node{PeerID: "p", MaxSessions: 8, Sessions: 1, Backends: []string{"cuda"},
+		GPUs: []GPU{{Name: "NVIDIA H100", UUID: "GPU-1", MemoryTotal: 80 << 30, MemoryFree: 70 << 30, Utilization: 3}}}
+	encode := func(n Node) []byte {
+		b, err := json.Marshal(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	if _, err := DecodeAdvert(encode(honest)); err != nil {
+		t.Fatalf("honest advert refused: %v", err)
+	}
+	for name, mut := range map[string]func(*Node){
+		"a thousand sessions":  func(n *Node) { n.MaxSessions = 1000 },
+		"more open than max":   func(n *Node) { n.Sessions = 9 },
+		"free above total":     func(n *Node) { n.GPUs[0].MemoryFree = 90 << 30 },
+		"petabyte GPU":         func(n *Node) { n.GPUs[0].MemoryTotal, n.GPUs[0].MemoryFree = 1<<50, 1<<50 },
+		"repeated GPU":         func(n *Node) { n.GPUs = append(n.GPUs, n.GPUs[0]) },
+		"GPU without uuid":     func(n *Node) { n.GPUs[0].UUID = "" },
+		"a hundred GPUs":       func(n *Node) { n.GPUs = make([]GPU, 100) },
+		"million-core CPU":     func(n *Node) { n.CPU.Cores = 1 << 20 },
+		"endless models list":  func(n *Node) { n.Models = make([]string, 1000) },
+		"utilization over 100": func(n *Node) { n.GPUs[0].Utilization = 1e9 },
+	} {
+		n := honest
+		n.GPUs = append([]GPU(nil), honest.GPUs...)
+		mut(&n)
+		if _, err := DecodeAdvert(encode(n)); err == nil {
+			t.Errorf("%s: advert accepted", name)
+		}
+	}
+}
