@@ -203,7 +203,6 @@ func (c *Coordinator) forgetBadCheckpoints(runID string) {
 	delete(c.lostFrom, runID)
 }
 
-
 // releaseStaleHolds frees holds no call will settle: those another member
 // placed (its calls cannot commit a charge now that it is not leader) and
 // those older than CallTimeout plus a minute (a charge or release that
