@@ -162,6 +162,7 @@ func TestAPIErrors(t *testing.T) {
 		{"datum mismatch", "POST", runURL + "/forward_backward", key, `{"data":[{"model_input":{"tokens":[1,2]},"loss_fn_inputs":{"target_tokens":[1],"weights":[1,1]}}]}`, 400, "invalid_request", "data[0].loss_fn_inputs"},
 		{"context too long", "POST", runURL + "/forward", key, fbBody(129), 400, "invalid_request", "allows 128"},
 		{"bad adam", "POST", runURL + "/optim_step", key, map[string]any{"adam_params": map[string]any{"beta1": 1.5}}, 400, "invalid_request", "adam_params.beta1"},
+		{"huge weight", "POST", runURL + "/forward_backward", key, map[string]any{"data": []any{map[string]any{"model_input": map[string]any{"tokens": []int{1}}, "loss_fn_inputs": map[string]any{"target_tokens": []int{2}, "weights": []float64{-1e30}}}}}, 400, "invalid_request", "weights[0]"},
 		{"bad sample", "POST", runURL + "/sample", key, map[string]any{"prompts": []any{map[string]any{"text": "hi"}}, "sampling_params": map[string]any{"max_tokens": 0}}, 400, "invalid_request", "max_tokens"},
 		{"tokenize without tokenizer", "POST", base + "/v1/tokenize", key, map[string]any{"base_model": "tiny", "text": "hi"}, 503, "unavailable", "tokenizer"},
 	}

@@ -143,6 +143,13 @@ func quoteCall(callName protocol.Call, body []byte, m ModelSpec, run protocol.Ru
 
 func finite(f float64) bool { return !math.IsNaN(f) && !math.IsInf(f, 0) }
 
+// maxLossInput bounds weights, advantages, logprobs and loss_fn_config
+// values: the engines compute in f32, where a weight of 1e30 times a loss
+// overflows to Inf and NaN. Real ones are far smaller.
+const maxLossInput = 1e6
+
+func bounded(f float64) bool { return finite(f) && math.Abs(f) <= maxLossInput }
+
 // validateForward checks a forward(_backward) body and returns its token
 // count (for text examples, an upper bound: see textCounter.bound).
 func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count textCounter) (int64, error) {
@@ -159,8 +166,8 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 	}
 	rl := req.LossFn == "importance_sampling" || req.LossFn == "ppo"
 	for k, v := range req.LossFnConfig {
-		if !finite(v) {
-			return 0, fmt.Errorf("field loss_fn_config.%s: not a finite number: %w", k, ErrInvalidRequest)
+		if !bounded(v) {
+			return 0, fmt.Errorf("field loss_fn_config.%s: %v is not a number in [-1e6, 1e6]: %w", k, v, ErrInvalidRequest)
 		}
 	}
 	var tokens int64
@@ -189,19 +196,14 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 				return 0, fmt.Errorf("field data[%d].loss_fn_inputs.target_tokens[%d]: %d is negative: %w", i, j, t, ErrInvalidRequest)
 			}
 		}
-		for j, w := range in.Weights {
-			if !finite(w) {
-				return 0, fmt.Errorf("field data[%d].loss_fn_inputs.weights[%d]: not finite: %w", i, j, ErrInvalidRequest)
-			}
-		}
-		for j := range in.Logprobs {
-			if !finite(in.Logprobs[j]) {
-				return 0, fmt.Errorf("field data[%d].loss_fn_inputs.logprobs[%d]: not finite: %w", i, j, ErrInvalidRequest)
-			}
-		}
-		for j := range in.Advantages {
-			if !finite(in.Advantages[j]) {
-				return 0, fmt.Errorf("field data[%d].loss_fn_inputs.advantages[%d]: not finite: %w", i, j, ErrInvalidRequest)
+		for _, f := range [...]struct {
+			name string
+			vs   []float64
+		}{{"weights", in.Weights}, {"logprobs", in.Logprobs}, {"advantages", in.Advantages}} {
+			for j, v := range f.vs {
+				if !bounded(v) {
+					return 0, fmt.Errorf("field data[%d].loss_fn_inputs.%s[%d]: %v is not a number in [-1e6, 1e6]: %w", i, f.name, j, v, ErrInvalidRequest)
+				}
 			}
 		}
 		tokens += int64(n)

@@ -67,6 +67,7 @@ is derived from the admin token).`,
 }
 
 func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) error {
+	warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
 		return fmt.Errorf("--log-level %q: %w", o.logLevel, err)

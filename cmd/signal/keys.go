@@ -29,6 +29,7 @@ func newKeysCmd() *cobra.Command {
 		Short: "Create an API key for a new account with an initial balance",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
 			if token == "" {
 				token = os.Getenv("SIGNAL_ADMIN_TOKEN")
 			}

@@ -48,6 +48,7 @@ Ctrl-C or SIGTERM shuts down gracefully: running calls finish and open
 sessions are checkpointed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			warnSecretFlags(cmd, map[string]string{"join-token": "SIGNAL_JOIN_TOKEN", "s3-secret-key": "AWS_SECRET_ACCESS_KEY"})
 			if cfg.JoinToken == "" {
 				cfg.JoinToken = os.Getenv("SIGNAL_JOIN_TOKEN")
 			}
@@ -199,6 +200,7 @@ func newNodeTokenCmd() *cobra.Command {
 		Short: "Issue a join token; nodes that present it earn for the operator account",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
 			if admin == "" {
 				admin = os.Getenv("SIGNAL_ADMIN_TOKEN")
 			}

@@ -43,3 +43,14 @@ func newVersionCmd() *cobra.Command {
 		},
 	}
 }
+
+// warnSecretFlags warns, for each named flag the user set, that its value
+// is visible to every user of the host (ps, /proc) and names the
+// environment variable that is not.
+func warnSecretFlags(cmd *cobra.Command, flagToEnv map[string]string) {
+	for flag, env := range flagToEnv {
+		if cmd.Flags().Changed(flag) {
+			fmt.Fprintf(cmd.ErrOrStderr(), "warning: --%s is visible to other users of this host (ps); set $%s instead\n", flag, env)
+		}
+	}
+}

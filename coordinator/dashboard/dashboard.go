@@ -30,6 +30,9 @@ import (
 	"github.com/signal-p2p/signal/protocol"
 )
 
+// loginCSRF refuses cross-origin browser posts to the sign-in form.
+var loginCSRF = http.NewCrossOriginProtection()
+
 // CookieName holds the viewer's API key.
 const CookieName = "signal_key"
 
@@ -99,6 +102,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
 	case "/", "/dashboard", "/dashboard/":
 	case "/dashboard/login":
+		// Login CSRF: another site's form must not sign the viewer in
+		// under the attacker's key.
+		if err := loginCSRF.Check(r); err != nil {
+			http.Error(w, "cross-origin sign-in refused", http.StatusForbidden)
+			return
+		}
 		h.login(w, r)
 		return
 	case "/dashboard/logout":
@@ -115,6 +124,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if key := r.URL.Query().Get("key"); key != "" {
+		// A ?key= link opened from another site is the same login CSRF;
+		// typed, pasted or scripted ones carry no cross-site marker.
+		if site := r.Header.Get("Sec-Fetch-Site"); site == "cross-site" || site == "same-site" {
+			h.render(w, http.StatusForbidden, &page{Title: h.opts.Title, SignIn: true, Error: "A sign-in link from another site was refused; sign in here."})
+			return
+		}
 		setKey(w, key)
 		q := r.URL.Query()
 		q.Del("key")

@@ -232,6 +232,28 @@ func TestCredentials(t *testing.T) {
 			t.Fatalf("GET login: status %d", w.Code)
 		}
 	})
+	t.Run("cross-site sign-in refused", func(t *testing.T) {
+		req := httptest.NewRequest(http.MethodPost, "/dashboard/login", strings.NewReader(url.Values{"key": {goodKey}}.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set("Sec-Fetch-Site", "cross-site")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code != http.StatusForbidden || len(w.Result().Cookies()) != 0 {
+			t.Fatalf("cross-site login form: status %d cookies %+v", w.Code, w.Result().Cookies())
+		}
+		req = httptest.NewRequest(http.MethodPost, "/dashboard/login", strings.NewReader(url.Values{"key": {goodKey}}.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set("Origin", "https://evil.example")
+		w = httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code != http.StatusForbidden {
+			t.Fatalf("foreign-origin login form: status %d", w.Code)
+		}
+		w = get(t, h, "/dashboard?key="+goodKey, func(r *http.Request) { r.Header.Set("Sec-Fetch-Site", "cross-site") })
+		if w.Code != http.StatusForbidden || len(w.Result().Cookies()) != 0 {
+			t.Fatalf("cross-site ?key= link: status %d cookies %+v", w.Code, w.Result().Cookies())
+		}
+	})
 	t.Run("logout clears the cookie", func(t *testing.T) {
 		w := get(t, h, "/dashboard/logout", withCookie(goodKey))
 		c := w.Result().Cookies()
