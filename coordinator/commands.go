@@ -37,11 +37,13 @@ const (
 	// cmdCreateRunLimited is a create_run under the account's quotas,
 	// checked in the apply so concurrent creates cannot pass them together.
 	cmdCreateRunLimited
+	// cmdPruneRuns forgets ended runs past their retention.
+	cmdPruneRuns
 )
 
 func (t cmdType) String() string {
 	names := [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited"}
+		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs"}
 	if int(t) < len(names) && t > 0 {
 		return names[t]
 	}
@@ -74,6 +76,10 @@ type createRunLimitedCmd struct {
 	// MinAvailable the balance less holds the owner needs to open one.
 	MaxActive    int   `json:"max_active"`
 	MinAvailable int64 `json:"min_available"`
+}
+
+type pruneRunsCmd struct {
+	IDs []string `json:"ids"`
 }
 
 type releaseHoldsCmd struct {

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -66,6 +67,17 @@ type Config struct {
 	// account needs available to open one.
 	MaxRunsPerAccount int
 	MinRunBalance     int64
+	// StorageBillInterval is how often the leader bills checkpoint storage
+	// (each checkpoint's first hour is billed when it is written).
+	// CheckpointRetention is how long an ended run's checkpoints are kept
+	// (and billed) before they are collected; RunRetention how long its
+	// record stays after that.
+	StorageBillInterval time.Duration
+	CheckpointRetention time.Duration
+	RunRetention        time.Duration
+	// DeleteCheckpointFiles, when set, deletes collected checkpoint files
+	// (URIs no remaining checkpoint names) from the network's store.
+	DeleteCheckpointFiles func(ctx context.Context, uris []string) error
 	// CallTimeout bounds one billed call on a node. The call runs to its
 	// end even when the client hangs up, so the work is billed.
 	CallTimeout time.Duration
@@ -120,29 +132,32 @@ type Config struct {
 // fill ID, DataDir, addresses and the admin token.
 func DefaultConfig() Config {
 	return Config{
-		RaftAddr:           "127.0.0.1:7000",
-		HTTPAddr:           "127.0.0.1:8080",
-		FeeBasisPoints:     1000,
-		RatePerSecond:      50,
-		RateBurst:          100,
-		MaxBodyBytes:       32 << 20,
-		ReadTimeout:        time.Minute,
-		IdleTimeout:        2 * time.Minute,
-		MaxConnsPerIP:      256,
-		MaxBatch:           512,
-		MaxInflightBatches: 2,
-		LogStore:           LogStoreWAL,
-		ApplyTimeout:       10 * time.Second,
-		CallTimeout:        30 * time.Minute,
-		MaxRunsPerAccount:  16,
-		MinRunBalance:      1,
-		NodeLostAfter:      2 * time.Second,
-		RetryAfter:         2 * time.Second,
-		SnapshotThreshold:  8192,
-		SnapshotInterval:   2 * time.Minute,
-		Logger:             slog.New(slog.NewJSONHandler(io.Discard, nil)),
-		RaftLog:            io.Discard,
-		RaftLogLevel:       "warn",
+		RaftAddr:            "127.0.0.1:7000",
+		HTTPAddr:            "127.0.0.1:8080",
+		FeeBasisPoints:      1000,
+		RatePerSecond:       50,
+		RateBurst:           100,
+		MaxBodyBytes:        32 << 20,
+		ReadTimeout:         time.Minute,
+		IdleTimeout:         2 * time.Minute,
+		MaxConnsPerIP:       256,
+		MaxBatch:            512,
+		MaxInflightBatches:  2,
+		LogStore:            LogStoreWAL,
+		ApplyTimeout:        10 * time.Second,
+		CallTimeout:         30 * time.Minute,
+		StorageBillInterval: time.Hour,
+		CheckpointRetention: 7 * 24 * time.Hour,
+		RunRetention:        30 * 24 * time.Hour,
+		MaxRunsPerAccount:   16,
+		MinRunBalance:       1,
+		NodeLostAfter:       2 * time.Second,
+		RetryAfter:          2 * time.Second,
+		SnapshotThreshold:   8192,
+		SnapshotInterval:    2 * time.Minute,
+		Logger:              slog.New(slog.NewJSONHandler(io.Discard, nil)),
+		RaftLog:             io.Discard,
+		RaftLogLevel:        "warn",
 	}
 }
 
@@ -177,6 +192,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config RatePerSecond %v / RateBurst %d: must be positive: %w", c.RatePerSecond, c.RateBurst, ErrInvalidRequest)
 	case c.MaxBodyBytes < 1024:
 		return fmt.Errorf("config MaxBodyBytes %d: at least 1024: %w", c.MaxBodyBytes, ErrInvalidRequest)
+	case c.StorageBillInterval <= 0 || c.CheckpointRetention <= 0 || c.RunRetention <= 0:
+		return fmt.Errorf("config StorageBillInterval/CheckpointRetention/RunRetention: must be positive: %w", ErrInvalidRequest)
 	case c.MaxRunsPerAccount < 1 || c.MinRunBalance < 0:
 		return fmt.Errorf("config MaxRunsPerAccount %d / MinRunBalance %d: want ≥ 1 and ≥ 0: %w", c.MaxRunsPerAccount, c.MinRunBalance, ErrInvalidRequest)
 	case c.ReadTimeout <= 0 || c.IdleTimeout <= 0 || c.MaxConnsPerIP < 1:

@@ -51,6 +51,20 @@ func (c *Coordinator) recordDrained(ctx context.Context, peerID string, cps []pr
 	recorded := 0
 	for i := range cps {
 		cp := cps[i]
+		// A draining node is a stranger too: its checkpoint must be of this
+		// run, at the run's step, inside the network's store.
+		var rec *RunRecord
+		var ok bool
+		c.fsm.read(func(s *State) { rec, ok = s.Run(cp.RunID) })
+		if !ok {
+			log.Info("drain checkpoint skipped", "run", cp.RunID, "reason", "unknown run")
+			continue
+		}
+		if err := c.checkCheckpoint(rec.Run, cp, rec.Run.Step, ""); err != nil {
+			log.Warn("drain checkpoint refused", "category", "security", "run", cp.RunID, "err", err)
+			continue
+		}
+		cp.CreatedAt = now()
 		// The run's own record (ExpectNode, CheckpointIfNewer) decides
 		// inside the raft apply, so a move or a newer call racing the
 		// report cannot be overwritten.

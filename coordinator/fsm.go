@@ -137,6 +137,11 @@ func (f *fsm) applyOne(index uint64, t cmdType, p []byte) cmdResult {
 			rec, _ := s.Run(c.Run.Run.ID)
 			return cmdResult{Value: rec}
 		})
+	case cmdPruneRuns:
+		return decoded(f, index, t, p, func(c pruneRunsCmd) cmdResult {
+			s.PruneRuns(c.IDs)
+			return cmdResult{}
+		})
 	case cmdUpdateRun:
 		return decoded(f, index, t, p, func(u RunUpdate) cmdResult {
 			rec, err := s.UpdateRun(u)

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/signal-p2p/signal/coordinator/p2p"
 	"github.com/signal-p2p/signal/internal/version"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -529,6 +530,12 @@ func (c *Coordinator) doRun(ctx context.Context, cl *call, rec *RunRecord, callN
 			c.markLost(rec.Run.ID, rec.Run.Node)
 			return resp, retryAfter(fmt.Errorf("run %s: node %s lost; the run is moving: %w", rec.Run.ID, rec.Run.Node, err), c.cfg.RetryAfter)
 		}
+		if errors.Is(err, p2p.ErrResponseTooLarge) {
+			return resp, fmt.Errorf("the answer to %s is larger than a node may send (%v); send fewer items or tokens per call: %w", callName, err, ErrTooLarge)
+		}
+		if errors.Is(err, p2p.ErrBadResponse) {
+			return resp, fmt.Errorf("run %s call %s: %v: %w", rec.Run.ID, callName, err, ErrBadNodeAnswer)
+		}
 		return resp, fmt.Errorf("run %s call %s: %w", rec.Run.ID, callName, err)
 	}
 	if resp.Error != nil {
@@ -654,7 +661,9 @@ func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, res
 			if err := c.checkCheckpoint(run, *cp, os.Step, "full"); err != nil {
 				c.log.Warn("node's automatic checkpoint dropped", "category", "security", "run", run.ID, "node", run.Node, "err", err)
 			} else {
-				u.Checkpoint = cp
+				stamped := *cp
+				stamped.CreatedAt = u.Time
+				u.Checkpoint = &stamped
 			}
 		}
 	case protocol.CallSaveState:
@@ -671,7 +680,9 @@ func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, res
 		if err := c.checkCheckpoint(run, *cp, run.Step, ""); err != nil {
 			return u, err
 		}
-		u.Checkpoint = cp
+		stamped := *cp
+		stamped.CreatedAt = u.Time // storage is billed by the coordinator's clock
+		u.Checkpoint = &stamped
 	}
 	return u, nil
 }

@@ -80,6 +80,11 @@ type RunRecord struct {
 	PendingLoss   *float64 `json:"pending_loss,omitempty"`
 	PendingTokens int64    `json:"pending_tokens,omitempty"`
 	PendingWeight float64  `json:"pending_weight,omitempty"`
+	// EndedAt is when the run ended or failed; its checkpoints are
+	// collected, and the record itself pruned, some time after.
+	EndedAt string `json:"ended_at,omitempty"`
+	// StorageBilledTo is how far its checkpoints' storage is billed.
+	StorageBilledTo string `json:"storage_billed_to,omitempty"`
 }
 
 // IdemRecord is the first response to a call made with an Idempotency-Key.
@@ -627,6 +632,10 @@ type RunUpdate struct {
 	CheckpointIfNewer bool `json:"checkpoint_if_newer,omitempty"`
 	// Reason is recorded as the run's failure_reason.
 	Reason string `json:"reason,omitempty"`
+	// StorageBilledTo advances the run's storage billing (a storage charge).
+	StorageBilledTo string `json:"storage_billed_to,omitempty"`
+	// DropCheckpoints forgets the run's checkpoints (collected).
+	DropCheckpoints bool `json:"drop_checkpoints,omitempty"`
 	Time   string `json:"time"`
 }
 
@@ -685,7 +694,16 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 	}
 	r := *old
 	if u.Status != "" {
+		if (u.Status == protocol.RunEnded || u.Status == protocol.RunFailed) && r.EndedAt == "" {
+			r.EndedAt = u.Time
+		}
 		r.Run.Status = u.Status
+	}
+	if u.StorageBilledTo != "" {
+		r.StorageBilledTo = u.StorageBilledTo
+	}
+	if u.DropCheckpoints {
+		r.Run.Checkpoints = nil
 	}
 	if u.Node != nil {
 		r.Run.Node = *u.Node
@@ -781,6 +799,16 @@ func (s *State) PutMember(m MemberRecord) error {
 	}
 	s.members[m.ID] = m
 	return nil
+}
+
+// PruneRuns forgets ended or failed runs (their checkpoints collected
+// already); an active run is never pruned.
+func (s *State) PruneRuns(ids []string) {
+	for _, id := range ids {
+		if r, ok := s.runs[id]; ok && !isActive(r.Run.Status) && len(r.Run.Checkpoints) == 0 {
+			delete(s.runs, id)
+		}
+	}
 }
 
 // RemoveMember forgets a raft member.

@@ -131,6 +131,8 @@ func bringUp(ctx context.Context, p *plan, l launcher) (*Info, error) {
 			NodeTTL:       p.cfg.NodeTTL,
 			RatePerSecond: p.cfg.RatePerSecond,
 			RateBurst:     p.cfg.RateBurst,
+			StorageURL:    p.storageURL,
+			Creds:         p.cfg.Creds,
 		}
 		if i > 0 {
 			spec.Join = info.Coordinators[0]

@@ -33,6 +33,11 @@ type CoordinatorSpec struct {
 	// testnet's defaults).
 	RatePerSecond float64 `json:"rate_per_second,omitempty"`
 	RateBurst     int     `json:"rate_burst,omitempty"`
+	// StorageURL is the network's checkpoint store, shared with the nodes:
+	// node checkpoints are recorded only inside it, and collected ones are
+	// deleted from it.
+	StorageURL string              `json:"storage_url,omitempty"`
+	Creds      storage.Credentials `json:"creds"`
 }
 
 // Coordinator is a running coordinator member: raft, the API and the
@@ -61,6 +66,13 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 	cfg.AdminToken = spec.AdminToken
 	cfg.Models = spec.Models
 	cfg.Logger = log
+	if spec.StorageURL != "" {
+		ns, err := storage.OpenNetwork(spec.StorageURL, spec.Creds)
+		if err != nil {
+			return nil, fmt.Errorf("coordinator %s storage: %w", spec.ID, err)
+		}
+		cfg.CheckpointStores, cfg.DeleteCheckpointFiles = []string{ns.Prefix}, ns.Delete
+	}
 	// The testnet's key is used by examples and tests in tight loops.
 	cfg.RatePerSecond, cfg.RateBurst = DefaultConfig().RatePerSecond, DefaultConfig().RateBurst
 	if spec.RatePerSecond > 0 && spec.RateBurst > 0 {

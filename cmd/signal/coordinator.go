@@ -17,17 +17,18 @@ import (
 	"github.com/signal-p2p/signal/coordinator"
 	"github.com/signal-p2p/signal/coordinator/dashboard"
 	"github.com/signal-p2p/signal/coordinator/p2p"
+	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
 
 func init() { register(newCoordinatorCmd) }
 
 type coordinatorOpts struct {
-	id, data, raftAddr, httpAddr, join, adminToken, modelsFile, logLevel, logStore string
-	bootstrap, noP2P                                                               bool
-	models, p2pListen                                                              []string
-	feeBPS, burst                                                                  int
-	rate                                                                           float64
+	id, data, raftAddr, httpAddr, join, adminToken, modelsFile, logLevel, logStore, storage string
+	bootstrap, noP2P                                                                        bool
+	models, p2pListen                                                                       []string
+	feeBPS, burst                                                                           int
+	rate                                                                                    float64
 }
 
 func newCoordinatorCmd() *cobra.Command {
@@ -62,6 +63,7 @@ is derived from the admin token).`,
 	f.Float64Var(&o.rate, "rate", d.RatePerSecond, "requests per second per API key")
 	f.IntVar(&o.burst, "burst", d.RateBurst, "burst per API key")
 	f.StringVar(&o.logLevel, "log-level", "info", "audit/infrastructure log level: debug, info, warn, error")
+	f.StringVar(&o.storage, "storage", "", "the network's checkpoint store (file:///shared/dir or s3://bucket/prefix?endpoint=...), the one the nodes use: node checkpoints are recorded only inside it, and ended runs' checkpoints are deleted from it after the retention")
 	f.StringVar(&o.logStore, "log-store", d.LogStore, "raft log store of a fresh --data dir: wal (raft-wal) or bolt (raft-boltdb); an existing dir keeps its own")
 	return cmd
 }
@@ -85,6 +87,16 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 	// user of the host (ps).
 	cfg.ClusterSecret = os.Getenv("SIGNAL_CLUSTER_SECRET")
 	cfg.FeeBasisPoints, cfg.RatePerSecond, cfg.RateBurst = o.feeBPS, o.rate, o.burst
+	if o.storage != "" {
+		ns, err := storage.OpenNetwork(o.storage, storage.Credentials{})
+		if err != nil {
+			return fmt.Errorf("--storage: %w", err)
+		}
+		cfg.CheckpointStores, cfg.DeleteCheckpointFiles = []string{ns.Prefix}, ns.Delete
+	} else {
+		logger.Warn("no --storage: node checkpoints are recorded from any file or s3 URI and never collected; "+
+			"runs cannot move between machines whose nodes keep node-local stores. Give every coordinator and node the network's shared store", "category", "security")
+	}
 	cfg.Logger, cfg.RaftLog = logger, os.Stderr
 	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
 	if o.modelsFile != "" {

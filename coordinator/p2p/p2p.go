@@ -78,6 +78,8 @@ var (
 	// ErrBadResponse means a node answered with something that is not a
 	// response to the request sent.
 	ErrBadResponse = errors.New("bad response from node")
+	// ErrResponseTooLarge means a node's answer is over MaxFrameBytes.
+	ErrResponseTooLarge = errors.New("node's answer over the frame limit")
 )
 
 // IdentityFile is the name of the coordinator's libp2p key in its data dir.
@@ -565,7 +567,7 @@ func (h *Host) Do(ctx context.Context, nodePeerID string, req protocol.SessionRe
 		if ctx.Err() != nil {
 			return protocol.SessionResponse{}, ctx.Err()
 		}
-		if errors.Is(err, ErrBadResponse) {
+		if errors.Is(err, ErrBadResponse) || errors.Is(err, ErrResponseTooLarge) {
 			return protocol.SessionResponse{}, err
 		}
 		return protocol.SessionResponse{}, h.lost(id, err)
@@ -579,6 +581,12 @@ func roundTrip(s network.Stream, req protocol.SessionRequest, maxBytes int) (pro
 		return protocol.SessionResponse{}, err
 	}
 	t, payload, err := protocol.ReadFrame(s, maxBytes)
+	if errors.Is(err, protocol.ErrFrameTooLarge) {
+		// The node is alive and answered; its answer is too big to take.
+		// Treating that as a lost node would let any caller move its run
+		// (and everyone's on that node) at will.
+		return protocol.SessionResponse{}, fmt.Errorf("%w: %w", ErrResponseTooLarge, err)
+	}
 	if err != nil {
 		return protocol.SessionResponse{}, fmt.Errorf("read response: %w", err)
 	}

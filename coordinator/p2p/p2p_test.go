@@ -523,3 +523,41 @@ func TestKilledNodeUnlistedWithoutWaitingForTTL(t *testing.T) {
 		t.Fatalf("Do on a killed node: err = %v (ctx %v), want ErrNodeLost before the deadline", err, ctx.Err())
 	}
 }
+
+// TestOversizedAnswerIsNotALostNode: an answer over the coordinator's
+// frame limit is its own error, and the node stays listed and callable,
+// so a caller cannot move runs off a healthy node by asking for a large
+// answer.
+func TestOversizedAnswerIsNotALostNode(t *testing.T) {
+	cfg := p2p.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.ListenAddrs = loopback
+	cfg.NodeTTL = 2 * time.Second
+	cfg.NodeLostErr = errCoordinatorNodeLost
+	cfg.Logger = quietLogger()
+	cfg.MaxFrameBytes = 16 << 10
+	coord, err := p2p.New(cfg, newRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := coord.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = coord.Stop() })
+	n, _ := startNode(t, coord, nodeOpts{token: "good-token"})
+	waitFor(t, 10*time.Second, "node listed", func() bool { _, ok := listed(coord, n.PeerID()); return ok })
+	c := &caller{t: t, coord: coord, node: n.PeerID(), run: "run-big"}
+	c.ok(protocol.CallInit, protocol.SessionSpec{RunID: "run-big", BaseModel: "tiny", LoRARank: 8}, nil)
+
+	b, _ := json.Marshal(protocol.ForwardBackwardRequest{Data: []protocol.Datum{datum(20000)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	_, err = coord.Do(ctx, n.PeerID(), protocol.SessionRequest{RequestID: "big", RunID: "run-big", Call: protocol.CallForward, Body: b})
+	if !errors.Is(err, p2p.ErrResponseTooLarge) || errors.Is(err, p2p.ErrNodeLost) {
+		t.Fatalf("oversized answer: err %v, want ErrResponseTooLarge and not lost", err)
+	}
+	if _, ok := listed(coord, n.PeerID()); !ok {
+		t.Fatal("the node was unlisted after an oversized answer")
+	}
+	c.ok(protocol.CallForward, protocol.ForwardBackwardRequest{Data: []protocol.Datum{datum(3)}}, nil)
+}

@@ -86,6 +86,16 @@ func (s *fileStore) Get(_ context.Context, name string) (io.ReadCloser, error) {
 	return f, nil
 }
 
+func (s *fileStore) Delete(_ context.Context, name string) error {
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(s.dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}
+
 // ctxReader stops a long copy when its context ends.
 type ctxReader struct {
 	ctx context.Context

@@ -108,3 +108,13 @@ func (s *s3Store) Get(ctx context.Context, name string) (io.ReadCloser, error) {
 	}
 	return obj, nil
 }
+
+func (s *s3Store) Delete(ctx context.Context, name string) error {
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if err := s.client.RemoveObject(ctx, s.bucket, s.key(name), minio.RemoveObjectOptions{}); err != nil {
+		return fmt.Errorf("delete %s: %w", s.URI(name), err)
+	}
+	return nil
+}

@@ -40,6 +40,29 @@ type Store interface {
 	Get(ctx context.Context, name string) (io.ReadCloser, error)
 	// URI is the URI an object called name has in this store.
 	URI(name string) string
+	// Delete removes the object called name; an absent one is no error.
+	Delete(ctx context.Context, name string) error
+}
+
+// Prefix is the URI prefix every object of st shares: what a coordinator
+// checks a node's checkpoint URIs against.
+func Prefix(st Store) string { return strings.TrimSuffix(st.URI("x"), "x") }
+
+// DeleteURIs deletes the objects of st that uris name; a URI of another
+// store is an error, and nothing of it is touched.
+func DeleteURIs(ctx context.Context, st Store, uris []string) error {
+	var errs []error
+	for _, u := range uris {
+		_, name, err := splitObjectURI(u)
+		if err != nil || st.URI(name) != u {
+			errs = append(errs, fmt.Errorf("delete %q: %w", u, ErrForeignStore))
+			continue
+		}
+		if err := st.Delete(ctx, name); err != nil {
+			errs = append(errs, fmt.Errorf("delete %q: %w", u, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Credentials for S3-compatible stores. Empty fields fall back to the
@@ -171,4 +194,24 @@ func splitObjectURI(uri string) (storeURL, name string, err error) {
 	name = u.Path[i+1:]
 	u.Path = u.Path[:i]
 	return u.String(), name, nil
+}
+
+// Network is what a coordinator needs of the network's checkpoint store:
+// the prefix a node's checkpoint URIs must carry, and a way to delete
+// collected files.
+type Network struct {
+	Prefix string
+	Delete func(ctx context.Context, uris []string) error
+}
+
+// OpenNetwork opens the store a URL names for a coordinator.
+func OpenNetwork(rawURL string, creds Credentials) (Network, error) {
+	st, err := Open(rawURL, creds)
+	if err != nil {
+		return Network{}, err
+	}
+	return Network{
+		Prefix: Prefix(st),
+		Delete: func(ctx context.Context, uris []string) error { return DeleteURIs(ctx, st, uris) },
+	}, nil
 }

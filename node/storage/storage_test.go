@@ -16,6 +16,7 @@ import (
 	"github.com/minio/minio-go/v7"
 
 	"github.com/signal-p2p/signal/node/miniotest"
+	"github.com/signal-p2p/signal/protocol"
 )
 
 func TestCIDKnownValue(t *testing.T) {
@@ -131,6 +132,11 @@ func TestFileStore(t *testing.T) {
 	if _, err := st.Get(context.Background(), NewCID([]byte("absent")).String()); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Get absent err = %v", err)
 	}
+	cp, _, err := SaveDir(context.Background(), st, writeCheckpointDir(t, map[string]int{"a": 10}), "r", 1, "adapter")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testDelete(t, st, cp)
 }
 
 func TestS3Store(t *testing.T) {
@@ -145,7 +151,7 @@ func TestS3Store(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
-	// An s3:// URI without an endpoint resolves through the default store's endpoint.
+	// The store's own s3:// URI (no endpoint in it) resolves in the store.
 	cpDir := writeCheckpointDir(t, map[string]int{"a": 10})
 	cp, _, err := SaveDir(context.Background(), st, cpDir, "r", 1, "adapter")
 	if err != nil {
@@ -156,6 +162,33 @@ func TestS3Store(t *testing.T) {
 	}
 	if _, err := (Resolver{Default: st}).Fetch(context.Background(), cp.URI, t.TempDir()); err != nil {
 		t.Fatal(err)
+	}
+	testDelete(t, st, cp)
+}
+
+// testDelete deletes a saved checkpoint's objects by URI; the fetch then
+// fails, and URIs of another store are refused.
+func testDelete(t *testing.T, st Store, cp protocol.Checkpoint) {
+	t.Helper()
+	ctx := context.Background()
+	uris := []string{cp.URI}
+	for _, f := range cp.Files {
+		uris = append(uris, f.URI)
+	}
+	if err := DeleteURIs(ctx, st, uris); err != nil {
+		t.Fatal(err)
+	}
+	if err := DeleteURIs(ctx, st, uris); err != nil {
+		t.Fatalf("deleting absent objects: %v", err)
+	}
+	if _, err := (Resolver{Default: st}).Fetch(ctx, cp.ID, t.TempDir()); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("fetch after delete: %v", err)
+	}
+	if err := DeleteURIs(ctx, st, []string{"file:///etc/" + cp.ID}); !errors.Is(err, ErrForeignStore) {
+		t.Fatalf("delete of another store's URI: %v", err)
+	}
+	if !strings.HasPrefix(cp.URI, Prefix(st)) {
+		t.Fatalf("URI %s outside the store's prefix %s", cp.URI, Prefix(st))
 	}
 }
 
