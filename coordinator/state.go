@@ -635,8 +635,8 @@ type RunUpdate struct {
 	// StorageBilledTo advances the run's storage billing (a storage charge).
 	StorageBilledTo string `json:"storage_billed_to,omitempty"`
 	// DropCheckpoints forgets the run's checkpoints (collected).
-	DropCheckpoints bool `json:"drop_checkpoints,omitempty"`
-	Time   string `json:"time"`
+	DropCheckpoints bool   `json:"drop_checkpoints,omitempty"`
+	Time            string `json:"time"`
 }
 
 // OptimFigures are an optim_step's results.
