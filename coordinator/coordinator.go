@@ -66,6 +66,8 @@ type Coordinator struct {
 	// entry of earlier terms (a barrier), so its reads are current.
 	leaderReady atomic.Bool
 
+	// gates queue each run's billed calls (one at a time to its node).
+	gates *runGates
 	// tokenizeSlots bounds concurrent /v1/tokenize work on this member.
 	tokenizeSlots chan struct{}
 
@@ -113,6 +115,7 @@ func New(cfg Config) (*Coordinator, error) {
 		client:         &http.Client{Timeout: 30 * time.Minute},
 
 		tokenizeSlots: make(chan struct{}, 2),
+		gates:         newRunGates(),
 	}
 	c.fsm.log = c.log
 	c.metrics = newMetrics(c)

@@ -579,9 +579,21 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 				c.log.Warn("release hold", "category", "billing", "hold", hold.ID, "err", err)
 			}
 		}
-		if err := ctx.Err(); err != nil {
-			release() // the client left before the node was asked
+		// Wait for the run's earlier calls; a client that leaves meanwhile
+		// takes its call with it, before any node sees it.
+		done, err := c.gates.acquire(ctx, rec.Run.ID)
+		if err != nil {
+			release()
 			return nil, fmt.Errorf("client gone before the call started: %w", err)
+		}
+		defer done()
+		// The run as the earlier calls left it (step, node, status).
+		if rec, err = c.ownedRun(cl); err == nil {
+			err = runUsable(rec, c.cfg.RetryAfter)
+		}
+		if err != nil {
+			release()
+			return nil, err
 		}
 		body := cl.body
 		if len(body) == 0 {

@@ -381,3 +381,44 @@ func TestMoveFallsBackThenFails(t *testing.T) {
 		t.Fatalf("run with every checkpoint refused: %s (%q), want failed naming its checkpoints", got.Status, got.FailureReason)
 	}
 }
+
+// TestQueuedCallOfAGoneClientNeverRuns: a call waiting behind another on
+// the same run, whose client hangs up, is dropped before any node sees it
+// and costs nothing; the running one is billed.
+func TestQueuedCallOfAGoneClientNeverRuns(t *testing.T) {
+	c, fnet := startLying(t, func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
+		if req.Call == protocol.CallForwardBackward {
+			time.Sleep(600 * time.Millisecond)
+		}
+	}, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	first := make(chan int)
+	go func() { first <- do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(10)).status }()
+	time.Sleep(150 * time.Millisecond) // the first call is on the node
+	body, _ := json.Marshal(fbBody(20))
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", bytes.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+key)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the queued call answered %d", resp.StatusCode)
+	}
+	if s := <-first; s != 200 {
+		t.Fatalf("first call: %d", s)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
+		t.Fatalf("%d calls reached the node, want only the first", n)
+	}
+	if a := accountOf(t, base, key); a.Spent != 10 {
+		t.Fatalf("spent %d, want the first call's 10", a.Spent)
+	}
+	var holds int
+	c.fsm.read(func(s *State) { holds = len(s.Holds()) })
+	if holds != 0 {
+		t.Fatalf("%d holds left", holds)
+	}
+}
