@@ -67,6 +67,10 @@ type Config struct {
 	// account needs available to open one.
 	MaxRunsPerAccount int
 	MinRunBalance     int64
+	// IdleRunTTL is how long a run may go without a billed call before the
+	// leader saves it (a full checkpoint, which load_state resumes) and
+	// ends it, freeing its session slot.
+	IdleRunTTL time.Duration
 	// StorageBillInterval is how often the leader bills checkpoint storage
 	// (each checkpoint's first hour is billed when it is written).
 	// CheckpointRetention is how long an ended run's checkpoints are kept
@@ -147,6 +151,7 @@ func DefaultConfig() Config {
 		ApplyTimeout:        10 * time.Second,
 		CallTimeout:         30 * time.Minute,
 		StorageBillInterval: time.Hour,
+		IdleRunTTL:          2 * time.Hour,
 		CheckpointRetention: 7 * 24 * time.Hour,
 		RunRetention:        30 * 24 * time.Hour,
 		MaxRunsPerAccount:   16,
@@ -192,8 +197,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config RatePerSecond %v / RateBurst %d: must be positive: %w", c.RatePerSecond, c.RateBurst, ErrInvalidRequest)
 	case c.MaxBodyBytes < 1024:
 		return fmt.Errorf("config MaxBodyBytes %d: at least 1024: %w", c.MaxBodyBytes, ErrInvalidRequest)
-	case c.StorageBillInterval <= 0 || c.CheckpointRetention <= 0 || c.RunRetention <= 0:
-		return fmt.Errorf("config StorageBillInterval/CheckpointRetention/RunRetention: must be positive: %w", ErrInvalidRequest)
+	case c.StorageBillInterval <= 0 || c.CheckpointRetention <= 0 || c.RunRetention <= 0 || c.IdleRunTTL <= 0:
+		return fmt.Errorf("config StorageBillInterval/CheckpointRetention/RunRetention/IdleRunTTL: must be positive: %w", ErrInvalidRequest)
 	case c.MaxRunsPerAccount < 1 || c.MinRunBalance < 0:
 		return fmt.Errorf("config MaxRunsPerAccount %d / MinRunBalance %d: want ≥ 1 and ≥ 0: %w", c.MaxRunsPerAccount, c.MinRunBalance, ErrInvalidRequest)
 	case c.ReadTimeout <= 0 || c.IdleTimeout <= 0 || c.MaxConnsPerIP < 1:

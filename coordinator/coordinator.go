@@ -500,6 +500,11 @@ func (c *Coordinator) watchLeadership(ctx context.Context) {
 				defer leaderWG.Done()
 				c.storageLoop(lctx)
 			}()
+			leaderWG.Add(1)
+			go func() {
+				defer leaderWG.Done()
+				c.idleLoop(lctx)
+			}()
 		case !isLeader && leaderCancel != nil:
 			c.log.Info("lost leadership", "category", "infrastructure")
 			c.metrics.leader.Set(0)

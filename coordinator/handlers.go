@@ -282,7 +282,7 @@ func (c *Coordinator) handleCreateRun(cl *call) (any, error) {
 		Run: protocol.Run{ID: spec.RunID, Name: req.Name, BaseModel: spec.BaseModel, LoRARank: spec.LoRARank,
 			LoRAAlpha: spec.LoRAAlpha, TargetModules: spec.TargetModules, Status: protocol.RunStarting,
 			CheckpointEvery: spec.CheckpointEvery, CreatedAt: now()},
-		Owner: cl.account, Seed: spec.Seed, LRSchedule: spec.LRSchedule,
+		Owner: cl.account, Seed: spec.Seed, LRSchedule: spec.LRSchedule, LastActive: now(),
 	}
 	if _, err := c.propose(ctx, cmdCreateRunLimited, createRunLimitedCmd{Run: rec, MaxActive: c.cfg.MaxRunsPerAccount, MinAvailable: c.cfg.MinRunBalance}); err != nil {
 		if errors.Is(err, ErrTooManyRuns) {

@@ -85,6 +85,9 @@ type RunRecord struct {
 	EndedAt string `json:"ended_at,omitempty"`
 	// StorageBilledTo is how far its checkpoints' storage is billed.
 	StorageBilledTo string `json:"storage_billed_to,omitempty"`
+	// LastActive is the time of its last billed call (or its creation):
+	// a run idle for IdleRunTTL is saved and closed.
+	LastActive string `json:"last_active,omitempty"`
 }
 
 // IdemRecord is the first response to a call made with an Idempotency-Key.
@@ -506,6 +509,9 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		s.accounts[c.Account] = a
 	}
 	if run != nil {
+		if c.Call != "storage" {
+			run.LastActive = c.Time
+		}
 		s.runs[run.Run.ID] = run
 	}
 	s.releaseHold(c.HoldID)
@@ -630,7 +636,7 @@ type RunUpdate struct {
 	// Checkpoint is older than the run's recorded step or already
 	// recorded (a drain report reaches every coordinator).
 	CheckpointIfNewer bool `json:"checkpoint_if_newer,omitempty"`
-	// Reason is recorded as the run's failure_reason.
+	// Reason is recorded as the run's status_reason.
 	Reason string `json:"reason,omitempty"`
 	// StorageBilledTo advances the run's storage billing (a storage charge).
 	StorageBilledTo string `json:"storage_billed_to,omitempty"`
@@ -709,7 +715,7 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		r.Run.Node = *u.Node
 	}
 	if u.Reason != "" {
-		r.Run.FailureReason = u.Reason
+		r.Run.StatusReason = u.Reason
 	}
 	if u.Step != nil {
 		r.Run.Step = *u.Step

@@ -377,8 +377,8 @@ func TestMoveFallsBackThenFails(t *testing.T) {
 	run = trained()
 	fnet.setDown(run.Node, true)
 	got = settle(run, run.Node)
-	if got.Status != protocol.RunFailed || !strings.Contains(got.FailureReason, "3 checkpoints") {
-		t.Fatalf("run with every checkpoint refused: %s (%q), want failed naming its checkpoints", got.Status, got.FailureReason)
+	if got.Status != protocol.RunFailed || !strings.Contains(got.StatusReason, "3 checkpoints") {
+		t.Fatalf("run with every checkpoint refused: %s (%q), want failed naming its checkpoints", got.Status, got.StatusReason)
 	}
 }
 
@@ -421,4 +421,39 @@ func TestQueuedCallOfAGoneClientNeverRuns(t *testing.T) {
 	if holds != 0 {
 		t.Fatalf("%d holds left", holds)
 	}
+}
+
+// TestIdleRunIsSavedAndEnded: a run without a call for IdleRunTTL is saved
+// (full) and ended, freeing its slot; its checkpoint loads on a new run.
+func TestIdleRunIsSavedAndEnded(t *testing.T) {
+	c, fnet := startOne(t, func(cfg *Config) { cfg.IdleRunTTL = 400 * time.Millisecond })
+	base := c.URL()
+	key, _ := createKey(t, base, 100_000_000)
+	busy := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 2})
+	idle := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 2})
+	mustStatus(t, do(t, "POST", base+"/v1/runs/"+idle.ID+"/optim_step", key, nil), 200)
+	stop := time.Now().Add(1500 * time.Millisecond)
+	for time.Now().Before(stop) { // keep one run busy past the TTL
+		mustStatus(t, do(t, "POST", base+"/v1/runs/"+busy.ID+"/forward_backward", key, fbBody(2)), 200)
+		time.Sleep(100 * time.Millisecond)
+	}
+	var got protocol.Run
+	waitFor(t, 5*time.Second, "the idle run ended", func() bool {
+		do(t, "GET", base+"/v1/runs/"+idle.ID, key, nil).decode(t, &got)
+		return got.Status == protocol.RunEnded
+	})
+	if len(got.Checkpoints) == 0 || got.Checkpoints[len(got.Checkpoints)-1].Mode != "full" || !strings.Contains(got.StatusReason, "load_state") {
+		t.Fatalf("idle run ended as %+v", got)
+	}
+	do(t, "GET", base+"/v1/runs/"+busy.ID, key, nil).decode(t, &got)
+	if got.Status != protocol.RunReady {
+		t.Fatalf("the busy run is %s", got.Status)
+	}
+	if n := fnet.count(protocol.CallClose); n != 1 {
+		t.Fatalf("%d sessions closed, want the idle one", n)
+	}
+	var ended protocol.Run
+	do(t, "GET", base+"/v1/runs/"+idle.ID, key, nil).decode(t, &ended)
+	again := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 2})
+	mustStatus(t, do(t, "POST", base+"/v1/runs/"+again.ID+"/load_state", key, map[string]any{"checkpoint": ended.Checkpoints[len(ended.Checkpoints)-1].ID}), 200)
 }

@@ -160,8 +160,9 @@ type Run struct {
 	CreatedAt       string       `json:"created_at"`
 	Checkpoints     []Checkpoint `json:"checkpoints,omitempty"`
 	LastMetrics     *Metrics     `json:"last_metrics,omitempty"`
-	// FailureReason says why a run is failed.
-	FailureReason string `json:"failure_reason,omitempty"`
+	// StatusReason says why a run failed, or why the network ended it
+	// (idle for too long).
+	StatusReason string `json:"status_reason,omitempty"`
 }
 
 // LRSchedule is a learning-rate schedule set when a run is created; an
