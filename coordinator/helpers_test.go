@@ -404,3 +404,10 @@ func createRun(t *testing.T, base, key string, body map[string]any) protocol.Run
 	r.decode(t, &run)
 	return run
 }
+
+func (r apiResp) errMessage(t *testing.T) string {
+	t.Helper()
+	var e protocol.ErrorResponse
+	r.decode(t, &e)
+	return e.Error.Message
+}

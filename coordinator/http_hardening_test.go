@@ -108,3 +108,43 @@ func TestHTTPSlowBodiesAndConnectionFloods(t *testing.T) {
 		return resp.StatusCode == 200
 	})
 }
+
+type countingTokenizer struct{}
+
+func (countingTokenizer) Encode(text string, _ bool) []int { return make([]int, len(text)/4) }
+
+// TestTokenizeIsBounded is issue 13's twelfth attack: a text over 1 MiB is
+// refused before it is tokenized, and a follower tokenizes on its own
+// instead of forwarding to the leader.
+func TestTokenizeIsBounded(t *testing.T) {
+	cs := startCluster(t, 2, func(cfg *Config) {
+		cfg.Models[0].Path = t.TempDir()
+		cfg.LoadTokenizer = func(string) (Tokenizer, error) { return countingTokenizer{}, nil }
+	})
+	leader := leaderOf(cs)
+	key, _ := createKey(t, leader.URL(), 1000)
+	r := do(t, "POST", leader.URL()+"/v1/tokenize", key, map[string]any{"base_model": "tiny", "text": strings.Repeat("x", maxTokenizeBytes+1)})
+	mustStatus(t, r, http.StatusBadRequest)
+	if !strings.Contains(r.errMessage(t), "field text") {
+		t.Fatalf("message %q does not name the field", r.errMessage(t))
+	}
+	for _, c := range cs {
+		if c == leader {
+			continue
+		}
+		waitFor(t, 5*time.Second, "the key on the follower", func() bool {
+			return do(t, "POST", c.URL()+"/v1/tokenize", key, map[string]any{"base_model": "tiny", "text": "abcdefgh"}).status == 200
+		})
+		// Without the leader (and with it, quorum) the follower still
+		// answers: it tokenized on its own.
+		_ = leader.Stop()
+		var out struct {
+			Tokens []int `json:"tokens"`
+		}
+		r := do(t, "POST", c.URL()+"/v1/tokenize", key, map[string]any{"base_model": "tiny", "text": "abcdefgh"})
+		r.decode(t, &out)
+		if len(out.Tokens) != 2 {
+			t.Fatalf("follower tokenized %v", out.Tokens)
+		}
+	}
+}
