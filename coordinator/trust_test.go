@@ -33,6 +33,21 @@ func startLying(t *testing.T, lie func(req protocol.SessionRequest, resp *protoc
 	})
 }
 
+// hangUp posts body and hangs up after wait; the call must not have
+// answered by then.
+func hangUp(t *testing.T, url, key string, body any, wait time.Duration) {
+	t.Helper()
+	b, _ := json.Marshal(body)
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(b))
+	req.Header.Set("Authorization", "Bearer "+key)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the call answered %d before the client hung up", resp.StatusCode)
+	}
+}
+
 func accountOf(t *testing.T, base, key string) protocol.Account {
 	t.Helper()
 	var a protocol.Account
@@ -247,15 +262,7 @@ func TestHangUpStillBills(t *testing.T) {
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
 	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
-	body, _ := json.Marshal(fbBody(100))
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+key)
-	if resp, err := http.DefaultClient.Do(req); err == nil {
-		resp.Body.Close()
-		t.Fatalf("the call answered %d before the client hung up", resp.StatusCode)
-	}
+	hangUp(t, base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(100), 100*time.Millisecond)
 	waitFor(t, 5*time.Second, "the abandoned call's charge", func() bool { return accountOf(t, base, key).Spent == 100 })
 	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
 		t.Fatalf("node ran %d calls", n)
@@ -397,15 +404,7 @@ func TestQueuedCallOfAGoneClientNeverRuns(t *testing.T) {
 	first := make(chan int)
 	go func() { first <- do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(10)).status }()
 	time.Sleep(150 * time.Millisecond) // the first call is on the node
-	body, _ := json.Marshal(fbBody(20))
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+key)
-	if resp, err := http.DefaultClient.Do(req); err == nil {
-		resp.Body.Close()
-		t.Fatalf("the queued call answered %d", resp.StatusCode)
-	}
+	hangUp(t, base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(20), 200*time.Millisecond)
 	if s := <-first; s != 200 {
 		t.Fatalf("first call: %d", s)
 	}

@@ -74,12 +74,21 @@ func quietLogger() *slog.Logger {
 
 func startCoordinator(t testing.TB, reg p2p.Registry) *p2p.Host {
 	t.Helper()
+	return startCoordinatorWith(t, reg, nil)
+}
+
+// startCoordinatorWith starts a coordinator host whose config mod adjusts.
+func startCoordinatorWith(t testing.TB, reg p2p.Registry, mod func(*p2p.Config)) *p2p.Host {
+	t.Helper()
 	cfg := p2p.DefaultConfig()
 	cfg.DataDir = t.TempDir()
 	cfg.ListenAddrs = loopback
 	cfg.NodeTTL = 2 * time.Second
 	cfg.NodeLostErr = errCoordinatorNodeLost
 	cfg.Logger = quietLogger()
+	if mod != nil {
+		mod(&cfg)
+	}
 	h, err := p2p.New(cfg, reg)
 	if err != nil {
 		t.Fatal(err)
@@ -529,21 +538,7 @@ func TestKilledNodeUnlistedWithoutWaitingForTTL(t *testing.T) {
 // so a caller cannot move runs off a healthy node by asking for a large
 // answer.
 func TestOversizedAnswerIsNotALostNode(t *testing.T) {
-	cfg := p2p.DefaultConfig()
-	cfg.DataDir = t.TempDir()
-	cfg.ListenAddrs = loopback
-	cfg.NodeTTL = 2 * time.Second
-	cfg.NodeLostErr = errCoordinatorNodeLost
-	cfg.Logger = quietLogger()
-	cfg.MaxFrameBytes = 16 << 10
-	coord, err := p2p.New(cfg, newRegistry())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := coord.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = coord.Stop() })
+	coord := startCoordinatorWith(t, newRegistry(), func(cfg *p2p.Config) { cfg.MaxFrameBytes = 16 << 10 })
 	n, _ := startNode(t, coord, nodeOpts{token: "good-token"})
 	waitFor(t, 10*time.Second, "node listed", func() bool { _, ok := listed(coord, n.PeerID()); return ok })
 	c := &caller{t: t, coord: coord, node: n.PeerID(), run: "run-big"}
@@ -552,7 +547,7 @@ func TestOversizedAnswerIsNotALostNode(t *testing.T) {
 	b, _ := json.Marshal(protocol.ForwardBackwardRequest{Data: []protocol.Datum{datum(20000)}})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	_, err = coord.Do(ctx, n.PeerID(), protocol.SessionRequest{RequestID: "big", RunID: "run-big", Call: protocol.CallForward, Body: b})
+	_, err := coord.Do(ctx, n.PeerID(), protocol.SessionRequest{RequestID: "big", RunID: "run-big", Call: protocol.CallForward, Body: b})
 	if !errors.Is(err, p2p.ErrResponseTooLarge) || errors.Is(err, p2p.ErrNodeLost) {
 		t.Fatalf("oversized answer: err %v, want ErrResponseTooLarge and not lost", err)
 	}
