@@ -10,7 +10,7 @@ BIN       := $(CURDIR)/bin
 # MinIO has no semver tags; this pseudo-version is the 2026-02-12 release commit.
 MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO     := $(CACHE)/bin/minio
-APT_PKGS  := libopenblas-dev libopenblas0-pthread python3-torch python3-numpy chromium
+APT_PKGS  := libopenblas-dev libopenblas0-pthread python3-torch python3-numpy python3-venv chromium
 # Debian's python3-torch installs for the system interpreter, not a pyenv one.
 PYTHON    ?= /usr/bin/python3
 
@@ -26,12 +26,12 @@ export SIGNAL_PYTHON    := $(PYTHON)
 # Tests leave screenshots and other things worth a look here (the dashboard's).
 export SIGNAL_ARTIFACTS ?= $(CACHE)/artifacts
 
-.PHONY: help deps apt-deps minio build test test-go test-python bench lint run clean
+.PHONY: help deps apt-deps minio pyenv build test test-go test-python bench lint run clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-deps: apt-deps minio ## install what builds and tests need (apt packages, MinIO)
+deps: apt-deps minio pyenv ## install what builds and tests need (apt packages, MinIO, the Python test environment)
 
 apt-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -40,6 +40,11 @@ apt-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
+
+# The pinned Python test environment (torch 2.x, transformers, peft; about
+# 5.6 GB once, in ~/.cache/signal, keyed by scripts/pyenv.lock's hash).
+pyenv: apt-deps
+	@scripts/pyenv.sh >/dev/null
 
 minio: $(MINIO)
 $(MINIO):
@@ -55,8 +60,8 @@ test: deps test-go test-python ## run every test: unit, integration, Python SDK
 
 test-go:
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 30m $(RACE_PKGS)
-	$(GO) test -count=1 -timeout 30m $(PLAIN_PKGS)
+	SIGNAL_HF_PYTHON=$$(scripts/pyenv.sh) $(GO) test -race -count=1 -timeout 30m $(RACE_PKGS)
+	SIGNAL_HF_PYTHON=$$(scripts/pyenv.sh) $(GO) test -count=1 -timeout 30m $(PLAIN_PKGS)
 
 test-python: build
 	@if [ -d python/tests ]; then cd python && SIGNAL_BIN=$(BIN)/signal $(PYTHON) -m unittest discover -v -s tests 2>&1; fi

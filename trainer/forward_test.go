@@ -1,49 +1,20 @@
 package trainer
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer/packed"
 )
-
-// pythonRef runs reference/llama_ref.py with req and decodes its answer. It
-// skips when PyTorch is missing locally, and fails when CI=true.
-func pythonRef(t *testing.T, req map[string]any, answer any) {
-	t.Helper()
-	py := os.Getenv("SIGNAL_PYTHON")
-	if py == "" {
-		py = "/usr/bin/python3"
-	}
-	if err := exec.Command(py, "-c", "import torch, numpy").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("PyTorch reference unavailable under %s: %v", py, err)
-		}
-		t.Skipf("PyTorch reference unavailable under %s: %v", py, err)
-	}
-	body, _ := json.Marshal(req)
-	cmd := exec.Command(py, filepath.Join("reference", "llama_ref.py"))
-	cmd.Stdin = bytes.NewReader(body)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("llama_ref.py: %v\n%s", err, stderr.String())
-	}
-	if err := json.Unmarshal(out, answer); err != nil {
-		t.Fatalf("llama_ref.py answer: %v\n%s", err, out)
-	}
-}
 
 func readF32(t *testing.T, path string) []float32 {
 	t.Helper()
@@ -92,15 +63,11 @@ type refGreedy struct {
 
 // TestMatchesPyTorch checks logits and greedy continuations (tokens and
 // logprobs) on both tiny models, with and without their adapters, against
-// reference/llama_ref.py, all in one interpreter run.
+// every reference (reference/llama_ref.py, and Hugging Face transformers +
+// PEFT through hf_ref.py), one interpreter run each. The tolerances are the
+// same for both: each computes in float32 on the same BF16-exact weights.
 func TestMatchesPyTorch(t *testing.T) {
-	type check struct {
-		model, adapter string
-		tokens         []int
-		prompts        [][]int
-		logitsPath     string
-	}
-	var checks []check
+	var checks []refCheck
 	var reqs []map[string]any
 	tmp := t.TempDir()
 	// A generated model covers what the tiny ones do not: llama3 RoPE
@@ -125,7 +92,7 @@ func TestMatchesPyTorch(t *testing.T) {
 			adapters = adapters[:1]
 		}
 		for _, adapter := range adapters {
-			c := check{model: name, adapter: adapter, tokens: testTokens(19, V, 1),
+			c := refCheck{model: name, adapter: adapter, tokens: testTokens(19, V, 1),
 				prompts:    [][]int{testTokens(3, V, 2), testTokens(11, V, 3)},
 				logitsPath: filepath.Join(tmp, fmt.Sprintf("%d.f32", len(checks)))}
 			checks = append(checks, c)
@@ -141,14 +108,37 @@ func TestMatchesPyTorch(t *testing.T) {
 			reqs = append(reqs, lr, gr)
 		}
 	}
-	var ans struct{ Answers []json.RawMessage }
-	pythonRef(t, map[string]any{"cmd": "batch", "requests": reqs}, &ans)
+	for _, ref := range references(t, "llama_ref.py") {
+		// Each oracle writes its own logits files.
+		reqs := slices.Clone(reqs)
+		for k := range reqs {
+			if out, ok := reqs[k]["out"].(string); ok {
+				r := maps.Clone(reqs[k])
+				r["out"] = out + "." + ref.name
+				reqs[k] = r
+			}
+		}
+		var ans struct{ Answers []json.RawMessage }
+		runRef(t, ref, nil, map[string]any{"cmd": "batch", "requests": reqs}, &ans)
+		compareWithReference(t, ref, checks, ans.Answers)
+	}
+}
+
+// refCheck is one model (and adapter) TestMatchesPyTorch compares.
+type refCheck struct {
+	model, adapter string
+	tokens         []int
+	prompts        [][]int
+	logitsPath     string
+}
+
+func compareWithReference(t *testing.T, ref reference, checks []refCheck, answers []json.RawMessage) {
 	for i, c := range checks {
 		label := filepath.Base(c.model)
 		if c.adapter != "" {
 			label += "+adapter"
 		}
-		t.Run(label, func(t *testing.T) {
+		t.Run(label+"/"+ref.name, func(t *testing.T) {
 			forEachWeightPath(t, func(t *testing.T, packedOn bool) {
 				m := mustLoad(t, c.model)
 				if (m.pHead != nil) != packedOn {
@@ -162,10 +152,10 @@ func TestMatchesPyTorch(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				compareLogits(t, got, readF32(t, c.logitsPath))
+				compareLogits(t, got, readF32(t, c.logitsPath+"."+ref.name))
 
 				var want refGreedy
-				if err := json.Unmarshal(ans.Answers[2*i+1], &want); err != nil {
+				if err := json.Unmarshal(answers[2*i+1], &want); err != nil {
 					t.Fatal(err)
 				}
 				p := DefaultSamplingParams()
@@ -183,11 +173,11 @@ func TestMatchesPyTorch(t *testing.T) {
 					}
 					for j := 0; j < n; j++ {
 						if g.Tokens[j] != w.Tokens[j] {
-							t.Fatalf("prompt %d token %d: got %v, PyTorch %v", pi, j, g.Tokens, w.Tokens[:n])
+							t.Fatalf("prompt %d token %d: got %v, %s %v", pi, j, g.Tokens, ref.name, w.Tokens[:n])
 						}
 						// logprob = logit − logsumexp: its error is the logits' error, ~1e-5 absolute.
 						if d := math.Abs(float64(g.Logprobs[j]) - w.Logprobs[j]); d > 1e-4*math.Max(1, math.Abs(w.Logprobs[j])) {
-							t.Errorf("prompt %d logprob %d: got %v, PyTorch %v", pi, j, g.Logprobs[j], w.Logprobs[j])
+							t.Errorf("prompt %d logprob %d: got %v, %s %v", pi, j, g.Logprobs[j], ref.name, w.Logprobs[j])
 						}
 					}
 				}

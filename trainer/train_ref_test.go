@@ -1,54 +1,12 @@
 package trainer
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"math"
 	"math/rand"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 )
-
-// refPython returns the interpreter that has torch ($SIGNAL_PYTHON, default
-// /usr/bin/python3), skipping the test when it has none, except in CI.
-func refPython(t *testing.T) string {
-	t.Helper()
-	py := os.Getenv("SIGNAL_PYTHON")
-	if py == "" {
-		py = "/usr/bin/python3"
-	}
-	if err := exec.Command(py, "-c", "import torch, numpy").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s cannot import torch and numpy (CI must have them): %v", py, err)
-		}
-		t.Skipf("%s cannot import torch and numpy: %v", py, err)
-	}
-	return py
-}
-
-// runTrainRef runs reference/train_ref.py cmd with req as its JSON input.
-func runTrainRef(t *testing.T, cmd string, req, out any) {
-	t.Helper()
-	py := refPython(t)
-	in, err := json.Marshal(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := exec.Command(py, filepath.Join("reference", "train_ref.py"), cmd)
-	c.Stdin = bytes.NewReader(in)
-	var stderr bytes.Buffer
-	c.Stderr = &stderr
-	raw, err := c.Output()
-	if err != nil {
-		t.Fatalf("train_ref.py %s: %v\n%s", cmd, err, stderr.String())
-	}
-	if err := json.Unmarshal(raw, out); err != nil {
-		t.Fatalf("train_ref.py %s output: %v", cmd, err)
-	}
-}
 
 // refDatum is the reference's JSON form of a Datum.
 type refDatum struct {
@@ -125,7 +83,7 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 	} {
 		name := tc.model + "/" + tc.adapter + "/" + tc.loss
 		t.Run(name, func(t *testing.T) {
-			refPython(t)
+			refs := references(t, "train_ref.py")
 			m := mustLoad(t, tc.model)
 			r := rand.New(rand.NewSource(7))
 			var lora *LoRA
@@ -157,67 +115,74 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 					}
 				}
 			}
-			var ref refGrad
-			runTrainRef(t, "grad", map[string]any{
-				"model": filepath.Join("testdata", tc.model), "adapter": dir, "data": toRef(data),
-				"loss_fn": tc.loss, "loss_fn_config": tc.cfg, "dtype": "float64",
-			}, &ref)
-			// Both ways of holding the projections against the one reference.
-			forEachWeightPath(t, func(t *testing.T, packedOn bool) {
-				m := mustLoad(t, tc.model)
-				if (m.pHead != nil) != packedOn {
-					t.Fatalf("packed weights: %v, want %v", m.pHead != nil, packedOn)
-				}
-				grads := zerosLike(lora)
-				res, err := runPass(context.Background(), m, lora, data, tc.loss, tc.cfg, grads)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if d := math.Abs(res.LossSum - ref.LossSum); d > 1e-4*math.Max(1, math.Abs(ref.LossSum)) {
-					t.Errorf("loss_sum %v, PyTorch %v", res.LossSum, ref.LossSum)
-				}
-				if d := math.Abs(res.GradNorm - ref.GradNorm); d > 1e-3*ref.GradNorm {
-					t.Errorf("grad_norm %v, PyTorch %v", res.GradNorm, ref.GradNorm)
-				}
-				var worstLP float64
-				for i := range data {
-					for j, v := range ref.Logprobs[i] {
-						worstLP = math.Max(worstLP, math.Abs(float64(res.Logprobs[i][j])-v))
-					}
-				}
-				if worstLP > 1e-4 {
-					t.Errorf("logprobs differ from PyTorch by up to %g", worstLP)
-				}
-				worstG := 0.0
-				for li := range grads.Layers {
-					for mod, p := range grads.Layers[li] {
-						if p == nil {
-							continue
-						}
-						pre := peftPrefix(li, Module(mod))
-						for ab, got := range map[string][]float32{"A": p.A, "B": p.B} {
-							want, ok := ref.Grads[pre+".lora_"+ab+".weight"]
-							if !ok || len(want) != len(got) {
-								t.Fatalf("%s.lora_%s: PyTorch has %d values, engine %d", pre, ab, len(want), len(got))
-							}
-							var scale, diff float64
-							for k := range want {
-								scale = math.Max(scale, math.Abs(want[k]))
-								diff = math.Max(diff, math.Abs(float64(got[k])-want[k]))
-							}
-							rel := diff / math.Max(scale, 1e-12)
-							worstG = math.Max(worstG, rel)
-							if rel > 1e-3 {
-								t.Errorf("%s.lora_%s: gradient off by %g of its largest entry %g", pre, ab, rel, scale)
-							}
-						}
-					}
-				}
-				t.Logf("loss %.6f (PyTorch %.6f), worst logprob diff %.2g, worst relative grad diff %.2g",
-					res.LossSum, ref.LossSum, worstLP, worstG)
-			})
+			for _, oracle := range refs {
+				var ref refGrad
+				runRef(t, oracle, []string{"grad"}, map[string]any{
+					"model": filepath.Join("testdata", tc.model), "adapter": dir, "data": toRef(data),
+					"loss_fn": tc.loss, "loss_fn_config": tc.cfg, "dtype": "float64",
+				}, &ref)
+				t.Run(oracle.name, func(t *testing.T) { compareGrads(t, tc.model, tc.loss, tc.cfg, lora, data, ref) })
+			}
 		})
 	}
+}
+
+// compareGrads checks the engine's loss, logprobs, gradient norm and every
+// LoRA gradient against ref, both ways of holding the projections.
+func compareGrads(t *testing.T, model, loss string, cfg map[string]float64, lora *LoRA, data []Datum, ref refGrad) {
+	forEachWeightPath(t, func(t *testing.T, packedOn bool) {
+		m := mustLoad(t, model)
+		if (m.pHead != nil) != packedOn {
+			t.Fatalf("packed weights: %v, want %v", m.pHead != nil, packedOn)
+		}
+		grads := zerosLike(lora)
+		res, err := runPass(context.Background(), m, lora, data, loss, cfg, grads)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := math.Abs(res.LossSum - ref.LossSum); d > 1e-4*math.Max(1, math.Abs(ref.LossSum)) {
+			t.Errorf("loss_sum %v, reference %v", res.LossSum, ref.LossSum)
+		}
+		if d := math.Abs(res.GradNorm - ref.GradNorm); d > 1e-3*ref.GradNorm {
+			t.Errorf("grad_norm %v, reference %v", res.GradNorm, ref.GradNorm)
+		}
+		var worstLP float64
+		for i := range data {
+			for j, v := range ref.Logprobs[i] {
+				worstLP = math.Max(worstLP, math.Abs(float64(res.Logprobs[i][j])-v))
+			}
+		}
+		if worstLP > 1e-4 {
+			t.Errorf("logprobs differ from the reference by up to %g", worstLP)
+		}
+		worstG := 0.0
+		for li := range grads.Layers {
+			for mod, p := range grads.Layers[li] {
+				if p == nil {
+					continue
+				}
+				pre := peftPrefix(li, Module(mod))
+				for ab, got := range map[string][]float32{"A": p.A, "B": p.B} {
+					want, ok := ref.Grads[pre+".lora_"+ab+".weight"]
+					if !ok || len(want) != len(got) {
+						t.Fatalf("%s.lora_%s: the reference has %d values, engine %d", pre, ab, len(want), len(got))
+					}
+					var scale, diff float64
+					for k := range want {
+						scale = math.Max(scale, math.Abs(want[k]))
+						diff = math.Max(diff, math.Abs(float64(got[k])-want[k]))
+					}
+					rel := diff / math.Max(scale, 1e-12)
+					worstG = math.Max(worstG, rel)
+					if rel > 1e-3 {
+						t.Errorf("%s.lora_%s: gradient off by %g of its largest entry %g", pre, ab, rel, scale)
+					}
+				}
+			}
+		}
+		t.Logf("loss %.6f (reference %.6f), worst logprob diff %.2g, worst relative grad diff %.2g",
+			res.LossSum, ref.LossSum, worstLP, worstG)
+	})
 }
 
 // TestTrainingMatchesPyTorchAdamW trains the same fresh PEFT adapter for 30
@@ -228,7 +193,7 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 // within a fraction of a percent. The loss must also fall well below its
 // start, as PyTorch's does.
 func TestTrainingMatchesPyTorchAdamW(t *testing.T) {
-	refPython(t)
+	refs := references(t, "train_ref.py")
 	m := mustLoad(t, "tiny-sp")
 	// "The quick brown fox jumps over the lazy dog. The quick brown fox jumps
 	// again, and the lazy dog sleeps." with BOS, as trainer/tokenizer encodes it
@@ -253,29 +218,33 @@ func TestTrainingMatchesPyTorchAdamW(t *testing.T) {
 		losses = append(losses, r.LossSum)
 		mustStep(t, s, p)
 	}
-	var ref struct {
-		Losses []float64 `json:"losses"`
+	for _, oracle := range refs {
+		t.Run(oracle.name, func(t *testing.T) {
+			var ref struct {
+				Losses []float64 `json:"losses"`
+			}
+			runRef(t, oracle, []string{"train"}, map[string]any{
+				"model": filepath.Join("testdata", "tiny-sp"), "adapter": dir, "data": toRef(data), "steps": steps,
+				"dtype": "float32",
+				"adam": map[string]float64{"learning_rate": p.LearningRate, "beta1": p.Beta1, "beta2": p.Beta2,
+					"eps": p.Eps, "weight_decay": p.WeightDecay, "grad_clip_norm": p.GradClipNorm},
+			}, &ref)
+			if len(ref.Losses) != steps {
+				t.Fatalf("%s returned %d losses", oracle.name, len(ref.Losses))
+			}
+			worst := 0.0
+			for i := range losses {
+				rel := math.Abs(losses[i]-ref.Losses[i]) / math.Abs(ref.Losses[i])
+				worst = math.Max(worst, rel)
+				if rel > 5e-3 {
+					t.Errorf("step %d: loss %v, %s %v", i, losses[i], oracle.name, ref.Losses[i])
+				}
+			}
+			if !(losses[steps-1] < 0.5*losses[0]) || !(ref.Losses[steps-1] < 0.5*ref.Losses[0]) {
+				t.Errorf("loss did not fall by half: engine %v -> %v, reference %v -> %v", losses[0], losses[steps-1], ref.Losses[0], ref.Losses[steps-1])
+			}
+			t.Logf("loss %.4f -> %.4f (%s %.4f -> %.4f), worst relative step difference %.2g",
+				losses[0], losses[steps-1], oracle.name, ref.Losses[0], ref.Losses[steps-1], worst)
+		})
 	}
-	runTrainRef(t, "train", map[string]any{
-		"model": filepath.Join("testdata", "tiny-sp"), "adapter": dir, "data": toRef(data), "steps": steps,
-		"dtype": "float32",
-		"adam": map[string]float64{"learning_rate": p.LearningRate, "beta1": p.Beta1, "beta2": p.Beta2,
-			"eps": p.Eps, "weight_decay": p.WeightDecay, "grad_clip_norm": p.GradClipNorm},
-	}, &ref)
-	if len(ref.Losses) != steps {
-		t.Fatalf("PyTorch returned %d losses", len(ref.Losses))
-	}
-	worst := 0.0
-	for i := range losses {
-		rel := math.Abs(losses[i]-ref.Losses[i]) / math.Abs(ref.Losses[i])
-		worst = math.Max(worst, rel)
-		if rel > 5e-3 {
-			t.Errorf("step %d: loss %v, PyTorch %v", i, losses[i], ref.Losses[i])
-		}
-	}
-	if !(losses[steps-1] < 0.5*losses[0]) || !(ref.Losses[steps-1] < 0.5*ref.Losses[0]) {
-		t.Errorf("loss did not fall by half: engine %v -> %v, PyTorch %v -> %v", losses[0], losses[steps-1], ref.Losses[0], ref.Losses[steps-1])
-	}
-	t.Logf("loss %.4f -> %.4f (PyTorch %.4f -> %.4f), worst relative step difference %.2g",
-		losses[0], losses[steps-1], ref.Losses[0], ref.Losses[steps-1], worst)
 }

@@ -145,28 +145,32 @@ def load(req, dtype):
     return model, params
 
 
+def datum_loss(lp, d, loss_fn, lcfg, dtype):
+    """Signal's (Tinker's) loss of one Datum from its per-token logprobs:
+    the part of the engine no model library defines, shared with hf_ref.py."""
+    if loss_fn == "cross_entropy":
+        w = torch.tensor(d["weights"], dtype=dtype)
+        return (-(w * lp)).sum()
+    old = torch.tensor(d["logprobs"], dtype=dtype)
+    adv = torch.tensor(d["advantages"], dtype=dtype)
+    ratio = torch.exp(lp - old)
+    if loss_fn == "importance_sampling":
+        return (-(ratio * adv)).sum()
+    lo = lcfg.get("clip_low_threshold", 0.8)
+    hi = lcfg.get("clip_high_threshold", 1.2)
+    clipped = torch.clamp(ratio, lo, hi)
+    return (-torch.min(ratio * adv, clipped * adv)).sum()
+
+
 def loss_of(model, data, loss_fn, lcfg):
     total = 0
     logprobs = []
-    lo = lcfg.get("clip_low_threshold", 0.8)
-    hi = lcfg.get("clip_high_threshold", 1.2)
     for d in data:
         tok = torch.tensor(d["tokens"], dtype=torch.long)
         tgt = torch.tensor(d["target_tokens"], dtype=torch.long)
         lp = torch.log_softmax(model.logits(tok), dim=-1).gather(1, tgt[:, None])[:, 0]
         logprobs.append(lp.detach().tolist())
-        if loss_fn == "cross_entropy":
-            w = torch.tensor(d["weights"], dtype=model.dtype)
-            total = total + (-(w * lp)).sum()
-        else:
-            old = torch.tensor(d["logprobs"], dtype=model.dtype)
-            adv = torch.tensor(d["advantages"], dtype=model.dtype)
-            ratio = torch.exp(lp - old)
-            if loss_fn == "importance_sampling":
-                total = total + (-(ratio * adv)).sum()
-            else:
-                clipped = torch.clamp(ratio, lo, hi)
-                total = total + (-torch.min(ratio * adv, clipped * adv)).sum()
+        total = total + datum_loss(lp, d, loss_fn, lcfg, model.dtype)
     return total, logprobs
 
 
@@ -183,6 +187,11 @@ def cmd_grad(req):
 def cmd_train(req):
     dtype = getattr(torch, req.get("dtype", "float32"))
     model, params = load(req, dtype)
+    return train_loop(req, params, lambda: loss_of(model, req["data"], req.get("loss_fn", "cross_entropy"), req.get("loss_fn_config") or {})[0])
+
+
+def train_loop(req, params, loss_fn):
+    """torch.optim.AdamW over params for req["steps"] steps of loss_fn()."""
     ap = req["adam"]
     opt = torch.optim.AdamW([p for _, p in params], lr=ap["learning_rate"],
                             betas=(ap.get("beta1", 0.9), ap.get("beta2", 0.95)),
@@ -190,7 +199,7 @@ def cmd_train(req):
     losses, norms = [], []
     for _ in range(req["steps"]):
         opt.zero_grad()
-        loss, _ = loss_of(model, req["data"], req.get("loss_fn", "cross_entropy"), req.get("loss_fn_config") or {})
+        loss = loss_fn()
         loss.backward()
         clip = ap.get("grad_clip_norm", 0.0)
         ps = [p for _, p in params]

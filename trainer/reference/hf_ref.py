@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Hugging Face transformers + PEFT as the oracle for Signal's engines.
+
+A test helper, not part of the product: the Go tests run it through
+$SIGNAL_HF_PYTHON (the pinned environment scripts/pyenv.sh builds: torch 2.x,
+transformers, peft) with the same requests as the hand-written references
+beside it, so every comparison made against those is made against the model
+code users actually run. The model is AutoModelForCausalLM from the
+directory; the adapter is loaded with PeftModel.from_pretrained, unchanged.
+Only Signal's own losses (importance sampling, PPO) come from train_ref.py:
+no library defines them.
+
+Usage:
+  hf_ref.py grad|train < request.json > answer.json    (train_ref.py's protocol)
+  hf_ref.py < request.json > answer.json                (llama_ref.py's: logits,
+                                                          greedy, batch)
+  {"cmd": "peft_init", "model": DIR, "out": DIR, "r": n, "lora_alpha": a,
+   "target_modules": [...], "seed": s}
+      -> {}: a PEFT adapter with random A and B (init_lora_weights=False),
+         saved with save_pretrained into out
+"""
+import json
+import os
+import sys
+
+# Quiet: the weight-loading progress bars and the Hub's notices go to
+# stderr, which the Go tests print only when this script fails.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_ref import datum_loss, train_loop  # noqa: E402
+
+
+def load(model_dir, adapter, dtype, trainable=False):
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if not adapter:
+        return base.eval(), []
+    model = PeftModel.from_pretrained(base, adapter, is_trainable=trainable).eval()
+    # PEFT's parameter names carry the adapter's name ("default"); its
+    # saved files, and Signal's, do not.
+    params = [(n.replace(".default", ""), p) for n, p in model.named_parameters() if p.requires_grad]
+    return model, params
+
+
+def logprobs_of(model, tokens, targets):
+    logits = model(input_ids=torch.tensor([tokens])).logits[0]
+    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets)[:, None])[:, 0]
+
+
+def loss_of(model, data, loss_fn, lcfg, dtype):
+    total, lps = 0, []
+    for d in data:
+        lp = logprobs_of(model, d["tokens"], d["target_tokens"])
+        lps.append(lp.detach().tolist())
+        total = total + datum_loss(lp, d, loss_fn, lcfg, dtype)
+    return total, lps
+
+
+def cmd_grad(req):
+    dtype = getattr(torch, req.get("dtype", "float64"))
+    model, params = load(req["model"], req["adapter"], dtype, trainable=True)
+    loss, lps = loss_of(model, req["data"], req.get("loss_fn", "cross_entropy"), req.get("loss_fn_config") or {}, dtype)
+    loss.backward()
+    grads = {n: p.grad.reshape(-1).tolist() for n, p in params}
+    norm = sum(float((p.grad.double() ** 2).sum()) for _, p in params) ** 0.5
+    return {"loss_sum": float(loss), "logprobs": lps, "grad_norm": norm, "grads": grads}
+
+
+def cmd_train(req):
+    dtype = getattr(torch, req.get("dtype", "float32"))
+    model, params = load(req["model"], req["adapter"], dtype, trainable=True)
+    lf, lcfg = req.get("loss_fn", "cross_entropy"), req.get("loss_fn_config") or {}
+    return train_loop(req, [p for p in params], lambda: loss_of(model, req["data"], lf, lcfg, dtype)[0])
+
+
+def cmd_logits(req):
+    model, _ = load(req["model"], req.get("adapter"), torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([req["tokens"]])).logits[0].float()
+    logits.numpy().astype("<f4").tofile(req["out"])
+    return {"rows": logits.shape[0], "vocab": logits.shape[1]}
+
+
+def cmd_greedy(req):
+    """Greedy decoding through the model's own KV cache (past_key_values),
+    never stopping early; logprobs under log_softmax of the raw logits."""
+    model, _ = load(req["model"], req.get("adapter"), torch.float32)
+    samples = []
+    with torch.no_grad():
+        for prompt in req["prompts"]:
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+            toks, lps = [], []
+            for _ in range(req["max_tokens"]):
+                logits = out.logits[0, -1]
+                tok = int(torch.argmax(logits))
+                toks.append(tok)
+                lps.append(float(torch.log_softmax(logits.double(), dim=-1)[tok]))
+                out = model(input_ids=torch.tensor([[tok]]), cache=out.cache, use_cache=True)
+            samples.append({"tokens": toks, "logprobs": lps})
+    return {"samples": samples}
+
+
+def cmd_peft_init(req):
+    torch.manual_seed(req.get("seed", 0))
+    base = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32)
+    cfg = LoraConfig(r=req["r"], lora_alpha=req["lora_alpha"], target_modules=req["target_modules"],
+                     lora_dropout=0.0, init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    model.save_pretrained(req["out"])
+    return {}
+
+
+def run(req):
+    fn = {"logits": cmd_logits, "greedy": cmd_greedy, "peft_init": cmd_peft_init}.get(req.get("cmd"))
+    if req.get("cmd") == "batch":
+        return {"answers": [run(r) for r in req["requests"]]}
+    if fn is None:
+        sys.exit("unknown cmd %r" % req.get("cmd"))
+    return fn(req)
+
+
+def main():
+    req = json.load(sys.stdin)
+    torch.set_num_threads(req.get("threads", 1))
+    if len(sys.argv) > 1:
+        out = {"grad": cmd_grad, "train": cmd_train}[sys.argv[1]](req)
+    else:
+        out = run(req)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
