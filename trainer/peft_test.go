@@ -87,7 +87,6 @@ func TestAdapterRoundTripWithPEFT(t *testing.T) {
 	}
 }
 
-
 func maxAbsDiff(a, b []float32) float64 {
 	var d float64
 	for i := range a {
