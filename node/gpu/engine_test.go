@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"slices"
 	"testing"
 	"time"
 
@@ -16,21 +17,43 @@ import (
 	"github.com/signal-p2p/signal/protocol"
 )
 
-// pythonWithTorch returns $SIGNAL_PYTHON (default /usr/bin/python3) when it
-// imports torch; otherwise the test is skipped, or fails under CI=true.
+// pythonWithTorch returns the interpreter the worker runs on in these
+// tests: $SIGNAL_HF_PYTHON (the pinned torch 2.x environment make test
+// builds, the torch GPU nodes run, with SDPA), else $SIGNAL_PYTHON (default
+// /usr/bin/python3, Debian's torch 1.13). Without torch the test is
+// skipped, or fails under CI=true.
 func pythonWithTorch(t *testing.T) string {
 	t.Helper()
-	py := os.Getenv("SIGNAL_PYTHON")
-	if py == "" {
-		py = "/usr/bin/python3"
+	return pythonsWithTorch(t)[0]
+}
+
+// pythonsWithTorch returns every distinct interpreter above that imports
+// torch, torch 2.x first: the worker's own suite runs on each, so it keeps
+// working on the 1.13 some nodes still have.
+func pythonsWithTorch(t *testing.T) []string {
+	t.Helper()
+	legacy := os.Getenv("SIGNAL_PYTHON")
+	if legacy == "" {
+		legacy = "/usr/bin/python3"
 	}
-	if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s cannot import torch (CI=true): %v", py, err)
+	var out []string
+	for _, py := range []string{os.Getenv("SIGNAL_HF_PYTHON"), legacy} {
+		if py == "" || slices.Contains(out, py) {
+			continue
 		}
-		t.Skipf("%s cannot import torch: %v", py, err)
+		if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s cannot import torch (CI=true): %v", py, err)
+			}
+			t.Logf("%s cannot import torch: %v", py, err)
+			continue
+		}
+		out = append(out, py)
 	}
-	return py
+	if len(out) == 0 {
+		t.Skip("no interpreter with torch")
+	}
+	return out
 }
 
 // mustModelsDir builds a models directory holding "tiny-sp": the trainer's

@@ -2,6 +2,7 @@ package gpu
 
 import (
 	"os/exec"
+	"path/filepath"
 	"testing"
 )
 
@@ -10,13 +11,16 @@ import (
 // torch.optim.AdamW, state round trips, sampling, bad input, the socket
 // server) so that `go test ./...` covers the Python side too.
 func TestWorkerPythonSuite(t *testing.T) {
-	py := pythonWithTorch(t)
-	cmd := exec.Command(py, "-m", "unittest", "discover", "-s", "tests", "-v")
-	cmd.Dir = "worker"
-	cmd.Env = append(cmd.Environ(), "PYTHONDONTWRITEBYTECODE=1", "OMP_NUM_THREADS=1")
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("worker tests failed: %v\n%s", err, out)
+	for _, py := range pythonsWithTorch(t) {
+		t.Run(filepath.Base(filepath.Dir(filepath.Dir(py)))+"/"+filepath.Base(py), func(t *testing.T) {
+			cmd := exec.Command(py, "-m", "unittest", "discover", "-s", "tests", "-v")
+			cmd.Dir = "worker"
+			cmd.Env = append(cmd.Environ(), "PYTHONDONTWRITEBYTECODE=1", "OMP_NUM_THREADS=1")
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("worker tests on %s failed: %v\n%s", py, err, out)
+			}
+			t.Logf("%s", out)
+		})
 	}
-	t.Logf("%s", out)
 }
