@@ -8,6 +8,10 @@
 #   Go:      GOMAXPROCS 2 (GEMMs split over goroutines) and 1
 #   PyTorch: torch.set_num_threads 1 and 2 x OPENBLAS_NUM_THREADS 1 and 2
 #            (an eager loop: forward per sequence, one backward, AdamW)
+#   HF+PEFT: the peer users run (trainer/reference/hf_ref.py bench, in the
+#            pinned environment scripts/pyenv.sh builds): LlamaForCausalLM +
+#            PEFT LoRA, torch AdamW, float32 and bfloat16 (AMX through
+#            oneDNN where the CPU has it), 1 and 2 threads
 # Runs are interleaved (Go, torch, Go, torch) REPS times so that load from
 # other processes hits both alike; the table shows medians over REPS.
 # Also: the machine's sgemm rate, model FLOP utilisation, peak memory, and the
@@ -29,6 +33,9 @@ if [ ! -x "$BIN" ]; then
 fi
 have_torch=1
 "$PY" -c 'import torch, numpy' 2>/dev/null || have_torch=0
+HF_PY=${SIGNAL_HF_PYTHON:-$(scripts/pyenv.sh 2>/dev/null || true)}
+have_hf=1
+[ -n "$HF_PY" ] && "$HF_PY" -c 'import transformers, peft' 2>/dev/null || have_hf=0
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 SMOL='{"hidden_size":576,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"intermediate_size":1536,"vocab_size":49152,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":10000}'
@@ -46,6 +53,9 @@ row() {
       results+="go $gp $(GOMAXPROCS=$gp "$BIN" model bench "$@" --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads 2)"$'\n'
       if [ "$have_torch" = 1 ]; then
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/train_ref.py bench)"$'\n'
+      fi
+      if [ "$have_hf" = 1 ] && [ "$i" = 0 ]; then
+        results+="hf - $(echo "$req" | "$HF_PY" trainer/reference/hf_ref.py bench 2>/dev/null)"$'\n'
       fi
     done
     if [ -n "${BEFORE_BIN:-}" ]; then
@@ -65,6 +75,10 @@ for line in os.environ["RESULTS"].splitlines():
         runs.setdefault("go GOMAXPROCS=%s" % thr, []).append(t["TokensPerSec"])
         sgemm.append(j["sgemm_gflops"])
         meta["go"] = t
+    elif side == "hf":
+        for c in j["configs"]:
+            runs.setdefault("hf+peft threads=%d %s" % (c["torch_threads"], c["dtype"]), []).append(c["tokens_per_s"])
+        meta["hf_rss"] = max(meta.get("hf_rss", 0), j["peak_rss_bytes"])
     else:
         for c in j["configs"]:
             runs.setdefault("torch threads=%d OPENBLAS=%s" % (c["torch_threads"], c["openblas_threads"]), []).append(c["tokens_per_s"])
@@ -78,19 +92,24 @@ med = {k: st.median(v) for k, v in runs.items()}
 for k, v in med.items():
     print("   %-30s %8.1f tokens/s  %6.1f GFLOP/s  MFU %4.1f%% of sgemm   runs %s"
           % (k, v, gflops(v), 100 * gflops(v) / sg, " ".join("%.0f" % x for x in runs[k])))
-print("   peak RSS: go %.0f MiB (arena %.0f MiB), torch %s"
+print("   peak RSS: go %.0f MiB (arena %.0f MiB), torch %s, hf+peft %s"
       % (t["PeakRSSBytes"] / 2**20, t["ArenaBytes"] / 2**20,
-         "%.0f MiB" % (meta["torch_rss"] / 2**20) if "torch_rss" in meta else "n/a"))
+         "%.0f MiB" % (meta["torch_rss"] / 2**20) if "torch_rss" in meta else "n/a",
+         "%.0f MiB" % (meta["hf_rss"] / 2**20) if "hf_rss" in meta else "n/a"))
 g = max((v, k) for k, v in med.items() if k.startswith("go "))
 tb = max(((v, k) for k, v in med.items() if k.startswith("torch ")), default=None)
 bb = max(((v, k) for k, v in med.items() if k.startswith("go-before ")), default=None)
 if bb:
     print("   go after/before: %.1f / %.1f = %.2fx" % (g[0], bb[0], g[0] / bb[0]))
+hb = max(((v, k) for k, v in med.items() if k.startswith("hf+peft ")), default=None)
 if tb:
-    print("   best go %.1f (%s) / best torch %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)"
+    print("   best go %.1f (%s) / best torch %.1f (%s) = %.2fx"
           % (g[0], g[1], tb[0], tb[1], g[0] / tb[0]))
-else:
-    print("   best go %.1f (%s); pytorch not available" % g)
+if hb:
+    print("   best go %.1f (%s) / best hf+peft %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)"
+          % (g[0], g[1], hb[0], hb[1], g[0] / hb[0]))
+if not tb and not hb:
+    print("   best go %.1f (%s); no PyTorch peer available" % g)
 PYEOF
 }
 

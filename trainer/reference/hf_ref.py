@@ -11,7 +11,8 @@ Only Signal's own losses (importance sampling, PPO) come from train_ref.py:
 no library defines them.
 
 Usage:
-  hf_ref.py grad|train < request.json > answer.json    (train_ref.py's protocol)
+  hf_ref.py grad|train|bench < request.json > answer.json   (train_ref.py's protocol;
+                                                          bench also takes "dtypes")
   hf_ref.py < request.json > answer.json                (llama_ref.py's: logits,
                                                           greedy, batch)
   {"cmd": "peft_init", "model": DIR, "out": DIR, "r": n, "lora_alpha": a,
@@ -21,7 +22,9 @@ Usage:
 """
 import json
 import os
+import resource
 import sys
+import time
 
 # Quiet: the weight-loading progress bars and the Hub's notices go to
 # stderr, which the Go tests print only when this script fails.
@@ -116,6 +119,53 @@ def cmd_peft_init(req):
     return {}
 
 
+def cmd_bench(req):
+    """The peer users run: a LoRA training step in transformers + PEFT
+    (forward over the batch, backward, torch.optim.AdamW) on a random model
+    of the given shape, rank r on all seven linear layers, in each thread
+    count and dtype (float32; bfloat16, where the CPU's AMX runs the
+    products through oneDNN). train_ref.py bench's answer format."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = dict(req["config"])
+    c.setdefault("tie_word_embeddings", True)
+    B, T, r = req["batch"], req["seq"], req["rank"]
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, c["vocab_size"], (B, T + 1), generator=g)
+    configs = []
+    for dtype_name in req.get("dtypes", ["float32", "bfloat16"]):
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**c)).to(dtype)
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        for threads in req.get("threads_list", [2]):
+            torch.set_num_threads(int(threads))
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+            times = []
+            for _ in range(req.get("steps", 3) + 1):
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                out = model(input_ids=data[:, :T], labels=data[:, 1:])
+                # labels are shifted inside the model; this is its own loss
+                out.loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            times = sorted(times[1:])  # the first step warms allocators and threads
+            n = len(times)
+            med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+            configs.append({"torch_threads": torch.get_num_threads(), "dtype": dtype_name,
+                            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+                            "tokens_per_s": B * T / med, "step_s": times})
+        del model, opt, params
+    out = dict(max(configs, key=lambda x: x["tokens_per_s"]))
+    out["configs"] = configs
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
 def run(req):
     fn = {"logits": cmd_logits, "greedy": cmd_greedy, "peft_init": cmd_peft_init}.get(req.get("cmd"))
     if req.get("cmd") == "batch":
@@ -127,9 +177,10 @@ def run(req):
 
 def main():
     req = json.load(sys.stdin)
-    torch.set_num_threads(req.get("threads", 1))
+    if sys.argv[1:] != ["bench"]:
+        torch.set_num_threads(req.get("threads", 1))
     if len(sys.argv) > 1:
-        out = {"grad": cmd_grad, "train": cmd_train}[sys.argv[1]](req)
+        out = {"grad": cmd_grad, "train": cmd_train, "bench": cmd_bench}[sys.argv[1]](req)
     else:
         out = run(req)
     json.dump(out, sys.stdout)
