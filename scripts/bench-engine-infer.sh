@@ -11,6 +11,11 @@
 #   PyTorch: torch.set_num_threads 1 and 2 x OPENBLAS_NUM_THREADS 1 and 2
 #            (Debian's torch does its GEMMs in OpenBLAS; its OpenMP threads and
 #            OpenBLAS's fight when both are 2)
+#   HF+PEFT: the peer users run (trainer/reference/hf_ref.py in the pinned
+#            environment, scripts/pyenv.sh): AutoModelForCausalLM with a rank-8
+#            PEFT adapter on all seven modules, float32 and bfloat16, 1 and 2
+#            threads; prefill one forward, decode model.generate (greedy, its
+#            own KV cache)
 # Runs are interleaved (Go, torch, Go, torch, ...) REPS times so that load from
 # other processes hits both sides alike; each process reports the median of
 # its repeats, and the table shows the median over REPS. The machine's sgemm
@@ -40,6 +45,9 @@ if [ ! -f "$CACHE/smollm-135m/model.safetensors" ]; then
 fi
 have_torch=1
 "$PY" -c 'import torch, numpy' 2>/dev/null || have_torch=0
+HF_PY=${SIGNAL_HF_PYTHON:-$(scripts/pyenv.sh 2>/dev/null || true)}
+have_hf=1
+[ -n "$HF_PY" ] && "$HF_PY" -c 'import transformers, peft' 2>/dev/null || have_hf=0
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # bench NAME DIR PREFILL DECODE BATCH REPEATS
@@ -56,6 +64,9 @@ bench() {
         --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
       if [ "$have_torch" = 1 ]; then
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/llama_ref.py)"$'\n'
+      fi
+      if [ "$have_hf" = 1 ] && [ "$i" = 0 ]; then
+        results+="hf - $(echo "$req" | "$HF_PY" trainer/reference/hf_ref.py 2>/dev/null)"$'\n'
       fi
     done
     # The same build with the packed weights off (OpenBLAS sgemm for every
@@ -87,7 +98,10 @@ for line in os.environ["RESULTS"].splitlines():
         flops = j["prefill_flops"]
     else:
         for c in j["configs"]:
-            key = "torch threads=%d OPENBLAS=%s" % (c["torch_threads"], c["openblas_threads"])
+            if side == "hf":
+                key = "hf+peft threads=%d %s" % (c["torch_threads"], c["dtype"])
+            else:
+                key = "torch threads=%d OPENBLAS=%s" % (c["torch_threads"], c["openblas_threads"])
             runs.setdefault(key, []).append((c["prefill_tokens_per_s"], c["decode_tokens_per_s"]))
 med = {k: (st.median(p for p, _ in v), st.median(d for _, d in v)) for k, v in runs.items()}
 sg = st.median(sgemm)
@@ -112,10 +126,13 @@ for i, what in ((0, "prefill"), (1, "decode ")):
     b, bk = best("go-before", i)
     if b:
         print("   %s go after/before: %.1f / %.1f = %.2fx" % (what, g, b, g / b))
+    h, hk = best("hf+peft", i)
     if t:
         print("   %s best go %.1f (%s) / best torch %.1f (%s) = %.2fx" % (what, g, gk, t, tk, g / t))
-    else:
-        print("   %s best go %.1f (%s); torch not available" % (what, g, gk))
+    if h:
+        print("   %s best go %.1f (%s) / best hf+peft %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)" % (what, g, gk, h, hk, g / h))
+    if not t and not h:
+        print("   %s best go %.1f (%s); no PyTorch peer available" % (what, g, gk))
 PYEOF
 }
 

@@ -14,7 +14,7 @@ Usage:
   hf_ref.py grad|train|bench < request.json > answer.json   (train_ref.py's protocol;
                                                           bench also takes "dtypes")
   hf_ref.py < request.json > answer.json                (llama_ref.py's: logits,
-                                                          greedy, batch)
+                                                          greedy, bench, batch)
   {"cmd": "peft_init", "model": DIR, "out": DIR, "r": n, "lora_alpha": a,
    "target_modules": [...], "seed": s}
       -> {}: a PEFT adapter with random A and B (init_lora_weights=False),
@@ -166,8 +166,58 @@ def cmd_bench(req):
     return out
 
 
+def cmd_infer_bench(req):
+    """Prefill and decode of AutoModelForCausalLM (with a rank-8 PEFT adapter
+    on all seven modules, as a served adapter is), float32 and bfloat16:
+    prefill is one forward of the prompt; decode is model.generate, greedy,
+    with its own KV cache, from an 8-token prompt, batch sequences at once.
+    llama_ref.py bench's answer format, plus "dtype" per config."""
+    from transformers import GenerationConfig
+    n_pre, n_dec, batch = req["prefill_tokens"], req["decode_tokens"], req.get("decode_batch", 1)
+    repeats = req.get("repeats", 3)
+    configs = []
+    for dtype_name in req.get("dtypes", ["float32", "bfloat16"]):
+        base = AutoModelForCausalLM.from_pretrained(req["model"], dtype=getattr(torch, dtype_name))
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])).eval()
+        vocab = model.config.vocab_size
+        gen = GenerationConfig(max_new_tokens=n_dec, min_new_tokens=n_dec, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+        for threads in req.get("threads_list", [2]):
+            torch.set_num_threads(int(threads))
+            g = torch.Generator().manual_seed(1)
+            prompt = torch.randint(0, vocab, (1, n_pre), generator=g)
+            pre, dec = [], []
+            with torch.inference_mode():
+                for r in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    model(input_ids=prompt, logits_to_keep=1)
+                    if r > 0:
+                        pre.append(time.perf_counter() - t0)
+                for r in range(repeats + 1):
+                    start = torch.randint(0, vocab, (batch, 8), generator=g)
+                    t0 = time.perf_counter()
+                    model.generate(input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen)
+                    if r > 0:
+                        dec.append(time.perf_counter() - t0)
+            med = lambda xs: sorted(xs)[len(xs) // 2]
+            configs.append({"torch_threads": torch.get_num_threads(), "dtype": dtype_name,
+                            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+                            "prefill_tokens_per_s": n_pre / med(pre),
+                            # generate's time includes its 8-token prefill: a
+                            # slight undercount of HF's decode rate.
+                            "decode_tokens_per_s": batch * n_dec / med(dec)})
+        del model, base
+    out = dict(configs[-1])
+    out["configs"] = configs
+    out["torch"] = torch.__version__
+    return out
+
+
 def run(req):
-    fn = {"logits": cmd_logits, "greedy": cmd_greedy, "peft_init": cmd_peft_init}.get(req.get("cmd"))
+    fn = {"logits": cmd_logits, "greedy": cmd_greedy, "peft_init": cmd_peft_init,
+          "bench": cmd_infer_bench}.get(req.get("cmd"))
     if req.get("cmd") == "batch":
         return {"answers": [run(r) for r in req["requests"]]}
     if fn is None:
@@ -177,7 +227,7 @@ def run(req):
 
 def main():
     req = json.load(sys.stdin)
-    if sys.argv[1:] != ["bench"]:
+    if sys.argv[1:] != ["bench"] and req.get("cmd") != "bench":
         torch.set_num_threads(req.get("threads", 1))
     if len(sys.argv) > 1:
         out = {"grad": cmd_grad, "train": cmd_train, "bench": cmd_bench}[sys.argv[1]](req)
