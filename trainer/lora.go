@@ -202,7 +202,7 @@ func NewLoRA(m *Model, rank int, alpha float32, targets []string, seed int64) (*
 	if err != nil {
 		return nil, err
 	}
-	l.BaseModel = filepath.Base(m.dir)
+	l.BaseModel = m.BaseModelID()
 	rng := rand.New(rand.NewPCG(uint64(seed), 0x5349474e414c)) // "SIGNAL"
 	for _, p := range l.Pairs() {
 		bound := 1 / math.Sqrt(float64(p.In))

@@ -24,6 +24,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // DefaultBaseURL is the Hugging Face Hub.
@@ -192,6 +194,11 @@ func (c *Client) Download(ctx context.Context, repo, rev, dir string, keep func(
 		if err := c.downloadFile(ctx, repo, pinned, dir, f); err != nil {
 			return Info{}, fmt.Errorf("download %s/%s: %w", repo, f.Name, err)
 		}
+	}
+	// Adapters trained on this directory name the repository as their base
+	// model, as PEFT's own do.
+	if err := trainer.WriteSource(dir, trainer.Source{Repo: repo, Revision: pinned}); err != nil {
+		return Info{}, fmt.Errorf("download %s: %w", repo, err)
 	}
 	return info, nil
 }

@@ -18,6 +18,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // fakeHub serves a model directory the way the Hugging Face Hub does: the
@@ -125,6 +127,12 @@ func TestDownloadVerifiesAndSkipsUnneeded(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "README.md")); !os.IsNotExist(err) {
 		t.Fatalf("README.md downloaded: %v", err)
+	}
+	// The directory records its repository and commit, for the adapters
+	// trained on it to name.
+	var src trainer.Source
+	if b, err := os.ReadFile(filepath.Join(dir, trainer.SourceFile)); err != nil || json.Unmarshal(b, &src) != nil || src.Repo != repo || src.Revision != commit {
+		t.Fatalf("source record %+v (err %v)", src, err)
 	}
 	// A second download finds everything verified and fetches nothing.
 	if _, err := c.Download(context.Background(), repo, "main", dir, nil); err != nil {
