@@ -62,10 +62,10 @@ type refGreedy struct {
 }
 
 // TestMatchesPyTorch checks logits and greedy continuations (tokens and
-// logprobs) on both tiny models, with and without their adapters, against
-// every reference (reference/llama_ref.py, and Hugging Face transformers +
-// PEFT through hf_ref.py), one interpreter run each. The tolerances are the
-// same for both: each computes in float32 on the same BF16-exact weights.
+// logprobs, through the model's own KV cache) on both tiny models, with and
+// without their adapters, and on a generated F32 llama3-rope model, against
+// Hugging Face transformers + PEFT (reference/hf_ref.py), in one
+// interpreter run. Both compute in float32 on the same BF16-exact weights.
 func TestMatchesPyTorch(t *testing.T) {
 	var checks []refCheck
 	var reqs []map[string]any
@@ -108,7 +108,7 @@ func TestMatchesPyTorch(t *testing.T) {
 			reqs = append(reqs, lr, gr)
 		}
 	}
-	for _, ref := range references(t, "llama_ref.py") {
+	for _, ref := range references(t) {
 		// Each oracle writes its own logits files.
 		reqs := slices.Clone(reqs)
 		for k := range reqs {

@@ -15,7 +15,7 @@ import (
 // BF16-exact base weights.
 func TestAdapterRoundTripWithPEFT(t *testing.T) {
 	var hf *reference
-	for _, r := range references(t, "llama_ref.py") {
+	for _, r := range references(t) {
 		if r.name == refHF {
 			hf = &r
 		}

@@ -17,50 +17,29 @@ type reference struct {
 	script string
 }
 
-// Oracles. The hand-written PyTorch references run on $SIGNAL_PYTHON
-// (default /usr/bin/python3, Debian's torch 1.13); hf_ref.py runs Hugging
-// Face transformers + PEFT on $SIGNAL_HF_PYTHON, the pinned environment
-// scripts/pyenv.sh builds (make test sets it). Both answer the same
-// requests, so every comparison is made against the model code users run
-// as well as against the formulas written out by hand.
-const (
-	refPyTorch = "pytorch"
-	refHF      = "transformers"
-)
+// The oracle is Hugging Face transformers + PEFT (reference/hf_ref.py) on
+// $SIGNAL_HF_PYTHON, the pinned environment scripts/pyenv.sh builds (make
+// test sets it): the model code users run judges the engine. Only Signal's
+// own losses (importance sampling, PPO) are written out by hand
+// (train_ref.py's datum_loss), since no library defines them.
+const refHF = "transformers"
 
-// references returns the oracles this machine has, hand-written one first;
-// handWritten names its script. A missing oracle skips its comparisons
-// locally and fails the test in CI, where both must be present.
-func references(t *testing.T, handWritten string) []reference {
+// references returns the oracles this machine has. A missing one skips
+// the comparisons locally and fails the test in CI.
+func references(t *testing.T) []reference {
 	t.Helper()
-	py := os.Getenv("SIGNAL_PYTHON")
-	if py == "" {
-		py = "/usr/bin/python3"
+	py := os.Getenv("SIGNAL_HF_PYTHON")
+	const probe = "import torch, transformers, peft"
+	switch {
+	case py == "":
+		missing(t, "$SIGNAL_HF_PYTHON is not set (make test sets it: scripts/pyenv.sh)")
+	case exec.Command(py, "-c", probe).Run() != nil:
+		missing(t, py+" cannot "+probe)
+	default:
+		return []reference{{refHF, py, "hf_ref.py"}}
 	}
-	candidates := []struct {
-		ref    reference
-		env    string
-		probes string
-	}{
-		{reference{refPyTorch, py, handWritten}, "SIGNAL_PYTHON", "import torch, numpy"},
-		{reference{refHF, os.Getenv("SIGNAL_HF_PYTHON"), "hf_ref.py"}, "SIGNAL_HF_PYTHON", "import torch, transformers, peft"},
-	}
-	var out []reference
-	for _, c := range candidates {
-		if c.ref.python == "" {
-			missing(t, c.ref.name+": $"+c.env+" is not set (make test sets it: scripts/pyenv.sh)")
-			continue
-		}
-		if err := exec.Command(c.ref.python, "-c", c.probes).Run(); err != nil {
-			missing(t, c.ref.name+": "+c.ref.python+" cannot "+c.probes+": "+err.Error())
-			continue
-		}
-		out = append(out, c.ref)
-	}
-	if len(out) == 0 {
-		t.Skip("no reference interpreter on this machine")
-	}
-	return out
+	t.Skip("no transformers + PEFT environment on this machine")
+	return nil
 }
 
 func missing(t *testing.T, why string) {

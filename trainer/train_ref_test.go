@@ -63,7 +63,8 @@ type refGrad struct {
 }
 
 // TestForwardBackwardMatchesPyTorch compares loss, logprobs and every LoRA
-// gradient with PyTorch autograd run in float64 on the same weights. The
+// gradient with transformers + PEFT under autograd in float64 on the same
+// weights. The
 // engine runs in float32 on weights that are exact BF16 values, so the
 // differences are float32 rounding over a few hundred-term sums: logprobs
 // agree to ~1e-5 absolute, gradients to ~1e-4 of each tensor's largest
@@ -83,7 +84,7 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 	} {
 		name := tc.model + "/" + tc.adapter + "/" + tc.loss
 		t.Run(name, func(t *testing.T) {
-			refs := references(t, "train_ref.py")
+			refs := references(t)
 			m := mustLoad(t, tc.model)
 			r := rand.New(rand.NewSource(7))
 			var lora *LoRA
@@ -186,14 +187,15 @@ func compareGrads(t *testing.T, model, loss string, cfg map[string]float64, lora
 }
 
 // TestTrainingMatchesPyTorchAdamW trains the same fresh PEFT adapter for 30
-// steps on a small fixed text in the engine and in PyTorch (float32 both,
-// torch.optim.AdamW with the same settings) and compares the loss curves.
+// steps on a small fixed text in the engine and in transformers + PEFT
+// (float32 both, torch.optim.AdamW with the same settings) and compares the
+// loss curves.
 // Both run float32 with different summation orders; AdamW normalises steps,
 // so tiny gradient differences move parameters alike and the curves stay
 // within a fraction of a percent. The loss must also fall well below its
 // start, as PyTorch's does.
 func TestTrainingMatchesPyTorchAdamW(t *testing.T) {
-	refs := references(t, "train_ref.py")
+	refs := references(t)
 	m := mustLoad(t, "tiny-sp")
 	// "The quick brown fox jumps over the lazy dog. The quick brown fox jumps
 	// again, and the lazy dog sleeps." with BOS, as trainer/tokenizer encodes it

@@ -1,26 +1,21 @@
 #!/usr/bin/env python3
-"""PyTorch reference of the Llama forward pass, LoRA and greedy decoding.
+"""Hand-written PyTorch Llama forward pass and KV-cache decode: the
+inference benchmark's plain-PyTorch peer.
 
-A test helper, not part of the product: Go tests in package trainer run it
-through $SIGNAL_PYTHON (default /usr/bin/python3, Debian's python3-torch) and
-compare the engine with it; scripts/bench-engine-infer.sh times it beside the
-Go engine. It needs torch and numpy only: safetensors are read by hand.
+A benchmark helper, not part of the product (the tests judge the engine with
+Hugging Face transformers + PEFT, hf_ref.py). scripts/bench-engine-infer.sh
+times it beside the Go engine on $SIGNAL_PYTHON (default /usr/bin/python3,
+Debian's python3-torch). It needs torch and numpy only: safetensors are read
+by hand.
 
 Usage: llama_ref.py < request.json > answer.json, where request is one of
 
-  {"cmd": "logits", "model": DIR, "adapter": DIR|null, "tokens": [int], "out": PATH}
-      writes logits [len(tokens), vocab] as little-endian f32 to PATH
-      -> {"rows": n, "vocab": v}
-  {"cmd": "greedy", "model": DIR, "adapter": DIR|null, "prompts": [[int]], "max_tokens": n}
-      -> {"samples": [{"tokens": [...], "logprobs": [...]}]}  (no stop tokens;
-         logprob of each chosen token under log_softmax of the raw logits;
-         each step recomputes the whole sequence, so no KV cache is involved)
   {"cmd": "bench", "model": DIR, "threads_list": [1, 2], "prefill_tokens": n,
    "decode_tokens": n, "decode_batch": b, "repeats": r}
       -> {"configs": [{"torch_threads", "openblas_threads", "prefill_tokens_per_s",
           "decode_tokens_per_s"}, ...]}  (medians; OpenBLAS threads from the env)
   {"cmd": "batch", "requests": [request, ...]}
-      -> {"answers": [answer, ...]}  (one interpreter start for many checks)
+      -> {"answers": [answer, ...]}
 """
 import json
 import math
@@ -176,33 +171,6 @@ class Llama:
         return h @ self.w["lm_head.weight"].t()
 
 
-def cmd_logits(req):
-    m = Llama(req["model"], req.get("adapter"))
-    with torch.no_grad():
-        logits = m.head(m.forward(torch.tensor([req["tokens"]])))[0]
-    arr = logits.numpy().astype("<f4")
-    arr.tofile(req["out"])
-    return {"rows": arr.shape[0], "vocab": arr.shape[1]}
-
-
-def cmd_greedy(req):
-    m = Llama(req["model"], req.get("adapter"))
-    samples = []
-    with torch.no_grad():
-        for prompt in req["prompts"]:
-            seq = list(prompt)
-            toks, lps = [], []
-            for _ in range(req["max_tokens"]):
-                logits = m.head(m.forward(torch.tensor([seq]))[:, -1])[0]
-                lp = torch.log_softmax(logits.double(), dim=-1)
-                t = int(torch.argmax(logits))
-                toks.append(t)
-                lps.append(float(lp[t]))
-                seq.append(t)
-            samples.append({"tokens": toks, "logprobs": lps})
-    return {"samples": samples}
-
-
 def _median(xs):
     xs = sorted(xs)
     n = len(xs)
@@ -261,7 +229,7 @@ def cmd_bench(req):
 def run(req):
     if req.get("cmd") == "batch":
         return {"answers": [run(r) for r in req["requests"]]}
-    fn = {"logits": cmd_logits, "greedy": cmd_greedy, "bench": cmd_bench}.get(req.get("cmd"))
+    fn = {"bench": cmd_bench}.get(req.get("cmd"))
     if fn is None:
         sys.exit("unknown cmd %r" % req.get("cmd"))
     return fn(req)

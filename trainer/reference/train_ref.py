@@ -1,25 +1,18 @@
 #!/usr/bin/env python3
-"""PyTorch autograd reference for Signal's native LoRA training engine.
+"""Hand-written PyTorch LoRA training: the benchmarks' plain-PyTorch peer
+(bench), and Signal's own losses for the tests' oracle.
 
-A test helper, not part of the product: the Go tests run it through
-$SIGNAL_PYTHON (default /usr/bin/python3, Debian's python3-torch 1.13) and
-compare the engine's loss, logprobs, LoRA gradients and AdamW trajectories with
-what autograd computes on the same Hugging Face Llama weights. It depends on
-torch and numpy only (safetensors are read here by hand).
+A test and benchmark helper, not part of the product. The tests judge the
+engines with Hugging Face transformers + PEFT (hf_ref.py), which imports
+datum_loss and train_loop from here: importance sampling and PPO are
+Signal's (Tinker's) definitions, which no library has. bench runs on
+$SIGNAL_PYTHON (default /usr/bin/python3, Debian's python3-torch 1.13).
 
-Usage: train_ref.py grad|train|bench < request.json > answer.json
+Usage: train_ref.py bench < request.json > answer.json
 
-  grad:  {"model": DIR, "adapter": DIR, "data": [Datum], "loss_fn": str,
-          "loss_fn_config": {}, "dtype": "float64"|"float32"}
-         -> {"loss_sum", "logprobs": [[...]], "grad_norm", "grads": {peft name: [flat]}}
-  train: {"model", "adapter", "data", "steps", "adam": {learning_rate, beta1, beta2, eps,
-          weight_decay, grad_clip_norm}, "dtype"}
-         -> {"losses": [...], "grad_norms": [...]}
   bench: {"config": {hidden_size, ...}, "batch", "seq", "rank", "steps", "threads_list": [1, 2]}
          -> {"configs": [{"torch_threads", "openblas_threads", "tokens_per_s", "step_s"}],
              "peak_rss_bytes"}  (tokens/s from the median step; OpenBLAS threads from the env)
-
-Datum is the API's: {"tokens", "target_tokens", "weights", "logprobs"?, "advantages"?}.
 """
 import json
 import math
@@ -31,8 +24,8 @@ import time
 import torch
 
 # The inference reference beside this file (its directory is sys.path[0]
-# when run as a script) reads safetensors and rotates halves the same way.
-from llama_ref import read_safetensors, rotate_half
+# when run as a script) rotates halves the same way.
+from llama_ref import rotate_half
 
 MODULES_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MODULES_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -119,32 +112,6 @@ class Llama:
         return x @ head.t()
 
 
-def peft_name(i, m, ab):
-    part = "self_attn" if m in MODULES_ATTN else "mlp"
-    return "base_model.model.model.layers.%d.%s.%s.lora_%s.weight" % (i, part, m, ab)
-
-
-def load(req, dtype):
-    with open(os.path.join(req["model"], "config.json")) as f:
-        cfg = json.load(f)
-    model = Llama(cfg, read_safetensors(os.path.join(req["model"], "model.safetensors")), dtype)
-    with open(os.path.join(req["adapter"], "adapter_config.json")) as f:
-        acfg = json.load(f)
-    ad = read_safetensors(os.path.join(req["adapter"], "adapter_model.safetensors"))
-    model.scale = acfg["lora_alpha"] / acfg["r"]
-    params = []
-    for i in range(cfg["num_hidden_layers"]):
-        for m in MODULES_ATTN + MODULES_MLP:
-            an = peft_name(i, m, "A")
-            if an not in ad:
-                continue
-            a = ad[an].to(dtype).requires_grad_(True)
-            b = ad[peft_name(i, m, "B")].to(dtype).requires_grad_(True)
-            model.lora[(i, m)] = (a, b)
-            params += [(an, a), (peft_name(i, m, "B"), b)]
-    return model, params
-
-
 def datum_loss(lp, d, loss_fn, lcfg, dtype):
     """Signal's (Tinker's) loss of one Datum from its per-token logprobs:
     the part of the engine no model library defines, shared with hf_ref.py."""
@@ -160,34 +127,6 @@ def datum_loss(lp, d, loss_fn, lcfg, dtype):
     hi = lcfg.get("clip_high_threshold", 1.2)
     clipped = torch.clamp(ratio, lo, hi)
     return (-torch.min(ratio * adv, clipped * adv)).sum()
-
-
-def loss_of(model, data, loss_fn, lcfg):
-    total = 0
-    logprobs = []
-    for d in data:
-        tok = torch.tensor(d["tokens"], dtype=torch.long)
-        tgt = torch.tensor(d["target_tokens"], dtype=torch.long)
-        lp = torch.log_softmax(model.logits(tok), dim=-1).gather(1, tgt[:, None])[:, 0]
-        logprobs.append(lp.detach().tolist())
-        total = total + datum_loss(lp, d, loss_fn, lcfg, model.dtype)
-    return total, logprobs
-
-
-def cmd_grad(req):
-    dtype = getattr(torch, req.get("dtype", "float64"))
-    model, params = load(req, dtype)
-    loss, logprobs = loss_of(model, req["data"], req.get("loss_fn", "cross_entropy"), req.get("loss_fn_config") or {})
-    loss.backward()
-    grads = {n: p.grad.reshape(-1).tolist() for n, p in params}
-    norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for _, p in params))
-    return {"loss_sum": float(loss), "logprobs": logprobs, "grad_norm": norm, "grads": grads}
-
-
-def cmd_train(req):
-    dtype = getattr(torch, req.get("dtype", "float32"))
-    model, params = load(req, dtype)
-    return train_loop(req, params, lambda: loss_of(model, req["data"], req.get("loss_fn", "cross_entropy"), req.get("loss_fn_config") or {})[0])
 
 
 def train_loop(req, params, loss_fn):
@@ -276,9 +215,7 @@ def cmd_bench(req):
 def main():
     cmd = sys.argv[1]
     req = json.load(sys.stdin)
-    if cmd != "bench":
-        torch.set_num_threads(req.get("threads", 1))
-    out = {"grad": cmd_grad, "train": cmd_train, "bench": cmd_bench}[cmd](req)
+    out = {"bench": cmd_bench}[cmd](req)
     json.dump(out, sys.stdout)
 
 
