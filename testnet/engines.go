@@ -2,6 +2,7 @@ package testnet
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -41,7 +42,9 @@ func newNativeEngine(dataDir string, models map[string]string) (node.Engine, err
 			return nil, fmt.Errorf("native engine: link model %s: %w", name, err)
 		}
 	}
-	return native.New(dir)
+	// The node logs why a model is not served on its own stderr (the testnet
+	// keeps it in logs/).
+	return native.New(dir, slog.Default())
 }
 
 // RegisterEngine makes an engine available to testnets by name (Config.Engine,

@@ -116,14 +116,14 @@ func ParseConfig(raw []byte) (Config, error) {
 
 // Validate reports the first field that this engine cannot run.
 func (c Config) Validate() error {
-	llama := c.ModelType == "llama"
+	// Both names must agree where given: a Qwen2 checkpoint relabelled
+	// model_type "llama" still has Qwen2's biases and norms.
+	llama := c.ModelType == "llama" || (c.ModelType == "" && len(c.Architectures) > 0)
 	for _, a := range c.Architectures {
-		if a == "LlamaForCausalLM" {
-			llama = true
-		}
+		llama = llama && a == "LlamaForCausalLM"
 	}
 	if !llama {
-		return fmt.Errorf("%w: architecture %v / model_type %q (want LlamaForCausalLM)", ErrUnsupported, c.Architectures, c.ModelType)
+		return fmt.Errorf("%w: architecture %v / model_type %q: this engine runs LlamaForCausalLM (model_type llama) only", ErrUnsupported, c.Architectures, c.ModelType)
 	}
 	positive := []struct {
 		name string

@@ -122,6 +122,9 @@ func (m *Model) Close() error {
 // file and the tensor. The model starts GOMAXPROCS−1 helpers for its
 // forward (startWorkers); Close stops them.
 func LoadModel(dir string) (*Model, error) {
+	if err := CheckModelDir(dir); err != nil {
+		return nil, err
+	}
 	cfg, err := ReadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -156,7 +159,6 @@ func LoadModel(dir string) (*Model, error) {
 
 type loader struct {
 	set   *safetensors.Set
-	used  map[string]bool
 	views int
 	bytes int64
 }
@@ -191,7 +193,6 @@ func (l *loader) lookup(name string, shape []int) (*safetensors.File, safetensor
 	if !ok {
 		return nil, info, fmt.Errorf("%w: tensor %q is missing from the weights", ErrInvalidInput, name)
 	}
-	l.used[name] = true
 	if !sameShape(info.Shape, shape) {
 		return nil, info, fmt.Errorf("%w: %s: tensor %q has shape %v, config.json implies %v", ErrInvalidInput, f.Path, name, info.Shape, shape)
 	}
@@ -218,7 +219,7 @@ func sameShape(a, b []int) bool {
 func (m *Model) loadWeights() error {
 	c := m.cfg
 	hid, inter, hd, kvd := c.HiddenSize, c.IntermediateSize, c.NumAttentionHeads*c.HeadDim, c.NumKeyValueHeads*c.HeadDim
-	l := &loader{set: m.weights, used: map[string]bool{}}
+	l := &loader{set: m.weights}
 	var err error
 	if m.Embed, err = l.tensor("model.embed_tokens.weight", c.VocabSize, hid); err != nil {
 		return err
@@ -228,7 +229,8 @@ func (m *Model) loadWeights() error {
 	}
 	if c.TieWordEmbeddings {
 		m.LMHead = m.Embed
-		l.used["lm_head.weight"] = true // some exports keep a copy; tied models ignore it
+		// Some exports keep a copy of lm_head; tied models ignore it
+		// (CheckModelDir allows it).
 	} else if m.LMHead, err = l.tensor("lm_head.weight", c.VocabSize, hid); err != nil {
 		return err
 	}
@@ -266,11 +268,6 @@ func (m *Model) loadWeights() error {
 			return err
 		}
 		l.bytes += int64(len(ly.WQKV)+len(ly.WGateUp)) * 4
-	}
-	for _, name := range l.set.Names() {
-		if !l.used[name] && !strings.HasSuffix(name, ".rotary_emb.inv_freq") {
-			return fmt.Errorf("%w: unexpected tensor %q in the weights (not a Llama tensor this engine knows)", ErrUnsupported, name)
-		}
 	}
 	m.ownBytes = l.bytes
 	m.mapped = l.views > 0

@@ -125,7 +125,7 @@ func openNodeEngine(ctx context.Context, kind, modelsDir string, hfModels []stri
 	}
 	switch kind {
 	case "native":
-		eng, err := native.New(modelsDir)
+		eng, err := native.New(modelsDir, log)
 		if err != nil {
 			return nil, nil, fmt.Errorf("--models: %w", err)
 		}

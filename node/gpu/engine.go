@@ -25,6 +25,8 @@ type Engine struct {
 	seq  atomic.Int64
 	open atomic.Int64 // sessions opened and not closed
 
+	catalog *node.ModelCatalog // ModelsDir under the shared model check
+
 	mu   sync.Mutex
 	toks map[string]*tokenizer.Tokenizer // by model dir; nil entry: the dir has none
 }
@@ -35,7 +37,7 @@ func NewEngine(cfg Config) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Engine{cfg: cfg, sup: sup, toks: map[string]*tokenizer.Tokenizer{}}, nil
+	return &Engine{cfg: cfg, sup: sup, toks: map[string]*tokenizer.Tokenizer{}, catalog: node.NewModelCatalog(cfg.ModelsDir, cfg.Logger)}, nil
 }
 
 // Start launches the worker and waits until it is ready (see Supervisor.Start).
@@ -63,24 +65,12 @@ func (e *Engine) Backend() string {
 	return ""
 }
 
-// Models lists the base models in ModelsDir (directories with a
-// config.json): what Open can load without a download.
-func (e *Engine) Models() []string {
-	if e.cfg.ModelsDir == "" {
-		return nil
-	}
-	ents, err := os.ReadDir(e.cfg.ModelsDir)
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, d := range ents {
-		if _, err := os.Stat(filepath.Join(e.cfg.ModelsDir, d.Name(), "config.json")); err == nil {
-			out = append(out, d.Name())
-		}
-	}
-	return out
-}
+// Models lists the base models in ModelsDir that pass the model check both
+// engines share (node.ModelCatalog): what Open can load without a download.
+// The worker runs the Llama architecture only; a directory of another
+// family (a Qwen2 with q/k/v biases, a Qwen3 with q/k norms) is never
+// advertised, rather than computed wrongly.
+func (e *Engine) Models() []string { return e.catalog.Models() }
 
 // LoadedModels lists the base models the worker holds in device memory
 // (loaded once, shared by every session on them).
@@ -100,6 +90,9 @@ func (e *Engine) ModelDir(name string) (string, error) {
 	dir := filepath.Join(e.cfg.ModelsDir, name)
 	if _, err := os.Stat(filepath.Join(dir, "config.json")); err != nil {
 		return "", fmt.Errorf("%w: base_model %q: not in %s: %w", ErrUnknownModel, name, e.cfg.ModelsDir, err)
+	}
+	if err := e.catalog.Check(name); err != nil {
+		return "", fmt.Errorf("%w: base_model %q: %w", ErrInvalidInput, name, err)
 	}
 	return dir, nil
 }

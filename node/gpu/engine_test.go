@@ -7,9 +7,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
-	"slices"
 	"testing"
 	"time"
 
@@ -401,5 +401,41 @@ func TestConfigValidate(t *testing.T) {
 	c := DefaultConfig()
 	if err := c.Validate(); err != nil {
 		t.Fatalf("default config: %v", err)
+	}
+}
+
+// TestEngineRefusesOtherFamilies: the worker computes Llama only, so a
+// Qwen2 directory in its models dir is neither advertised nor opened (it
+// once trained a different model silently: no biases, no q/k norms).
+func TestEngineRefusesOtherFamilies(t *testing.T) {
+	models := mustModelsDir(t)
+	src := filepath.Join(models, "tiny-sp")
+	dst := filepath.Join(models, "qwen-like")
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(src, "config.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw = []byte(strings.ReplaceAll(string(raw), "LlamaForCausalLM", "Qwen2ForCausalLM"))
+	if err := os.WriteFile(filepath.Join(dst, "config.json"), raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(src, "model.safetensors"), filepath.Join(dst, "model.safetensors")); err != nil {
+		t.Fatal(err)
+	}
+	cfg := DefaultConfig()
+	cfg.Python = pythonWithTorch(t)
+	cfg.ModelsDir = models
+	e, err := NewEngine(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := e.Models(); !slices.Contains(got, "tiny-sp") || slices.Contains(got, "qwen-like") {
+		t.Fatalf("advertised %v, want tiny-sp and not qwen-like", got)
+	}
+	if _, err := e.ModelDir("qwen-like"); !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), "Qwen2ForCausalLM") {
+		t.Fatalf("ModelDir(qwen-like): %v, want an invalid-input error naming the architecture", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -28,7 +29,8 @@ const BackendName = "native"
 
 // Engine serves sessions from the models in one directory.
 type Engine struct {
-	dir string
+	dir     string
+	catalog *node.ModelCatalog
 
 	// Fetch, when set, is asked for a model missing from the directory: it
 	// fills dir (a temporary directory, renamed into place on success),
@@ -54,7 +56,7 @@ var (
 )
 
 // New returns an engine over the models in dir.
-func New(dir string) (*Engine, error) {
+func New(dir string, log *slog.Logger) (*Engine, error) {
 	fi, err := os.Stat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("models dir: %w", err)
@@ -62,27 +64,15 @@ func New(dir string) (*Engine, error) {
 	if !fi.IsDir() {
 		return nil, fmt.Errorf("models dir %s: not a directory", dir)
 	}
-	return &Engine{dir: dir, models: make(map[string]*modelSlot)}, nil
+	return &Engine{dir: dir, models: make(map[string]*modelSlot), catalog: node.NewModelCatalog(dir, log)}, nil
 }
 
 // Backend is BackendName.
 func (e *Engine) Backend() string { return BackendName }
 
-// Models lists the model directories (those with a config.json).
-func (e *Engine) Models() []string {
-	entries, err := os.ReadDir(e.dir)
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, d := range entries {
-		if _, err := os.Stat(filepath.Join(e.dir, d.Name(), "config.json")); err == nil {
-			out = append(out, d.Name())
-		}
-	}
-	sort.Strings(out)
-	return out
-}
+// Models lists the model directories that pass the model check
+// (node.ModelCatalog).
+func (e *Engine) Models() []string { return e.catalog.Models() }
 
 // Loaded lists the models held in memory.
 func (e *Engine) Loaded() []string {

@@ -67,7 +67,7 @@ func call(t *testing.T, mgr *node.Manager, id string, c protocol.Call, body, out
 // session manager: text examples, optimizer steps with an automatic
 // checkpoint, sampling, and a full save/load that restores the exact loss.
 func TestNativeEngineThroughManager(t *testing.T) {
-	eng, err := New(modelsDir(t))
+	eng, err := New(modelsDir(t), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,10 +156,10 @@ func TestNativeEngineThroughManager(t *testing.T) {
 }
 
 func TestNewErrors(t *testing.T) {
-	if _, err := New(filepath.Join(t.TempDir(), "absent")); err == nil {
+	if _, err := New(filepath.Join(t.TempDir(), "absent"), nil); err == nil {
 		t.Fatal("missing models dir accepted")
 	}
-	eng, err := New(t.TempDir())
+	eng, err := New(t.TempDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +170,7 @@ func TestNewErrors(t *testing.T) {
 
 func TestFetchMissingModel(t *testing.T) {
 	src := filepath.Join(modelsDir(t), "tiny-sp")
-	eng, err := New(t.TempDir())
+	eng, err := New(t.TempDir(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
