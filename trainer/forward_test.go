@@ -81,10 +81,27 @@ func TestMatchesPyTorch(t *testing.T) {
 	if err := GenerateRandomModel(gen, gcfg, 5, ""); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range append(slices.Clone(tinyModels), gen) {
+	// Mistral: MistralForCausalLM in transformers, a BF16 file, GQA, an
+	// untied head, and a sliding window shorter than max_position_embeddings
+	// (served up to the window, inside which it is plain causal attention).
+	mistral := filepath.Join(tmp, "gen-mistral")
+	window := 64
+	mcfg := Config{ModelType: "mistral", Architectures: []string{"MistralForCausalLM"}, HiddenSize: 64,
+		IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2, VocabSize: 300,
+		MaxPositionEmbeddings: 512, SlidingWindow: &window, RopeTheta: 1e6}
+	if err := GenerateRandomModel(mistral, mcfg, 6, ""); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustLoad(t, mistral).Config().MaxPositionEmbeddings; got != window {
+		t.Fatalf("mistral context %d, want the sliding window %d", got, window)
+	}
+	for _, name := range append(slices.Clone(tinyModels), gen, mistral) {
 		m := mustLoad(t, name)
 		V := m.Config().VocabSize
 		adapters := []string{"", filepath.Join("testdata", name, "adapter")}
+		if name == mistral {
+			adapters = adapters[:1]
+		}
 		if name == gen {
 			if !m.mapped {
 				t.Error("F32 weights were copied, not used in place")
@@ -153,6 +170,15 @@ func compareWithReference(t *testing.T, ref reference, checks []refCheck, answer
 					t.Fatal(err)
 				}
 				compareLogits(t, got, readF32(t, c.logitsPath+"."+ref.name))
+				var la struct {
+					Class string `json:"class"`
+				}
+				if err := json.Unmarshal(answers[2*i], &la); err != nil {
+					t.Fatal(err)
+				}
+				if want := m.Config().Architectures; len(want) > 0 && la.Class != want[0] {
+					t.Fatalf("transformers ran %s, the directory says %v", la.Class, want)
+				}
 
 				var want refGreedy
 				if err := json.Unmarshal(answers[2*i+1], &want); err != nil {

@@ -87,7 +87,8 @@ def cmd_logits(req):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([req["tokens"]])).logits[0].float()
     logits.numpy().astype("<f4").tofile(req["out"])
-    return {"rows": logits.shape[0], "vocab": logits.shape[1]}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"rows": logits.shape[0], "vocab": logits.shape[1], "class": type(base).__name__}
 
 
 def cmd_greedy(req):

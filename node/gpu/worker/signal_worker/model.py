@@ -56,6 +56,11 @@ class Config:
         self.head_dim = int(d.get("head_dim") or self.hidden // self.heads)
         self.vocab = need("vocab_size")
         self.max_pos = int(d.get("max_position_embeddings") or 4096)
+        # Mistral: serve at most the sliding window, inside which windowed
+        # attention is plain causal attention (the native engine's rule).
+        window = d.get("sliding_window")
+        if isinstance(window, int) and 0 < window < self.max_pos:
+            self.max_pos = window
         self.eps = float(d.get("rms_norm_eps") or 1e-5)
         self.rope_theta = float(d.get("rope_theta") or 10000.0)
         self.rope_scaling = d.get("rope_scaling")
