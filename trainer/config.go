@@ -62,28 +62,28 @@ func (t *TokenIDs) UnmarshalJSON(b []byte) error {
 
 // Config is the parsed config.json of a Llama-family model.
 type Config struct {
-	Architectures         []string     `json:"architectures"`
-	ModelType             string       `json:"model_type"`
-	HiddenSize            int          `json:"hidden_size"`
-	IntermediateSize      int          `json:"intermediate_size"`
-	NumHiddenLayers       int          `json:"num_hidden_layers"`
-	NumAttentionHeads     int          `json:"num_attention_heads"`
-	NumKeyValueHeads      int          `json:"num_key_value_heads"`
-	HeadDim               int          `json:"head_dim"`
-	VocabSize             int          `json:"vocab_size"`
-	MaxPositionEmbeddings int          `json:"max_position_embeddings"`
+	Architectures         []string `json:"architectures"`
+	ModelType             string   `json:"model_type"`
+	HiddenSize            int      `json:"hidden_size"`
+	IntermediateSize      int      `json:"intermediate_size"`
+	NumHiddenLayers       int      `json:"num_hidden_layers"`
+	NumAttentionHeads     int      `json:"num_attention_heads"`
+	NumKeyValueHeads      int      `json:"num_key_value_heads"`
+	HeadDim               int      `json:"head_dim"`
+	VocabSize             int      `json:"vocab_size"`
+	MaxPositionEmbeddings int      `json:"max_position_embeddings"`
 	// SlidingWindow is Mistral's attention window (null: none).
-	SlidingWindow *int `json:"sliding_window,omitempty"`
-	RMSNormEps            float64      `json:"rms_norm_eps"`
-	RopeTheta             float64      `json:"rope_theta"`
-	RopeScaling           *RopeScaling `json:"rope_scaling,omitempty"`
-	HiddenAct             string       `json:"hidden_act"`
-	TieWordEmbeddings     bool         `json:"tie_word_embeddings"`
-	AttentionBias         bool         `json:"attention_bias"`
-	MLPBias               bool         `json:"mlp_bias"`
-	BOSTokenID            TokenIDs     `json:"bos_token_id,omitempty"`
-	EOSTokenID            TokenIDs     `json:"eos_token_id,omitempty"`
-	TorchDtype            string       `json:"torch_dtype,omitempty"`
+	SlidingWindow     *int         `json:"sliding_window,omitempty"`
+	RMSNormEps        float64      `json:"rms_norm_eps"`
+	RopeTheta         float64      `json:"rope_theta"`
+	RopeScaling       *RopeScaling `json:"rope_scaling,omitempty"`
+	HiddenAct         string       `json:"hidden_act"`
+	TieWordEmbeddings bool         `json:"tie_word_embeddings"`
+	AttentionBias     bool         `json:"attention_bias"`
+	MLPBias           bool         `json:"mlp_bias"`
+	BOSTokenID        TokenIDs     `json:"bos_token_id,omitempty"`
+	EOSTokenID        TokenIDs     `json:"eos_token_id,omitempty"`
+	TorchDtype        string       `json:"torch_dtype,omitempty"`
 }
 
 // ReadConfig reads and validates dir/config.json, filling the defaults
