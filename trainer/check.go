@@ -62,7 +62,7 @@ func CheckModelDir(dir string) error {
 	return nil
 }
 
-// expectedTensors is every tensor a Llama model of cfg has, with its shape.
+// expectedTensors is every tensor a model of cfg has, with its shape.
 // lm_head.weight is listed for tied models too: some exports keep a copy,
 // which tied models ignore.
 func expectedTensors(c Config) map[string][]int {
@@ -84,6 +84,11 @@ func expectedTensors(c Config) map[string][]int {
 		out[p+"mlp.gate_proj.weight"] = []int{inter, hid}
 		out[p+"mlp.up_proj.weight"] = []int{inter, hid}
 		out[p+"mlp.down_proj.weight"] = []int{hid, inter}
+		if c.QKVBias() {
+			out[p+"self_attn.q_proj.bias"] = []int{q}
+			out[p+"self_attn.k_proj.bias"] = []int{kv}
+			out[p+"self_attn.v_proj.bias"] = []int{kv}
+		}
 	}
 	return out
 }

@@ -72,8 +72,10 @@ type Config struct {
 	HeadDim               int      `json:"head_dim"`
 	VocabSize             int      `json:"vocab_size"`
 	MaxPositionEmbeddings int      `json:"max_position_embeddings"`
-	// SlidingWindow is Mistral's attention window (null: none).
+	// SlidingWindow is Mistral's (and, with UseSlidingWindow, Qwen2's)
+	// attention window (null: none).
 	SlidingWindow     *int         `json:"sliding_window,omitempty"`
+	UseSlidingWindow  *bool        `json:"use_sliding_window,omitempty"`
 	RMSNormEps        float64      `json:"rms_norm_eps"`
 	RopeTheta         float64      `json:"rope_theta"`
 	RopeScaling       *RopeScaling `json:"rope_scaling,omitempty"`
@@ -107,6 +109,24 @@ func ParseConfig(raw []byte) (Config, error) {
 	if err := json.Unmarshal(raw, &cfg); err != nil {
 		return Config{}, fmt.Errorf("%w: config.json: %v", ErrInvalidInput, err)
 	}
+	// transformers 5 writes rope_theta and the scaling into one
+	// rope_parameters object; older configs (most on the Hub) keep them apart.
+	var v5 struct {
+		RopeParameters *struct {
+			RopeTheta float64 `json:"rope_theta"`
+			RopeScaling
+		} `json:"rope_parameters"`
+	}
+	if err := json.Unmarshal(raw, &v5); err == nil && v5.RopeParameters != nil {
+		rp := v5.RopeParameters
+		if rp.RopeTheta > 0 {
+			cfg.RopeTheta = rp.RopeTheta
+		}
+		if k := rp.RopeScaling.Kind(); k != "" && k != "default" && cfg.RopeScaling == nil {
+			sc := rp.RopeScaling
+			cfg.RopeScaling = &sc
+		}
+	}
 	if cfg.NumKeyValueHeads == 0 {
 		cfg.NumKeyValueHeads = cfg.NumAttentionHeads
 	}
@@ -123,20 +143,36 @@ func ParseConfig(raw []byte) (Config, error) {
 // attention, so serving at most the window computes exactly what
 // transformers computes, without a windowed kernel.
 func (c Config) ContextLength() int {
+	if c.UseSlidingWindow != nil && !*c.UseSlidingWindow {
+		return c.MaxPositionEmbeddings // Qwen2 lists a window it does not use
+	}
 	if w := c.SlidingWindow; w != nil && *w > 0 && *w < c.MaxPositionEmbeddings {
 		return *w
 	}
 	return c.MaxPositionEmbeddings
 }
 
+// QKVBias reports whether the family has q/k/v projection biases (Qwen2;
+// frozen, like every base weight).
+func (c Config) QKVBias() bool { return c.Family() == "qwen2" }
+
+// Family is the model_type of the config's architecture.
+func (c Config) Family() string {
+	if len(c.Architectures) > 0 {
+		return familyOf[c.Architectures[0]]
+	}
+	return c.ModelType
+}
+
 // families maps the model_type of each supported family to its
 // architecture. Mistral is Llama's math with a sliding window (see
 // ContextLength).
-var families = map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+// Qwen2 adds q/k/v biases (QKVBias).
+var families = map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
-var familyOf = map[string]string{"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+var familyOf = map[string]string{"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
-const supportedFamilies = "LlamaForCausalLM (model_type llama) and MistralForCausalLM (mistral) only"
+const supportedFamilies = "LlamaForCausalLM (model_type llama), MistralForCausalLM (mistral) and Qwen2ForCausalLM (qwen2) only"
 
 // Validate reports the first field that this engine cannot run.
 func (c Config) Validate() error {

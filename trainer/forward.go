@@ -196,6 +196,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
 		m.rmsNormPar(jt, la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
 		m.linear(gt, la.QKV, qkvd, la.XN1, hid, w.WQKV, w.pQKV, T, hid, qkvd, 0)
+		addBias(la.QKV, T, qkvd, w.BQKV)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*ad.D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {

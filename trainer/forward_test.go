@@ -16,6 +16,23 @@ import (
 	"github.com/signal-p2p/signal/trainer/packed"
 )
 
+// generatedQwen2 writes a random Qwen2 (Qwen2ForCausalLM: q/k/v biases,
+// scaled up so a dropped one shows; a tied head; a listed but unused
+// sliding window) into dir/gen-qwen2.
+func generatedQwen2(t *testing.T, dir string) string {
+	t.Helper()
+	out := filepath.Join(dir, "gen-qwen2")
+	window, off := 16, false
+	cfg := Config{ModelType: "qwen2", Architectures: []string{"Qwen2ForCausalLM"}, HiddenSize: 64,
+		IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2, VocabSize: 300,
+		MaxPositionEmbeddings: 512, SlidingWindow: &window, UseSlidingWindow: &off, RopeTheta: 1e6,
+		RMSNormEps: 1e-6, TieWordEmbeddings: true}
+	if err := GenerateRandomModel(out, cfg, 8, ""); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
 func readF32(t *testing.T, path string) []float32 {
 	t.Helper()
 	raw, err := os.ReadFile(path)
@@ -95,11 +112,12 @@ func TestMatchesPyTorch(t *testing.T) {
 	if got := mustLoad(t, mistral).Config().MaxPositionEmbeddings; got != window {
 		t.Fatalf("mistral context %d, want the sliding window %d", got, window)
 	}
-	for _, name := range append(slices.Clone(tinyModels), gen, mistral) {
+	qwen2 := generatedQwen2(t, tmp)
+	for _, name := range append(slices.Clone(tinyModels), gen, mistral, qwen2) {
 		m := mustLoad(t, name)
 		V := m.Config().VocabSize
 		adapters := []string{"", filepath.Join("testdata", name, "adapter")}
-		if name == mistral {
+		if name == mistral || name == qwen2 {
 			adapters = adapters[:1]
 		}
 		if name == gen {

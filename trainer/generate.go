@@ -261,6 +261,7 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 		w := &m.Layers[l]
 		RMSNorm(xn, nil, x, w.AttnNorm, B, hid, eps)
 		m.linear(&d.gt, qkv, qkvd, xn, hid, w.WQKV, w.pQKV, B, hid, qkvd, 0)
+		addBias(qkv, B, qkvd, w.BQKV)
 		if lora != nil {
 			cols := [3]int{0, hd, hd + ad.KV*D}
 			for i, mod := range [3]Module{ModQ, ModK, ModV} {

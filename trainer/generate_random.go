@@ -80,6 +80,12 @@ func GenerateRandomModel(dir string, cfg Config, seed int64, tokenizerDir string
 		add(p+"self_attn.k_proj.weight", normal(kvd*hid), kvd, hid)
 		add(p+"self_attn.v_proj.weight", normal(kvd*hid), kvd, hid)
 		add(p+"self_attn.o_proj.weight", normal(hid*hd), hid, hd)
+		if cfg.QKVBias() {
+			// Larger than the weights' scale, so a dropped bias shows.
+			add(p+"self_attn.q_proj.bias", scaled(normal(hd), 10), hd)
+			add(p+"self_attn.k_proj.bias", scaled(normal(kvd), 10), kvd)
+			add(p+"self_attn.v_proj.bias", scaled(normal(kvd), 10), kvd)
+		}
 		add(p+"post_attention_layernorm.weight", ones(hid), hid)
 		add(p+"mlp.gate_proj.weight", normal(inter*hid), inter, hid)
 		add(p+"mlp.up_proj.weight", normal(inter*hid), inter, hid)
@@ -124,6 +130,13 @@ func randomWeights(rng *rand.Rand, n int) []float32 {
 		s[i] = float32(rng.NormFloat64() * 0.02)
 	}
 	return s
+}
+
+func scaled(v []float32, k float32) []float32 {
+	for i := range v {
+		v[i] *= k
+	}
+	return v
 }
 
 // ones returns n weights of 1, a norm's initial scale.

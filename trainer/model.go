@@ -53,6 +53,7 @@ import (
 type Layer struct {
 	AttnNorm []float32 // [hidden]
 	WQKV     []float32 // [(H+2·KV)·D, hidden]
+	BQKV     []float32 // [(H+2·KV)·D] q, k, v biases (Qwen2); nil without
 	WO       []float32 // [hidden, H·D]
 	MLPNorm  []float32 // [hidden]
 	WGateUp  []float32 // [2·I, hidden]
@@ -260,6 +261,17 @@ func (m *Model) loadWeights() error {
 		if err = l.into(ly.WQKV[(hd+kvd)*hid:], p+"self_attn.v_proj.weight", kvd, hid); err != nil {
 			return err
 		}
+		if c.QKVBias() {
+			ly.BQKV = make([]float32, c.QKVDim())
+			for _, b := range []struct {
+				name   string
+				lo, hi int
+			}{{"q_proj", 0, hd}, {"k_proj", hd, hd + kvd}, {"v_proj", hd + kvd, hd + 2*kvd}} {
+				if err = l.into(ly.BQKV[b.lo:b.hi], p+"self_attn."+b.name+".bias", b.hi-b.lo); err != nil {
+					return err
+				}
+			}
+		}
 		ly.WGateUp = make([]float32, 2*inter*hid)
 		if err = l.into(ly.WGateUp[:inter*hid], p+"mlp.gate_proj.weight", inter, hid); err != nil {
 			return err
@@ -272,6 +284,20 @@ func (m *Model) loadWeights() error {
 	m.ownBytes = l.bytes
 	m.mapped = l.views > 0
 	return nil
+}
+
+// addBias adds a per-column bias to each of rows rows of y (row stride ld);
+// a nil bias adds nothing.
+func addBias(y []float32, rows, ld int, bias []float32) {
+	if bias == nil {
+		return
+	}
+	for r := 0; r < rows; r++ {
+		row := y[r*ld : r*ld+len(bias)]
+		for j, b := range bias {
+			row[j] += b
+		}
+	}
 }
 
 // PackedWeights reports whether LoadModel packs the projection weights for

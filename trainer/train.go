@@ -221,6 +221,7 @@ func (p *trainPass) forward(ctx context.Context) error {
 		rmsNormForward(xn, x, ly.AttnNorm, p.rinv1[l], T, H, eps)
 		qkv := ar.dirty(T * Q)
 		project(qkv, Q, xn, H, ly.WQKV, ly.pQKV, T, H, Q, 0)
+		addBias(qkv, T, Q, ly.BQKV)
 		p.u[l][ModQ] = p.loraForward(l, ModQ, xn, H, qkv, Q, 0)
 		p.u[l][ModK] = p.loraForward(l, ModK, xn, H, qkv, Q, AD)
 		p.u[l][ModV] = p.loraForward(l, ModV, xn, H, qkv, Q, AD+c.NumKeyValueHeads*c.HeadDim)

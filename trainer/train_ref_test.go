@@ -70,6 +70,7 @@ type refGrad struct {
 // agree to ~1e-5 absolute, gradients to ~1e-4 of each tensor's largest
 // entry. The tolerances below are 10x that; a wrong formula is off by O(1).
 func TestForwardBackwardMatchesPyTorch(t *testing.T) {
+	qwen2 := generatedQwen2(t, t.TempDir())
 	for _, tc := range []struct {
 		model   string
 		adapter string // "" = all seven modules, random A and B
@@ -81,8 +82,9 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 		{"tiny-sp", "", LossCrossEntropy, nil},
 		{"tiny-bl", "", LossImportanceSampling, nil},
 		{"tiny-sp", "", LossPPO, map[string]float64{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}},
+		{qwen2, "", LossCrossEntropy, nil},
 	} {
-		name := tc.model + "/" + tc.adapter + "/" + tc.loss
+		name := filepath.Base(tc.model) + "/" + tc.adapter + "/" + tc.loss
 		t.Run(name, func(t *testing.T) {
 			refs := references(t)
 			m := mustLoad(t, tc.model)
@@ -119,7 +121,7 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 			for _, oracle := range refs {
 				var ref refGrad
 				runRef(t, oracle, []string{"grad"}, map[string]any{
-					"model": filepath.Join("testdata", tc.model), "adapter": dir, "data": toRef(data),
+					"model": modelDir(tc.model), "adapter": dir, "data": toRef(data),
 					"loss_fn": tc.loss, "loss_fn_config": tc.cfg, "dtype": "float64",
 				}, &ref)
 				t.Run(oracle.name, func(t *testing.T) { compareGrads(t, tc.model, tc.loss, tc.cfg, lora, data, ref) })

@@ -216,8 +216,28 @@ def cmd_infer_bench(req):
     return out
 
 
+def cmd_model_init(req):
+    """A random model of a family made and saved by transformers itself
+    (its own config.json spelling: rope_parameters, dtype, layer_types):
+    {"family": "llama"|"mistral"|"qwen2", "out": DIR, "config": {...}}."""
+    import transformers
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[req["family"]]
+    torch.manual_seed(req.get("seed", 0))
+    model = model_cls(cfg_cls(**req["config"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):  # q/k/v biases large enough to matter
+                p.normal_(0, 0.5)
+    model.to(getattr(torch, req.get("dtype", "float32"))).save_pretrained(req["out"], safe_serialization=True)
+    return {}
+
+
 def run(req):
-    fn = {"logits": cmd_logits, "greedy": cmd_greedy, "peft_init": cmd_peft_init,
+    fn = {"logits": cmd_logits, "greedy": cmd_greedy, "peft_init": cmd_peft_init, "model_init": cmd_model_init,
           "bench": cmd_infer_bench}.get(req.get("cmd"))
     if req.get("cmd") == "batch":
         return {"answers": [run(r) for r in req["requests"]]}

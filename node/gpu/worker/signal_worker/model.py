@@ -59,11 +59,16 @@ class Config:
         # Mistral: serve at most the sliding window, inside which windowed
         # attention is plain causal attention (the native engine's rule).
         window = d.get("sliding_window")
+        if d.get("use_sliding_window") is False:
+            window = None  # Qwen2 lists a window it does not use
         if isinstance(window, int) and 0 < window < self.max_pos:
             self.max_pos = window
         self.eps = float(d.get("rms_norm_eps") or 1e-5)
-        self.rope_theta = float(d.get("rope_theta") or 10000.0)
-        self.rope_scaling = d.get("rope_scaling")
+        # transformers 5 writes rope_theta and the scaling into one
+        # rope_parameters object; older configs keep them apart.
+        rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+        self.rope_theta = float(rp.get("rope_theta") or d.get("rope_theta") or 10000.0)
+        self.rope_scaling = d.get("rope_scaling") or (rp if (rp.get("rope_type") or "default") != "default" else None)
         self.tied = bool(d.get("tie_word_embeddings", False))
         eos = d.get("eos_token_id")
         self.eos = [eos] if isinstance(eos, int) else [e for e in (eos or []) if isinstance(e, int)]
@@ -226,7 +231,10 @@ class Model:
         return x * cos[:, None] + rot * sin[:, None]
 
     def _linear(self, x, layer, module, lora):
-        y = F.linear(x, self.w[module_path(layer, module) + ".weight"])
+        # Qwen2's q/k/v carry biases (frozen, like every base weight); the
+        # node's model check admits a bias nowhere else.
+        path = module_path(layer, module)
+        y = F.linear(x, self.w[path + ".weight"], self.w.get(path + ".bias"))
         if lora is not None:
             ab = lora.get(layer, module)
             if ab is not None:

@@ -95,6 +95,54 @@ class TestAgainstTransformers(unittest.TestCase):
                     rel = float((mine[k] - want).abs().max() / want.abs().max().clamp_min(1e-12))
                     self.assertLess(rel, self.GRAD_TOL, f"{k}: gradient off by {rel:.2g} of its largest entry")
 
+    def family_dir(self, family):
+        """A random model of a family, made and saved by transformers itself."""
+        import transformers
+        cfg_cls, model_cls = {
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[family]
+        cfg = cfg_cls(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      rope_theta=1e6, tie_word_embeddings=(family == "qwen2"))
+        torch.manual_seed(11)
+        model = model_cls(cfg)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):  # Qwen2's q/k/v biases: large enough to matter
+                    p.normal_(0, 0.5)
+        out = os.path.join(self.tmp, family)
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+
+    def test_families_against_transformers(self):
+        """Mistral and Qwen2 (q/k/v biases, tied head) in the worker: the same
+        logprobs and LoRA gradients as transformers + PEFT."""
+        for family in ("mistral", "qwen2"):
+            with self.subTest(family=family):
+                d = self.family_dir(family)
+                model = Model.load(d, "cpu", torch.float32)
+                s = Session(model, rank=4, alpha=8, targets=list(ALL_MODULES), seed=3)
+                g = torch.Generator().manual_seed(7)
+                for _, b in s.lora.ab.items():
+                    b[1].copy_(torch.randn(b[1].shape, generator=g) * 0.05)
+                data = self.data(model.cfg.vocab)
+                res = s.forward_backward({"data": data})
+                out = os.path.join(self.tmp, family + "-adapter")
+                s.save_state({"dir": out, "mode": "adapter"})
+                hf = self.hf_model(d, out, trainable=True)
+                loss, lps = self.hf_loss(hf, data)
+                loss.backward()
+                worst = max(float((torch.tensor(a) - b).abs().max()) for a, b in zip(res["logprobs"], lps))
+                self.assertLess(worst, self.LP_TOL, f"{family}: logprobs differ from transformers + PEFT")
+                mine = dict(zip(s.lora.named().keys(), s.grads))
+                for k, p in hf.named_parameters():
+                    if p.requires_grad:
+                        want = p.grad
+                        got = mine[k.replace(".default", "")]
+                        rel = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                        self.assertLess(rel, self.GRAD_TOL, f"{family} {k}: gradient off by {rel:.2g}")
+
     def test_peft_adapter_in_the_worker(self):
         d = find_model("tiny-sp")
         base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
