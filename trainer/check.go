@@ -84,6 +84,10 @@ func expectedTensors(c Config) map[string][]int {
 		out[p+"mlp.gate_proj.weight"] = []int{inter, hid}
 		out[p+"mlp.up_proj.weight"] = []int{inter, hid}
 		out[p+"mlp.down_proj.weight"] = []int{hid, inter}
+		if c.QKNorm() {
+			out[p+"self_attn.q_norm.weight"] = []int{hd}
+			out[p+"self_attn.k_norm.weight"] = []int{hd}
+		}
 		if c.QKVBias() {
 			out[p+"self_attn.q_proj.bias"] = []int{q}
 			out[p+"self_attn.k_proj.bias"] = []int{kv}

@@ -156,6 +156,10 @@ func (c Config) ContextLength() int {
 // frozen, like every base weight).
 func (c Config) QKVBias() bool { return c.Family() == "qwen2" }
 
+// QKNorm reports whether the family normalises each q and k head (RMSNorm
+// over head_dim, weights q_norm/k_norm) before RoPE: Qwen3.
+func (c Config) QKNorm() bool { return c.Family() == "qwen3" }
+
 // Family is the model_type of the config's architecture.
 func (c Config) Family() string {
 	if len(c.Architectures) > 0 {
@@ -167,12 +171,15 @@ func (c Config) Family() string {
 // families maps the model_type of each supported family to its
 // architecture. Mistral is Llama's math with a sliding window (see
 // ContextLength).
-// Qwen2 adds q/k/v biases (QKVBias).
-var families = map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+// Qwen2 adds q/k/v biases (QKVBias); Qwen3 dense, per-head q/k norms
+// (QKNorm) and a head_dim of its own.
+var families = map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+	"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-var familyOf = map[string]string{"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+var familyOf = map[string]string{"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+	"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
-const supportedFamilies = "LlamaForCausalLM (model_type llama), MistralForCausalLM (mistral) and Qwen2ForCausalLM (qwen2) only"
+const supportedFamilies = "LlamaForCausalLM (model_type llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2) and Qwen3ForCausalLM (qwen3) only"
 
 // Validate reports the first field that this engine cannot run.
 func (c Config) Validate() error {

@@ -37,6 +37,7 @@ func TestFamiliesSavedByTransformers(t *testing.T) {
 			"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}), "bfloat16"},
 		{"mistral", "mistral", with(map[string]any{"sliding_window": 128, "rope_theta": 1e6}), "float32"},
 		{"qwen2-tied", "qwen2", with(map[string]any{"tie_word_embeddings": true, "rope_theta": 1e6}), "bfloat16"},
+		{"qwen3", "qwen3", with(map[string]any{"head_dim": 24, "tie_word_embeddings": true, "rope_theta": 1e6}), "bfloat16"},
 	}
 	var reqs []map[string]any
 	for i, f := range families {

@@ -205,6 +205,7 @@ func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOpti
 				}
 			}
 		}
+		headNorm(la.QKV, T, qkvd, ad.H, ad.KV, ad.D, w.QNorm, w.KNorm, eps, nil, nil)
 		m.ropePar(jt, la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
 		if opt.kv != nil {
 			for s := 0; s < b.NumSeqs(); s++ {

@@ -33,6 +33,22 @@ func generatedQwen2(t *testing.T, dir string) string {
 	return out
 }
 
+// generatedQwen3 writes a random Qwen3 dense model (Qwen3ForCausalLM:
+// per-head q/k norms with weights away from 1, head_dim 24 while hidden /
+// heads is 16, an untied head, BF16) into dir/gen-qwen3.
+func generatedQwen3(t *testing.T, dir string) string {
+	t.Helper()
+	out := filepath.Join(dir, "gen-qwen3")
+	off := false
+	cfg := Config{ModelType: "qwen3", Architectures: []string{"Qwen3ForCausalLM"}, HiddenSize: 64,
+		IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2, HeadDim: 24,
+		VocabSize: 300, MaxPositionEmbeddings: 512, UseSlidingWindow: &off, RopeTheta: 1e6, RMSNormEps: 1e-6}
+	if err := GenerateRandomModel(out, cfg, 9, ""); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
 func readF32(t *testing.T, path string) []float32 {
 	t.Helper()
 	raw, err := os.ReadFile(path)
@@ -112,12 +128,12 @@ func TestMatchesPyTorch(t *testing.T) {
 	if got := mustLoad(t, mistral).Config().MaxPositionEmbeddings; got != window {
 		t.Fatalf("mistral context %d, want the sliding window %d", got, window)
 	}
-	qwen2 := generatedQwen2(t, tmp)
-	for _, name := range append(slices.Clone(tinyModels), gen, mistral, qwen2) {
+	qwen2, qwen3 := generatedQwen2(t, tmp), generatedQwen3(t, tmp)
+	for _, name := range append(slices.Clone(tinyModels), gen, mistral, qwen2, qwen3) {
 		m := mustLoad(t, name)
 		V := m.Config().VocabSize
 		adapters := []string{"", filepath.Join("testdata", name, "adapter")}
-		if name == mistral || name == qwen2 {
+		if name == mistral || name == qwen2 || name == qwen3 {
 			adapters = adapters[:1]
 		}
 		if name == gen {

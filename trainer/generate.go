@@ -270,6 +270,7 @@ func (d *decoder) step(slots, tokens []int) []float32 {
 				}
 			}
 		}
+		headNorm(qkv, B, qkvd, ad.H, ad.KV, D, w.QNorm, w.KNorm, eps, nil, nil)
 		ApplyRope(qkv, B, qkvd, 0, ad.H+ad.KV, D, d.cos, d.sin)
 		for i, slot := range slots {
 			cache.store(slot, l, pos[i], qkv[i*qkvd:], qkvd, 1)

@@ -80,6 +80,11 @@ func GenerateRandomModel(dir string, cfg Config, seed int64, tokenizerDir string
 		add(p+"self_attn.k_proj.weight", normal(kvd*hid), kvd, hid)
 		add(p+"self_attn.v_proj.weight", normal(kvd*hid), kvd, hid)
 		add(p+"self_attn.o_proj.weight", normal(hid*hd), hid, hd)
+		if cfg.QKNorm() {
+			// Away from 1, so a dropped norm weight shows.
+			add(p+"self_attn.q_norm.weight", around1(rng, cfg.HeadDim), cfg.HeadDim)
+			add(p+"self_attn.k_norm.weight", around1(rng, cfg.HeadDim), cfg.HeadDim)
+		}
 		if cfg.QKVBias() {
 			// Larger than the weights' scale, so a dropped bias shows.
 			add(p+"self_attn.q_proj.bias", scaled(normal(hd), 10), hd)
@@ -130,6 +135,14 @@ func randomWeights(rng *rand.Rand, n int) []float32 {
 		s[i] = float32(rng.NormFloat64() * 0.02)
 	}
 	return s
+}
+
+func around1(rng *rand.Rand, n int) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(0.5 + rng.Float64())
+	}
+	return v
 }
 
 func scaled(v []float32, k float32) []float32 {

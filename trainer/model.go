@@ -54,6 +54,8 @@ type Layer struct {
 	AttnNorm []float32 // [hidden]
 	WQKV     []float32 // [(H+2·KV)·D, hidden]
 	BQKV     []float32 // [(H+2·KV)·D] q, k, v biases (Qwen2); nil without
+	QNorm    []float32 // [D] per-head RMSNorm of q before RoPE (Qwen3); nil without
+	KNorm    []float32 // [D] the same for k
 	WO       []float32 // [hidden, H·D]
 	MLPNorm  []float32 // [hidden]
 	WGateUp  []float32 // [2·I, hidden]
@@ -261,6 +263,14 @@ func (m *Model) loadWeights() error {
 		if err = l.into(ly.WQKV[(hd+kvd)*hid:], p+"self_attn.v_proj.weight", kvd, hid); err != nil {
 			return err
 		}
+		if c.QKNorm() {
+			if ly.QNorm, err = l.tensor(p+"self_attn.q_norm.weight", c.HeadDim); err != nil {
+				return err
+			}
+			if ly.KNorm, err = l.tensor(p+"self_attn.k_norm.weight", c.HeadDim); err != nil {
+				return err
+			}
+		}
 		if c.QKVBias() {
 			ly.BQKV = make([]float32, c.QKVDim())
 			for _, b := range []struct {
@@ -284,6 +294,56 @@ func (m *Model) loadWeights() error {
 	m.ownBytes = l.bytes
 	m.mapped = l.views > 0
 	return nil
+}
+
+// headNorm applies Qwen3's per-head RMSNorm in place to the q heads
+// (columns 0..H·D) and the k heads (the next KV·D) of each of rows rows of
+// qkv (stride ld), saving each head's 1/rms in rinvQ [rows·H] and rinvK
+// [rows·KV] when they are not nil. Without norms it does nothing.
+func headNorm(qkv []float32, rows, ld, nq, nkv, d int, wq, wk []float32, eps float32, rinvQ, rinvK []float32) {
+	if wq == nil {
+		return
+	}
+	var sq, sk [1]float32
+	for r := 0; r < rows; r++ {
+		row := qkv[r*ld:]
+		rq, rk := sq[:], sk[:]
+		for h := 0; h < nq; h++ {
+			if rinvQ != nil {
+				rq = rinvQ[r*nq+h:]
+			}
+			rmsNormForwardRows(row[h*d:(h+1)*d], row[h*d:(h+1)*d], wq, rq, 0, 1, d, eps)
+		}
+		for h := 0; h < nkv; h++ {
+			if rinvK != nil {
+				rk = rinvK[r*nkv+h:]
+			}
+			x := row[(nq+h)*d : (nq+h+1)*d]
+			rmsNormForwardRows(x, x, wk, rk, 0, 1, d, eps)
+		}
+	}
+}
+
+// headNormBackward replaces, in each of rows rows of dqkv (stride ld), the
+// gradient with respect to the normed q and k heads with the gradient with
+// respect to the heads before headNorm; pre holds those heads
+// ([rows, (nq+nkv)·d]) and rinvQ/rinvK their 1/rms. tmp is d floats.
+func headNormBackward(dqkv []float32, rows, ld, nq, nkv, d int, wq, wk, pre, rinvQ, rinvK, tmp []float32) {
+	qk := (nq + nkv) * d
+	for r := 0; r < rows; r++ {
+		for h := 0; h < nq+nkv; h++ {
+			var w, ri []float32
+			if h < nq {
+				w, ri = wq, rinvQ[r*nq+h:]
+			} else {
+				w, ri = wk, rinvK[r*nkv+h-nq:]
+			}
+			dy := dqkv[r*ld+h*d : r*ld+(h+1)*d]
+			clear(tmp)
+			rmsNormBackwardRows(tmp, dy, pre[r*qk+h*d:r*qk+(h+1)*d], w, ri, 0, 1, d)
+			copy(dy, tmp)
+		}
+	}
 }
 
 // addBias adds a per-column bias to each of rows rows of y (row stride ld);

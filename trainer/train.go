@@ -31,6 +31,9 @@ type trainPass struct {
 
 	xIn, qkv, att, h1, gu [][]float32
 	lse, rinv1, rinv2     [][]float32
+	// preQK, rinvQ, rinvK: Qwen3's q/k heads before their norm, and each
+	// head's 1/rms, for the norm's backward (nil for other families).
+	preQK, rinvQ, rinvK [][]float32
 	u                     [][NumModules][]float32
 
 	xOut, rinvF, xf []float32 // last residual, its inverse RMS, final norm output
@@ -203,6 +206,7 @@ func (p *trainPass) forward(ctx context.Context) error {
 	ar := p.ar
 	p.xIn, p.qkv, p.att, p.h1, p.gu = make([][]float32, L), make([][]float32, L), make([][]float32, L), make([][]float32, L), make([][]float32, L)
 	p.lse, p.rinv1, p.rinv2 = make([][]float32, L), make([][]float32, L), make([][]float32, L)
+	p.preQK, p.rinvQ, p.rinvK = make([][]float32, L), make([][]float32, L), make([][]float32, L)
 	p.u = make([][NumModules][]float32, L)
 
 	x := ar.dirty(T * H)
@@ -225,6 +229,15 @@ func (p *trainPass) forward(ctx context.Context) error {
 		p.u[l][ModQ] = p.loraForward(l, ModQ, xn, H, qkv, Q, 0)
 		p.u[l][ModK] = p.loraForward(l, ModK, xn, H, qkv, Q, AD)
 		p.u[l][ModV] = p.loraForward(l, ModV, xn, H, qkv, Q, AD+c.NumKeyValueHeads*c.HeadDim)
+		if ly.QNorm != nil {
+			qk := (c.NumAttentionHeads + c.NumKeyValueHeads) * c.HeadDim
+			pre := ar.dirty(T * qk)
+			for r := 0; r < T; r++ {
+				copy(pre[r*qk:(r+1)*qk], qkv[r*Q:r*Q+qk])
+			}
+			p.preQK[l], p.rinvQ[l], p.rinvK[l] = pre, ar.dirty(T*c.NumAttentionHeads), ar.dirty(T*c.NumKeyValueHeads)
+			headNorm(qkv, T, Q, c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim, ly.QNorm, ly.KNorm, eps, p.rinvQ[l], p.rinvK[l])
+		}
 		ropeApply(qkv, T, Q, 0, c.NumAttentionHeads+c.NumKeyValueHeads, c.HeadDim, p.pos, p.cos, p.sin, 1)
 		p.qkv[l] = qkv
 		att := ar.dirty(T * AD)
@@ -306,6 +319,7 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		r = p.lora.Rank
 	}
 	dyB := ar.dirty(T * r)
+	dhead := ar.dirty(c.HeadDim) // headNormBackward's one head
 	for l := c.NumHiddenLayers - 1; l >= 0; l-- {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -326,6 +340,10 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		p.loraBack(grads, l, ModO, datt, p.att[l], AD, dres, H, 0, dyB)
 		attnBackward(dqkv, datt, p.att[l], p.lse[l], p.qkv[l], p.seqOff, sh, p.scratch, dkvHead)
 		ropeApply(dqkv, T, Q, 0, c.NumAttentionHeads+c.NumKeyValueHeads, c.HeadDim, p.pos, p.cos, p.sin, -1)
+		if ly.QNorm != nil {
+			headNormBackward(dqkv, T, Q, c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim, ly.QNorm, ly.KNorm,
+				p.preQK[l], p.rinvQ[l], p.rinvK[l], dhead)
+		}
 		rmsNormForward(xn, p.xIn[l], ly.AttnNorm, p.rinv1[l], T, H, eps)
 		pgemm(false, false, T, H, Q, 1, dqkv, Q, ly.WQKV, H, 0, dxn, H)
 		p.loraBack(grads, l, ModQ, dxn, xn, H, dqkv, Q, 0, dyB)

@@ -70,7 +70,7 @@ type refGrad struct {
 // agree to ~1e-5 absolute, gradients to ~1e-4 of each tensor's largest
 // entry. The tolerances below are 10x that; a wrong formula is off by O(1).
 func TestForwardBackwardMatchesPyTorch(t *testing.T) {
-	qwen2 := generatedQwen2(t, t.TempDir())
+	qwen2, qwen3 := generatedQwen2(t, t.TempDir()), generatedQwen3(t, t.TempDir())
 	for _, tc := range []struct {
 		model   string
 		adapter string // "" = all seven modules, random A and B
@@ -83,6 +83,8 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 		{"tiny-bl", "", LossImportanceSampling, nil},
 		{"tiny-sp", "", LossPPO, map[string]float64{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}},
 		{qwen2, "", LossCrossEntropy, nil},
+		{qwen3, "", LossCrossEntropy, nil},
+		{qwen3, "", LossPPO, map[string]float64{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}},
 	} {
 		name := filepath.Base(tc.model) + "/" + tc.adapter + "/" + tc.loss
 		t.Run(name, func(t *testing.T) {

@@ -219,12 +219,13 @@ def cmd_infer_bench(req):
 def cmd_model_init(req):
     """A random model of a family made and saved by transformers itself
     (its own config.json spelling: rope_parameters, dtype, layer_types):
-    {"family": "llama"|"mistral"|"qwen2", "out": DIR, "config": {...}}."""
+    {"family": "llama"|"mistral"|"qwen2"|"qwen3", "out": DIR, "config": {...}}."""
     import transformers
     cfg_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[req["family"]]
     torch.manual_seed(req.get("seed", 0))
     model = model_cls(cfg_cls(**req["config"]))
@@ -232,6 +233,8 @@ def cmd_model_init(req):
         for n, p in model.named_parameters():
             if n.endswith(".bias"):  # q/k/v biases large enough to matter
                 p.normal_(0, 0.5)
+            if n.endswith("_norm.weight") and "self_attn" in n:  # q/k norms away from 1
+                p.uniform_(0.5, 1.5)
     model.to(getattr(torch, req.get("dtype", "float32"))).save_pretrained(req["out"], safe_serialization=True)
     return {}
 

@@ -270,8 +270,13 @@ class Model:
         c = self.cfg
         b, t, _ = x.shape
         h = self._rms(x, self.w[f"model.layers.{i}.input_layernorm.weight"])
-        q = self._linear(h, i, "q_proj", lora).view(b, t, c.heads, c.head_dim).transpose(1, 2)
-        k = self._linear(h, i, "k_proj", lora).view(b, t, c.kv_heads, c.head_dim).transpose(1, 2)
+        q = self._linear(h, i, "q_proj", lora).view(b, t, c.heads, c.head_dim)
+        k = self._linear(h, i, "k_proj", lora).view(b, t, c.kv_heads, c.head_dim)
+        qn = self.w.get(f"model.layers.{i}.self_attn.q_norm.weight")
+        if qn is not None:  # Qwen3: each q and k head RMS-normed before RoPE
+            q = self._rms(q, qn)
+            k = self._rms(k, self.w[f"model.layers.{i}.self_attn.k_norm.weight"])
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self._linear(h, i, "v_proj", lora).view(b, t, c.kv_heads, c.head_dim).transpose(1, 2)
         q = self._apply_rope(q, cos, sin)
         k = self._apply_rope(k, cos, sin)

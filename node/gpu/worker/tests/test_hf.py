@@ -101,24 +101,29 @@ class TestAgainstTransformers(unittest.TestCase):
         cfg_cls, model_cls = {
             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         }[family]
+        extra = {"head_dim": 24} if family == "qwen3" else {}  # head_dim != hidden / heads
         cfg = cfg_cls(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      rope_theta=1e6, tie_word_embeddings=(family == "qwen2"))
+                      rope_theta=1e6, tie_word_embeddings=(family != "mistral"), **extra)
         torch.manual_seed(11)
         model = model_cls(cfg)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith(".bias"):  # Qwen2's q/k/v biases: large enough to matter
                     p.normal_(0, 0.5)
+                if n.endswith("_norm.weight") and "self_attn" in n:  # Qwen3's q/k norms: away from 1
+                    p.uniform_(0.5, 1.5)
         out = os.path.join(self.tmp, family)
         model.save_pretrained(out, safe_serialization=True)
         return out
 
     def test_families_against_transformers(self):
-        """Mistral and Qwen2 (q/k/v biases, tied head) in the worker: the same
-        logprobs and LoRA gradients as transformers + PEFT."""
-        for family in ("mistral", "qwen2"):
+        """Mistral, Qwen2 (q/k/v biases, tied head) and Qwen3 (q/k norms, its
+        own head_dim) in the worker: the same logprobs and LoRA gradients as
+        transformers + PEFT."""
+        for family in ("mistral", "qwen2", "qwen3"):
             with self.subTest(family=family):
                 d = self.family_dir(family)
                 model = Model.load(d, "cpu", torch.float32)
