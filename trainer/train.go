@@ -34,7 +34,7 @@ type trainPass struct {
 	// preQK, rinvQ, rinvK: Qwen3's q/k heads before their norm, and each
 	// head's 1/rms, for the norm's backward (nil for other families).
 	preQK, rinvQ, rinvK [][]float32
-	u                     [][NumModules][]float32
+	u                   [][NumModules][]float32
 
 	xOut, rinvF, xf []float32 // last residual, its inverse RMS, final norm output
 	logp            []float32
