@@ -59,16 +59,61 @@ func near(a, b, rel, abs float64) bool {
 // 1e-3 absolute; parameters after a step: loss within 1e-4 relative.
 func TestAgreementWithNativeEngine(t *testing.T) {
 	for _, name := range []string{"tiny-sp", "tiny-bl"} {
-		t.Run(name, func(t *testing.T) { testAgreement(t, name) })
+		t.Run(name, func(t *testing.T) {
+			modelDir, err := filepath.Abs(filepath.Join("..", "..", "trainer", "testdata", name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			testAgreement(t, name, modelDir, filepath.Join(modelDir, "adapter"))
+		})
+	}
+	// Every family both engines serve, on random models of each: Mistral,
+	// Qwen2 (q/k/v biases, tied head), Qwen3 (q/k norms, its own head_dim).
+	window, off := 256, false
+	for _, f := range []trainer.Config{
+		{ModelType: "mistral", Architectures: []string{"MistralForCausalLM"}, SlidingWindow: &window},
+		{ModelType: "qwen2", Architectures: []string{"Qwen2ForCausalLM"}, TieWordEmbeddings: true, UseSlidingWindow: &off},
+		{ModelType: "qwen3", Architectures: []string{"Qwen3ForCausalLM"}, HeadDim: 24, UseSlidingWindow: &off},
+	} {
+		t.Run(f.ModelType, func(t *testing.T) {
+			// The agreement data's token ids need a 32000-token vocabulary.
+			f.HiddenSize, f.IntermediateSize, f.NumHiddenLayers, f.NumAttentionHeads, f.NumKeyValueHeads = 64, 96, 2, 4, 2
+			f.VocabSize, f.MaxPositionEmbeddings, f.RopeTheta, f.RMSNormEps = 32000, 512, 1e6, 1e-6
+			dir := filepath.Join(t.TempDir(), "gen-"+f.ModelType)
+			if err := trainer.GenerateRandomModel(dir, f, 3, ""); err != nil {
+				t.Fatal(err)
+			}
+			testAgreement(t, "gen-"+f.ModelType, dir, randomAdapter(t, dir))
+		})
 	}
 }
 
-func testAgreement(t *testing.T, name string) {
-	modelDir, err := filepath.Abs(filepath.Join("..", "..", "trainer", "testdata", name))
+// randomAdapter saves a rank-4 adapter on q, k, v, o with random A and B
+// for the model in dir, so every module's path is live in both engines.
+func randomAdapter(t *testing.T, dir string) string {
+	t.Helper()
+	m, err := trainer.LoadModel(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	adapterDir := filepath.Join(modelDir, "adapter")
+	defer m.Close()
+	l, err := trainer.NewLoRA(m, 4, 8, []string{"q_proj", "k_proj", "v_proj", "o_proj"}, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, p := range l.Pairs() {
+		for j := range p.B {
+			p.B[j] = float32(math.Sin(float64(i*7919+j))) * 0.05
+		}
+	}
+	out := filepath.Join(t.TempDir(), "adapter")
+	if err := l.Save(out); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func testAgreement(t *testing.T, name, modelDir, adapterDir string) {
 	models := t.TempDir()
 	if err := os.Symlink(modelDir, filepath.Join(models, name)); err != nil {
 		t.Fatal(err)
