@@ -63,10 +63,10 @@ func checkModel(t *testing.T, editConfig func(map[string]any), editTensors func(
 	return dir
 }
 
-// TestCheckModelDir is the one model check: a Llama passes; another
-// family (by name, or by the tensors it carries), a missing tensor, a
-// wrong shape or an unknown tensor is refused with a message naming it,
-// never run as a different model.
+// TestCheckModelDir is the one model check: a Llama passes; a family the
+// engines do not serve (by name, or by the tensors it carries), names that
+// disagree, a family's missing tensor, a wrong shape or an unknown tensor
+// is refused with a message naming it, never run as a different model.
 func TestCheckModelDir(t *testing.T) {
 	if err := CheckModelDir(checkModel(t, nil, nil)); err != nil {
 		t.Fatalf("a Llama directory was refused: %v", err)
@@ -89,7 +89,9 @@ func TestCheckModelDir(t *testing.T) {
 		want    error
 		says    string
 	}{
-		{"qwen2 by name", func(c map[string]any) { c["model_type"] = "qwen2"; c["architectures"] = []string{"Qwen2ForCausalLM"} }, nil, ErrUnsupported, "Qwen2ForCausalLM"},
+		// A Llama's tensors under Qwen2's name lack Qwen2's q/k/v biases.
+		{"qwen2 without biases", func(c map[string]any) { c["model_type"] = "qwen2"; c["architectures"] = []string{"Qwen2ForCausalLM"} }, nil, ErrInvalidInput, "_proj.bias"},
+		{"qwen3 without q/k norms", func(c map[string]any) { c["model_type"] = "qwen3"; c["architectures"] = []string{"Qwen3ForCausalLM"} }, nil, ErrInvalidInput, "_norm.weight"},
 		{"relabelled qwen2", func(c map[string]any) { c["architectures"] = []string{"Qwen2ForCausalLM"} }, nil, ErrUnsupported, "Qwen2ForCausalLM"},
 		{"gemma", func(c map[string]any) { c["model_type"] = "gemma"; c["architectures"] = []string{"GemmaForCausalLM"} }, nil, ErrUnsupported, "GemmaForCausalLM"},
 		{"q/k norms under a llama name", nil, qnorm, ErrUnsupported, "q_norm"},
