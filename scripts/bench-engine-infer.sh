@@ -39,10 +39,12 @@ if [ ! -x "$BIN" ]; then
   BIN=bin/signal
 fi
 CACHE=.cache/bench
-if [ ! -f "$CACHE/smollm-135m/model.safetensors" ]; then
-  mkdir -p "$CACHE"
-  "$BIN" model gen-random --shape smollm-135m --seed 1 --out "$CACHE/smollm-135m" >/dev/null
-fi
+for shape in smollm-135m qwen3-0.6b; do
+  if [ ! -f "$CACHE/$shape/model.safetensors" ]; then
+    mkdir -p "$CACHE"
+    "$BIN" model gen-random --shape "$shape" --seed 1 --out "$CACHE/$shape" >/dev/null
+  fi
+done
 have_torch=1
 "$PY" -c 'import torch, numpy' 2>/dev/null || have_torch=0
 HF_PY=${SIGNAL_HF_PYTHON:-$(scripts/pyenv.sh 2>/dev/null || true)}
@@ -62,7 +64,7 @@ bench() {
       gp=$((2 - i)) ob=$((1 + i))
       results+="go $gp $(GOMAXPROCS=$gp "$BIN" model bench-infer --model "$dir" --threads 2 --prefill-tokens "$pre" \
         --decode-tokens "$dec" --decode-batch "$batch" --repeats "$rep")"$'\n'
-      if [ "$have_torch" = 1 ]; then
+      if [ "$have_torch" = 1 ] && [ -z "${NO_TORCH:-}" ]; then
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/llama_ref.py)"$'\n'
       fi
       if [ "$have_hf" = 1 ] && [ "$i" = 0 ]; then
@@ -142,3 +144,6 @@ bench tiny-sp trainer/testdata/tiny-sp 128 32 1 3
 bench tiny-bl trainer/testdata/tiny-bl 128 32 1 3
 bench smollm-135m "$CACHE/smollm-135m" 128 16 1 3
 bench smollm-135m "$CACHE/smollm-135m" 512 16 4 3
+# Qwen3-0.6B: the hand-written torch peer is a Llama (no q/k norms), so
+# this shape compares with HF+PEFT's Qwen3 only.
+NO_TORCH=1 bench qwen3-0.6b "$CACHE/qwen3-0.6b" 128 16 1 3

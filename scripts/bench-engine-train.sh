@@ -38,6 +38,9 @@ have_hf=1
 [ -n "$HF_PY" ] && "$HF_PY" -c 'import transformers, peft' 2>/dev/null || have_hf=0
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# Qwen3-0.6B: q/k norms and head_dim 128; the hand-written torch peer is a
+# Llama, so that row compares with HF+PEFT's Qwen3 only (NO_TORCH).
+QWEN3='{"model_type":"qwen3","hidden_size":1024,"num_hidden_layers":28,"num_attention_heads":16,"num_key_value_heads":8,"intermediate_size":3072,"vocab_size":151936,"head_dim":128,"rms_norm_eps":1e-6,"rope_theta":1000000}'
 SMOL='{"hidden_size":576,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"intermediate_size":1536,"vocab_size":49152,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":10000}'
 TINY=$("$PY" -c 'import json;print(json.dumps(json.load(open("trainer/testdata/tiny-sp/config.json"))))')
 
@@ -51,7 +54,7 @@ row() {
     for i in 0 1; do
       gp=$((2 - i)) ob=$((1 + i))
       results+="go $gp $(GOMAXPROCS=$gp "$BIN" model bench "$@" --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads 2)"$'\n'
-      if [ "$have_torch" = 1 ]; then
+      if [ "$have_torch" = 1 ] && [ -z "${NO_TORCH:-}" ]; then
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/train_ref.py bench)"$'\n'
       fi
       if [ "$have_hf" = 1 ] && [ "$i" = 0 ]; then
@@ -117,6 +120,7 @@ echo "== engine-train: LoRA training step, rank 8 all linear layers, median of $
 row "tiny-sp 8x128" "$TINY" 8 128 --model trainer/testdata/tiny-sp
 row "smollm-135m 1x256" "$SMOL" 1 256 --shape smollm-135m
 row "smollm-135m 4x256" "$SMOL" 4 256 --shape smollm-135m
+NO_TORCH=1 row "qwen3-0.6b 1x256" "$QWEN3" 1 256 --shape qwen3-0.6b
 
 [ -z "${ONLY:-}" ] || exit 0
 mem=$("$BIN" model bench --shape smollm-135m --sessions 8 --rank 8 --seq 256 --threads 2)

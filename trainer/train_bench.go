@@ -24,6 +24,23 @@ func SmolLM135MConfig() Config {
 	}
 }
 
+// Qwen3_06BConfig is the Qwen3-0.6B shape the benchmarks use beside the
+// 135M one: 28 layers, hidden 1024, 16 heads, 8 KV heads, head_dim 128
+// (not hidden/heads), intermediate 3072, vocab 151936, tied head, q/k norms.
+func Qwen3_06BConfig() Config {
+	off := false
+	return Config{
+		Architectures: []string{"Qwen3ForCausalLM"}, ModelType: "qwen3",
+		HiddenSize: 1024, IntermediateSize: 3072, NumHiddenLayers: 28, NumAttentionHeads: 16,
+		NumKeyValueHeads: 8, HeadDim: 128, VocabSize: 151936, MaxPositionEmbeddings: 40960,
+		RMSNormEps: 1e-6, RopeTheta: 1000000, HiddenAct: "silu", TieWordEmbeddings: true, UseSlidingWindow: &off,
+	}
+}
+
+// BenchShapes are the random model shapes `signal model bench`,
+// `bench-infer` and `gen-random` take by name.
+var BenchShapes = map[string]func() Config{"smollm-135m": SmolLM135MConfig, "qwen3-0.6b": Qwen3_06BConfig}
+
 // RandomModel builds a model of shape cfg in memory with random weights
 // (normal, std 0.02; norms 1), for benchmarks that need no files.
 func RandomModel(cfg Config, seed uint64) (*Model, error) {
@@ -46,6 +63,12 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 	for i := range m.Layers {
 		m.Layers[i] = Layer{AttnNorm: ones(H), WQKV: fill(cfg.QKVDim() * H), WO: fill(H * AD),
 			MLPNorm: ones(H), WGateUp: fill(2 * I * H), WDown: fill(H * I)}
+		if cfg.QKNorm() {
+			m.Layers[i].QNorm, m.Layers[i].KNorm = ones(cfg.HeadDim), ones(cfg.HeadDim)
+		}
+		if cfg.QKVBias() {
+			m.Layers[i].BQKV = fill(cfg.QKVDim())
+		}
 		n += int64(2*H + cfg.QKVDim()*H + H*AD + 3*I*H)
 	}
 	m.ownBytes = n * 4

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"sort"
 	"strconv"
 	"strings"
 
@@ -204,18 +205,16 @@ func newModelGenRandomCmd() *cobra.Command {
 		seed               int64
 	)
 	cmd := &cobra.Command{
-		Use:   "gen-random --out DIR [--shape smollm-135m]",
+		Use:   "gen-random --out DIR [--shape smollm-135m|qwen3-0.6b]",
 		Short: "Write a deterministic random-weight Llama model (Hugging Face layout)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var cfg trainer.Config
-			switch shape {
-			case "smollm-135m":
-				cfg = trainer.SmolLM135MConfig()
-				cfg.BOSTokenID, cfg.EOSTokenID = trainer.TokenIDs{1}, trainer.TokenIDs{2}
-			default:
-				return fmt.Errorf("%w: --shape %q (want smollm-135m)", trainer.ErrInvalidInput, shape)
+			mk, ok := trainer.BenchShapes[shape]
+			if !ok {
+				return fmt.Errorf("%w: --shape %q (want %s)", trainer.ErrInvalidInput, shape, shapeNames())
 			}
+			cfg := mk()
+			cfg.BOSTokenID, cfg.EOSTokenID = trainer.TokenIDs{1}, trainer.TokenIDs{2}
 			if err := trainer.GenerateRandomModel(out, cfg, seed, tokDir); err != nil {
 				return err
 			}
@@ -230,4 +229,14 @@ func newModelGenRandomCmd() *cobra.Command {
 	f.Int64Var(&seed, "seed", 1, "weight seed")
 	_ = cmd.MarkFlagRequired("out")
 	return cmd
+}
+
+// shapeNames lists trainer.BenchShapes for messages.
+func shapeNames() string {
+	var names []string
+	for n := range trainer.BenchShapes {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return strings.Join(names, ", ")
 }

@@ -204,7 +204,7 @@ func newModelBenchTrainCmd() *cobra.Command {
 		threads, sessions      int
 	)
 	cmd := &cobra.Command{
-		Use:   "bench [--model DIR | --shape smollm-135m] [--batch B --seq T --rank R]",
+		Use:   "bench [--model DIR | --shape smollm-135m|qwen3-0.6b] [--batch B --seq T --rank R]",
 		Short: "Time LoRA training steps (forward_backward + optim_step); prints JSON",
 		Long: `Times training steps on --model (its shape, random tokens) or on an in-memory
 random model of --shape, and prints tokens/s, GFLOP/s, the measured sgemm rate
@@ -218,10 +218,10 @@ and N sessions sharing the base model.`,
 			switch {
 			case dir != "":
 				m, err = trainer.LoadModel(dir)
-			case shape == "smollm-135m":
-				m, err = trainer.RandomModel(trainer.SmolLM135MConfig(), 1)
+			case trainer.BenchShapes[shape] != nil:
+				m, err = trainer.RandomModel(trainer.BenchShapes[shape](), 1)
 			default:
-				err = fmt.Errorf("%w: --shape %q (want smollm-135m) or --model DIR", trainer.ErrInvalidInput, shape)
+				err = fmt.Errorf("%w: --shape %q (want %s) or --model DIR", trainer.ErrInvalidInput, shape, shapeNames())
 			}
 			if err != nil {
 				return err

@@ -123,12 +123,13 @@ def cmd_peft_init(req):
 def cmd_bench(req):
     """The peer users run: a LoRA training step in transformers + PEFT
     (forward over the batch, backward, torch.optim.AdamW) on a random model
-    of the given shape, rank r on all seven linear layers, in each thread
+    of the given shape and config["model_type"] (default llama), rank r on all seven linear layers, in each thread
     count and dtype (float32; bfloat16, where the CPU's AMX runs the
     products through oneDNN). train_ref.py bench's answer format."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig
     c = dict(req["config"])
     c.setdefault("tie_word_embeddings", True)
+    model_type = c.pop("model_type", "llama")
     B, T, r = req["batch"], req["seq"], req["rank"]
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, c["vocab_size"], (B, T + 1), generator=g)
@@ -136,7 +137,7 @@ def cmd_bench(req):
     for dtype_name in req.get("dtypes", ["float32", "bfloat16"]):
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**c)).to(dtype)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **c)).to(dtype)
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"]))
