@@ -39,7 +39,7 @@ func (s *State) Hold(h HoldRecord) error {
 	}
 	bal, held := s.ledger.Balance(h.Account), s.held[h.Account]
 	if h.Amount > bal-held {
-		return fmt.Errorf("estimated cost %d micro-credits exceeds the available balance %d (balance %d, %d held by calls in progress): %w",
+		return fmt.Errorf("estimated cost %d micro-credits exceeds the available balance %d (balance %d, %d held by calls in progress); top the account up (POST /v1/admin/credit) or send a smaller call: %w",
 			h.Amount, bal-held, bal, held, ErrInsufficientBalance)
 	}
 	s.holds[h.ID] = h
