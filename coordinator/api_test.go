@@ -53,9 +53,10 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	if fb.Cost == nil || fb.Cost.Credits != 100 || fb.Cost.TrainTokens != 100 || fb.Balance == nil || *fb.Balance != 999_900 {
 		t.Fatalf("fb billing: cost %+v balance %v", fb.Cost, fb.Balance)
 	}
-	if fb.Tokens != 100 || fb.GradNorm == nil {
+	if fb.Tokens != 100 || fb.GradNorm == nil || fb.PendingBatches != 1 {
 		t.Fatalf("fb body %s", r.body)
 	}
+
 	for i := 0; i < 2; i++ {
 		r = do(t, "POST", base+"/v1/runs/"+run.ID+"/optim_step", key, map[string]any{"adam_params": map[string]any{"learning_rate": 1e-4}})
 		mustStatus(t, r, 200)
@@ -400,5 +401,29 @@ func TestAPIBurstOfRunsSpreadsAcrossNodes(t *testing.T) {
 	}
 	if per["nodeA"] != 3 || per["nodeB"] != 3 {
 		t.Fatalf("runs per node %v, want 3 on each", per)
+	}
+}
+
+// TestAPIForwardBackwardSaysWhatWaits: each forward_backward answer counts
+// the batches whose gradients wait for optim_step.
+func TestAPIForwardBackwardSaysWhatWaits(t *testing.T) {
+	c, _ := startOne(t, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
+	fb := func() int {
+		t.Helper()
+		r := do(t, "POST", base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(3))
+		mustStatus(t, r, 200)
+		var out protocol.ForwardBackwardResponse
+		r.decode(t, &out)
+		return out.PendingBatches
+	}
+	if a, b := fb(), fb(); a != 1 || b != 2 {
+		t.Fatalf("pending batches %d then %d, want 1 then 2", a, b)
+	}
+	mustStatus(t, do(t, "POST", base+"/v1/runs/"+run.ID+"/optim_step", key, nil), 200)
+	if n := fb(); n != 1 {
+		t.Fatalf("after optim_step: %d pending, want 1", n)
 	}
 }

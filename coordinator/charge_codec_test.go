@@ -142,11 +142,11 @@ func FuzzDecodeCharge(f *testing.F) {
 func TestWithBillingFastPathMatchesGeneral(t *testing.T) {
 	for _, cost := range []protocol.Cost{{}, {Credits: 5}, {Credits: 1 << 60, TrainTokens: 7, PrefillTokens: 8, SampledTokens: 9}} {
 		for _, bal := range []int64{0, 42, -1, 1 << 62} {
-			fast, err := withBilling(json.RawMessage(`{}`), cost, bal)
+			fast, err := withBilling(json.RawMessage(`{}`), cost, bal, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
-			general, err := withBilling(json.RawMessage(`{ }`), cost, bal) // not "{}": takes the map path
+			general, err := withBilling(json.RawMessage(`{ }`), cost, bal, nil) // not "{}": takes the map path
 			if err != nil {
 				t.Fatal(err)
 			}

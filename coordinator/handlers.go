@@ -275,6 +275,17 @@ func (c *Coordinator) handleCreateRun(cl *call) (any, error) {
 	ctx := cl.r.Context()
 	// Refuse before recording a run that could not be placed anywhere.
 	if _, err := c.place(model, nil); err != nil {
+		var open int
+		c.fsm.read(func(s *State) {
+			for _, r := range s.RunsOf(cl.account) {
+				if isActive(r.Run.Status) {
+					open++
+				}
+			}
+		})
+		if open > 0 {
+			err = fmt.Errorf("%w; you hold %d open runs (DELETE /v1/runs/{id} frees one)", err, open)
+		}
 		return nil, retryAfter(err, c.cfg.RetryAfter)
 	}
 	spec.RunID = "run_" + newID(8)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strings"
 
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -50,6 +51,7 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 		load   float64
 	}
 	var cs []cand
+	var down, full, small, busy, slots int
 	for _, n := range nodes {
 		if !eligible(n.PeerID) {
 			continue
@@ -57,20 +59,38 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 		// A node advertises no backend while its engine's worker is down:
 		// it is alive but would fail every init.
 		if len(n.Backends) == 0 {
+			down++
 			continue
 		}
 		sessions := max(n.Sessions, assigned[n.PeerID])
 		if n.MaxSessions > 0 && sessions >= n.MaxSessions {
+			full++
+			busy, slots = busy+sessions, slots+n.MaxSessions
 			continue
 		}
 		loaded := slices.Contains(n.Models, model.Name)
 		if !loaded && !fits(n, model.MemoryBytes) {
+			small++
 			continue
 		}
 		cs = append(cs, cand{n: n, loaded: loaded, load: float64(sessions)})
 	}
 	if len(cs) == 0 {
-		return protocol.Node{}, fmt.Errorf("model %s needs %d bytes; none of %d live nodes can take it: %w", model.Name, model.MemoryBytes, len(nodes), ErrNoCapacity)
+		// Say what is missing: sessions, memory or a working engine.
+		var why []string
+		if full > 0 {
+			why = append(why, fmt.Sprintf("%d full (%d/%d sessions busy)", full, busy, slots))
+		}
+		if small > 0 {
+			why = append(why, fmt.Sprintf("%d without the %d bytes model %s needs", small, model.MemoryBytes, model.Name))
+		}
+		if down > 0 {
+			why = append(why, fmt.Sprintf("%d with no engine running", down))
+		}
+		if len(why) == 0 {
+			why = append(why, "none live")
+		}
+		return protocol.Node{}, fmt.Errorf("no node can take a run of %s: of %d nodes, %s: %w", model.Name, len(nodes), strings.Join(why, ", "), ErrNoCapacity)
 	}
 	sort.SliceStable(cs, func(i, j int) bool {
 		a, b := cs[i], cs[j]

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/signal-p2p/signal/protocol"
@@ -50,5 +51,20 @@ func TestPlaceOn(t *testing.T) {
 				t.Fatalf("placed on %q (err %v), want %q", got.PeerID, err, c.want)
 			}
 		})
+	}
+}
+
+// TestPlaceOnSaysWhatIsFull: a refusal names what is missing.
+func TestPlaceOnSaysWhatIsFull(t *testing.T) {
+	nodes := []protocol.Node{
+		{PeerID: "a", CPU: protocol.CPU{MemoryTotal: 8 << 30}, MaxSessions: 2, Sessions: 2, Backends: []string{"native"}},
+		{PeerID: "b", CPU: protocol.CPU{MemoryTotal: 1 << 20}, MaxSessions: 2, Backends: []string{"native"}},
+		{PeerID: "c", CPU: protocol.CPU{MemoryTotal: 8 << 30}, MaxSessions: 2},
+	}
+	_, err := placeOn(nodes, ModelSpec{Name: "tiny", MemoryBytes: 1 << 30}, nil, func(string) bool { return true })
+	for _, want := range []string{"1 full (2/2 sessions busy)", "1 without the 1073741824 bytes", "1 with no engine running"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error %v does not say %q", err, want)
+		}
 	}
 }

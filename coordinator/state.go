@@ -80,6 +80,8 @@ type RunRecord struct {
 	PendingLoss   *float64 `json:"pending_loss,omitempty"`
 	PendingTokens int64    `json:"pending_tokens,omitempty"`
 	PendingWeight float64  `json:"pending_weight,omitempty"`
+	// PendingBatches counts those calls (forward_backward answers it).
+	PendingBatches int `json:"pending_batches,omitempty"`
 	// EndedAt is when the run ended or failed; its checkpoints are
 	// collected, and the record itself pruned, some time after.
 	EndedAt string `json:"ended_at,omitempty"`
@@ -495,7 +497,11 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	if respBody == nil {
 		respBody = json.RawMessage("{}")
 	}
-	body, err := withBilling(respBody, cost, bal-cost.Credits)
+	var extra map[string]json.RawMessage
+	if run != nil && c.Call == "forward_backward" {
+		extra = map[string]json.RawMessage{"pending_batches": json.RawMessage(strconv.Itoa(run.PendingBatches))}
+	}
+	body, err := withBilling(respBody, cost, bal-cost.Credits, extra)
 	if err != nil {
 		return ChargeResult{}, err
 	}
@@ -541,9 +547,9 @@ func appendCharge100(charges []protocol.Charge, ch protocol.Charge) []protocol.C
 	return append(charges, ch)
 }
 
-// withBilling adds "cost" and "balance" to a JSON object response.
-func withBilling(body json.RawMessage, cost protocol.Cost, balance int64) (json.RawMessage, error) {
-	if string(body) == "{}" {
+// withBilling adds "cost" and "balance" (and extra) to a JSON object response.
+func withBilling(body json.RawMessage, cost protocol.Cost, balance int64, extra map[string]json.RawMessage) (json.RawMessage, error) {
+	if string(body) == "{}" && len(extra) == 0 {
 		// The common bare charge: the bytes the general path below would
 		// produce (keys sorted, "balance" < "cost"), without a map round trip.
 		cb, err := json.Marshal(cost)
@@ -567,6 +573,9 @@ func withBilling(body json.RawMessage, cost protocol.Cost, balance int64) (json.
 	cb, _ := json.Marshal(cost)
 	bb, _ := json.Marshal(balance)
 	m["cost"], m["balance"] = cb, bb
+	for k, v := range extra {
+		m[k] = v
+	}
 	return json.Marshal(m) // map keys marshal sorted: deterministic on every member
 }
 
@@ -740,6 +749,7 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		}
 		r.PendingLoss = &sum
 		r.PendingTokens += u.Tokens
+		r.PendingBatches++
 		if u.Weight != nil {
 			r.PendingWeight += *u.Weight
 		} else {
@@ -763,7 +773,7 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		r.Metrics = ms
 		r.Run.LastMetrics = &ms[len(ms)-1]
 		r.Run.Step = u.Optim.Step
-		r.PendingLoss, r.PendingTokens, r.PendingWeight = nil, 0, 0
+		r.PendingLoss, r.PendingTokens, r.PendingWeight, r.PendingBatches = nil, 0, 0, 0
 	}
 	r.Run.Spent = ledger.SaturatingAdd(r.Run.Spent, u.AddSpent)
 	return &r, nil

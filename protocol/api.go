@@ -209,6 +209,9 @@ type ForwardBackwardResponse struct {
 	Tokens   int64       `json:"tokens"`
 	GradNorm *float64    `json:"grad_norm,omitempty"`
 	Logprobs [][]float64 `json:"logprobs"`
+	// PendingBatches is how many forward_backward calls (this one included)
+	// have gradients waiting for the next optim_step.
+	PendingBatches int `json:"pending_batches,omitempty"`
 	Billed
 }
 
