@@ -211,8 +211,12 @@ func (c *Coordinator) handleTokenize(cl *call) (any, error) {
 	if t == nil {
 		return nil, retryAfter(fmt.Errorf("no tokenizer for model %s on this coordinator: %w", m.Name, ErrUnavailable), c.cfg.RetryAfter)
 	}
-	c.tokenizeSlots <- struct{}{}
-	defer func() { <-c.tokenizeSlots }()
+	select {
+	case c.tokenizeSlots <- struct{}{}:
+		defer func() { <-c.tokenizeSlots }()
+	case <-cl.r.Context().Done():
+		return nil, fmt.Errorf("client gone while waiting to tokenize: %w", cl.r.Context().Err())
+	}
 	toks := t.Encode(req.Text, req.AddSpecialTokens)
 	if toks == nil {
 		toks = []int{}
@@ -577,15 +581,23 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 			return nil, err
 		}
 		ctx := cl.r.Context()
-		hold := HoldRecord{ID: "hold_" + newID(8), Account: cl.account, Amount: q.credits, Holder: c.cfg.ID, Time: now()}
-		if _, err := c.propose(ctx, cmdHold, hold); err != nil {
-			return nil, err
+		// A call quoted at nothing (an optim_step without a checkpoint)
+		// holds nothing: no raft entry for it on the call path.
+		var hold HoldRecord
+		if q.credits > 0 {
+			hold = HoldRecord{ID: "hold_" + newID(8), Account: cl.account, Amount: q.credits, Holder: c.cfg.ID, Time: now()}
+			if _, err := c.propose(ctx, cmdHold, hold); err != nil {
+				return nil, err
+			}
 		}
 		// From here the call is the coordinator's to finish: a client that
 		// hangs up does not make work done free, nor leave the hold behind.
 		work, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.CallTimeout)
 		defer cancel()
 		release := func() {
+			if hold.ID == "" {
+				return
+			}
 			if _, err := c.propose(work, cmdReleaseHolds, releaseHoldsCmd{IDs: []string{hold.ID}}); err != nil {
 				c.log.Warn("release hold", "category", "billing", "hold", hold.ID, "err", err)
 			}

@@ -5,9 +5,11 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -147,4 +149,38 @@ func TestTokenizeIsBounded(t *testing.T) {
 			t.Fatalf("follower tokenized %v", out.Tokens)
 		}
 	}
+}
+
+// lockedBuffer is a log sink the HTTP server's goroutines share.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// TestRequestIDIsLogged: the request id an answer carries (in an error's
+// body for a 500, in X-Request-Id always) is in that request's audit line,
+// so a user's report finds it.
+func TestRequestIDIsLogged(t *testing.T) {
+	var logs lockedBuffer
+	c, _ := startOne(t, func(cfg *Config) { cfg.Logger = slog.New(slog.NewJSONHandler(&logs, nil)) })
+	key, _ := createKey(t, c.URL(), 1000)
+	r := do(t, "GET", c.URL()+"/v1/runs/run_absent", key, nil)
+	mustStatus(t, r, http.StatusNotFound)
+	id := r.header.Get("X-Request-Id")
+	if id == "" {
+		t.Fatal("no X-Request-Id")
+	}
+	waitFor(t, 2*time.Second, "the audit line", func() bool { return strings.Contains(logs.String(), `"request_id":"`+id+`"`) })
 }

@@ -80,6 +80,7 @@ func ModelFromDir(name, dir string) (ModelSpec, error) {
 	var cfg struct {
 		MaxPositionEmbeddings int    `json:"max_position_embeddings"`
 		SlidingWindow         *int   `json:"sliding_window"`
+		UseSlidingWindow      *bool  `json:"use_sliding_window"`
 		TorchDtype            string `json:"torch_dtype"`
 		Hidden                int64  `json:"hidden_size"`
 		Intermediate          int64  `json:"intermediate_size"`
@@ -119,7 +120,7 @@ func ModelFromDir(name, dir string) (ModelSpec, error) {
 		m.ContextLength = 2048
 	}
 	// Mistral's engines serve at most the sliding window (trainer.Config.ContextLength).
-	if w := cfg.SlidingWindow; w != nil && *w > 0 && *w < m.ContextLength {
+	if w := cfg.SlidingWindow; w != nil && *w > 0 && *w < m.ContextLength && (cfg.UseSlidingWindow == nil || *cfg.UseSlidingWindow) {
 		m.ContextLength = *w
 	}
 	return m, m.Validate()

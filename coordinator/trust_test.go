@@ -33,6 +33,16 @@ func startLying(t *testing.T, lie func(req protocol.SessionRequest, resp *protoc
 	})
 }
 
+// slowForwardBackward is a node that takes d over every forward_backward,
+// so calls overlap it.
+func slowForwardBackward(d time.Duration) func(protocol.SessionRequest, *protocol.SessionResponse) {
+	return func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
+		if req.Call == protocol.CallForwardBackward {
+			time.Sleep(d)
+		}
+	}
+}
+
 // hangUp posts body and hangs up after wait; the call must not have
 // answered by then.
 func hangUp(t *testing.T, url, key string, body any, wait time.Duration) {
@@ -203,11 +213,7 @@ func TestNodeCannotPlantCheckpoints(t *testing.T) {
 // 1,000 µc, 20 concurrent calls quoted 820 µc each. One runs; the others
 // are refused before they reach a node, so no work goes unpaid.
 func TestConcurrentCallsCannotOverdraw(t *testing.T) {
-	c, fnet := startLying(t, func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
-		if req.Call == protocol.CallForwardBackward {
-			time.Sleep(300 * time.Millisecond) // every call overlaps the first
-		}
-	}, nil)
+	c, fnet := startLying(t, slowForwardBackward(300*time.Millisecond), nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000)
 	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
@@ -254,11 +260,7 @@ func TestConcurrentCallsCannotOverdraw(t *testing.T) {
 // TestHangUpStillBills is the fifth attack: a client that hangs up while
 // its call runs is charged for the work, and the run records it.
 func TestHangUpStillBills(t *testing.T) {
-	c, fnet := startLying(t, func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
-		if req.Call == protocol.CallForwardBackward {
-			time.Sleep(500 * time.Millisecond)
-		}
-	}, nil)
+	c, fnet := startLying(t, slowForwardBackward(500*time.Millisecond), nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
 	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
@@ -393,11 +395,7 @@ func TestMoveFallsBackThenFails(t *testing.T) {
 // the same run, whose client hangs up, is dropped before any node sees it
 // and costs nothing; the running one is billed.
 func TestQueuedCallOfAGoneClientNeverRuns(t *testing.T) {
-	c, fnet := startLying(t, func(req protocol.SessionRequest, _ *protocol.SessionResponse) {
-		if req.Call == protocol.CallForwardBackward {
-			time.Sleep(600 * time.Millisecond)
-		}
-	}, nil)
+	c, fnet := startLying(t, slowForwardBackward(600*time.Millisecond), nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 1_000_000)
 	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})

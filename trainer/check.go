@@ -26,6 +26,12 @@ func CheckModelDir(dir string) error {
 		return fmt.Errorf("model %s: %w", dir, err)
 	}
 	defer set.Close()
+	return checkWeights(dir, cfg, set)
+}
+
+// checkWeights is CheckModelDir's tensor half, on a set already open (so
+// LoadModel reads the headers once).
+func checkWeights(dir string, cfg Config, set *safetensors.Set) error {
 	want := expectedTensors(cfg)
 	for _, name := range sortedNames(want) {
 		f, info, ok := set.Lookup(name)

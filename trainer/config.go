@@ -7,6 +7,8 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"sort"
+	"strings"
 )
 
 // Errors callers map to API statuses with errors.Is (400 for both).
@@ -170,16 +172,29 @@ func (c Config) Family() string {
 
 // families maps the model_type of each supported family to its
 // architecture. Mistral is Llama's math with a sliding window (see
-// ContextLength).
-// Qwen2 adds q/k/v biases (QKVBias); Qwen3 dense, per-head q/k norms
-// (QKNorm) and a head_dim of its own.
+// ContextLength); Qwen2 adds q/k/v biases (QKVBias); Qwen3 dense, per-head
+// q/k norms (QKNorm) and a head_dim of its own.
 var families = map[string]string{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 	"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
-var familyOf = map[string]string{"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-	"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+// familyOf is families inverted: architecture → model_type.
+var familyOf = func() map[string]string {
+	out := make(map[string]string, len(families))
+	for mt, arch := range families {
+		out[arch] = mt
+	}
+	return out
+}()
 
-const supportedFamilies = "LlamaForCausalLM (model_type llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2) and Qwen3ForCausalLM (qwen3) only"
+// supportedFamilies names them for messages.
+var supportedFamilies = func() string {
+	var names []string
+	for mt, arch := range families {
+		names = append(names, fmt.Sprintf("%s (model_type %s)", arch, mt))
+	}
+	sort.Strings(names)
+	return strings.Join(names, ", ") + " only"
+}()
 
 // Validate reports the first field that this engine cannot run.
 func (c Config) Validate() error {

@@ -125,9 +125,6 @@ func (m *Model) Close() error {
 // file and the tensor. The model starts GOMAXPROCS−1 helpers for its
 // forward (startWorkers); Close stops them.
 func LoadModel(dir string) (*Model, error) {
-	if err := CheckModelDir(dir); err != nil {
-		return nil, err
-	}
 	cfg, err := ReadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -135,6 +132,11 @@ func LoadModel(dir string) (*Model, error) {
 	set, err := safetensors.OpenDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
+	}
+	// The one model check (CheckModelDir) on the headers just opened.
+	if err := checkWeights(dir, cfg, set); err != nil {
+		set.Close()
+		return nil, err
 	}
 	m := &Model{cfg: cfg, dir: dir, weights: set, InvFreq: cfg.InvFreq()}
 	if err := m.loadWeights(); err != nil {

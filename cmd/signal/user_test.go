@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/spf13/cobra"
+
 	"github.com/signal-p2p/signal/client"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -168,5 +170,35 @@ func TestCredits(t *testing.T) {
 		if got := credits(mc); got != want {
 			t.Errorf("credits(%d) = %q, want %q", mc, got, want)
 		}
+	}
+}
+
+// TestSecretFlagsWarn: a secret passed in argv (readable by every user of
+// the host) is used but warned about, naming the environment variable.
+func TestSecretFlagsWarn(t *testing.T) {
+	var stderr bytes.Buffer
+	cmd := &cobra.Command{Use: "x", RunE: func(cmd *cobra.Command, _ []string) error {
+		warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
+		return nil
+	}}
+	cmd.Flags().String("admin-token", "", "")
+	cmd.SetErr(&stderr)
+	cmd.SetArgs([]string{"--admin-token", "s3cret"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(stderr.String(), "--admin-token is visible") || !strings.Contains(stderr.String(), "$SIGNAL_ADMIN_TOKEN") {
+		t.Fatalf("warning %q", stderr.String())
+	}
+	stderr.Reset()
+	quiet := &cobra.Command{Use: "y", RunE: func(cmd *cobra.Command, _ []string) error {
+		warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
+		return nil
+	}}
+	quiet.Flags().String("admin-token", "", "")
+	quiet.SetErr(&stderr)
+	quiet.SetArgs([]string{})
+	if err := quiet.Execute(); err != nil || stderr.Len() != 0 {
+		t.Fatalf("warned without the flag: %q (%v)", stderr.String(), err)
 	}
 }

@@ -37,6 +37,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llama_ref import _median  # noqa: E402
 from train_ref import datum_loss, train_loop  # noqa: E402
 
 
@@ -156,11 +157,9 @@ def cmd_bench(req):
                 opt.step()
                 times.append(time.perf_counter() - t0)
             times = sorted(times[1:])  # the first step warms allocators and threads
-            n = len(times)
-            med = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
             configs.append({"torch_threads": torch.get_num_threads(), "dtype": dtype_name,
                             "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
-                            "tokens_per_s": B * T / med, "step_s": times})
+                            "tokens_per_s": B * T / _median(times), "step_s": times})
         del model, opt, params
     out = dict(max(configs, key=lambda x: x["tokens_per_s"]))
     out["configs"] = configs
@@ -203,13 +202,12 @@ def cmd_infer_bench(req):
                     model.generate(input_ids=start, attention_mask=torch.ones_like(start), generation_config=gen)
                     if r > 0:
                         dec.append(time.perf_counter() - t0)
-            med = lambda xs: sorted(xs)[len(xs) // 2]
             configs.append({"torch_threads": torch.get_num_threads(), "dtype": dtype_name,
                             "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
-                            "prefill_tokens_per_s": n_pre / med(pre),
+                            "prefill_tokens_per_s": n_pre / _median(pre),
                             # generate's time includes its 8-token prefill: a
                             # slight undercount of HF's decode rate.
-                            "decode_tokens_per_s": batch * n_dec / med(dec)})
+                            "decode_tokens_per_s": batch * n_dec / _median(dec)})
         del model, base
     out = dict(configs[-1])
     out["configs"] = configs
