@@ -404,9 +404,11 @@ func TestConfigValidate(t *testing.T) {
 	}
 }
 
-// TestEngineRefusesOtherFamilies: the worker computes Llama only, so a
-// Qwen2 directory in its models dir is neither advertised nor opened (it
-// once trained a different model silently: no biases, no q/k norms).
+// TestEngineRefusesOtherFamilies: the worker computes only what the model
+// check admits, so a directory it refuses — here Llama weights under a
+// Qwen2 architecture name, whose names disagree — is neither advertised nor
+// opened. (Before the check, the worker took any config.json and once
+// trained Qwen directories as a different model: no biases, no q/k norms.)
 func TestEngineRefusesOtherFamilies(t *testing.T) {
 	models := mustModelsDir(t)
 	src := filepath.Join(models, "tiny-sp")
