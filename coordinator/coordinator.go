@@ -68,6 +68,8 @@ type Coordinator struct {
 
 	// gates queue each run's billed calls (one at a time to its node).
 	gates *runGates
+	// tokenizers are the models' tokenizers this member has loaded.
+	tokenizers *tokenizers
 	// tokenizeSlots bounds concurrent /v1/tokenize work on this member.
 	tokenizeSlots chan struct{}
 
@@ -114,6 +116,7 @@ func New(cfg Config) (*Coordinator, error) {
 		missing:        map[string]lostMark{},
 		client:         &http.Client{Timeout: 30 * time.Minute},
 
+		tokenizers:    newTokenizers(cfg.LoadTokenizer),
 		tokenizeSlots: make(chan struct{}, 2),
 		gates:         newRunGates(),
 	}
@@ -146,7 +149,30 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		return fmt.Errorf("data dir: %w", err)
 	}
 	hl := hclog.New(&hclog.LoggerOptions{Name: "raft-" + c.cfg.ID, Output: c.cfg.RaftLog, Level: hclog.LevelFromString(c.cfg.RaftLogLevel)})
+	snaps, err := c.openStores(hl)
+	if err != nil {
+		return err
+	}
+	if err := c.openTransport(hl); err != nil {
+		_ = c.closeStores()
+		return err
+	}
+	hasState, err := c.startRaft(hl, snaps)
+	if err != nil {
+		return err
+	}
+	if err := c.listenHTTP(); err != nil {
+		_ = c.shutdownRaft()
+		return err
+	}
+	c.runLoops(ctx, hasState)
+	c.log.Info("coordinator started", "category", "infrastructure", "raft_addr", c.RaftAddr(), "http_addr", c.HTTPAddr(), "existing_state", hasState, "log_store", c.logKind)
+	return nil
+}
 
+// openStores opens the bolt store (raft's stable store, and the log of
+// data dirs that keep it there) and the snapshot store.
+func (c *Coordinator) openStores(hl hclog.Logger) (raft.SnapshotStore, error) {
 	store, err := raftboltdb.New(raftboltdb.Options{
 		Path: filepath.Join(c.cfg.DataDir, "raft.db"),
 		BoltOptions: &bbolt.Options{
@@ -160,35 +186,34 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		},
 	})
 	if err != nil {
-		return fmt.Errorf("open raft store: %w", err)
+		return nil, fmt.Errorf("open raft store: %w", err)
 	}
 	c.store = store
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(c.cfg.DataDir, 2, hl)
 	if err != nil {
-		c.closeStores()
-		return fmt.Errorf("open snapshot store: %w", err)
+		_ = c.closeStores()
+		return nil, fmt.Errorf("open snapshot store: %w", err)
 	}
+	return snaps, nil
+}
+
+// openTransport binds the raft port under the cluster's mutual TLS.
+func (c *Coordinator) openTransport(hl hclog.Logger) error {
 	serverTLS, clientTLS, err := clusterTLS(c.cfg.clusterSecret(), c.cfg.ID)
 	if err != nil {
-		c.closeStores()
 		return fmt.Errorf("raft transport certificates: %w", err)
 	}
 	stream, err := newTCPStream(c.cfg.RaftAddr, serverTLS, clientTLS)
 	if err != nil {
-		c.closeStores()
 		return fmt.Errorf("raft transport on %s: %w", c.cfg.RaftAddr, err)
 	}
 	c.stream = stream
-	tr := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: hl})
-	c.transport = tr
-	// Until raft runs (shutdownRaft then closes all), a failed start must
-	// free the raft port too, or a retry in this process cannot bind it.
-	abort := func() {
-		_ = tr.Close() // closes the stream layer's listener
-		c.transport, c.stream = nil, nil
-		_ = c.closeStores()
-	}
+	c.transport = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{Stream: stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: hl})
+	return nil
+}
 
+// raftConfig is hashicorp/raft's configuration with this member's timings.
+func (c *Coordinator) raftConfig(hl hclog.Logger) *raft.Config {
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(c.cfg.ID)
 	rc.Logger = hl
@@ -215,11 +240,24 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	// busy writing the previous entries to disk).
 	rc.MaxAppendEntries = 256
 	rc.BatchApplyCh = true
+	return rc
+}
 
-	logStore, w, kind, err := openLogStore(c.cfg.DataDir, c.cfg.LogStore, store)
+// startRaft opens the log, starts raft over the open stores and
+// transport, and bootstraps a fresh cluster when asked. It reports whether
+// the data dir held state already. On failure it has released the stores
+// and the raft port, so a retry in this process can bind it.
+func (c *Coordinator) startRaft(hl hclog.Logger, snaps raft.SnapshotStore) (hasState bool, err error) {
+	abort := func() {
+		_ = c.transport.Close() // closes the stream layer's listener
+		c.transport, c.stream = nil, nil
+		_ = c.closeStores()
+	}
+	rc := c.raftConfig(hl)
+	logStore, w, kind, err := openLogStore(c.cfg.DataDir, c.cfg.LogStore, c.store)
 	if err != nil {
 		abort()
-		return err
+		return false, err
 	}
 	c.wal, c.logKind = w, kind
 	// Replication reads back the entries it sends; recent ones come from
@@ -227,30 +265,33 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	logs, err := raft.NewLogCache(logCacheEntries, logStore)
 	if err != nil {
 		abort()
-		return fmt.Errorf("raft log cache: %w", err)
+		return false, fmt.Errorf("raft log cache: %w", err)
 	}
-	hasState, err := raft.HasExistingState(logs, store, snaps)
+	hasState, err = raft.HasExistingState(logs, c.store, snaps)
 	if err != nil {
 		abort()
-		return fmt.Errorf("inspect raft state: %w", err)
+		return false, fmt.Errorf("inspect raft state: %w", err)
 	}
-	r, err := raft.NewRaft(rc, c.fsm, logs, store, snaps, tr)
+	r, err := raft.NewRaft(rc, c.fsm, logs, c.store, snaps, c.transport)
 	if err != nil {
 		abort()
-		return fmt.Errorf("start raft: %w", err)
+		return false, fmt.Errorf("start raft: %w", err)
 	}
 	c.raft = r
 	if c.cfg.Bootstrap && !hasState {
-		boot := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: tr.LocalAddr()}}}
+		boot := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: c.transport.LocalAddr()}}}
 		if err := r.BootstrapCluster(boot).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
-			c.shutdownRaft()
-			return fmt.Errorf("bootstrap: %w", err)
+			_ = c.shutdownRaft()
+			return false, fmt.Errorf("bootstrap: %w", err)
 		}
 	}
+	return hasState, nil
+}
 
+// listenHTTP binds the API's address and builds its server.
+func (c *Coordinator) listenHTTP() error {
 	ln, err := net.Listen("tcp", c.cfg.HTTPAddr)
 	if err != nil {
-		c.shutdownRaft()
 		return fmt.Errorf("http listen on %s: %w", c.cfg.HTTPAddr, err)
 	}
 	c.ln = ln
@@ -263,33 +304,35 @@ func (c *Coordinator) Start(ctx context.Context) error {
 		IdleTimeout:    c.cfg.IdleTimeout,
 		MaxHeaderBytes: 64 << 10,
 	}
+	return nil
+}
 
+// runLoops starts the member's goroutines, each owned by c.wg and ended
+// by Stop: the batcher, the HTTP server, the leadership watch and, on a
+// fresh member told to join, the join loop.
+func (c *Coordinator) runLoops(ctx context.Context, hasState bool) {
 	ctx, cancel := context.WithCancel(ctx)
 	c.cancel = cancel
-	c.batch = newBatcher(r, c.cfg.MaxBatch, c.cfg.MaxInflightBatches, c.cfg.ApplyTimeout, c.metrics.observeBatch)
+	c.batch = newBatcher(c.raft, c.cfg.MaxBatch, c.cfg.MaxInflightBatches, c.cfg.ApplyTimeout, c.metrics.observeBatch)
 	c.batch.Start(ctx)
-
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
-		if err := c.srv.Serve(newPerIPListener(ln, c.cfg.MaxConnsPerIP)); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	c.goLoop(func() {
+		if err := c.srv.Serve(newPerIPListener(c.ln, c.cfg.MaxConnsPerIP)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.log.Error("http server stopped", "category", "infrastructure", "err", err)
 		}
-	}()
+	})
+	c.goLoop(func() { c.watchLeadership(ctx) })
+	if c.cfg.Join != "" && !hasState {
+		c.goLoop(func() { c.joinLoop(ctx) })
+	}
+}
+
+// goLoop runs fn in a goroutine that Stop waits for.
+func (c *Coordinator) goLoop(fn func()) {
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
-		c.watchLeadership(ctx)
+		fn()
 	}()
-	if c.cfg.Join != "" && !hasState {
-		c.wg.Add(1)
-		go func() {
-			defer c.wg.Done()
-			c.joinLoop(ctx)
-		}()
-	}
-	c.log.Info("coordinator started", "category", "infrastructure", "raft_addr", c.RaftAddr(), "http_addr", c.HTTPAddr(), "existing_state", hasState, "log_store", c.logKind)
-	return nil
 }
 
 // Stop shuts the coordinator down: background loops, HTTP server, raft,

@@ -228,3 +228,12 @@ func (c *Coordinator) releaseStaleHolds(ctx context.Context) {
 	}
 	c.log.Info("released stale holds", "category", "billing", "holds", len(stale))
 }
+
+// markLost asks the failover loop to move a run off node now. node is the
+// node the failed call went to: by the time the call fails the run may have
+// moved already, and the loop then ignores the mark.
+func (c *Coordinator) markLost(runID, node string) {
+	c.movingMu.Lock()
+	c.missing[runID] = lostMark{node: node}
+	c.movingMu.Unlock()
+}

@@ -1,6 +1,9 @@
 package coordinator
 
 import (
+	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"sort"
@@ -120,4 +123,60 @@ func fits(n protocol.Node, need int64) bool {
 		return false
 	}
 	return n.CPU.MemoryTotal >= need
+}
+
+// openSession places spec on a node (not in exclude), sends init and marks
+// the run ready there. It tries further nodes when one is lost.
+// When moved is set the run restarts at the checkpoint's step (0 without
+// one) and records it as resumed_from_step.
+func (c *Coordinator) openSession(ctx context.Context, spec protocol.SessionSpec, model ModelSpec, resume *protocol.Checkpoint, moved bool, exclude map[string]bool) (*RunRecord, error) {
+	spec.ResumeFrom = resume
+	body, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		node, err := c.place(model, exclude)
+		if err != nil {
+			if lastErr != nil {
+				err = fmt.Errorf("%w (last node error: %v)", err, lastErr)
+			}
+			return nil, retryAfter(err, c.cfg.RetryAfter)
+		}
+		peer := node.PeerID
+		if _, err := c.propose(ctx, cmdUpdateRun, RunUpdate{RunID: spec.RunID, Node: &peer, Time: now()}); err != nil {
+			return nil, err
+		}
+		resp, err := c.nodesBackend().Do(ctx, peer, protocol.SessionRequest{RequestID: spec.RunID + "/init/" + newID(4), RunID: spec.RunID, Call: protocol.CallInit, Body: body})
+		if err == nil && resp.Error != nil {
+			err = nodeError(resp.Error)
+			if !errors.Is(err, ErrUnavailable) {
+				return nil, err
+			}
+		}
+		if err != nil {
+			if errors.Is(err, ErrNodeLost) || errors.Is(err, ErrUnavailable) {
+				exclude[peer] = true
+				lastErr = err
+				continue
+			}
+			return nil, fmt.Errorf("init run %s on %s: %w", spec.RunID, peer, err)
+		}
+		u := RunUpdate{RunID: spec.RunID, Status: protocol.RunReady, Time: now()}
+		if moved {
+			step := 0
+			if resume != nil {
+				step = resume.Step
+			}
+			u.Step, u.ResumedFromStep = &step, &step
+			u.ExpectStatus = []string{protocol.RunMoving}
+		}
+		v, err := c.propose(ctx, cmdUpdateRun, u)
+		if err != nil {
+			return nil, err
+		}
+		return v.(*RunRecord), nil
+	}
+	return nil, retryAfter(fmt.Errorf("no node could open run %s: %v: %w", spec.RunID, lastErr, ErrNoCapacity), c.cfg.RetryAfter)
 }

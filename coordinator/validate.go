@@ -1,11 +1,28 @@
 package coordinator
 
 import (
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"math"
 
 	"github.com/signal-p2p/signal/protocol"
 )
+
+// Request limits named in 400 messages.
+const (
+	maxNameLen         = 200
+	maxCredits         = 1 << 53 // keeps amounts exact in JSON clients that use doubles
+	maxLoRARank        = 256
+	maxLoRAAlpha       = 4096
+	maxCheckpointEvery = 1_000_000
+	maxBatchItems      = 4096
+	maxPrompts         = 1024
+	maxNumSamples      = 64
+)
+
+var allModules = []string{"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 // quote is what the coordinator knows of a billed call from its request
 // alone, before any node sees it: the most usage the call can take, field by
@@ -302,4 +319,97 @@ func validateSample(req *protocol.SampleRequest, m ModelSpec, count textCounter)
 	u.PrefillTokens = prefill
 	u.SampledTokens = int64(len(req.Prompts)) * int64(n) * int64(sp.MaxTokens)
 	return u, nil
+}
+
+// validateCreateRun checks a create_run request and fills its defaults.
+func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protocol.SessionSpec, ModelSpec, error) {
+	var spec protocol.SessionSpec
+	if req.BaseModel == "" {
+		return spec, ModelSpec{}, fmt.Errorf("field base_model: required: %w", ErrInvalidRequest)
+	}
+	model, err := c.models.get(req.BaseModel)
+	if err != nil {
+		return spec, model, err
+	}
+	spec.BaseModel = model.Name
+	spec.LoRARank = 32
+	if req.LoRARank != nil {
+		spec.LoRARank = *req.LoRARank
+	}
+	if spec.LoRARank < 1 || spec.LoRARank > maxLoRARank {
+		return spec, model, fmt.Errorf("field lora_rank: %d out of range 1..%d: %w", spec.LoRARank, maxLoRARank, ErrInvalidRequest)
+	}
+	spec.LoRAAlpha = 32
+	if req.LoRAAlpha != nil {
+		spec.LoRAAlpha = *req.LoRAAlpha
+	}
+	if !(spec.LoRAAlpha > 0 && spec.LoRAAlpha <= maxLoRAAlpha) {
+		return spec, model, fmt.Errorf("field lora_alpha: %v out of range (0, %d]: %w", spec.LoRAAlpha, maxLoRAAlpha, ErrInvalidRequest)
+	}
+	spec.TargetModules = allModules
+	if len(req.TargetModules) > 0 {
+		valid := map[string]bool{"all-linear": true}
+		for _, m := range allModules {
+			valid[m] = true
+		}
+		for _, m := range req.TargetModules {
+			if !valid[m] {
+				return spec, model, fmt.Errorf("field target_modules: %q is not one of %v or all-linear: %w", m, allModules, ErrInvalidRequest)
+			}
+		}
+		spec.TargetModules = req.TargetModules
+	}
+	spec.CheckpointEvery = 10
+	if req.CheckpointEvery != nil {
+		spec.CheckpointEvery = *req.CheckpointEvery
+	}
+	if spec.CheckpointEvery < 0 || spec.CheckpointEvery > maxCheckpointEvery {
+		return spec, model, fmt.Errorf("field checkpoint_every: %d out of range 0..%d (0 = never): %w", spec.CheckpointEvery, maxCheckpointEvery, ErrInvalidRequest)
+	}
+	if req.Seed != nil {
+		spec.Seed = *req.Seed
+	} else {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		spec.Seed = int64(binary.BigEndian.Uint64(b[:]) >> 1)
+	}
+	if len(req.Name) > maxNameLen {
+		return spec, model, fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+	}
+	if s := req.LRSchedule; s != nil {
+		switch {
+		case s.Kind != "constant" && s.Kind != "linear" && s.Kind != "cosine":
+			return spec, model, fmt.Errorf("field lr_schedule.kind: %q is not constant, linear or cosine: %w", s.Kind, ErrInvalidRequest)
+		case !(s.PeakLR > 0 && s.PeakLR <= 10):
+			return spec, model, fmt.Errorf("field lr_schedule.peak_lr: %v out of range (0, 10]: %w", s.PeakLR, ErrInvalidRequest)
+		case s.WarmupSteps < 0 || s.TotalSteps < 0:
+			return spec, model, fmt.Errorf("field lr_schedule: warmup_steps and total_steps must not be negative: %w", ErrInvalidRequest)
+		case !(s.FinalFraction >= 0 && s.FinalFraction <= 1):
+			return spec, model, fmt.Errorf("field lr_schedule.final_fraction: %v out of range [0, 1]: %w", s.FinalFraction, ErrInvalidRequest)
+		}
+		spec.LRSchedule, _ = json.Marshal(s)
+	}
+	return spec, model, nil
+}
+
+// validateCreateKey checks an admin create-key request.
+func validateCreateKey(req protocol.CreateKeyRequest) error {
+	if req.Credits < 0 || req.Credits > maxCredits {
+		return fmt.Errorf("field credits: %d out of range 0..%d: %w", req.Credits, int64(maxCredits), ErrInvalidRequest)
+	}
+	if len(req.Name) > maxNameLen {
+		return fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+	}
+	return nil
+}
+
+// validateCredit checks an admin credit request.
+func validateCredit(req protocol.CreditRequest) error {
+	if req.Account == "" {
+		return fmt.Errorf("field account: required: %w", ErrInvalidRequest)
+	}
+	if req.Amount <= 0 || req.Amount > maxCredits {
+		return fmt.Errorf("field amount: %d out of range 1..%d: %w", req.Amount, int64(maxCredits), ErrInvalidRequest)
+	}
+	return nil
 }

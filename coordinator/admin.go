@@ -1,0 +1,55 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// createKey mints an API key and its account with req.Credits. Only the
+// key's hash is replicated: the key itself is answered once.
+func (c *Coordinator) createKey(ctx context.Context, req protocol.CreateKeyRequest) (protocol.CreateKeyResponse, error) {
+	if err := validateCreateKey(req); err != nil {
+		return protocol.CreateKeyResponse{}, err
+	}
+	key := newSecret("sk-sig-")
+	acct := "acct_" + newID(8)
+	rec := KeyRecord{Hash: hashSecret(key), Account: acct, Name: req.Name, CreatedAt: now()}
+	if _, err := c.propose(ctx, cmdCreateKey, createKeyCmd{Key: rec, Credits: req.Credits}); err != nil {
+		return protocol.CreateKeyResponse{}, err
+	}
+	c.log.Info("api key created", "category", "security", "account", acct, "credits", req.Credits)
+	return protocol.CreateKeyResponse{APIKey: key, Account: acct}, nil
+}
+
+// credit mints req.Amount into req.Account. The answer is recorded under
+// idem with the mint itself, so a retry through a new leader credits once.
+func (c *Coordinator) credit(ctx context.Context, req protocol.CreditRequest, idem *IdemTag) (IdemRecord, error) {
+	if err := validateCredit(req); err != nil {
+		return IdemRecord{}, err
+	}
+	v, err := c.propose(ctx, cmdMint, mintCmd{Account: req.Account, Amount: req.Amount, Idem: idem, Time: now()})
+	if err != nil {
+		return IdemRecord{}, err
+	}
+	c.log.Info("account credited", "category", "billing", "account", req.Account, "amount", req.Amount)
+	return v.(IdemRecord), nil
+}
+
+// createJoinToken issues a join token whose nodes earn for
+// req.OperatorAccount (a new operator account when empty).
+func (c *Coordinator) createJoinToken(ctx context.Context, req protocol.JoinTokenRequest) (protocol.JoinTokenResponse, error) {
+	if len(req.OperatorAccount) > maxNameLen {
+		return protocol.JoinTokenResponse{}, fmt.Errorf("field operator_account: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+	}
+	op := req.OperatorAccount
+	if op == "" {
+		op = "op_" + newID(8)
+	}
+	tok := newSecret("jt-")
+	if _, err := c.propose(ctx, cmdCreateJoinToken, JoinTokenRecord{Hash: hashSecret(tok), Operator: op, CreatedAt: now()}); err != nil {
+		return protocol.JoinTokenResponse{}, err
+	}
+	return protocol.JoinTokenResponse{JoinToken: tok, OperatorAccount: op}, nil
+}
