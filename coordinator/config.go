@@ -44,7 +44,8 @@ type Config struct {
 	ClusterSecret string
 	// Models is the model registry; every member needs the same one.
 	Models []ModelSpec
-	// Backend reaches the node network; nil means none (placement fails with 503).
+	// Backend reaches the node network; nil means none (placement fails
+	// with 503) unless NewMember gives the coordinator its p2p host.
 	Backend Backend
 	// UI, when set, serves the web pages: GET / and everything under
 	// /dashboard (the dashboard package's Handler). Nil leaves them 404.

@@ -49,7 +49,8 @@ type Coordinator struct {
 	limits  *rateLimits
 	// joinLimits bounds new node registrations per join token.
 	joinLimits *rateLimits
-	backend    atomic.Pointer[backendBox]
+	// backend reaches the node network; set before Start, never after.
+	backend Backend
 
 	raft      *raft.Raft
 	transport *raft.NetworkTransport
@@ -92,8 +93,6 @@ type Coordinator struct {
 	stopMu  sync.Mutex
 }
 
-type backendBox struct{ b Backend }
-
 // New checks cfg and builds a coordinator; Start runs it.
 func New(cfg Config) (*Coordinator, error) {
 	if err := cfg.Validate(); err != nil {
@@ -122,20 +121,14 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	c.fsm.log = c.log
 	c.metrics = newMetrics(c)
-	b := cfg.Backend
-	if b == nil {
-		b = noBackend{}
+	c.backend = cfg.Backend
+	if c.backend == nil {
+		c.backend = noBackend{} // NewMember sets its host before Start
 	}
-	c.SetBackend(b)
 	return c, nil
 }
 
-// SetBackend replaces the node network backend. The p2p host needs the
-// coordinator as its registry and the coordinator needs the host as its
-// backend, so one of them is wired after New.
-func (c *Coordinator) SetBackend(b Backend) { c.backend.Store(&backendBox{b: b}) }
-
-func (c *Coordinator) nodesBackend() Backend { return c.backend.Load().b }
+func (c *Coordinator) nodesBackend() Backend { return c.backend }
 
 // Start opens the raft stores, starts raft and the HTTP server, and
 // bootstraps or joins as configured. It returns once the HTTP server

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/signal-p2p/signal/coordinator/p2p"
 	"github.com/signal-p2p/signal/ledger"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -15,8 +16,10 @@ import (
 // involved; httpStatus maps them to statuses in one place.
 var (
 	// ErrNodeLost means a node is unreachable or its stream broke; the run it
-	// served moves to another node.
-	ErrNodeLost = errors.New("node lost")
+	// served moves to another node. It is the node network's own sentinel
+	// (p2p.ErrNodeLost), so a Backend's error matches it with errors.Is
+	// whichever name the caller knows.
+	ErrNodeLost = p2p.ErrNodeLost
 	// ErrNoCapacity means no live node can take a run.
 	ErrNoCapacity = errors.New("no node has capacity")
 	// ErrInvalidRequest is a malformed or out-of-range request.

@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // Engine runs training sessions on base models. The native Go engine
@@ -21,12 +22,23 @@ type Engine interface {
 }
 
 // Session is one run's adapter and optimizer state on an engine. The node
-// calls it from one goroutine at a time.
+// calls it from one goroutine at a time, with typed values: it decodes the
+// public API's request once and converts examples, prompts and stop strings
+// itself (convert.go), so every engine trains on the same tokens.
 type Session interface {
-	// Do runs forward_backward, forward, optim_step or sample: body is the
-	// public API's request JSON, the result the API's response JSON (without
-	// cost and balance, which the coordinator adds).
-	Do(ctx context.Context, call protocol.Call, body []byte) (resp []byte, usage protocol.Usage, err error)
+	// Tokenizer is the base model's tokenizer, nil when its directory has
+	// none (then only token ids are accepted).
+	Tokenizer() Tokenizer
+	// ForwardBackward runs data through the model, adds the gradient of
+	// the loss sum to the accumulated gradient and returns the figures.
+	ForwardBackward(ctx context.Context, data []trainer.Datum, loss Loss) (trainer.ForwardResult, error)
+	// Forward is ForwardBackward without gradients.
+	Forward(ctx context.Context, data []trainer.Datum, loss Loss) (trainer.ForwardResult, error)
+	// OptimStep applies one AdamW step with the accumulated gradient.
+	OptimStep(ctx context.Context, p trainer.AdamParams) (trainer.OptimResult, error)
+	// Sample continues each prompt num times. Samples carry their text
+	// cut at the first of p.Stop (trainer.CutAtStop's rule).
+	Sample(ctx context.Context, prompts [][]int, num int, p trainer.SamplingParams) ([][]trainer.Sample, error)
 	// SaveState writes the session's files into dir (an empty directory):
 	// PEFT adapter files, plus optimizer state when mode is "full".
 	SaveState(ctx context.Context, dir, mode string) error
@@ -36,6 +48,21 @@ type Session interface {
 	Step() int
 	// Close frees the session.
 	Close() error
+}
+
+// Loss names a loss function (trainer.LossCrossEntropy, ...) and its
+// settings (clip thresholds) as the API sent them.
+type Loss struct {
+	Fn     string
+	Config map[string]float64
+}
+
+// Tokenizer is what the node needs of a model's tokenizer to convert text
+// (trainer/tokenizer's Tokenizer is one).
+type Tokenizer interface {
+	Encode(text string, addSpecial bool) []int
+	Decode(ids []int, skipSpecial bool) string
+	EOS() []int
 }
 
 // Errors engines and the node return; the node maps them to the public API's

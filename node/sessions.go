@@ -266,11 +266,10 @@ func (m *Manager) onRun(ctx context.Context, req protocol.SessionRequest) (proto
 		return bodyResponse(protocol.SessionState{RunID: req.RunID, Step: r.sess.Step(), Backend: m.engine.Backend()}, protocol.Usage{}, nil)
 	}
 
-	out, usage, err := r.sess.Do(ctx, req.Call, req.Body)
+	resp, err := Compute(ctx, r.sess, req.Call, req.Body)
 	if err != nil {
 		return protocol.SessionResponse{}, fmt.Errorf("%s: %w", req.Call, err)
 	}
-	resp := protocol.SessionResponse{Body: out, Usage: usage}
 	if req.Call == protocol.CallOptimStep {
 		if every, step := r.spec.CheckpointEvery, r.sess.Step(); every > 0 && step > 0 && step%every == 0 {
 			// The step itself succeeded; a failed automatic checkpoint is

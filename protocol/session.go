@@ -49,6 +49,20 @@ type Usage struct {
 	StoredBytes int64 `json:"stored_bytes,omitempty"`
 }
 
+// Figures are a compute call's training figures, typed, beside Usage: the
+// coordinator keeps them in the run record without reading the body.
+// forward_backward and forward set LossSum, WeightSum (the sum of the loss
+// weights, so several calls' losses combine into one mean) and Tokens, and
+// forward_backward GradNorm; optim_step sets Step, LearningRate and GradNorm.
+type Figures struct {
+	LossSum      float64  `json:"loss_sum,omitempty"`
+	WeightSum    float64  `json:"weight_sum,omitempty"`
+	Tokens       int64    `json:"tokens,omitempty"`
+	Step         int      `json:"step,omitempty"`
+	LearningRate float64  `json:"learning_rate,omitempty"`
+	GradNorm     *float64 `json:"grad_norm,omitempty"`
+}
+
 // SessionRequest is one call on a run's session.
 type SessionRequest struct {
 	// RequestID makes a call idempotent: a node executes a repeated
@@ -64,6 +78,7 @@ type SessionResponse struct {
 	RequestID string          `json:"request_id"`
 	Body      json.RawMessage `json:"body,omitempty"`
 	Usage     Usage           `json:"usage"`
+	Figures   *Figures        `json:"figures,omitempty"`
 	// Checkpoint is set when the call wrote one (save_state, or an automatic
 	// checkpoint taken after an optim_step): the coordinator records it.
 	Checkpoint *Checkpoint `json:"checkpoint,omitempty"`

@@ -2,7 +2,6 @@ package testnet
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -44,8 +43,7 @@ type CoordinatorSpec struct {
 // dashboard on one address (as `signal coordinator` serves them), and its
 // libp2p host (the nodes' bootstrap peer).
 type Coordinator struct {
-	core *coordinator.Coordinator
-	host *p2p.Host
+	m *coordinator.Member
 
 	stopOnce sync.Once
 	stopErr  error
@@ -86,52 +84,37 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 	cfg.ElectionTimeout = 500 * time.Millisecond
 	cfg.LeaderLeaseTimeout = 250 * time.Millisecond
 	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
-	// The dashboard at / and /dashboard, reading through the member's own
-	// API once it listens.
-	var core *coordinator.Coordinator
-	cfg.UI = dashboard.New(dashboard.NewSelfSource(func() string { return core.URL() }), dashboard.Options{Title: "Signal testnet · " + spec.ID, Logger: log})
-	core, err := coordinator.New(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
-	}
 	pcfg := p2p.DefaultConfig()
-	pcfg.DataDir = spec.DataDir
 	pcfg.ListenAddrs = []string{"/ip4/127.0.0.1/tcp/0", "/ip4/127.0.0.1/udp/0/quic-v1"}
-	pcfg.NodeLostErr = coordinator.ErrNodeLost
-	pcfg.Logger = log
 	if spec.NodeTTL > 0 {
 		pcfg.NodeTTL = spec.NodeTTL
 	}
-	host, err := p2p.New(pcfg, core.NodeRegistry())
+	// The dashboard at / and /dashboard, reading through the member's own
+	// API once it listens.
+	var m *coordinator.Member
+	cfg.UI = dashboard.New(dashboard.NewSelfSource(func() string { return m.URL() }), dashboard.Options{Title: "Signal testnet · " + spec.ID, Logger: log})
+	m, err := coordinator.NewMember(cfg, &pcfg)
 	if err != nil {
-		return nil, fmt.Errorf("coordinator %s p2p: %w", spec.ID, err)
-	}
-	core.SetBackend(host)
-	if err := host.Start(ctx); err != nil {
-		_ = host.Stop()
-		return nil, fmt.Errorf("coordinator %s p2p: %w", spec.ID, err)
-	}
-	if err := core.Start(ctx); err != nil {
-		_ = host.Stop()
 		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
 	}
-	return &Coordinator{core: core, host: host}, nil
+	if err := m.Start(ctx); err != nil {
+		return nil, fmt.Errorf("coordinator %s: %w", spec.ID, err)
+	}
+	return &Coordinator{m: m}, nil
 }
 
 // URL is the member's public base URL (API and dashboard).
-func (c *Coordinator) URL() string { return c.core.URL() }
+func (c *Coordinator) URL() string { return c.m.URL() }
 
 // P2PAddrs are the multiaddrs nodes bootstrap to.
-func (c *Coordinator) P2PAddrs() []string { return c.host.Addrs() }
+func (c *Coordinator) P2PAddrs() []string { return c.m.P2PAddrs() }
 
 // Core is the coordinator itself (raft state, leadership).
-func (c *Coordinator) Core() *coordinator.Coordinator { return c.core }
+func (c *Coordinator) Core() *coordinator.Coordinator { return c.m.Coordinator() }
 
 // Stop stops the coordinator and its libp2p host.
 func (c *Coordinator) Stop() error {
-	c.stopOnce.Do(func() {
-		c.stopErr = errors.Join(c.core.Stop(), c.host.Stop())
-	})
+	c.stopOnce.Do(func() { c.stopErr = c.m.Stop() })
 	return c.stopErr
 }
 

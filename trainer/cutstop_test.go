@@ -1,4 +1,4 @@
-package gpu
+package trainer
 
 import (
 	"math/rand/v2"
@@ -6,13 +6,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/signal-p2p/signal/protocol"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
 
-// applyStopLinear is the definition applyStop's binary search must match:
+// cutAtStopLinear is the definition CutAtStop's binary search must match:
 // the first prefix whose decode holds a stop string.
-func applyStopLinear(tok *tokenizer.Tokenizer, smp *protocol.Sample, stops []string) {
+func cutAtStopLinear(tok *tokenizer.Tokenizer, smp *Sample, stops []string) {
 	for k := 1; k <= len(smp.Tokens); k++ {
 		text := tok.Decode(smp.Tokens[:k], true)
 		cut := -1
@@ -30,14 +29,14 @@ func applyStopLinear(tok *tokenizer.Tokenizer, smp *protocol.Sample, stops []str
 	smp.Text = tok.Decode(smp.Tokens, true)
 }
 
-func TestApplyStopFindsTheFirstCompletingToken(t *testing.T) {
+func TestCutAtStopFindsTheFirstCompletingToken(t *testing.T) {
 	texts := []string{
 		"The cat sat on the mat. Then it sat again!\nAnswer: yes.",
 		"def f(x):\n    return x * 2  # double\n\nprint(f(3))",
 		"naïve café — 日本語のテキスト 🙂🙂 end",
 	}
 	for _, name := range []string{"sentencepiece-bpe", "byte-level-bpe"} {
-		tok, err := tokenizer.Load("../../trainer/tokenizer/testdata/" + name)
+		tok, err := tokenizer.Load("tokenizer/testdata/" + name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -57,14 +56,14 @@ func TestApplyStopFindsTheFirstCompletingToken(t *testing.T) {
 				if trial%5 == 0 {
 					stops = append(stops, string(runes[rng.IntN(len(runes))]))
 				}
-				lp := make([]float64, len(ids))
+				lp := make([]float32, len(ids))
 				for j := range lp {
-					lp[j] = -float64(j)
+					lp[j] = -float32(j)
 				}
-				got := protocol.Sample{Tokens: slices.Clone(ids), Logprobs: slices.Clone(lp), StopReason: "length"}
-				want := protocol.Sample{Tokens: slices.Clone(ids), Logprobs: slices.Clone(lp), StopReason: "length"}
-				applyStop(tok, &got, stops)
-				applyStopLinear(tok, &want, stops)
+				got := Sample{Tokens: slices.Clone(ids), Logprobs: slices.Clone(lp), StopReason: "length"}
+				want := Sample{Tokens: slices.Clone(ids), Logprobs: slices.Clone(lp), StopReason: "length"}
+				CutAtStop(tok, &got, stops)
+				cutAtStopLinear(tok, &want, stops)
 				if got.Text != want.Text || got.StopReason != want.StopReason || !slices.Equal(got.Tokens, want.Tokens) || !slices.Equal(got.Logprobs, want.Logprobs) {
 					t.Fatalf("%s: stops %q in %q: got %+v, want %+v", name, stops, full, got, want)
 				}

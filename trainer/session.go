@@ -37,13 +37,15 @@ type SessionConfig struct {
 	Schedule      *LRSchedule
 }
 
-// ForwardResult is what Forward and ForwardBackward return. LossMean is
-// LossSum over the sum of the weights (over the token count for data without
-// weights); GradNorm (ForwardBackward only) is the L2 norm of this call's
+// ForwardResult is what Forward and ForwardBackward return. WeightSum is
+// the sum of the loss weights (1 per position of a datum without weights),
+// the denominator callers need to combine several calls' means; LossMean is
+// LossSum over WeightSum (over the token count when no weight is set); GradNorm (ForwardBackward only) is the L2 norm of this call's
 // gradient of LossSum over all LoRA parameters. Logprobs[i][j] is the model's
 // log-probability of data[i].TargetTokens[j].
 type ForwardResult struct {
 	LossSum, LossMean float64
+	WeightSum         float64
 	Tokens            int
 	GradNorm          float64
 	Logprobs          [][]float32
@@ -249,7 +251,7 @@ func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn str
 		dxf = ar.dirty(p.rows * c.HiddenSize)
 	}
 	p.head(dxf, lossAt)
-	res := &ForwardResult{LossSum: lossSum, Tokens: p.rows, Logprobs: make([][]float32, len(data))}
+	res := &ForwardResult{LossSum: lossSum, WeightSum: weightSum, Tokens: p.rows, Logprobs: make([][]float32, len(data))}
 	if weightSum > 0 {
 		res.LossMean = lossSum / weightSum
 	} else {

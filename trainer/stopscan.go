@@ -1,9 +1,58 @@
 package trainer
 
 import (
+	"sort"
 	"strings"
 	"unicode/utf8"
 )
+
+// firstStop is the byte offset of the first stop string in text, or -1:
+// the one definition of where a sample's text ends, for every engine.
+func firstStop(text string, stops []string) int {
+	cut := -1
+	for _, s := range stops {
+		if i := strings.Index(text, s); i >= 0 && (cut < 0 || i < cut) {
+			cut = i
+		}
+	}
+	return cut
+}
+
+// TextDecoder turns token ids back into text (trainer/tokenizer's Tokenizer is one).
+type TextDecoder interface {
+	Decode(ids []int, skipSpecial bool) string
+}
+
+// CutAtStop finishes a sample that an engine generated without seeing the
+// text (the PyTorch worker stops on token ids and on stop strings it can
+// see in token bytes): it decodes the text and cuts it at the first stop
+// string the way the native engine's incremental scanner does. Tokens keep
+// the one that completed the stop string, the text ends before it. That
+// token is found by binary search over prefix decodes (whether a prefix's
+// text holds a stop string changes once, from no to yes), so a long sample
+// costs O(n log n) decodes' worth, not one decode per token.
+func CutAtStop(dec TextDecoder, smp *Sample, stops []string) {
+	text := dec.Decode(smp.Tokens, true)
+	if len(stops) == 0 || firstStop(text, stops) < 0 {
+		smp.Text = text
+		return
+	}
+	k := sort.Search(len(smp.Tokens), func(k int) bool { return firstStop(dec.Decode(smp.Tokens[:k+1], true), stops) >= 0 }) + 1
+	cut := -1
+	if k <= len(smp.Tokens) {
+		prefix := dec.Decode(smp.Tokens[:k], true)
+		if cut = firstStop(prefix, stops); cut >= 0 {
+			text = prefix
+		}
+	}
+	if cut < 0 { // a decoder whose prefixes disagree: cut the full text
+		k, cut = len(smp.Tokens), firstStop(text, stops)
+	}
+	smp.Tokens = smp.Tokens[:k]
+	smp.Logprobs = smp.Logprobs[:k]
+	smp.Text = text[:cut]
+	smp.StopReason = StopStop
+}
 
 // stopScanner finds stop strings in a growing continuation without decoding
 // the whole continuation at every token (which made sampling quadratic in
@@ -74,14 +123,7 @@ func (sc *stopScanner) scan(tokens []int) int {
 // find returns the first stop string's offset in the full decode, or -1
 // when the incremental text claimed a hit the full text does not have.
 func (sc *stopScanner) find(tokens []int) int {
-	text := sc.codec.Decode(tokens, true)
-	cut := -1
-	for _, s := range sc.stops {
-		if i := strings.Index(text, s); i >= 0 && (cut < 0 || i < cut) {
-			cut = i
-		}
-	}
-	return cut
+	return firstStop(sc.codec.Decode(tokens, true), sc.stops)
 }
 
 // resync settles all of tokens from a full decode.

@@ -8,11 +8,6 @@ import (
 	"io"
 )
 
-// TextEncoder turns text into token ids (trainer/tokenizer's Tokenizer is one).
-type TextEncoder interface {
-	Encode(text string, addSpecial bool) []int
-}
-
 // jsonDatum is the public API's Datum, or a TextExample ({"text"} or
 // {"prompt", "completion"}) that the encoder turns into one.
 type jsonDatum struct {
@@ -78,36 +73,14 @@ func (jd *jsonDatum) datum(enc TextEncoder) (Datum, error) {
 		li := jd.LossFnInputs
 		return Datum{Tokens: jd.ModelInput.Tokens, TargetTokens: li.TargetTokens, Weights: li.Weights,
 			Logprobs: li.Logprobs, Advantages: li.Advantages}, nil
-	case enc == nil:
-		return Datum{}, fmt.Errorf("%w: text examples need a model with a tokenizer", ErrInvalidInput)
-	case jd.Text != nil && (jd.Prompt != nil || jd.Completion != nil):
-		return Datum{}, fmt.Errorf("%w: text excludes prompt and completion", ErrInvalidInput)
+	case jd.Prompt != nil && jd.Completion == nil:
+		return Datum{}, fmt.Errorf("%w: prompt and completion go together", ErrInvalidInput)
 	}
-	var ids []int
-	nPrompt := 0
-	if jd.Text != nil {
-		ids = enc.Encode(*jd.Text, true)
-	} else {
-		if jd.Prompt == nil || jd.Completion == nil {
-			return Datum{}, fmt.Errorf("%w: prompt and completion go together", ErrInvalidInput)
+	deref := func(s *string) string {
+		if s == nil {
+			return ""
 		}
-		// Encoding the concatenation keeps the tokenizer's merges across the
-		// boundary; the prompt's own encoding tells how many tokens it covers.
-		ids = enc.Encode(*jd.Prompt+*jd.Completion, true)
-		nPrompt = len(enc.Encode(*jd.Prompt, true))
-		if eos, ok := enc.(interface{ EOS() []int }); ok && len(eos.EOS()) > 0 && (len(ids) == 0 || ids[len(ids)-1] != eos.EOS()[0]) {
-			ids = append(ids, eos.EOS()[0])
-		}
+		return *s
 	}
-	if len(ids) < 2 {
-		return Datum{}, fmt.Errorf("%w: text encodes to %d tokens, want at least 2", ErrInvalidInput, len(ids))
-	}
-	d := Datum{Tokens: ids[:len(ids)-1], TargetTokens: ids[1:], Weights: make([]float32, len(ids)-1)}
-	for i := range d.Weights {
-		// Weight of predicting ids[i+1]: 1 when that token is past the prompt.
-		if i+1 >= nPrompt {
-			d.Weights[i] = 1
-		}
-	}
-	return d, nil
+	return EncodeExample(enc, Example{Text: deref(jd.Text), Prompt: deref(jd.Prompt), Completion: deref(jd.Completion)})
 }

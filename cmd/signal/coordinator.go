@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -117,49 +116,33 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 		}
 		cfg.Models = append(cfg.Models, spec)
 	}
+	var pc *p2p.Config
+	if !o.noP2P {
+		d := p2p.DefaultConfig()
+		if len(o.p2pListen) > 0 {
+			d.ListenAddrs = o.p2pListen
+		}
+		pc = &d
+	}
 	// The dashboard reads through this member's own API (a follower
 	// forwards to the leader), at the address it listens on once started.
-	var c *coordinator.Coordinator
-	cfg.UI = dashboard.New(dashboard.NewSelfSource(func() string { return c.URL() }), dashboard.Options{Title: "Signal · " + cfg.ID, Logger: logger})
-	c, err := coordinator.New(cfg)
+	var m *coordinator.Member
+	cfg.UI = dashboard.New(dashboard.NewSelfSource(func() string { return m.URL() }), dashboard.Options{Title: "Signal · " + cfg.ID, Logger: logger})
+	m, err := coordinator.NewMember(cfg, pc)
 	if err != nil {
 		return err
 	}
-	var host *p2p.Host
-	if !o.noP2P {
-		pc := p2p.DefaultConfig()
-		pc.DataDir = filepath.Join(o.data, "p2p")
-		if len(o.p2pListen) > 0 {
-			pc.ListenAddrs = o.p2pListen
-		}
-		pc.NodeLostErr = coordinator.ErrNodeLost
-		pc.Logger = logger
-		if host, err = p2p.New(pc, c.NodeRegistry()); err != nil {
-			return fmt.Errorf("p2p host: %w", err)
-		}
-		c.SetBackend(host)
-	}
-	if err := c.Start(ctx); err != nil {
+	if err := m.Start(ctx); err != nil {
 		return err
 	}
+	c := m.Coordinator()
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "coordinator %s: api %s raft %s dashboard %s/dashboard\n", cfg.ID, c.URL(), c.RaftAddr(), c.URL())
-	if host != nil {
-		if err := host.Start(ctx); err != nil {
-			_ = c.Stop()
-			return fmt.Errorf("p2p host: %w", err)
-		}
-		for _, a := range host.Addrs() {
-			fmt.Fprintf(out, "p2p %s\n", a)
-		}
+	for _, a := range m.P2PAddrs() {
+		fmt.Fprintf(out, "p2p %s\n", a)
 	}
 	<-ctx.Done()
-	var errs []error
-	if host != nil {
-		errs = append(errs, host.Stop())
-	}
-	errs = append(errs, c.Stop())
-	if err := errors.Join(errs...); err != nil && !errors.Is(err, context.Canceled) {
+	if err := m.Stop(); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
 	return nil

@@ -68,8 +68,9 @@ type DrainRecorder interface {
 
 // Errors of this package.
 var (
-	// ErrNodeLost means the node is unreachable or its stream broke. Do
-	// also wraps Config.NodeLostErr (the coordinator's own sentinel).
+	// ErrNodeLost means the node is unreachable or its stream broke. The
+	// coordinator matches it with errors.Is (coordinator.ErrNodeLost is
+	// this same value).
 	ErrNodeLost = errors.New("node lost")
 	// ErrNotJoined means the peer has not proven a join token: it is not served.
 	ErrNotJoined = errors.New("node has not joined")
@@ -101,10 +102,6 @@ type Config struct {
 	MaxIdleStreams int
 	// MaxFrameBytes bounds a session response.
 	MaxFrameBytes int
-	// NodeLostErr, when set, is wrapped alongside ErrNodeLost so that the
-	// coordinator's errors.Is(err, coordinator.ErrNodeLost) holds without
-	// this package importing the coordinator (which constructs it).
-	NodeLostErr error
 	// DHT runs a Kademlia DHT server for nodes that use one.
 	DHT    bool
 	Logger *slog.Logger
@@ -520,11 +517,8 @@ func (h *Host) handleDrained(s network.Stream) {
 	}
 }
 
-// lost wraps ErrNodeLost (and the coordinator's sentinel) around a cause.
+// lost wraps ErrNodeLost around a cause.
 func (h *Host) lost(id peer.ID, cause error) error {
-	if h.cfg.NodeLostErr != nil {
-		return fmt.Errorf("%w: %w: node %s: %w", h.cfg.NodeLostErr, ErrNodeLost, id, cause)
-	}
 	return fmt.Errorf("%w: node %s: %w", ErrNodeLost, id, cause)
 }
 

@@ -66,8 +66,6 @@ func (r *fakeRegistry) IsJoined(peerID string) bool {
 	return ok
 }
 
-var errCoordinatorNodeLost = errors.New("coordinator: node lost")
-
 func quietLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
 }
@@ -84,7 +82,6 @@ func startCoordinatorWith(t testing.TB, reg p2p.Registry, mod func(*p2p.Config))
 	cfg.DataDir = t.TempDir()
 	cfg.ListenAddrs = loopback
 	cfg.NodeTTL = 2 * time.Second
-	cfg.NodeLostErr = errCoordinatorNodeLost
 	cfg.Logger = quietLogger()
 	if mod != nil {
 		mod(&cfg)
@@ -413,8 +410,8 @@ func TestNodeLostAndResumeElsewhere(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	_, err := coord.Do(ctx, a.PeerID(), protocol.SessionRequest{RequestID: "after-kill", RunID: "run-f", Call: protocol.CallSample, Body: []byte(`{}`)})
-	if !errors.Is(err, p2p.ErrNodeLost) || !errors.Is(err, errCoordinatorNodeLost) {
-		t.Fatalf("Do on a killed node err = %v, want ErrNodeLost and the coordinator's sentinel", err)
+	if !errors.Is(err, p2p.ErrNodeLost) {
+		t.Fatalf("Do on a killed node err = %v, want ErrNodeLost", err)
 	}
 	took := waitFor(t, 10*time.Second, "killed node to expire", func() bool { _, ok := listed(coord, a.PeerID()); return !ok })
 	t.Logf("node killed → unlisted after %v", took)
@@ -505,7 +502,6 @@ func TestKilledNodeUnlistedWithoutWaitingForTTL(t *testing.T) {
 	cfg.DataDir = t.TempDir()
 	cfg.ListenAddrs = loopback
 	cfg.NodeTTL = time.Minute
-	cfg.NodeLostErr = errCoordinatorNodeLost
 	cfg.Logger = quietLogger()
 	coord, err := p2p.New(cfg, reg)
 	if err != nil {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
 
@@ -192,27 +192,22 @@ type Session struct {
 	closed bool
 }
 
-// Do runs forward_backward, forward, optim_step or sample with the public
-// API's JSON request body and returns the API's JSON response body (without
-// cost/balance) and what the call used.
-func (s *Session) Do(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, error) {
+// Tokenizer is the base model's tokenizer (nil when its directory has none).
+func (s *Session) Tokenizer() node.Tokenizer {
+	if s.tok == nil {
+		return nil
+	}
+	return s.tok
+}
+
+// locked runs fn with the session's lock held, once the session is usable.
+func (s *Session) locked(fn func() error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.usable(); err != nil {
-		return nil, protocol.Usage{}, err
+		return err
 	}
-	if len(body) == 0 {
-		body = []byte("{}")
-	}
-	switch call {
-	case protocol.CallForwardBackward, protocol.CallForward:
-		return s.forward(ctx, call, body)
-	case protocol.CallOptimStep:
-		return s.optimStep(ctx, body)
-	case protocol.CallSample:
-		return s.sample(ctx, body)
-	}
-	return nil, protocol.Usage{}, fmt.Errorf("%w: call %q is not one Do runs (forward_backward, forward, optim_step, sample)", ErrInvalidInput, call)
+	return fn()
 }
 
 // usable reports why the session cannot take a call; s.mu is held.
@@ -298,15 +293,6 @@ func (s *Session) Close() error {
 	return err
 }
 
-func decodeStrict(body []byte, v any) error {
-	dec := json.NewDecoder(strings.NewReader(string(body)))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%w: body: %w", ErrInvalidInput, err)
-	}
-	return nil
-}
-
 // ---- forward_backward / forward ----
 
 type workerFwd struct {
@@ -316,105 +302,71 @@ type workerFwd struct {
 }
 
 type workerFwdOut struct {
-	LossSum  float64     `json:"loss_sum"`
-	LossMean float64     `json:"loss_mean"`
-	Tokens   int64       `json:"tokens"`
-	GradNorm *float64    `json:"grad_norm"`
-	Logprobs [][]float64 `json:"logprobs"`
+	LossSum   float64     `json:"loss_sum"`
+	WeightSum float64     `json:"weight_sum"`
+	Tokens    int         `json:"tokens"`
+	GradNorm  *float64    `json:"grad_norm"`
+	Logprobs  [][]float32 `json:"logprobs"`
 }
 
-func (s *Session) forward(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, error) {
-	var usage protocol.Usage
-	var req protocol.ForwardBackwardRequest
-	if err := decodeStrict(body, &req); err != nil {
-		return nil, usage, fmt.Errorf("%s: %w", call, err)
-	}
-	data := req.Data
-	if len(req.Examples) > 0 {
-		if len(data) > 0 {
-			return nil, usage, fmt.Errorf("%s: %w: give data or examples, not both", call, ErrInvalidInput)
-		}
-		var err error
-		if data, err = ExamplesToData(s.tok, req.Examples); err != nil {
-			return nil, usage, fmt.Errorf("%s: %w", call, err)
-		}
-	}
-	resp, err := s.e.call(ctx, s.spec.RunID, call, workerFwd{Data: data, LossFn: req.LossFn, LossFnConfig: req.LossFnConfig})
-	if err != nil {
-		return nil, usage, err
-	}
-	var w workerFwdOut
-	if err := json.Unmarshal(resp.Body, &w); err != nil {
-		return nil, usage, fmt.Errorf("%s: %w: decode answer: %w", call, ErrInternal, err)
-	}
-	out := protocol.ForwardBackwardResponse{LossSum: w.LossSum, LossMean: w.LossMean, Tokens: w.Tokens, Logprobs: w.Logprobs}
-	if call == protocol.CallForwardBackward {
-		out.GradNorm = w.GradNorm
-	}
-	b, err := json.Marshal(out)
-	return b, resp.Usage, err
+// ForwardBackward accumulates the gradient of data's loss on the worker.
+func (s *Session) ForwardBackward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	return s.forward(ctx, protocol.CallForwardBackward, data, loss)
 }
 
-// ExamplesToData tokenizes text examples as the native engine does: Text is
-// trained on every token; Prompt + Completion has weight 0 on the prompt's
-// targets and 1 on the completion's. Inputs are the tokens but the last,
-// targets the tokens shifted left by one.
-func ExamplesToData(tok *tokenizer.Tokenizer, ex []protocol.TextExample) ([]protocol.Datum, error) {
-	if tok == nil {
-		return nil, fmt.Errorf("%w: examples: the model has no tokenizer; send data as token ids", ErrInvalidInput)
-	}
-	out := make([]protocol.Datum, 0, len(ex))
-	for i, x := range ex {
-		var ids []int
-		promptLen := 0
-		switch {
-		case x.Text != "" && (x.Prompt != "" || x.Completion != ""):
-			return nil, fmt.Errorf("%w: examples[%d]: give text, or prompt and completion", ErrInvalidInput, i)
-		case x.Text != "":
-			ids = tok.Encode(x.Text, true)
-		case x.Completion != "":
-			p := tok.Encode(x.Prompt, true)
-			promptLen = len(p)
-			ids = append(p, tok.Encode(x.Completion, false)...)
-		default:
-			return nil, fmt.Errorf("%w: examples[%d]: empty (want text, or prompt and completion)", ErrInvalidInput, i)
+// Forward computes data's loss and logprobs on the worker, no gradients.
+func (s *Session) Forward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	return s.forward(ctx, protocol.CallForward, data, loss)
+}
+
+func (s *Session) forward(ctx context.Context, call protocol.Call, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	var res trainer.ForwardResult
+	err := s.locked(func() error {
+		w := workerFwd{Data: make([]protocol.Datum, len(data)), LossFn: loss.Fn, LossFnConfig: loss.Config}
+		for i, d := range data {
+			w.Data[i].ModelInput.Tokens = d.Tokens
+			w.Data[i].LossFnInputs = protocol.LossFnInputs{TargetTokens: d.TargetTokens,
+				Weights: f64(d.Weights), Logprobs: f64(d.Logprobs), Advantages: f64(d.Advantages)}
 		}
-		if len(ids) < 2 {
-			return nil, fmt.Errorf("%w: examples[%d]: %d token(s), want at least 2", ErrInvalidInput, i, len(ids))
+		resp, err := s.e.call(ctx, s.spec.RunID, call, w)
+		if err != nil {
+			return err
 		}
-		n := len(ids) - 1
-		d := protocol.Datum{ModelInput: protocol.ModelInput{Tokens: ids[:n]}}
-		d.LossFnInputs.TargetTokens = ids[1:]
-		d.LossFnInputs.Weights = make([]float64, n)
-		for j := range n {
-			if j+1 >= promptLen {
-				d.LossFnInputs.Weights[j] = 1
-			}
+		var out workerFwdOut
+		if err := json.Unmarshal(resp.Body, &out); err != nil {
+			return fmt.Errorf("%s: %w: decode answer: %w", call, ErrInternal, err)
 		}
-		out = append(out, d)
-	}
-	return out, nil
+		res = trainer.ForwardResult{LossSum: out.LossSum, WeightSum: out.WeightSum, Tokens: out.Tokens, Logprobs: out.Logprobs}
+		if out.GradNorm != nil {
+			res.GradNorm = *out.GradNorm
+		}
+		return nil
+	})
+	return res, err
 }
 
 // ---- optim_step ----
 
-func (s *Session) optimStep(ctx context.Context, body []byte) ([]byte, protocol.Usage, error) {
-	var usage protocol.Usage
-	var req protocol.OptimStepRequest
-	if err := decodeStrict(body, &req); err != nil {
-		return nil, usage, fmt.Errorf("%s: %w", protocol.CallOptimStep, err)
-	}
-	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallOptimStep, req)
-	if err != nil {
-		return nil, usage, err
-	}
-	var out protocol.OptimStepResponse
-	if err := json.Unmarshal(resp.Body, &out); err != nil {
-		return nil, usage, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallOptimStep, ErrInternal, err)
-	}
-	s.step = out.Step
-	b, err := json.Marshal(out)
-	return b, resp.Usage, err
+// OptimStep applies one AdamW step on the worker (PyTorch's AdamW with the
+// native engine's parameters).
+func (s *Session) OptimStep(ctx context.Context, p trainer.AdamParams) (trainer.OptimResult, error) {
+	var res trainer.OptimResult
+	err := s.locked(func() error {
+		req := protocol.OptimStepRequest{AdamParams: &protocol.AdamParams{LearningRate: &p.LearningRate, Beta1: &p.Beta1,
+			Beta2: &p.Beta2, Eps: &p.Eps, WeightDecay: &p.WeightDecay, GradClipNorm: &p.GradClipNorm}}
+		resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallOptimStep, req)
+		if err != nil {
+			return err
+		}
+		var out protocol.OptimStepResponse
+		if err := json.Unmarshal(resp.Body, &out); err != nil {
+			return fmt.Errorf("%s: %w: decode answer: %w", protocol.CallOptimStep, ErrInternal, err)
+		}
+		s.step = out.Step
+		res = trainer.OptimResult{Step: out.Step, LearningRate: out.LearningRate, GradNorm: out.GradNorm}
+		return nil
+	})
+	return res, err
 }
 
 // ---- sample ----
@@ -425,100 +377,67 @@ type workerPrompt struct {
 
 type workerSample struct {
 	Prompts        []workerPrompt          `json:"prompts"`
-	NumSamples     *int                    `json:"num_samples,omitempty"`
+	NumSamples     int                     `json:"num_samples"`
 	SamplingParams protocol.SamplingParams `json:"sampling_params"`
 	StopTokens     []int                   `json:"stop_tokens,omitempty"`
 }
 
-func (s *Session) sample(ctx context.Context, body []byte) ([]byte, protocol.Usage, error) {
-	var usage protocol.Usage
-	var req protocol.SampleRequest
-	if err := decodeStrict(body, &req); err != nil {
-		return nil, usage, fmt.Errorf("%s: %w", protocol.CallSample, err)
-	}
-	w := workerSample{NumSamples: req.NumSamples, SamplingParams: req.SamplingParams}
-	// The worker stops on token ids (the model's and the tokenizer's EOS)
-	// and ends rows early on stop strings it can see in token bytes
-	// (worker/signal_worker/stopbytes.py); the cut itself is made here, on
-	// exactly decoded text (applyStop).
-	for i, p := range req.Prompts {
-		switch {
-		case len(p.Tokens) > 0 && p.Text != "":
-			return nil, usage, fmt.Errorf("%s: %w: prompts[%d]: give tokens or text, not both", protocol.CallSample, ErrInvalidInput, i)
-		case len(p.Tokens) > 0:
-			w.Prompts = append(w.Prompts, workerPrompt{Tokens: p.Tokens})
-		case p.Text != "":
-			if s.tok == nil {
-				return nil, usage, fmt.Errorf("%s: %w: prompts[%d].text: the model has no tokenizer", protocol.CallSample, ErrInvalidInput, i)
-			}
-			w.Prompts = append(w.Prompts, workerPrompt{Tokens: s.tok.Encode(p.Text, true)})
-		default:
-			return nil, usage, fmt.Errorf("%s: %w: prompts[%d]: empty", protocol.CallSample, ErrInvalidInput, i)
-		}
-	}
-	for i, st := range req.SamplingParams.Stop {
-		if st == "" {
-			return nil, usage, fmt.Errorf("%s: %w: sampling_params.stop[%d]: empty string", protocol.CallSample, ErrInvalidInput, i)
-		}
-	}
-	if s.tok != nil {
-		w.StopTokens = s.tok.EOS()
-	}
-	resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallSample, w)
-	if err != nil {
-		return nil, usage, err
-	}
-	var out protocol.SampleResponse
-	if err := json.Unmarshal(resp.Body, &out); err != nil {
-		return nil, usage, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallSample, ErrInternal, err)
-	}
-	usage = resp.Usage
-	if s.tok != nil {
-		usage.SampledTokens = 0
-		for _, row := range out.Samples {
-			for j := range row {
-				applyStop(s.tok, &row[j], req.SamplingParams.Stop)
-				usage.SampledTokens += int64(len(row[j].Tokens))
-			}
-		}
-	}
-	b, err := json.Marshal(out)
-	return b, usage, err
+type workerSampleOut struct {
+	Samples [][]struct {
+		Tokens     []int     `json:"tokens"`
+		Logprobs   []float32 `json:"logprobs"`
+		StopReason string    `json:"stop_reason"`
+	} `json:"samples"`
 }
 
-// applyStop decodes a sample's text and cuts it at the first stop string:
-// tokens keep the one that completed the stop string, text ends before it.
-// That token is found by binary search over prefix decodes (whether a
-// prefix's text holds a stop string only changes once, from no to yes), so
-// a long sample costs O(n log n), not a decode per token.
-func applyStop(tok *tokenizer.Tokenizer, smp *protocol.Sample, stops []string) {
-	first := func(text string) int {
-		cut := -1
-		for _, st := range stops {
-			if i := strings.Index(text, st); i >= 0 && (cut < 0 || i < cut) {
-				cut = i
+// Sample continues the prompts on the worker. The worker stops on token ids
+// (the model's and the tokenizer's EOS) and ends rows early on stop strings
+// it can see in token bytes (worker/signal_worker/stopbytes.py); the text
+// and its cut are made here, on exactly decoded text, by the rule the
+// native engine follows (trainer.CutAtStop).
+func (s *Session) Sample(ctx context.Context, prompts [][]int, num int, p trainer.SamplingParams) ([][]trainer.Sample, error) {
+	var res [][]trainer.Sample
+	err := s.locked(func() error {
+		temp, topP, topK, seed := float64(p.Temperature), float64(p.TopP), p.TopK, p.Seed
+		w := workerSample{NumSamples: num, SamplingParams: protocol.SamplingParams{MaxTokens: p.MaxTokens,
+			Temperature: &temp, TopK: &topK, TopP: &topP, Stop: p.Stop, Seed: &seed}}
+		for _, pr := range prompts {
+			w.Prompts = append(w.Prompts, workerPrompt{Tokens: pr})
+		}
+		if s.tok != nil {
+			w.StopTokens = s.tok.EOS()
+		}
+		w.StopTokens = append(w.StopTokens, p.StopTokens...)
+		resp, err := s.e.call(ctx, s.spec.RunID, protocol.CallSample, w)
+		if err != nil {
+			return err
+		}
+		var out workerSampleOut
+		if err := json.Unmarshal(resp.Body, &out); err != nil {
+			return fmt.Errorf("%s: %w: decode answer: %w", protocol.CallSample, ErrInternal, err)
+		}
+		res = make([][]trainer.Sample, len(out.Samples))
+		for i, row := range out.Samples {
+			res[i] = make([]trainer.Sample, len(row))
+			for j, smp := range row {
+				res[i][j] = trainer.Sample{Tokens: smp.Tokens, Logprobs: smp.Logprobs, StopReason: smp.StopReason}
+				if s.tok != nil {
+					trainer.CutAtStop(s.tok, &res[i][j], p.Stop)
+				}
 			}
 		}
-		return cut
+		return nil
+	})
+	return res, err
+}
+
+func f64(x []float32) []float64 {
+	if x == nil {
+		return nil
 	}
-	text := tok.Decode(smp.Tokens, true)
-	if len(stops) == 0 || first(text) < 0 {
-		smp.Text = text
-		return
+	out := make([]float64, len(x))
+	for i, v := range x {
+		out[i] = float64(v)
 	}
-	k := sort.Search(len(smp.Tokens), func(k int) bool { return first(tok.Decode(smp.Tokens[:k+1], true)) >= 0 }) + 1
-	cut := -1
-	if k <= len(smp.Tokens) {
-		prefix := tok.Decode(smp.Tokens[:k], true)
-		if cut = first(prefix); cut >= 0 {
-			text = prefix
-		}
-	}
-	if cut < 0 { // a decoder whose prefixes disagree: cut the full text
-		k, cut = len(smp.Tokens), first(text)
-	}
-	smp.Tokens = smp.Tokens[:k]
-	smp.Logprobs = smp.Logprobs[:k]
-	smp.Text = text[:cut]
-	smp.StopReason = "stop"
+	return out
 }

@@ -129,13 +129,14 @@ func mustDo(t *testing.T, s node.Session, call protocol.Call, body any, out any)
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, usage, err := s.Do(context.Background(), call, raw)
+	resp, err := node.Compute(context.Background(), s, call, raw)
 	if err != nil {
 		t.Fatalf("%s: %v", call, err)
 	}
+	usage := resp.Usage
 	if out != nil {
-		if err := json.Unmarshal(resp, out); err != nil {
-			t.Fatalf("%s: decode %s: %v", call, resp, err)
+		if err := json.Unmarshal(resp.Body, out); err != nil {
+			t.Fatalf("%s: decode %s: %v", call, resp.Body, err)
 		}
 	}
 	return usage
@@ -251,7 +252,7 @@ func TestEngineSessionLifecycle(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := s.Do(ctx, protocol.CallForward, nil); !errors.Is(err, ErrClosed) {
+	if _, err := node.Compute(ctx, s, protocol.CallForward, []byte(`{"data":[{"model_input":{"tokens":[1]},"loss_fn_inputs":{"target_tokens":[2]}}]}`)); !errors.Is(err, ErrClosed) {
 		t.Fatalf("call after close: %v, want ErrClosed", err)
 	}
 }
@@ -290,7 +291,7 @@ func TestEngineBadInput(t *testing.T) {
 		{"explode", `{}`, "explode"},
 	}
 	for _, c := range cases {
-		_, _, err := s.Do(ctx, c.call, []byte(c.body))
+		_, err := node.Compute(ctx, s, c.call, []byte(c.body))
 		if !errors.Is(err, node.ErrInvalidRequest) || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s %s: err %v, want ErrInvalidRequest naming %q", c.call, c.body, err, c.want)
 		}
@@ -333,7 +334,7 @@ func TestSupervisorRestartsCrashedWorker(t *testing.T) {
 	}
 	// The old session's state died with the worker: it says so, and the run
 	// can be reopened on the new worker.
-	if _, _, err := s.Do(ctx, protocol.CallForward, []byte(`{}`)); !errors.Is(err, ErrSessionLost) || !errors.Is(err, node.ErrUnavailable) {
+	if _, err := node.Compute(ctx, s, protocol.CallForward, []byte(`{"data":[{"model_input":{"tokens":[1]},"loss_fn_inputs":{"target_tokens":[2]}}]}`)); !errors.Is(err, ErrSessionLost) || !errors.Is(err, node.ErrUnavailable) {
 		t.Fatalf("call on a lost session: %v, want ErrSessionLost", err)
 	}
 	_ = s.Close()

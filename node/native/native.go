@@ -1,9 +1,9 @@
 // Package native adapts the Go training engine (package trainer) to the
 // node's Engine interface: it loads base models from a models directory
 // (Hugging Face layout, directory name = model name) once and shares each
-// among all sessions on it, and converts between the public API's JSON and
-// the trainer's types, tokenizing text examples and prompts with the
-// model's tokenizer.
+// among all sessions on it. The node converts the public API's requests
+// into the trainer's types (node/convert.go); this package only opens
+// models and sessions.
 package native
 
 import (
@@ -207,213 +207,44 @@ type Session struct {
 	m *trainer.Model
 }
 
-// Do runs one compute call.
-func (s *Session) Do(ctx context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, error) {
-	var (
-		out   any
-		usage protocol.Usage
-		err   error
-	)
-	switch call {
-	case protocol.CallForwardBackward, protocol.CallForward:
-		out, usage, err = s.forward(ctx, body, call == protocol.CallForwardBackward)
-	case protocol.CallOptimStep:
-		out, err = s.optimStep(ctx, body)
-	case protocol.CallSample:
-		out, usage, err = s.sample(ctx, body)
-	default:
-		return nil, protocol.Usage{}, fmt.Errorf("%w: call %q is not a compute call", node.ErrInvalidRequest, call)
+// Tokenizer is the model's tokenizer (nil when its directory has none).
+func (s *Session) Tokenizer() node.Tokenizer {
+	if t := s.m.Tokenizer(); t != nil {
+		return t
 	}
-	if err != nil {
-		return nil, protocol.Usage{}, mapErr(err)
-	}
-	b, err := json.Marshal(out)
-	if err != nil {
-		return nil, protocol.Usage{}, fmt.Errorf("encode %s response: %w", call, err)
-	}
-	return b, usage, nil
+	return nil
 }
 
-func (s *Session) forward(ctx context.Context, body []byte, grad bool) (any, protocol.Usage, error) {
-	var req protocol.ForwardBackwardRequest
-	if err := strictDecode(body, &req); err != nil {
-		return nil, protocol.Usage{}, err
-	}
-	data, err := s.toData(req)
-	if err != nil {
-		return nil, protocol.Usage{}, err
-	}
-	var res *trainer.ForwardResult
-	if grad {
-		res, err = s.s.ForwardBackward(ctx, data, req.LossFn, req.LossFnConfig)
-	} else {
-		res, err = s.s.Forward(ctx, data, req.LossFn, req.LossFnConfig)
-	}
-	if err != nil {
-		return nil, protocol.Usage{}, err
-	}
-	resp := protocol.ForwardBackwardResponse{
-		LossSum:  res.LossSum,
-		LossMean: res.LossMean,
-		Tokens:   int64(res.Tokens),
-		Logprobs: make([][]float64, len(res.Logprobs)),
-	}
-	for i, lp := range res.Logprobs {
-		resp.Logprobs[i] = f64(lp)
-	}
-	usage := protocol.Usage{PrefillTokens: int64(res.Tokens)}
-	if grad {
-		g := res.GradNorm
-		resp.GradNorm = &g
-		usage = protocol.Usage{TrainTokens: int64(res.Tokens)}
-	}
-	return resp, usage, nil
+// ForwardBackward accumulates the gradient of data's loss.
+func (s *Session) ForwardBackward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	res, err := s.s.ForwardBackward(ctx, data, loss.Fn, loss.Config)
+	return deref(res, err)
 }
 
-// toData converts API data, or tokenizes text examples: a Text example
-// trains on every next token; a Prompt+Completion example has weight 0 on
-// the prompt's tokens and 1 on the completion's, ending with the model's
-// end-of-sequence token.
-func (s *Session) toData(req protocol.ForwardBackwardRequest) ([]trainer.Datum, error) {
-	if len(req.Data) > 0 && len(req.Examples) > 0 {
-		return nil, fmt.Errorf("%w: give data or examples, not both", node.ErrInvalidRequest)
-	}
-	if len(req.Data) == 0 && len(req.Examples) == 0 {
-		return nil, fmt.Errorf("%w: data: empty", node.ErrInvalidRequest)
-	}
-	out := make([]trainer.Datum, 0, len(req.Data)+len(req.Examples))
-	for _, d := range req.Data {
-		out = append(out, trainer.Datum{
-			Tokens:       d.ModelInput.Tokens,
-			TargetTokens: d.LossFnInputs.TargetTokens,
-			Weights:      f32(d.LossFnInputs.Weights),
-			Logprobs:     f32(d.LossFnInputs.Logprobs),
-			Advantages:   f32(d.LossFnInputs.Advantages),
-		})
-	}
-	if len(req.Examples) == 0 {
-		return out, nil
-	}
-	tok := s.m.Tokenizer()
-	if tok == nil {
-		return nil, fmt.Errorf("%w: examples: the model has no tokenizer; send tokens", node.ErrInvalidRequest)
-	}
-	for i, ex := range req.Examples {
-		var ids []int
-		var weights []float32
-		switch {
-		case ex.Text != "" && ex.Prompt == "" && ex.Completion == "":
-			ids = tok.Encode(ex.Text, true)
-			weights = make([]float32, len(ids))
-			for j := range weights {
-				weights[j] = 1
-			}
-		case ex.Text == "" && ex.Completion != "":
-			p := tok.Encode(ex.Prompt, true)
-			c := append(tok.Encode(ex.Completion, false), tok.EOS()[:min(1, len(tok.EOS()))]...)
-			ids = append(p, c...)
-			weights = make([]float32, len(ids))
-			for j := len(p); j < len(ids); j++ {
-				weights[j] = 1
-			}
-		default:
-			return nil, fmt.Errorf("%w: examples[%d]: want text, or prompt and completion", node.ErrInvalidRequest, i)
-		}
-		if len(ids) < 2 {
-			return nil, fmt.Errorf("%w: examples[%d]: %d tokens, need at least 2", node.ErrInvalidRequest, i, len(ids))
-		}
-		// Position j predicts token j+1, weighted as token j+1.
-		out = append(out, trainer.Datum{Tokens: ids[:len(ids)-1], TargetTokens: ids[1:], Weights: weights[1:]})
-	}
-	return out, nil
+// Forward computes data's loss and logprobs without gradients.
+func (s *Session) Forward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	res, err := s.s.Forward(ctx, data, loss.Fn, loss.Config)
+	return deref(res, err)
 }
 
-func (s *Session) optimStep(ctx context.Context, body []byte) (any, error) {
-	var req protocol.OptimStepRequest
-	if len(body) > 0 {
-		if err := strictDecode(body, &req); err != nil {
-			return nil, err
-		}
-	}
-	p := trainer.DefaultAdamParams()
-	if a := req.AdamParams; a != nil {
-		set := func(dst *float64, v *float64) {
-			if v != nil {
-				*dst = *v
-			}
-		}
-		set(&p.LearningRate, a.LearningRate)
-		set(&p.Beta1, a.Beta1)
-		set(&p.Beta2, a.Beta2)
-		set(&p.Eps, a.Eps)
-		set(&p.WeightDecay, a.WeightDecay)
-		set(&p.GradClipNorm, a.GradClipNorm)
-	}
+// OptimStep applies one AdamW step.
+func (s *Session) OptimStep(ctx context.Context, p trainer.AdamParams) (trainer.OptimResult, error) {
 	res, err := s.s.OptimStep(ctx, p)
-	if err != nil {
-		return nil, err
-	}
-	return protocol.OptimStepResponse{Step: res.Step, LearningRate: res.LearningRate, GradNorm: res.GradNorm}, nil
+	return deref(res, err)
 }
 
-func (s *Session) sample(ctx context.Context, body []byte) (any, protocol.Usage, error) {
-	var req protocol.SampleRequest
-	if err := strictDecode(body, &req); err != nil {
-		return nil, protocol.Usage{}, err
-	}
-	if len(req.Prompts) == 0 {
-		return nil, protocol.Usage{}, fmt.Errorf("%w: prompts: empty", node.ErrInvalidRequest)
-	}
-	num := 1
-	if req.NumSamples != nil {
-		num = *req.NumSamples
-	}
-	prompts := make([][]int, len(req.Prompts))
-	var prefill int64
-	for i, p := range req.Prompts {
-		switch {
-		case len(p.Tokens) > 0 && p.Text == "":
-			prompts[i] = p.Tokens
-		case len(p.Tokens) == 0 && p.Text != "":
-			tok := s.m.Tokenizer()
-			if tok == nil {
-				return nil, protocol.Usage{}, fmt.Errorf("%w: prompts[%d]: the model has no tokenizer; send tokens", node.ErrInvalidRequest, i)
-			}
-			prompts[i] = tok.Encode(p.Text, true)
-		default:
-			return nil, protocol.Usage{}, fmt.Errorf("%w: prompts[%d]: want tokens or text", node.ErrInvalidRequest, i)
-		}
-		prefill += int64(len(prompts[i]))
-	}
-	sp := req.SamplingParams
-	params := trainer.SamplingParams{MaxTokens: sp.MaxTokens, Temperature: 1, TopP: 1, Stop: sp.Stop}
-	if sp.Temperature != nil {
-		params.Temperature = float32(*sp.Temperature)
-	}
-	if sp.TopK != nil {
-		params.TopK = *sp.TopK // ≤ 0 is off, as the API's -1
-	}
-	if sp.TopP != nil {
-		params.TopP = float32(*sp.TopP)
-	}
-	if sp.Seed != nil {
-		params.Seed = *sp.Seed
-	}
-	res, err := s.s.Sample(ctx, prompts, num, params)
+// Sample continues the prompts on the session's adapter.
+func (s *Session) Sample(ctx context.Context, prompts [][]int, num int, p trainer.SamplingParams) ([][]trainer.Sample, error) {
+	res, err := s.s.Sample(ctx, prompts, num, p)
+	return res, mapErr(err)
+}
+
+func deref[T any](v *T, err error) (T, error) {
 	if err != nil {
-		return nil, protocol.Usage{}, err
+		var zero T
+		return zero, mapErr(err)
 	}
-	resp := protocol.SampleResponse{Samples: make([][]protocol.Sample, len(res))}
-	var sampled int64
-	for i, group := range res {
-		for _, smp := range group {
-			resp.Samples[i] = append(resp.Samples[i], protocol.Sample{
-				Tokens: smp.Tokens, Text: smp.Text, Logprobs: f64(smp.Logprobs), StopReason: smp.StopReason,
-			})
-			sampled += int64(len(smp.Tokens))
-		}
-	}
-	return resp, protocol.Usage{PrefillTokens: prefill, SampledTokens: sampled}, nil
+	return *v, nil
 }
 
 // SaveState writes PEFT files (and optimizer state in full mode) into dir.
@@ -432,22 +263,3 @@ func (s *Session) Step() int { return s.s.Step() }
 
 // Close frees the session; the shared model stays loaded for the next run.
 func (s *Session) Close() error { return s.s.Close() }
-
-func f32(x []float64) []float32 {
-	if x == nil {
-		return nil
-	}
-	out := make([]float32, len(x))
-	for i, v := range x {
-		out[i] = float32(v)
-	}
-	return out
-}
-
-func f64(x []float32) []float64 {
-	out := make([]float64, len(x))
-	for i, v := range x {
-		out[i] = float64(v)
-	}
-	return out
-}

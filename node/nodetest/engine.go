@@ -17,6 +17,7 @@ import (
 
 	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // Engine is a fake node.Engine.
@@ -94,78 +95,64 @@ type Session struct {
 // State returns the session's state.
 func (s *Session) State() State { return s.state }
 
-// Do implements forward_backward, forward, optim_step and sample over the
-// public API's JSON types.
-func (s *Session) Do(_ context.Context, call protocol.Call, body []byte) ([]byte, protocol.Usage, error) {
-	s.e.count(call)
-	switch call {
-	case protocol.CallForwardBackward, protocol.CallForward:
-		var req protocol.ForwardBackwardRequest
-		if err := json.Unmarshal(body, &req); err != nil {
-			return nil, protocol.Usage{}, fmt.Errorf("%w: %w", node.ErrInvalidRequest, err)
+// Tokenizer is nil: the fake takes token ids only.
+func (s *Session) Tokenizer() node.Tokenizer { return nil }
+
+// ForwardBackward counts data's tokens as the loss and adds them to the
+// tokens pending for the next optim_step.
+func (s *Session) ForwardBackward(_ context.Context, data []trainer.Datum, _ node.Loss) (trainer.ForwardResult, error) {
+	s.e.count(protocol.CallForwardBackward)
+	res := forward(data)
+	res.GradNorm = 1.0 / float64(s.state.Step+1)
+	s.state.Pending += int64(res.Tokens)
+	return res, nil
+}
+
+// Forward is ForwardBackward without the pending tokens.
+func (s *Session) Forward(_ context.Context, data []trainer.Datum, _ node.Loss) (trainer.ForwardResult, error) {
+	s.e.count(protocol.CallForward)
+	return forward(data), nil
+}
+
+// forward gives every position logprob -1 and loss 1.
+func forward(data []trainer.Datum) trainer.ForwardResult {
+	var res trainer.ForwardResult
+	for _, d := range data {
+		res.Tokens += len(d.Tokens)
+		lp := make([]float32, len(d.Tokens))
+		for i := range lp {
+			lp[i] = -1
 		}
-		if len(req.Data) == 0 {
-			return nil, protocol.Usage{}, fmt.Errorf("%w: data: empty", node.ErrInvalidRequest)
-		}
-		var tokens int64
-		resp := protocol.ForwardBackwardResponse{}
-		for _, d := range req.Data {
-			tokens += int64(len(d.ModelInput.Tokens))
-			lp := make([]float64, len(d.ModelInput.Tokens))
-			for i := range lp {
-				lp[i] = -1
-			}
-			resp.Logprobs = append(resp.Logprobs, lp)
-		}
-		resp.Tokens = tokens
-		resp.LossSum = float64(tokens)
-		resp.LossMean = 1
-		usage := protocol.Usage{PrefillTokens: tokens}
-		if call == protocol.CallForwardBackward {
-			g := 1.0 / float64(s.state.Step+1)
-			resp.GradNorm = &g
-			s.state.Pending += tokens
-			usage = protocol.Usage{TrainTokens: tokens}
-		}
-		b, err := json.Marshal(resp)
-		return b, usage, err
-	case protocol.CallOptimStep:
-		var req protocol.OptimStepRequest
-		if len(body) > 0 {
-			if err := json.Unmarshal(body, &req); err != nil {
-				return nil, protocol.Usage{}, fmt.Errorf("%w: %w", node.ErrInvalidRequest, err)
-			}
-		}
-		lr := 1e-4
-		if req.AdamParams != nil && req.AdamParams.LearningRate != nil {
-			lr = *req.AdamParams.LearningRate
-		}
-		s.state.Step++
-		s.state.TokenSum += s.state.Pending
-		s.state.Pending = 0
-		s.state.LastLR = lr
-		s.state.Optimizer = true
-		b, err := json.Marshal(protocol.OptimStepResponse{Step: s.state.Step, LearningRate: lr, GradNorm: 1})
-		return b, protocol.Usage{}, err
-	case protocol.CallSample:
-		var req protocol.SampleRequest
-		if err := json.Unmarshal(body, &req); err != nil {
-			return nil, protocol.Usage{}, fmt.Errorf("%w: %w", node.ErrInvalidRequest, err)
-		}
-		var resp protocol.SampleResponse
-		var sampled int64
-		for range req.Prompts {
-			toks := make([]int, req.SamplingParams.MaxTokens)
-			for i := range toks {
-				toks[i] = int(s.state.TokenSum+int64(i)) % 1000
-			}
-			sampled += int64(len(toks))
-			resp.Samples = append(resp.Samples, []protocol.Sample{{Tokens: toks, Text: fmt.Sprint(toks), Logprobs: make([]float64, len(toks)), StopReason: "length"}})
-		}
-		b, err := json.Marshal(resp)
-		return b, protocol.Usage{SampledTokens: sampled}, err
+		res.Logprobs = append(res.Logprobs, lp)
 	}
-	return nil, protocol.Usage{}, fmt.Errorf("%w: call %s", node.ErrInvalidRequest, call)
+	res.LossSum, res.WeightSum = float64(res.Tokens), float64(res.Tokens)
+	return res
+}
+
+// OptimStep moves the pending tokens into the state.
+func (s *Session) OptimStep(_ context.Context, p trainer.AdamParams) (trainer.OptimResult, error) {
+	s.e.count(protocol.CallOptimStep)
+	s.state.Step++
+	s.state.TokenSum += s.state.Pending
+	s.state.Pending = 0
+	s.state.LastLR = p.LearningRate
+	s.state.Optimizer = true
+	return trainer.OptimResult{Step: s.state.Step, LearningRate: p.LearningRate, GradNorm: 1}, nil
+}
+
+// Sample answers max_tokens tokens derived from the state's token sum, so
+// a sample shows what the run has trained on.
+func (s *Session) Sample(_ context.Context, prompts [][]int, _ int, p trainer.SamplingParams) ([][]trainer.Sample, error) {
+	s.e.count(protocol.CallSample)
+	out := make([][]trainer.Sample, len(prompts))
+	for pi := range prompts {
+		toks := make([]int, p.MaxTokens)
+		for i := range toks {
+			toks[i] = int(s.state.TokenSum+int64(i)) % 1000
+		}
+		out[pi] = []trainer.Sample{{Tokens: toks, Text: fmt.Sprint(toks), Logprobs: make([]float32, len(toks)), StopReason: trainer.StopLength}}
+	}
+	return out, nil
 }
 
 // SaveState writes adapter_config.json and adapter_model.safetensors (fake

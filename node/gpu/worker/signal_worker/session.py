@@ -305,7 +305,7 @@ class Session:
         loss_sum = float(loss.detach())
         denom = wsum  # Σ weights, 1 per position where a datum has none (as native)
         res = {"loss_sum": loss_sum, "loss_mean": loss_sum / denom if denom > 0 else 0.0,
-               "tokens": ntok, "logprobs": lp_out}
+               "weight_sum": wsum, "tokens": ntok, "logprobs": lp_out}
         if grad:
             # One device→host sync for the norm, not one per tensor.
             gn = float(torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt())
