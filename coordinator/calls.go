@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -138,9 +139,21 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 			release()
 			return nil, err
 		}
+		// A stranger's answer that is not a JSON object is refused before
+		// anything is charged: after the charge the leader must answer.
 		respBody := resp.Body
 		if len(respBody) == 0 {
 			respBody = json.RawMessage("{}")
+		}
+		if !isJSONObject(respBody) {
+			release()
+			return nil, fmt.Errorf("node %s answer is not a JSON object: %w", callName, ErrBadNodeAnswer)
+		}
+		// The body rides the raft log only when a replay must be answered
+		// from it (an Idempotency-Key); the FSM then records the billed answer.
+		var recordBody json.RawMessage
+		if cl.idem != nil {
+			recordBody = respBody
 		}
 		var operator string
 		c.fsm.read(func(s *State) {
@@ -150,7 +163,7 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		})
 		v, err := c.propose(work, cmdCharge, chargeCmd{
 			Account: cl.account, Operator: operator, FeeBPS: c.cfg.FeeBasisPoints, Cost: cost,
-			RunID: rec.Run.ID, Call: string(callName), Time: now(), Idem: cl.idem, Body: respBody, RunUpdate: &update,
+			RunID: rec.Run.ID, Call: string(callName), Time: now(), Idem: cl.idem, Body: recordBody, RunUpdate: &update,
 			HoldID: hold.ID,
 		})
 		if err != nil {
@@ -164,7 +177,13 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		if ctx.Err() != nil {
 			c.log.Info("call finished and charged after the client left", "category", "billing", "run", rec.Run.ID, "call", callName, "credits", res.Cost.Credits)
 		}
-		return rawResponse{status: res.Status, body: res.Body, recorded: true, replayed: res.Replayed}, nil
+		out := res.Body
+		if out == nil {
+			if out, err = billedBody(respBody, res.Cost, res.Balance, res.PendingBatches); err != nil {
+				return nil, err
+			}
+		}
+		return rawResponse{status: res.Status, body: out, replayed: res.Replayed}, nil
 	}
 }
 
@@ -178,25 +197,24 @@ func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, res
 	u := RunUpdate{RunID: run.ID, Time: now()}
 	switch callName {
 	case protocol.CallForwardBackward:
-		var fb struct {
-			LossSum  float64 `json:"loss_sum"`
-			LossMean float64 `json:"loss_mean"`
-			Tokens   int64   `json:"tokens"`
+		f, err := figures(resp, callName)
+		if err != nil {
+			return u, err
 		}
-		if err := json.Unmarshal(resp.Body, &fb); err != nil {
-			return u, fmt.Errorf("node forward_backward answer: %v: %w", err, ErrBadNodeAnswer)
-		}
-		u.Loss, u.Tokens = &fb.LossSum, fb.Tokens
-		w := lossWeight(fb.LossSum, fb.LossMean)
-		u.Weight = &w
+		w := f.WeightSum
+		u.Loss, u.Tokens, u.Weight = &f.LossSum, f.Tokens, &w
 	case protocol.CallOptimStep:
-		var os protocol.OptimStepResponse
-		if err := json.Unmarshal(resp.Body, &os); err != nil {
-			return u, fmt.Errorf("node optim_step answer: %v: %w", err, ErrBadNodeAnswer)
+		f, err := figures(resp, callName)
+		if err != nil {
+			return u, err
 		}
-		u.Optim = &OptimFigures{Step: os.Step, LearningRate: os.LearningRate, GradNorm: os.GradNorm}
+		grad := 0.0
+		if f.GradNorm != nil {
+			grad = *f.GradNorm
+		}
+		u.Optim = &OptimFigures{Step: f.Step, LearningRate: f.LearningRate, GradNorm: grad}
 		if cp := resp.Checkpoint; cp != nil {
-			if err := c.checkCheckpoint(run, *cp, os.Step, "full"); err != nil {
+			if err := c.checkCheckpoint(run, *cp, u.Optim.Step, "full"); err != nil {
 				c.log.Warn("node's automatic checkpoint dropped", "category", "security", "run", run.ID, "node", run.Node, "err", err)
 			} else {
 				stamped := *cp
@@ -206,12 +224,6 @@ func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, res
 		}
 	case protocol.CallSaveState:
 		cp := resp.Checkpoint
-		if cp == nil {
-			var ss protocol.SaveStateResponse
-			if err := json.Unmarshal(resp.Body, &ss); err == nil && ss.Checkpoint.ID != "" {
-				cp = &ss.Checkpoint
-			}
-		}
 		if cp == nil {
 			return u, fmt.Errorf("node save_state answer: no checkpoint: %w", ErrBadNodeAnswer)
 		}
@@ -268,18 +280,23 @@ func (c *Coordinator) inStore(uri string) bool {
 	return false
 }
 
-// lossWeight is the sum of a forward_backward's loss weights, which the
-// node's answer carries as loss_sum / loss_mean. Tokens would count the
-// weight-0 prompt tokens too and understate the mean. A zero mean means a
-// zero sum as well, so the call adds nothing to the step's loss and its
-// weight cannot be known: it counts 0.
-func lossWeight(lossSum, lossMean float64) float64 {
-	if lossMean == 0 || math.IsNaN(lossMean) || math.IsInf(lossMean, 0) {
-		return 0
+// figures are a compute answer's typed figures; the coordinator reads
+// nothing else of the node's answer. A weight sum that is not a finite,
+// non-negative number is a node's lie or bug: it would poison the run's
+// mean loss, so the answer is refused.
+func figures(resp protocol.SessionResponse, call protocol.Call) (protocol.Figures, error) {
+	f := resp.Figures
+	if f == nil {
+		return protocol.Figures{}, fmt.Errorf("node %s answer: no figures: %w", call, ErrBadNodeAnswer)
 	}
-	w := lossSum / lossMean
-	if !(w > 0) || math.IsInf(w, 0) {
-		return 0
+	if !(f.WeightSum >= 0) || math.IsInf(f.WeightSum, 0) || math.IsNaN(f.LossSum) || math.IsInf(f.LossSum, 0) || f.Tokens < 0 {
+		return protocol.Figures{}, fmt.Errorf("node %s answer: figures %+v: %w", call, *f, ErrBadNodeAnswer)
 	}
-	return w
+	return *f, nil
+}
+
+// isJSONObject reports whether b is one well-formed JSON object.
+func isJSONObject(b []byte) bool {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	return len(b) > 0 && b[0] == '{' && json.Valid(b)
 }

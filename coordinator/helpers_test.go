@@ -150,9 +150,10 @@ func (n *fakeNet) do(_ context.Context, peer string, req protocol.SessionRequest
 		if weight > 0 {
 			out.LossMean = 2
 		}
+		resp.Figures = &protocol.Figures{LossSum: out.LossSum, WeightSum: weight, Tokens: tokens}
 		if req.Call == protocol.CallForwardBackward {
 			g := 1.5
-			out.GradNorm = &g
+			out.GradNorm, resp.Figures.GradNorm = &g, &g
 			resp.Usage.TrainTokens = tokens
 		} else {
 			resp.Usage.PrefillTokens = tokens
@@ -161,6 +162,8 @@ func (n *fakeNet) do(_ context.Context, peer string, req protocol.SessionRequest
 	case protocol.CallOptimStep:
 		s.step++
 		resp.Body, _ = json.Marshal(protocol.OptimStepResponse{Step: s.step, LearningRate: 1e-4, GradNorm: 1.5})
+		g := 1.5
+		resp.Figures = &protocol.Figures{Step: s.step, LearningRate: 1e-4, GradNorm: &g}
 		if every := s.spec.CheckpointEvery; every > 0 && s.step%every == 0 {
 			resp.Checkpoint = &protocol.Checkpoint{ID: fmt.Sprintf("ck-%s-%d", req.RunID, s.step), RunID: req.RunID, Step: s.step, Mode: "full", URI: fmt.Sprintf("file:///ck/%s/%d", req.RunID, s.step)}
 		}

@@ -415,7 +415,12 @@ type ChargeResult struct {
 	Cost    protocol.Cost   `json:"cost"`
 	Balance int64           `json:"balance"`
 	Status  int             `json:"status"`
-	Body    json.RawMessage `json:"body,omitempty"`
+	// Body is the recorded answer: set for a call with an idempotency key
+	// (and for its replays), nil otherwise.
+	Body json.RawMessage `json:"body,omitempty"`
+	// PendingBatches is the run's forward_backward calls waiting for
+	// optim_step after this charge (forward_backward only).
+	PendingBatches int `json:"pending_batches,omitempty"`
 	// Replayed is true when the response came from an earlier call with the
 	// same idempotency key and nothing was charged.
 	Replayed bool `json:"replayed,omitempty"`
@@ -432,6 +437,9 @@ type chargeCmd struct {
 	Call       string          `json:"call,omitempty"`
 	Time       string          `json:"time"`
 	Idem       *IdemTag        `json:"idem,omitempty"`
+	// Body is the node's answer, carried only with Idem: the FSM records
+	// the billed answer for replays. Without a key the entry stays lean
+	// (cost, usage, run update) and the leader answers from its own copy.
 	Body       json.RawMessage `json:"body,omitempty"`
 	RunUpdate  *RunUpdate      `json:"run_update,omitempty"`
 	RequireAll bool            `json:"require_all,omitempty"`
@@ -493,17 +501,19 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		// A user charged for their own node pays the network only.
 		operator = ""
 	}
-	respBody := c.Body
-	if respBody == nil {
-		respBody = json.RawMessage("{}")
-	}
-	var extra map[string]json.RawMessage
+	pending := 0
 	if run != nil && c.Call == "forward_backward" {
-		extra = map[string]json.RawMessage{"pending_batches": json.RawMessage(strconv.Itoa(run.PendingBatches))}
+		pending = run.PendingBatches
 	}
-	body, err := withBilling(respBody, cost, bal-cost.Credits, extra)
-	if err != nil {
-		return ChargeResult{}, err
+	// The answer is built here only when an idempotent replay needs it
+	// recorded; otherwise the leader builds it from the node's answer
+	// (billedBody), and the entry carries no body at all.
+	var body json.RawMessage
+	if c.Idem != nil {
+		var err error
+		if body, err = billedBody(c.Body, cost, bal-cost.Credits, pending); err != nil {
+			return ChargeResult{}, err
+		}
 	}
 	if err := s.ledger.Charge(c.Account, operator, s.feeAccount, split); err != nil {
 		return ChargeResult{}, err
@@ -521,7 +531,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		s.runs[run.Run.ID] = run
 	}
 	s.releaseHold(c.HoldID)
-	res := ChargeResult{Cost: cost, Balance: s.ledger.Balance(c.Account), Status: 200, Body: body}
+	res := ChargeResult{Cost: cost, Balance: s.ledger.Balance(c.Account), Status: 200, Body: body, PendingBatches: pending}
 	if c.Idem != nil {
 		s.putIdem(IdemRecord{Scope: c.Idem.Scope, BodyHash: c.Idem.BodyHash, Status: res.Status, Body: res.Body, Time: c.Time})
 	}
@@ -545,6 +555,21 @@ func appendCharge100(charges []protocol.Charge, ch protocol.Charge) []protocol.C
 		charges = n
 	}
 	return append(charges, ch)
+}
+
+// billedBody is a billed call's answer: the node's JSON object with "cost"
+// and "balance" (after the charge) added, and "pending_batches" when
+// pending > 0. It is deterministic (keys sorted), so the answer the FSM
+// records for a replay equals the one the leader sends the first time.
+func billedBody(body json.RawMessage, cost protocol.Cost, balance int64, pending int) (json.RawMessage, error) {
+	if len(body) == 0 {
+		body = json.RawMessage("{}")
+	}
+	var extra map[string]json.RawMessage
+	if pending > 0 {
+		extra = map[string]json.RawMessage{"pending_batches": json.RawMessage(strconv.Itoa(pending))}
+	}
+	return withBilling(body, cost, balance, extra)
 }
 
 // withBilling adds "cost" and "balance" (and extra) to a JSON object response.

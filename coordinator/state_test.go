@@ -307,20 +307,25 @@ type readCloser struct{ *bytes.Reader }
 
 func (readCloser) Close() error { return nil }
 
-func TestLossWeight(t *testing.T) {
-	for _, c := range []struct {
-		sum, mean, want float64
-	}{
-		{12, 3, 4},                   // loss_sum / loss_mean
-		{0, 0, 0},                    // all weights 0: nothing to count
-		{5, 0, 0},                    // inconsistent answer: counts nothing rather than divide by 0
-		{5, math.NaN(), 0},           // NaN mean
-		{-3, 1, 0},                   // a negative weight sum is not a weight
-		{1, math.Inf(1), 0},          // infinite mean
-		{math.MaxFloat64, 1e-300, 0}, // overflows to +Inf
+// TestNodeFiguresAreChecked: the run record takes a compute answer's typed
+// figures, and refuses figures that would poison the run's mean loss.
+func TestNodeFiguresAreChecked(t *testing.T) {
+	g := 1.5
+	good := protocol.Figures{LossSum: 12, WeightSum: 3, Tokens: 4, GradNorm: &g}
+	if f, err := figures(protocol.SessionResponse{Figures: &good}, protocol.CallForwardBackward); err != nil || f.WeightSum != 3 {
+		t.Fatalf("good figures: %+v, %v", f, err)
+	}
+	for _, bad := range []*protocol.Figures{
+		nil, // an answer without figures
+		{LossSum: 1, WeightSum: -3},
+		{LossSum: 1, WeightSum: math.NaN()},
+		{LossSum: 1, WeightSum: math.Inf(1)},
+		{LossSum: math.NaN(), WeightSum: 1},
+		{LossSum: math.Inf(-1), WeightSum: 1},
+		{LossSum: 1, WeightSum: 1, Tokens: -1},
 	} {
-		if got := lossWeight(c.sum, c.mean); got != c.want {
-			t.Errorf("lossWeight(%v, %v) = %v, want %v", c.sum, c.mean, got, c.want)
+		if _, err := figures(protocol.SessionResponse{Figures: bad}, protocol.CallForwardBackward); !errors.Is(err, ErrBadNodeAnswer) {
+			t.Errorf("figures %+v: err %v, want ErrBadNodeAnswer", bad, err)
 		}
 	}
 }
