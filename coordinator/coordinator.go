@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/bbolt"
 
+	"github.com/signal-p2p/signal/internal/retry"
 	"github.com/signal-p2p/signal/protocol"
 )
 
@@ -556,24 +557,22 @@ type joinRequest struct {
 	HTTPAddr string `json:"http_addr"`
 }
 
-// joinLoop asks the configured member to add this one until it succeeds.
+// joinLoop asks the configured member to add this one until it succeeds
+// or ctx ends.
 func (c *Coordinator) joinLoop(ctx context.Context) {
 	body, _ := json.Marshal(joinRequest{ID: c.cfg.ID, RaftAddr: c.RaftAddr(), HTTPAddr: c.HTTPAddr()})
 	url := strings.TrimRight(c.cfg.Join, "/") + "/v1/cluster/join"
-	for attempt := 0; ; attempt++ {
-		err := c.postAdmin(ctx, url, body, nil)
-		if err == nil {
-			c.log.Info("joined cluster", "category", "infrastructure", "via", c.cfg.Join)
-			return
+	failures := 0
+	err := retry.Do(ctx, func() error { return c.postAdmin(ctx, url, body, nil) }, func(err error, wait time.Duration) {
+		// The first failure, then one in ten: a member waits for its
+		// cluster's leader quietly.
+		if failures%10 == 0 {
+			c.log.Warn("join failed; retrying", "category", "infrastructure", "via", c.cfg.Join, "in", wait, "err", err)
 		}
-		if attempt%10 == 0 {
-			c.log.Warn("join failed; retrying", "category", "infrastructure", "via", c.cfg.Join, "err", err)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(500 * time.Millisecond):
-		}
+		failures++
+	})
+	if err == nil {
+		c.log.Info("joined cluster", "category", "infrastructure", "via", c.cfg.Join)
 	}
 }
 

@@ -15,9 +15,9 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"time"
 
 	"github.com/signal-p2p/signal/coordinator"
+	"github.com/signal-p2p/signal/internal/retry"
 	"github.com/signal-p2p/signal/protocol"
 )
 
@@ -254,66 +254,50 @@ func (a *admin) do(ctx context.Context, base, method, path, token string, in, ou
 // post sends an admin write to the first coordinator (it forwards to the
 // leader), retrying transient failures until ctx ends.
 func (a *admin) post(ctx context.Context, path string, in, out any) error {
-	var last error
-	for {
+	err := retry.Do(ctx, func() error {
 		status, err := a.do(ctx, a.urls[0], http.MethodPost, path, a.token, in, out)
-		if err == nil {
-			return nil
+		if err != nil && status != 0 && status != http.StatusServiceUnavailable && status != http.StatusConflict {
+			return retry.Permanent(err)
 		}
-		if status != 0 && status != http.StatusServiceUnavailable && status != http.StatusConflict {
-			return err
-		}
-		last = err
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w: %w (last: %w)", ErrNotReady, ctx.Err(), last)
-		case <-time.After(100 * time.Millisecond):
-		}
+		return err
+	}, nil)
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
+	return err
 }
 
 // waitCluster waits until every member reports the same leader and all n
 // members are in the replicated member table.
 func (a *admin) waitCluster(ctx context.Context, n int) error {
-	var last string
-	for {
-		ok := true
+	err := retry.Do(ctx, func() error {
 		leader := ""
 		for _, u := range a.urls {
 			var st coordinator.ClusterStatus
 			if _, err := a.do(ctx, u, http.MethodGet, "/v1/cluster", a.token, nil, &st); err != nil {
-				ok, last = false, err.Error()
-				break
+				return err
 			}
 			if st.LeaderID == "" || len(st.Members) != n || (leader != "" && st.LeaderID != leader) {
-				ok = false
-				last = fmt.Sprintf("member %s: leader %q, %d of %d members known", st.ID, st.LeaderID, len(st.Members), n)
-				break
+				return fmt.Errorf("member %s: leader %q, %d of %d members known", st.ID, st.LeaderID, len(st.Members), n)
 			}
 			leader = st.LeaderID
 		}
-		if ok {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w: raft cluster did not form: %s: %w", ErrNotReady, last, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
+		return nil
+	}, nil)
+	if err != nil {
+		return fmt.Errorf("%w: raft cluster did not form: %w", ErrNotReady, err)
 	}
+	return nil
 }
 
 // waitNodes waits until every coordinator lists every node in /v1/nodes.
 func waitNodes(ctx context.Context, urls []string, key string, want []string) error {
 	a := &admin{}
-	var last string
-	for {
-		ok := true
+	err := retry.Do(ctx, func() error {
 		for _, u := range urls {
 			var l protocol.NodeList
 			if _, err := a.do(ctx, u, http.MethodGet, "/v1/nodes", key, nil, &l); err != nil {
-				ok, last = false, err.Error()
-				break
+				return err
 			}
 			have := map[string]bool{}
 			for _, n := range l.Nodes {
@@ -326,20 +310,15 @@ func waitNodes(ctx context.Context, urls []string, key string, want []string) er
 				}
 			}
 			if len(missing) > 0 {
-				ok = false
-				last = fmt.Sprintf("%s lists %d of %d nodes (missing %s)", u, len(want)-len(missing), len(want), strings.Join(missing, ", "))
-				break
+				return fmt.Errorf("%s lists %d of %d nodes (missing %s)", u, len(want)-len(missing), len(want), strings.Join(missing, ", "))
 			}
 		}
-		if ok {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w: nodes did not appear in /v1/nodes: %s: %w", ErrNotReady, last, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
+		return nil
+	}, nil)
+	if err != nil {
+		return fmt.Errorf("%w: nodes did not appear in /v1/nodes: %w", ErrNotReady, err)
 	}
+	return nil
 }
 
 // errStopped is returned by a launcher used after Stop.

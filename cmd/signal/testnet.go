@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/signal-p2p/signal/internal/retry"
 	"github.com/signal-p2p/signal/testnet"
 )
 
@@ -163,12 +164,14 @@ func newTestnetStopCmd() *cobra.Command {
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
-			for syscall.Kill(pid, 0) == nil {
-				select {
-				case <-ctx.Done():
-					return fmt.Errorf("testnet process %d still running after %v", pid, timeout)
-				case <-time.After(100 * time.Millisecond):
+			errRunning := fmt.Errorf("testnet process %d still running", pid)
+			if err := retry.Do(ctx, func() error {
+				if syscall.Kill(pid, 0) == nil {
+					return errRunning
 				}
+				return nil
+			}, nil); err != nil {
+				return fmt.Errorf("testnet process %d still running after %v: %w", pid, timeout, ctx.Err())
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "testnet in %s stopped\n", dir)
 			return nil
