@@ -62,7 +62,7 @@ func TestClusterForwardingAndJoinThroughFollower(t *testing.T) {
 	}
 	// Writes and reads through followers reach the leader.
 	key, _ := createKey(t, follower.URL(), 5000)
-	joinNodes(t, cs[1], "op", "nodeA") // RegisterNode on a follower goes to the leader
+	joinNodes(t, cs[1], "op", "nodeA") // AdmitNode on a follower asks the leader
 	waitFor(t, 5*time.Second, "node joined everywhere", func() bool { return cs[2].IsJoined("nodeA") })
 	r := do(t, "POST", cs[1].URL()+"/v1/runs", key, map[string]any{"base_model": "tiny"})
 	mustStatus(t, r, 201)

@@ -39,16 +39,18 @@ func (c *Coordinator) handleJoin(cl *call) (any, error) {
 	return map[string]string{"status": "joined"}, nil
 }
 
-func (c *Coordinator) handleRegisterNode(cl *call) (any, error) {
-	var req registerNodeRequest
+// handleForwardedAdmission is the leader's end of a follower's
+// askLeaderToAdmit.
+func (c *Coordinator) handleForwardedAdmission(cl *call) (any, error) {
+	var req admissionRequest
 	if err := decodeJSON(cl.body, &req, false); err != nil {
 		return nil, err
 	}
-	op, err := c.registerNode(cl.r.Context(), req.PeerID, req.JoinToken)
+	op, err := c.admitOnLeader(cl.r.Context(), req.PeerID, req.JoinToken)
 	if err != nil {
 		return nil, err
 	}
-	return registerNodeResponse{Operator: op}, nil
+	return admissionResponse{Operator: op}, nil
 }
 
 func (c *Coordinator) handleCreateKey(cl *call) (any, error) {

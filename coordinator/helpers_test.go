@@ -376,7 +376,7 @@ func joinNodes(t *testing.T, c *Coordinator, operator string, peers ...string) {
 	var jt protocol.JoinTokenResponse
 	r.decode(t, &jt)
 	for _, p := range peers {
-		if _, err := c.RegisterNode(context.Background(), p, jt.JoinToken); err != nil {
+		if _, err := c.AdmitNode(context.Background(), p, jt.JoinToken); err != nil {
 			t.Fatal(err)
 		}
 	}

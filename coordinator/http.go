@@ -88,7 +88,7 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "GET /v1/health", "health", routeOpts{local: true}, c.handleHealth)
 	c.route(mux, "GET /v1/cluster", "cluster", routeOpts{auth: authAdmin, local: true}, c.handleCluster)
 	c.route(mux, "POST /v1/cluster/join", "cluster_join", routeOpts{auth: authAdmin}, c.handleJoin)
-	c.route(mux, "POST /v1/cluster/register_node", "register_node", routeOpts{auth: authAdmin}, c.handleRegisterNode)
+	c.route(mux, "POST /v1/cluster/register_node", "register_node", routeOpts{auth: authAdmin}, c.handleForwardedAdmission)
 	c.route(mux, "POST /v1/cluster/record_drained", "record_drained", routeOpts{auth: authAdmin}, c.handleRecordDrained)
 	c.route(mux, "POST /v1/admin/keys", "admin_keys", routeOpts{auth: authAdmin, mutating: true}, c.handleCreateKey)
 	c.route(mux, "POST /v1/admin/credit", "admin_credit", routeOpts{auth: authAdmin, mutating: true}, c.handleCredit)

@@ -15,7 +15,7 @@ import (
 // ErrUnauthorized, the sentinel the p2p adapters turn into
 // p2p.ErrInvalidJoinToken so that the node stops instead of retrying; a
 // good token through the same follower still joins.
-func TestRegisterNodeThroughFollowerRefusesBadToken(t *testing.T) {
+func TestAdmitNodeThroughFollowerRefusesBadToken(t *testing.T) {
 	cs := startCluster(t, 3, nil)
 	leader := leaderOf(cs)
 	var follower *Coordinator
@@ -39,7 +39,7 @@ func TestRegisterNodeThroughFollowerRefusesBadToken(t *testing.T) {
 		{"unknown token", "not-a-join-token"},
 		{"empty token", ""},
 	} {
-		_, err := follower.RegisterNode(ctx, "peer-bad", tc.token)
+		_, err := follower.AdmitNode(ctx, "peer-bad", tc.token)
 		if !errors.Is(err, ErrUnauthorized) {
 			t.Fatalf("%s through a follower: err %v, want ErrUnauthorized", tc.name, err)
 		}
@@ -47,14 +47,14 @@ func TestRegisterNodeThroughFollowerRefusesBadToken(t *testing.T) {
 			t.Fatalf("%s through a follower: err %v also says unavailable (the node would retry)", tc.name, err)
 		}
 		// The leader answers the same way, so where the node lands does not matter.
-		if _, err := leader.RegisterNode(ctx, "peer-bad", tc.token); !errors.Is(err, ErrUnauthorized) {
+		if _, err := leader.AdmitNode(ctx, "peer-bad", tc.token); !errors.Is(err, ErrUnauthorized) {
 			t.Fatalf("%s on the leader: err %v, want ErrUnauthorized", tc.name, err)
 		}
 	}
 	if follower.IsJoined("peer-bad") || leader.IsJoined("peer-bad") {
 		t.Fatal("a refused peer is recorded as joined")
 	}
-	op, err := follower.RegisterNode(ctx, "peer-good", jt.JoinToken)
+	op, err := follower.AdmitNode(ctx, "peer-good", jt.JoinToken)
 	if err != nil || op != "op" {
 		t.Fatalf("good token through a follower: operator %q err %v", op, err)
 	}
@@ -116,15 +116,15 @@ func TestJoinFloodWritesNoRaftEntries(t *testing.T) {
 	mustStatus(t, r, 200)
 	var jt protocol.JoinTokenResponse
 	r.decode(t, &jt)
-	if _, err := c.RegisterNode(ctx, "peer-real", jt.JoinToken); err != nil {
+	if _, err := c.AdmitNode(ctx, "peer-real", jt.JoinToken); err != nil {
 		t.Fatal(err)
 	}
 	before := c.raft.LastIndex()
 	for i := 0; i < 500; i++ {
-		if _, err := c.RegisterNode(ctx, "peer-fake-"+itoa(i), "jt-bogus-"+itoa(i)); !errors.Is(err, ErrUnauthorized) {
+		if _, err := c.AdmitNode(ctx, "peer-fake-"+itoa(i), "jt-bogus-"+itoa(i)); !errors.Is(err, ErrUnauthorized) {
 			t.Fatalf("bogus join %d: %v", i, err)
 		}
-		if _, err := c.RegisterNode(ctx, "peer-real", jt.JoinToken); err != nil {
+		if _, err := c.AdmitNode(ctx, "peer-real", jt.JoinToken); err != nil {
 			t.Fatalf("repeated join %d: %v", i, err)
 		}
 	}
@@ -133,7 +133,7 @@ func TestJoinFloodWritesNoRaftEntries(t *testing.T) {
 	}
 	limited := 0
 	for i := 0; i < 2*joinBurst; i++ {
-		if _, err := c.RegisterNode(ctx, "peer-new-"+itoa(i), jt.JoinToken); errors.Is(err, ErrRateLimited) {
+		if _, err := c.AdmitNode(ctx, "peer-new-"+itoa(i), jt.JoinToken); errors.Is(err, ErrRateLimited) {
 			limited++
 		} else if err != nil {
 			t.Fatal(err)

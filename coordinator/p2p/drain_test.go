@@ -105,7 +105,7 @@ func TestDrainReportRefused(t *testing.T) {
 	if ack := send(protocol.DrainReport{PeerID: me, Checkpoints: []protocol.Checkpoint{cp}}); ack.Error == nil || ack.Error.Code != protocol.CodeUnauthorized {
 		t.Fatalf("report from an un-joined peer: ack %+v, want unauthorized", ack)
 	}
-	if _, err := reg.RegisterNode(ctx, me, "good-token"); err != nil {
+	if _, err := reg.AdmitNode(ctx, me, "good-token"); err != nil {
 		t.Fatal(err)
 	}
 	if ack := send(protocol.DrainReport{PeerID: "12D3KooWsomeoneelse", Checkpoints: []protocol.Checkpoint{cp}}); ack.Error == nil || ack.Error.Code != protocol.CodeInvalidRequest {

@@ -40,13 +40,13 @@ import (
 // Registry records which peers have joined; the coordinator implements it
 // through raft so that every coordinator agrees.
 type Registry interface {
-	// RegisterNode verifies joinToken and records peerID as a joined node,
+	// AdmitNode verifies joinToken and records peerID as a joined node,
 	// returning the operator account its earnings go to. Registering a
 	// peer again with a valid token succeeds (nodes prove their token on
 	// every connection, to every coordinator). A bad token must return an
 	// error wrapping ErrInvalidJoinToken; other errors are taken as
 	// transient (no leader yet) and the node retries.
-	RegisterNode(ctx context.Context, peerID, joinToken string) (operator string, err error)
+	AdmitNode(ctx context.Context, peerID, joinToken string) (operator string, err error)
 	// IsJoined reports whether peerID has joined.
 	IsJoined(peerID string) bool
 }
@@ -453,7 +453,7 @@ func (h *Host) handleJoin(s network.Stream) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	var resp protocol.JoinResponse
-	op, err := h.reg.RegisterNode(ctx, remote.String(), req.JoinToken)
+	op, err := h.reg.AdmitNode(ctx, remote.String(), req.JoinToken)
 	switch {
 	case errors.Is(err, ErrInvalidJoinToken):
 		h.log.Warn("join refused", "peer", remote, "err", err)

@@ -48,7 +48,7 @@ func newRegistry() *fakeRegistry {
 	}}
 }
 
-func (r *fakeRegistry) RegisterNode(_ context.Context, peerID, token string) (string, error) {
+func (r *fakeRegistry) AdmitNode(_ context.Context, peerID, token string) (string, error) {
 	op, err := r.Register(peerID, token)
 	if err != nil {
 		return "", err
@@ -458,7 +458,7 @@ func TestNodeServesOnlyItsCoordinators(t *testing.T) {
 	rogueReg := newRegistry()
 	rogueReg.Register = func(string, string) (string, error) { return "x", nil }
 	rogue := startCoordinator(t, rogueReg)
-	if _, err := rogueReg.RegisterNode(context.Background(), n.PeerID(), "any"); err != nil {
+	if _, err := rogueReg.AdmitNode(context.Background(), n.PeerID(), "any"); err != nil {
 		t.Fatal(err)
 	}
 	ai, err := peer.AddrInfoFromString(rogue.Addrs()[0])
