@@ -23,7 +23,6 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
-	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/bbolt"
 
 	"github.com/signal-p2p/signal/internal/retry"
@@ -451,9 +450,6 @@ func (c *Coordinator) State(fn func(*State)) { c.fsm.read(fn) }
 
 // Snapshot asks raft to take a snapshot now.
 func (c *Coordinator) Snapshot() error { return c.raft.Snapshot().Error() }
-
-// Registerer exposes the coordinator's metrics registry.
-func (c *Coordinator) Registerer() prometheus.Registerer { return c.metrics.reg }
 
 func (c *Coordinator) memberHTTP(id string) (string, bool) {
 	var m MemberRecord

@@ -29,9 +29,7 @@ type cmdResult struct {
 type fsm struct {
 	mu    sync.RWMutex
 	state *State
-	// lastIndex is the index of the last applied entry (for tests and metrics).
-	lastIndex uint64
-	log       *slog.Logger
+	log   *slog.Logger
 }
 
 var _ raft.FSM = (*fsm)(nil)
@@ -58,7 +56,6 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.lastIndex = l.Index
 	switch t := cmdType(l.Data[0]); t {
 	case cmdBatch:
 		return f.applyBatch(l.Index, l.Data[1:])

@@ -73,11 +73,10 @@ type handlerFunc func(c *call) (any, error)
 type created struct{ v any }
 
 // rawResponse is a response already encoded (a recorded idempotent answer
-// or a billed answer built by the FSM); recorded says the FSM stored it.
+// or a billed answer built by the FSM).
 type rawResponse struct {
 	status   int
 	body     []byte
-	recorded bool
 	replayed bool
 }
 

@@ -68,7 +68,9 @@ func RunMember(ctx context.Context, specFile string, log *slog.Logger) error {
 	}
 	b, _ := json.Marshal(ready)
 	tmp := spec.ReadyFile + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o600); err == nil {
+	// One err for both steps: a failed write must not pass as a ready file.
+	err = os.WriteFile(tmp, b, 0o600)
+	if err == nil {
 		err = os.Rename(tmp, spec.ReadyFile)
 	}
 	if err != nil {

@@ -20,7 +20,6 @@ import (
 	"github.com/signal-p2p/signal/coordinator"
 	"github.com/signal-p2p/signal/coordinator/p2p"
 	"github.com/signal-p2p/signal/node/storage"
-	"github.com/signal-p2p/signal/protocol"
 )
 
 // Errors of this package.
@@ -168,13 +167,4 @@ type Info struct {
 	// PIDs are the member processes (StartProcesses only), coordinators
 	// first, so that a script can stop a kept testnet.
 	PIDs []int `json:"pids,omitempty"`
-}
-
-// nodeIDs lists the peer IDs of a node list.
-func nodeIDs(ns []protocol.Node) []string {
-	out := make([]string, 0, len(ns))
-	for _, n := range ns {
-		out = append(out, n.PeerID)
-	}
-	return out
 }
