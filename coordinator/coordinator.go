@@ -53,6 +53,7 @@ type Coordinator struct {
 	backend Backend
 
 	raft      *raft.Raft
+	logs      raft.LogStore // raft's log (through its cache): benchmarks read entry sizes
 	transport *raft.NetworkTransport
 	stream    *tcpStream
 	store     *raftboltdb.BoltStore
@@ -270,7 +271,7 @@ func (c *Coordinator) startRaft(hl hclog.Logger, snaps raft.SnapshotStore) (hasS
 		abort()
 		return false, fmt.Errorf("start raft: %w", err)
 	}
-	c.raft = r
+	c.raft, c.logs = r, logs
 	if c.cfg.Bootstrap && !hasState {
 		boot := raft.Configuration{Servers: []raft.Server{{ID: rc.LocalID, Address: c.transport.LocalAddr()}}}
 		if err := r.BootstrapCluster(boot).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {

@@ -3,7 +3,10 @@
 # cluster over loopback (in-process, fsync'd logs, production raft timing),
 # with 1 and 64 concurrent clients, for both raft log stores (raft-wal, the
 # default for fresh data dirs, and raft-boltdb), against the issue's anchors;
-# then one member's FSM cost per charge. Prints figures, no pass/fail.
+# then one member's FSM cost per charge, and the whole billed HTTP path of a
+# realistic forward_backward (calls/s, p99, raft log and snapshot bytes per
+# call, with and without an Idempotency-Key). Prints figures, no pass/fail.
+#   SIGNAL_BENCH_BILLED     billed calls per run (default 2000)
 #   SIGNAL_BENCH_CHARGES    charges per 64-client run (default 20000)
 #   SIGNAL_BENCH_CHARGES_1  charges per 1-client run (default 2000)
 #   SIGNAL_BENCH_INFLIGHT   raft entries the leader keeps committing at once
@@ -15,6 +18,7 @@ run() { local o; o=$(go test ./coordinator -run '^$' -bench "$1" -benchtime "$2"
 out=$(run 'BenchmarkCommittedCharges/log=.*/clients=64$' "${N}x")
 out1=$(run 'BenchmarkCommittedCharges/log=.*/clients=1$' "${N1}x")
 fsm=$(run 'BenchmarkApplyChargeBatch$' 2000x)
+billed=$(run 'BenchmarkBilledCalls' "${SIGNAL_BENCH_BILLED:-2000}x")
 printf '%s\n%s\n' "$out1" "$out" | grep -E '^Benchmark' | awk '
 {
   name=$1; store=name; sub(/.*log=/, "", store); sub(/\/.*/, "", store)
@@ -36,4 +40,7 @@ printf '%s\n%s\n' "$out1" "$out" | grep -E '^Benchmark' | awk '
 END { if (c64["bolt"] > 0) printf "64 clients, raft-wal vs raft-boltdb log: %.2fx throughput\n", c64["wal"]/c64["bolt"] }'
 echo "$fsm" | awk '/^BenchmarkApplyChargeBatch/ { for (i = 1; i <= NF; i++) { if ($(i+1) == "ns/charge") ns = $i; if ($(i+1) == "B/op") bop = $i }
   printf "FSM apply (one member, 64-charge batches): %.0f ns/charge, %.0f B/charge\n", ns, bop/64 }'
+echo "$billed" | awk '/^BenchmarkBilledCalls/ { name=$1; sub(/.*idempotency_key=/, "", name); sub(/-.*/, "", name)
+  for (i = 1; i <= NF; i++) { if ($(i+1) == "calls/s") cps = $i; if ($(i+1) == "p99_ms") p99 = $i; if ($(i+1) == "log_B/call") lb = $i; if ($(i+1) == "snap_B/call") sb = $i; if ($(i+1) == "answer_B") ab = $i }
+  printf "billed forward_backward (4x256, %d-byte node answer), Idempotency-Key %-5s: %6.0f calls/s  p99 %6.2f ms  raft log %6.0f B/call  snapshot %6.0f B/call\n", ab, name, cps, p99, lb, sb }'
 echo "(machine: $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg); figures from a shared machine are noisy: the disk's fsync tail and CPU contention from other work move p99 most)"
