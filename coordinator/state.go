@@ -412,9 +412,9 @@ type ChargeResult struct {
 	// Cost is what was charged; Credits may be below the requested amount
 	// when the balance ran out during the call (the work is done and cannot
 	// be refused, so the charge takes what is left).
-	Cost    protocol.Cost   `json:"cost"`
-	Balance int64           `json:"balance"`
-	Status  int             `json:"status"`
+	Cost    protocol.Cost `json:"cost"`
+	Balance int64         `json:"balance"`
+	Status  int           `json:"status"`
 	// Body is the recorded answer: set for a call with an idempotency key
 	// (and for its replays), nil otherwise.
 	Body json.RawMessage `json:"body,omitempty"`
@@ -429,14 +429,14 @@ type ChargeResult struct {
 // chargeCmd is one billed call: charge, run update and recorded response,
 // applied together so a retried call is charged once.
 type chargeCmd struct {
-	Account    string          `json:"account"`
-	Operator   string          `json:"operator,omitempty"`
-	FeeBPS     int             `json:"fee_bps"`
-	Cost       protocol.Cost   `json:"cost"`
-	RunID      string          `json:"run_id,omitempty"`
-	Call       string          `json:"call,omitempty"`
-	Time       string          `json:"time"`
-	Idem       *IdemTag        `json:"idem,omitempty"`
+	Account  string        `json:"account"`
+	Operator string        `json:"operator,omitempty"`
+	FeeBPS   int           `json:"fee_bps"`
+	Cost     protocol.Cost `json:"cost"`
+	RunID    string        `json:"run_id,omitempty"`
+	Call     string        `json:"call,omitempty"`
+	Time     string        `json:"time"`
+	Idem     *IdemTag      `json:"idem,omitempty"`
 	// Body is the node's answer, carried only with Idem: the FSM records
 	// the billed answer for replays. Without a key the entry stays lean
 	// (cost, usage, run update) and the leader answers from its own copy.
