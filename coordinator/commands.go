@@ -41,13 +41,35 @@ const (
 	cmdPruneRuns
 )
 
+// ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
+// does not know the type to skip the command instead of taking it for a
+// bad entry (nomad's structs.IgnoreUnknownTypeFlag). A command that a
+// member may miss without diverging from the others is written with it,
+// so a leader of a newer version can write it while older members still
+// apply the log during a rolling upgrade; a command every member must
+// apply alike is written without it, and needs every member upgraded
+// first. Known types apply the same with or without it, so types stay
+// below it: 127 of them.
+const ignoreUnknownTypeFlag cmdType = 0x80
+
+// base is t without ignoreUnknownTypeFlag.
+func (t cmdType) base() cmdType { return t &^ ignoreUnknownTypeFlag }
+
+// ignorable says whether a member that does not know t may skip it.
+func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
+
+var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
+	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs"}
+
 func (t cmdType) String() string {
-	names := [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-		"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs"}
-	if int(t) < len(names) && t > 0 {
-		return names[t]
+	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
+	if b := t.base(); int(b) < len(cmdNames) && b > 0 {
+		name = cmdNames[b]
 	}
-	return fmt.Sprintf("cmd(%d)", byte(t))
+	if t.ignorable() {
+		name += "+ignorable"
+	}
+	return name
 }
 
 // Payloads of the commands other than chargeCmd and RunUpdate (in state.go).
@@ -103,6 +125,10 @@ type command struct {
 	payload []byte
 }
 
+// The codec: newCommand encodes every command and decodeCommand decodes
+// every command; each type's payload is JSON of the Go type decodeCommand
+// names, except cmdChargeBin's (appendCharge's binary layout).
+
 // newCommand encodes v as a command of type t. A charge (cmdCharge with a
 // chargeCmd) is written as cmdChargeBin.
 func newCommand(t cmdType, v any) (command, error) {
@@ -114,6 +140,74 @@ func newCommand(t cmdType, v any) (command, error) {
 		return command{}, fmt.Errorf("encode %s command: %w", t, err)
 	}
 	return command{typ: t, payload: b}, nil
+}
+
+// errUnknownCommand is a command type this member does not know.
+var errUnknownCommand = errors.New("unknown command type")
+
+// decodedCommand is a command's payload as its Go value: a charge in
+// charge, every other type in v. Charges are the hot path, and boxing one
+// in an interface would cost every member an allocation per charge.
+type decodedCommand struct {
+	charge chargeCmd
+	v      any
+}
+
+// decodeCommand decodes c's payload into the value its type carries:
+// newCommand's inverse. Known types decode alike with or without
+// ignoreUnknownTypeFlag. A type this member does not know fails with
+// errUnknownCommand, a payload that does not decode with its decoder's
+// error.
+func decodeCommand(c command) (decodedCommand, error) {
+	var d decodedCommand
+	var err error
+	switch c.typ.base() {
+	case cmdCreateKey:
+		d.v, err = decodeJSONCommand[createKeyCmd](c.payload)
+	case cmdMint:
+		d.v, err = decodeJSONCommand[mintCmd](c.payload)
+	case cmdCharge:
+		// Into its own variable: &d.charge would move every decode's d
+		// to the heap.
+		var jc chargeCmd
+		err = json.Unmarshal(c.payload, &jc)
+		d.charge = jc
+	case cmdChargeBin:
+		d.charge, err = decodeCharge(c.payload)
+	case cmdCreateRun:
+		d.v, err = decodeJSONCommand[RunRecord](c.payload)
+	case cmdUpdateRun:
+		d.v, err = decodeJSONCommand[RunUpdate](c.payload)
+	case cmdCreateJoinToken:
+		d.v, err = decodeJSONCommand[JoinTokenRecord](c.payload)
+	case cmdRegisterNode:
+		d.v, err = decodeJSONCommand[registerNodeCmd](c.payload)
+	case cmdPutMember:
+		d.v, err = decodeJSONCommand[MemberRecord](c.payload)
+	case cmdRemoveMember:
+		d.v, err = decodeJSONCommand[removeMemberCmd](c.payload)
+	case cmdPutIdem:
+		d.v, err = decodeJSONCommand[putIdemCmd](c.payload)
+	case cmdHold:
+		d.v, err = decodeJSONCommand[HoldRecord](c.payload)
+	case cmdReleaseHolds:
+		d.v, err = decodeJSONCommand[releaseHoldsCmd](c.payload)
+	case cmdCreateRunLimited:
+		d.v, err = decodeJSONCommand[createRunLimitedCmd](c.payload)
+	case cmdPruneRuns:
+		d.v, err = decodeJSONCommand[pruneRunsCmd](c.payload)
+	default:
+		err = errUnknownCommand
+	}
+	return d, err
+}
+
+func decodeJSONCommand[T any](p []byte) (any, error) {
+	var v T
+	if err := json.Unmarshal(p, &v); err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // encodeBatch lays out a batch entry: cmdBatch, uvarint count, then per

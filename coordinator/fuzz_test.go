@@ -58,6 +58,9 @@ func FuzzApply(f *testing.F) {
 	f.Add(encodeBatch([]command{k, c}))
 	f.Add(append([]byte{byte(cmdMint)}, `{"account":"a","amount":5}`...))
 	f.Add([]byte{byte(cmdChargeBin), 1, 2, 3})
+	// Commands of a type this version does not know, flagged ignorable and not.
+	f.Add(encodeBatch([]command{{typ: 0x7e | ignoreUnknownTypeFlag, payload: []byte(`{}`)}, k, {typ: 0x7e, payload: []byte(`{}`)}}))
+	f.Add([]byte{byte(0x7e | ignoreUnknownTypeFlag), '{', '}'})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m := newFSM()
 		m.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: encodeBatch([]command{k})})

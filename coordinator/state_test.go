@@ -334,7 +334,7 @@ func TestFSMSkipsEntriesThatDoNotDecode(t *testing.T) {
 	f := newFSM()
 	k, _ := newCommand(cmdCreateKey, createKeyCmd{Key: KeyRecord{Hash: "h", Account: "a"}, Credits: 10})
 	garbled := command{typ: cmdMint, payload: []byte(`{"account": "a", "amount": `)}
-	unknown := command{typ: cmdType(250), payload: []byte(`{}`)}
+	unknown := command{typ: cmdType(0x7a), payload: []byte(`{}`)} // no ignoreUnknownTypeFlag
 	badCharge := command{typ: cmdChargeBin, payload: []byte{0xff, 0x01}}
 	m, _ := newCommand(cmdMint, mintCmd{Account: "a", Amount: 5})
 	res := f.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: encodeBatch([]command{k, garbled, unknown, badCharge, m})}).([]cmdResult)
