@@ -14,10 +14,11 @@ APT_PKGS  := libopenblas-dev libopenblas0-pthread python3-torch python3-numpy py
 # Debian's python3-torch installs for the system interpreter, not a pyenv one.
 PYTHON    ?= /usr/bin/python3
 
-# Engine packages are compute-bound and single-owner: the race detector costs
-# them 10x and finds nothing; everything concurrent runs under -race.
-RACE_PKGS  = $(shell $(GO) list ./... | grep -v '/trainer')
-PLAIN_PKGS = $(shell $(GO) list ./... | grep '/trainer')
+# Engine packages (and export, which runs the engine) are compute-bound and
+# single-owner: the race detector costs them 10x and finds nothing;
+# everything concurrent runs under -race.
+RACE_PKGS  = $(shell $(GO) list ./... | grep -v -e '/trainer' -e '/export$$')
+PLAIN_PKGS = $(shell $(GO) list ./... | grep -e '/trainer' -e '/export$$')
 
 # go-nvml's cgo headers warn about deprecated NVML calls on every cold build.
 export CGO_CFLAGS       ?= -O2 -Wno-deprecated-declarations
@@ -26,12 +27,12 @@ export SIGNAL_PYTHON    := $(PYTHON)
 # Tests leave screenshots and other things worth a look here (the dashboard's).
 export SIGNAL_ARTIFACTS ?= $(CACHE)/artifacts
 
-.PHONY: help deps apt-deps minio pyenv build test test-go test-python bench lint run clean
+.PHONY: help deps apt-deps minio pyenv llamacpp build test test-go test-python bench lint run clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-deps: apt-deps minio pyenv ## install what builds and tests need (apt packages, MinIO, the Python test environment)
+deps: apt-deps minio pyenv llamacpp ## install what builds and tests need (apt packages, MinIO, the Python test environment, llama.cpp)
 
 apt-deps:
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -45,6 +46,12 @@ apt-deps:
 # 5.6 GB once, in ~/.cache/signal, keyed by scripts/pyenv.lock's hash).
 pyenv: apt-deps
 	@scripts/pyenv.sh >/dev/null
+
+# The GGUF consumers the export tests judge with: llama.cpp (npm's
+# node-llama-cpp, CPU build) and the gguf Python package (about 90 MB once,
+# in ~/.cache/signal).
+llamacpp: pyenv
+	@scripts/llamacpp.sh >/dev/null
 
 minio: $(MINIO)
 $(MINIO):
@@ -61,7 +68,7 @@ test: deps test-go test-python ## run every test: unit, integration, Python SDK
 test-go:
 	$(GO) vet ./...
 	SIGNAL_HF_PYTHON=$$(scripts/pyenv.sh) $(GO) test -race -count=1 -timeout 30m $(RACE_PKGS)
-	SIGNAL_HF_PYTHON=$$(scripts/pyenv.sh) $(GO) test -count=1 -timeout 30m $(PLAIN_PKGS)
+	SIGNAL_HF_PYTHON=$$(scripts/pyenv.sh) SIGNAL_LLAMACPP=$$(scripts/llamacpp.sh) $(GO) test -count=1 -timeout 30m $(PLAIN_PKGS)
 
 test-python: build
 	@if [ -d python/tests ]; then cd python && SIGNAL_BIN=$(BIN)/signal $(PYTHON) -m unittest discover -v -s tests 2>&1; fi
