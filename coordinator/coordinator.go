@@ -122,6 +122,7 @@ func New(cfg Config) (*Coordinator, error) {
 	}
 	c.fsm.log = c.log
 	c.metrics = newMetrics(c)
+	c.fsm.observe = c.metrics.observeApply
 	c.backend = cfg.Backend
 	if c.backend == nil {
 		c.backend = noBackend{} // NewMember sets its host before Start

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -30,6 +31,9 @@ type fsm struct {
 	mu    sync.RWMutex
 	state *State
 	log   *slog.Logger
+	// observe, when set, gets each command's decode-and-apply time
+	// (the coordinator's metrics).
+	observe func(t cmdType, d time.Duration)
 }
 
 var _ raft.FSM = (*fsm)(nil)
@@ -83,10 +87,21 @@ func (f *fsm) badEntry(index uint64, t cmdType, err error) cmdResult {
 	return cmdResult{Err: fmt.Errorf("raft entry %d: %s: %v: %w", index, t, err, errBadEntry)}
 }
 
-// applyOne decodes one command and applies it to the state. A type this
-// member does not know is skipped: quietly when its writer flagged it
-// ignorable, as a bad entry otherwise.
+// applyOne applies one command and times it.
 func (f *fsm) applyOne(index uint64, c command) cmdResult {
+	if f.observe == nil {
+		return f.applyCommand(index, c)
+	}
+	start := time.Now()
+	res := f.applyCommand(index, c)
+	f.observe(c.typ, time.Since(start))
+	return res
+}
+
+// applyCommand decodes one command and applies it to the state. A type
+// this member does not know is skipped: quietly when its writer flagged it
+// ignorable, as a bad entry otherwise.
+func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 	d, err := decodeCommand(c)
 	switch {
 	case errors.Is(err, errUnknownCommand) && c.typ.ignorable():
