@@ -65,6 +65,9 @@ func benchBilled(b *testing.B, idem bool) {
 		c.Backend = backend
 		c.RatePerSecond, c.RateBurst = 1e9, 1<<30
 		c.Models[0].ContextLength = 1024
+		// hashicorp/raft's default timing, as `signal coordinator` runs:
+		// the tests' fast timing can depose a leader on a loaded machine.
+		c.HeartbeatTimeout, c.ElectionTimeout, c.LeaderLeaseTimeout, c.CommitTimeout = 0, 0, 0, 0
 	})
 	l := leaderOf(cs)
 	base := l.URL()
