@@ -2,7 +2,6 @@ package coordinator
 
 import (
 	"context"
-	"fmt"
 
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -41,7 +40,7 @@ func (c *Coordinator) credit(ctx context.Context, req protocol.CreditRequest, id
 // req.OperatorAccount (a new operator account when empty).
 func (c *Coordinator) createJoinToken(ctx context.Context, req protocol.JoinTokenRequest) (protocol.JoinTokenResponse, error) {
 	if len(req.OperatorAccount) > maxNameLen {
-		return protocol.JoinTokenResponse{}, fmt.Errorf("field operator_account: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+		return protocol.JoinTokenResponse{}, protocol.UserErrorf(ErrInvalidRequest, "field operator_account: longer than %d characters", maxNameLen)
 	}
 	op := req.OperatorAccount
 	if op == "" {

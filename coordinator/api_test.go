@@ -144,27 +144,27 @@ func TestAPIErrors(t *testing.T) {
 		status                   int
 		code, msg                string
 	}{
-		{"no key", "GET", base + "/v1/account", "", nil, 401, "unauthorized", "missing"},
-		{"bad key", "GET", base + "/v1/account", "sk-sig-nope", nil, 401, "unauthorized", "unknown API key"},
-		{"admin without token", "POST", base + "/v1/admin/keys", key, map[string]any{"credits": 1}, 403, "forbidden", "admin"},
-		{"unknown model", "POST", base + "/v1/runs", key, map[string]any{"base_model": "gpt-9"}, 400, "unknown_model", "supported models: tiny"},
-		{"unknown field", "POST", base + "/v1/runs", key, map[string]any{"base_model": "tiny", "lora_rnak": 4}, 400, "invalid_request", `unknown field "lora_rnak"`},
-		{"wrong type", "POST", base + "/v1/runs", key, `{"base_model": "tiny", "lora_rank": "big"}`, 400, "invalid_request", "field lora_rank"},
-		{"out of range", "POST", base + "/v1/runs", key, map[string]any{"base_model": "tiny", "lora_rank": 0}, 400, "invalid_request", "lora_rank: 0 out of range 1..256"},
-		{"malformed json", "POST", base + "/v1/runs", key, `{"base_model": `, 400, "invalid_request", "malformed JSON"},
-		{"trailing data", "POST", base + "/v1/runs", key, `{"base_model": "tiny"} {}`, 400, "invalid_request", "after the JSON object"},
+		{"no key", "GET", base + "/v1/account", "", nil, 401, "unauthorized", `the Authorization header is missing: send "Authorization: Bearer <API key>"`},
+		{"bad key", "GET", base + "/v1/account", "sk-sig-nope", nil, 401, "unauthorized", "the API key is unknown: check SIGNAL_API_KEY (signal keys create makes one)"},
+		{"admin without token", "POST", base + "/v1/admin/keys", key, map[string]any{"credits": 1}, 403, "forbidden", "this is an admin call: send the admin token, not an API key"},
+		{"unknown model", "POST", base + "/v1/runs", key, map[string]any{"base_model": "gpt-9"}, 400, "unknown_model", `base_model "gpt-9" is not supported; supported models: tiny`},
+		{"unknown field", "POST", base + "/v1/runs", key, map[string]any{"base_model": "tiny", "lora_rnak": 4}, 400, "invalid_request", `unknown field "lora_rnak" in the request body: check its spelling against the API`},
+		{"wrong type", "POST", base + "/v1/runs", key, `{"base_model": "tiny", "lora_rank": "big"}`, 400, "invalid_request", "field lora_rank is a JSON string: send a number"},
+		{"out of range", "POST", base + "/v1/runs", key, map[string]any{"base_model": "tiny", "lora_rank": 0}, 400, "invalid_request", "lora_rank 0 is out of range: use 1..256"},
+		{"malformed json", "POST", base + "/v1/runs", key, `{"base_model": `, 400, "invalid_request", "the request body is not JSON: it ends too early"},
+		{"trailing data", "POST", base + "/v1/runs", key, `{"base_model": "tiny"} {}`, 400, "invalid_request", "the request body has data after the JSON object: send one object"},
 		{"too large", "POST", runURL + "/forward_backward", key, `{"name": "` + strings.Repeat("x", 5000) + `"}`, 413, "too_large", "4096 bytes"},
 		{"negative credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "a", "amount": -5}, 400, "invalid_request", "field amount"},
 		{"overflowing credit", "POST", base + "/v1/admin/credit", testAdmin, `{"account": "a", "amount": 99999999999999999999}`, 400, "invalid_request", "field amount"},
 		{"unknown account credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "nobody", "amount": 5}, 404, "not_found", "nobody"},
 		{"other's run", "GET", runURL, other, nil, 403, "forbidden", "another account"},
 		{"unknown run", "GET", base + "/v1/runs/run_x", key, nil, 404, "not_found", "run_x"},
-		{"over balance", "POST", runURL + "/forward_backward", key, fbBody(100), 402, "insufficient_balance", "estimated cost 100 micro-credits exceeds the available balance 50"},
-		{"datum mismatch", "POST", runURL + "/forward_backward", key, `{"data":[{"model_input":{"tokens":[1,2]},"loss_fn_inputs":{"target_tokens":[1],"weights":[1,1]}}]}`, 400, "invalid_request", "data[0].loss_fn_inputs"},
-		{"context too long", "POST", runURL + "/forward", key, fbBody(129), 400, "invalid_request", "allows 128"},
-		{"bad adam", "POST", runURL + "/optim_step", key, map[string]any{"adam_params": map[string]any{"beta1": 1.5}}, 400, "invalid_request", "adam_params.beta1"},
-		{"huge weight", "POST", runURL + "/forward_backward", key, map[string]any{"data": []any{map[string]any{"model_input": map[string]any{"tokens": []int{1}}, "loss_fn_inputs": map[string]any{"target_tokens": []int{2}, "weights": []float64{-1e30}}}}}, 400, "invalid_request", "weights[0]"},
-		{"bad sample", "POST", runURL + "/sample", key, map[string]any{"prompts": []any{map[string]any{"text": "hi"}}, "sampling_params": map[string]any{"max_tokens": 0}}, 400, "invalid_request", "max_tokens"},
+		{"over balance", "POST", runURL + "/forward_backward", key, fbBody(100), 402, "insufficient_balance", "this call's estimated cost of 0.000100 credits (100 micro-credits) is over account "},
+		{"datum mismatch", "POST", runURL + "/forward_backward", key, `{"data":[{"model_input":{"tokens":[1,2]},"loss_fn_inputs":{"target_tokens":[1],"weights":[1,1]}}]}`, 400, "invalid_request", "data[0].loss_fn_inputs has 1 target_tokens and 2 weights: give 2 of each, one per model_input token"},
+		{"context too long", "POST", runURL + "/forward", key, fbBody(129), 400, "invalid_request", "data[0].model_input.tokens has 129 tokens, over the 128 model tiny allows: shorten it or split it"},
+		{"bad adam", "POST", runURL + "/optim_step", key, map[string]any{"adam_params": map[string]any{"beta1": 1.5}}, 400, "invalid_request", "adam_params.beta1 1.5 is out of range: use [0, 1)"},
+		{"huge weight", "POST", runURL + "/forward_backward", key, map[string]any{"data": []any{map[string]any{"model_input": map[string]any{"tokens": []int{1}}, "loss_fn_inputs": map[string]any{"target_tokens": []int{2}, "weights": []float64{-1e30}}}}}, 400, "invalid_request", "data[0].loss_fn_inputs.weights[0] is -1e+30: give a number in [-1e6, 1e6]"},
+		{"bad sample", "POST", runURL + "/sample", key, map[string]any{"prompts": []any{map[string]any{"text": "hi"}}, "sampling_params": map[string]any{"max_tokens": 0}}, 400, "invalid_request", "sampling_params.max_tokens 0 is out of range: use 1..128 (the context of tiny)"},
 		{"tokenize without tokenizer", "POST", base + "/v1/tokenize", key, map[string]any{"base_model": "tiny", "text": "hi"}, 503, "unavailable", "tokenizer"},
 	}
 	for _, tt := range tests {
@@ -177,6 +177,12 @@ func TestAPIErrors(t *testing.T) {
 			r.decode(t, &e)
 			if e.Error.Code != tt.code || !strings.Contains(e.Error.Message, tt.msg) {
 				t.Fatalf("error %+v, want code %s with %q", e.Error, tt.code, tt.msg)
+			}
+			// One sentence for the user: no chain of sentinels after it.
+			for _, chain := range []string{": invalid request", ": unauthorized", ": forbidden", ": not found", ": unknown model", ": request too large", ": insufficient balance", "\n"} {
+				if strings.HasSuffix(e.Error.Message, chain) || strings.Contains(e.Error.Message, "\n") {
+					t.Fatalf("message %q ends in a chain (%q)", e.Error.Message, chain)
+				}
 			}
 			if tt.status == 503 && r.header.Get("Retry-After") == "" {
 				t.Error("503 without Retry-After")

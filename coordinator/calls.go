@@ -23,9 +23,13 @@ func runUsable(rec *RunRecord, retry time.Duration) error {
 	case protocol.RunReady:
 		return nil
 	case protocol.RunStarting, protocol.RunMoving:
-		return retryAfter(fmt.Errorf("run %s is %s: %w", rec.Run.ID, rec.Run.Status, ErrUnavailable), retry)
+		return retryAfter(protocol.UserErrorf(ErrUnavailable, "run %s is %s (its session is opening on a node); retry in a moment", rec.Run.ID, rec.Run.Status), retry)
 	default:
-		return fmt.Errorf("run %s is %s: %w", rec.Run.ID, rec.Run.Status, ErrConflict)
+		why := ""
+		if rec.Run.StatusReason != "" {
+			why = " (" + rec.Run.StatusReason + ")"
+		}
+		return protocol.UserErrorf(ErrConflict, "run %s is %s%s: create a new run, and load_state a checkpoint into it to go on", rec.Run.ID, rec.Run.Status, why)
 	}
 }
 
@@ -50,7 +54,7 @@ func (c *Coordinator) doRun(ctx context.Context, cl *call, rec *RunRecord, callN
 			return resp, retryAfter(fmt.Errorf("run %s: node %s lost; the run is moving: %w", rec.Run.ID, rec.Run.Node, err), c.cfg.RetryAfter)
 		}
 		if errors.Is(err, p2p.ErrResponseTooLarge) {
-			return resp, fmt.Errorf("the answer to %s is larger than a node may send (%v); send fewer items or tokens per call: %w", callName, err, ErrTooLarge)
+			return resp, protocol.UserErrorf(ErrTooLarge, "the answer to %s is larger than a node may send (%v); send fewer items or tokens per call", callName, err)
 		}
 		if errors.Is(err, p2p.ErrBadResponse) {
 			return resp, fmt.Errorf("run %s call %s: %v: %w", rec.Run.ID, callName, err, ErrBadNodeAnswer)

@@ -464,11 +464,11 @@ func (c *Coordinator) memberHTTP(id string) (string, bool) {
 func (c *Coordinator) leaderURL() (string, error) {
 	_, id := c.raft.LeaderWithID()
 	if id == "" {
-		return "", retryAfter(fmt.Errorf("no raft leader elected: %w", ErrUnavailable), c.cfg.RetryAfter)
+		return "", retryAfter(protocol.UserErrorf(ErrUnavailable, "the coordinators have no raft leader yet; retry in a moment"), c.cfg.RetryAfter)
 	}
 	addr, ok := c.memberHTTP(string(id))
 	if !ok {
-		return "", retryAfter(fmt.Errorf("leader %s has no known HTTP address yet: %w", id, ErrUnavailable), c.cfg.RetryAfter)
+		return "", retryAfter(protocol.UserErrorf(ErrUnavailable, "the raft leader %s has no known HTTP address yet; retry in a moment", id), c.cfg.RetryAfter)
 	}
 	return "http://" + addr, nil
 }

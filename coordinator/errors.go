@@ -129,12 +129,18 @@ func auditCategory(status int) string {
 }
 
 // nodeError turns an error a node returned in a SessionResponse into one of
-// the coordinator's sentinels, so that the node's 400s stay 400s.
+// the coordinator's sentinels, so that the node's 400s stay 400s. The
+// node's message is a sentence for the user (node.errorResponse): it is
+// what the user reads, without the coordinator's context around it.
 func nodeError(e *protocol.ErrorBody) error {
 	var base error
 	switch e.Code {
 	case protocol.CodeInvalidRequest:
 		base = ErrInvalidRequest
+	case protocol.CodeUnknownModel:
+		// The registry lists the model but this node does not serve it:
+		// another node may (placement tries one), and none is a 503.
+		base = ErrUnavailable
 	case protocol.CodeNotFound:
 		base = ErrNotFound
 	case protocol.CodeConflict:
@@ -146,7 +152,7 @@ func nodeError(e *protocol.ErrorBody) error {
 	default:
 		return fmt.Errorf("node error %s: %s", e.Code, e.Message)
 	}
-	return fmt.Errorf("node: %s: %w", e.Message, base)
+	return fmt.Errorf("node: %w", &protocol.UserError{Msg: e.Message, Err: base})
 }
 
 // remoteError maps another member's error answer back to the sentinel it

@@ -1,8 +1,6 @@
 package coordinator
 
 import (
-	"fmt"
-
 	"github.com/signal-p2p/signal/internal/version"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -131,10 +129,10 @@ func (c *Coordinator) ownedRun(cl *call) (*RunRecord, error) {
 	var ok bool
 	c.fsm.read(func(s *State) { rec, ok = s.Run(id) })
 	if !ok {
-		return nil, fmt.Errorf("run %q: %w", id, ErrNotFound)
+		return nil, protocol.UserErrorf(ErrNotFound, "run %q does not exist: GET /v1/runs lists yours", id)
 	}
 	if rec.Owner != cl.account {
-		return nil, fmt.Errorf("run %q belongs to another account: %w", id, ErrForbidden)
+		return nil, protocol.UserErrorf(ErrForbidden, "run %q belongs to another account: use your own runs (GET /v1/runs lists them)", id)
 	}
 	return rec, nil
 }

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -41,6 +43,9 @@ type fakeNet struct {
 	nodes    map[string]*fakeNode
 	calls    map[string]int // per call name
 	executed map[string]protocol.SessionResponse
+	// refuse, when set, answers a compute call with this error as a node
+	// that refuses the request's content does.
+	refuse *protocol.ErrorBody
 }
 
 type fakeNode struct {
@@ -66,6 +71,15 @@ func (n *fakeNet) setDown(peer string, down bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.nodes[peer].down = down
+}
+
+// serve sets the models every node lists.
+func (n *fakeNet) serve(models ...string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, nd := range n.nodes {
+		nd.info.Models = models
+	}
 }
 
 func (n *fakeNet) count(call protocol.Call) int {
@@ -113,11 +127,18 @@ func (n *fakeNet) do(_ context.Context, peer string, req protocol.SessionRequest
 	if req.Call != protocol.CallInit && s == nil {
 		return fail(protocol.CodeNotFound, "no session "+req.RunID)
 	}
+	if n.refuse != nil && req.Call != protocol.CallInit && req.Call != protocol.CallClose {
+		return fail(n.refuse.Code, n.refuse.Message)
+	}
 	switch req.Call {
 	case protocol.CallInit:
 		var spec protocol.SessionSpec
 		if err := json.Unmarshal(req.Body, &spec); err != nil {
 			return fail(protocol.CodeInvalidRequest, err.Error())
+		}
+		// A node that lists its models refuses others, as a real one does.
+		if ms := nd.info.Models; len(ms) > 0 && !slices.Contains(ms, spec.BaseModel) {
+			return fail(protocol.CodeUnknownModel, fmt.Sprintf("this node does not serve base_model %q (it serves %s)", spec.BaseModel, strings.Join(ms, ", ")))
 		}
 		s = &fakeSession{spec: spec}
 		if spec.ResumeFrom != nil {

@@ -3,6 +3,8 @@ package coordinator
 import (
 	"fmt"
 	"sort"
+
+	"github.com/signal-p2p/signal/protocol"
 )
 
 // HoldRecord reserves part of an account's balance for a billed call that
@@ -35,12 +37,12 @@ func (s *State) Hold(h HoldRecord) error {
 		return fmt.Errorf("hold %s exists: %w", h.ID, ErrConflict)
 	}
 	if _, ok := s.ledger.Account(h.Account); !ok {
-		return fmt.Errorf("account %q: %w", h.Account, ErrNotFound)
+		return protocol.UserErrorf(ErrNotFound, "account %q does not exist", h.Account)
 	}
 	bal, held := s.ledger.Balance(h.Account), s.held[h.Account]
 	if h.Amount > bal-held {
-		return fmt.Errorf("estimated cost %d micro-credits exceeds the available balance %d (balance %d, %d held by calls in progress); top the account up (POST /v1/admin/credit) or send a smaller call: %w",
-			h.Amount, bal-held, bal, held, ErrInsufficientBalance)
+		return protocol.UserErrorf(ErrInsufficientBalance, "this call's estimated cost of %s credits (%d micro-credits) is over account %s's available balance of %s credits (%d micro-credits; %s held by calls in progress): top it up (signal credit --account %s --credits N, or POST /v1/admin/credit) or send a smaller call",
+			protocol.FormatCredits(h.Amount), h.Amount, h.Account, protocol.FormatCredits(bal-held), bal-held, protocol.FormatCredits(held), h.Account)
 	}
 	s.holds[h.ID] = h
 	s.held[h.Account] += h.Amount

@@ -141,7 +141,9 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 	w.Header().Set("X-Request-Id", cl.reqID)
 	fail := func(err error) (int, string, error) {
 		status, code := httpStatus(err)
-		msg := err.Error()
+		// The user reads the sentence written for them; the chain around
+		// it is for the audit log.
+		msg := protocol.UserMessage(err)
 		if status == http.StatusInternalServerError {
 			msg = "internal error (request id " + cl.reqID + ")"
 		}
@@ -153,7 +155,7 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 	}
 	if !o.local && !c.IsLeader() {
 		if r.Header.Get(forwardedHeader) != "" {
-			return fail(retryAfter(fmt.Errorf("forwarded request reached a member that is not leader: %w", ErrUnavailable), c.cfg.RetryAfter))
+			return fail(retryAfter(protocol.UserErrorf(ErrUnavailable, "the coordinator that forwarded this call lost track of the raft leader; retry"), c.cfg.RetryAfter))
 		}
 		return c.forward(w, r)
 	}
@@ -167,7 +169,7 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 		}
 		cl.account = acct
 		if ok, wait := c.limits.allow(acct); !ok {
-			return fail(retryAfter(fmt.Errorf("rate limit of %.0f requests/s (burst %d) exceeded: %w", c.cfg.RatePerSecond, c.cfg.RateBurst, ErrRateLimited), wait))
+			return fail(retryAfter(protocol.UserErrorf(ErrRateLimited, "this key is over its rate limit of %.0f requests/s (burst %d): wait Retry-After seconds", c.cfg.RatePerSecond, c.cfg.RateBurst), wait))
 		}
 	case authAdmin:
 		if err := c.authenticateAdmin(r); err != nil {
@@ -187,21 +189,21 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 			// instead of the 413. The caller is authenticated; this costs
 			// the route's limit in bandwidth and nothing in memory.
 			_, _ = io.Copy(io.Discard, io.LimitReader(r.Body, limit))
-			return fail(fmt.Errorf("request body of %d bytes is over this route's limit of %d bytes: %w", r.ContentLength, limit, ErrTooLarge))
+			return fail(protocol.UserErrorf(ErrTooLarge, "the request body of %d bytes is over this route's limit of %d bytes: split it into smaller calls", r.ContentLength, limit))
 		}
 		b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 		if err != nil {
 			var mbe *http.MaxBytesError
 			if errors.As(err, &mbe) {
-				return fail(fmt.Errorf("request body over this route's limit of %d bytes: %w", limit, ErrTooLarge))
+				return fail(protocol.UserErrorf(ErrTooLarge, "the request body is over this route's limit of %d bytes: split it into smaller calls", limit))
 			}
-			return fail(fmt.Errorf("read body: %v: %w", err, ErrInvalidRequest))
+			return fail(protocol.UserErrorf(ErrInvalidRequest, "the request body could not be read: %v", err))
 		}
 		cl.body = b
 	}
 	if key := r.Header.Get(idempotencyHeader); key != "" && o.mutating {
 		if len(key) > maxIdempotencyKeyLen {
-			return fail(fmt.Errorf("header Idempotency-Key: longer than %d characters: %w", maxIdempotencyKeyLen, ErrInvalidRequest))
+			return fail(protocol.UserErrorf(ErrInvalidRequest, "the Idempotency-Key header is longer than %d characters: use a shorter key", maxIdempotencyKeyLen))
 		}
 		sum := sha256.Sum256([]byte(r.Method + " " + r.URL.Path + "\n" + string(cl.body)))
 		cl.idem = &IdemTag{Scope: cl.account + "\x00" + key, BodyHash: hex.EncodeToString(sum[:])}
@@ -293,7 +295,7 @@ func (c *Coordinator) forward(w http.ResponseWriter, r *http.Request) (int, stri
 	leader, err := c.leaderURL()
 	if err != nil {
 		w.Header().Set("Retry-After", retrySeconds(err))
-		writeError(w, http.StatusServiceUnavailable, protocol.CodeUnavailable, err.Error(), "")
+		writeError(w, http.StatusServiceUnavailable, protocol.CodeUnavailable, protocol.UserMessage(err), "")
 		return http.StatusServiceUnavailable, "", err
 	}
 	target, _ := url.Parse(leader)
@@ -307,7 +309,7 @@ func (c *Coordinator) forward(w http.ResponseWriter, r *http.Request) (int, stri
 		},
 		ModifyResponse: func(resp *http.Response) error { status = resp.StatusCode; return nil },
 		ErrorHandler: func(w http.ResponseWriter, _ *http.Request, err error) {
-			perr = fmt.Errorf("forward to leader %s: %v: %w", leader, err, ErrUnavailable)
+			perr = protocol.UserErrorf(ErrUnavailable, "the raft leader %s cannot be reached (%v); retry in a moment", leader, err)
 			status = http.StatusServiceUnavailable
 			w.Header().Set("Retry-After", retrySeconds(retryAfter(perr, c.cfg.RetryAfter)))
 			writeError(w, status, protocol.CodeUnavailable, perr.Error(), "")
@@ -330,7 +332,7 @@ func (c *Coordinator) authenticate(r *http.Request) (string, error) {
 	// The map lookup finds the candidate; the constant-time comparison of
 	// the full hashes is what authorises.
 	if !ok || subtle.ConstantTimeCompare([]byte(rec.Hash), []byte(h)) != 1 {
-		return "", fmt.Errorf("unknown API key: %w", ErrUnauthorized)
+		return "", protocol.UserErrorf(ErrUnauthorized, "the API key is unknown: check SIGNAL_API_KEY (signal keys create makes one)")
 	}
 	return rec.Account, nil
 }
@@ -343,7 +345,7 @@ func (c *Coordinator) authenticateAdmin(r *http.Request) error {
 	want := sha256.Sum256([]byte(c.cfg.AdminToken))
 	got := sha256.Sum256([]byte(tok))
 	if subtle.ConstantTimeCompare(want[:], got[:]) != 1 {
-		return fmt.Errorf("admin call without the admin token: %w", ErrForbidden)
+		return protocol.UserErrorf(ErrForbidden, "this is an admin call: send the admin token, not an API key")
 	}
 	return nil
 }
@@ -351,11 +353,11 @@ func (c *Coordinator) authenticateAdmin(r *http.Request) error {
 func bearer(r *http.Request) (string, error) {
 	h := r.Header.Get("Authorization")
 	if h == "" {
-		return "", fmt.Errorf("missing Authorization header: %w", ErrUnauthorized)
+		return "", protocol.UserErrorf(ErrUnauthorized, "the Authorization header is missing: send \"Authorization: Bearer <API key>\"")
 	}
 	tok, ok := strings.CutPrefix(h, "Bearer ")
 	if !ok || strings.TrimSpace(tok) == "" {
-		return "", fmt.Errorf("malformed Authorization header (want \"Bearer <key>\"): %w", ErrUnauthorized)
+		return "", protocol.UserErrorf(ErrUnauthorized, "the Authorization header is malformed: send \"Authorization: Bearer <API key>\"")
 	}
 	return strings.TrimSpace(tok), nil
 }
@@ -420,6 +422,22 @@ func (c *Coordinator) audit(r *http.Request, route string, status int, account, 
 	c.log.Log(r.Context(), level, "request", attrs...)
 }
 
+// jsonKind names a Go type as a JSON value of it, for a message.
+func jsonKind(goType string) string {
+	switch {
+	case strings.HasPrefix(goType, "int"), strings.HasPrefix(goType, "uint"), strings.HasPrefix(goType, "float"),
+		strings.HasPrefix(goType, "*int"), strings.HasPrefix(goType, "*float"):
+		return "a number"
+	case goType == "string" || goType == "*string":
+		return "a string"
+	case goType == "bool" || goType == "*bool":
+		return "true or false"
+	case strings.HasPrefix(goType, "[]"):
+		return "a list"
+	}
+	return "an object"
+}
+
 // decodeJSON decodes a request body strictly: unknown fields, wrong types,
 // trailing data and malformed JSON are ErrInvalidRequest naming the problem.
 // An empty body decodes as {} when emptyOK.
@@ -428,7 +446,7 @@ func decodeJSON(body []byte, v any, emptyOK bool) error {
 		if emptyOK {
 			return nil
 		}
-		return fmt.Errorf("request body is empty; a JSON object is required: %w", ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "the request body is empty: send a JSON object")
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
@@ -437,27 +455,27 @@ func decodeJSON(body []byte, v any, emptyOK bool) error {
 		var te *json.UnmarshalTypeError
 		switch {
 		case errors.As(err, &se):
-			return fmt.Errorf("malformed JSON at byte %d: %v: %w", se.Offset, se, ErrInvalidRequest)
+			return protocol.UserErrorf(ErrInvalidRequest, "the request body is not JSON (at byte %d: %v)", se.Offset, se)
 		case errors.As(err, &te):
 			field := te.Field
 			if field == "" {
 				field = "(body)"
 			}
-			return fmt.Errorf("field %s: expected %s, got JSON %s: %w", field, te.Type, te.Value, ErrInvalidRequest)
+			return protocol.UserErrorf(ErrInvalidRequest, "field %s is a JSON %s: send %s", field, te.Value, jsonKind(te.Type.String()))
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
-			return fmt.Errorf("%s: %w", strings.TrimPrefix(err.Error(), "json: "), ErrInvalidRequest)
+			return protocol.UserErrorf(ErrInvalidRequest, "%s in the request body: check its spelling against the API", strings.TrimPrefix(err.Error(), "json: "))
 		case errors.Is(err, io.ErrUnexpectedEOF):
-			return fmt.Errorf("malformed JSON: unexpected end of body: %w", ErrInvalidRequest)
+			return protocol.UserErrorf(ErrInvalidRequest, "the request body is not JSON: it ends too early")
 		default:
-			return fmt.Errorf("malformed JSON: %v: %w", err, ErrInvalidRequest)
+			return protocol.UserErrorf(ErrInvalidRequest, "the request body is not JSON (%v)", err)
 		}
 	}
 	if dec.More() {
-		return fmt.Errorf("unexpected data after the JSON object: %w", ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "the request body has data after the JSON object: send one object")
 	}
 	var extra json.RawMessage
 	if err := dec.Decode(&extra); err != io.EOF {
-		return fmt.Errorf("unexpected data after the JSON object: %w", ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "the request body has data after the JSON object: send one object")
 	}
 	return nil
 }

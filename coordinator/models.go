@@ -149,7 +149,7 @@ func (r *registry) get(name string) (ModelSpec, error) {
 		if len(r.names) > 0 {
 			supported = strings.Join(r.names, ", ")
 		}
-		return ModelSpec{}, fmt.Errorf("base_model %q is not supported; supported models: %s: %w", name, supported, ErrUnknownModel)
+		return ModelSpec{}, protocol.UserErrorf(ErrUnknownModel, "base_model %q is not supported; supported models: %s", name, supported)
 	}
 	return m, nil
 }

@@ -93,7 +93,7 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 		if len(why) == 0 {
 			why = append(why, "none live")
 		}
-		return protocol.Node{}, fmt.Errorf("no node can take a run of %s: of %d nodes, %s: %w", model.Name, len(nodes), strings.Join(why, ", "), ErrNoCapacity)
+		return protocol.Node{}, protocol.UserErrorf(ErrNoCapacity, "no node can take a run of %s now: of %d nodes, %s; retry later", model.Name, len(nodes), strings.Join(why, ", "))
 	}
 	sort.SliceStable(cs, func(i, j int) bool {
 		a, b := cs[i], cs[j]
@@ -140,7 +140,8 @@ func (c *Coordinator) openSession(ctx context.Context, spec protocol.SessionSpec
 		node, err := c.place(model, exclude)
 		if err != nil {
 			if lastErr != nil {
-				err = fmt.Errorf("%w (last node error: %v)", err, lastErr)
+				err = &protocol.UserError{Msg: fmt.Sprintf("no node could open a run of %s: %d tried, the last said: %s; retry later",
+					spec.BaseModel, len(exclude), protocol.UserMessage(lastErr)), Err: err}
 			}
 			return nil, retryAfter(err, c.cfg.RetryAfter)
 		}
@@ -178,5 +179,5 @@ func (c *Coordinator) openSession(ctx context.Context, spec protocol.SessionSpec
 		}
 		return v.(*RunRecord), nil
 	}
-	return nil, retryAfter(fmt.Errorf("no node could open run %s: %v: %w", spec.RunID, lastErr, ErrNoCapacity), c.cfg.RetryAfter)
+	return nil, retryAfter(protocol.UserErrorf(ErrNoCapacity, "no node could open a run of %s: %d tried, the last said: %s; retry later", spec.BaseModel, len(exclude), protocol.UserMessage(lastErr)), c.cfg.RetryAfter)
 }

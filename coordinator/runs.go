@@ -58,7 +58,7 @@ func (c *Coordinator) withOpenRuns(err error, account string) error {
 	if open == 0 {
 		return err
 	}
-	return fmt.Errorf("%w; you hold %d open runs (DELETE /v1/runs/{id} frees one)", err, open)
+	return &protocol.UserError{Msg: fmt.Sprintf("%s; you hold %d open runs (DELETE /v1/runs/{id} frees one)", protocol.UserMessage(err), open), Err: err}
 }
 
 // endRun closes rec's session on its node and records the run ended.
@@ -87,14 +87,14 @@ func (c *Coordinator) endRun(ctx context.Context, rec *RunRecord) (protocol.Run,
 // and records the step it left the run at.
 func (c *Coordinator) loadState(cl *call, rec *RunRecord, req protocol.LoadStateRequest) (protocol.Run, error) {
 	if req.Checkpoint == "" {
-		return protocol.Run{}, fmt.Errorf("field checkpoint: required (an id, URI or CID): %w", ErrInvalidRequest)
+		return protocol.Run{}, protocol.UserErrorf(ErrInvalidRequest, "field checkpoint: required (an id, URI or CID)")
 	}
 	var cp protocol.Checkpoint
 	var src *RunRecord
 	var ok bool
 	c.fsm.read(func(s *State) { cp, src, ok = s.OwnedCheckpoint(cl.account, req.Checkpoint) })
 	if !ok {
-		return protocol.Run{}, fmt.Errorf("field checkpoint: %q is not a checkpoint of your runs (GET /v1/runs/{id} lists them by id): %w", req.Checkpoint, ErrNotFound)
+		return protocol.Run{}, protocol.UserErrorf(ErrNotFound, "field checkpoint: %q is not a checkpoint of your runs (GET /v1/runs/{id} lists them by id)", req.Checkpoint)
 	}
 	if src.Run.BaseModel != rec.Run.BaseModel || src.Run.LoRARank != rec.Run.LoRARank || !slices.Equal(src.Run.TargetModules, rec.Run.TargetModules) {
 		return protocol.Run{}, fmt.Errorf("field checkpoint: %s holds a %s adapter of rank %d on %v, run %s is %s rank %d on %v; create a run with the checkpoint's settings to load it: %w",

@@ -310,7 +310,7 @@ func (s *State) checkIdem(tag *IdemTag) (IdemRecord, bool, error) {
 		return IdemRecord{}, false, nil
 	}
 	if rec.BodyHash != tag.BodyHash {
-		return IdemRecord{}, false, fmt.Errorf("idempotency key reused with a different request: %w", ErrConflict)
+		return IdemRecord{}, false, protocol.UserErrorf(ErrConflict, "idempotency key reused with a different request")
 	}
 	return rec, true, nil
 }
@@ -399,7 +399,7 @@ func (s *State) CreateKey(k KeyRecord, credits int64) error {
 // Mint credits an account (admin); the account must exist.
 func (s *State) Mint(account string, amount int64) (int64, error) {
 	if _, ok := s.ledger.Account(account); !ok {
-		return 0, fmt.Errorf("account %q: %w", account, ErrNotFound)
+		return 0, protocol.UserErrorf(ErrNotFound, "account %q does not exist: check the account id (signal keys create printed it)", account)
 	}
 	if err := s.ledger.Mint(account, amount); err != nil {
 		return 0, err
@@ -462,7 +462,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		return ChargeResult{Status: rec.Status, Body: rec.Body, Cost: first.Cost, Balance: first.Balance, Replayed: true}, nil
 	}
 	if _, ok := s.ledger.Account(c.Account); !ok {
-		return ChargeResult{}, fmt.Errorf("account %q: %w", c.Account, ErrNotFound)
+		return ChargeResult{}, protocol.UserErrorf(ErrNotFound, "account %q does not exist", c.Account)
 	}
 	if c.Cost.Credits < 0 {
 		return ChargeResult{}, fmt.Errorf("charge %d: %w", c.Cost.Credits, ledger.ErrInvalidAmount)
@@ -624,7 +624,7 @@ func (s *State) CreateRun(r RunRecord) error {
 // them, nor one account all of them (issue 13, item 6).
 func (s *State) CreateRunLimited(r RunRecord, maxActive int, minAvailable int64) error {
 	if avail := s.Available(r.Owner); avail < minAvailable {
-		return fmt.Errorf("opening a run needs %d micro-credits available, the account has %d; top it up (POST /v1/admin/credit) first: %w", minAvailable, avail, ErrInsufficientBalance)
+		return protocol.UserErrorf(ErrInsufficientBalance, "opening a run needs %s credits (%d micro-credits) available, account %s has %s: top it up first (signal credit --account %s --credits N, or POST /v1/admin/credit)", protocol.FormatCredits(minAvailable), minAvailable, r.Owner, protocol.FormatCredits(avail), r.Owner)
 	}
 	active := 0
 	for _, o := range s.runs {
@@ -633,7 +633,7 @@ func (s *State) CreateRunLimited(r RunRecord, maxActive int, minAvailable int64)
 		}
 	}
 	if maxActive > 0 && active >= maxActive {
-		return fmt.Errorf("the account holds %d open runs, at most %d; end one (DELETE /v1/runs/{id}) first: %w", active, maxActive, ErrTooManyRuns)
+		return protocol.UserErrorf(ErrTooManyRuns, "the account holds %d open runs, at most %d; end one (DELETE /v1/runs/{id}) first", active, maxActive)
 	}
 	return s.CreateRun(r)
 }

@@ -32,7 +32,8 @@ func (t *tokenizers) get(m ModelSpec) (Tokenizer, error) {
 	}
 	tk, err := t.load(m.Path)
 	if err != nil {
-		return nil, fmt.Errorf("load tokenizer for %s: %w", m.Name, err)
+		return nil, &protocol.UserError{Msg: fmt.Sprintf("model %s's tokenizer cannot be loaded on this coordinator; send token ids, or retry on another coordinator", m.Name),
+			Err: fmt.Errorf("load tokenizer for %s: %w: %w", m.Name, ErrUnavailable, err)}
 	}
 	stored, _ := t.byPath.LoadOrStore(m.Path, tk)
 	return stored.(Tokenizer), nil
@@ -59,7 +60,7 @@ const maxTokenizeBytes = 1 << 20
 // one of its few tokenize slots: texts are CPU work the raft loop shares.
 func (c *Coordinator) tokenize(ctx context.Context, req protocol.TokenizeRequest) ([]int, error) {
 	if len(req.Text) > maxTokenizeBytes {
-		return nil, fmt.Errorf("field text: %d bytes, at most %d; split it into several calls: %w", len(req.Text), maxTokenizeBytes, ErrInvalidRequest)
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "field text: %d bytes, at most %d; split it into several calls", len(req.Text), maxTokenizeBytes)
 	}
 	m, err := c.models.get(req.BaseModel)
 	if err != nil {
@@ -70,7 +71,7 @@ func (c *Coordinator) tokenize(ctx context.Context, req protocol.TokenizeRequest
 		return nil, err
 	}
 	if t == nil {
-		return nil, retryAfter(fmt.Errorf("no tokenizer for model %s on this coordinator: %w", m.Name, ErrUnavailable), c.cfg.RetryAfter)
+		return nil, retryAfter(protocol.UserErrorf(ErrUnavailable, "no tokenizer for model %s on this coordinator", m.Name), c.cfg.RetryAfter)
 	}
 	select {
 	case c.tokenizeSlots <- struct{}{}:

@@ -4,8 +4,8 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"encoding/json"
-	"fmt"
 	"math"
+	"strings"
 
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -145,14 +145,14 @@ func quoteCall(callName protocol.Call, body []byte, m ModelSpec, run protocol.Ru
 			return q, err
 		}
 		if req.Mode != "" && req.Mode != "adapter" && req.Mode != "full" {
-			return q, fmt.Errorf("field mode: %q is not adapter or full: %w", req.Mode, ErrInvalidRequest)
+			return q, protocol.UserErrorf(ErrInvalidRequest, "mode %q is not a checkpoint mode: use adapter or full", req.Mode)
 		}
 		if len(req.Name) > maxNameLen {
-			return q, fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+			return q, protocol.UserErrorf(ErrInvalidRequest, "name is longer than %d characters: shorten it", maxNameLen)
 		}
 		q.max.StoredBytes = checkpointBound(m, run.LoRARank, req.Mode)
 	default:
-		return q, fmt.Errorf("call %s is not billed: %w", callName, ErrInvalidRequest)
+		return q, protocol.UserErrorf(ErrInvalidRequest, "call %s is not a billed call", callName)
 	}
 	q.credits = priceUsage(m.Prices, q.max).Credits
 	return q, nil
@@ -171,46 +171,46 @@ func bounded(f float64) bool { return finite(f) && math.Abs(f) <= maxLossInput }
 // count (for text examples, an upper bound: see textCounter.bound).
 func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count textCounter) (int64, error) {
 	if (len(req.Data) == 0) == (len(req.Examples) == 0) {
-		return 0, fmt.Errorf("fields data and examples: exactly one must be a non-empty list: %w", ErrInvalidRequest)
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "send a batch in exactly one of data (token Datum) and examples (text); this request has %s", batchFields(req))
 	}
 	if n := len(req.Data) + len(req.Examples); n > maxBatchItems {
-		return 0, fmt.Errorf("fields data/examples: %d items, at most %d: %w", n, maxBatchItems, ErrInvalidRequest)
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "the batch has %d items, over the limit of %d: split it into several calls", n, maxBatchItems)
 	}
 	switch req.LossFn {
 	case "", "cross_entropy", "importance_sampling", "ppo":
 	default:
-		return 0, fmt.Errorf("field loss_fn: %q is not cross_entropy, importance_sampling or ppo: %w", req.LossFn, ErrInvalidRequest)
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "loss_fn %q is not a loss: use cross_entropy, importance_sampling or ppo", req.LossFn)
 	}
 	rl := req.LossFn == "importance_sampling" || req.LossFn == "ppo"
 	for k, v := range req.LossFnConfig {
 		if !bounded(v) {
-			return 0, fmt.Errorf("field loss_fn_config.%s: %v is not a number in [-1e6, 1e6]: %w", k, v, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "loss_fn_config.%s is %v: give a number in [-1e6, 1e6]", k, v)
 		}
 	}
 	var tokens int64
 	for i, d := range req.Data {
 		n := len(d.ModelInput.Tokens)
 		if n == 0 {
-			return 0, fmt.Errorf("field data[%d].model_input.tokens: empty: %w", i, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].model_input.tokens is empty: give at least one token", i)
 		}
 		if n > m.ContextLength {
-			return 0, fmt.Errorf("field data[%d].model_input.tokens: %d tokens, model %s allows %d: %w", i, n, m.Name, m.ContextLength, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].model_input.tokens has %d tokens, over the %d model %s allows: shorten it or split it", i, n, m.ContextLength, m.Name)
 		}
 		in := d.LossFnInputs
 		if len(in.TargetTokens) != n || len(in.Weights) != n {
-			return 0, fmt.Errorf("field data[%d].loss_fn_inputs: target_tokens (%d) and weights (%d) must have %d entries like model_input.tokens: %w", i, len(in.TargetTokens), len(in.Weights), n, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].loss_fn_inputs has %d target_tokens and %d weights: give %d of each, one per model_input token", i, len(in.TargetTokens), len(in.Weights), n)
 		}
 		if rl && (len(in.Logprobs) != n || len(in.Advantages) != n) {
-			return 0, fmt.Errorf("field data[%d].loss_fn_inputs: loss_fn %s needs logprobs and advantages with %d entries: %w", i, req.LossFn, n, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].loss_fn_inputs lacks logprobs or advantages: loss_fn %s needs %d of each, one per model_input token", i, req.LossFn, n)
 		}
 		for j, t := range d.ModelInput.Tokens {
 			if t < 0 {
-				return 0, fmt.Errorf("field data[%d].model_input.tokens[%d]: %d is negative: %w", i, j, t, ErrInvalidRequest)
+				return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].model_input.tokens[%d] is %d: token ids are not negative", i, j, t)
 			}
 		}
 		for j, t := range in.TargetTokens {
 			if t < 0 {
-				return 0, fmt.Errorf("field data[%d].loss_fn_inputs.target_tokens[%d]: %d is negative: %w", i, j, t, ErrInvalidRequest)
+				return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].loss_fn_inputs.target_tokens[%d] is %d: token ids are not negative", i, j, t)
 			}
 		}
 		for _, f := range [...]struct {
@@ -219,7 +219,7 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 		}{{"weights", in.Weights}, {"logprobs", in.Logprobs}, {"advantages", in.Advantages}} {
 			for j, v := range f.vs {
 				if !bounded(v) {
-					return 0, fmt.Errorf("field data[%d].loss_fn_inputs.%s[%d]: %v is not a number in [-1e6, 1e6]: %w", i, f.name, j, v, ErrInvalidRequest)
+					return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].loss_fn_inputs.%s[%d] is %v: give a number in [-1e6, 1e6]", i, f.name, j, v)
 				}
 			}
 		}
@@ -229,10 +229,10 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 		text := e.Text != ""
 		pair := e.Prompt != "" || e.Completion != ""
 		if text == pair {
-			return 0, fmt.Errorf("field examples[%d]: set either text, or prompt and completion: %w", i, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "examples[%d] %s: give either text, or prompt and completion", i, exampleShape(e))
 		}
 		if pair && e.Completion == "" {
-			return 0, fmt.Errorf("field examples[%d].completion: required with prompt: %w", i, ErrInvalidRequest)
+			return 0, protocol.UserErrorf(ErrInvalidRequest, "examples[%d].completion is empty: a prompt needs a completion to train on", i)
 		}
 		if e.Text != "" {
 			tokens += count.bound(e.Text)
@@ -243,13 +243,29 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 	return tokens, nil
 }
 
+// batchFields says what a batch that is not exactly one list holds.
+func batchFields(req *protocol.ForwardBackwardRequest) string {
+	if len(req.Data) > 0 {
+		return "both"
+	}
+	return "neither"
+}
+
+// exampleShape says what a text example that is neither form holds.
+func exampleShape(e protocol.TextExample) string {
+	if e.Text != "" {
+		return "has both text and prompt/completion"
+	}
+	return "is empty"
+}
+
 func validateAdam(p *protocol.AdamParams) error {
 	if p == nil {
 		return nil
 	}
 	check := func(name string, v *float64, ok func(float64) bool, rng string) error {
 		if v != nil && !(finite(*v) && ok(*v)) {
-			return fmt.Errorf("field adam_params.%s: %v out of range %s: %w", name, *v, rng, ErrInvalidRequest)
+			return protocol.UserErrorf(ErrInvalidRequest, "adam_params.%s %v is out of range: use %s", name, *v, rng)
 		}
 		return nil
 	}
@@ -272,42 +288,42 @@ func validateAdam(p *protocol.AdamParams) error {
 func validateSample(req *protocol.SampleRequest, m ModelSpec, count textCounter) (protocol.Usage, error) {
 	var u protocol.Usage
 	if len(req.Prompts) == 0 || len(req.Prompts) > maxPrompts {
-		return u, fmt.Errorf("field prompts: %d prompts, want 1..%d: %w", len(req.Prompts), maxPrompts, ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "prompts has %d prompts: send 1 to %d", len(req.Prompts), maxPrompts)
 	}
 	n := 1
 	if req.NumSamples != nil {
 		n = *req.NumSamples
 	}
 	if n < 1 || n > maxNumSamples {
-		return u, fmt.Errorf("field num_samples: %d out of range 1..%d: %w", n, maxNumSamples, ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "num_samples %d is out of range: use 1..%d", n, maxNumSamples)
 	}
 	sp := req.SamplingParams
 	if sp.MaxTokens < 1 || sp.MaxTokens > m.ContextLength {
-		return u, fmt.Errorf("field sampling_params.max_tokens: %d out of range 1..%d: %w", sp.MaxTokens, m.ContextLength, ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.max_tokens %d is out of range: use 1..%d (the context of %s)", sp.MaxTokens, m.ContextLength, m.Name)
 	}
 	if sp.Temperature != nil && !(finite(*sp.Temperature) && *sp.Temperature >= 0 && *sp.Temperature <= 100) {
-		return u, fmt.Errorf("field sampling_params.temperature: %v out of range [0, 100]: %w", *sp.Temperature, ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.temperature %v is out of range: use [0, 100]", *sp.Temperature)
 	}
 	if sp.TopK != nil && *sp.TopK < -1 {
-		return u, fmt.Errorf("field sampling_params.top_k: %d, want -1 (off) or a positive count: %w", *sp.TopK, ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.top_k %d is out of range: use -1 (off) or a positive count", *sp.TopK)
 	}
 	if sp.TopP != nil && !(finite(*sp.TopP) && *sp.TopP > 0 && *sp.TopP <= 1) {
-		return u, fmt.Errorf("field sampling_params.top_p: %v out of range (0, 1]: %w", *sp.TopP, ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.top_p %v is out of range: use (0, 1]", *sp.TopP)
 	}
 	if len(sp.Stop) > 16 {
-		return u, fmt.Errorf("field sampling_params.stop: %d strings, at most 16: %w", len(sp.Stop), ErrInvalidRequest)
+		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.stop has %d strings: give at most 16", len(sp.Stop))
 	}
 	var prefill int64
 	for i, p := range req.Prompts {
 		if (len(p.Tokens) == 0) == (p.Text == "") {
-			return u, fmt.Errorf("field prompts[%d]: set exactly one of tokens and text: %w", i, ErrInvalidRequest)
+			return u, protocol.UserErrorf(ErrInvalidRequest, "prompts[%d] needs exactly one of tokens and text", i)
 		}
 		if len(p.Tokens) > m.ContextLength {
-			return u, fmt.Errorf("field prompts[%d].tokens: %d tokens, model %s allows %d: %w", i, len(p.Tokens), m.Name, m.ContextLength, ErrInvalidRequest)
+			return u, protocol.UserErrorf(ErrInvalidRequest, "prompts[%d].tokens has %d tokens, over the %d model %s allows: shorten it", i, len(p.Tokens), m.ContextLength, m.Name)
 		}
 		for j, t := range p.Tokens {
 			if t < 0 {
-				return u, fmt.Errorf("field prompts[%d].tokens[%d]: %d is negative: %w", i, j, t, ErrInvalidRequest)
+				return u, protocol.UserErrorf(ErrInvalidRequest, "prompts[%d].tokens[%d] is %d: token ids are not negative", i, j, t)
 			}
 		}
 		if p.Text != "" {
@@ -325,7 +341,7 @@ func validateSample(req *protocol.SampleRequest, m ModelSpec, count textCounter)
 func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protocol.SessionSpec, ModelSpec, error) {
 	var spec protocol.SessionSpec
 	if req.BaseModel == "" {
-		return spec, ModelSpec{}, fmt.Errorf("field base_model: required: %w", ErrInvalidRequest)
+		return spec, ModelSpec{}, protocol.UserErrorf(ErrInvalidRequest, "base_model is missing: name a model (GET /v1/models lists them)")
 	}
 	model, err := c.models.get(req.BaseModel)
 	if err != nil {
@@ -337,14 +353,14 @@ func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protoco
 		spec.LoRARank = *req.LoRARank
 	}
 	if spec.LoRARank < 1 || spec.LoRARank > maxLoRARank {
-		return spec, model, fmt.Errorf("field lora_rank: %d out of range 1..%d: %w", spec.LoRARank, maxLoRARank, ErrInvalidRequest)
+		return spec, model, protocol.UserErrorf(ErrInvalidRequest, "lora_rank %d is out of range: use 1..%d", spec.LoRARank, maxLoRARank)
 	}
 	spec.LoRAAlpha = 32
 	if req.LoRAAlpha != nil {
 		spec.LoRAAlpha = *req.LoRAAlpha
 	}
 	if !(spec.LoRAAlpha > 0 && spec.LoRAAlpha <= maxLoRAAlpha) {
-		return spec, model, fmt.Errorf("field lora_alpha: %v out of range (0, %d]: %w", spec.LoRAAlpha, maxLoRAAlpha, ErrInvalidRequest)
+		return spec, model, protocol.UserErrorf(ErrInvalidRequest, "lora_alpha %v is out of range: use (0, %d]", spec.LoRAAlpha, maxLoRAAlpha)
 	}
 	spec.TargetModules = allModules
 	if len(req.TargetModules) > 0 {
@@ -354,7 +370,7 @@ func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protoco
 		}
 		for _, m := range req.TargetModules {
 			if !valid[m] {
-				return spec, model, fmt.Errorf("field target_modules: %q is not one of %v or all-linear: %w", m, allModules, ErrInvalidRequest)
+				return spec, model, protocol.UserErrorf(ErrInvalidRequest, "target_modules %q is not a module: use %s or all-linear", m, strings.Join(allModules, ", "))
 			}
 		}
 		spec.TargetModules = req.TargetModules
@@ -364,7 +380,7 @@ func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protoco
 		spec.CheckpointEvery = *req.CheckpointEvery
 	}
 	if spec.CheckpointEvery < 0 || spec.CheckpointEvery > maxCheckpointEvery {
-		return spec, model, fmt.Errorf("field checkpoint_every: %d out of range 0..%d (0 = never): %w", spec.CheckpointEvery, maxCheckpointEvery, ErrInvalidRequest)
+		return spec, model, protocol.UserErrorf(ErrInvalidRequest, "checkpoint_every %d is out of range: use 0..%d (0: never)", spec.CheckpointEvery, maxCheckpointEvery)
 	}
 	if req.Seed != nil {
 		spec.Seed = *req.Seed
@@ -374,18 +390,18 @@ func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protoco
 		spec.Seed = int64(binary.BigEndian.Uint64(b[:]) >> 1)
 	}
 	if len(req.Name) > maxNameLen {
-		return spec, model, fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+		return spec, model, protocol.UserErrorf(ErrInvalidRequest, "name is longer than %d characters: shorten it", maxNameLen)
 	}
 	if s := req.LRSchedule; s != nil {
 		switch {
 		case s.Kind != "constant" && s.Kind != "linear" && s.Kind != "cosine":
-			return spec, model, fmt.Errorf("field lr_schedule.kind: %q is not constant, linear or cosine: %w", s.Kind, ErrInvalidRequest)
+			return spec, model, protocol.UserErrorf(ErrInvalidRequest, "lr_schedule.kind %q is not a schedule: use constant, linear or cosine", s.Kind)
 		case !(s.PeakLR > 0 && s.PeakLR <= 10):
-			return spec, model, fmt.Errorf("field lr_schedule.peak_lr: %v out of range (0, 10]: %w", s.PeakLR, ErrInvalidRequest)
+			return spec, model, protocol.UserErrorf(ErrInvalidRequest, "lr_schedule.peak_lr %v is out of range: use (0, 10]", s.PeakLR)
 		case s.WarmupSteps < 0 || s.TotalSteps < 0:
-			return spec, model, fmt.Errorf("field lr_schedule: warmup_steps and total_steps must not be negative: %w", ErrInvalidRequest)
+			return spec, model, protocol.UserErrorf(ErrInvalidRequest, "lr_schedule.warmup_steps and total_steps must not be negative")
 		case !(s.FinalFraction >= 0 && s.FinalFraction <= 1):
-			return spec, model, fmt.Errorf("field lr_schedule.final_fraction: %v out of range [0, 1]: %w", s.FinalFraction, ErrInvalidRequest)
+			return spec, model, protocol.UserErrorf(ErrInvalidRequest, "lr_schedule.final_fraction %v is out of range: use [0, 1]", s.FinalFraction)
 		}
 		spec.LRSchedule, _ = json.Marshal(s)
 	}
@@ -395,10 +411,10 @@ func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protoco
 // validateCreateKey checks an admin create-key request.
 func validateCreateKey(req protocol.CreateKeyRequest) error {
 	if req.Credits < 0 || req.Credits > maxCredits {
-		return fmt.Errorf("field credits: %d out of range 0..%d: %w", req.Credits, int64(maxCredits), ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "field credits: %d out of range 0..%d", req.Credits, int64(maxCredits))
 	}
 	if len(req.Name) > maxNameLen {
-		return fmt.Errorf("field name: longer than %d characters: %w", maxNameLen, ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "name is longer than %d characters: shorten it", maxNameLen)
 	}
 	return nil
 }
@@ -406,10 +422,10 @@ func validateCreateKey(req protocol.CreateKeyRequest) error {
 // validateCredit checks an admin credit request.
 func validateCredit(req protocol.CreditRequest) error {
 	if req.Account == "" {
-		return fmt.Errorf("field account: required: %w", ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "account is missing: name the account to credit")
 	}
 	if req.Amount <= 0 || req.Amount > maxCredits {
-		return fmt.Errorf("field amount: %d out of range 1..%d: %w", req.Amount, int64(maxCredits), ErrInvalidRequest)
+		return protocol.UserErrorf(ErrInvalidRequest, "field amount: %d out of range 1..%d", req.Amount, int64(maxCredits))
 	}
 	return nil
 }

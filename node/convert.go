@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/signal-p2p/signal/protocol"
@@ -26,7 +27,7 @@ func Compute(ctx context.Context, sess Session, call protocol.Call, body []byte)
 	case protocol.CallSample:
 		return sampleCall(ctx, sess, body)
 	}
-	return protocol.SessionResponse{}, fmt.Errorf("%w: call %q is not a session call (forward_backward, forward, optim_step, sample, save_state, load_state)", ErrInvalidRequest, call)
+	return protocol.SessionResponse{}, protocol.UserErrorf(ErrInvalidRequest, "call %q is not a session call (forward_backward, forward, optim_step, sample, save_state, load_state)", call)
 }
 
 func forwardCall(ctx context.Context, sess Session, call protocol.Call, body []byte) (protocol.SessionResponse, error) {
@@ -46,7 +47,7 @@ func forwardCall(ctx context.Context, sess Session, call protocol.Call, body []b
 		res, err = sess.Forward(ctx, data, loss)
 	}
 	if err != nil {
-		return protocol.SessionResponse{}, err
+		return protocol.SessionResponse{}, nameInput(err, len(req.Examples) > 0)
 	}
 	out := protocol.ForwardBackwardResponse{
 		LossSum:  res.LossSum,
@@ -67,6 +68,26 @@ func forwardCall(ctx context.Context, sess Session, call protocol.Call, body []b
 	return answer(out, usage, fig)
 }
 
+// nameInput makes an engine's refusal of a datum name what the user sent:
+// data[i] as sent, or examples[i] for the datum converted from examples[i]
+// (an example's tokens are not the user's to fix; its text is).
+func nameInput(err error, fromExamples bool) error {
+	var de *trainer.DatumError
+	if !errors.As(err, &de) {
+		return err
+	}
+	msg := fmt.Sprintf("data[%d].%s: %s", de.Index, de.Field, de.Problem)
+	if fromExamples {
+		msg = fmt.Sprintf("examples[%d]: its tokens are refused (%s: %s)", de.Index, de.Field, de.Problem)
+		// An example's tokens are never empty (it encodes to two or
+		// more): a refusal of them is of their length.
+		if de.Field == "model_input.tokens" {
+			msg = fmt.Sprintf("examples[%d] is too long: %s; shorten it or split it into several examples", de.Index, de.Problem)
+		}
+	}
+	return &protocol.UserError{Msg: msg, Err: errors.Join(ErrInvalidRequest, err)}
+}
+
 // lossMean is the loss sum over the weight sum, or over the token count
 // when no position carries weight: one rule, whatever the engine.
 func lossMean(r trainer.ForwardResult) float64 {
@@ -83,7 +104,7 @@ func lossMean(r trainer.ForwardResult) float64 {
 func toData(req protocol.ForwardBackwardRequest, tok Tokenizer) ([]trainer.Datum, error) {
 	switch {
 	case len(req.Data) > 0 && len(req.Examples) > 0:
-		return nil, fmt.Errorf("%w: data and examples: give one of them, not both", ErrInvalidRequest)
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "data and examples are both set: send one of them")
 	case len(req.Examples) > 0:
 		exs := make([]trainer.Example, len(req.Examples))
 		for i, e := range req.Examples {
@@ -94,12 +115,20 @@ func toData(req protocol.ForwardBackwardRequest, tok Tokenizer) ([]trainer.Datum
 			enc = tok
 		}
 		data, err := trainer.EncodeExamples(enc, exs)
+		var ee *trainer.ExampleError
+		if errors.As(err, &ee) {
+			field := fmt.Sprintf("examples[%d]", ee.Index)
+			if ee.Field != "" {
+				field += "." + ee.Field
+			}
+			return nil, &protocol.UserError{Msg: field + ": " + ee.Problem, Err: errors.Join(ErrInvalidRequest, err)}
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 		}
 		return data, nil
 	case len(req.Data) == 0:
-		return nil, fmt.Errorf("%w: data: empty; send at least one datum (or examples)", ErrInvalidRequest)
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "data is empty: send at least one datum, or examples")
 	}
 	out := make([]trainer.Datum, len(req.Data))
 	for i, d := range req.Data {
@@ -180,19 +209,19 @@ func sampleCall(ctx context.Context, sess Session, body []byte) (protocol.Sessio
 // trainer's one prompt converter.
 func toPrompts(ps []protocol.Prompt, tok Tokenizer) ([][]int, error) {
 	if len(ps) == 0 {
-		return nil, fmt.Errorf("%w: prompts: empty; send at least one prompt", ErrInvalidRequest)
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "prompts is empty: send at least one prompt")
 	}
 	out := make([][]int, len(ps))
 	for i, p := range ps {
 		switch {
 		case len(p.Tokens) > 0 && p.Text != "":
-			return nil, fmt.Errorf("%w: prompts[%d]: give tokens or text, not both", ErrInvalidRequest, i)
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "prompts[%d] has both tokens and text: give one of them", i)
 		case len(p.Tokens) > 0:
 			out[i] = p.Tokens
 		case p.Text == "":
-			return nil, fmt.Errorf("%w: prompts[%d]: empty; give tokens or text", ErrInvalidRequest, i)
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "prompts[%d] is empty: give tokens or text", i)
 		case tok == nil:
-			return nil, fmt.Errorf("%w: prompts[%d].text: the model has no tokenizer; send tokens", ErrInvalidRequest, i)
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "prompts[%d].text cannot be read: the model has no tokenizer; send tokens", i)
 		default:
 			out[i] = trainer.EncodePrompt(tok, p.Text)
 		}
@@ -204,7 +233,7 @@ func toPrompts(ps []protocol.Prompt, tok Tokenizer) ([][]int, error) {
 func toSampling(sp protocol.SamplingParams) (trainer.SamplingParams, error) {
 	for i, st := range sp.Stop {
 		if st == "" {
-			return trainer.SamplingParams{}, fmt.Errorf("%w: sampling_params.stop[%d]: empty string; remove it or give the text to stop at", ErrInvalidRequest, i)
+			return trainer.SamplingParams{}, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.stop[%d] is an empty string: remove it or give the text to stop at", i)
 		}
 	}
 	p := trainer.SamplingParams{MaxTokens: sp.MaxTokens, Temperature: 1, TopP: 1, Stop: sp.Stop}

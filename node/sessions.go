@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"reflect"
+	"strings"
 	"sync"
 
 	"github.com/signal-p2p/signal/node/storage"
@@ -107,7 +108,7 @@ func (m *Manager) execute(ctx context.Context, req protocol.SessionRequest) prot
 	m.mu.Lock()
 	if m.closing {
 		m.mu.Unlock()
-		return errorResponse(req.RequestID, fmt.Errorf("%w: node is shutting down", ErrUnavailable))
+		return errorResponse(req.RequestID, protocol.UserErrorf(ErrUnavailable, "the node is shutting down; the run moves to another node"))
 	}
 	m.inflight.Add(1)
 	m.mu.Unlock()
@@ -157,7 +158,7 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 	}
 	if m.cfg.MaxSessions > 0 && len(m.runs) >= m.cfg.MaxSessions {
 		m.mu.Unlock()
-		return protocol.SessionResponse{}, fmt.Errorf("%w: %d of %d sessions open", ErrUnavailable, len(m.runs), m.cfg.MaxSessions)
+		return protocol.SessionResponse{}, protocol.UserErrorf(ErrUnavailable, "the node is full: %d of %d sessions open", len(m.runs), m.cfg.MaxSessions)
 	}
 	// Reserve the slot with the run locked, so that concurrent calls for
 	// it wait until it is open (or fail with unknown run if it is not).
@@ -175,6 +176,10 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 		return protocol.SessionResponse{}, err
 	}
 	sess, err := m.engine.Open(ctx, spec)
+	if errors.Is(err, ErrUnknownModel) {
+		return fail(&protocol.UserError{Msg: fmt.Sprintf("this node does not serve base_model %q (it serves %s)",
+			spec.BaseModel, strings.Join(m.engine.Models(), ", ")), Err: err})
+	}
 	if err != nil {
 		return fail(fmt.Errorf("open session: %w", err))
 	}
@@ -245,7 +250,7 @@ func (m *Manager) onRun(ctx context.Context, req protocol.SessionRequest) (proto
 			body.Mode = ModeAdapter
 		}
 		if body.Mode != ModeAdapter && body.Mode != ModeFull {
-			return protocol.SessionResponse{}, fmt.Errorf("%w: mode: %q, want adapter or full", ErrInvalidRequest, body.Mode)
+			return protocol.SessionResponse{}, protocol.UserErrorf(ErrInvalidRequest, "mode %q is not a checkpoint mode: use adapter or full", body.Mode)
 		}
 		cp, stored, err := m.checkpoint(ctx, r, body.Mode)
 		if err != nil {
@@ -258,7 +263,7 @@ func (m *Manager) onRun(ctx context.Context, req protocol.SessionRequest) (proto
 			return protocol.SessionResponse{}, err
 		}
 		if body.Checkpoint == "" {
-			return protocol.SessionResponse{}, fmt.Errorf("%w: checkpoint: missing", ErrInvalidRequest)
+			return protocol.SessionResponse{}, protocol.UserErrorf(ErrInvalidRequest, "checkpoint is missing: give a checkpoint id, URI or CID")
 		}
 		if err := m.load(ctx, r.sess, body.Checkpoint); err != nil {
 			return protocol.SessionResponse{}, err
@@ -402,7 +407,7 @@ func decodeBody(body []byte, v any) error {
 	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("%w: body: %w", ErrInvalidRequest, err)
+		return &protocol.UserError{Msg: fmt.Sprintf("the request body does not decode: %v", err), Err: errors.Join(ErrInvalidRequest, err)}
 	}
 	return nil
 }
@@ -417,8 +422,10 @@ func bodyResponse(v any, usage protocol.Usage, cp *protocol.Checkpoint) (protoco
 
 // errorResponse maps an error to the public API's error codes: the one
 // place where node errors become codes.
+// The message is the user's sentence where the error carries one
+// (protocol.UserError), so the coordinator passes on a sentence, not a chain.
 func errorResponse(requestID string, err error) protocol.SessionResponse {
-	return protocol.SessionResponse{RequestID: requestID, Error: &protocol.ErrorBody{Code: ErrorCode(err), Message: err.Error()}}
+	return protocol.SessionResponse{RequestID: requestID, Error: &protocol.ErrorBody{Code: ErrorCode(err), Message: protocol.UserMessage(err)}}
 }
 
 // ErrorCode is the public API error code for a node error.

@@ -3,6 +3,11 @@
 // the standard library so that every other part can depend on it.
 package protocol
 
+import (
+	"fmt"
+	"strings"
+)
+
 // APIVersionPrefix is the path prefix of every public API call.
 const APIVersionPrefix = "/v1"
 
@@ -395,4 +400,60 @@ type JoinTokenRequest struct {
 type JoinTokenResponse struct {
 	JoinToken       string `json:"join_token"`
 	OperatorAccount string `json:"operator_account"`
+}
+
+// MicroPerCredit is how many micro-credits make one credit.
+const MicroPerCredit = 1_000_000
+
+// FormatCredits writes micro-credits as a decimal number of credits,
+// exactly ("12.500000"): what tables and messages show beside the
+// integer amounts the API carries.
+func FormatCredits(mc MicroCredits) string {
+	sign := ""
+	u := uint64(mc)
+	if mc < 0 {
+		sign, u = "-", uint64(-mc)
+	}
+	return fmt.Sprintf("%s%d.%06d", sign, u/MicroPerCredit, u%MicroPerCredit)
+}
+
+// ParseCredits reads a decimal number of credits ("12", "0.5",
+// "1000000.000001") as micro-credits, exactly: no float rounding, at most
+// six decimals, no sign, and no more than 2^53 micro-credits (the most a
+// JSON client holding doubles reads exactly).
+func ParseCredits(s string) (MicroCredits, error) {
+	whole, frac, _ := strings.Cut(strings.TrimSpace(s), ".")
+	if whole == "" && frac == "" || len(frac) > 6 || !digits(whole) || !digits(frac) {
+		return 0, fmt.Errorf("credits %q: want a non-negative decimal number with at most 6 decimals, e.g. 12.5", s)
+	}
+	if len(whole) > 10 {
+		return 0, fmt.Errorf("credits %q: over the limit of %s credits", s, FormatCredits(MaxMicroCredits))
+	}
+	var mc int64
+	for _, c := range whole {
+		mc = mc*10 + int64(c-'0')
+	}
+	mc *= MicroPerCredit
+	scale := int64(MicroPerCredit / 10)
+	for _, c := range frac {
+		mc += int64(c-'0') * scale
+		scale /= 10
+	}
+	if mc > MaxMicroCredits {
+		return 0, fmt.Errorf("credits %q: over the limit of %s credits", s, FormatCredits(MaxMicroCredits))
+	}
+	return mc, nil
+}
+
+// MaxMicroCredits is the largest amount a request may carry: 2^53, so that
+// amounts stay exact in JSON clients that hold numbers as doubles.
+const MaxMicroCredits MicroCredits = 1 << 53
+
+func digits(s string) bool {
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }

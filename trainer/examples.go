@@ -1,6 +1,10 @@
 package trainer
 
-import "fmt"
+import (
+	"errors"
+	"fmt"
+	"strings"
+)
 
 // TextEncoder turns text into token ids (trainer/tokenizer's Tokenizer is one).
 type TextEncoder interface {
@@ -30,16 +34,17 @@ type Example struct {
 //     The two are encoded apart (not as one string) so that the prompt's
 //     tokens are the ones sampling will see.
 //
-// Position i of the Datum predicts token i+1. Errors name the field
-// relative to the example (the caller prefixes "examples[3]" or "line 3").
+// Position i of the Datum predicts token i+1. Errors are *ExampleError and
+// name the field relative to the example (the caller prefixes "examples[3]"
+// or "line 3").
 func EncodeExample(enc TextEncoder, ex Example) (Datum, error) {
 	var ids []int
 	nPrompt := 0
 	switch {
 	case enc == nil:
-		return Datum{}, fmt.Errorf("%w: text examples need a model with a tokenizer; send data as token ids", ErrInvalidInput)
+		return Datum{}, exampleErr("", "text examples need a model with a tokenizer; send data as token ids")
 	case ex.Text != "" && (ex.Prompt != "" || ex.Completion != ""):
-		return Datum{}, fmt.Errorf("%w: give text, or prompt and completion, not both", ErrInvalidInput)
+		return Datum{}, exampleErr("", "give text, or prompt and completion, not both")
 	case ex.Text != "":
 		ids = enc.Encode(ex.Text, true)
 	case ex.Completion != "":
@@ -50,12 +55,12 @@ func EncodeExample(enc TextEncoder, ex Example) (Datum, error) {
 			ids = append(ids, e.EOS()[0])
 		}
 	case ex.Prompt != "":
-		return Datum{}, fmt.Errorf("%w: completion: empty; a prompt needs a completion to train on", ErrInvalidInput)
+		return Datum{}, exampleErr("completion", "empty; a prompt needs a completion to train on")
 	default:
-		return Datum{}, fmt.Errorf("%w: text: empty; give text, or prompt and completion", ErrInvalidInput)
+		return Datum{}, exampleErr("text", "empty; give text, or prompt and completion")
 	}
 	if len(ids) < 2 {
-		return Datum{}, fmt.Errorf("%w: encodes to %d token(s), want at least 2 (one input and one target)", ErrInvalidInput, len(ids))
+		return Datum{}, exampleErr("", fmt.Sprintf("encodes to %d token(s), want at least 2 (one input and one target)", len(ids)))
 	}
 	d := Datum{Tokens: ids[:len(ids)-1], TargetTokens: ids[1:], Weights: make([]float32, len(ids)-1)}
 	for i := range d.Weights {
@@ -66,11 +71,51 @@ func EncodeExample(enc TextEncoder, ex Example) (Datum, error) {
 	return d, nil
 }
 
+// ExampleError is a text example that EncodeExample refuses. Field is the
+// example's field as the public API spells it ("text", "completion"; empty
+// for the example as a whole), Problem what is wrong and how to fix it, and
+// Index the example's position in a call (EncodeExamples), -1 for one
+// example alone. It is an ErrInvalidInput.
+type ExampleError struct {
+	Index   int
+	Field   string
+	Problem string
+}
+
+// Error reads "examples[0]: invalid input: text: empty; ...".
+func (e *ExampleError) Error() string {
+	var b strings.Builder
+	if e.Index >= 0 {
+		fmt.Fprintf(&b, "examples[%d]: ", e.Index)
+	}
+	b.WriteString(ErrInvalidInput.Error())
+	b.WriteString(": ")
+	if e.Field != "" {
+		b.WriteString(e.Field)
+		b.WriteString(": ")
+	}
+	b.WriteString(e.Problem)
+	return b.String()
+}
+
+// Unwrap gives ErrInvalidInput to errors.Is.
+func (e *ExampleError) Unwrap() error { return ErrInvalidInput }
+
+func exampleErr(field, problem string) error {
+	return &ExampleError{Index: -1, Field: field, Problem: problem}
+}
+
 // EncodeExamples converts a call's examples; errors name examples[i].
 func EncodeExamples(enc TextEncoder, exs []Example) ([]Datum, error) {
 	out := make([]Datum, len(exs))
 	for i, ex := range exs {
 		d, err := EncodeExample(enc, ex)
+		var ee *ExampleError
+		if errors.As(err, &ee) {
+			e := *ee
+			e.Index = i
+			return nil, &e
+		}
 		if err != nil {
 			return nil, fmt.Errorf("examples[%d]: %w", i, err)
 		}

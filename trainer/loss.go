@@ -121,9 +121,33 @@ func lossWeight(d *Datum, i int) float64 {
 	return float64(d.Weights[i])
 }
 
+// DatumError is a datum that validateData refuses. Index is the datum's
+// position in the call's data and Field the field below it as the public
+// API spells it ("model_input.tokens[3]"); Problem says what is wrong and
+// what is allowed. It is an ErrInvalidInput. A caller that built the data
+// from something else (text examples) reads Index and Field to name what
+// its own user sent.
+type DatumError struct {
+	Index   int
+	Field   string
+	Problem string
+}
+
+// Error reads "invalid input: data[1].model_input.tokens: empty".
+func (e *DatumError) Error() string {
+	return fmt.Sprintf("%v: data[%d].%s: %s", ErrInvalidInput, e.Index, e.Field, e.Problem)
+}
+
+// Unwrap gives ErrInvalidInput to errors.Is.
+func (e *DatumError) Unwrap() error { return ErrInvalidInput }
+
+func datumErr(i int, field, format string, args ...any) error {
+	return &DatumError{Index: i, Field: field, Problem: fmt.Sprintf(format, args...)}
+}
+
 // validateData checks a call's data before anything is computed, so that a
-// rejected call leaves the session as it was. Errors name the datum index and
-// the field as the public API spells it.
+// rejected call leaves the session as it was. Errors are *DatumError: they
+// name the datum index and the field as the public API spells it.
 func validateData(data []Datum, ls lossSpec, vocab, maxContext int) error {
 	if len(data) == 0 {
 		return fmt.Errorf("%w: data: empty, want at least one datum", ErrInvalidInput)
@@ -132,26 +156,22 @@ func validateData(data []Datum, ls lossSpec, vocab, maxContext int) error {
 		d := &data[di]
 		n := len(d.Tokens)
 		if n == 0 {
-			return fmt.Errorf("%w: data[%d].model_input.tokens: empty", ErrInvalidInput, di)
+			return datumErr(di, "model_input.tokens", "empty")
 		}
 		if maxContext > 0 && n > maxContext {
-			return fmt.Errorf("%w: data[%d].model_input.tokens: %d tokens, over the model's context of %d",
-				ErrInvalidInput, di, n, maxContext)
+			return datumErr(di, "model_input.tokens", "%d tokens, over the model's context of %d", n, maxContext)
 		}
 		if len(d.TargetTokens) != n {
-			return fmt.Errorf("%w: data[%d].loss_fn_inputs.target_tokens: length %d, want %d (as model_input.tokens)",
-				ErrInvalidInput, di, len(d.TargetTokens), n)
+			return datumErr(di, "loss_fn_inputs.target_tokens", "length %d, want %d (as model_input.tokens)", len(d.TargetTokens), n)
 		}
 		for i, t := range d.Tokens {
 			if t < 0 || t >= vocab {
-				return fmt.Errorf("%w: data[%d].model_input.tokens[%d]: id %d outside the vocabulary [0, %d)",
-					ErrInvalidInput, di, i, t, vocab)
+				return datumErr(di, fmt.Sprintf("model_input.tokens[%d]", i), "id %d outside the vocabulary [0, %d)", t, vocab)
 			}
 		}
 		for i, t := range d.TargetTokens {
 			if t < 0 || t >= vocab {
-				return fmt.Errorf("%w: data[%d].loss_fn_inputs.target_tokens[%d]: id %d outside the vocabulary [0, %d)",
-					ErrInvalidInput, di, i, t, vocab)
+				return datumErr(di, fmt.Sprintf("loss_fn_inputs.target_tokens[%d]", i), "id %d outside the vocabulary [0, %d)", t, vocab)
 			}
 		}
 		if err := checkFloats(di, "weights", d.Weights, n, !ls.needsRL()); err != nil {
@@ -174,13 +194,11 @@ func checkFloats(di int, field string, xs []float32, n int, required bool) error
 		return nil
 	}
 	if len(xs) != n {
-		return fmt.Errorf("%w: data[%d].loss_fn_inputs.%s: length %d, want %d (as model_input.tokens)",
-			ErrInvalidInput, di, field, len(xs), n)
+		return datumErr(di, "loss_fn_inputs."+field, "length %d, want %d (as model_input.tokens)", len(xs), n)
 	}
 	for i, x := range xs {
 		if math.IsNaN(float64(x)) || math.IsInf(float64(x), 0) {
-			return fmt.Errorf("%w: data[%d].loss_fn_inputs.%s[%d]: %v, want a finite number",
-				ErrInvalidInput, di, field, i, x)
+			return datumErr(di, fmt.Sprintf("loss_fn_inputs.%s[%d]", field, i), "%v, want a finite number", x)
 		}
 	}
 	return nil
