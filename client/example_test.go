@@ -24,7 +24,7 @@ func Example() {
 	} else if err != nil {
 		log.Fatal(err)
 	}
-	defer func() { _, _ = run.Close(ctx) }()
+	defer run.Close(ctx) // ends the run and frees its node session
 	lr := 5e-3
 	batch := protocol.ForwardBackwardRequest{Examples: []protocol.TextExample{
 		{Text: "The cat sat on the mat."},

@@ -62,11 +62,13 @@ def main(argv=None):
         client = SignalClient(args.api_key, args.url)
 
     t0 = time.monotonic()
-    run = client.create_run(args.base_model, lora_rank=args.lora_rank, seed=1, name="simple-example")
-    print("run %s on %s (rank %d), node %s" % (run.id, run.base_model, args.lora_rank, run.info.get("node", "-")))
-
-    # End the run even when a call fails midway, so its node session is freed.
-    try:
+    losses, total_cost, balance = [], 0, None
+    # The with block ends the run however the block ends, so its node
+    # session is freed; --keep-run leaves it open.
+    with client.create_run(args.base_model, lora_rank=args.lora_rank, seed=1, name="simple-example") as run:
+        if args.keep_run:
+            run.keep_open()
+        print("run %s on %s (rank %d), node %s" % (run.id, run.base_model, args.lora_rank, run.info.get("node", "-")))
         batch = []
         for item in DATASET:
             if not args.tokens:
@@ -76,7 +78,6 @@ def main(argv=None):
             else:
                 batch.append(run.datum_from_text("", item))
 
-        losses, total_cost, balance = [], 0, None
         for i in range(args.steps):
             ts = time.monotonic()
             fb = run.forward_backward(batch)
@@ -102,12 +103,6 @@ def main(argv=None):
         print("saved adapter at step %d: %s" % (ck["step"], ck["uri"]))
         for f in ck.get("files", []):
             print("  %-28s %8d bytes  cid %s" % (f["name"], f["size"], f["cid"]))
-    finally:
-        if not args.keep_run:
-            try:
-                run.close()
-            except SignalError as e:
-                print("could not end run %s: %s" % (run.id, e), file=sys.stderr)
     first, last = (losses[0], losses[-1]) if losses else (float("nan"), float("nan"))
     print("loss %.4f -> %.4f over %d steps (%s); cost %s credits; balance %s credits; %.1fs" % (
         first, last, len(losses), "falling" if last < first else "NOT falling", credits(total_cost),

@@ -4,11 +4,11 @@ Standard library only (Python >= 3.9)::
 
     from signal_sdk import SignalClient
     client = SignalClient(api_key, "http://127.0.0.1:8080")
-    run = client.create_run("signal-tiny", lora_rank=8)
-    fb = run.forward_backward(["The quick brown fox jumps over the lazy dog."])
-    run.optim_step(learning_rate=1e-3)
-    print(run.sample("The quick", max_tokens=16)["samples"][0][0]["text"])
-    print(run.save_state()["checkpoint"]["uri"])
+    with client.create_run("signal-tiny", lora_rank=8) as run:   # ends the run with the block
+        fb = run.forward_backward(["The quick brown fox jumps over the lazy dog."])
+        run.optim_step(learning_rate=1e-3)
+        print(run.sample("The quick", max_tokens=16)["samples"][0][0]["text"])
+        print(run.save_state()["checkpoint"]["uri"])
 """
 
 __version__ = "0.1.0"

@@ -386,11 +386,20 @@ def _run_path(run_id: str, suffix: str = "") -> str:
 
 
 class SignalRun:
-    """A handle on one training run; ``info`` is its last known state."""
+    """A handle on one training run; ``info`` is its last known state.
+
+    Use it in a ``with`` block so that the run ends (its node session is
+    freed and billing of its storage starts counting down) however the block
+    ends::
+
+        with client.create_run("signal-tiny", lora_rank=8) as run:
+            run.forward_backward(["The cat sat on the mat."])
+    """
 
     def __init__(self, client: SignalClient, info: Json) -> None:
         self.client = client
         self.info = info
+        self._keep_open = False
 
     def __repr__(self) -> str:
         return "SignalRun(id=%r, base_model=%r, status=%r, step=%r)" % (
@@ -568,9 +577,30 @@ class SignalRun:
         return self.info
 
     def close(self) -> Json:
-        """Ends the run and frees its node's session."""
+        """Ends the run and frees its node's session; closing an ended run is a no-op."""
         self.info = self.client.delete_run(self.id)
         return self.info
+
+    def keep_open(self) -> None:
+        """Leaves the run open when its ``with`` block ends, to go on with it later (``client.run(id)``)."""
+        self._keep_open = True
+
+    def __enter__(self) -> "SignalRun":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Ends the run when the ``with`` block ends, however it ends.
+
+        A failure to end it is raised only when the block itself succeeded:
+        the block's own exception is the one worth seeing.
+        """
+        if self._keep_open or self.info.get("status") == "ended":
+            return
+        try:
+            self.close()
+        except SignalError:
+            if exc_type is None:
+                raise
 
     def refresh(self) -> Json:
         """Fetches the run's current state into ``info``."""

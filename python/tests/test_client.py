@@ -373,6 +373,41 @@ class TestCalls(Base):
         self.assertEqual(r.close()["status"], "ended")
         self.assertEqual(r.info["status"], "ended")
 
+    def test_with_block_ends_the_run(self):
+        deletes = []
+        fail_delete = []
+
+        def handler(req):
+            if req["method"] == "POST" and req["path"] == "/v1/runs":
+                return 201, {}, {"id": "run-%d" % len(deletes), "base_model": "signal-tiny", "status": "ready", "step": 0}
+            if req["method"] == "DELETE":
+                deletes.append(req["path"])
+                if fail_delete:
+                    return err(409, "conflict", "cannot end")
+                return 200, {}, {"id": req["path"].rsplit("/", 1)[1], "status": "ended"}
+            return err(404, "not_found", "no route")
+
+        c = self.client(self.serve(handler))
+        with c.create_run("signal-tiny", lora_rank=8) as run:
+            self.assertEqual(run.id, "run-0")
+        self.assertEqual(deletes, ["/v1/runs/run-0"])
+        self.assertEqual(run.info["status"], "ended")
+        # The block's own failure is what the caller sees; the run still ends.
+        fail_delete.append(True)
+        with self.assertRaisesRegex(ValueError, "training went wrong"):
+            with c.create_run("signal-tiny", lora_rank=8):
+                raise ValueError("training went wrong")
+        self.assertEqual(deletes[-1], "/v1/runs/run-1")
+        # After a clean block, a failure to end the run is raised.
+        with self.assertRaises(ConflictError):
+            with c.create_run("signal-tiny", lora_rank=8):
+                pass
+        # An ended run is not ended twice.
+        fail_delete.clear()
+        with c.create_run("signal-tiny", lora_rank=8) as run:
+            run.close()
+        self.assertEqual(deletes.count("/v1/runs/run-3"), 1)
+
     def test_client_side_validation(self):
         api = self.serve(lambda req: self.fail("unexpected request %s" % req["path"]))
         c = self.client(api)
