@@ -101,7 +101,7 @@ func benchBilled(b *testing.B, idem bool) {
 	}
 	var jt protocol.JoinTokenResponse
 	_ = json.Unmarshal(out, &jt)
-	if _, err := l.RegisterNode(context.Background(), "nodeA", jt.JoinToken); err != nil {
+	if _, err := l.AdmitNode(context.Background(), "nodeA", jt.JoinToken); err != nil {
 		b.Fatal(err)
 	}
 	// One run per client: a run's calls queue one at a time.

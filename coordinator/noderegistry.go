@@ -116,13 +116,6 @@ func (c *Coordinator) admitOnLeader(ctx context.Context, peerID, joinToken strin
 	return op, nil
 }
 
-// RegisterNode is AdmitNode's former name.
-//
-// Deprecated: use AdmitNode.
-func (c *Coordinator) RegisterNode(ctx context.Context, peerID, joinToken string) (string, error) {
-	return c.AdmitNode(ctx, peerID, joinToken)
-}
-
 // IsJoined reports whether peerID proved a join token (any member answers
 // from its own replica).
 func (c *Coordinator) IsJoined(peerID string) bool {
