@@ -11,7 +11,8 @@ import (
 type GGUFOptions struct {
 	// DType is the element type of the 2-D weights: F32, F16, BF16 or (for
 	// a model, not an adapter) Q8_0. Norms, biases and rope factors stay
-	// F32, as llama.cpp's converter writes them.
+	// F32, as llama.cpp's converter writes them; so does its fallback to
+	// F16 for a Q8_0 matrix whose rows are not whole 32-value blocks.
 	DType DType
 	// Name is general.name; empty: the model directory's name.
 	Name string
@@ -126,17 +127,6 @@ func WriteGGUF(m *trainer.Model, path string, o GGUFOptions) error {
 	if !ok {
 		return fmt.Errorf("export gguf: %w: dtype %q (want f32, f16, bf16 or q8_0)", trainer.ErrInvalidInput, o.DType)
 	}
-	if wt == ggmlQ8_0 {
-		// llama.cpp's converter falls back to F16 for rows that do not
-		// split into blocks; Signal's shapes always do, so refuse instead
-		// of writing a mixed file.
-		for _, n := range []int{c.HiddenSize, c.IntermediateSize, c.NumAttentionHeads * c.HeadDim} {
-			if n%q8Block != 0 {
-				return fmt.Errorf("export gguf: %w: Q8_0 needs every input width to be a multiple of %d (hidden %d, intermediate %d, heads·head_dim %d)",
-					trainer.ErrUnsupported, q8Block, c.HiddenSize, c.IntermediateSize, c.NumAttentionHeads*c.HeadDim)
-			}
-		}
-	}
 	g := &ggufFile{}
 	g.set("general.architecture", arch)
 	g.set("general.type", "model")
@@ -161,7 +151,16 @@ func WriteGGUF(m *trainer.Model, path string, o GGUFOptions) error {
 
 	hid, inter, V := c.HiddenSize, c.IntermediateSize, c.VocabSize
 	hd, kvd := c.NumAttentionHeads*c.HeadDim, c.NumKeyValueHeads*c.HeadDim
-	g.addTensor("token_embd.weight", wt, view(m.Embed), V, hid)
+	// matrix is a 2-D weight's type: wt, except that Q8_0 needs rows of
+	// whole 32-value blocks and, like llama.cpp's converter, a matrix with
+	// shorter rows falls back to F16 (signal-tiny's down_proj, 344 wide).
+	matrix := func(in int) ggmlType {
+		if wt == ggmlQ8_0 && in%q8Block != 0 {
+			return ggmlF16
+		}
+		return wt
+	}
+	g.addTensor("token_embd.weight", matrix(hid), view(m.Embed), V, hid)
 	if f := ropeFactors(c); f != nil {
 		g.addTensor("rope_freqs.weight", ggmlF32, view(f), len(f))
 	}
@@ -176,7 +175,7 @@ func WriteGGUF(m *trainer.Model, path string, o GGUFOptions) error {
 				data = func() ([]float32, error) { return permuteRows(w, heads, hid), nil }
 			}
 			in, out := c.Dims(mod)
-			g.addTensor(p+blockNames[mod]+".weight", wt, data, out, in)
+			g.addTensor(p+blockNames[mod]+".weight", matrix(in), data, out, in)
 		}
 		if ly.BQKV != nil {
 			g.addTensor(p+"attn_q.bias", ggmlF32, view(ly.BQKV[:hd]), hd)
@@ -187,16 +186,16 @@ func WriteGGUF(m *trainer.Model, path string, o GGUFOptions) error {
 			g.addTensor(p+"attn_q_norm.weight", ggmlF32, view(ly.QNorm), c.HeadDim)
 			g.addTensor(p+"attn_k_norm.weight", ggmlF32, view(ly.KNorm), c.HeadDim)
 		}
-		g.addTensor(p+"attn_output.weight", wt, view(ly.WO), hid, hd)
+		g.addTensor(p+"attn_output.weight", matrix(hd), view(ly.WO), hid, hd)
 		g.addTensor(p+"ffn_norm.weight", ggmlF32, view(ly.MLPNorm), hid)
-		g.addTensor(p+"ffn_gate.weight", wt, view(projection(m, i, trainer.ModGate)), inter, hid)
-		g.addTensor(p+"ffn_up.weight", wt, view(projection(m, i, trainer.ModUp)), inter, hid)
-		g.addTensor(p+"ffn_down.weight", wt, view(ly.WDown), hid, inter)
+		g.addTensor(p+"ffn_gate.weight", matrix(hid), view(projection(m, i, trainer.ModGate)), inter, hid)
+		g.addTensor(p+"ffn_up.weight", matrix(hid), view(projection(m, i, trainer.ModUp)), inter, hid)
+		g.addTensor(p+"ffn_down.weight", matrix(inter), view(ly.WDown), hid, inter)
 	}
 	g.addTensor("output_norm.weight", ggmlF32, view(m.Norm), hid)
 	if !c.TieWordEmbeddings {
 		// Without output.weight llama.cpp uses token_embd, as tied models do.
-		g.addTensor("output.weight", wt, view(m.LMHead), V, hid)
+		g.addTensor("output.weight", matrix(hid), view(m.LMHead), V, hid)
 	}
 	return g.writeFile(path)
 }
