@@ -301,3 +301,42 @@ func hfRef(t *testing.T, py string, req, out any) {
 	t.Helper()
 	runJSON(t, exec.Command(py, filepath.Join("..", "trainer", "reference", "hf_ref.py")), req, out)
 }
+
+// trainedAdapter trains an adapter on m as a run on the testnet does (the
+// session a node runs: text examples through trainer.EncodeExample,
+// forward_backward and AdamW steps, save_state's PEFT files into dir) and
+// loads it back. It is what `make run`'s example leaves behind.
+func trainedAdapter(t *testing.T, m *trainer.Model, dir string) *trainer.LoRA {
+	t.Helper()
+	s, err := trainer.NewSession(m, trainer.SessionConfig{Rank: 8, Alpha: 16, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	data, err := trainer.EncodeExamples(m.Tokenizer(), []trainer.Example{
+		{Text: "The cat sat on the mat."},
+		{Prompt: "Q: Sky color?\nA:", Completion: " Blue."},
+		{Text: "Once upon a time, in a land far away, there lived a quiet fox."},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := trainer.DefaultAdamParams()
+	p.LearningRate = 5e-3
+	for step := 0; step < 20; step++ {
+		if _, err := s.ForwardBackward(context.Background(), data, "cross_entropy", nil); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.OptimStep(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.SaveState(dir, trainer.SaveAdapter); err != nil {
+		t.Fatal(err)
+	}
+	l, err := trainer.LoadAdapter(dir, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}

@@ -5,6 +5,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // llamaCpp returns the directory scripts/llamacpp.sh installed node-llama-cpp
@@ -98,8 +100,9 @@ func compareGreedy(t *testing.T, want []int, margins []float64, got []int, minMa
 	t.Logf("%d/%d greedy tokens compared and equal (up to the first margin < %g; smallest margin compared %.3g); the first %d of %d agree", n, len(want), minMargin, minM, same, len(want))
 }
 
-// TestGGUFGreedyMatchesLlamaCpp exports signal-tiny's shape and a random
-// model of each family to GGUF and checks llama.cpp's greedy continuations
+// TestGGUFGreedyMatchesLlamaCpp exports signal-tiny's shape (with an
+// adapter trained as a testnet run trains one) and a random model of each
+// family (random adapters) to GGUF and checks llama.cpp's greedy continuations
 // against the native engine's (Model.Sample at temperature 0): for the base
 // model, the base with the adapter GGUF, and the merged model, in F32; for
 // signal-tiny also in BF16 and F16. llama.cpp also tokenizes sample texts as
@@ -113,7 +116,14 @@ func TestGGUFGreedyMatchesLlamaCpp(t *testing.T) {
 			baseDir := filepath.Join(tmp, "base")
 			f.build(t, baseDir)
 			m := mustLoad(t, baseDir)
-			l := randomAdapter(t, m, filepath.Join(tmp, "adapter"), f.seed, f.name == "qwen3")
+			// signal-tiny's adapter is trained as a testnet run trains one;
+			// the families' are random (rsLoRA on Qwen3).
+			var l *trainer.LoRA
+			if f.name == "signal-tiny" {
+				l = trainedAdapter(t, m, filepath.Join(tmp, "adapter"))
+			} else {
+				l = randomAdapter(t, m, filepath.Join(tmp, "adapter"), f.seed, f.name == "qwen3")
+			}
 			mergedDir := filepath.Join(tmp, "merged")
 			if err := Merge(m, l, mergedDir, MergeOptions{DType: F32}); err != nil {
 				t.Fatal(err)
