@@ -2,7 +2,6 @@ package export
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -309,7 +308,7 @@ func eosID(tk *tokenizer.Tokenizer, c trainer.Config) (int, bool) {
 // string (Ollama and llama.cpp's server read it), or "".
 func chatTemplate(dir string) string {
 	raw, err := os.ReadFile(filepath.Join(dir, tokenizer.ConfigFile))
-	if errors.Is(err, os.ErrNotExist) || err != nil {
+	if err != nil { // none, or unreadable: the template is optional
 		return ""
 	}
 	var c struct {

@@ -20,10 +20,11 @@ func init() {
 // loadForExport loads a model (and an adapter when adapterDir is set) for
 // an export. Exports run no forward pass, so the packed copy of the weights
 // the engine makes for its products (as large as the projections again)
-// is turned off unless the user set SIGNAL_ENGINE_PACKED.
+// is turned off for this load unless the user set SIGNAL_ENGINE_PACKED.
 func loadForExport(dir, adapterDir string) (*trainer.Model, *trainer.LoRA, error) {
 	if _, set := os.LookupEnv("SIGNAL_ENGINE_PACKED"); !set {
 		os.Setenv("SIGNAL_ENGINE_PACKED", "0")
+		defer os.Unsetenv("SIGNAL_ENGINE_PACKED")
 	}
 	m, err := trainer.LoadModel(dir)
 	if err != nil {
