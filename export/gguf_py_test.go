@@ -85,7 +85,7 @@ func TestGGUFReadByGGUFPy(t *testing.T) {
 	// Qwen's vocabulary padding and q/k norms (Qwen3; its Q8_0 file alone).
 	// Qwen2's biases and Mistral's files are checked by llama.cpp running
 	// them (TestGGUFGreedyMatchesLlamaCpp).
-	for _, f := range families(t, true) {
+	for _, f := range families(true) {
 		if f.name == "mistral" || f.name == "qwen2" {
 			continue
 		}

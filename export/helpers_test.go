@@ -76,7 +76,7 @@ func intp(v int) *int { return &v }
 // families returns one model per family served, each with a real
 // tokenizer when withTokenizer is set (else a 320-token vocabulary), and
 // signal-tiny's shape (testnet.DefaultModelConfig) first.
-func families(t *testing.T, withTokenizer bool) []family {
+func families(withTokenizer bool) []family {
 	small := func(arch, mt string, vocab int) trainer.Config {
 		return trainer.Config{Architectures: []string{arch}, ModelType: mt, HiddenSize: 64, IntermediateSize: 96,
 			NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2, VocabSize: vocab, MaxPositionEmbeddings: 4096,

@@ -110,7 +110,7 @@ func compareGreedy(t *testing.T, want []int, margins []float64, got []int, minMa
 func TestGGUFGreedyMatchesLlamaCpp(t *testing.T) {
 	lc := llamaCpp(t)
 	texts := []string{"The cat sat on the mat.", "Hello, world! 12345 héllo\nnew line", "  leading spaces and\ttabs"}
-	for _, f := range families(t, true) {
+	for _, f := range families(true) {
 		t.Run(f.name, func(t *testing.T) {
 			tmp := t.TempDir()
 			baseDir := filepath.Join(tmp, "base")

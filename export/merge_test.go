@@ -51,7 +51,7 @@ func TestMergeMatchesPEFT(t *testing.T) {
 	}
 	var jobs []job
 	var reqs []map[string]any
-	fams := families(t, false)
+	fams := families(false)
 	tokens := make([][]int, len(fams))
 	for i, f := range fams {
 		base := filepath.Join(tmp, f.name, "base")
@@ -110,7 +110,7 @@ func TestMergeMatchesPEFT(t *testing.T) {
 // TestMergeRefusals: the output must be new or empty and not the base's
 // own directory, and a failed merge leaves nothing behind.
 func TestMergeRefusals(t *testing.T) {
-	f := families(t, false)[2]
+	f := families(false)[2]
 	tmp := t.TempDir()
 	base := filepath.Join(tmp, "base")
 	f.build(t, base)
