@@ -8,6 +8,7 @@ import (
 
 	"github.com/signal-p2p/signal/trainer/blas"
 	"github.com/signal-p2p/signal/trainer/packed"
+	"github.com/signal-p2p/signal/trainer/team"
 )
 
 // The backward kernels are checked against central finite differences of
@@ -63,33 +64,41 @@ func checkFD(t *testing.T, name string, x, grad []float32, f func() float64) {
 	}
 }
 
+// The kernels run on a nil team here (the caller alone); package team
+// checks that sharing them out gives the same bits.
+
 func TestRMSNormBackwardFD(t *testing.T) {
+	var tm *team.Team
 	r := rand.New(rand.NewSource(1))
 	rows, h := 3, 8
 	x, w, dy := randSlice(r, rows*h, 2), randSlice(r, h, 1.5), randSlice(r, rows*h, 1)
 	y, rinv := make([]float32, rows*h), make([]float32, rows)
 	f := func() float64 {
-		rmsNormForward(y, x, w, rinv, rows, h, 1e-5)
+		tm.RMSNorm(y, rinv, x, w, rows, h, 1e-5)
 		return dot64(dy, y)
 	}
 	f()
 	dx := make([]float32, rows*h)
-	rmsNormBackward(dx, dy, x, w, rinv, rows, h)
+	tm.RMSNormBackward(dx, dy, x, w, rinv, rows, h)
 	checkFD(t, "dx", x, dx, f)
 }
 
+// TestRoPEBackwardFD: rotating back (the sin table negated) is RoPE's
+// backward, for heads that start past column 0 of a wider row.
 func TestRoPEBackwardFD(t *testing.T) {
+	var tm *team.Team
 	r := rand.New(rand.NewSource(2))
 	rows, nHeads, d, off, ld := 4, 2, 6, 3, 3+2*6+1
 	half := d / 2
-	cos, sin := make([]float32, 10*half), make([]float32, 10*half)
-	for p := 0; p < 10; p++ {
-		for i := 0; i < half; i++ {
-			a := float64(p) * math.Pow(100, -float64(i)/float64(half))
-			cos[p*half+i], sin[p*half+i] = float32(math.Cos(a)), float32(math.Sin(a))
-		}
+	invFreq := make([]float32, half)
+	for i := range invFreq {
+		invFreq[i] = float32(math.Pow(100, -float64(i)/float64(half)))
 	}
-	pos := []int32{0, 3, 7, 9}
+	cos, sin, back := make([]float32, rows*half), make([]float32, rows*half), make([]float32, rows*half)
+	RopeTables(cos, sin, []int{0, 3, 7, 9}, invFreq)
+	for i, s := range sin {
+		back[i] = -s
+	}
 	x, dy := randSlice(r, rows*ld, 1), randSlice(r, rows*ld, 1)
 	// Columns outside the rotated heads are passed through; mask them out of f.
 	for rr := 0; rr < rows; rr++ {
@@ -102,48 +111,56 @@ func TestRoPEBackwardFD(t *testing.T) {
 	y := make([]float32, len(x))
 	f := func() float64 {
 		copy(y, x)
-		ropeApply(y, rows, ld, off, nHeads, d, pos, cos, sin, 1)
+		tm.Rope(y[off:], rows, ld, nHeads, d, cos, sin)
 		return dot64(dy, y)
 	}
 	dx := append([]float32(nil), dy...)
-	ropeApply(dx, rows, ld, off, nHeads, d, pos, cos, sin, -1)
+	tm.Rope(dx[off:], rows, ld, nHeads, d, cos, back)
 	checkFD(t, "dx", x, dx, f)
 }
 
 func TestSwiGLUBackwardFD(t *testing.T) {
+	var tm *team.Team
 	r := rand.New(rand.NewSource(3))
 	rows, inter := 3, 5
 	gu, dh := randSlice(r, rows*2*inter, 3), randSlice(r, rows*inter, 1)
 	h := make([]float32, rows*inter)
 	f := func() float64 {
-		swigluForward(h, gu, rows, inter)
+		tm.SwiGLU(h, nil, gu, rows, inter)
 		return dot64(dh, h)
 	}
 	dgu := make([]float32, len(gu))
 	h2, sg := make([]float32, rows*inter), make([]float32, rows*inter)
-	swigluRecompute(h2, sg, gu, rows, inter)
+	tm.SwiGLU(h2, sg, gu, rows, inter)
 	f()
 	if !slices.Equal(h, h2) {
-		t.Fatalf("swigluRecompute gives %v, forward %v", h2, h)
+		t.Fatalf("SwiGLU keeping σ gives %v, without %v", h2, h)
 	}
-	swigluBackward(dgu, dh, gu, sg, rows, inter)
+	tm.SwiGLUBackward(dgu, dh, gu, sg, rows, inter)
 	checkFD(t, "dgu", gu, dgu, f)
 }
 
+// TestAttentionBackwardFD checks the attention backward (probabilities
+// rebuilt from the forward's log-sum-exps) against finite differences of
+// the forward, on the caller alone and on a team.
 func TestAttentionBackwardFD(t *testing.T) {
+	shared, err := team.New(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer shared.Close()
 	for _, tc := range []struct {
-		name            string
-		nHeads, nKV, d  int
-		seqLens         []int
-		workers, scaleQ int
+		name           string
+		nHeads, nKV, d int
+		seqLens        []int
+		tm             *team.Team
 	}{
-		{"gqa-2seq", 4, 2, 4, []int{3, 5}, 2, 1},
-		{"mqa-1seq", 4, 1, 6, []int{6}, 1, 1},
-		{"mha-3seq", 2, 2, 4, []int{1, 4, 2}, 3, 1},
+		{"gqa-2seq", 4, 2, 4, []int{3, 5}, shared},
+		{"mqa-1seq", 4, 1, 6, []int{6}, nil},
+		{"mha-3seq", 2, 2, 4, []int{1, 4, 2}, shared},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := rand.New(rand.NewSource(4))
-			sh := attnShape{nHeads: tc.nHeads, nKV: tc.nKV, d: tc.d, scale: float32(1 / math.Sqrt(float64(tc.d)))}
 			seqOff := []int{0}
 			maxN := 0
 			for _, n := range tc.seqLens {
@@ -151,31 +168,29 @@ func TestAttentionBackwardFD(t *testing.T) {
 				maxN = max(maxN, n)
 			}
 			tokens := seqOff[len(seqOff)-1]
-			ld, od := sh.qkvDim(), sh.nHeads*sh.d
+			ld, od := (tc.nHeads+2*tc.nKV)*tc.d, tc.nHeads*tc.d
 			qkv, dout := randSlice(r, tokens*ld, 1.5), randSlice(r, tokens*od, 1)
-			out, lse := make([]float32, tokens*od), make([]float32, sh.nHeads*tokens)
-			var scratch []*attnScratch
-			for i := 0; i < tc.workers; i++ {
-				scratch = append(scratch, newAttnScratch(maxN))
-			}
+			out, lse := make([]float32, tokens*od), make([]float32, tc.nHeads*tokens)
+			scratch := make([]float32, tc.tm.Threads()*2*maxN*maxN)
 			f := func() float64 {
-				attnForward(out, lse, qkv, seqOff, sh, scratch)
+				tc.tm.Attention(out, od, qkv, seqOff, tc.nHeads, tc.nKV, tc.d, scratch, lse)
 				return dot64(dout, out)
 			}
 			f()
 			// The forward must be causal softmax attention: check one row by hand.
-			checkAttnRow(t, qkv, out, seqOff, sh)
+			checkAttnRow(t, qkv, out, seqOff, tc.nHeads, tc.nKV, tc.d)
 			dqkv := make([]float32, len(qkv))
-			attnBackward(dqkv, dout, out, lse, qkv, seqOff, sh, scratch, make([]float32, 2*sh.nHeads*tokens*sh.d))
+			tc.tm.AttentionBackward(dqkv, dout, out, lse, qkv, seqOff, tc.nHeads, tc.nKV, tc.d, scratch, make([]float32, 2*tc.nHeads*tokens*tc.d))
 			checkFD(t, "dqkv", qkv, dqkv, f)
 		})
 	}
 }
 
 // checkAttnRow recomputes the last row of the last sequence, head 0, directly.
-func checkAttnRow(t *testing.T, qkv, out []float32, seqOff []int, sh attnShape) {
+func checkAttnRow(t *testing.T, qkv, out []float32, seqOff []int, nHeads, nKV, d int) {
 	t.Helper()
-	ld, d := sh.qkvDim(), sh.d
+	ld := (nHeads + 2*nKV) * d
+	scale := 1 / math.Sqrt(float64(d))
 	st, en := seqOff[len(seqOff)-2], seqOff[len(seqOff)-1]
 	i := en - 1
 	var w []float64
@@ -183,19 +198,19 @@ func checkAttnRow(t *testing.T, qkv, out []float32, seqOff []int, sh attnShape) 
 	for j := st; j <= i; j++ {
 		var s float64
 		for c := 0; c < d; c++ {
-			s += float64(qkv[i*ld+c]) * float64(qkv[j*ld+sh.nHeads*d+c])
+			s += float64(qkv[i*ld+c]) * float64(qkv[j*ld+nHeads*d+c])
 		}
-		e := math.Exp(s * float64(sh.scale))
+		e := math.Exp(s * scale)
 		w = append(w, e)
 		sum += e
 	}
 	for c := 0; c < d; c++ {
 		var o float64
 		for j := st; j <= i; j++ {
-			o += w[j-st] / sum * float64(qkv[j*ld+(sh.nHeads+sh.nKV)*d+c])
+			o += w[j-st] / sum * float64(qkv[j*ld+(nHeads+nKV)*d+c])
 		}
-		if math.Abs(o-float64(out[i*sh.nHeads*d+c])) > 1e-5 {
-			t.Fatalf("attention out[%d][%d] = %v, direct %v", i, c, out[i*sh.nHeads*d+c], o)
+		if math.Abs(o-float64(out[i*nHeads*d+c])) > 1e-5 {
+			t.Fatalf("attention out[%d][%d] = %v, direct %v", i, c, out[i*nHeads*d+c], o)
 		}
 	}
 }
@@ -219,7 +234,7 @@ func TestLoRABackwardFD(t *testing.T) {
 	}
 	f()
 	dx, da, db := make([]float32, rows*ldx), make([]float32, len(a)), make([]float32, len(b))
-	loraBackward(dx, ldx, dy, ldy, x, ldx, u, a, b, da, db, rows, in, out, rank, s, make([]float32, rows*rank))
+	loraBackward(nil, dx, ldx, dy, ldy, x, ldx, u, a, b, da, db, rows, in, out, rank, s, make([]float32, rows*rank))
 	// Padding columns of x are not read: their gradient must stay 0.
 	for i := 0; i < rows; i++ {
 		for c := in; c < ldx; c++ {
@@ -268,7 +283,7 @@ func TestLMHeadLossFD(t *testing.T) {
 				}
 				f := func() float64 {
 					total = 0
-					lmHeadLoss(nil, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits)
+					lmHeadLoss(nil, nil, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits, &trainHead{})
 					return total
 				}
 				f()
@@ -297,7 +312,7 @@ func TestLMHeadLossFD(t *testing.T) {
 					}
 				}
 				dx := make([]float32, rows*h)
-				lmHeadLoss(dx, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits)
+				lmHeadLoss(nil, dx, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits, &trainHead{})
 				checkFD(t, "dx", x, dx, f)
 			})
 		}
@@ -346,57 +361,4 @@ func TestLossTokenGradients(t *testing.T) {
 	if l, _ := ppo.token(&d, 0, -1.3+math.Log(2)); math.Abs(l+1.2*0.9) > 1e-6 {
 		t.Errorf("ppo loss at ratio 2, A 0.9 = %v, want -1.2·0.9", l)
 	}
-}
-
-// TestPgemmMatchesSgemm checks every transpose combination and both ways of
-// splitting (by rows, by columns) against one sgemm call. Each block is the
-// same sgemm on a sub-matrix, so only the kernel's blocking could change the
-// rounding: allow 1e-5.
-func TestPgemmMatchesSgemm(t *testing.T) {
-	r := rand.New(rand.NewSource(9))
-	for _, sz := range [][3]int{{300, 40, 200}, {20, 700, 200}, {3, 5, 7}} {
-		m, n, k := sz[0], sz[1], sz[2]
-		for _, ta := range []bool{false, true} {
-			for _, tb := range []bool{false, true} {
-				lda, ldb := k+3, n+2
-				ar, br := m, k
-				if ta {
-					lda, ar = m+3, k
-				}
-				if tb {
-					ldb, br = k+2, n
-				}
-				a, b := randSlice(r, ar*lda, 1), randSlice(r, br*ldb, 1)
-				c0 := randSlice(r, m*(n+1), 1)
-				c1 := append([]float32(nil), c0...)
-				blas.Sgemm(ta, tb, m, n, k, 0.5, a, lda, b, ldb, 1, c0, n+1)
-				pgemm(ta, tb, m, n, k, 0.5, a, lda, b, ldb, 1, c1, n+1)
-				for i := range c0 {
-					if d := c0[i] - c1[i]; d > 1e-5 || d < -1e-5 {
-						t.Fatalf("%dx%dx%d transA %v transB %v: C[%d] = %v, sgemm %v", m, n, k, ta, tb, i, c1[i], c0[i])
-					}
-				}
-			}
-		}
-	}
-}
-
-func TestExpNeg(t *testing.T) {
-	worst := 0.0
-	for x := float32(-87); x <= 0; x += 0.0013 {
-		want := math.Exp(float64(x))
-		rel := math.Abs(float64(expNeg(x))-want) / want
-		worst = math.Max(worst, rel)
-	}
-	// float32 has 2^-24 ≈ 6e-8 of rounding; allow 4 ulp.
-	if worst > 2.4e-7 {
-		t.Fatalf("expNeg relative error up to %g", worst)
-	}
-	if expNeg(-100) != 0 || expNeg(0) != 1 {
-		t.Fatalf("expNeg(-100) = %v, expNeg(0) = %v", expNeg(-100), expNeg(0))
-	}
-	if d := math.Abs(float64(expNeg(0.5)) - math.Exp(0.5)); d > 1e-6 {
-		t.Fatalf("expNeg(0.5) = %v", expNeg(0.5))
-	}
-	t.Logf("worst relative error %.3g", worst)
 }

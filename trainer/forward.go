@@ -4,79 +4,271 @@ import (
 	"context"
 	"fmt"
 
-	"github.com/signal-p2p/signal/trainer/blas"
 	"github.com/signal-p2p/signal/trainer/team"
 )
 
-// Batch is a packed set of sequences: Tokens holds them back to back and
-// sequence i is Tokens[Starts[i]:Starts[i+1]]. Every sequence starts at
-// position 0.
-type Batch struct {
-	Tokens []int
-	Starts []int // len = sequences + 1; Starts[0] = 0, last = len(Tokens)
+// pass is one run of the decoder over a packed batch: every sequence of a
+// call stacked as rows of one [rows, width] matrix, sequence i in rows
+// seqOff[i]..seqOff[i+1], so that each projection is one product over all
+// of them. A training step, a prefill and each decode step are all a pass
+// through the one forward; they differ only in what the pass keeps and
+// where attention finds its keys (see DESIGN.md, "One forward"):
+//
+//   - keep (training): every block's activations that the backward needs
+//     get their own buffers, kept in layers;
+//   - kv (sampling): each row's rotated key and value are stored in the
+//     cache, and with decode each sequence is one new row that attends to
+//     its cached keys instead of to the rows of the batch;
+//   - lastRows (sampling's prefill): the last block runs o_proj and the MLP
+//     on each sequence's last row alone, as llama.cpp does.
+//
+// Every buffer comes from the call's arena.
+type pass struct {
+	m    *Model
+	lora *LoRA
+	ar   *arena
+
+	rows     int
+	seqOff   []int // len = sequences + 1
+	pos      []int // position of each row in its sequence
+	tokens   []int
+	cos, sin []float32 // [rows, D/2] rotary tables of each row's position
+
+	keep     bool
+	lastRows bool
+	decode   bool
+	kv       *kvCache
+	slots    []int // cache slot of each sequence
+
+	// The activations of a pass that keeps nothing, reused by every block;
+	// with keep, every block gets fresh buffers (layers) and only xn and act
+	// (which the backward recomputes) are shared.
+	xn, act []float32
+	blk     blockActs
+	scratch []float32 // per-thread attention scratch (team.Attention's, AttentionBackward's, DecodeAttention's)
+
+	layers []blockActs // with keep: each block's activations
+	xOut   []float32   // [outRows, hidden] residual stream entering the final norm
+	rinvF  []float32   // its 1/rms (with keep)
+	out    []float32   // [outRows, hidden] the final norm's output: the LM head's input
+	// outRows is rows, or one row per sequence with lastRows.
+	outRows int
 }
 
-// NewBatch packs seqs into a Batch.
-func NewBatch(seqs [][]int) Batch {
-	b := Batch{Starts: make([]int, 1, len(seqs)+1)}
-	for _, s := range seqs {
-		b.Tokens = append(b.Tokens, s...)
-		b.Starts = append(b.Starts, len(b.Tokens))
+// blockActs are one decoder block's activations (T = the pass's rows).
+type blockActs struct {
+	x     []float32 // [T, hidden] residual stream entering the block
+	rinv1 []float32 // [T] 1/rms of x (input_layernorm)
+	qkv   []float32 // [T, QKVDim] fused q|k|v, q and k rotated
+	// preQK holds Qwen3's q and k heads before their norm [T, (H+KV)·D],
+	// rinvQ and rinvK each head's 1/rms (nil for other families).
+	preQK, rinvQ, rinvK []float32
+	att                 []float32 // [T, H·D] attention output: the input of o_proj
+	lse                 []float32 // [H, T] log-sum-exp of each row's attention scores
+	h                   []float32 // [T, hidden] residual stream after attention
+	rinv2               []float32 // [T] 1/rms of h (post_attention_layernorm)
+	gu                  []float32 // [T, 2·I] fused gate|up output before the activation
+	// u[mod] is x·Aᵀ [T, rank] for each module the LoRA adapts.
+	u [NumModules][]float32
+}
+
+// newPass lays out a pass over sequences of the given lengths, sized for
+// maxRows rows and sequences up to maxSeq long, with the buffers every
+// pass needs taken from ar. The caller fills tokens (and, for a decode
+// pass, positions and slots per step).
+func newPass(m *Model, lora *LoRA, ar *arena, lens []int, maxRows, maxSeq int, keep bool) *pass {
+	c := m.cfg
+	p := &pass{m: m, lora: lora, ar: ar, keep: keep}
+	p.seqOff = make([]int, len(lens)+1)
+	for i, n := range lens {
+		p.seqOff[i+1] = p.seqOff[i] + n
+	}
+	p.rows = p.seqOff[len(lens)]
+	p.pos = make([]int, maxRows)
+	for s := range lens {
+		for r := p.seqOff[s]; r < p.seqOff[s+1]; r++ {
+			p.pos[r] = r - p.seqOff[s]
+		}
+	}
+	p.tokens = make([]int, maxRows)
+	T, hid, half := maxRows, c.HiddenSize, c.HeadDim/2
+	p.cos, p.sin = ar.dirty(T*half), ar.dirty(T*half)
+	p.xn, p.act = ar.dirty(T*hid), ar.dirty(T*c.IntermediateSize)
+	p.out = ar.dirty(T * hid)
+	need := maxSeq * maxSeq // the forward's [L, L] scores
+	if keep {
+		need *= 2 // the backward's scores and their gradient
+		p.layers = make([]blockActs, c.NumHiddenLayers)
+		p.rinvF = ar.dirty(T)
+	} else {
+		p.blk = p.newBlock(T)
+	}
+	p.scratch = ar.dirty(m.team.Threads() * need)
+	return p
+}
+
+// newBlock takes one block's buffers for T rows from the arena; only the
+// kept activations get their own (see pass).
+func (p *pass) newBlock(T int) blockActs {
+	c, ar := p.m.cfg, p.ar
+	nq, nkv, D := c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim
+	b := blockActs{
+		qkv: ar.dirty(T * c.QKVDim()), att: ar.dirty(T * nq * D),
+		gu: ar.dirty(T * 2 * c.IntermediateSize),
+	}
+	if p.keep {
+		b.rinv1, b.rinv2 = ar.dirty(T), ar.dirty(T)
+		b.h, b.lse = ar.dirty(T*c.HiddenSize), ar.dirty(nq*T)
+		if c.QKNorm() {
+			b.preQK, b.rinvQ, b.rinvK = ar.dirty(T*(nq+nkv)*D), ar.dirty(T*nq), ar.dirty(T*nkv)
+		}
+	} else {
+		b.x = ar.dirty(T * c.HiddenSize)
+		b.h = b.x // attention and the MLP add into the residual stream in place
+	}
+	if p.lora == nil {
+		return b
+	}
+	var u []float32 // without keep, one buffer serves every module
+	for mod := Module(0); mod < NumModules; mod++ {
+		if p.lora.Targets(mod) {
+			if u == nil || p.keep {
+				u = ar.dirty(T * p.lora.Rank)
+			}
+			b.u[mod] = u
+		}
 	}
 	return b
 }
 
-// NumSeqs returns the number of sequences.
-func (b Batch) NumSeqs() int { return len(b.Starts) - 1 }
+// forward runs the decoder over the pass's rows and leaves the final
+// normed hidden states in p.out (p.outRows rows). Token ids must be
+// validated by the caller (ValidateTokens, validateData), and the caller
+// holds AcquireSingleThreadBLAS (the team's jobs call OpenBLAS).
+func (p *pass) forward(ctx context.Context) error {
+	m, c, tm := p.m, p.m.cfg, p.m.team
+	T, hid, inter := p.rows, c.HiddenSize, c.IntermediateSize
+	nq, nkv, D := c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim
+	qkvd, ad := c.QKVDim(), nq*D
+	eps := float32(c.RMSNormEps)
+	half := D / 2
+	cos, sin := p.cos[:T*half], p.sin[:T*half]
+	RopeTables(cos, sin, p.pos[:T], m.InvFreq)
 
-// Len returns sequence i's length.
-func (b Batch) Len(i int) int { return b.Starts[i+1] - b.Starts[i] }
+	x := p.blk.x // the residual stream, updated in place unless kept
+	if p.keep {
+		x = p.ar.dirty(T * hid)
+	}
+	for r, t := range p.tokens[:T] {
+		copy(x[r*hid:(r+1)*hid], m.Embed[t*hid:(t+1)*hid])
+	}
+	xn, act := p.xn[:T*hid], p.act[:T*inter]
+	rows := T // rows the block computes after attention (see lastRows)
+	for l := range m.Layers {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		w := &m.Layers[l]
+		a := &p.blk
+		if p.keep {
+			p.layers[l] = p.newBlock(T)
+			a = &p.layers[l]
+			a.x = x
+			copy(a.h, x) // h = x + o_proj(...) keeps x
+		}
 
-// LayerActs are one decoder block's activations kept by a forward pass for
-// the backward (T = tokens of the batch).
-type LayerActs struct {
-	X     []float32 // [T, hidden] residual stream entering the block
-	RStd1 []float32 // [T] 1/rms of X (input_layernorm)
-	XN1   []float32 // [T, hidden] normed X: the input of q, k, v
-	QKV   []float32 // [T, QKVDim] fused q|k|v output, q and k rotated
-	// Probs holds sequence s's attention probabilities [H, L, L] from
-	// ProbOffsets[s] (Activations.ProbOffsets).
-	Probs []float32
-	Attn  []float32 // [T, H·D] attention output: the input of o_proj
-	H     []float32 // [T, hidden] residual stream after attention
-	RStd2 []float32 // [T] 1/rms of H (post_attention_layernorm)
-	XN2   []float32 // [T, hidden] normed H: the input of gate and up
-	GU    []float32 // [T, 2·I] fused gate|up output before the activation
-	Act   []float32 // [T, I] silu(gate)·up: the input of down_proj
-	// U[mod] is x·Aᵀ [T, rank] for each module the LoRA adapts (nil otherwise).
-	U [NumModules][]float32
+		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
+		tm.RMSNorm(xn, a.rinv1, x, w.AttnNorm, T, hid, eps)
+		qkv := a.qkv[:T*qkvd]
+		project(tm, qkv, qkvd, xn, hid, w.WQKV, w.pQKV, T, hid, qkvd, 0)
+		addBias(qkv, T, qkvd, w.BQKV)
+		p.addLoRA(a, l, ModQ, xn, hid, qkv, qkvd, 0, T)
+		p.addLoRA(a, l, ModK, xn, hid, qkv, qkvd, ad, T)
+		p.addLoRA(a, l, ModV, xn, hid, qkv, qkvd, ad+nkv*D, T)
+		if a.preQK != nil {
+			qk := (nq + nkv) * D
+			for r := 0; r < T; r++ {
+				copy(a.preQK[r*qk:(r+1)*qk], qkv[r*qkvd:r*qkvd+qk])
+			}
+		}
+		headNorm(tm, qkv, T, qkvd, nq, nkv, D, w.QNorm, w.KNorm, eps, a.rinvQ, a.rinvK)
+		tm.Rope(qkv, T, qkvd, nq+nkv, D, cos, sin)
+		rows = p.attention(l, a)
+		project(tm, a.h, hid, a.att, ad, w.WO, w.pO, rows, ad, hid, 1)
+		p.addLoRA(a, l, ModO, a.att, ad, a.h, hid, 0, rows)
+
+		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
+		tm.RMSNorm(xn, a.rinv2, a.h, w.MLPNorm, rows, hid, eps)
+		project(tm, a.gu, 2*inter, xn, hid, w.WGateUp, w.pGateUp, rows, hid, 2*inter, 0)
+		p.addLoRA(a, l, ModGate, xn, hid, a.gu, 2*inter, 0, rows)
+		p.addLoRA(a, l, ModUp, xn, hid, a.gu, 2*inter, inter, rows)
+		tm.SwiGLU(act, nil, a.gu, rows, inter)
+		next := a.h
+		if p.keep {
+			next = p.ar.dirty(T * hid)
+			copy(next, a.h)
+		}
+		project(tm, next, hid, act, inter, w.WDown, w.pDown, rows, inter, hid, 1)
+		p.addLoRA(a, l, ModDown, act, inter, next, hid, 0, rows)
+		x = next
+	}
+	p.outRows = rows
+	p.xOut = x[:rows*hid]
+	var rinv []float32
+	if p.keep {
+		rinv = p.rinvF[:rows]
+	}
+	tm.RMSNorm(p.out[:rows*hid], rinv, p.xOut, m.Norm, rows, hid, eps)
+	return nil
 }
 
-// Activations is what a forward pass with ForwardOptions.Keep leaves for a
-// backward pass. All buffers live in the arena passed to Forward.
-type Activations struct {
-	Batch       Batch
-	Cos, Sin    []float32 // [T, D/2] rotary tables of each row's position
-	ProbOffsets []int     // per sequence, offset of its [H, L, L] block in LayerActs.Probs
-	Layers      []LayerActs
-	XF          []float32 // [T, hidden] residual stream entering the final norm
-	RStdF       []float32 // [T] 1/rms of XF
-	Out         []float32 // [T, hidden] final normed hidden states: the LM head's input
+// attention runs block l's attention from a.qkv into a.att, storing keys
+// and values in the cache first when the pass has one, and returns the
+// rows the rest of the block runs on.
+func (p *pass) attention(l int, a *blockActs) (rows int) {
+	c, tm := p.m.cfg, p.m.team
+	nq, nkv, D := c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim
+	qkvd, ad := c.QKVDim(), nq*D
+	seqs := len(p.seqOff) - 1
+	if p.kv != nil {
+		for s := 0; s < seqs; s++ {
+			r0 := p.seqOff[s]
+			p.kv.store(p.slots[s], l, p.pos[r0], a.qkv[r0*qkvd:], qkvd, p.seqOff[s+1]-r0)
+		}
+	}
+	switch {
+	case p.decode:
+		tm.DecodeAttention(a.att, a.qkv, nq, nkv, D, p.kv.k, p.kv.v, p.slots, p.pos[:p.rows], c.NumHiddenLayers, l, p.kv.maxLen, p.scratch)
+	case p.lastRows && l == c.NumHiddenLayers-1:
+		// Only each sequence's last row goes on (every row's key and value
+		// is cached already): its attention against the whole sequence,
+		// and its residual row gathered to row s.
+		for s := 0; s < seqs; s++ {
+			r0, L := p.seqOff[s], p.seqOff[s+1]-p.seqOff[s]
+			for h := 0; h < nq; h++ {
+				team.AttentionHead(a.att[s*ad:], ad, a.qkv[r0*qkvd:(r0+L)*qkvd], L, nq, nkv, D, h, L-1, p.scratch[:L])
+			}
+			hid := c.HiddenSize
+			copy(a.h[s*hid:(s+1)*hid], a.h[(r0+L-1)*hid:(r0+L)*hid]) // s ≤ r0+L−1, and later rows lie further on
+		}
+		return seqs
+	default:
+		tm.Attention(a.att, ad, a.qkv[:p.rows*qkvd], p.seqOff, nq, nkv, D, p.scratch, a.lse)
+	}
+	return p.rows
 }
 
-// ForwardOptions select what Forward does beyond computing hidden states.
-type ForwardOptions struct {
-	LoRA *LoRA // applied unmerged on the modules it targets; nil for the base model
-	Keep bool  // keep every activation the backward needs (Activations.Layers)
-	// LastRows: only each sequence's last row is needed (a prompt's
-	// next-token logits). The last block then runs o_proj and the MLP for
-	// those rows alone — llama.cpp skips the same work — and Out (and XF,
-	// RStdF) hold one row per sequence. Not with Keep.
-	LastRows bool
-	// kv, when set, receives each sequence's rotated keys and values.
-	kv *kvCache
-	// kvSlots[i] is the cache slot of sequence i.
-	kvSlots []int
+// addLoRA adds s·(x·Aᵀ)·Bᵀ of layer l's module mod into columns
+// [off, off+out) of y (row stride ldy) when the pass's adapter targets
+// mod, keeping u = x·Aᵀ in a.u[mod] for the backward.
+func (p *pass) addLoRA(a *blockActs, l int, mod Module, x []float32, ldx int, y []float32, ldy, off, rows int) {
+	if p.lora == nil || p.lora.Layers[l][mod] == nil {
+		return
+	}
+	pr, r, tm := p.lora.Layers[l][mod], p.lora.Rank, p.m.team
+	u := a.u[mod]
+	tm.Gemm(false, true, rows, r, pr.In, 1, x, ldx, pr.A, pr.In, 0, u, r)
+	tm.Gemm(false, true, rows, pr.Out, r, p.lora.Scale(), u, r, pr.B, r, 1, y[off:], ldy)
 }
 
 // ValidateTokens checks ids against the vocabulary and the context length.
@@ -95,192 +287,11 @@ func (m *Model) ValidateTokens(tokens []int, what string) error {
 	return nil
 }
 
-func (m *Model) attnDims() AttnDims {
-	return AttnDims{H: m.cfg.NumAttentionHeads, KV: m.cfg.NumKeyValueHeads, D: m.cfg.HeadDim}
-}
-
-// addLoRA adds scale·(x·Aᵀ)·Bᵀ into columns [col0, col0+out) of y (row
-// stride ldy) for module mod of layer l; u [rows, rank] receives x·Aᵀ.
-func addLoRA(y []float32, ldy, col0 int, x []float32, ldx, rows int, lora *LoRA, l int, mod Module, u []float32) {
-	p := lora.Layers[l][mod]
-	r := lora.Rank
-	blas.Sgemm(false, true, rows, r, p.In, 1, x, ldx, p.A, p.In, 0, u, r)
-	blas.Sgemm(false, true, rows, p.Out, r, lora.Scale(), u, r, p.B, r, 1, y[col0:], ldy)
-}
-
-// Forward runs the decoder over a packed batch and returns the final normed
-// hidden states [T, hidden] (Activations.Out). Token ids must be validated
-// by the caller (ValidateTokens). Buffers come from ws; with opt.Keep the
-// returned Activations hold every layer's tensors for the backward,
-// otherwise only Out is meaningful.
-func (m *Model) Forward(ctx context.Context, ws *Arena, b Batch, opt ForwardOptions) (*Activations, error) {
-	if opt.LastRows && opt.Keep {
-		return nil, fmt.Errorf("%w: Forward with both LastRows and Keep", ErrInvalidInput)
-	}
+// headLogits writes logits [rows, vocab] = hidden·LMHeadᵀ for hidden
+// [rows, hidden]; the caller holds AcquireSingleThreadBLAS.
+func (m *Model) headLogits(logits, hidden []float32, rows int) {
 	c := m.cfg
-	T, hid, inter := len(b.Tokens), c.HiddenSize, c.IntermediateSize
-	ad := m.attnDims()
-	qkvd, hd := ad.QKVDim(), ad.H*ad.D
-	lora := opt.LoRA
-	half := c.HeadDim / 2
-	eps := float32(c.RMSNormEps)
-
-	// GEMMs are split across the model's workers, each single-threaded,
-	// so OpenBLAS's own threads stay idle instead of spinning beside ours.
-	AcquireSingleThreadBLAS()
-	defer ReleaseSingleThreadBLAS()
-	gt, jt := new(gemmTask), new(jobsTask)
-
-	acts := &Activations{Batch: b}
-	acts.Cos, acts.Sin = ws.AllocDirty(T*half), ws.AllocDirty(T*half)
-	pos := make([]int, T)
-	acts.ProbOffsets = make([]int, b.NumSeqs()+1)
-	maxL := 0
-	for s := 0; s < b.NumSeqs(); s++ {
-		L := b.Len(s)
-		for i := 0; i < L; i++ {
-			pos[b.Starts[s]+i] = i
-		}
-		acts.ProbOffsets[s+1] = acts.ProbOffsets[s] + ad.H*L*L
-		maxL = max(maxL, L)
-	}
-	RopeTables(acts.Cos, acts.Sin, pos, m.InvFreq)
-
-	workers := m.threads()
-	// x is the residual stream; with Keep each block gets fresh buffers,
-	// otherwise one set is reused by every block.
-	x := ws.AllocDirty(T * hid)
-	for i, t := range b.Tokens {
-		copy(x[i*hid:(i+1)*hid], m.Embed[t*hid:(t+1)*hid])
-	}
-	var la LayerActs
-	newBuffers := func() {
-		la = LayerActs{
-			RStd1: ws.AllocDirty(T), XN1: ws.AllocDirty(T * hid), QKV: ws.AllocDirty(T * qkvd),
-			Attn: ws.AllocDirty(T * hd), RStd2: ws.AllocDirty(T), XN2: ws.AllocDirty(T * hid),
-			GU: ws.AllocDirty(T * 2 * inter), Act: ws.AllocDirty(T * inter),
-		}
-		if opt.Keep {
-			la.Probs = ws.AllocDirty(acts.ProbOffsets[b.NumSeqs()])
-		} else {
-			la.Probs = ws.AllocDirty(workers * maxL * maxL) // one [L, L] scratch per worker
-		}
-		if lora != nil {
-			for mod := Module(0); mod < NumModules; mod++ {
-				if lora.Targets(mod) {
-					la.U[mod] = ws.AllocDirty(T * lora.Rank)
-				}
-			}
-		}
-	}
-	if opt.Keep {
-		acts.Layers = make([]LayerActs, c.NumHiddenLayers)
-	} else {
-		newBuffers()
-	}
-	rows := T // rows the block computes after attention (see LastRows)
-	for l := range m.Layers {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		w := &m.Layers[l]
-		if opt.Keep {
-			newBuffers()
-			la.X = x
-			la.H = ws.AllocDirty(T * hid)
-			copy(la.H, x)
-		} else {
-			la.X, la.H = x, x
-		}
-
-		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
-		m.rmsNormPar(jt, la.XN1, la.RStd1, la.X, w.AttnNorm, T, hid, eps)
-		m.linear(gt, la.QKV, qkvd, la.XN1, hid, w.WQKV, w.pQKV, T, hid, qkvd, 0)
-		addBias(la.QKV, T, qkvd, w.BQKV)
-		if lora != nil {
-			cols := [3]int{0, hd, hd + ad.KV*ad.D}
-			for i, mod := range [3]Module{ModQ, ModK, ModV} {
-				if lora.Targets(mod) {
-					addLoRA(la.QKV, qkvd, cols[i], la.XN1, hid, T, lora, l, mod, la.U[mod])
-				}
-			}
-		}
-		headNorm(la.QKV, T, qkvd, ad.H, ad.KV, ad.D, w.QNorm, w.KNorm, eps, nil, nil)
-		m.ropePar(jt, la.QKV, T, qkvd, 0, ad.H+ad.KV, ad.D, acts.Cos, acts.Sin)
-		if opt.kv != nil {
-			for s := 0; s < b.NumSeqs(); s++ {
-				opt.kv.store(opt.kvSlots[s], l, 0, la.QKV[b.Starts[s]*qkvd:], qkvd, b.Len(s))
-			}
-		}
-		if opt.LastRows && l == len(m.Layers)-1 {
-			// Only each sequence's last row goes on (every row's keys and
-			// values are in the cache already): its attention against the
-			// whole sequence, and its residual row gathered to row s.
-			rows = b.NumSeqs()
-			for s := 0; s < rows; s++ {
-				r0, L := b.Starts[s], b.Len(s)
-				for h := 0; h < ad.H; h++ {
-					team.AttentionHead(la.Attn[s*hd:], hd, la.QKV[r0*qkvd:r0*qkvd+L*qkvd], L, ad.H, ad.KV, ad.D, h, L-1, la.Probs[:L])
-				}
-				copy(x[s*hid:(s+1)*hid], x[(r0+L-1)*hid:(r0+L)*hid]) // s ≤ r0+L−1, and later rows lie further on
-			}
-		} else if m.team != nil {
-			// One job per (sequence, head), shared out (BLAS single-threaded).
-			var off []int
-			if opt.Keep {
-				off = acts.ProbOffsets
-			}
-			m.team.Attention(la.Attn, hd, la.QKV, b.Starts, ad.H, ad.KV, ad.D, la.Probs, off, maxL*maxL)
-		} else {
-			m.attention(jt, &la, acts, b, opt.Keep, maxL)
-		}
-		m.linear(gt, la.H, hid, la.Attn, hd, w.WO, w.pO, rows, hd, hid, 1)
-		if lora != nil && lora.Targets(ModO) {
-			addLoRA(la.H, hid, 0, la.Attn, hd, rows, lora, l, ModO, la.U[ModO])
-		}
-
-		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
-		m.rmsNormPar(jt, la.XN2, la.RStd2, la.H, w.MLPNorm, rows, hid, eps)
-		m.linear(gt, la.GU, 2*inter, la.XN2, hid, w.WGateUp, w.pGateUp, rows, hid, 2*inter, 0)
-		if lora != nil {
-			for i, mod := range [2]Module{ModGate, ModUp} {
-				if lora.Targets(mod) {
-					addLoRA(la.GU, 2*inter, i*inter, la.XN2, hid, rows, lora, l, mod, la.U[mod])
-				}
-			}
-		}
-		m.siluMulPar(jt, la.Act, la.GU, rows, inter)
-		next := la.H
-		if opt.Keep {
-			next = ws.AllocDirty(rows * hid)
-			copy(next, la.H)
-		}
-		m.linear(gt, next, hid, la.Act, inter, w.WDown, w.pDown, rows, inter, hid, 1)
-		if lora != nil && lora.Targets(ModDown) {
-			addLoRA(next, hid, 0, la.Act, inter, rows, lora, l, ModDown, la.U[ModDown])
-		}
-		if opt.Keep {
-			acts.Layers[l] = la
-		}
-		x = next
-	}
-	acts.XF = x[:rows*hid]
-	acts.RStdF = ws.AllocDirty(rows)
-	acts.Out = ws.AllocDirty(rows * hid)
-	RMSNorm(acts.Out, acts.RStdF, acts.XF, m.Norm, rows, hid, eps)
-	return acts, nil
-}
-
-// HeadLogits writes logits [rows, vocab] = hidden·LMHeadᵀ for hidden [rows, hidden].
-func (m *Model) HeadLogits(logits, hidden []float32, rows int) {
-	AcquireSingleThreadBLAS()
-	defer ReleaseSingleThreadBLAS()
-	m.headLogits(new(gemmTask), logits, hidden, rows)
-}
-
-// headLogits is HeadLogits for callers already holding single-thread BLAS.
-func (m *Model) headLogits(gt *gemmTask, logits, hidden []float32, rows int) {
-	m.linear(gt, logits, m.cfg.VocabSize, hidden, m.cfg.HiddenSize, m.LMHead, m.pHead, rows, m.cfg.HiddenSize, m.cfg.VocabSize, 0)
+	project(m.team, logits, c.VocabSize, hidden, c.HiddenSize, m.LMHead, m.pHead, rows, c.HiddenSize, c.VocabSize, 0)
 }
 
 // Logits returns the logits [len(tokens), vocab] of one sequence, row i
@@ -292,14 +303,17 @@ func (m *Model) Logits(ctx context.Context, tokens []int, lora *LoRA) ([]float32
 	if err := m.checkLoRA(lora); err != nil {
 		return nil, err
 	}
-	ws := m.GetArena()
-	defer m.PutArena(ws)
-	acts, err := m.Forward(ctx, ws, NewBatch([][]int{tokens}), ForwardOptions{LoRA: lora})
-	if err != nil {
+	defer singleThreadBLAS()()
+	ar := m.arenas.get()
+	defer m.arenas.put(ar)
+	T := len(tokens)
+	p := newPass(m, lora, ar, []int{T}, T, T, false)
+	copy(p.tokens, tokens)
+	if err := p.forward(ctx); err != nil {
 		return nil, err
 	}
-	logits := make([]float32, len(tokens)*m.cfg.VocabSize)
-	m.HeadLogits(logits, acts.Out, len(tokens))
+	logits := make([]float32, T*m.cfg.VocabSize)
+	m.headLogits(logits, p.out, T)
 	return logits, nil
 }
 
@@ -323,23 +337,4 @@ func (m *Model) checkLoRA(l *LoRA) error {
 		}
 	}
 	return nil
-}
-
-// attention is the pool's causal attention for one block: one job per
-// (sequence, head), with la.Probs per-worker scratch unless keep (then the
-// probabilities stay at acts.ProbOffsets for the backward).
-func (m *Model) attention(jt *jobsTask, la *LayerActs, acts *Activations, b Batch, keep bool, maxL int) {
-	ad := m.attnDims()
-	qkvd, hd := ad.QKVDim(), ad.H*ad.D
-	m.parallel(jt, b.NumSeqs()*ad.H, func(worker, job int) {
-		s, h := job/ad.H, job%ad.H
-		r0, L := b.Starts[s], b.Len(s)
-		var probs []float32
-		if keep {
-			probs = la.Probs[acts.ProbOffsets[s]+h*L*L : acts.ProbOffsets[s]+(h+1)*L*L]
-		} else {
-			probs = la.Probs[worker*maxL*maxL : worker*maxL*maxL+L*L]
-		}
-		CausalAttentionHead(la.Attn[r0*hd:], hd, la.QKV[r0*qkvd:], L, ad, h, probs)
-	})
 }

@@ -17,7 +17,7 @@ type InferBenchOptions struct {
 	Repeats       int // the median of this many runs (after a warm-up run) is reported
 	// AllRows runs the prefill's last block on every row (a full forward,
 	// as the PyTorch reference does) instead of on the last row alone, as
-	// sampling does (ForwardOptions.LastRows).
+	// sampling does (pass.lastRows).
 	AllRows bool
 }
 
@@ -31,7 +31,7 @@ type InferBenchResult struct {
 	PrefillGFLOPS     float64 `json:"prefill_gflops"`
 	SgemmGFLOPS       float64 `json:"sgemm_gflops"`
 	PrefillOfSgemm    float64 `json:"prefill_fraction_of_sgemm"`
-	Threads           int     `json:"threads"` // goroutines splitting each GEMM (GOMAXPROCS)
+	Threads           int     `json:"threads"` // threads of the model's team (GOMAXPROCS)
 }
 
 // PrefillFLOPs returns the model FLOPs of prefilling one sequence of T
@@ -54,7 +54,7 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	}
 	// The reference rate is OpenBLAS with its own threads, before Acquire.
 	res := InferBenchResult{Threads: runtime.GOMAXPROCS(0), SgemmGFLOPS: MeasureSgemm(512)}
-	AcquireSingleThreadBLAS() // as Sample does: GEMMs split across the model's workers
+	AcquireSingleThreadBLAS() // as Sample does: the team's jobs call OpenBLAS
 	defer ReleaseSingleThreadBLAS()
 	rng := rand.New(rand.NewPCG(3, 4))
 	tokens := func(n int) []int {
@@ -70,18 +70,21 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	// not counted; the median of the rest resists a busy moment either way.
 	times := make([]time.Duration, 0, o.Repeats)
 	for r := 0; r <= o.Repeats; r++ {
-		ws := m.GetArena()
+		ar := m.arenas.get()
 		t0 := time.Now()
-		acts, err := m.Forward(ctx, ws, NewBatch([][]int{prompt}), ForwardOptions{LastRows: !o.AllRows})
-		if err != nil {
-			m.PutArena(ws)
+		T := len(prompt)
+		p := newPass(m, nil, ar, []int{T}, T, T, false)
+		p.lastRows = !o.AllRows
+		copy(p.tokens, prompt)
+		if err := p.forward(ctx); err != nil {
+			m.arenas.put(ar)
 			return res, err
 		}
-		m.HeadLogits(logits, acts.Out[len(acts.Out)-c.HiddenSize:], 1)
+		m.headLogits(logits, p.out[(p.outRows-1)*c.HiddenSize:], 1)
 		if r > 0 {
 			times = append(times, time.Since(t0))
 		}
-		m.PutArena(ws)
+		m.arenas.put(ar)
 	}
 	med := medianDuration(times)
 	res.PrefillFLOPs = c.PrefillFLOPs(o.PrefillTokens)
@@ -93,30 +96,31 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 	times = times[:0]
 	B := o.DecodeBatch
 	for r := 0; r <= o.Repeats; r++ {
-		ws := m.GetArena()
-		cache := newKVCache(ws, B, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 8+o.DecodeTokens, c.HeadDim)
+		ar := m.arenas.get()
+		cache := newKVCache(ar, B, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 8+o.DecodeTokens, c.HeadDim)
 		prompts := make([][]int, B)
 		slots := make([]int, B)
 		for i := range prompts {
 			prompts[i], slots[i] = tokens(8), i
 		}
-		acts, err := m.Forward(ctx, ws, NewBatch(prompts), ForwardOptions{kv: cache, kvSlots: slots})
-		if err != nil {
-			m.PutArena(ws)
+		if _, err := m.prefill(ctx, ar, cache, prompts, 1, nil); err != nil {
+			m.arenas.put(ar)
 			return res, err
 		}
 		next := make([]int, B)
 		for i := range next {
-			cache.lens[i] = 8
 			next[i] = prompts[i][7] // any valid id: the timing does not depend on it
 		}
-		_ = acts
-		dec := m.newDecoder(ws, cache, nil, B)
+		dec := newDecodePass(m, nil, ar, cache, B)
 		picker := newTokenPicker(c.VocabSize)
 		greedy := &SamplingParams{Temperature: 0, TopP: 1}
 		t0 := time.Now()
 		for step := 0; step < o.DecodeTokens; step++ {
-			lg := dec.step(slots, next)
+			lg, err := dec.step(ctx, slots, next)
+			if err != nil {
+				m.arenas.put(ar)
+				return res, err
+			}
 			for i := range next {
 				next[i], _ = picker.pick(lg[i*c.VocabSize:(i+1)*c.VocabSize], greedy, nil)
 			}
@@ -124,7 +128,7 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 		if r > 0 {
 			times = append(times, time.Since(t0))
 		}
-		m.PutArena(ws)
+		m.arenas.put(ar)
 	}
 	res.DecodeTokensPerS = float64(B*o.DecodeTokens) / medianDuration(times).Seconds()
 	// On a shared machine a single sgemm sample can land in a busy moment:

@@ -4,10 +4,10 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"maps"
 	"math"
+	"math/rand"
 	"os"
 	"path/filepath"
 	"slices"
@@ -280,39 +280,58 @@ func compareLogits(t *testing.T, got, want []float32) {
 	}
 }
 
-// TestForwardLastRows: with LastRows the last block runs on each
-// sequence's last row alone, and Out holds those rows: they agree with a
+// prefillPass runs a prefill pass over seqs (without a cache when kv is
+// nil) and returns it.
+func prefillPass(t *testing.T, m *Model, lora *LoRA, seqs [][]int, kv *kvCache, last bool) *pass {
+	t.Helper()
+	ar := m.arenas.get()
+	t.Cleanup(func() { m.arenas.put(ar) })
+	lens, rows, maxLen := make([]int, len(seqs)), 0, 0
+	for i, s := range seqs {
+		lens[i], rows, maxLen = len(s), rows+len(s), max(maxLen, len(s))
+	}
+	p := newPass(m, lora, ar, lens, rows, maxLen, false)
+	p.kv, p.lastRows = kv, last
+	for i, s := range seqs {
+		copy(p.tokens[p.seqOff[i]:], s)
+		p.slots = append(p.slots, i)
+	}
+	defer singleThreadBLAS()()
+	if err := p.forward(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestForwardLastRows: with lastRows the last block runs on each
+// sequence's last row alone, and out holds those rows: they agree with a
 // full forward's (the last row's attention is the same sums, made by a
 // one-row GEMM, so to f32 rounding), with an adapter on every module and
 // sequences of one row and of more than one 128-row query block; the keys
-// and values cached are the same bits. LastRows with Keep is refused.
+// and values cached are the same bits.
 func TestForwardLastRows(t *testing.T) {
 	forEachWeightPath(t, func(t *testing.T, _ bool) {
 		m := mustLoad(t, "tiny-sp")
 		lora := mustAdapter(t, m, "tiny-sp")
 		c := m.Config()
-		b := NewBatch([][]int{testTokens(9, c.VocabSize, 1), testTokens(1, c.VocabSize, 2), testTokens(140, c.VocabSize, 3)})
-		hid, n := c.HiddenSize, b.NumSeqs()
-		run := func(last bool) (*Activations, *kvCache) {
-			ws := m.GetArena()
-			t.Cleanup(func() { m.PutArena(ws) })
-			cache := newKVCache(ws, n, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 140, c.HeadDim)
-			acts, err := m.Forward(context.Background(), ws, b, ForwardOptions{LoRA: lora, LastRows: last, kv: cache, kvSlots: []int{0, 1, 2}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			return acts, cache
+		seqs := [][]int{testTokens(9, c.VocabSize, 1), testTokens(1, c.VocabSize, 2), testTokens(140, c.VocabSize, 3)}
+		hid, n := c.HiddenSize, len(seqs)
+		run := func(last bool) (*pass, *kvCache) {
+			ar := m.arenas.get()
+			t.Cleanup(func() { m.arenas.put(ar) })
+			cache := newKVCache(ar, n, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 140, c.HeadDim)
+			return prefillPass(t, m, lora, seqs, cache, last), cache
 		}
 		full, fullKV := run(false)
 		last, lastKV := run(true)
-		if len(last.Out) != n*hid {
-			t.Fatalf("LastRows Out has %d floats, want %d rows of %d", len(last.Out), n, hid)
+		if last.outRows != n {
+			t.Fatalf("lastRows gives %d rows, want one per sequence (%d)", last.outRows, n)
 		}
 		for s := 0; s < n; s++ {
-			r := b.Starts[s+1] - 1
+			r := full.seqOff[s+1] - 1
 			var maxAbs, maxDiff float64
 			for j := 0; j < hid; j++ {
-				w, g := float64(full.Out[r*hid+j]), float64(last.Out[s*hid+j])
+				w, g := float64(full.out[r*hid+j]), float64(last.out[s*hid+j])
 				maxAbs, maxDiff = max(maxAbs, math.Abs(w)), max(maxDiff, math.Abs(g-w))
 			}
 			if maxDiff > 1e-5*maxAbs {
@@ -324,69 +343,83 @@ func TestForwardLastRows(t *testing.T) {
 				t.Fatalf("cached key or value %d differs", i)
 			}
 		}
-		ws := m.GetArena()
-		defer m.PutArena(ws)
-		if _, err := m.Forward(context.Background(), ws, b, ForwardOptions{LastRows: true, Keep: true}); !errors.Is(err, ErrInvalidInput) {
-			t.Errorf("LastRows with Keep: err %v, want ErrInvalidInput", err)
-		}
 	})
 }
 
-// Keep must not change the result, and what it keeps must be consistent
-// with the layer math (the training half's backward relies on it).
-func TestForwardKeepActivations(t *testing.T) {
-	m := mustLoad(t, "tiny-sp")
-	lora := mustAdapter(t, m, "tiny-sp")
-	c := m.Config()
-	V := c.VocabSize
-	b := NewBatch([][]int{testTokens(5, V, 1), testTokens(3, V, 2)})
-	ws1, ws2 := m.GetArena(), m.GetArena()
-	defer m.PutArena(ws1)
-	defer m.PutArena(ws2)
-	plain, err := m.Forward(context.Background(), ws1, b, ForwardOptions{LoRA: lora})
-	if err != nil {
-		t.Fatal(err)
-	}
-	kept, err := m.Forward(context.Background(), ws2, b, ForwardOptions{LoRA: lora, Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range plain.Out {
-		if plain.Out[i] != kept.Out[i] {
-			t.Fatalf("Out[%d] differs with Keep: %v vs %v", i, kept.Out[i], plain.Out[i])
-		}
-	}
-	if len(kept.Layers) != c.NumHiddenLayers {
-		t.Fatalf("%d layers kept", len(kept.Layers))
-	}
-	T, hid := len(b.Tokens), c.HiddenSize
-	l1 := kept.Layers[1]
-	xn := make([]float32, T*hid)
-	RMSNorm(xn, nil, l1.X, m.Layers[1].AttnNorm, T, hid, float32(c.RMSNormEps))
-	for i := range xn {
-		if xn[i] != l1.XN1[i] {
-			t.Fatalf("XN1[%d] = %v, RMSNorm(X) = %v", i, l1.XN1[i], xn[i])
-		}
-	}
-	// The second sequence's attention probabilities are causal rows summing to 1.
-	L := b.Len(1)
-	probs := l1.Probs[kept.ProbOffsets[1]:]
-	for h := 0; h < c.NumAttentionHeads; h++ {
-		for i := 0; i < L; i++ {
-			var s float64
-			for j := 0; j < L; j++ {
-				v := probs[h*L*L+i*L+j]
-				if j > i && v != 0 {
-					t.Fatalf("head %d row %d attends to future position %d", h, i, j)
+// TestTrainingForwardKeepsWhatBackwardNeeds: a training pass is the one
+// forward with its activations kept. Keeping them must not change the
+// result: its final hidden states are an inference pass's bit for bit. And
+// what it keeps must be what the backward needs: the LoRA gradients built
+// from them match central finite differences of the loss through the
+// whole model, for the largest entries of every module's A and B, on a
+// Llama and on a Qwen3 (whose q/k norms keep their own activations).
+func TestTrainingForwardKeepsWhatBackwardNeeds(t *testing.T) {
+	for _, name := range []string{"tiny-sp", generatedQwen3(t, t.TempDir())} {
+		t.Run(filepath.Base(name), func(t *testing.T) {
+			m := mustLoad(t, name)
+			r := rand.New(rand.NewSource(7))
+			lora, err := NewLoRA(m, 3, 6, nil, 11)
+			if err != nil {
+				t.Fatal(err)
+			}
+			randomizeB(lora, r)
+			data := randomData(r, m.Config().VocabSize, 6, 3)
+
+			ar := m.arenas.get()
+			defer m.arenas.put(ar)
+			tp := newTrainPass(m, lora, data, ar)
+			release := singleThreadBLAS()
+			err = tp.forward(context.Background())
+			release()
+			if err != nil {
+				t.Fatal(err)
+			}
+			plain := prefillPass(t, m, lora, [][]int{data[0].Tokens, data[1].Tokens}, nil, false)
+			for i := range plain.out[:plain.outRows*m.Config().HiddenSize] {
+				if plain.out[i] != tp.out[i] {
+					t.Fatalf("out[%d] = %v kept, %v not", i, tp.out[i], plain.out[i])
 				}
-				s += float64(v)
 			}
-			if math.Abs(s-1) > 1e-5 {
-				t.Fatalf("head %d row %d sums to %v", h, i, s)
+
+			grads := zerosLike(lora)
+			if _, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, grads); err != nil {
+				t.Fatal(err)
 			}
-		}
-	}
-	if l1.U[ModQ] == nil || l1.U[ModGate] != nil {
-		t.Error("U kept for the wrong modules")
+			loss := func() float64 {
+				res, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return res.LossSum
+			}
+			const h = 1e-2
+			for li := range lora.Layers {
+				for mod, p := range lora.Layers[li] {
+					if p == nil {
+						continue
+					}
+					g := grads.Layers[li][mod]
+					for _, pair := range [][2][]float32{{p.A, g.A}, {p.B, g.B}} {
+						par, grad := pair[0], pair[1]
+						k := 0
+						for i := range grad {
+							if math.Abs(float64(grad[i])) > math.Abs(float64(grad[k])) {
+								k = i
+							}
+						}
+						old := par[k]
+						par[k] = old + h
+						fp := loss()
+						par[k] = old - h
+						fm := loss()
+						par[k] = old
+						num := (fp - fm) / (2 * h)
+						if d := math.Abs(num - float64(grad[k])); d > 2e-3+2e-2*math.Abs(num) {
+							t.Errorf("layer %d %s: gradient %v, finite difference %v", li, Module(mod), grad[k], num)
+						}
+					}
+				}
+			}
+		})
 	}
 }

@@ -3,11 +3,8 @@ package trainer
 import (
 	"context"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"slices"
-
-	"github.com/signal-p2p/signal/trainer/blas"
 )
 
 // maxBatchSeqs bounds how many sequences decode together, and
@@ -95,34 +92,17 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 	for _, pr := range prompts {
 		maxPrompt = max(maxPrompt, len(pr))
 	}
-	AcquireSingleThreadBLAS() // see Forward: our goroutines split the GEMMs
-	defer ReleaseSingleThreadBLAS()
-	ws := m.GetArena()
-	defer m.PutArena(ws)
-	cache := newKVCache(ws, nSeq, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, maxPrompt+p.MaxTokens, c.HeadDim)
+	defer singleThreadBLAS()()
+	ar := m.arenas.get()
+	defer m.arenas.put(ar)
+	cache := newKVCache(ar, nSeq, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, maxPrompt+p.MaxTokens, c.HeadDim)
 
 	// Prefill every prompt once, into the slot of its first sample.
-	slots := make([]int, len(prompts))
-	for i := range prompts {
-		slots[i] = i * numSamples
-	}
-	b := NewBatch(prompts)
-	acts, err := m.Forward(ctx, ws, b, ForwardOptions{LoRA: lora, LastRows: true, kv: cache, kvSlots: slots})
+	promptLogits, err := m.prefill(ctx, ar, cache, prompts, numSamples, lora)
 	if err != nil {
 		return err
 	}
 	V := c.VocabSize
-	for i := range prompts {
-		cache.lens[slots[i]] = b.Len(i)
-	}
-	promptLogits := ws.AllocDirty(len(prompts) * V)
-	m.headLogits(new(gemmTask), promptLogits, acts.Out, len(prompts)) // one row per prompt: its last
-	for i := range prompts {
-		for j := 1; j < numSamples; j++ {
-			cache.copySlot(slots[i]+j, slots[i])
-		}
-	}
-
 	stopIDs := m.stopTokenSet(p)
 	picker := newTokenPicker(V)
 	seqs := make([]seqState, nSeq)
@@ -142,7 +122,7 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 		m.accept(&seqs[s], tok, lp, p, stopIDs)
 	}
 
-	dec := m.newDecoder(ws, cache, lora, nSeq)
+	dec := newDecodePass(m, lora, ar, cache, nSeq)
 	active := make([]int, 0, nSeq)
 	stepSlots := make([]int, 0, nSeq)
 	stepTokens := make([]int, 0, nSeq)
@@ -161,7 +141,10 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 		if len(active) == 0 {
 			break
 		}
-		logits := dec.step(stepSlots, stepTokens)
+		logits, err := dec.step(ctx, stepSlots, stepTokens)
+		if err != nil {
+			return err
+		}
 		for i, s := range active {
 			tok, lp := picker.pick(logits[i*V:(i+1)*V], p, seqs[s].rng)
 			m.accept(&seqs[s], tok, lp, p, stopIDs)
@@ -208,108 +191,74 @@ func (m *Model) accept(st *seqState, tok int, lp float32, p *SamplingParams, sto
 	}
 }
 
-// decoder runs one token per sequence through the model against a KV
-// cache. Its buffers are sized for the largest batch once, so a step
-// allocates nothing.
-type decoder struct {
-	m                                                      *Model
-	cache                                                  *kvCache
-	lora                                                   *LoRA
-	x, xn, qkv, attn, gu, act, u, scores, cos, sin, logits []float32
-	pos                                                    []int
-	gt                                                     gemmTask // for m.linear; a field so passing it does not allocate
+// prefill runs the prompts through the forward into the cache, each into
+// the slot of its first sample, copies that slot to the prompt's other
+// samples, and returns the next-token logits [prompts, vocab] of each
+// prompt's last row.
+func (m *Model) prefill(ctx context.Context, ar *arena, cache *kvCache, prompts [][]int, numSamples int, lora *LoRA) ([]float32, error) {
+	lens := make([]int, len(prompts))
+	rows, maxLen := 0, 0
+	for i, pr := range prompts {
+		lens[i] = len(pr)
+		rows += len(pr)
+		maxLen = max(maxLen, len(pr))
+	}
+	p := newPass(m, lora, ar, lens, rows, maxLen, false)
+	p.kv, p.lastRows = cache, true
+	p.slots = make([]int, len(prompts))
+	for i, pr := range prompts {
+		p.slots[i] = i * numSamples
+		copy(p.tokens[p.seqOff[i]:], pr)
+	}
+	if err := p.forward(ctx); err != nil {
+		return nil, err
+	}
+	logits := ar.dirty(len(prompts) * m.cfg.VocabSize)
+	m.headLogits(logits, p.out, len(prompts)) // one row per prompt: its last
+	for i, slot := range p.slots {
+		cache.lens[slot] = lens[i]
+		for j := 1; j < numSamples; j++ {
+			cache.copySlot(slot+j, slot)
+		}
+	}
+	return logits, nil
 }
 
-func (m *Model) newDecoder(ws *Arena, cache *kvCache, lora *LoRA, maxB int) *decoder {
+// decodePass is a pass of one new row per sequence against a KV cache,
+// sized once for the largest batch, so that a step allocates nothing.
+type decodePass struct {
+	*pass
+	logits []float32
+}
+
+func newDecodePass(m *Model, lora *LoRA, ar *arena, cache *kvCache, maxRows int) *decodePass {
 	c := m.cfg
-	ad := m.attnDims()
-	r := 0
-	if lora != nil {
-		r = lora.Rank
+	lens := make([]int, maxRows)
+	for i := range lens {
+		lens[i] = 1
 	}
-	return &decoder{
-		m: m, cache: cache, lora: lora,
-		x: ws.AllocDirty(maxB * c.HiddenSize), xn: ws.AllocDirty(maxB * c.HiddenSize),
-		qkv: ws.AllocDirty(maxB * ad.QKVDim()), attn: ws.AllocDirty(maxB * ad.H * ad.D),
-		gu: ws.AllocDirty(maxB * 2 * c.IntermediateSize), act: ws.AllocDirty(maxB * c.IntermediateSize),
-		u:      ws.AllocDirty(maxB * max(r, 1)),
-		scores: ws.AllocDirty(ad.H / ad.KV * cache.maxLen),
-		cos:    ws.AllocDirty(maxB * ad.D / 2), sin: ws.AllocDirty(maxB * ad.D / 2),
-		logits: ws.AllocDirty(maxB * c.VocabSize),
-		pos:    make([]int, maxB),
-	}
+	p := newPass(m, lora, ar, lens, maxRows, 1, false)
+	p.kv, p.decode = cache, true
+	p.scratch = ar.dirty(m.team.Threads() * c.NumAttentionHeads / c.NumKeyValueHeads * cache.maxLen)
+	return &decodePass{pass: p, logits: ar.dirty(maxRows * c.VocabSize)}
 }
 
 // step feeds tokens[i] to the sequence in cache slot slots[i] and returns
 // the next-token logits [len(slots), vocab] (valid until the next step).
-func (d *decoder) step(slots, tokens []int) []float32 {
-	m, c, cache, lora := d.m, d.m.cfg, d.cache, d.lora
-	B, hid, inter := len(slots), c.HiddenSize, c.IntermediateSize
-	ad := m.attnDims()
-	qkvd, hd, D := ad.QKVDim(), ad.H*ad.D, ad.D
-	group := ad.H / ad.KV
-	eps := float32(c.RMSNormEps)
-	scale := float32(1 / math.Sqrt(float64(D)))
-	pos := d.pos[:B]
-	for i, t := range tokens {
-		pos[i] = cache.lens[slots[i]]
-		copy(d.x[i*hid:(i+1)*hid], m.Embed[t*hid:(t+1)*hid])
+func (d *decodePass) step(ctx context.Context, slots, tokens []int) ([]float32, error) {
+	B := len(slots)
+	d.rows, d.seqOff, d.slots = B, d.seqOff[:B+1], slots
+	copy(d.tokens, tokens)
+	for i, slot := range slots {
+		d.pos[i] = d.kv.lens[slot]
 	}
-	RopeTables(d.cos, d.sin, pos, m.InvFreq)
-	x, xn, qkv, attn, gu, act := d.x[:B*hid], d.xn[:B*hid], d.qkv[:B*qkvd], d.attn[:B*hd], d.gu[:B*2*inter], d.act[:B*inter]
-	for l := range m.Layers {
-		w := &m.Layers[l]
-		RMSNorm(xn, nil, x, w.AttnNorm, B, hid, eps)
-		m.linear(&d.gt, qkv, qkvd, xn, hid, w.WQKV, w.pQKV, B, hid, qkvd, 0)
-		addBias(qkv, B, qkvd, w.BQKV)
-		if lora != nil {
-			cols := [3]int{0, hd, hd + ad.KV*D}
-			for i, mod := range [3]Module{ModQ, ModK, ModV} {
-				if lora.Targets(mod) {
-					addLoRA(qkv, qkvd, cols[i], xn, hid, B, lora, l, mod, d.u)
-				}
-			}
-		}
-		headNorm(qkv, B, qkvd, ad.H, ad.KV, D, w.QNorm, w.KNorm, eps, nil, nil)
-		ApplyRope(qkv, B, qkvd, 0, ad.H+ad.KV, D, d.cos, d.sin)
-		for i, slot := range slots {
-			cache.store(slot, l, pos[i], qkv[i*qkvd:], qkvd, 1)
-			n := pos[i] + 1
-			for g := 0; g < ad.KV; g++ {
-				off := cache.block(slot, l, g)
-				s := d.scores[:group*n]
-				// The group's q heads are adjacent: one [group, D] matrix.
-				blas.Sgemm(false, true, group, n, D, scale, qkv[i*qkvd+g*group*D:], D, cache.k[off:], D, 0, s, n)
-				for r := 0; r < group; r++ {
-					softmaxRow(s[r*n : (r+1)*n])
-				}
-				blas.Sgemm(false, false, group, D, n, 1, s, n, cache.v[off:], D, 0, attn[i*hd+g*group*D:], D)
-			}
-		}
-		m.linear(&d.gt, x, hid, attn, hd, w.WO, w.pO, B, hd, hid, 1)
-		if lora != nil && lora.Targets(ModO) {
-			addLoRA(x, hid, 0, attn, hd, B, lora, l, ModO, d.u)
-		}
-		RMSNorm(xn, nil, x, w.MLPNorm, B, hid, eps)
-		m.linear(&d.gt, gu, 2*inter, xn, hid, w.WGateUp, w.pGateUp, B, hid, 2*inter, 0)
-		if lora != nil {
-			for i, mod := range [2]Module{ModGate, ModUp} {
-				if lora.Targets(mod) {
-					addLoRA(gu, 2*inter, i*inter, xn, hid, B, lora, l, mod, d.u)
-				}
-			}
-		}
-		SiluMul(act, gu, B, inter)
-		m.linear(&d.gt, x, hid, act, inter, w.WDown, w.pDown, B, inter, hid, 1)
-		if lora != nil && lora.Targets(ModDown) {
-			addLoRA(x, hid, 0, act, inter, B, lora, l, ModDown, d.u)
-		}
+	if err := d.forward(ctx); err != nil {
+		return nil, err
 	}
-	RMSNorm(xn, nil, x, m.Norm, B, hid, eps)
-	logits := d.logits[:B*c.VocabSize]
-	m.headLogits(&d.gt, logits, xn, B)
+	logits := d.logits[:B*d.m.cfg.VocabSize]
+	d.m.headLogits(logits, d.out, B)
 	for _, slot := range slots {
-		cache.lens[slot]++
+		d.kv.lens[slot]++
 	}
-	return logits
+	return logits, nil
 }

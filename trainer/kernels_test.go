@@ -1,132 +1,141 @@
 package trainer
 
 import (
+	"context"
 	"math"
-	"math/rand/v2"
+	"math/rand"
+	"sync"
 	"testing"
+
+	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/packed"
+	"github.com/signal-p2p/signal/trainer/team"
 )
 
-// Linear's three paths (gemv, blocked gemv, gemm) must agree with a plain
-// float64 product, with strided x and y and beta 0 or 1.
-func TestLinearPaths(t *testing.T) {
-	rng := rand.New(rand.NewPCG(1, 1))
-	// in 2000 makes the blocked path use several blocks of W.
-	for _, shape := range [][2]int{{37, 300}, {2000, 150}} {
-		in, out := shape[0], shape[1]
-		for _, rows := range []int{1, 2, 3, 4, 5, 9} {
-			for _, beta := range []float32{0, 1} {
-				ldx, ldy := in+3, out+5
-				x := make([]float32, rows*ldx)
-				w := make([]float32, out*in)
-				y := make([]float32, rows*ldy)
-				for i := range x {
-					x[i] = float32(rng.NormFloat64())
+func TestSingleThreadBLASNests(t *testing.T) {
+	blas.SetThreads(2)
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; j < 50; j++ {
+				AcquireSingleThreadBLAS()
+				if n := blas.Threads(); n != 1 {
+					t.Errorf("inside: %d threads", n)
 				}
-				for i := range w {
-					w[i] = float32(rng.NormFloat64())
-				}
-				for i := range y {
-					y[i] = float32(rng.NormFloat64())
-				}
-				want := make([]float64, rows*out)
-				for r := 0; r < rows; r++ {
-					for o := 0; o < out; o++ {
-						var s float64
-						for k := 0; k < in; k++ {
-							s += float64(x[r*ldx+k]) * float64(w[o*in+k])
-						}
-						want[r*out+o] = s + float64(beta)*float64(y[r*ldy+o])
-					}
-				}
-				pad := y[ldy-1]
-				Linear(y, ldy, x, ldx, w, rows, in, out, beta)
-				for r := 0; r < rows; r++ {
-					for o := 0; o < out; o++ {
-						if d := math.Abs(float64(y[r*ldy+o]) - want[r*out+o]); d > 1e-4*math.Sqrt(float64(in)) {
-							t.Fatalf("rows %d beta %v: y[%d,%d] = %v, want %v", rows, beta, r, o, y[r*ldy+o], want[r*out+o])
-						}
-					}
-				}
-				if y[ldy-1] != pad {
-					t.Fatalf("rows %d: Linear wrote into the row padding", rows)
-				}
+				ReleaseSingleThreadBLAS()
 			}
-		}
+		}()
+	}
+	wg.Wait()
+	if n := blas.Threads(); n != 2 {
+		t.Errorf("after concurrent use: %d threads, want 2 restored", n)
 	}
 }
 
-// TestCausalAttentionBlocksMatchDirect checks the query-blocked attention
-// (attnBlockRows) on a sequence of several blocks, the last one partial,
-// against attention computed directly in float64, and that the kept
-// probabilities are causal rows summing to 1.
-func TestCausalAttentionBlocksMatchDirect(t *testing.T) {
-	r := rand.New(rand.NewPCG(9, 10))
-	a := AttnDims{H: 4, KV: 2, D: 8}
-	L := 2*attnBlockRows + 37
-	ld := a.QKVDim()
-	qkv := make([]float32, L*ld)
-	for i := range qkv {
-		qkv[i] = float32(r.NormFloat64())
+// TestSingleThreadBLASOneCounter: a training pass (singleThreadBLAS) and a
+// sampler (AcquireSingleThreadBLAS) that overlap, in the order that broke two
+// separate counters (sampler in, trainer in, sampler out, trainer out),
+// keep OpenBLAS at one thread while either runs and restore it after.
+func TestSingleThreadBLASOneCounter(t *testing.T) {
+	blas.SetThreads(2)
+	AcquireSingleThreadBLAS()
+	release := singleThreadBLAS()
+	ReleaseSingleThreadBLAS()
+	if n := blas.Threads(); n != 1 {
+		t.Errorf("training pass still running: %d threads, want 1", n)
 	}
-	ldOut := a.H*a.D + 3 // a strided output must keep its padding
-	out := make([]float32, L*ldOut)
-	for i := range out {
-		out[i] = 7
+	release()
+	if n := blas.Threads(); n != 2 {
+		t.Fatalf("after both: %d threads, want 2 restored", n)
 	}
-	probs := make([]float32, a.H*L*L)
-	for i := range probs {
-		probs[i] = float32(math.NaN()) // every entry must be written
+
+	// The same with the real entry points racing on one model.
+	m := mustLoad(t, "tiny-sp")
+	V := m.Config().VocabSize
+	s := mustSession(t, m, SessionConfig{Rank: 2, Seed: 1})
+	data := randomData(rand.New(rand.NewSource(1)), V, 6, 2)
+	p := DefaultSamplingParams()
+	p.MaxTokens = 4
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := 0; g < 4; g++ {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			_, err := m.Sample(context.Background(), [][]int{testTokens(5, V, g)}, 1, p, nil)
+			errs <- err
+		}()
+		go func() {
+			defer wg.Done()
+			_, err := s.Forward(context.Background(), data, LossCrossEntropy, nil)
+			errs <- err
+		}()
 	}
-	CausalAttention(out, ldOut, qkv, L, a, probs)
-	scale := 1 / math.Sqrt(float64(a.D))
-	for h := 0; h < a.H; h++ {
-		g := h / (a.H / a.KV)
-		for i := 0; i < L; i += 13 { // a spread of rows in every block
-			w := make([]float64, i+1)
-			var m, z float64 = math.Inf(-1), 0
-			for j := 0; j <= i; j++ {
-				var s float64
-				for c := 0; c < a.D; c++ {
-					s += float64(qkv[i*ld+h*a.D+c]) * float64(qkv[j*ld+(a.H+g)*a.D+c])
-				}
-				w[j] = s * scale
-				m = math.Max(m, w[j])
-			}
-			for j := range w {
-				w[j] = math.Exp(w[j] - m)
-				z += w[j]
-			}
-			var rowSum float64
-			for j := 0; j < L; j++ {
-				p := float64(probs[h*L*L+i*L+j])
-				want := 0.0
-				if j <= i {
-					want = w[j] / z
-				}
-				if math.IsNaN(p) || math.Abs(p-want) > 1e-5 {
-					t.Fatalf("head %d p[%d][%d] = %v, want %v", h, i, j, p, want)
-				}
-				rowSum += p
-			}
-			if math.Abs(rowSum-1) > 1e-5 {
-				t.Fatalf("head %d row %d sums to %v", h, i, rowSum)
-			}
-			for c := 0; c < a.D; c++ {
-				var o float64
-				for j := 0; j <= i; j++ {
-					o += w[j] / z * float64(qkv[j*ld+(a.H+a.KV+g)*a.D+c])
-				}
-				if got := float64(out[i*ldOut+h*a.D+c]); math.Abs(got-o) > 1e-4 {
-					t.Fatalf("head %d out[%d][%d] = %v, direct %v", h, i, c, got, o)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := blas.Threads(); n != 2 {
+		t.Errorf("after concurrent sampling and training: %d threads, want 2 restored", n)
+	}
+}
+
+// linearStartY is the y both sides of TestProjectPackedMatchesSgemm start from.
+func linearStartY(n int) []float32 {
+	y := make([]float32, n)
+	for i := range y {
+		y[i] = float32(i % 3)
+	}
+	return y
+}
+
+// TestProjectPackedMatchesSgemm: a projection on packed weights, shared
+// out in panel chunks on a team and alone, agrees with OpenBLAS's product
+// (also shared out) to f32 rounding, with beta 0 and 1, for a decode row,
+// a few rows and a prefill's worth.
+func TestProjectPackedMatchesSgemm(t *testing.T) {
+	if !packed.Available() {
+		t.Skip("no AVX-512F: projections always run on OpenBLAS here")
+	}
+	tm, err := team.New(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tm.Close()
+	AcquireSingleThreadBLAS()
+	defer ReleaseSingleThreadBLAS()
+	rng := rand.New(rand.NewSource(21))
+	for _, sh := range [][3]int{{1, 576, 1000}, {3, 300, 2050}, {130, 576, 963}} {
+		rows, in, out := sh[0], sh[1], sh[2]
+		x, w := make([]float32, rows*in), make([]float32, out*in)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64())
+		}
+		for i := range w {
+			w[i] = float32(rng.NormFloat64())
+		}
+		pw := packed.Pack(w, out, in)
+		for _, shared := range []*team.Team{tm, nil} {
+			for _, beta := range []float32{0, 1} {
+				want, got := linearStartY(rows*out), linearStartY(rows*out)
+				project(shared, want, out, x, in, w, nil, rows, in, out, beta)
+				project(shared, got, out, x, in, w, pw, rows, in, out, beta)
+				for i := range want {
+					// Its sums run in another order: agree to the f32 rounding
+					// of an in-term dot product of N(0,1) products (error
+					// grows like √in) plus rounding of the result; a wrong
+					// panel or beta is off by O(1).
+					if d := float64(want[i] - got[i]); math.Abs(d) > 1e-5*(math.Sqrt(float64(in))+math.Abs(float64(want[i]))) {
+						t.Fatalf("%v beta %v team %v: element %d = %v, sgemm gives %v", sh, beta, shared != nil, i, got[i], want[i])
+					}
 				}
 			}
 		}
-	}
-	for i := 0; i < L; i++ {
-		for c := a.H * a.D; c < ldOut; c++ {
-			if out[i*ldOut+c] != 7 {
-				t.Fatalf("out padding [%d][%d] written", i, c)
-			}
-		}
+		pw.Free()
 	}
 }

@@ -2,21 +2,22 @@ package trainer
 
 // kvCache holds rotated keys and values of several sequences ("slots") for
 // decoding. Each (slot, layer, kv head) block is [maxLen, D] contiguous, so
-// one head's keys are read as one matrix by the decode attention.
+// one head's keys are read as one matrix by the decode attention
+// (team.DecodeAttention, which computes the same block offsets).
 type kvCache struct {
 	slots, layers, h, kv, maxLen, d int
 	k, v                            []float32
 	lens                            []int // tokens cached per slot
 }
 
-// newKVCache takes the cache's memory from ws, so that a pooled arena
+// newKVCache takes the cache's memory from ar, so that a pooled arena
 // serves the next call's cache without a new allocation. Only positions
 // below lens are ever read, so the memory need not be zeroed.
-func newKVCache(ws *Arena, slots, layers, h, kv, maxLen, d int) *kvCache {
+func newKVCache(ar *arena, slots, layers, h, kv, maxLen, d int) *kvCache {
 	n := slots * layers * kv * maxLen * d
 	return &kvCache{
 		slots: slots, layers: layers, h: h, kv: kv, maxLen: maxLen, d: d,
-		k: ws.AllocDirty(n), v: ws.AllocDirty(n), lens: make([]int, slots),
+		k: ar.dirty(n), v: ar.dirty(n), lens: make([]int, slots),
 	}
 }
 

@@ -23,15 +23,16 @@
 //
 // with H heads, KV key/value heads, D = head_dim, I = intermediate_size.
 // Activations are packed: every sequence of a call is a block of rows of one
-// [tokens, width] matrix (no padding), and Batch records where each starts.
+// [tokens, width] matrix (no padding), and a pass records where each starts.
 // The fused q,k,v output row of a token is [q heads | k heads | v heads],
 // each head D wide; attention reads heads in place with a leading dimension
 // of QKVDim.
 //
 // On CPUs with AVX-512F, LoadModel also packs WQKV, WO, WGateUp, WDown and
-// LMHead into 32-column panels (package packed) for every forward product,
-// inference and training alike; the row-major copies stay for the
-// backward's dx = dy·W and for other CPUs (PackedWeights).
+// LMHead into 32-column panels (package packed) for every forward product
+// (there is one forward: inference and training alike); the row-major
+// copies stay for the backward's dx = dy·W and for other CPUs
+// (PackedWeights).
 //
 // LoRA adapters (LoRA) are never merged into these weights: the base is
 // read-only after LoadModel and shared by every session.
@@ -82,11 +83,10 @@ type Model struct {
 	mapped   bool             // some weights are views of the mapping
 	ownBytes int64
 	tok      tokenizerHandle
-	pool     arenaPool
-	// The forward's parallel work runs on team with packed weights (POSIX
-	// threads: see package team), on gemm otherwise; both nil with one CPU.
+	arenas   arenaPool
+	// team runs the parallel work of every pass (package team); nil with
+	// one CPU.
 	team *team.Team
-	gemm *workPool
 }
 
 // Config returns the model's configuration.
@@ -99,13 +99,9 @@ func (m *Model) Dir() string { return m.dir }
 // mapped F32 tensors used in place).
 func (m *Model) MemoryBytes() int64 { return m.ownBytes }
 
-// Close stops the model's helpers and releases the packed weights
-// and the mapped weight files. The model must not be used after.
+// Close stops the model's team and releases the packed weights and the
+// mapped weight files. The model must not be used after.
 func (m *Model) Close() error {
-	if m.gemm != nil {
-		m.gemm.stop()
-		m.gemm = nil
-	}
 	if m.team != nil {
 		m.team.Close()
 		m.team = nil
@@ -122,8 +118,8 @@ func (m *Model) Close() error {
 // LoadModel loads a Hugging Face Llama directory: config.json, the weights
 // (model.safetensors or a sharded index; F32, BF16 or F16) and, when present,
 // tokenizer.json. A missing tensor or a wrong shape is an error naming the
-// file and the tensor. The model starts GOMAXPROCS−1 helpers for its
-// forward (startWorkers); Close stops them.
+// file and the tensor. The model starts GOMAXPROCS−1 helper threads for its
+// passes (startTeam); Close stops them.
 func LoadModel(dir string) (*Model, error) {
 	cfg, err := ReadConfig(dir)
 	if err != nil {
@@ -155,7 +151,7 @@ func LoadModel(dir string) (*Model, error) {
 		m.Close()
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
-	if err := m.startWorkers(); err != nil {
+	if err := m.startTeam(); err != nil {
 		m.Close()
 		return nil, fmt.Errorf("load model %s: %w", dir, err)
 	}
@@ -298,70 +294,6 @@ func (m *Model) loadWeights() error {
 	return nil
 }
 
-// headNorm applies Qwen3's per-head RMSNorm in place to the q heads
-// (columns 0..H·D) and the k heads (the next KV·D) of each of rows rows of
-// qkv (stride ld), saving each head's 1/rms in rinvQ [rows·H] and rinvK
-// [rows·KV] when they are not nil. Without norms it does nothing.
-func headNorm(qkv []float32, rows, ld, nq, nkv, d int, wq, wk []float32, eps float32, rinvQ, rinvK []float32) {
-	if wq == nil {
-		return
-	}
-	var sq, sk [1]float32
-	for r := 0; r < rows; r++ {
-		row := qkv[r*ld:]
-		rq, rk := sq[:], sk[:]
-		for h := 0; h < nq; h++ {
-			if rinvQ != nil {
-				rq = rinvQ[r*nq+h:]
-			}
-			rmsNormForwardRows(row[h*d:(h+1)*d], row[h*d:(h+1)*d], wq, rq, 0, 1, d, eps)
-		}
-		for h := 0; h < nkv; h++ {
-			if rinvK != nil {
-				rk = rinvK[r*nkv+h:]
-			}
-			x := row[(nq+h)*d : (nq+h+1)*d]
-			rmsNormForwardRows(x, x, wk, rk, 0, 1, d, eps)
-		}
-	}
-}
-
-// headNormBackward replaces, in each of rows rows of dqkv (stride ld), the
-// gradient with respect to the normed q and k heads with the gradient with
-// respect to the heads before headNorm; pre holds those heads
-// ([rows, (nq+nkv)·d]) and rinvQ/rinvK their 1/rms. tmp is d floats.
-func headNormBackward(dqkv []float32, rows, ld, nq, nkv, d int, wq, wk, pre, rinvQ, rinvK, tmp []float32) {
-	qk := (nq + nkv) * d
-	for r := 0; r < rows; r++ {
-		for h := 0; h < nq+nkv; h++ {
-			var w, ri []float32
-			if h < nq {
-				w, ri = wq, rinvQ[r*nq+h:]
-			} else {
-				w, ri = wk, rinvK[r*nkv+h-nq:]
-			}
-			dy := dqkv[r*ld+h*d : r*ld+(h+1)*d]
-			clear(tmp)
-			rmsNormBackwardRows(tmp, dy, pre[r*qk+h*d:r*qk+(h+1)*d], w, ri, 0, 1, d)
-			copy(dy, tmp)
-		}
-	}
-}
-
-// addBias adds a per-column bias to each of rows rows of y (row stride ld);
-// a nil bias adds nothing.
-func addBias(y []float32, rows, ld int, bias []float32) {
-	if bias == nil {
-		return
-	}
-	for r := 0; r < rows; r++ {
-		row := y[r*ld : r*ld+len(bias)]
-		for j, b := range bias {
-			row[j] += b
-		}
-	}
-}
-
 // PackedWeights reports whether LoadModel packs the projection weights for
 // the forward: on CPUs with AVX-512F, unless SIGNAL_ENGINE_PACKED is 0,
 // false or off.
@@ -373,17 +305,12 @@ func PackedWeights() bool {
 	return packed.Available()
 }
 
-// startWorkers starts the threads that share the forward's work with its
-// caller, GOMAXPROCS−1 of them: a team when the weights are packed (its C
-// threads run the packed products, attention and SwiGLU), a goroutine pool
-// otherwise.
-func (m *Model) startWorkers() error {
+// startTeam starts the team that shares every pass's parallel work with
+// its caller: GOMAXPROCS−1 helper threads (none with one CPU, where every
+// task runs on the caller).
+func (m *Model) startTeam() error {
 	n := runtime.GOMAXPROCS(0)
 	if n < 2 {
-		return nil
-	}
-	if m.pHead == nil {
-		m.gemm = newWorkPool(n - 1)
 		return nil
 	}
 	t, err := team.New(n - 1)

@@ -223,16 +223,20 @@ func TestDecodeStepAllocatesNothing(t *testing.T) {
 	m := mustLoad(t, "tiny-sp")
 	lora := mustAdapter(t, m, "tiny-sp")
 	c := m.Config()
-	ws := m.GetArena()
-	defer m.PutArena(ws)
-	cache := newKVCache(ws, 2, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 64, c.HeadDim)
-	dec := m.newDecoder(ws, cache, lora, 2)
+	ar := m.arenas.get()
+	defer m.arenas.put(ar)
+	cache := newKVCache(ar, 2, c.NumHiddenLayers, c.NumAttentionHeads, c.NumKeyValueHeads, 64, c.HeadDim)
+	dec := newDecodePass(m, lora, ar, cache, 2)
 	slots, toks := []int{0, 1}, []int{5, 6}
 	tp := newTokenPicker(c.VocabSize)
 	p := SamplingParams{Temperature: 0.8, TopK: 40, TopP: 1}
 	rng := rand.New(rand.NewPCG(1, 2))
+	ctx := context.Background()
 	allocs := testing.AllocsPerRun(20, func() {
-		logits := dec.step(slots, toks)
+		logits, err := dec.step(ctx, slots, toks)
+		if err != nil {
+			t.Fatal(err)
+		}
 		tp.pick(logits[:c.VocabSize], &p, rng)
 	})
 	if allocs != 0 {

@@ -99,7 +99,7 @@ func NewSession(m *Model, cfg SessionConfig) (*Session, error) {
 	}
 	s := &Session{m: m, cfg: cfg}
 	s.setLoRA(lora)
-	holdTrainArenas(m)
+	m.arenas.hold()
 	return s, nil
 }
 
@@ -123,7 +123,7 @@ func zerosLike(l *LoRA) *LoRA {
 }
 
 // arenaLike returns zeroed gradient buffers of l's shape from the arena.
-func arenaLike(l *LoRA, ar *trainArena) *LoRA {
+func arenaLike(l *LoRA, ar *arena) *LoRA {
 	z := &LoRA{Rank: l.Rank, Alpha: l.Alpha, TargetModules: l.TargetModules, Layers: make([][NumModules]*LoRAPair, len(l.Layers))}
 	for i := range l.Layers {
 		for mod, p := range l.Layers[i] {
@@ -173,7 +173,7 @@ func (s *Session) Close() error {
 	}
 	s.closed = true
 	s.lora, s.grads, s.m1, s.m2 = nil, nil, nil, nil
-	dropTrainArenas(s.m)
+	s.m.arenas.drop()
 	return nil
 }
 
@@ -225,8 +225,8 @@ func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn str
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	ar := getTrainArena(m)
-	defer putTrainArena(m, ar)
+	ar := m.arenas.get()
+	defer m.arenas.put(ar)
 	defer singleThreadBLAS()()
 	p := newTrainPass(m, lora, data, ar)
 	if err := p.forward(ctx); err != nil {

@@ -361,13 +361,9 @@ func TestClosedSession(t *testing.T) {
 	m := mustLoad(t, "tiny-sp")
 	s := mustSession(t, m, SessionConfig{Rank: 2})
 	mustFB(t, s, randomData(rand.New(rand.NewSource(1)), 100, 3))
-	trainArenas.Lock()
-	held := len(trainArenas.free[m])
-	trainArenas.Unlock()
+	held := len(m.arenas.heldBytes())
 	s.Close()
-	trainArenas.Lock()
-	left := len(trainArenas.free[m])
-	trainArenas.Unlock()
+	left := len(m.arenas.heldBytes())
 	if held != 1 || left != 0 {
 		t.Fatalf("model arenas: %d while the session is open (want 1), %d after its Close (want 0)", held, left)
 	}

@@ -42,7 +42,8 @@ func Qwen3_06BConfig() Config {
 var BenchShapes = map[string]func() Config{"smollm-135m": SmolLM135MConfig, "qwen3-0.6b": Qwen3_06BConfig}
 
 // RandomModel builds a model of shape cfg in memory with random weights
-// (normal, std 0.02; norms 1), for benchmarks that need no files.
+// (normal, std 0.02; norms 1), for benchmarks that need no files. Close
+// stops its team.
 func RandomModel(cfg Config, seed uint64) (*Model, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -74,6 +75,9 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 	m.ownBytes = n * 4
 	if PackedWeights() {
 		m.packWeights() // as LoadModel does, so that benchmarks run the engine's kernels
+	}
+	if err := m.startTeam(); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
@@ -107,7 +111,6 @@ func trainStepFLOPs(c Config, batch, seq int) float64 {
 // `rank` on every linear layer, random tokens) on m, after one warm-up step.
 func BenchTrain(ctx context.Context, m *Model, batch, seq, rank, steps int) (*TrainBenchResult, error) {
 	cfg := m.cfg
-	defer releaseTrainArenas(m)
 	s, err := NewSession(m, SessionConfig{Rank: rank, Alpha: float32(2 * rank), Seed: 1})
 	if err != nil {
 		return nil, err
@@ -152,11 +155,9 @@ func BenchTrain(ctx context.Context, m *Model, batch, seq, rank, steps int) (*Tr
 	res.GFLOPPerStep = trainStepFLOPs(cfg, batch, seq) / 1e9
 	res.GFLOPS = res.GFLOPPerStep / med
 	res.PeakRSSBytes = peakRSS()
-	trainArenas.Lock()
-	for _, a := range trainArenas.free[m] {
-		res.ArenaBytes = max(res.ArenaBytes, a.bytes())
+	for _, b := range m.arenas.heldBytes() {
+		res.ArenaBytes = max(res.ArenaBytes, b)
 	}
-	trainArenas.Unlock()
 	return res, nil
 }
 
@@ -176,7 +177,6 @@ type SessionMemory struct {
 // gradients and AdamW moments; activation arenas exist per call in flight.
 func BenchSessionMemory(ctx context.Context, m *Model, n, rank, seq int) (*SessionMemory, error) {
 	cfg := m.cfg
-	defer releaseTrainArenas(m)
 	heap := func() int64 {
 		runtime.GC()
 		var ms runtime.MemStats
@@ -218,11 +218,9 @@ func BenchSessionMemory(ctx context.Context, m *Model, n, rank, seq int) (*Sessi
 	if n > 1 {
 		out.PerSessionBytes = (out.HeapN - out.HeapOne) / int64(n-1)
 	}
-	trainArenas.Lock()
-	for _, a := range trainArenas.free[m] {
-		out.ArenaBytes += a.bytes()
+	for _, b := range m.arenas.heldBytes() {
+		out.ArenaBytes += b
 	}
-	trainArenas.Unlock()
 	return out, nil
 }
 

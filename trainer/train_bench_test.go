@@ -14,7 +14,7 @@ func BenchmarkTrainStep135M(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer releaseTrainArenas(m)
+	defer m.Close()
 	s, err := NewSession(m, SessionConfig{Rank: 8, Alpha: 16})
 	if err != nil {
 		b.Fatal(err)

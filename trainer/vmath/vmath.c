@@ -169,7 +169,7 @@ static void scale_avx2(float *x, long n, float f) {
 	for (; i < n; i++) x[i] *= f;
 }
 
-static void scale(float *x, long n, float f) {
+void vm_scale(float *x, long n, float f) {
 	if (avx2()) {
 		scale_avx2(x, n, f);
 		return;
@@ -185,7 +185,7 @@ void vm_causal_softmax_rows(float *s, long rows, long off, long width, long ld, 
 		long n = off + i + 1; // row off+i sees keys 0..off+i
 		float m = vm_max(row, n);
 		double sum = vm_exp_shift(row, n, m);
-		scale(row, n, (float)(1.0 / sum));
+		vm_scale(row, n, (float)(1.0 / sum));
 		if (n < width) memset(row + n, 0, (size_t)(width - n) * sizeof(float));
 		if (lse) lse[i * lse_stride] = m + (float)log(sum);
 	}
@@ -251,6 +251,19 @@ void vm_swiglu_rows(float *act, float *sg, const float *gu, long rows, long inte
 	}
 }
 
+// The backward of SwiGLU from σ(g) kept by the forward (no exponential):
+// d up = dact·g·σ(g), d gate = dact·u·σ(g)·(1 + g·(1 − σ(g))).
+void vm_swiglu_bwd_rows(float *dgu, const float *dact, const float *gu, const float *sg, long rows, long inter) {
+	for (long r = 0; r < rows; r++) {
+		const float *g = gu + r * 2 * inter, *u = g + inter, *dh = dact + r * inter, *s = sg + r * inter;
+		float *dg = dgu + r * 2 * inter, *du = dg + inter;
+		for (long i = 0; i < inter; i++) {
+			du[i] = dh[i] * g[i] * s[i];
+			dg[i] = dh[i] * u[i] * s[i] * (1 + g[i] * (1 - s[i]));
+		}
+	}
+}
+
 // RMSNorm: out = x / sqrt(mean(x²) + eps) · w per row, the mean of squares
 // accumulated in float64 (4 lanes, then summed) as the scalar path does in
 // order; both round the same 1/rms to f32 before scaling.
@@ -295,6 +308,20 @@ void vm_rmsnorm(float *out, float *rstd, const float *x, const float *w, long ro
 			continue;
 		}
 		for (long i = 0; i < dim; i++) or[i] = xr[i] * inv * w[i];
+	}
+}
+
+// The backward of RMSNorm with w frozen, added into dx: with g = dy·w,
+// dx += rstd·g − x·rstd³·mean(g·x), the mean accumulated in float64.
+void vm_rmsnorm_bwd(float *dx, const float *dy, const float *x, const float *w, const float *rstd, long rows, long dim) {
+	for (long r = 0; r < rows; r++) {
+		const float *xr = x + r * dim, *dyr = dy + r * dim;
+		float *dxr = dx + r * dim;
+		double dot = 0;
+		for (long i = 0; i < dim; i++) dot += (double)(dyr[i] * w[i]) * (double)xr[i];
+		float ri = rstd[r];
+		float c = (float)(dot / (double)dim) * ri * ri * ri;
+		for (long i = 0; i < dim; i++) dxr[i] += dyr[i] * w[i] * ri - xr[i] * c;
 	}
 }
 

@@ -1,11 +1,14 @@
-// Package vmath holds the engine's element-wise kernels that are dominated
-// by exponentials — softmax rows, the causal attention softmax, SwiGLU —
-// written in C (vmath.c) so that they run 8 floats at a time with AVX2 and
-// FMA where the CPU has them (checked at run time; other CPUs take a scalar
-// path with the same arithmetic). Go's compiler does not vectorize, and
-// these loops took ~17% of a prefill and more of a training step in scalar
-// Go. The exponential is Cephes' expf, within 2 ulp of exp; sums of
-// exponentials accumulate in float64.
+// Package vmath holds the engine's element-wise kernels — softmax rows, the
+// causal attention softmax, SwiGLU, RMSNorm, RoPE, and the backward of
+// SwiGLU and RMSNorm — written in C (vmath.c) so that the ones dominated
+// by exponentials run 8 floats at a time with AVX2 and FMA where the CPU
+// has them (checked at run time; other CPUs take a scalar path with the
+// same arithmetic). Go's compiler does not vectorize, and these loops took
+// ~17% of a prefill and more of a training step in scalar Go. The
+// exponential is Cephes' expf, within 2 ulp of exp; sums of exponentials
+// accumulate in float64. Package team runs them in parallel, calling the C
+// functions directly; the Go functions here run them on the calling
+// goroutine (sampling's log-sum-exp, and the tests).
 //
 // Slices are row-major float32; shape errors are programming errors and
 // panic with a message naming the operand, checked in Go so that C never

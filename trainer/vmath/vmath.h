@@ -9,3 +9,6 @@ void vm_causal_exp(float *s, long L, long ld, const float *lse, long lse_stride)
 void vm_swiglu_rows(float *act, float *sg, const float *gu, long rows, long inter);
 void vm_rmsnorm(float *out, float *rstd, const float *x, const float *w, long rows, long dim, float eps);
 void vm_rope(float *x, long rows, long ld, long nheads, long d, const float *cos, const float *sin);
+void vm_scale(float *x, long n, float f);
+void vm_swiglu_bwd_rows(float *dgu, const float *dact, const float *gu, const float *sg, long rows, long inter);
+void vm_rmsnorm_bwd(float *dx, const float *dy, const float *x, const float *w, const float *rstd, long rows, long dim);
