@@ -114,8 +114,9 @@ func (c *Client) Tokenize(ctx context.Context, req protocol.TokenizeRequest) ([]
 	return out.Tokens, nil
 }
 
-// CreateKey mints an API key for a new account funded with req.Credits
-// micro-credits. It takes the cluster's admin token.
+// CreateKey mints an API key for a new account funded with
+// req.MicroCredits (protocol.ParseCredits reads a number of credits into
+// it). It takes the cluster's admin token.
 func (c *Client) CreateKey(ctx context.Context, adminToken string, req protocol.CreateKeyRequest) (*protocol.CreateKeyResponse, error) {
 	if adminToken == "" {
 		return nil, fmt.Errorf("%w: admin token is empty", ErrInvalidArgument)
@@ -127,7 +128,7 @@ func (c *Client) CreateKey(ctx context.Context, adminToken string, req protocol.
 	return &out, nil
 }
 
-// Credit adds req.Amount micro-credits to an account. It takes the admin token.
+// Credit adds req.MicroCredits to an account. It takes the admin token.
 func (c *Client) Credit(ctx context.Context, adminToken string, req protocol.CreditRequest) (*protocol.CreditResponse, error) {
 	if adminToken == "" {
 		return nil, fmt.Errorf("%w: admin token is empty", ErrInvalidArgument)

@@ -20,7 +20,7 @@ func TestRunFlow(t *testing.T) {
 	run := protocol.Run{ID: runID, BaseModel: "signal-tiny", LoRARank: 8, Status: protocol.RunReady, CheckpointEvery: 10}
 	ckpt := protocol.Checkpoint{ID: "ck-1", RunID: runID, Step: 1, Mode: "adapter", URI: "file:///tmp/ck-1",
 		Files: []protocol.CheckpointFile{{Name: "adapter_model.safetensors", CID: "bafy", Size: 1234, URI: "file:///tmp/ck-1/a"}}}
-	cost := &protocol.Cost{Credits: 100, TrainTokens: 12}
+	cost := &protocol.Cost{MicroCredits: 100, TrainTokens: 12}
 	bal := ptr(protocol.MicroCredits(900))
 
 	var f *fakeAPI
@@ -64,7 +64,7 @@ func TestRunFlow(t *testing.T) {
 				t.Errorf("optim body %s", last.body)
 			}
 			writeJSON(w, 200, protocol.OptimStepResponse{Step: 1, LearningRate: 1e-4, GradNorm: 1.5,
-				Billed: protocol.Billed{Cost: &protocol.Cost{Credits: 1}, Balance: bal}})
+				Billed: protocol.Billed{Cost: &protocol.Cost{MicroCredits: 1}, Balance: bal}})
 		case "POST /v1/runs/" + runID + "/sample":
 			var req protocol.SampleRequest
 			decodeStrict(t, last.body, &req)
@@ -104,8 +104,8 @@ func TestRunFlow(t *testing.T) {
 			}
 			writeJSON(w, 200, protocol.TokenizeResponse{Tokens: toks})
 		case "GET /v1/account":
-			writeJSON(w, 200, protocol.Account{Account: "acct-1", Balance: 900, Spent: 100,
-				Charges: []protocol.Charge{{RunID: runID, Call: "forward_backward", Credits: 100, Time: "t"}}})
+			writeJSON(w, 200, protocol.Account{Account: "acct-1", BalanceMicroCredits: 900, SpentMicroCredits: 100,
+				Charges: []protocol.Charge{{RunID: runID, Call: "forward_backward", MicroCredits: 100, Time: "t"}}})
 		case "GET /v1/models":
 			writeJSON(w, 200, protocol.ModelList{Models: []protocol.Model{{Name: "signal-tiny", ContextLength: 512}}})
 		case "GET /v1/nodes":
@@ -117,7 +117,7 @@ func TestRunFlow(t *testing.T) {
 		case "POST /v1/admin/credit":
 			var req protocol.CreditRequest
 			decodeStrict(t, last.body, &req)
-			writeJSON(w, 200, protocol.CreditResponse{Account: req.Account, Balance: req.Amount})
+			writeJSON(w, 200, protocol.CreditResponse{Account: req.Account, BalanceMicroCredits: req.Amount})
 		case "POST /v1/admin/join_tokens":
 			var req protocol.JoinTokenRequest
 			decodeStrict(t, last.body, &req)
@@ -136,7 +136,7 @@ func TestRunFlow(t *testing.T) {
 	}
 	batch := protocol.ForwardBackwardRequest{Examples: []protocol.TextExample{{Prompt: "Q:", Completion: " A"}}}
 	fb, err := r.ForwardBackward(ctx, batch)
-	if err != nil || fb.LossMean != 2 || fb.GradNorm == nil || *fb.GradNorm != 1.5 || fb.Cost.Credits != 100 || *fb.Balance != 900 {
+	if err != nil || fb.LossMean != 2 || fb.GradNorm == nil || *fb.GradNorm != 1.5 || fb.Cost.MicroCredits != 100 || *fb.Balance != 900 {
 		t.Fatalf("ForwardBackward = %+v, %v", fb, err)
 	}
 	if fw, err := r.Forward(ctx, batch); err != nil || len(fw.Logprobs[0]) != 3 {
@@ -146,7 +146,7 @@ func TestRunFlow(t *testing.T) {
 	if err != nil || st.Step != 1 || r.Info().Step != 1 {
 		t.Fatalf("OptimStep = %+v, %v", st, err)
 	}
-	if got := r.Info().Spent; got != 201 {
+	if got := r.Info().SpentMicroCredits; got != 201 {
 		t.Errorf("Info().Spent = %d, want 201 (100+100+1)", got)
 	}
 	sm, err := r.Sample(ctx, protocol.SampleRequest{Prompts: []protocol.Prompt{{Text: "Once"}}, SamplingParams: protocol.SamplingParams{MaxTokens: 8}})
@@ -177,7 +177,7 @@ func TestRunFlow(t *testing.T) {
 	if g, err := c.GetRun(ctx, runID); err != nil || g.Info().BaseModel != "signal-tiny" {
 		t.Fatalf("GetRun = %+v, %v", g, err)
 	}
-	if a, err := c.Account(ctx); err != nil || a.Balance != 900 || len(a.Charges) != 1 {
+	if a, err := c.Account(ctx); err != nil || a.BalanceMicroCredits != 900 || len(a.Charges) != 1 {
 		t.Fatalf("Account = %+v, %v", a, err)
 	}
 	if m, err := c.Models(ctx); err != nil || m[0].Name != "signal-tiny" {
@@ -189,7 +189,7 @@ func TestRunFlow(t *testing.T) {
 	if k, err := c.CreateKey(ctx, adminToken, protocol.CreateKeyRequest{Credits: 5}); err != nil || k.APIKey != "sk-new" || k.Account != "acct-5" {
 		t.Fatalf("CreateKey = %+v, %v", k, err)
 	}
-	if cr, err := c.Credit(ctx, adminToken, protocol.CreditRequest{Account: "a", Amount: 7}); err != nil || cr.Balance != 7 {
+	if cr, err := c.Credit(ctx, adminToken, protocol.CreditRequest{Account: "a", Amount: 7}); err != nil || cr.BalanceMicroCredits != 7 {
 		t.Fatalf("Credit = %+v, %v", cr, err)
 	}
 	if jt, err := c.CreateJoinToken(ctx, adminToken, protocol.JoinTokenRequest{OperatorAccount: "op"}); err != nil || jt.OperatorAccount != "op" {
@@ -206,7 +206,7 @@ func TestConcurrentUse(t *testing.T) {
 	f := newFakeAPI(t, func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/v1/runs/r-1/optim_step":
-			writeJSON(w, 200, protocol.OptimStepResponse{Step: 1, Billed: protocol.Billed{Cost: &protocol.Cost{Credits: 2}}})
+			writeJSON(w, 200, protocol.OptimStepResponse{Step: 1, Billed: protocol.Billed{Cost: &protocol.Cost{MicroCredits: 2}}})
 		default:
 			writeJSON(w, 200, protocol.Run{ID: "r-1", Status: protocol.RunReady})
 		}

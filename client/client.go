@@ -7,6 +7,12 @@
 // each retry, so the server executes and charges it at most once. A call that
 // still fails returns an *APIError that errors.Is matches against the
 // sentinels in errors.go.
+//
+// A Client may know several coordinators of one cluster (NewCluster,
+// FromTestnet): a call that cannot reach one, or that one answers 503, goes
+// on to the next, so a dead coordinator costs a reconnect, not the call.
+// The idempotency key travels with the call, so a call cut off mid-flight
+// and sent again through another coordinator still runs and is charged once.
 package client
 
 import (
@@ -24,6 +30,8 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/signal-p2p/signal/internal/version"
@@ -56,10 +64,14 @@ const IdempotencyHeader = "Idempotency-Key"
 // RequestIDHeader is the header a server may name a call by in its log.
 const RequestIDHeader = "X-Request-Id"
 
-// Client calls one Signal coordinator (any member of the raft cluster: a
-// follower forwards writes to the leader). It is safe for concurrent use.
+// Client calls the coordinators of one Signal cluster (any member: a
+// follower forwards writes to the leader), failing over between them when
+// it knows several. It is safe for concurrent use.
 type Client struct {
-	base       *url.URL
+	bases []*url.URL
+	// cur is the index in bases of the coordinator calls go to: the last
+	// one that answered.
+	cur        atomic.Int32
 	apiKey     string
 	hc         *http.Client
 	userAgent  string
@@ -107,20 +119,34 @@ func WithMaxResponseBytes(n int64) Option { return func(c *Client) { c.maxResp =
 // with apiKey. apiKey may be empty for calls that need none (Health) or
 // that take the admin token explicitly.
 func New(baseURL, apiKey string, opts ...Option) (*Client, error) {
-	u, err := url.Parse(strings.TrimSpace(baseURL))
-	if err != nil {
-		return nil, fmt.Errorf("%w: base url %q: %w", ErrInvalidArgument, baseURL, err)
+	return NewCluster([]string{baseURL}, apiKey, opts...)
+}
+
+// NewCluster returns a Client for the coordinators at baseURLs, members of
+// one raft cluster: calls go to the first until it cannot be reached or
+// answers 503, then to the next (see the package doc).
+func NewCluster(baseURLs []string, apiKey string, opts ...Option) (*Client, error) {
+	if len(baseURLs) == 0 {
+		return nil, fmt.Errorf("%w: no coordinator URL", ErrInvalidArgument)
 	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("%w: base url %q: want http://host:port or https://host", ErrInvalidArgument, baseURL)
+	bases := make([]*url.URL, 0, len(baseURLs))
+	for _, baseURL := range baseURLs {
+		u, err := url.Parse(strings.TrimSpace(baseURL))
+		if err != nil {
+			return nil, fmt.Errorf("%w: base url %q: %w", ErrInvalidArgument, baseURL, err)
+		}
+		if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, fmt.Errorf("%w: base url %q: want http://host:port or https://host", ErrInvalidArgument, baseURL)
+		}
+		u.Path = strings.TrimSuffix(strings.TrimSuffix(u.Path, "/"), protocol.APIVersionPrefix)
+		u.RawQuery, u.Fragment = "", ""
+		bases = append(bases, u)
 	}
-	u.Path = strings.TrimSuffix(strings.TrimSuffix(u.Path, "/"), protocol.APIVersionPrefix)
-	u.RawQuery, u.Fragment = "", ""
 	if strings.ContainsAny(apiKey, "\r\n") {
 		return nil, fmt.Errorf("%w: api key contains a line break", ErrInvalidArgument)
 	}
 	c := &Client{
-		base:       u,
+		bases:      bases,
 		apiKey:     apiKey,
 		hc:         &http.Client{Timeout: DefaultTimeout, Transport: defaultTransport()},
 		userAgent:  "signal-go/" + version.Version,
@@ -153,8 +179,18 @@ func defaultTransport() *http.Transport {
 	return t
 }
 
-// BaseURL is the coordinator's URL without the /v1 prefix.
-func (c *Client) BaseURL() string { return c.base.String() }
+// BaseURL is the URL (without the /v1 prefix) of the coordinator calls go
+// to now: the last one that answered.
+func (c *Client) BaseURL() string { return c.bases[c.cur.Load()].String() }
+
+// BaseURLs are every coordinator the client knows, in the order given.
+func (c *Client) BaseURLs() []string {
+	out := make([]string, len(c.bases))
+	for i, u := range c.bases {
+		out[i] = u.String()
+	}
+	return out
+}
 
 // call is one logical API call.
 type call struct {
@@ -192,8 +228,12 @@ func (c *Client) do(ctx context.Context, k call) error {
 		token = c.apiKey
 	}
 	path := protocol.APIVersionPrefix + k.path
+	// tried counts the coordinators that failed in a row: while some of
+	// them are untried, the next is tried at once, without a wait.
+	tried := 0
 	for attempt := 1; ; attempt++ {
-		wait, err := c.attempt(ctx, k, path, token, idemKey, body)
+		i := c.cur.Load()
+		wait, err := c.attempt(ctx, c.bases[i], k, path, token, idemKey, body)
 		if err == nil {
 			return nil
 		}
@@ -201,9 +241,19 @@ func (c *Client) do(ctx context.Context, k call) error {
 		if errors.As(err, &apiErr) {
 			apiErr.Attempts = attempt
 		}
+		failover := len(c.bases) > 1 && ctx.Err() == nil && (isConnError(err) || errors.Is(err, ErrUnavailable))
+		if failover {
+			// The next coordinator, unless another call moved on already.
+			c.cur.CompareAndSwap(i, (i+1)%int32(len(c.bases)))
+			wait = max(wait, 0) // cut off mid-flight: the idempotency key makes it safe
+		}
 		if wait < 0 || attempt > c.maxRetries || ctx.Err() != nil {
 			return err
 		}
+		if tried++; failover && tried < len(c.bases) {
+			continue
+		}
+		tried = 0
 		if wait == 0 {
 			wait = c.backoff(attempt)
 		}
@@ -214,10 +264,22 @@ func (c *Client) do(ctx context.Context, k call) error {
 	}
 }
 
+// isConnError reports whether err is a connection that failed, before or
+// during the call (refused, reset, closed mid-answer): what a coordinator
+// that died looks like.
+func isConnError(err error) bool {
+	var apiErr *APIError
+	if errors.As(err, &apiErr) {
+		return false
+	}
+	return isDialError(err) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EPIPE)
+}
+
 // attempt sends one HTTP request. wait < 0 means the error is final; 0 means
 // retry after the usual backoff; > 0 is the server's Retry-After.
-func (c *Client) attempt(ctx context.Context, k call, path, token, idemKey string, body []byte) (wait time.Duration, err error) {
-	u := *c.base
+func (c *Client) attempt(ctx context.Context, base *url.URL, k call, path, token, idemKey string, body []byte) (wait time.Duration, err error) {
+	u := *base
 	u.Path += path
 	var rd io.Reader
 	if body != nil {

@@ -54,13 +54,18 @@ func (r *Run) post(ctx context.Context, suffix string, in, out any) error {
 	return r.c.do(ctx, call{method: http.MethodPost, path: p, in: in, out: out})
 }
 
-// addSpent keeps Info().Spent current from billed answers.
-func (r *Run) addSpent(b protocol.Billed) {
+// addSpent keeps Info().SpentMicroCredits current from billed answers,
+// and fills BalanceMicroCredits from an older server's "balance".
+func (r *Run) addSpent(b *protocol.Billed) {
+	if b.BalanceMicroCredits == nil && b.Balance != nil {
+		bal := *b.Balance
+		b.BalanceMicroCredits = &bal
+	}
 	if b.Cost == nil {
 		return
 	}
 	r.mu.Lock()
-	r.info.Spent += b.Cost.Credits
+	r.info.SpentMicroCredits += b.Cost.MicroCredits
 	r.mu.Unlock()
 }
 
@@ -74,7 +79,7 @@ func (r *Run) ForwardBackward(ctx context.Context, req protocol.ForwardBackwardR
 	if err := r.post(ctx, "/forward_backward", req, &out); err != nil {
 		return nil, err
 	}
-	r.addSpent(out.Billed)
+	r.addSpent(&out.Billed)
 	return &out, nil
 }
 
@@ -87,7 +92,7 @@ func (r *Run) Forward(ctx context.Context, req protocol.ForwardBackwardRequest) 
 	if err := r.post(ctx, "/forward", req, &out); err != nil {
 		return nil, err
 	}
-	r.addSpent(out.Billed)
+	r.addSpent(&out.Billed)
 	return &out, nil
 }
 
@@ -112,7 +117,7 @@ func (r *Run) OptimStep(ctx context.Context, req protocol.OptimStepRequest) (*pr
 	r.mu.Lock()
 	r.info.Step = out.Step
 	r.mu.Unlock()
-	r.addSpent(out.Billed)
+	r.addSpent(&out.Billed)
 	return &out, nil
 }
 
@@ -125,7 +130,7 @@ func (r *Run) Sample(ctx context.Context, req protocol.SampleRequest) (*protocol
 	if err := r.post(ctx, "/sample", req, &out); err != nil {
 		return nil, err
 	}
-	r.addSpent(out.Billed)
+	r.addSpent(&out.Billed)
 	return &out, nil
 }
 
@@ -136,7 +141,7 @@ func (r *Run) SaveState(ctx context.Context, req protocol.SaveStateRequest) (*pr
 	if err := r.post(ctx, "/save_state", req, &out); err != nil {
 		return nil, err
 	}
-	r.addSpent(out.Billed)
+	r.addSpent(&out.Billed)
 	return &out, nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 )
 
 // TestnetFile is the part of the testnet.json that `signal testnet` writes
@@ -13,10 +14,20 @@ type TestnetFile struct {
 	Coordinators []string `json:"coordinators"`
 	AdminToken   string   `json:"admin_token"`
 	APIKey       string   `json:"api_key"`
+	// StorageURL is the network's checkpoint store (what
+	// `signal checkpoints download` reads).
+	StorageURL string `json:"storage"`
 }
 
-// ReadTestnetFile reads a testnet.json and checks it names a coordinator and a key.
+// TestnetFileName is the file `signal testnet --dir DIR` writes in DIR.
+const TestnetFileName = "testnet.json"
+
+// ReadTestnetFile reads a testnet.json — path names the file or the
+// testnet's directory that holds it — and checks it names a coordinator.
 func ReadTestnetFile(path string) (*TestnetFile, error) {
+	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
+		path = filepath.Join(path, TestnetFileName)
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read testnet file: %w", err)
@@ -32,4 +43,15 @@ func ReadTestnetFile(path string) (*TestnetFile, error) {
 		return nil, fmt.Errorf("%w: testnet file %s: api_key is empty", ErrInvalidArgument, path)
 	}
 	return &tf, nil
+}
+
+// FromTestnet returns a Client of every coordinator of a local testnet
+// (path: its testnet.json or its directory), authenticated with the
+// testnet's funded API key; calls fail over between the coordinators.
+func FromTestnet(path string, opts ...Option) (*Client, error) {
+	tf, err := ReadTestnetFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return NewCluster(tf.Coordinators, tf.APIKey, opts...)
 }

@@ -6,33 +6,37 @@ import (
 	"github.com/signal-p2p/signal/protocol"
 )
 
-// createKey mints an API key and its account with req.Credits. Only the
-// key's hash is replicated: the key itself is answered once.
+// createKey mints an API key and its account funded with the request's
+// micro-credits. Only the key's hash is replicated: the key itself is
+// answered once.
 func (c *Coordinator) createKey(ctx context.Context, req protocol.CreateKeyRequest) (protocol.CreateKeyResponse, error) {
-	if err := validateCreateKey(req); err != nil {
+	amount, err := validateCreateKey(req)
+	if err != nil {
 		return protocol.CreateKeyResponse{}, err
 	}
 	key := newSecret("sk-sig-")
 	acct := "acct_" + newID(8)
 	rec := KeyRecord{Hash: hashSecret(key), Account: acct, Name: req.Name, CreatedAt: now()}
-	if _, err := c.propose(ctx, cmdCreateKey, createKeyCmd{Key: rec, Credits: req.Credits}); err != nil {
+	if _, err := c.propose(ctx, cmdCreateKey, createKeyCmd{Key: rec, Credits: amount}); err != nil {
 		return protocol.CreateKeyResponse{}, err
 	}
-	c.log.Info("api key created", "category", "security", "account", acct, "credits", req.Credits)
+	c.log.Info("api key created", "category", "security", "account", acct, "micro_credits", amount)
 	return protocol.CreateKeyResponse{APIKey: key, Account: acct}, nil
 }
 
-// credit mints req.Amount into req.Account. The answer is recorded under
-// idem with the mint itself, so a retry through a new leader credits once.
+// credit mints the request's micro-credits into req.Account. The answer is
+// recorded under idem with the mint itself, so a retry through a new leader
+// credits once.
 func (c *Coordinator) credit(ctx context.Context, req protocol.CreditRequest, idem *IdemTag) (IdemRecord, error) {
-	if err := validateCredit(req); err != nil {
-		return IdemRecord{}, err
-	}
-	v, err := c.propose(ctx, cmdMint, mintCmd{Account: req.Account, Amount: req.Amount, Idem: idem, Time: now()})
+	amount, err := validateCredit(req)
 	if err != nil {
 		return IdemRecord{}, err
 	}
-	c.log.Info("account credited", "category", "billing", "account", req.Account, "amount", req.Amount)
+	v, err := c.propose(ctx, cmdMint, mintCmd{Account: req.Account, Amount: amount, Idem: idem, Time: now()})
+	if err != nil {
+		return IdemRecord{}, err
+	}
+	c.log.Info("account credited", "category", "billing", "account", req.Account, "micro_credits", amount)
 	return v.(IdemRecord), nil
 }
 

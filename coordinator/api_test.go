@@ -50,7 +50,7 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	mustStatus(t, r, 200)
 	var fb protocol.ForwardBackwardResponse
 	r.decode(t, &fb)
-	if fb.Cost == nil || fb.Cost.Credits != 100 || fb.Cost.TrainTokens != 100 || fb.Balance == nil || *fb.Balance != 999_900 {
+	if fb.Cost == nil || fb.Cost.MicroCredits != 100 || fb.Cost.TrainTokens != 100 || fb.Balance == nil || *fb.Balance != 999_900 {
 		t.Fatalf("fb billing: cost %+v balance %v", fb.Cost, fb.Balance)
 	}
 	if fb.Tokens != 100 || fb.GradNorm == nil || fb.PendingBatches != 1 {
@@ -63,7 +63,7 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	}
 	var os protocol.OptimStepResponse
 	r.decode(t, &os)
-	if os.Step != 2 || os.Cost == nil || os.Cost.Credits != 0 {
+	if os.Step != 2 || os.Cost == nil || os.Cost.MicroCredits != 0 {
 		t.Fatalf("optim_step %s", r.body)
 	}
 	// sample: 1 prompt × 2 samples × 10 tokens = 20 sampled (at 2000/1K → 40) + 1 prefill (500/1K → 1).
@@ -71,7 +71,7 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	mustStatus(t, r, 200)
 	var sr protocol.SampleResponse
 	r.decode(t, &sr)
-	if len(sr.Samples) != 1 || len(sr.Samples[0]) != 2 || sr.Cost.Credits != 41 || *sr.Balance != 999_859 {
+	if len(sr.Samples) != 1 || len(sr.Samples[0]) != 2 || sr.Cost.MicroCredits != 41 || *sr.Balance != 999_859 {
 		t.Fatalf("sample %s", r.body)
 	}
 	// save_state: 2 GB for one hour at 100/GB-hour = 200 (+1 rounding unit).
@@ -79,14 +79,14 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	mustStatus(t, r, 200)
 	var ss protocol.SaveStateResponse
 	r.decode(t, &ss)
-	if ss.Checkpoint.ID == "" || ss.Cost.Credits != 201 {
+	if ss.Checkpoint.ID == "" || ss.Cost.MicroCredits != 201 {
 		t.Fatalf("save_state %s", r.body)
 	}
 
 	r = do(t, "GET", base+"/v1/runs/"+run.ID, key, nil)
 	mustStatus(t, r, 200)
 	r.decode(t, &run)
-	if run.Step != 2 || run.Spent != 100+41+201 || len(run.Checkpoints) != 2 || run.LastMetrics == nil || run.LastMetrics.Step != 2 {
+	if run.Step != 2 || run.SpentMicroCredits != 100+41+201 || len(run.Checkpoints) != 2 || run.LastMetrics == nil || run.LastMetrics.Step != 2 {
 		t.Fatalf("run after calls %s", r.body)
 	}
 	r = do(t, "GET", base+"/v1/runs/"+run.ID+"/metrics", key, nil)
@@ -99,7 +99,7 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	r = do(t, "GET", base+"/v1/account", key, nil)
 	var a protocol.Account
 	r.decode(t, &a)
-	if a.Account != acct || a.Balance != 1_000_000-342 || a.Spent != 342 || len(a.Charges) != 5 {
+	if a.Account != acct || a.BalanceMicroCredits != 1_000_000-342 || a.SpentMicroCredits != 342 || len(a.Charges) != 5 {
 		t.Fatalf("account %s", r.body)
 	}
 	// The operator earned 90% and the network 10% (fee rounded down).
@@ -154,8 +154,8 @@ func TestAPIErrors(t *testing.T) {
 		{"malformed json", "POST", base + "/v1/runs", key, `{"base_model": `, 400, "invalid_request", "the request body is not JSON: it ends too early"},
 		{"trailing data", "POST", base + "/v1/runs", key, `{"base_model": "tiny"} {}`, 400, "invalid_request", "the request body has data after the JSON object: send one object"},
 		{"too large", "POST", runURL + "/forward_backward", key, `{"name": "` + strings.Repeat("x", 5000) + `"}`, 413, "too_large", "4096 bytes"},
-		{"negative credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "a", "amount": -5}, 400, "invalid_request", "field amount"},
-		{"overflowing credit", "POST", base + "/v1/admin/credit", testAdmin, `{"account": "a", "amount": 99999999999999999999}`, 400, "invalid_request", "field amount"},
+		{"negative credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "a", "amount": -5}, 400, "invalid_request", "micro_credits -5 is out of range: use 1..9007199254740992 (9007199254.740992 credits)"},
+		{"overflowing credit", "POST", base + "/v1/admin/credit", testAdmin, `{"account": "a", "amount": 99999999999999999999}`, 400, "invalid_request", "field amount is 99999999999999999999: send a whole number in range for it"},
 		{"unknown account credit", "POST", base + "/v1/admin/credit", testAdmin, map[string]any{"account": "nobody", "amount": 5}, 404, "not_found", "nobody"},
 		{"other's run", "GET", runURL, other, nil, 403, "forbidden", "another account"},
 		{"unknown run", "GET", base + "/v1/runs/run_x", key, nil, 404, "not_found", "run_x"},
@@ -189,7 +189,7 @@ func TestAPIErrors(t *testing.T) {
 			}
 			var after protocol.Account
 			do(t, "GET", base+"/v1/account", key, nil).decode(t, &after)
-			if after.Balance != before.Balance || len(after.Charges) != len(before.Charges) {
+			if after.BalanceMicroCredits != before.BalanceMicroCredits || len(after.Charges) != len(before.Charges) {
 				t.Fatalf("state changed: %+v -> %+v", before, after)
 			}
 		})
@@ -209,7 +209,7 @@ func TestAPIModelsHealthNodesMetrics(t *testing.T) {
 	}
 	var ml protocol.ModelList
 	do(t, "GET", base+"/v1/models", key, nil).decode(t, &ml)
-	if len(ml.Models) != 1 || ml.Models[0].Name != "tiny" || ml.Models[0].Prices.TrainPer1K != 1000 {
+	if len(ml.Models) != 1 || ml.Models[0].Name != "tiny" || ml.Models[0].Prices.TrainMicroCreditsPer1K != 1000 {
 		t.Fatalf("models %+v", ml)
 	}
 	var nl protocol.NodeList
@@ -272,8 +272,8 @@ func TestAPIIdempotency(t *testing.T) {
 	}
 	var a protocol.Account
 	do(t, "GET", base+"/v1/account", key, nil).decode(t, &a)
-	if a.Spent != 10 {
-		t.Fatalf("spent %d after a retried call, want 10", a.Spent)
+	if a.SpentMicroCredits != 10 {
+		t.Fatalf("spent %d after a retried call, want 10", a.SpentMicroCredits)
 	}
 	conflict := do(t, "POST", url, key, fbBody(11), "Idempotency-Key", "fb-1")
 	mustStatus(t, conflict, 409)

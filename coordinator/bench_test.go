@@ -107,7 +107,7 @@ func BenchmarkApplyChargeBatch(b *testing.B) {
 	for i := range entries {
 		cmds := make([]command, perBatch)
 		for j := range cmds {
-			c, err := newChargeCommand(chargeCmd{Account: "bench", Operator: "op", FeeBPS: 1000, Cost: protocol.Cost{Credits: 1}, Time: now(), RequireAll: true,
+			c, err := newChargeCommand(chargeCmd{Account: "bench", Operator: "op", FeeBPS: 1000, Cost: protocol.Cost{MicroCredits: 1}, Time: now(), RequireAll: true,
 				Idem: &IdemTag{Scope: "bench\x00k" + strconv.Itoa(seq), BodyHash: "bench"}})
 			if err != nil {
 				b.Fatal(err)

@@ -137,7 +137,7 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		}
 		usage := q.settle(resp.Usage)
 		cost := priceUsage(model.Prices, usage)
-		cost.Credits = min(cost.Credits, q.credits)
+		cost.MicroCredits = min(cost.MicroCredits, q.credits)
 		update, err := c.runUpdateFor(rec.Run, callName, resp)
 		if err != nil {
 			release()
@@ -176,10 +176,10 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		res := v.(ChargeResult)
 		if !res.Replayed {
 			c.metrics.charges.Inc()
-			c.metrics.credits.Add(float64(res.Cost.Credits))
+			c.metrics.credits.Add(float64(res.Cost.MicroCredits))
 		}
 		if ctx.Err() != nil {
-			c.log.Info("call finished and charged after the client left", "category", "billing", "run", rec.Run.ID, "call", callName, "credits", res.Cost.Credits)
+			c.log.Info("call finished and charged after the client left", "category", "billing", "run", rec.Run.ID, "call", callName, "credits", res.Cost.MicroCredits)
 		}
 		out := res.Body
 		if out == nil {

@@ -15,8 +15,8 @@ func chargeSamples() []chargeCmd {
 	loss, step := 6.5, 7
 	return []chargeCmd{
 		{},
-		{Account: "alice", FeeBPS: 1000, Cost: protocol.Cost{Credits: 1}, Time: "t", RequireAll: true},
-		{Account: "alice", Operator: "op1", FeeBPS: 10_000, Cost: protocol.Cost{Credits: 1 << 62, TrainTokens: 5, PrefillTokens: -3, SampledTokens: 9},
+		{Account: "alice", FeeBPS: 1000, Cost: protocol.Cost{MicroCredits: 1}, Time: "t", RequireAll: true},
+		{Account: "alice", Operator: "op1", FeeBPS: 10_000, Cost: protocol.Cost{MicroCredits: 1 << 62, TrainTokens: 5, PrefillTokens: -3, SampledTokens: 9},
 			RunID: "run-1", Call: "forward_backward", Time: "2026-01-01T00:00:00Z",
 			Idem: &IdemTag{Scope: "alice\x00key", BodyHash: "abc"}, Body: json.RawMessage(`{"loss_sum":6.5}`),
 			RunUpdate: &RunUpdate{RunID: "run-1", Loss: &loss, Tokens: 3, Step: &step, ExpectStatus: []string{"ready"}, Time: "t2"}},
@@ -53,7 +53,7 @@ func TestChargeCodecRoundTrip(t *testing.T) {
 		}
 		var cmds []command
 		for i := 0; i < 3; i++ {
-			c := chargeCmd{Account: "alice", Operator: "op", FeeBPS: 1000, Cost: protocol.Cost{Credits: 300}, Time: "t",
+			c := chargeCmd{Account: "alice", Operator: "op", FeeBPS: 1000, Cost: protocol.Cost{MicroCredits: 300}, Time: "t",
 				Idem: &IdemTag{Scope: "alice\x00k" + string(rune('a'+i%2)), BodyHash: "b"}, Body: json.RawMessage(`{"x":1}`)}
 			var cmd command
 			var err error
@@ -140,7 +140,7 @@ func FuzzDecodeCharge(f *testing.F) {
 // The fast path for an empty object answers the very bytes of the general
 // path, so members agree whichever one they take.
 func TestWithBillingFastPathMatchesGeneral(t *testing.T) {
-	for _, cost := range []protocol.Cost{{}, {Credits: 5}, {Credits: 1 << 60, TrainTokens: 7, PrefillTokens: 8, SampledTokens: 9}} {
+	for _, cost := range []protocol.Cost{{}, {MicroCredits: 5}, {MicroCredits: 1 << 60, TrainTokens: 7, PrefillTokens: 8, SampledTokens: 9}} {
 		for _, bal := range []int64{0, 42, -1, 1 << 62} {
 			fast, err := withBilling(json.RawMessage(`{}`), cost, bal, nil)
 			if err != nil {
@@ -166,7 +166,7 @@ func TestAccountChargeHistoryWindow(t *testing.T) {
 	}
 	charge := func(n int) {
 		for i := 0; i < n; i++ {
-			if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{Credits: 1}, Time: "t", Call: "c"}); err != nil {
+			if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{MicroCredits: 1}, Time: "t", Call: "c"}); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -184,7 +184,7 @@ func TestAccountChargeHistoryWindow(t *testing.T) {
 	}
 	// Charges on the clone do not leak into the live state either.
 	live := append([]protocol.Charge(nil), s.accounts["alice"].Charges...)
-	if _, err := snap.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{Credits: 2}, Time: "clone"}); err != nil {
+	if _, err := snap.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{MicroCredits: 2}, Time: "clone"}); err != nil {
 		t.Fatal(err)
 	}
 	if !reflect.DeepEqual(s.accounts["alice"].Charges, live) {

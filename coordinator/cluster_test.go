@@ -72,8 +72,8 @@ func TestClusterForwardingAndJoinThroughFollower(t *testing.T) {
 	mustStatus(t, r, 200)
 	var a protocol.Account
 	do(t, "GET", cs[1].URL()+"/v1/account", key, nil).decode(t, &a)
-	if a.Balance != 4995 {
-		t.Fatalf("balance through a follower %d, want 4995", a.Balance)
+	if a.BalanceMicroCredits != 4995 {
+		t.Fatalf("balance through a follower %d, want 4995", a.BalanceMicroCredits)
 	}
 	// Cluster status lists every member with its HTTP address.
 	var st ClusterStatus

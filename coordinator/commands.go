@@ -317,7 +317,7 @@ func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
 		b = append(b, s...)
 	}
 	b = binary.AppendVarint(b, int64(c.FeeBPS))
-	b = binary.AppendVarint(b, c.Cost.Credits)
+	b = binary.AppendVarint(b, c.Cost.MicroCredits)
 	b = binary.AppendVarint(b, c.Cost.TrainTokens)
 	b = binary.AppendVarint(b, c.Cost.PrefillTokens)
 	b = binary.AppendVarint(b, c.Cost.SampledTokens)
@@ -408,7 +408,7 @@ func decodeCharge(p []byte) (chargeCmd, error) {
 		r.fail("fee_bps")
 	}
 	c.FeeBPS = int(fee)
-	c.Cost.Credits = r.varint("credits")
+	c.Cost.MicroCredits = r.varint("credits")
 	c.Cost.TrainTokens = r.varint("train_tokens")
 	c.Cost.PrefillTokens = r.varint("prefill_tokens")
 	c.Cost.SampledTokens = r.varint("sampled_tokens")

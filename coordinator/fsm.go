@@ -178,7 +178,7 @@ func (f *fsm) applyMint(c mintCmd) cmdResult {
 	if err != nil {
 		return cmdResult{Err: err}
 	}
-	body, _ := json.Marshal(protocol.CreditResponse{Account: c.Account, Balance: bal})
+	body, _ := json.Marshal(protocol.CreditResponse{Account: c.Account, BalanceMicroCredits: bal})
 	rec := IdemRecord{Status: 200, Body: body}
 	if c.Idem != nil {
 		// Recorded with the mint itself, so a retry after a leader change

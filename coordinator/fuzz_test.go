@@ -54,7 +54,7 @@ func FuzzDecodeRequests(f *testing.F) {
 // must keep the ledger's invariants, whatever a corrupt entry holds.
 func FuzzApply(f *testing.F) {
 	k, _ := newCommand(cmdCreateKey, createKeyCmd{Key: KeyRecord{Hash: "h", Account: "a"}, Credits: 10})
-	c, _ := newCommand(cmdCharge, chargeCmd{Account: "a", Cost: protocol.Cost{Credits: 3}, Time: "t"})
+	c, _ := newCommand(cmdCharge, chargeCmd{Account: "a", Cost: protocol.Cost{MicroCredits: 3}, Time: "t"})
 	f.Add(encodeBatch([]command{k, c}))
 	f.Add(append([]byte{byte(cmdMint)}, `{"account":"a","amount":5}`...))
 	f.Add([]byte{byte(cmdChargeBin), 1, 2, 3})

@@ -240,7 +240,7 @@ func testConfig(t testing.TB, id string) Config {
 	cfg.RetryAfter = time.Second
 	// AdapterBytesPerRank bounds a rank-8 full checkpoint at 2.4 GB: room
 	// for the fake node's 2 GB save_state.
-	cfg.Models = []ModelSpec{{Name: "tiny", ContextLength: 128, MemoryBytes: 1 << 20, AdapterBytesPerRank: 100_000_000, Prices: protocol.Prices{TrainPer1K: 1000, PrefillPer1K: 500, SamplePer1K: 2000, StoragePerGBHour: 100}}}
+	cfg.Models = []ModelSpec{{Name: "tiny", ContextLength: 128, MemoryBytes: 1 << 20, AdapterBytesPerRank: 100_000_000, Prices: protocol.Prices{TrainMicroCreditsPer1K: 1000, PrefillMicroCreditsPer1K: 500, SampleMicroCreditsPer1K: 2000, StorageMicroCreditsPerGBHour: 100}}}
 	return cfg
 }
 
@@ -406,7 +406,7 @@ func joinNodes(t *testing.T, c *Coordinator, operator string, peers ...string) {
 // charge commits one bare charge through raft on c (the leader): the path
 // the reliability tests and the benchmark measure.
 func (c *Coordinator) charge(ctx context.Context, account string, credits int64, idemKey string) (ChargeResult, error) {
-	cmd := chargeCmd{Account: account, Operator: "op", FeeBPS: c.cfg.FeeBasisPoints, Cost: protocol.Cost{Credits: credits}, Time: now(), RequireAll: true}
+	cmd := chargeCmd{Account: account, Operator: "op", FeeBPS: c.cfg.FeeBasisPoints, Cost: protocol.Cost{MicroCredits: credits}, Time: now(), RequireAll: true}
 	if idemKey != "" {
 		cmd.Idem = &IdemTag{Scope: account + "\x00" + idemKey, BodyHash: "bench"}
 	}

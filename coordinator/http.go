@@ -461,7 +461,11 @@ func decodeJSON(body []byte, v any, emptyOK bool) error {
 			if field == "" {
 				field = "(body)"
 			}
-			return protocol.UserErrorf(ErrInvalidRequest, "field %s is a JSON %s: send %s", field, te.Value, jsonKind(te.Type.String()))
+			want := jsonKind(te.Type.String())
+			if num, ok := strings.CutPrefix(te.Value, "number "); ok && want == "a number" {
+				return protocol.UserErrorf(ErrInvalidRequest, "field %s is %s: send a whole number in range for it", field, num)
+			}
+			return protocol.UserErrorf(ErrInvalidRequest, "field %s is a JSON %s: send %s", field, te.Value, want)
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			return protocol.UserErrorf(ErrInvalidRequest, "%s in the request body: check its spelling against the API", strings.TrimPrefix(err.Error(), "json: "))
 		case errors.Is(err, io.ErrUnexpectedEOF):

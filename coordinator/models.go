@@ -29,7 +29,7 @@ type ModelSpec struct {
 
 // DefaultPrices are the prices of a model whose registry entry names none,
 // in micro-credits (per 1K tokens; per GB-hour of checkpoints).
-var DefaultPrices = protocol.Prices{TrainPer1K: 400, PrefillPer1K: 100, SamplePer1K: 200, StoragePerGBHour: 500}
+var DefaultPrices = protocol.Prices{TrainMicroCreditsPer1K: 400, PrefillMicroCreditsPer1K: 100, SampleMicroCreditsPer1K: 200, StorageMicroCreditsPerGBHour: 500}
 
 // Validate checks a registry entry.
 func (m ModelSpec) Validate() error {
@@ -40,7 +40,7 @@ func (m ModelSpec) Validate() error {
 		return fmt.Errorf("model %s context_length %d: must be positive: %w", m.Name, m.ContextLength, ErrInvalidRequest)
 	case m.MemoryBytes < 0 || m.AdapterBytesPerRank < 0:
 		return fmt.Errorf("model %s memory_bytes %d / adapter_bytes_per_rank %d: must not be negative: %w", m.Name, m.MemoryBytes, m.AdapterBytesPerRank, ErrInvalidRequest)
-	case m.Prices.TrainPer1K < 0 || m.Prices.PrefillPer1K < 0 || m.Prices.SamplePer1K < 0 || m.Prices.StoragePerGBHour < 0:
+	case m.Prices.TrainMicroCreditsPer1K < 0 || m.Prices.PrefillMicroCreditsPer1K < 0 || m.Prices.SampleMicroCreditsPer1K < 0 || m.Prices.StorageMicroCreditsPerGBHour < 0:
 		return fmt.Errorf("model %s prices: must not be negative: %w", m.Name, ErrInvalidRequest)
 	}
 	return nil

@@ -39,9 +39,9 @@ const bytesPerGB = 1_000_000_000
 // priceUsage is a call's exact cost. Checkpoint storage is charged for its
 // first hour when written.
 func priceUsage(p protocol.Prices, u protocol.Usage) protocol.Cost {
-	credits := satAdd(satAdd(perThousand(u.TrainTokens, p.TrainPer1K), perThousand(u.PrefillTokens, p.PrefillPer1K)), perThousand(u.SampledTokens, p.SamplePer1K))
-	if u.StoredBytes > 0 && p.StoragePerGBHour > 0 {
-		credits = satAdd(credits, perThousand(u.StoredBytes, p.StoragePerGBHour)/(bytesPerGB/1000)+1)
+	credits := satAdd(satAdd(perThousand(u.TrainTokens, p.TrainMicroCreditsPer1K), perThousand(u.PrefillTokens, p.PrefillMicroCreditsPer1K)), perThousand(u.SampledTokens, p.SampleMicroCreditsPer1K))
+	if u.StoredBytes > 0 && p.StorageMicroCreditsPerGBHour > 0 {
+		credits = satAdd(credits, perThousand(u.StoredBytes, p.StorageMicroCreditsPerGBHour)/(bytesPerGB/1000)+1)
 	}
-	return protocol.Cost{Credits: credits, TrainTokens: u.TrainTokens, PrefillTokens: u.PrefillTokens, SampledTokens: u.SampledTokens}
+	return protocol.Cost{MicroCredits: credits, TrainTokens: u.TrainTokens, PrefillTokens: u.PrefillTokens, SampledTokens: u.SampledTokens}
 }

@@ -208,7 +208,7 @@ func (s *State) Balance(account string) int64 { return s.ledger.Balance(account)
 func (s *State) AccountView(account string) protocol.Account {
 	a, _ := s.ledger.Account(account)
 	charges := append([]protocol.Charge{}, s.accounts[account].Charges...)
-	return protocol.Account{Account: account, Balance: a.Balance, Spent: a.Spent, Charges: charges}
+	return protocol.Account{Account: account, BalanceMicroCredits: a.Balance, SpentMicroCredits: a.Spent, Charges: charges}
 }
 
 // Run returns a run's record.
@@ -464,8 +464,8 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	if _, ok := s.ledger.Account(c.Account); !ok {
 		return ChargeResult{}, protocol.UserErrorf(ErrNotFound, "account %q does not exist", c.Account)
 	}
-	if c.Cost.Credits < 0 {
-		return ChargeResult{}, fmt.Errorf("charge %d: %w", c.Cost.Credits, ledger.ErrInvalidAmount)
+	if c.Cost.MicroCredits < 0 {
+		return ChargeResult{}, fmt.Errorf("charge %d: %w", c.Cost.MicroCredits, ledger.ErrInvalidAmount)
 	}
 	cost := c.Cost
 	bal := s.ledger.Balance(c.Account)
@@ -475,24 +475,24 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		own = h.Amount
 	}
 	avail := max(bal-(s.held[c.Account]-own), 0)
-	if cost.Credits > avail {
+	if cost.MicroCredits > avail {
 		if c.RequireAll {
-			return ChargeResult{}, fmt.Errorf("charge %d with available balance %d: %w", cost.Credits, avail, ErrInsufficientBalance)
+			return ChargeResult{}, fmt.Errorf("charge %d with available balance %d: %w", cost.MicroCredits, avail, ErrInsufficientBalance)
 		}
-		cost.Credits = avail
+		cost.MicroCredits = avail
 	}
 	// Compute the run's next record before touching the ledger so that a
 	// failing update leaves everything unchanged.
 	var run *RunRecord
 	if c.RunUpdate != nil {
 		u := *c.RunUpdate
-		u.AddSpent = cost.Credits
+		u.AddSpent = cost.MicroCredits
 		var err error
 		if run, err = s.nextRun(u); err != nil {
 			return ChargeResult{}, err
 		}
 	}
-	split, err := ledger.SplitCharge(cost.Credits, c.FeeBPS)
+	split, err := ledger.SplitCharge(cost.MicroCredits, c.FeeBPS)
 	if err != nil {
 		return ChargeResult{}, err
 	}
@@ -511,17 +511,17 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 	var body json.RawMessage
 	if c.Idem != nil {
 		var err error
-		if body, err = billedBody(c.Body, cost, bal-cost.Credits, pending); err != nil {
+		if body, err = billedBody(c.Body, cost, bal-cost.MicroCredits, pending); err != nil {
 			return ChargeResult{}, err
 		}
 	}
 	if err := s.ledger.Charge(c.Account, operator, s.feeAccount, split); err != nil {
 		return ChargeResult{}, err
 	}
-	if cost.Credits > 0 || c.Call != "" {
+	if cost.MicroCredits > 0 || c.Call != "" {
 		a := s.accounts[c.Account]
 		a.Name = c.Account
-		a.Charges = appendCharge100(a.Charges, protocol.Charge{RunID: c.RunID, Call: c.Call, Credits: cost.Credits, Time: c.Time})
+		a.Charges = appendCharge100(a.Charges, protocol.Charge{RunID: c.RunID, Call: c.Call, MicroCredits: cost.MicroCredits, Time: c.Time})
 		s.accounts[c.Account] = a
 	}
 	if run != nil {
@@ -572,17 +572,21 @@ func billedBody(body json.RawMessage, cost protocol.Cost, balance int64, pending
 	return withBilling(body, cost, balance, extra)
 }
 
-// withBilling adds "cost" and "balance" (and extra) to a JSON object response.
+// withBilling adds "cost" and "balance_micro_credits" (and "balance", its
+// deprecated name, and extra) to a JSON object response.
 func withBilling(body json.RawMessage, cost protocol.Cost, balance int64, extra map[string]json.RawMessage) (json.RawMessage, error) {
 	if string(body) == "{}" && len(extra) == 0 {
 		// The common bare charge: the bytes the general path below would
-		// produce (keys sorted, "balance" < "cost"), without a map round trip.
-		cb, err := json.Marshal(cost)
+		// produce (keys sorted: "balance" < "balance_micro_credits" <
+		// "cost"), without a map round trip.
+		cb, err := cost.MarshalJSON()
 		if err != nil {
 			return nil, err
 		}
-		out := make([]byte, 0, len(`{"balance":,"cost":}`)+20+len(cb))
+		out := make([]byte, 0, len(`{"balance":,"balance_micro_credits":,"cost":}`)+40+len(cb))
 		out = append(out, `{"balance":`...)
+		out = strconv.AppendInt(out, balance, 10)
+		out = append(out, `,"balance_micro_credits":`...)
 		out = strconv.AppendInt(out, balance, 10)
 		out = append(out, `,"cost":`...)
 		out = append(out, cb...)
@@ -597,7 +601,7 @@ func withBilling(body json.RawMessage, cost protocol.Cost, balance int64, extra 
 	}
 	cb, _ := json.Marshal(cost)
 	bb, _ := json.Marshal(balance)
-	m["cost"], m["balance"] = cb, bb
+	m["cost"], m["balance_micro_credits"], m["balance"] = cb, bb, bb
 	for k, v := range extra {
 		m[k] = v
 	}
@@ -800,7 +804,7 @@ func (s *State) nextRun(u RunUpdate) (*RunRecord, error) {
 		r.Run.Step = u.Optim.Step
 		r.PendingLoss, r.PendingTokens, r.PendingWeight, r.PendingBatches = nil, 0, 0, 0
 	}
-	r.Run.Spent = ledger.SaturatingAdd(r.Run.Spent, u.AddSpent)
+	r.Run.SpentMicroCredits = ledger.SaturatingAdd(r.Run.SpentMicroCredits, u.AddSpent)
 	return &r, nil
 }
 

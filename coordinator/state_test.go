@@ -38,39 +38,39 @@ func TestStateChargeRules(t *testing.T) {
 	s := mustState(t)
 	tag := &IdemTag{Scope: "alice\x00k1", BodyHash: "b1"}
 	loss := 6.0
-	res, err := s.Charge(chargeCmd{Account: "alice", Operator: "op1", FeeBPS: 1000, Cost: protocol.Cost{Credits: 300}, RunID: "r1", Call: "forward_backward",
+	res, err := s.Charge(chargeCmd{Account: "alice", Operator: "op1", FeeBPS: 1000, Cost: protocol.Cost{MicroCredits: 300}, RunID: "r1", Call: "forward_backward",
 		Idem: tag, Body: json.RawMessage(`{"loss_sum":6}`), RunUpdate: &RunUpdate{RunID: "r1", Loss: &loss, Tokens: 3}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Balance != 700 || res.Cost.Credits != 300 || !bytes.Contains(res.Body, []byte(`"balance":700`)) {
+	if res.Balance != 700 || res.Cost.MicroCredits != 300 || !bytes.Contains(res.Body, []byte(`"balance":700`)) {
 		t.Fatalf("charge result %+v %s", res, res.Body)
 	}
 	if s.Balance("op1") != 270 || s.Balance(DefaultFeeAccount) != 30 {
 		t.Fatalf("split: op1 %d fee %d", s.Balance("op1"), s.Balance(DefaultFeeAccount))
 	}
 	// The same key replays without charging.
-	again, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{Credits: 300}, Idem: tag})
+	again, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{MicroCredits: 300}, Idem: tag})
 	if err != nil || !again.Replayed || !bytes.Equal(again.Body, res.Body) || s.Balance("alice") != 700 {
 		t.Fatalf("replay: %+v %v balance %d", again, err, s.Balance("alice"))
 	}
 	// The same key with another body conflicts.
-	if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{Credits: 1}, Idem: &IdemTag{Scope: tag.Scope, BodyHash: "b2"}}); !errors.Is(err, ErrConflict) {
+	if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{MicroCredits: 1}, Idem: &IdemTag{Scope: tag.Scope, BodyHash: "b2"}}); !errors.Is(err, ErrConflict) {
 		t.Fatalf("reused key: %v", err)
 	}
 	// Work already done is charged up to the balance, never below zero.
-	capped, err := s.Charge(chargeCmd{Account: "alice", Operator: "op1", Cost: protocol.Cost{Credits: 5000}})
-	if err != nil || capped.Cost.Credits != 700 || capped.Balance != 0 {
+	capped, err := s.Charge(chargeCmd{Account: "alice", Operator: "op1", Cost: protocol.Cost{MicroCredits: 5000}})
+	if err != nil || capped.Cost.MicroCredits != 700 || capped.Balance != 0 {
 		t.Fatalf("capped charge %+v %v", capped, err)
 	}
 	// RequireAll refuses instead and changes nothing.
-	if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{Credits: 1}, RequireAll: true}); !errors.Is(err, ErrInsufficientBalance) {
+	if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{MicroCredits: 1}, RequireAll: true}); !errors.Is(err, ErrInsufficientBalance) {
 		t.Fatalf("require all: %v", err)
 	}
 	// A bad run update leaves the ledger untouched.
 	_ = s.ledger.Mint("alice", 100)
 	before := s.ledger.Accounts()
-	if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{Credits: 10}, RunUpdate: &RunUpdate{RunID: "nope"}}); !errors.Is(err, ErrNotFound) {
+	if _, err := s.Charge(chargeCmd{Account: "alice", Cost: protocol.Cost{MicroCredits: 10}, RunUpdate: &RunUpdate{RunID: "nope"}}); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("charge with unknown run: %v", err)
 	}
 	if !reflect.DeepEqual(before, s.ledger.Accounts()) {
@@ -190,7 +190,7 @@ func fullState(t *testing.T) *State {
 	_ = s.Hold(HoldRecord{ID: "hold_1", Account: "alice", Amount: 5, Holder: "c1", Time: "2026-01-01T00:00:00Z"})
 	cp := protocol.Checkpoint{ID: "ck", RunID: "r1", Step: 3, Mode: "full", URI: "file:///x", Files: []protocol.CheckpointFile{{Name: "a", CID: "bafy", Size: 3}}}
 	loss := 1.5
-	_, _ = s.Charge(chargeCmd{Account: "alice", Operator: "op1", FeeBPS: 500, Cost: protocol.Cost{Credits: 40}, RunID: "r1", Call: "fb", Time: "t",
+	_, _ = s.Charge(chargeCmd{Account: "alice", Operator: "op1", FeeBPS: 500, Cost: protocol.Cost{MicroCredits: 40}, RunID: "r1", Call: "fb", Time: "t",
 		RunUpdate: &RunUpdate{RunID: "r1", Checkpoint: &cp, Loss: &loss, Tokens: 2}})
 	_, _ = s.UpdateRun(RunUpdate{RunID: "r1", Optim: &OptimFigures{Step: 4, LearningRate: 1, GradNorm: 1}, Time: "t2"})
 	return s

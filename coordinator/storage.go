@@ -72,7 +72,7 @@ func (c *Coordinator) storageTick(ctx context.Context, at time.Time) {
 // later of each one's first hour and the run's last bill, up to at.
 func (c *Coordinator) billStorage(ctx context.Context, r *RunRecord, at time.Time, stamp string) {
 	model, err := c.models.get(r.Run.BaseModel)
-	if err != nil || model.Prices.StoragePerGBHour <= 0 {
+	if err != nil || model.Prices.StorageMicroCreditsPerGBHour <= 0 {
 		return
 	}
 	billedTo, _ := recordTime(r.StorageBilledTo)
@@ -89,13 +89,13 @@ func (c *Coordinator) billStorage(ctx context.Context, r *RunRecord, at time.Tim
 		if !at.After(from) {
 			continue
 		}
-		credits = satAdd(credits, storageCost(checkpointBytes(cp), model.Prices.StoragePerGBHour, at.Sub(from)))
+		credits = satAdd(credits, storageCost(checkpointBytes(cp), model.Prices.StorageMicroCreditsPerGBHour, at.Sub(from)))
 	}
 	if credits == 0 {
 		return
 	}
 	_, err = c.propose(ctx, cmdCharge, chargeCmd{
-		Account: r.Owner, FeeBPS: c.cfg.FeeBasisPoints, Cost: protocol.Cost{Credits: credits},
+		Account: r.Owner, FeeBPS: c.cfg.FeeBasisPoints, Cost: protocol.Cost{MicroCredits: credits},
 		RunID: r.Run.ID, Call: "storage", Time: stamp,
 		RunUpdate: &RunUpdate{RunID: r.Run.ID, StorageBilledTo: stamp, Time: stamp},
 	})

@@ -55,7 +55,7 @@ func TestStorageBilledOverTimeAndCollected(t *testing.T) {
 	run = createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1, "checkpoint_every": 0})
 	mustStatus(t, do(t, "POST", base+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "adapter"}), 200)
 	t0 := time.Now()
-	spent := func() int64 { return accountOf(t, base, key).Spent }
+	spent := func() int64 { return accountOf(t, base, key).SpentMicroCredits }
 	afterSave := spent()
 
 	ctx := context.Background()

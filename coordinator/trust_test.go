@@ -88,7 +88,7 @@ func TestNodeCannotSetTheBill(t *testing.T) {
 	mustStatus(t, r, 200)
 	var fb protocol.ForwardBackwardResponse
 	r.decode(t, &fb)
-	if fb.Cost.Credits != 3 || fb.Cost.TrainTokens != 3 {
+	if fb.Cost.MicroCredits != 3 || fb.Cost.TrainTokens != 3 {
 		t.Fatalf("forward_backward of 3 tokens charged %+v", fb.Cost)
 	}
 	// 1 prompt × 1 sample × 4 tokens at 2000/1K = 8, + 2 prefill tokens at 500/1K = 1.
@@ -96,7 +96,7 @@ func TestNodeCannotSetTheBill(t *testing.T) {
 	mustStatus(t, r, 200)
 	var sr protocol.SampleResponse
 	r.decode(t, &sr)
-	if sr.Cost.SampledTokens != 4 || sr.Cost.PrefillTokens != 2 || sr.Cost.Credits != 9 {
+	if sr.Cost.SampledTokens != 4 || sr.Cost.PrefillTokens != 2 || sr.Cost.MicroCredits != 9 {
 		t.Fatalf("sample of 4 tokens charged %+v", sr.Cost)
 	}
 	// A rank-1 full checkpoint of this model is at most 3 × 100 MB + 1 MiB:
@@ -105,12 +105,12 @@ func TestNodeCannotSetTheBill(t *testing.T) {
 	mustStatus(t, r, 200)
 	var ss protocol.SaveStateResponse
 	r.decode(t, &ss)
-	bound := priceUsage(c.cfg.Models[0].Prices, protocol.Usage{StoredBytes: checkpointBound(c.cfg.Models[0], 1, "full")}).Credits
-	if ss.Cost.Credits != bound || bound > 32 {
-		t.Fatalf("save_state charged %d, want the bound %d", ss.Cost.Credits, bound)
+	bound := priceUsage(c.cfg.Models[0].Prices, protocol.Usage{StoredBytes: checkpointBound(c.cfg.Models[0], 1, "full")}).MicroCredits
+	if ss.Cost.MicroCredits != bound || bound > 32 {
+		t.Fatalf("save_state charged %d, want the bound %d", ss.Cost.MicroCredits, bound)
 	}
-	if a := accountOf(t, base, key); a.Spent != 3+9+bound {
-		t.Fatalf("spent %d, want %d", a.Spent, 3+9+bound)
+	if a := accountOf(t, base, key); a.SpentMicroCredits != 3+9+bound {
+		t.Fatalf("spent %d, want %d", a.SpentMicroCredits, 3+9+bound)
 	}
 }
 
@@ -204,8 +204,8 @@ func TestNodeCannotPlantCheckpoints(t *testing.T) {
 	before := accountOf(t, base, key)
 	r = do(t, "POST", base+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "full"})
 	mustStatus(t, r, 503)
-	if after := accountOf(t, base, key); after.Balance != before.Balance {
-		t.Fatalf("a refused save_state was charged: %d -> %d", before.Balance, after.Balance)
+	if after := accountOf(t, base, key); after.BalanceMicroCredits != before.BalanceMicroCredits {
+		t.Fatalf("a refused save_state was charged: %d -> %d", before.BalanceMicroCredits, after.BalanceMicroCredits)
 	}
 }
 
@@ -247,8 +247,8 @@ func TestConcurrentCallsCannotOverdraw(t *testing.T) {
 	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
 		t.Fatalf("%d calls reached a node, want 1", n)
 	}
-	if a := accountOf(t, base, key); a.Balance != 180 || a.Spent != 820 {
-		t.Fatalf("balance %d spent %d, want 180 and 820", a.Balance, a.Spent)
+	if a := accountOf(t, base, key); a.BalanceMicroCredits != 180 || a.SpentMicroCredits != 820 {
+		t.Fatalf("balance %d spent %d, want 180 and 820", a.BalanceMicroCredits, a.SpentMicroCredits)
 	}
 	var holds int
 	c.fsm.read(func(s *State) { holds = len(s.Holds()) })
@@ -265,7 +265,7 @@ func TestHangUpStillBills(t *testing.T) {
 	key, _ := createKey(t, base, 1_000_000)
 	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1})
 	hangUp(t, base+"/v1/runs/"+run.ID+"/forward_backward", key, fbBody(100), 100*time.Millisecond)
-	waitFor(t, 5*time.Second, "the abandoned call's charge", func() bool { return accountOf(t, base, key).Spent == 100 })
+	waitFor(t, 5*time.Second, "the abandoned call's charge", func() bool { return accountOf(t, base, key).SpentMicroCredits == 100 })
 	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
 		t.Fatalf("node ran %d calls", n)
 	}
@@ -410,8 +410,8 @@ func TestQueuedCallOfAGoneClientNeverRuns(t *testing.T) {
 	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
 		t.Fatalf("%d calls reached the node, want only the first", n)
 	}
-	if a := accountOf(t, base, key); a.Spent != 10 {
-		t.Fatalf("spent %d, want the first call's 10", a.Spent)
+	if a := accountOf(t, base, key); a.SpentMicroCredits != 10 {
+		t.Fatalf("spent %d, want the first call's 10", a.SpentMicroCredits)
 	}
 	var holds int
 	c.fsm.read(func(s *State) { holds = len(s.Holds()) })

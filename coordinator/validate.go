@@ -13,7 +13,7 @@ import (
 // Request limits named in 400 messages.
 const (
 	maxNameLen         = 200
-	maxCredits         = 1 << 53 // keeps amounts exact in JSON clients that use doubles
+	maxCredits         = protocol.MaxMicroCredits // keeps amounts exact in JSON clients that use doubles
 	maxLoRARank        = 256
 	maxLoRAAlpha       = 4096
 	maxCheckpointEvery = 1_000_000
@@ -154,7 +154,7 @@ func quoteCall(callName protocol.Call, body []byte, m ModelSpec, run protocol.Ru
 	default:
 		return q, protocol.UserErrorf(ErrInvalidRequest, "call %s is not a billed call", callName)
 	}
-	q.credits = priceUsage(m.Prices, q.max).Credits
+	q.credits = priceUsage(m.Prices, q.max).MicroCredits
 	return q, nil
 }
 
@@ -408,24 +408,34 @@ func (c *Coordinator) validateCreateRun(req *protocol.CreateRunRequest) (protoco
 	return spec, model, nil
 }
 
-// validateCreateKey checks an admin create-key request.
-func validateCreateKey(req protocol.CreateKeyRequest) error {
-	if req.Credits < 0 || req.Credits > maxCredits {
-		return protocol.UserErrorf(ErrInvalidRequest, "field credits: %d out of range 0..%d", req.Credits, int64(maxCredits))
+// validateCreateKey checks an admin create-key request and returns the
+// micro-credits it funds the account with.
+func validateCreateKey(req protocol.CreateKeyRequest) (int64, error) {
+	amount, err := req.Requested()
+	if err != nil {
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "%v", err)
+	}
+	if amount < 0 || amount > maxCredits {
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "micro_credits %d is out of range: use 0..%d (%s credits)", amount, int64(maxCredits), protocol.FormatCredits(maxCredits))
 	}
 	if len(req.Name) > maxNameLen {
-		return protocol.UserErrorf(ErrInvalidRequest, "name is longer than %d characters: shorten it", maxNameLen)
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "name is longer than %d characters: shorten it", maxNameLen)
 	}
-	return nil
+	return amount, nil
 }
 
-// validateCredit checks an admin credit request.
-func validateCredit(req protocol.CreditRequest) error {
+// validateCredit checks an admin credit request and returns the
+// micro-credits it adds.
+func validateCredit(req protocol.CreditRequest) (int64, error) {
 	if req.Account == "" {
-		return protocol.UserErrorf(ErrInvalidRequest, "account is missing: name the account to credit")
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "account is missing: name the account to credit")
 	}
-	if req.Amount <= 0 || req.Amount > maxCredits {
-		return protocol.UserErrorf(ErrInvalidRequest, "field amount: %d out of range 1..%d", req.Amount, int64(maxCredits))
+	amount, err := req.Requested()
+	if err != nil {
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "%v", err)
 	}
-	return nil
+	if amount <= 0 || amount > maxCredits {
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "micro_credits %d is out of range: use 1..%d (%s credits)", amount, int64(maxCredits), protocol.FormatCredits(maxCredits))
+	}
+	return amount, nil
 }

@@ -34,7 +34,13 @@ PROMPTS = ["The cat sat", "Question: What color is the sky?\nAnswer:"]
 
 
 def credits(micro):
-    return "%.6f" % (micro / 1e6)
+    """Micro-credits (the API's integers) as a decimal number of credits."""
+    return "%d.%06d" % divmod(micro, 1_000_000)
+
+
+def cost_of(answer):
+    """What a billed answer cost, in micro-credits."""
+    return answer.get("cost", {}).get("micro_credits", 0)
 
 
 def main(argv=None):
@@ -82,23 +88,23 @@ def main(argv=None):
             ts = time.monotonic()
             fb = run.forward_backward(batch)
             st = run.optim_step(learning_rate=args.learning_rate)
-            cost = fb.get("cost", {}).get("credits", 0) + st.get("cost", {}).get("credits", 0)
+            cost = cost_of(fb) + cost_of(st)
             total_cost += cost
-            balance = st.get("balance", fb.get("balance", balance))
+            balance = st.get("balance_micro_credits", fb.get("balance_micro_credits", balance))
             losses.append(fb["loss_mean"])
             print("step %2d  loss %.4f  tokens %d  grad_norm %.4f  lr %.2g  cost %s  (%.1fs)" % (
                 st["step"], fb["loss_mean"], fb["tokens"], st.get("grad_norm", fb.get("grad_norm") or 0.0),
                 st.get("learning_rate", args.learning_rate), credits(cost), time.monotonic() - ts), flush=True)
             if i % args.sample_every == 0:
                 sm = run.sample(PROMPTS, max_tokens=args.max_tokens, temperature=0.7, seed=i)
-                total_cost += sm.get("cost", {}).get("credits", 0)
-                balance = sm.get("balance", balance)
+                total_cost += cost_of(sm)
+                balance = sm.get("balance_micro_credits", balance)
                 for prompt, samples in zip(PROMPTS, sm["samples"]):
                     print("  sample  %r -> %r" % (prompt, samples[0]["text"]), flush=True)
 
         saved = run.save_state(mode="adapter", name="simple-example")
-        total_cost += saved.get("cost", {}).get("credits", 0)
-        balance = saved.get("balance", balance)
+        total_cost += cost_of(saved)
+        balance = saved.get("balance_micro_credits", balance)
         ck = saved["checkpoint"]
         print("saved adapter at step %d: %s" % (ck["step"], ck["uri"]))
         for f in ck.get("files", []):
@@ -108,7 +114,7 @@ def main(argv=None):
         first, last, len(losses), "falling" if last < first else "NOT falling", credits(total_cost),
         credits(balance) if balance is not None else "-", time.monotonic() - t0))
     print("SUMMARY " + json.dumps({
-        "run_id": run.id, "losses": losses, "cost": total_cost, "balance": balance,
+        "run_id": run.id, "losses": losses, "cost_micro_credits": total_cost, "balance_micro_credits": balance,
         "checkpoint_uri": ck["uri"], "checkpoint_id": ck["id"],
     }), flush=True)
     return 0

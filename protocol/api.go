@@ -3,15 +3,12 @@
 // the standard library so that every other part can depend on it.
 package protocol
 
-import (
-	"fmt"
-	"strings"
-)
-
 // APIVersionPrefix is the path prefix of every public API call.
 const APIVersionPrefix = "/v1"
 
 // MicroCredits is an amount of money: 1 credit = 1,000,000 micro-credits.
+// Every amount the API carries is an integer of them, in a field whose name
+// says so (money.go keeps the older names answered for one release).
 type MicroCredits = int64
 
 // Error codes of the public API (API.md, "Status codes and error codes").
@@ -102,9 +99,10 @@ type Sample struct {
 	StopReason string    `json:"stop_reason"`
 }
 
-// Cost is what one call was charged.
+// Cost is what one call was charged. On the wire it is
+// {"micro_credits", "credits" (deprecated, the same micro-credits), ...}.
 type Cost struct {
-	Credits       MicroCredits `json:"credits"`
+	MicroCredits  MicroCredits `json:"micro_credits"`
 	TrainTokens   int64        `json:"train_tokens,omitempty"`
 	PrefillTokens int64        `json:"prefill_tokens,omitempty"`
 	SampledTokens int64        `json:"sampled_tokens,omitempty"`
@@ -150,21 +148,23 @@ const (
 
 // Run is a training run as the API shows it.
 type Run struct {
-	ID              string       `json:"id"`
-	Name            string       `json:"name,omitempty"`
-	BaseModel       string       `json:"base_model"`
-	LoRARank        int          `json:"lora_rank"`
-	LoRAAlpha       float64      `json:"lora_alpha"`
-	TargetModules   []string     `json:"target_modules"`
-	Status          string       `json:"status"`
-	Node            string       `json:"node,omitempty"`
-	Step            int          `json:"step"`
-	CheckpointEvery int          `json:"checkpoint_every"`
-	ResumedFromStep *int         `json:"resumed_from_step,omitempty"`
-	Spent           MicroCredits `json:"spent"`
-	CreatedAt       string       `json:"created_at"`
-	Checkpoints     []Checkpoint `json:"checkpoints,omitempty"`
-	LastMetrics     *Metrics     `json:"last_metrics,omitempty"`
+	ID              string   `json:"id"`
+	Name            string   `json:"name,omitempty"`
+	BaseModel       string   `json:"base_model"`
+	LoRARank        int      `json:"lora_rank"`
+	LoRAAlpha       float64  `json:"lora_alpha"`
+	TargetModules   []string `json:"target_modules"`
+	Status          string   `json:"status"`
+	Node            string   `json:"node,omitempty"`
+	Step            int      `json:"step"`
+	CheckpointEvery int      `json:"checkpoint_every"`
+	ResumedFromStep *int     `json:"resumed_from_step,omitempty"`
+	// SpentMicroCredits is what the run's calls cost (also answered as
+	// "spent", its deprecated name).
+	SpentMicroCredits MicroCredits `json:"spent_micro_credits"`
+	CreatedAt         string       `json:"created_at"`
+	Checkpoints       []Checkpoint `json:"checkpoints,omitempty"`
+	LastMetrics       *Metrics     `json:"last_metrics,omitempty"`
 	// StatusReason says why a run failed, or why the network ended it
 	// (idle for too long).
 	StatusReason string `json:"status_reason,omitempty"`
@@ -220,9 +220,14 @@ type ForwardBackwardResponse struct {
 	Billed
 }
 
-// Billed is embedded in every billed response.
+// Billed is embedded in every billed response: what the call cost and the
+// account's balance after it.
 type Billed struct {
-	Cost    *Cost         `json:"cost,omitempty"`
+	Cost                *Cost         `json:"cost,omitempty"`
+	BalanceMicroCredits *MicroCredits `json:"balance_micro_credits,omitempty"`
+	// Deprecated: Balance is BalanceMicroCredits under its old name; servers
+	// answer both until v0.3. Read BalanceMicroCredits (the Go SDK fills it
+	// from Balance when an older server sends only that).
 	Balance *MicroCredits `json:"balance,omitempty"`
 }
 
@@ -286,12 +291,15 @@ type TokenizeResponse struct {
 	Tokens []int `json:"tokens"`
 }
 
-// Prices are per 1K tokens, and per GB-hour of stored checkpoints, in micro-credits.
+// Prices are micro-credits per 1K tokens, and per GB-hour of stored
+// checkpoints. Each is also answered (and read) under its deprecated name
+// without the unit: train_per_1k, prefill_per_1k, sample_per_1k,
+// storage_per_gb_hour.
 type Prices struct {
-	TrainPer1K       MicroCredits `json:"train_per_1k"`
-	PrefillPer1K     MicroCredits `json:"prefill_per_1k"`
-	SamplePer1K      MicroCredits `json:"sample_per_1k"`
-	StoragePerGBHour MicroCredits `json:"storage_per_gb_hour"`
+	TrainMicroCreditsPer1K       MicroCredits `json:"train_micro_credits_per_1k"`
+	PrefillMicroCreditsPer1K     MicroCredits `json:"prefill_micro_credits_per_1k"`
+	SampleMicroCreditsPer1K      MicroCredits `json:"sample_micro_credits_per_1k"`
+	StorageMicroCreditsPerGBHour MicroCredits `json:"storage_micro_credits_per_gb_hour"`
 }
 
 // Model is a supported base model.
@@ -307,20 +315,23 @@ type ModelList struct {
 	Models []Model `json:"models"`
 }
 
-// Charge is one ledger charge as the account shows it.
+// Charge is one ledger charge as the account shows it (micro_credits is
+// also answered as "credits", its deprecated name).
 type Charge struct {
-	RunID   string       `json:"run_id"`
-	Call    string       `json:"call"`
-	Credits MicroCredits `json:"credits"`
-	Time    string       `json:"time"`
+	RunID        string       `json:"run_id"`
+	Call         string       `json:"call"`
+	MicroCredits MicroCredits `json:"micro_credits"`
+	Time         string       `json:"time"`
 }
 
-// Account is the body of GET /v1/account.
+// Account is the body of GET /v1/account (balance_micro_credits and
+// spent_micro_credits are also answered as "balance" and "spent", their
+// deprecated names).
 type Account struct {
-	Account string       `json:"account"`
-	Balance MicroCredits `json:"balance"`
-	Spent   MicroCredits `json:"spent"`
-	Charges []Charge     `json:"charges"`
+	Account             string       `json:"account"`
+	BalanceMicroCredits MicroCredits `json:"balance_micro_credits"`
+	SpentMicroCredits   MicroCredits `json:"spent_micro_credits"`
+	Charges             []Charge     `json:"charges"`
 }
 
 // GPU is one GPU as a node advertises it.
@@ -367,9 +378,14 @@ type Health struct {
 	Version string `json:"version"`
 }
 
-// CreateKeyRequest is the body of POST /v1/admin/keys.
+// CreateKeyRequest is the body of POST /v1/admin/keys: a new account
+// funded with MicroCredits.
 type CreateKeyRequest struct {
-	Credits MicroCredits `json:"credits"`
+	MicroCredits MicroCredits `json:"micro_credits,omitempty"`
+	// Deprecated: Credits is MicroCredits under its old name (micro-credits
+	// despite it), accepted until v0.3; a request may set one of the two, or
+	// both to the same amount.
+	Credits MicroCredits `json:"credits,omitempty"`
 	Name    string       `json:"name,omitempty"`
 }
 
@@ -379,16 +395,21 @@ type CreateKeyResponse struct {
 	Account string `json:"account"`
 }
 
-// CreditRequest is the body of POST /v1/admin/credit.
+// CreditRequest is the body of POST /v1/admin/credit: MicroCredits added
+// to Account.
 type CreditRequest struct {
-	Account string       `json:"account"`
-	Amount  MicroCredits `json:"amount"`
+	Account      string       `json:"account"`
+	MicroCredits MicroCredits `json:"micro_credits,omitempty"`
+	// Deprecated: Amount is MicroCredits under its old name, accepted until
+	// v0.3; a request may set one of the two, or both to the same amount.
+	Amount MicroCredits `json:"amount,omitempty"`
 }
 
-// CreditResponse answers POST /v1/admin/credit.
+// CreditResponse answers POST /v1/admin/credit (balance_micro_credits is
+// also answered as "balance", its deprecated name).
 type CreditResponse struct {
-	Account string       `json:"account"`
-	Balance MicroCredits `json:"balance"`
+	Account             string       `json:"account"`
+	BalanceMicroCredits MicroCredits `json:"balance_micro_credits"`
 }
 
 // JoinTokenRequest is the body of POST /v1/admin/join_tokens.
@@ -400,60 +421,4 @@ type JoinTokenRequest struct {
 type JoinTokenResponse struct {
 	JoinToken       string `json:"join_token"`
 	OperatorAccount string `json:"operator_account"`
-}
-
-// MicroPerCredit is how many micro-credits make one credit.
-const MicroPerCredit = 1_000_000
-
-// FormatCredits writes micro-credits as a decimal number of credits,
-// exactly ("12.500000"): what tables and messages show beside the
-// integer amounts the API carries.
-func FormatCredits(mc MicroCredits) string {
-	sign := ""
-	u := uint64(mc)
-	if mc < 0 {
-		sign, u = "-", uint64(-mc)
-	}
-	return fmt.Sprintf("%s%d.%06d", sign, u/MicroPerCredit, u%MicroPerCredit)
-}
-
-// ParseCredits reads a decimal number of credits ("12", "0.5",
-// "1000000.000001") as micro-credits, exactly: no float rounding, at most
-// six decimals, no sign, and no more than 2^53 micro-credits (the most a
-// JSON client holding doubles reads exactly).
-func ParseCredits(s string) (MicroCredits, error) {
-	whole, frac, _ := strings.Cut(strings.TrimSpace(s), ".")
-	if whole == "" && frac == "" || len(frac) > 6 || !digits(whole) || !digits(frac) {
-		return 0, fmt.Errorf("credits %q: want a non-negative decimal number with at most 6 decimals, e.g. 12.5", s)
-	}
-	if len(whole) > 10 {
-		return 0, fmt.Errorf("credits %q: over the limit of %s credits", s, FormatCredits(MaxMicroCredits))
-	}
-	var mc int64
-	for _, c := range whole {
-		mc = mc*10 + int64(c-'0')
-	}
-	mc *= MicroPerCredit
-	scale := int64(MicroPerCredit / 10)
-	for _, c := range frac {
-		mc += int64(c-'0') * scale
-		scale /= 10
-	}
-	if mc > MaxMicroCredits {
-		return 0, fmt.Errorf("credits %q: over the limit of %s credits", s, FormatCredits(MaxMicroCredits))
-	}
-	return mc, nil
-}
-
-// MaxMicroCredits is the largest amount a request may carry: 2^53, so that
-// amounts stay exact in JSON clients that hold numbers as doubles.
-const MaxMicroCredits MicroCredits = 1 << 53
-
-func digits(s string) bool {
-	for _, c := range s {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
 }

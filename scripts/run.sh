@@ -124,7 +124,7 @@ if samples:
     print("    last sample:  " + samples[-2 if len(samples) > 1 else -1])
     if len(samples) > 1:
         print("                  " + samples[-1])
-print("    cost:        %.6f credits (balance %.6f)" % (summary["cost"] / 1e6, (summary["balance"] or 0) / 1e6))
+print("    cost:        %d.%06d credits (balance %d.%06d)" % (divmod(summary["cost_micro_credits"], 1_000_000) + divmod(summary["balance_micro_credits"] or 0, 1_000_000)))
 print("    checkpoint:  " + summary["checkpoint_uri"])
 print("    testnet:     " + tnpath + " (coordinator URLs, API key, admin token)")
 if keep == "1":

@@ -153,7 +153,7 @@ func bringUp(ctx context.Context, p *plan, l launcher) (*Info, error) {
 	p.log.Info("raft cluster formed", "members", p.cfg.Coordinators)
 
 	var key protocol.CreateKeyResponse
-	if err := adm.post(ctx, "/v1/admin/keys", protocol.CreateKeyRequest{Credits: p.cfg.Credits, Name: "testnet"}, &key); err != nil {
+	if err := adm.post(ctx, "/v1/admin/keys", protocol.CreateKeyRequest{MicroCredits: p.cfg.MicroCredits, Name: "testnet"}, &key); err != nil {
 		return info, fmt.Errorf("mint API key: %w", err)
 	}
 	info.APIKey, info.Account = key.APIKey, key.Account

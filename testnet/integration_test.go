@@ -48,7 +48,7 @@ func python(t *testing.T) string {
 type exampleSummary struct {
 	RunID         string    `json:"run_id"`
 	Losses        []float64 `json:"losses"`
-	Cost          int64     `json:"cost"`
+	Cost          int64     `json:"cost_micro_credits"`
 	CheckpointURI string    `json:"checkpoint_uri"`
 	CheckpointID  string    `json:"checkpoint_id"`
 }
@@ -176,8 +176,8 @@ func TestExamplesOnMinIOTestnet(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if acct.Spent != s.Cost+g.Cost {
-		t.Errorf("account spent %d, the examples report %d + %d", acct.Spent, s.Cost, g.Cost)
+	if acct.SpentMicroCredits != s.Cost+g.Cost {
+		t.Errorf("account spent %d, the examples report %d + %d", acct.SpentMicroCredits, s.Cost, g.Cost)
 	}
 }
 

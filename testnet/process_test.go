@@ -214,7 +214,7 @@ func TestConfigValidate(t *testing.T) {
 		"no coordinators":  {func(c *Config) { c.Coordinators = 0 }, "coordinators 0"},
 		"too many nodes":   {func(c *Config) { c.Nodes = 99 }, "nodes 99"},
 		"no dir":           {func(c *Config) { c.Dir = "" }, "dir: required"},
-		"negative credits": {func(c *Config) { c.Credits = -1 }, "credits -1"},
+		"negative credits": {func(c *Config) { c.MicroCredits = -1 }, "credits -1 micro-credits"},
 		"no sessions":      {func(c *Config) { c.MaxSessions = 0 }, "max sessions 0"},
 		"zero timings":     {func(c *Config) { c.NodeLostAfter = 0 }, "node lost after 0s"},
 		"zero rate":        {func(c *Config) { c.RatePerSecond = 0 }, "rate 0/s"},

@@ -52,8 +52,8 @@ type Config struct {
 	Models map[string]string
 	// NoDefaultModel leaves signal-tiny out (then Models must name one).
 	NoDefaultModel bool
-	// Credits fund the API key the testnet mints, in micro-credits.
-	Credits int64
+	// MicroCredits fund the API key the testnet mints.
+	MicroCredits int64
 	// MaxSessions bounds each node's open sessions.
 	MaxSessions int
 	// NodeLostAfter is how long a run's node may be missing before the run
@@ -80,14 +80,14 @@ type Config struct {
 }
 
 // DefaultConfig is `make run`'s network: 3 coordinators, 2 nodes, 1000
-// credits, and the failover timings a production network runs with (a
+// credits on its key, and the failover timings a production network runs with (a
 // dead node's runs serve again within seconds).
 func DefaultConfig() Config {
 	return Config{
 		Coordinators:  3,
 		Nodes:         2,
 		Dir:           filepath.Join(".cache", "testnet"),
-		Credits:       1000 * 1_000_000,
+		MicroCredits:  1000 * 1_000_000,
 		MaxSessions:   8,
 		NodeLostAfter: coordinator.DefaultConfig().NodeLostAfter,
 		NodeTTL:       p2p.DefaultConfig().NodeTTL,
@@ -107,8 +107,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: nodes %d: allowed 0..16", ErrInvalidConfig, c.Nodes)
 	case c.Dir == "":
 		return fmt.Errorf("%w: dir: required", ErrInvalidConfig)
-	case c.Credits < 0:
-		return fmt.Errorf("%w: credits %d: must not be negative", ErrInvalidConfig, c.Credits)
+	case c.MicroCredits < 0:
+		return fmt.Errorf("%w: credits %d micro-credits: must not be negative", ErrInvalidConfig, c.MicroCredits)
 	case c.MaxSessions < 1:
 		return fmt.Errorf("%w: max sessions %d: must be at least 1", ErrInvalidConfig, c.MaxSessions)
 	case c.NodeLostAfter <= 0 || c.NodeTTL <= 0 || c.ReadyTimeout <= 0 || c.AdvertInterval < 0:

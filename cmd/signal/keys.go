@@ -1,94 +1,104 @@
 package main
 
-// signal keys create: mint an API key with credits through the admin API.
+// The admin's commands on accounts: signal keys create (an API key for a
+// new account with credits), signal credit (credits for an account).
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/http"
-	"os"
+	"io"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/signal-p2p/signal/client"
 	"github.com/signal-p2p/signal/protocol"
 )
 
-func init() { register(newKeysCmd) }
+func init() {
+	register(newKeysCmd)
+	register(newCreditCmd)
+}
 
 func newKeysCmd() *cobra.Command {
 	keys := &cobra.Command{Use: "keys", Short: "Manage API keys (admin)"}
-	var url, token, name string
-	var credits int64
-	var asJSON bool
-	create := &cobra.Command{
-		Use:   "create",
-		Short: "Create an API key for a new account with an initial balance",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
-			if token == "" {
-				token = os.Getenv("SIGNAL_ADMIN_TOKEN")
-			}
-			if url == "" {
-				url = os.Getenv("SIGNAL_URL")
-			}
-			if url == "" || token == "" {
-				return fmt.Errorf("--coordinator and --admin-token (or $SIGNAL_URL, $SIGNAL_ADMIN_TOKEN) are required")
-			}
-			// --credits is in credits; the API takes micro-credits.
-			micro := credits * 1_000_000
-			if credits < 0 || micro/1_000_000 != credits {
-				return fmt.Errorf("--credits %d: out of range", credits)
-			}
-			var out protocol.CreateKeyResponse
-			if err := postJSON(cmd.Context(), strings.TrimRight(url, "/")+"/v1/admin/keys", token, protocol.CreateKeyRequest{Credits: micro, Name: name}, &out); err != nil {
+	var name string
+	var amount creditsFlag
+	create, _ := adminCmd("create", "Create an API key for a new account with an initial balance", noArgs,
+		func(ctx context.Context, c *client.Client, token string, o *conn, out io.Writer, _ []string) error {
+			res, err := c.CreateKey(ctx, token, protocol.CreateKeyRequest{MicroCredits: amount.mc, Name: name})
+			if err != nil {
 				return err
 			}
-			if asJSON {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
+			if o.json {
+				return printJSON(out, res)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "api_key %s\naccount %s\n", out.APIKey, out.Account)
-			return nil
-		},
-	}
-	f := create.Flags()
-	f.StringVar(&url, "coordinator", "", "coordinator URL (default $SIGNAL_URL)")
-	f.StringVar(&token, "admin-token", "", "admin token (default $SIGNAL_ADMIN_TOKEN)")
-	f.Int64Var(&credits, "credits", 0, "initial balance in credits (1 credit = 1,000,000 micro-credits)")
-	f.StringVar(&name, "name", "", "a label for the key")
-	f.BoolVar(&asJSON, "json", false, "print the API's JSON")
+			_, err = fmt.Fprintf(out, "api_key %s\naccount %s\nbalance %s credits\n", res.APIKey, res.Account, credits(amount.mc))
+			return err
+		})
+	create.Flags().Var(&amount, "credits", "initial balance in credits, e.g. 100 or 0.5 (1 credit = 1,000,000 micro-credits)")
+	create.Flags().StringVar(&name, "name", "", "a label for the key")
 	keys.AddCommand(create)
 	return keys
 }
 
-// postJSON POSTs v with a bearer token and decodes a 2xx answer into out;
-// an error answer becomes an error carrying the API's message.
-func postJSON(ctx context.Context, url, token string, v, out any) error {
-	body, err := json.Marshal(v)
-	if err != nil {
-		return err
+func newCreditCmd() *cobra.Command {
+	var account string
+	var amount creditsFlag
+	cmd, _ := adminCmd("credit", "Add credits to an account (admin)", noArgs,
+		func(ctx context.Context, c *client.Client, token string, o *conn, out io.Writer, _ []string) error {
+			if account == "" {
+				return usageErrorf("--account is required: the account to credit (signal keys create printed it)")
+			}
+			if !amount.set || amount.mc <= 0 {
+				return usageErrorf("--credits is required and must be above 0")
+			}
+			res, err := c.Credit(ctx, token, protocol.CreditRequest{Account: account, MicroCredits: amount.mc})
+			if err != nil {
+				return err
+			}
+			if o.json {
+				return printJSON(out, res)
+			}
+			_, err = fmt.Fprintf(out, "account %s credited %s credits; balance %s credits\n", res.Account, credits(amount.mc), credits(res.BalanceMicroCredits))
+			return err
+		})
+	cmd.Flags().StringVar(&account, "account", "", "the account to credit")
+	cmd.Flags().Var(&amount, "credits", "credits to add, e.g. 100 or 0.5 (1 credit = 1,000,000 micro-credits)")
+	return cmd
+}
+
+// Positional argument rules whose errors are usage errors naming what the
+// command wants (its Use line's arguments).
+var noArgs = func(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usageErrorf("%s takes no arguments, got %q", cmd.CommandPath(), args)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
-	if err != nil {
-		return err
+	return nil
+}
+
+// maxArgs wants at most n arguments.
+func maxArgs(n int) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) > n {
+			return usageErrorf("%s takes at most %d argument(s) (%s), got %d", cmd.CommandPath(), n, useArgs(cmd), len(args))
+		}
+		return nil
 	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("post %s: %w", url, err)
+}
+
+// exactArgs wants n arguments.
+func exactArgs(n int) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageErrorf("%s needs %s, got %d argument(s)", cmd.CommandPath(), useArgs(cmd), len(args))
+		}
+		return nil
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		var e protocol.ErrorResponse
-		_ = json.NewDecoder(resp.Body).Decode(&e)
-		return fmt.Errorf("post %s: %d %s: %s", url, resp.StatusCode, e.Error.Code, e.Error.Message)
-	}
-	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// useArgs is the arguments part of a command's Use line.
+func useArgs(cmd *cobra.Command) string {
+	_, a, _ := strings.Cut(cmd.Use, " ")
+	return a
 }

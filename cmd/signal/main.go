@@ -15,10 +15,17 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := newRootCmd().ExecuteContext(ctx)
+	cmd, err := newRootCmd().ExecuteContextC(ctx)
 	stop()
+	status := exitStatus(err)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "signal:", err)
-		os.Exit(1)
+		switch status {
+		case exitUsage:
+			fmt.Fprint(os.Stderr, "\n", cmd.UsageString())
+		case exitUnreachable:
+			fmt.Fprintln(os.Stderr, "signal: no coordinator answered: is it running, and do --url, --testnet or $SIGNAL_URL name it?")
+		}
 	}
+	os.Exit(status)
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/signal-p2p/signal/client"
 	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/node/fingerprint"
 	"github.com/signal-p2p/signal/node/gpu"
@@ -193,41 +195,20 @@ func hubFetcher(specs []string) (func(ctx context.Context, name, dir string) err
 
 func newNodeTokenCmd() *cobra.Command {
 	token := &cobra.Command{Use: "token", Short: "Manage node join tokens (admin)"}
-	var url, admin, operator string
-	var asJSON bool
-	create := &cobra.Command{
-		Use:   "create",
-		Short: "Issue a join token; nodes that present it earn for the operator account",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			warnSecretFlags(cmd, map[string]string{"admin-token": "SIGNAL_ADMIN_TOKEN"})
-			if admin == "" {
-				admin = os.Getenv("SIGNAL_ADMIN_TOKEN")
-			}
-			if url == "" {
-				url = os.Getenv("SIGNAL_URL")
-			}
-			if url == "" || admin == "" {
-				return errors.New("--coordinator and --admin-token (or $SIGNAL_URL, $SIGNAL_ADMIN_TOKEN) are required")
-			}
-			var out protocol.JoinTokenResponse
-			err := postJSON(cmd.Context(), strings.TrimRight(url, "/")+"/v1/admin/join_tokens", admin,
-				protocol.JoinTokenRequest{OperatorAccount: operator}, &out)
+	var operator string
+	create, _ := adminCmd("create", "Issue a join token; nodes that present it earn for the operator account", noArgs,
+		func(ctx context.Context, c *client.Client, admin string, o *conn, out io.Writer, _ []string) error {
+			res, err := c.CreateJoinToken(ctx, admin, protocol.JoinTokenRequest{OperatorAccount: operator})
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(out)
+			if o.json {
+				return printJSON(out, res)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "join_token %s\noperator_account %s\n", out.JoinToken, out.OperatorAccount)
-			return nil
-		},
-	}
-	f := create.Flags()
-	f.StringVar(&url, "coordinator", "", "coordinator URL (default $SIGNAL_URL)")
-	f.StringVar(&admin, "admin-token", "", "admin token (default $SIGNAL_ADMIN_TOKEN)")
-	f.StringVar(&operator, "operator", "", "operator account the node's earnings go to (default: a new account)")
-	f.BoolVar(&asJSON, "json", false, "print the API's JSON")
+			_, err = fmt.Fprintf(out, "join_token %s\noperator_account %s\n", res.JoinToken, res.OperatorAccount)
+			return err
+		})
+	create.Flags().StringVar(&operator, "operator", "", "operator account the node's earnings go to (default: a new account)")
 	token.AddCommand(create)
 	return token
 }

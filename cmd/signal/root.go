@@ -21,7 +21,17 @@ func newRootCmd() *cobra.Command {
 		Short: "Signal: fine-tune language models on a peer-to-peer network of GPU machines",
 		Long: `Signal runs LoRA fine-tuning calls (forward_backward, optim_step, sample,
 save_state) on GPU nodes of a peer-to-peer network, behind a raft-replicated
-coordinator that authenticates, rate-limits and bills each call.`,
+coordinator that authenticates, rate-limits and bills each call.
+
+Commands that call the API find the coordinators in --url (several,
+comma-separated, are tried in turn), --testnet FILE|DIR, $SIGNAL_URL or
+$SIGNAL_TESTNET, and authenticate with --api-key or $SIGNAL_API_KEY (user
+commands) or the admin token ($SIGNAL_ADMIN_TOKEN; admin commands); a
+testnet file gives both. Amounts are in credits (1 credit = 1,000,000
+micro-credits, the API's unit); --credits takes a decimal number of credits
+on every command.
+
+` + exitStatusHelp,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
@@ -29,6 +39,7 @@ coordinator that authenticates, rate-limits and bills each call.`,
 	for _, f := range subcommands {
 		root.AddCommand(f())
 	}
+	markRuns(root)
 	return root
 }
 

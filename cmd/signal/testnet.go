@@ -25,6 +25,7 @@ func newTestnetCmd() *cobra.Command {
 	cfg := testnet.DefaultConfig()
 	var models []string
 	var inProcess bool
+	testnetCredits := &creditsFlag{mc: cfg.MicroCredits, set: true}
 	cmd := &cobra.Command{
 		Use:   "testnet",
 		Short: "Run a local Signal network: coordinators (raft) and nodes on loopback",
@@ -48,6 +49,7 @@ DIR/logs; each start is a fresh network (the model and checkpoints stay).`,
 				}
 				cfg.Models[name] = dir
 			}
+			cfg.MicroCredits = testnetCredits.mc
 			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 			return runTestnet(cmd, cfg, inProcess)
 		},
@@ -58,7 +60,7 @@ DIR/logs; each start is a fresh network (the model and checkpoints stay).`,
 	f.StringVar(&cfg.Dir, "dir", cfg.Dir, "directory for data, logs, the default model and testnet.json")
 	f.StringVar(&cfg.StorageURL, "storage", "", "checkpoint storage URL: file:///dir or s3://bucket/prefix?endpoint=host:port&secure=false (default file://DIR/checkpoints)")
 	f.StringArrayVar(&models, "model", nil, "extra base model NAME=DIR (Hugging Face layout); repeatable")
-	f.Int64Var(&cfg.Credits, "credits", cfg.Credits, "micro-credits on the minted API key")
+	f.Var(testnetCredits, "credits", "credits on the minted API key, e.g. 1000 or 0.5 (1 credit = 1,000,000 micro-credits)")
 	f.StringVar(&cfg.Engine, "engine", cfg.Engine, "node engine")
 	f.DurationVar(&cfg.NodeLostAfter, "node-lost-after", cfg.NodeLostAfter, "how long a run's node may be silent before the run moves")
 	f.Float64Var(&cfg.RatePerSecond, "rate", cfg.RatePerSecond, "requests per second per API key (lower it to see a client meet 429s)")

@@ -24,7 +24,7 @@ func fakeUserAPI(t *testing.T, wantKey string) *httptest.Server {
 	loss, gn, lr := 2.5, 1.25, 1e-4
 	run := protocol.Run{ID: "run-1", Name: "demo", BaseModel: "signal-tiny", LoRARank: 8, LoRAAlpha: 16,
 		TargetModules: []string{"q_proj", "v_proj"}, Status: protocol.RunReady, Node: "12D3KooWabcdefghijklmnop",
-		Step: 3, CheckpointEvery: 10, Spent: 1_234_567, CreatedAt: "2026-03-01T12:00:00Z",
+		Step: 3, CheckpointEvery: 10, SpentMicroCredits: 1_234_567, CreatedAt: "2026-03-01T12:00:00Z",
 		LastMetrics: &protocol.Metrics{Step: 3, LossMean: &loss, GradNorm: &gn, LearningRate: &lr, Time: "t"},
 		Checkpoints: []protocol.Checkpoint{{ID: "ck-1", Step: 3, Mode: "adapter", URI: "file:///ck/1",
 			Files: []protocol.CheckpointFile{{Name: "adapter_model.safetensors", Size: 2048}}}}}
@@ -47,11 +47,11 @@ func fakeUserAPI(t *testing.T, wantKey string) *httptest.Server {
 			ended.Status = protocol.RunEnded
 			v = ended
 		case "GET /v1/account":
-			v = protocol.Account{Account: "acct-9", Balance: 98_765_432, Spent: 1_234_568,
-				Charges: []protocol.Charge{{RunID: "run-1", Call: "forward_backward", Credits: 1_000, Time: "t1"}}}
+			v = protocol.Account{Account: "acct-9", BalanceMicroCredits: 98_765_432, SpentMicroCredits: 1_234_568,
+				Charges: []protocol.Charge{{RunID: "run-1", Call: "forward_backward", MicroCredits: 1_000, Time: "t1"}}}
 		case "GET /v1/models":
 			v = protocol.ModelList{Models: []protocol.Model{{Name: "signal-tiny", ContextLength: 512, MemoryBytes: 3 << 20,
-				Prices: protocol.Prices{TrainPer1K: 500, PrefillPer1K: 100, SamplePer1K: 200, StoragePerGBHour: 10}}}}
+				Prices: protocol.Prices{TrainMicroCreditsPer1K: 500, PrefillMicroCreditsPer1K: 100, SampleMicroCreditsPer1K: 200, StorageMicroCreditsPerGBHour: 10}}}}
 		case "GET /v1/nodes":
 			v = protocol.NodeList{Nodes: []protocol.Node{
 				{PeerID: "12D3KooWnode1", CPU: protocol.CPU{Cores: 16, MemoryTotal: 64 << 30}, Backends: []string{"cpu"}, Models: []string{"signal-tiny"}, Sessions: 1, MaxSessions: 4},
@@ -117,7 +117,7 @@ func TestUserCommandsJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	var rl protocol.RunList
-	if err := json.Unmarshal([]byte(out), &rl); err != nil || len(rl.Runs) != 1 || rl.Runs[0].Spent != 1_234_567 {
+	if err := json.Unmarshal([]byte(out), &rl); err != nil || len(rl.Runs) != 1 || rl.Runs[0].SpentMicroCredits != 1_234_567 {
 		t.Fatalf("--json output %q: %+v, %v", out, rl, err)
 	}
 }

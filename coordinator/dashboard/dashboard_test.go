@@ -53,9 +53,9 @@ func world() *fakeSource {
 			if err := auth(key); err != nil {
 				return protocol.Account{}, err
 			}
-			return protocol.Account{Account: "acct_1", Balance: 12_345_678, Spent: 1_500, Charges: []protocol.Charge{
-				{RunID: "run_a", Call: "forward_backward", Credits: 26, Time: "2026-01-01T10:00:01Z"},
-				{RunID: "run_a", Call: "save_state", Credits: 3, Time: "2026-01-01T10:00:09Z"},
+			return protocol.Account{Account: "acct_1", BalanceMicroCredits: 12_345_678, SpentMicroCredits: 1_500, Charges: []protocol.Charge{
+				{RunID: "run_a", Call: "forward_backward", MicroCredits: 26, Time: "2026-01-01T10:00:01Z"},
+				{RunID: "run_a", Call: "save_state", MicroCredits: 3, Time: "2026-01-01T10:00:09Z"},
 			}}, nil
 		},
 		nodes: func(key string) ([]protocol.Node, error) {
@@ -73,7 +73,7 @@ func world() *fakeSource {
 			}
 			resumed := 10
 			return []protocol.Run{
-				{ID: "run_a", Name: "<script>alert(1)</script>", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready", Step: 5, Spent: 1_500, ResumedFromStep: &resumed,
+				{ID: "run_a", Name: "<script>alert(1)</script>", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready", Step: 5, SpentMicroCredits: 1_500, ResumedFromStep: &resumed,
 					Checkpoints: []protocol.Checkpoint{{ID: "ck1", Step: 5, Mode: "adapter", URI: "s3://bucket/ck1"}}},
 				{ID: "run_b", BaseModel: "signal-tiny", LoRARank: 8, Status: "starting"},
 			}, nil
@@ -299,7 +299,7 @@ func TestAPISource(t *testing.T) {
 	}
 	api.HandleFunc("GET /v1/account", func(w http.ResponseWriter, r *http.Request) {
 		if auth(w, r) {
-			_ = json.NewEncoder(w).Encode(protocol.Account{Account: "acct_1", Balance: 7})
+			_ = json.NewEncoder(w).Encode(protocol.Account{Account: "acct_1", BalanceMicroCredits: 7})
 		}
 	})
 	api.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, r *http.Request) {
@@ -316,7 +316,7 @@ func TestAPISource(t *testing.T) {
 	s := NewAPISource(srv.URL + "/")
 	ctx := context.Background()
 	a, err := s.Account(ctx, goodKey)
-	if err != nil || a.Account != "acct_1" || a.Balance != 7 {
+	if err != nil || a.Account != "acct_1" || a.BalanceMicroCredits != 7 {
 		t.Fatalf("Account = %+v, %v", a, err)
 	}
 	if _, err := s.Account(ctx, "sk-bad"); !errorsIs(err, ErrUnauthorized) || !strings.Contains(err.Error(), "unknown API key") {

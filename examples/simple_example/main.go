@@ -46,12 +46,12 @@ type config struct {
 
 // summary is the example's machine-readable result.
 type summary struct {
-	RunID         string                 `json:"run_id"`
-	Losses        []float64              `json:"losses"`
-	Cost          protocol.MicroCredits  `json:"cost"`
-	Balance       *protocol.MicroCredits `json:"balance"`
-	CheckpointURI string                 `json:"checkpoint_uri"`
-	CheckpointID  string                 `json:"checkpoint_id"`
+	RunID               string                 `json:"run_id"`
+	Losses              []float64              `json:"losses"`
+	CostMicroCredits    protocol.MicroCredits  `json:"cost_micro_credits"`
+	BalanceMicroCredits *protocol.MicroCredits `json:"balance_micro_credits"`
+	CheckpointURI       string                 `json:"checkpoint_uri"`
+	CheckpointID        string                 `json:"checkpoint_id"`
 }
 
 func main() {
@@ -116,14 +116,14 @@ func parseFlags(args []string) (config, error) {
 	return c, nil
 }
 
-func credits(mc protocol.MicroCredits) string { return fmt.Sprintf("%.6f", float64(mc)/1e6) }
+func credits(mc protocol.MicroCredits) string { return protocol.FormatCredits(mc) }
 
 // costOf is what a billed answer cost, 0 when the server left it out.
 func costOf(b protocol.Billed) protocol.MicroCredits {
 	if b.Cost == nil {
 		return 0
 	}
-	return b.Cost.Credits
+	return b.Cost.MicroCredits
 }
 
 func run(ctx context.Context, cfg config, out io.Writer) (err error) {
@@ -187,8 +187,8 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 			return fmt.Errorf("optim_step %d: %w", i, err)
 		}
 		cost := costOf(fb.Billed) + costOf(st.Billed)
-		s.Cost += cost
-		s.Balance = st.Balance
+		s.CostMicroCredits += cost
+		s.BalanceMicroCredits = st.BalanceMicroCredits
 		s.Losses = append(s.Losses, fb.LossMean)
 		fmt.Fprintf(out, "step %2d  loss %.4f  tokens %d  grad_norm %.4f  lr %.2g  cost %s  (%.1fs)\n",
 			st.Step, fb.LossMean, fb.Tokens, st.GradNorm, st.LearningRate, credits(cost), time.Since(ts).Seconds())
@@ -199,9 +199,9 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 			if err != nil {
 				return fmt.Errorf("sample at step %d: %w", i, err)
 			}
-			s.Cost += costOf(sm.Billed)
-			if sm.Balance != nil {
-				s.Balance = sm.Balance
+			s.CostMicroCredits += costOf(sm.Billed)
+			if sm.BalanceMicroCredits != nil {
+				s.BalanceMicroCredits = sm.BalanceMicroCredits
 			}
 			for j, p := range prompts {
 				if j < len(sm.Samples) && len(sm.Samples[j]) > 0 {
@@ -215,9 +215,9 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 	if err != nil {
 		return fmt.Errorf("save_state: %w", err)
 	}
-	s.Cost += costOf(saved.Billed)
-	if saved.Balance != nil {
-		s.Balance = saved.Balance
+	s.CostMicroCredits += costOf(saved.Billed)
+	if saved.BalanceMicroCredits != nil {
+		s.BalanceMicroCredits = saved.BalanceMicroCredits
 	}
 	ck := saved.Checkpoint
 	s.CheckpointURI, s.CheckpointID = ck.URI, ck.ID
@@ -231,11 +231,11 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 		trend = "NOT falling"
 	}
 	bal := "-"
-	if s.Balance != nil {
-		bal = credits(*s.Balance)
+	if s.BalanceMicroCredits != nil {
+		bal = credits(*s.BalanceMicroCredits)
 	}
 	fmt.Fprintf(out, "loss %.4f -> %.4f over %d steps (%s); cost %s credits; balance %s credits; %.1fs\n",
-		first, last, len(s.Losses), trend, credits(s.Cost), bal, time.Since(t0).Seconds())
+		first, last, len(s.Losses), trend, credits(s.CostMicroCredits), bal, time.Since(t0).Seconds())
 	js, err := json.Marshal(s)
 	if err != nil {
 		return err

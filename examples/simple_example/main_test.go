@@ -31,9 +31,9 @@ func (f *fakeTrainer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, r.Method+" "+r.URL.Path)
-	cost := &protocol.Cost{Credits: 10}
+	cost := &protocol.Cost{MicroCredits: 10}
 	bal := protocol.MicroCredits(1_000_000 - 10*len(f.calls))
-	billed := protocol.Billed{Cost: cost, Balance: &bal}
+	billed := protocol.Billed{Cost: cost, BalanceMicroCredits: &bal}
 	var v any
 	switch {
 	case r.URL.Path == "/v1/runs":
@@ -94,7 +94,7 @@ func runExample(t *testing.T, args ...string) (*fakeTrainer, string, summary) {
 
 func TestExampleTextFlow(t *testing.T) {
 	f, out, s := runExample(t)
-	if len(s.Losses) != 20 || !(s.Losses[19] < s.Losses[0]) || s.CheckpointURI != "file:///data/ck-1" || s.Cost <= 0 {
+	if len(s.Losses) != 20 || !(s.Losses[19] < s.Losses[0]) || s.CheckpointURI != "file:///data/ck-1" || s.CostMicroCredits <= 0 {
 		t.Errorf("summary = %+v", s)
 	}
 	if len(f.fb) != 20 || len(f.fb[0].Examples) != len(dataset) || len(f.fb[0].Data) != 0 {

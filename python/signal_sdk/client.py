@@ -6,6 +6,7 @@ generated once per logical call and reused on each retry, so the server
 executes and charges it at most once.
 """
 
+import decimal
 import email.utils
 import ipaddress
 import json
@@ -29,7 +30,7 @@ from .errors import (
     error_from_response,
 )
 
-__all__ = ["SignalClient", "SignalRun", "datum_from_tokens"]
+__all__ = ["SignalClient", "SignalRun", "datum_from_tokens", "micro_credits", "format_credits"]
 
 API_PREFIX = "/v1"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -103,6 +104,79 @@ def datum_from_tokens(prompt: Sequence[int], completion: Sequence[int]) -> Json:
         "model_input": {"tokens": tokens[:-1]},
         "loss_fn_inputs": {"target_tokens": tokens[1:], "weights": weights},
     }
+
+
+MICRO_PER_CREDIT = 1_000_000
+# The API's amounts are integers of micro-credits; JSON clients holding
+# doubles read them exactly up to 2**53.
+MAX_MICRO_CREDITS = 1 << 53
+
+
+def micro_credits(credits: Union[int, float, str, decimal.Decimal]) -> int:
+    """A number of credits (``12``, ``0.5``, ``"1000.000001"``) as the API's micro-credits, exactly.
+
+    A float is read through its shortest decimal form (``0.1`` is 100000),
+    never through its binary value; more than six decimals is an error.
+    """
+    if isinstance(credits, bool):
+        raise ValueError("credits %r: want a number of credits" % (credits,))
+    try:
+        d = decimal.Decimal(repr(credits) if isinstance(credits, float) else credits)
+    except (decimal.InvalidOperation, TypeError, ValueError):
+        raise ValueError("credits %r: want a number of credits, e.g. 12.5" % (credits,)) from None
+    micro = d * MICRO_PER_CREDIT
+    if not d.is_finite() or micro != micro.to_integral_value() or micro < 0 or micro > MAX_MICRO_CREDITS:
+        raise ValueError("credits %r: want a non-negative number of credits with at most 6 decimals, at most %s"
+                         % (credits, format_credits(MAX_MICRO_CREDITS)))
+    return int(micro)
+
+
+def format_credits(micro: int) -> str:
+    """Micro-credits (the API's integers) as a decimal number of credits: ``12500000`` is ``"12.500000"``."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(int(micro)), MICRO_PER_CREDIT)
+    return "%s%d.%06d" % (sign, whole, frac)
+
+
+def _amount(credits: Any, micro: Optional[int], what: str) -> int:
+    """The micro-credits an admin helper was given, as credits or as micro-credits."""
+    if (credits is None) == (micro is None):
+        raise ValueError("%s: give credits (a number of credits) or micro_credits, one of them" % what)
+    if micro is not None:
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 0:
+            raise ValueError("%s: micro_credits %r: want a non-negative integer" % (what, micro))
+        return micro
+    return micro_credits(credits)
+
+
+# Money fields' deprecated names, which servers before v0.2 sent alone:
+# the SDK fills in the new name from the old so callers read one name.
+_OLD_MONEY = {"balance": "balance_micro_credits", "spent": "spent_micro_credits"}
+_OLD_PRICES = {
+    "train_per_1k": "train_micro_credits_per_1k",
+    "prefill_per_1k": "prefill_micro_credits_per_1k",
+    "sample_per_1k": "sample_micro_credits_per_1k",
+    "storage_per_gb_hour": "storage_micro_credits_per_gb_hour",
+}
+
+
+def _money_names(v: Any, key: str = "") -> Any:
+    if isinstance(v, list):
+        for x in v:
+            _money_names(x, key)
+    elif isinstance(v, dict):
+        old = dict(_OLD_MONEY)
+        if key in ("cost", "charges"):
+            old["credits"] = "micro_credits"
+        if key == "prices":
+            old.update(_OLD_PRICES)
+        for o, n in old.items():
+            if o in v and n not in v and isinstance(v[o], int):
+                v[n] = v[o]
+        for k, x in v.items():
+            if isinstance(x, (dict, list)):
+                _money_names(x, k)
+    return v
 
 
 def _drop_none(d: Json) -> Json:
@@ -246,7 +320,7 @@ class SignalClient:
         if not raw.strip():
             return {}
         try:
-            return json.loads(raw)
+            return _money_names(json.loads(raw))
         except ValueError as e:
             raise SignalError("decode response: %s" % e, status=resp.status, method=method, path=path) from e
 
@@ -337,7 +411,7 @@ class SignalClient:
         return self._request("GET", _run_path(run_id, "/metrics")).get("metrics", [])
 
     def account(self) -> Json:
-        """Balance, total spent and recent charges, in micro-credits."""
+        """``balance_micro_credits``, ``spent_micro_credits`` and recent ``charges`` (each with ``micro_credits``)."""
         return self._request("GET", "/account")
 
     def models(self) -> List[Json]:
@@ -357,15 +431,40 @@ class SignalClient:
             body["add_special_tokens"] = True
         return self._request("POST", "/tokenize", body).get("tokens", [])
 
-    def create_key(self, admin_token: str, credits: int, name: Optional[str] = None) -> Json:
-        """Mints an API key for a new account funded with ``credits`` micro-credits (admin)."""
-        _need_admin(admin_token)
-        return self._request("POST", "/admin/keys", _drop_none({"credits": credits, "name": name}), token=admin_token)
+    def create_key(
+        self,
+        admin_token: str,
+        credits: Union[int, float, str, decimal.Decimal, None] = None,
+        name: Optional[str] = None,
+        *,
+        micro_credits: Optional[int] = None,
+    ) -> Json:
+        """Mints an API key for a new account funded with ``credits`` (admin).
 
-    def credit(self, admin_token: str, account: str, amount: int) -> Json:
-        """Adds ``amount`` micro-credits to an account (admin)."""
+        ``credits`` is a number of credits, as ``signal keys create --credits``
+        takes it (``100``, ``0.5``); ``micro_credits`` gives the API's integer
+        instead. (Before v0.2 ``credits`` was micro-credits.)
+        """
         _need_admin(admin_token)
-        return self._request("POST", "/admin/credit", {"account": account, "amount": amount}, token=admin_token)
+        mc = _amount(credits, micro_credits, "create_key")
+        return self._request("POST", "/admin/keys", _drop_none({"micro_credits": mc, "name": name}), token=admin_token)
+
+    def credit(
+        self,
+        admin_token: str,
+        account: str,
+        credits: Union[int, float, str, decimal.Decimal, None] = None,
+        *,
+        micro_credits: Optional[int] = None,
+    ) -> Json:
+        """Adds ``credits`` (a number of credits, or ``micro_credits``) to an account (admin).
+
+        Returns ``{"account", "balance_micro_credits"}``. (Before v0.2 the
+        third argument was ``amount``, in micro-credits.)
+        """
+        _need_admin(admin_token)
+        mc = _amount(credits, micro_credits, "credit")
+        return self._request("POST", "/admin/credit", {"account": account, "micro_credits": mc}, token=admin_token)
 
     def create_join_token(self, admin_token: str, operator_account: Optional[str] = None) -> Json:
         """Issues a token a node presents to join the network (admin)."""
@@ -425,7 +524,8 @@ class SignalRun:
         out = self.client._request("POST", _run_path(self.id, suffix), body)
         cost = out.get("cost") if isinstance(out, dict) else None
         if isinstance(cost, dict):
-            self.info["spent"] = self.info.get("spent", 0) + int(cost.get("credits", 0))
+            spent = self.info.get("spent_micro_credits", 0) + int(cost.get("micro_credits", 0))
+            self.info["spent_micro_credits"] = self.info["spent"] = spent
         return out
 
     @staticmethod

@@ -285,6 +285,7 @@ class TestCalls(Base):
         run = {"id": "run-7", "base_model": "signal-tiny", "lora_rank": 8, "status": "ready", "step": 0}
         ckpt = {"id": "ck-1", "run_id": "run-7", "step": 1, "mode": "adapter", "uri": "file:///tmp/ck-1",
                 "files": [{"name": "adapter_model.safetensors", "cid": "bafy", "size": 12, "uri": "file:///tmp/ck-1/a"}]}
+        # An older server's names: the SDK fills in the new ones.
         billed = {"cost": {"credits": 100}, "balance": 900}
         toks = {"Q:": [11, 12], " A": [13]}
 
@@ -313,8 +314,9 @@ class TestCalls(Base):
                 ("GET", "/v1/account"): lambda: (200, {}, {"account": "a", "balance": 900, "spent": 100, "charges": []}),
                 ("GET", "/v1/models"): lambda: (200, {}, {"models": [{"name": "signal-tiny", "context_length": 512}]}),
                 ("GET", "/v1/nodes"): lambda: (200, {}, {"nodes": [{"peer_id": "12D3"}]}),
-                ("POST", "/v1/admin/keys"): lambda: (200, {}, {"api_key": "sk-new", "account": "acct-%d" % b["credits"]}),
-                ("POST", "/v1/admin/credit"): lambda: (200, {}, {"account": b["account"], "balance": b["amount"]}),
+                ("POST", "/v1/admin/keys"): lambda: (200, {}, {"api_key": "sk-new", "account": "acct-%d" % b["micro_credits"]}),
+                ("POST", "/v1/admin/credit"): lambda: (200, {}, {"account": b["account"], "balance_micro_credits": b["micro_credits"],
+                                                                 "balance": b["micro_credits"]}),
                 ("POST", "/v1/admin/join_tokens"): lambda: (200, {}, {"join_token": "jt", "operator_account": b.get("operator_account", "")}),
             }
             f = routes.get((m, p))
@@ -331,7 +333,7 @@ class TestCalls(Base):
         fb = r.forward_backward([("Q:", " A"), "plain text", {"text": "dict text"}])
         self.assertEqual(api.requests[-1]["body"], {"examples": [
             {"prompt": "Q:", "completion": " A"}, {"text": "plain text"}, {"text": "dict text"}]})
-        self.assertEqual((fb["loss_mean"], fb["grad_norm"], fb["cost"]["credits"], fb["balance"]), (2.0, 1.5, 100, 900))
+        self.assertEqual((fb["loss_mean"], fb["grad_norm"], fb["cost"]["micro_credits"], fb["balance_micro_credits"]), (2.0, 1.5, 100, 900))
 
         d = r.datum_from_text("Q:", " A")
         self.assertEqual(d, {"model_input": {"tokens": [1, 11, 12]},
@@ -342,7 +344,7 @@ class TestCalls(Base):
 
         st = r.optim_step(learning_rate=1e-3, grad_clip_norm=1.0)
         self.assertEqual(api.requests[-1]["body"], {"adam_params": {"learning_rate": 1e-3, "grad_clip_norm": 1.0}})
-        self.assertEqual((st["step"], r.step, r.info["spent"]), (1, 1, 300))
+        self.assertEqual((st["step"], r.step, r.info["spent_micro_credits"]), (1, 1, 300))
 
         sm = r.sample("Once", max_tokens=8, temperature=0.7, seed=1)
         self.assertEqual(api.requests[-1]["body"], {"prompts": [{"text": "Once"}],
@@ -364,14 +366,29 @@ class TestCalls(Base):
 
         self.assertEqual([x["id"] for x in c.list_runs()], ["run-7"])
         self.assertEqual(c.get_run("run-7").base_model, "signal-tiny")
-        self.assertEqual(c.account()["balance"], 900)
+        self.assertEqual(c.account()["balance_micro_credits"], 900)
         self.assertEqual(c.models()[0]["name"], "signal-tiny")
         self.assertEqual(c.nodes()[0]["peer_id"], "12D3")
-        self.assertEqual(c.create_key("admin-x", 5)["account"], "acct-5")
-        self.assertEqual(c.credit("admin-x", "a", 7)["balance"], 7)
+        # --credits' unit: a number of credits, or the API's micro-credits.
+        self.assertEqual(c.create_key("admin-x", 5)["account"], "acct-5000000")
+        self.assertEqual(c.create_key("admin-x", micro_credits=5)["account"], "acct-5")
+        self.assertEqual(c.credit("admin-x", "a", 0.5)["balance_micro_credits"], 500_000)
+        self.assertEqual(c.credit("admin-x", "a", micro_credits=7)["balance_micro_credits"], 7)
         self.assertEqual(c.create_join_token("admin-x", "op")["operator_account"], "op")
         self.assertEqual(r.close()["status"], "ended")
         self.assertEqual(r.info["status"], "ended")
+
+    def test_money_helpers(self):
+        from signal_sdk import format_credits, micro_credits
+        for given, want in [(1, 1_000_000), (0.5, 500_000), ("1000.000001", 1_000_000_001), (0.1, 100_000), (0, 0)]:
+            self.assertEqual(micro_credits(given), want, given)
+        for bad in [-1, "1.0000001", "ten", float("nan"), True, 2 ** 53]:
+            with self.assertRaises(ValueError, msg=repr(bad)):
+                micro_credits(bad)
+        self.assertEqual((format_credits(12_500_000), format_credits(-1)), ("12.500000", "-0.000001"))
+        api = self.serve(lambda req: self.fail("unexpected request"))
+        with self.assertRaisesRegex(ValueError, "one of them"):
+            self.client(api).create_key("adm", 1, micro_credits=1)
 
     def test_with_block_ends_the_run(self):
         deletes = []

@@ -37,7 +37,7 @@ class FakeTrainer:
         m, p, b = req["method"], req["path"], req["body"]
         with self.lock:
             self.calls.append((m, p, b))
-            billed = {"cost": {"credits": 10}, "balance": 1_000_000 - 10 * len(self.calls)}
+            billed = {"cost": {"micro_credits": 10, "credits": 10}, "balance_micro_credits": 1_000_000 - 10 * len(self.calls)}
             if (m, p) == ("POST", "/v1/runs"):
                 return 201, {}, {"id": "run-1", "base_model": b["base_model"], "status": "ready", "step": 0, "node": "n1"}
             if p == "/v1/tokenize":
@@ -87,7 +87,7 @@ class TestSimpleExample(unittest.TestCase):
         self.assertEqual(fb[0]["examples"][0], {"text": "The cat sat on the mat."})
         self.assertEqual(sum(1 for _, p, _ in trainer.calls if p.endswith("/sample")), 4)  # steps 0, 5, 10, 15
         self.assertEqual(trainer.calls[-1][0], "DELETE")
-        self.assertGreater(summary["cost"], 0)
+        self.assertGreater(summary["cost_micro_credits"], 0)
 
     def test_token_datum(self):
         trainer, _, summary = self.run_example("--steps", "3", "--tokens", "--keep-run")

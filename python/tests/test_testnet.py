@@ -88,7 +88,7 @@ class TestRealTestnet(unittest.TestCase):
         for _ in range(8):
             fb = run.forward_backward(batch)
             self.assertGreater(fb["tokens"], 0)
-            self.assertGreater(fb["cost"]["credits"], 0)
+            self.assertGreater(fb["cost"]["micro_credits"], 0)
             losses.append(fb["loss_mean"])
             st = run.optim_step(learning_rate=5e-3)
         self.assertEqual(st["step"], 8)
@@ -152,7 +152,7 @@ class TestRealTestnet(unittest.TestCase):
 
     def test_insufficient_balance(self):
         tn = testnet()
-        key = self.client.create_key(tn["admin_token"], credits=1)
+        key = self.client.create_key(tn["admin_token"], micro_credits=1)
         poor = SignalClient(key["api_key"], tn["coordinators"][0])
         with self.assertRaises(InsufficientBalanceError) as cm:
             run = poor.create_run(MODEL, lora_rank=8)
@@ -167,7 +167,7 @@ class TestRealTestnet(unittest.TestCase):
         # 4 ms each they take 4 s: 200 + 400 tokens), so a client that does
         # not retry meets the 429 with the Retry-After the server sent.
         tn = testnet()
-        key = self.client.create_key(tn["admin_token"], credits=1000)["api_key"]
+        key = self.client.create_key(tn["admin_token"], micro_credits=1000)["api_key"]
         eager = SignalClient(key, tn["coordinators"][0], max_retries=0)
         with self.assertRaises(RateLimitedError) as cm:
             for _ in range(1000):
@@ -178,7 +178,7 @@ class TestRealTestnet(unittest.TestCase):
         # With retries the SDK waits as told and the same calls go through.
         patient = SignalClient(key, tn["coordinators"][0], max_retries=10)
         for _ in range(20):
-            self.assertEqual(patient.account()["balance"], 1000)
+            self.assertEqual(patient.account()["balance_micro_credits"], 1000)
 
     def test_full_network_is_unavailable(self):
         # One node with 8 session slots (the testnet's default): the ninth
