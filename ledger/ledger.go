@@ -1,7 +1,9 @@
 // Package ledger is Signal's accounting: integer micro-credit balances,
-// mints, charges and transfers, with two invariants that every operation
-// keeps — no balance ever goes below zero, and the sum of all balances
-// changes only by mints. It does no I/O and holds no clock, so the
+// mints, charges and transfers, and node operators' earnings held in
+// escrow until audits release or forfeit them (escrow.go), with
+// invariants that every operation keeps — no balance ever goes below
+// zero, the sum of all balances changes only by mints, and an escrow
+// account holds exactly its escrow's shares. It does no I/O and holds no clock, so the
 // coordinator's raft FSM can replay it deterministically on every member.
 package ledger
 
@@ -75,11 +77,14 @@ type Ledger struct {
 	accounts map[string]*AccountState
 	total    int64 // sum of balances
 	minted   int64 // sum of all mints
+	// escrows are the nodes' held earnings (escrow.go), each backed by
+	// its escrow account's balance.
+	escrows map[string]*escrow
 }
 
 // New returns an empty ledger.
 func New() *Ledger {
-	return &Ledger{accounts: make(map[string]*AccountState)}
+	return &Ledger{accounts: make(map[string]*AccountState), escrows: make(map[string]*escrow)}
 }
 
 func (l *Ledger) account(name string) *AccountState {
@@ -110,8 +115,8 @@ func (l *Ledger) Account(name string) (AccountState, bool) {
 
 // Open creates an account with a zero balance if it does not exist yet.
 func (l *Ledger) Open(name string) error {
-	if name == "" {
-		return fmt.Errorf("open account: empty name: %w", ErrInvalidAccount)
+	if name == "" || IsEscrowAccount(name) {
+		return fmt.Errorf("open account %q: %w", name, ErrInvalidAccount)
 	}
 	l.account(name)
 	return nil
@@ -141,8 +146,8 @@ func addChecked(a, b int64) (int64, bool) {
 
 // Mint creates amount micro-credits in account: the only way the total grows.
 func (l *Ledger) Mint(name string, amount int64) error {
-	if name == "" {
-		return fmt.Errorf("mint: empty account: %w", ErrInvalidAccount)
+	if name == "" || IsEscrowAccount(name) {
+		return fmt.Errorf("mint to %q: %w", name, ErrInvalidAccount)
 	}
 	if amount <= 0 {
 		return fmt.Errorf("mint %d to %s: must be positive: %w", amount, name, ErrInvalidAmount)
@@ -160,7 +165,7 @@ func (l *Ledger) Mint(name string, amount int64) error {
 
 // Transfer moves amount from one account to another.
 func (l *Ledger) Transfer(from, to string, amount int64) error {
-	if from == "" || to == "" || from == to {
+	if from == "" || to == "" || from == to || IsEscrowAccount(from) || IsEscrowAccount(to) {
 		return fmt.Errorf("transfer %q -> %q: %w", from, to, ErrInvalidAccount)
 	}
 	if amount <= 0 {
@@ -181,8 +186,8 @@ func (l *Ledger) Transfer(from, to string, amount int64) error {
 // allowed and changes nothing (calls that did no billable work). When
 // operator is empty (no node served the call) the whole amount goes to fee.
 func (l *Ledger) Charge(user, operator, fee string, split Split) error {
-	if user == "" || fee == "" {
-		return fmt.Errorf("charge %q (fee account %q): %w", user, fee, ErrInvalidAccount)
+	if user == "" || fee == "" || IsEscrowAccount(user) || IsEscrowAccount(operator) || IsEscrowAccount(fee) {
+		return fmt.Errorf("charge %q (operator %q, fee account %q): %w", user, operator, fee, ErrInvalidAccount)
 	}
 	if split.Total < 0 || split.Operator < 0 || split.Fee < 0 || split.Operator+split.Fee != split.Total {
 		return fmt.Errorf("charge %s split %+v: %w", user, split, ErrInvalidAmount)
@@ -228,17 +233,28 @@ func (l *Ledger) Accounts() []AccountState {
 
 // Clone returns an independent copy.
 func (l *Ledger) Clone() *Ledger {
-	c := &Ledger{accounts: make(map[string]*AccountState, len(l.accounts)), total: l.total, minted: l.minted}
+	c := &Ledger{accounts: make(map[string]*AccountState, len(l.accounts)), total: l.total, minted: l.minted, escrows: make(map[string]*escrow, len(l.escrows))}
 	for k, a := range l.accounts {
 		cp := *a
 		c.accounts[k] = &cp
+	}
+	for k, e := range l.escrows {
+		c.escrows[k] = e.clone()
 	}
 	return c
 }
 
 // Restore builds a ledger from snapshot records and checks its invariants.
 func Restore(accounts []AccountState, minted int64) (*Ledger, error) {
+	return RestoreWithEscrows(accounts, minted, nil)
+}
+
+// RestoreWithEscrows is Restore with the nodes' escrows.
+func RestoreWithEscrows(accounts []AccountState, minted int64, escrows []EscrowState) (*Ledger, error) {
 	l := New()
+	if err := l.restoreEscrows(escrows); err != nil {
+		return nil, fmt.Errorf("restore: %w", err)
+	}
 	for _, a := range accounts {
 		if a.Name == "" {
 			return nil, fmt.Errorf("restore: empty account name: %w", ErrInvalidAccount)
@@ -261,8 +277,9 @@ func Restore(accounts []AccountState, minted int64) (*Ledger, error) {
 	return l, nil
 }
 
-// Check verifies the invariants: every balance is non-negative and the sum
-// of balances equals the sum of mints.
+// Check verifies the invariants: every balance is non-negative, the sum
+// of balances equals the sum of mints, and each escrow account holds
+// exactly its escrow's shares.
 func (l *Ledger) Check() error {
 	var sum int64
 	for name, a := range l.accounts {
@@ -277,5 +294,5 @@ func (l *Ledger) Check() error {
 	if sum != l.total || l.total != l.minted {
 		return fmt.Errorf("sum of balances %d, recorded total %d, minted %d: %w", sum, l.total, l.minted, ErrInvariant)
 	}
-	return nil
+	return l.checkEscrows()
 }
