@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strings"
 	"unicode"
 
@@ -123,6 +124,40 @@ func (c *Client) CreateKey(ctx context.Context, adminToken string, req protocol.
 	}
 	var out protocol.CreateKeyResponse
 	if err := c.do(ctx, call{method: http.MethodPost, path: "/admin/keys", token: adminToken, in: req, out: &out}); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}
+
+// ListKeys lists the API keys (never their secrets), of account alone when
+// it is set. It takes the admin token.
+func (c *Client) ListKeys(ctx context.Context, adminToken, account string) ([]protocol.Key, error) {
+	if adminToken == "" {
+		return nil, fmt.Errorf("%w: admin token is empty", ErrInvalidArgument)
+	}
+	p := "/admin/keys"
+	if account != "" {
+		p += "?account=" + url.QueryEscape(account)
+	}
+	var out protocol.KeyList
+	if err := c.do(ctx, call{method: http.MethodGet, path: p, token: adminToken, out: &out}); err != nil {
+		return nil, err
+	}
+	return out.Keys, nil
+}
+
+// RevokeKey deletes the API key keyID names (protocol.Key.ID, or
+// CreateKeyResponse.KeyID): calls with it are refused from then on; its
+// account and balance stay. It takes the admin token.
+func (c *Client) RevokeKey(ctx context.Context, adminToken, keyID string) (*protocol.Key, error) {
+	if adminToken == "" {
+		return nil, fmt.Errorf("%w: admin token is empty", ErrInvalidArgument)
+	}
+	if keyID == "" || strings.ContainsAny(keyID, "/?#") {
+		return nil, fmt.Errorf("%w: key id %q: want one path segment", ErrInvalidArgument, keyID)
+	}
+	var out protocol.Key
+	if err := c.do(ctx, call{method: http.MethodDelete, path: "/admin/keys/" + keyID, token: adminToken, out: &out}); err != nil {
 		return nil, err
 	}
 	return &out, nil

@@ -113,11 +113,15 @@ func TestRunFlow(t *testing.T) {
 		case "POST /v1/admin/keys":
 			var req protocol.CreateKeyRequest
 			decodeStrict(t, last.body, &req)
-			writeJSON(w, 200, protocol.CreateKeyResponse{APIKey: "sk-new", Account: "acct-" + fmt.Sprint(req.Credits)})
+			writeJSON(w, 200, protocol.CreateKeyResponse{APIKey: "sk-new", Account: "acct-" + fmt.Sprint(req.MicroCredits), KeyID: "key_1"})
+		case "GET /v1/admin/keys":
+			writeJSON(w, 200, protocol.KeyList{Keys: []protocol.Key{{ID: "key_1", Account: r.URL.Query().Get("account")}}})
+		case "DELETE /v1/admin/keys/key_1":
+			writeJSON(w, 200, protocol.Key{ID: "key_1", Account: "acct-5"})
 		case "POST /v1/admin/credit":
 			var req protocol.CreditRequest
 			decodeStrict(t, last.body, &req)
-			writeJSON(w, 200, protocol.CreditResponse{Account: req.Account, BalanceMicroCredits: req.Amount})
+			writeJSON(w, 200, protocol.CreditResponse{Account: req.Account, BalanceMicroCredits: req.MicroCredits})
 		case "POST /v1/admin/join_tokens":
 			var req protocol.JoinTokenRequest
 			decodeStrict(t, last.body, &req)
@@ -186,10 +190,16 @@ func TestRunFlow(t *testing.T) {
 	if n, err := c.Nodes(ctx); err != nil || n[0].PeerID != "12D3" {
 		t.Fatalf("Nodes = %+v, %v", n, err)
 	}
-	if k, err := c.CreateKey(ctx, adminToken, protocol.CreateKeyRequest{Credits: 5}); err != nil || k.APIKey != "sk-new" || k.Account != "acct-5" {
+	if k, err := c.CreateKey(ctx, adminToken, protocol.CreateKeyRequest{MicroCredits: 5}); err != nil || k.APIKey != "sk-new" || k.Account != "acct-5" || k.KeyID != "key_1" {
 		t.Fatalf("CreateKey = %+v, %v", k, err)
 	}
-	if cr, err := c.Credit(ctx, adminToken, protocol.CreditRequest{Account: "a", Amount: 7}); err != nil || cr.BalanceMicroCredits != 7 {
+	if ks, err := c.ListKeys(ctx, adminToken, "acct 5"); err != nil || len(ks) != 1 || ks[0].Account != "acct 5" {
+		t.Fatalf("ListKeys = %+v, %v", ks, err)
+	}
+	if k, err := c.RevokeKey(ctx, adminToken, "key_1"); err != nil || k.Account != "acct-5" {
+		t.Fatalf("RevokeKey = %+v, %v", k, err)
+	}
+	if cr, err := c.Credit(ctx, adminToken, protocol.CreditRequest{Account: "a", MicroCredits: 7}); err != nil || cr.BalanceMicroCredits != 7 {
 		t.Fatalf("Credit = %+v, %v", cr, err)
 	}
 	if jt, err := c.CreateJoinToken(ctx, adminToken, protocol.JoinTokenRequest{OperatorAccount: "op"}); err != nil || jt.OperatorAccount != "op" {

@@ -280,7 +280,9 @@ func isConnError(err error) bool {
 // retry after the usual backoff; > 0 is the server's Retry-After.
 func (c *Client) attempt(ctx context.Context, base *url.URL, k call, path, token, idemKey string, body []byte) (wait time.Duration, err error) {
 	u := *base
-	u.Path += path
+	p, query, _ := strings.Cut(path, "?")
+	u.Path += p
+	u.RawQuery = query
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)

@@ -461,7 +461,7 @@ func TestClientSideValidation(t *testing.T) {
 	_, checks["no prompts"] = run.Sample(ctx, protocol.SampleRequest{})
 	_, checks["no checkpoint"] = run.LoadState(ctx, "")
 	_, checks["no model"] = c.CreateRun(ctx, protocol.CreateRunRequest{})
-	_, checks["no admin token"] = c.CreateKey(ctx, "", protocol.CreateKeyRequest{Credits: 1})
+	_, checks["no admin token"] = c.CreateKey(ctx, "", protocol.CreateKeyRequest{MicroCredits: 1})
 	_, checks["slash in id"] = c.GetRun(ctx, "a/b")
 	_, checks["empty id"] = c.DeleteRun(ctx, "")
 	for name, err := range checks {

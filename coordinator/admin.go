@@ -20,8 +20,38 @@ func (c *Coordinator) createKey(ctx context.Context, req protocol.CreateKeyReque
 	if _, err := c.propose(ctx, cmdCreateKey, createKeyCmd{Key: rec, Credits: amount}); err != nil {
 		return protocol.CreateKeyResponse{}, err
 	}
-	c.log.Info("api key created", "category", "security", "account", acct, "micro_credits", amount)
-	return protocol.CreateKeyResponse{APIKey: key, Account: acct}, nil
+	c.log.Info("api key created", "category", "security", "account", acct, "key", KeyID(rec), "micro_credits", amount)
+	return protocol.CreateKeyResponse{APIKey: key, Account: acct, KeyID: KeyID(rec)}, nil
+}
+
+func keyView(k KeyRecord) protocol.Key {
+	return protocol.Key{ID: KeyID(k), Account: k.Account, Name: k.Name, CreatedAt: k.CreatedAt}
+}
+
+// listKeys lists the API keys (of account, when set), never their secrets.
+func (c *Coordinator) listKeys(account string) protocol.KeyList {
+	out := protocol.KeyList{Keys: []protocol.Key{}}
+	c.fsm.read(func(s *State) {
+		for _, k := range s.Keys(account) {
+			out.Keys = append(out.Keys, keyView(k))
+		}
+	})
+	return out
+}
+
+// revokeKey deletes the key id names; its account and balance stay.
+func (c *Coordinator) revokeKey(ctx context.Context, id string) (protocol.Key, error) {
+	var k KeyRecord
+	var ok bool
+	c.fsm.read(func(s *State) { k, ok = s.KeyByID(id) })
+	if !ok {
+		return protocol.Key{}, protocol.UserErrorf(ErrNotFound, "key %q is unknown or already revoked: signal keys list shows the keys", id)
+	}
+	if _, err := c.propose(ctx, cmdRevokeKey, revokeKeyCmd{Hash: k.Hash}); err != nil {
+		return protocol.Key{}, err
+	}
+	c.log.Info("api key revoked", "category", "security", "account", k.Account, "key", id)
+	return keyView(k), nil
 }
 
 // credit mints the request's micro-credits into req.Account. The answer is

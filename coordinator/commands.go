@@ -39,6 +39,10 @@ const (
 	cmdCreateRunLimited
 	// cmdPruneRuns forgets ended runs past their retention.
 	cmdPruneRuns
+	// cmdRevokeKey deletes an API key: every member must apply it (a
+	// member that skipped it would still authenticate the key on its
+	// member-local routes), so it is written without the ignorable flag.
+	cmdRevokeKey
 )
 
 // ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
@@ -59,7 +63,7 @@ func (t cmdType) base() cmdType { return t &^ ignoreUnknownTypeFlag }
 func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
 
 var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs"}
+	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key"}
 
 func (t cmdType) String() string {
 	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
@@ -98,6 +102,10 @@ type createRunLimitedCmd struct {
 	// MinAvailable the balance less holds the owner needs to open one.
 	MaxActive    int   `json:"max_active"`
 	MinAvailable int64 `json:"min_available"`
+}
+
+type revokeKeyCmd struct {
+	Hash string `json:"hash"`
 }
 
 type pruneRunsCmd struct {
@@ -196,6 +204,8 @@ func decodeCommand(c command) (decodedCommand, error) {
 		d.v, err = decodeJSONCommand[createRunLimitedCmd](c.payload)
 	case cmdPruneRuns:
 		d.v, err = decodeJSONCommand[pruneRunsCmd](c.payload)
+	case cmdRevokeKey:
+		d.v, err = decodeJSONCommand[revokeKeyCmd](c.payload)
 	default:
 		err = errUnknownCommand
 	}

@@ -65,6 +65,7 @@ func TestCodecRoundTripsEveryCommand(t *testing.T) {
 		{cmdReleaseHolds, releaseHoldsCmd{IDs: []string{"hold_1"}}},
 		{cmdCreateRunLimited, createRunLimitedCmd{Run: RunRecord{Owner: "a"}, MaxActive: 2}},
 		{cmdPruneRuns, pruneRunsCmd{IDs: []string{"r"}}},
+		{cmdRevokeKey, revokeKeyCmd{Hash: "h"}},
 		{cmdCharge, chargeCmd{Account: "a", RunID: "r", Call: "sample", Time: "t"}},
 	} {
 		t.Run(tc.t.String(), func(t *testing.T) {

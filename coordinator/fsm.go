@@ -140,6 +140,9 @@ func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 	case cmdPruneRuns:
 		s.PruneRuns(d.v.(pruneRunsCmd).IDs)
 		return cmdResult{}
+	case cmdRevokeKey:
+		k, err := s.RevokeKey(d.v.(revokeKeyCmd).Hash)
+		return cmdResult{Value: k, Err: err}
 	case cmdUpdateRun:
 		rec, err := s.UpdateRun(d.v.(RunUpdate))
 		return cmdResult{Value: rec, Err: err}

@@ -59,6 +59,14 @@ func (c *Coordinator) handleCreateKey(cl *call) (any, error) {
 	return c.createKey(cl.r.Context(), req)
 }
 
+func (c *Coordinator) handleListKeys(cl *call) (any, error) {
+	return c.listKeys(cl.r.URL.Query().Get("account")), nil
+}
+
+func (c *Coordinator) handleRevokeKey(cl *call) (any, error) {
+	return c.revokeKey(cl.r.Context(), cl.r.PathValue("id"))
+}
+
 func (c *Coordinator) handleCredit(cl *call) (any, error) {
 	var req protocol.CreditRequest
 	if err := decodeJSON(cl.body, &req, false); err != nil {

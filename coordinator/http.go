@@ -90,6 +90,8 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "POST /v1/cluster/register_node", "register_node", routeOpts{auth: authAdmin}, c.handleForwardedAdmission)
 	c.route(mux, "POST /v1/cluster/record_drained", "record_drained", routeOpts{auth: authAdmin}, c.handleRecordDrained)
 	c.route(mux, "POST /v1/admin/keys", "admin_keys", routeOpts{auth: authAdmin, mutating: true}, c.handleCreateKey)
+	c.route(mux, "GET /v1/admin/keys", "admin_list_keys", routeOpts{auth: authAdmin}, c.handleListKeys)
+	c.route(mux, "DELETE /v1/admin/keys/{id}", "admin_revoke_key", routeOpts{auth: authAdmin, mutating: true}, c.handleRevokeKey)
 	c.route(mux, "POST /v1/admin/credit", "admin_credit", routeOpts{auth: authAdmin, mutating: true}, c.handleCredit)
 	c.route(mux, "POST /v1/admin/join_tokens", "admin_join_tokens", routeOpts{auth: authAdmin}, c.handleJoinToken)
 	c.route(mux, "GET /v1/models", "models", routeOpts{auth: authUser}, c.handleModels)

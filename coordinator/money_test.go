@@ -69,3 +69,50 @@ func TestAPIMoneyNames(t *testing.T) {
 		t.Fatalf("account %+v", acc)
 	}
 }
+
+// TestAPIKeysListAndRevoke: the admin lists keys (ids, never secrets) and
+// revokes one; the revoked key is refused from then on, on every member's
+// view, and its account's balance stays.
+func TestAPIKeysListAndRevoke(t *testing.T) {
+	c, _ := startOne(t, nil)
+	base := c.URL()
+	r := do(t, "POST", base+"/v1/admin/keys", testAdmin, protocol.CreateKeyRequest{MicroCredits: 5, Name: "alice"})
+	mustStatus(t, r, 200)
+	var alice protocol.CreateKeyResponse
+	r.decode(t, &alice)
+	bobKey, bobAcct := createKey(t, base, 7)
+	if !strings.HasPrefix(alice.KeyID, "key_") {
+		t.Fatalf("create answer %+v names no key id", alice)
+	}
+	var list protocol.KeyList
+	r = do(t, "GET", base+"/v1/admin/keys", testAdmin, nil)
+	mustStatus(t, r, 200)
+	r.decode(t, &list)
+	if len(list.Keys) != 2 || list.Keys[0].ID != alice.KeyID || list.Keys[0].Name != "alice" || strings.Contains(string(r.body), alice.APIKey) {
+		t.Fatalf("keys %s", r.body)
+	}
+	r = do(t, "GET", base+"/v1/admin/keys?account="+bobAcct, testAdmin, nil)
+	r.decode(t, &list)
+	if len(list.Keys) != 1 || list.Keys[0].Account != bobAcct {
+		t.Fatalf("bob's keys %s", r.body)
+	}
+	mustStatus(t, do(t, "GET", base+"/v1/admin/keys", bobKey, nil), 403)
+
+	mustStatus(t, do(t, "GET", base+"/v1/account", alice.APIKey, nil), 200)
+	r = do(t, "DELETE", base+"/v1/admin/keys/"+alice.KeyID, testAdmin, nil)
+	mustStatus(t, r, 200)
+	r = do(t, "GET", base+"/v1/account", alice.APIKey, nil)
+	mustStatus(t, r, 401)
+	r = do(t, "DELETE", base+"/v1/admin/keys/"+alice.KeyID, testAdmin, nil)
+	mustStatus(t, r, 404)
+	if msg := r.errMessage(t); !strings.Contains(msg, "signal keys list") {
+		t.Fatalf("message %q", msg)
+	}
+	// The account stays: a new key can be made for it by crediting it.
+	mustStatus(t, do(t, "POST", base+"/v1/admin/credit", testAdmin, protocol.CreditRequest{Account: alice.Account, MicroCredits: 1}), 200)
+	c.fsm.read(func(s *State) {
+		if _, ok := s.KeyByID(alice.KeyID); ok {
+			t.Error("revoked key still in the state")
+		}
+	})
+}

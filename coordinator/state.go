@@ -396,6 +396,43 @@ func (s *State) CreateKey(k KeyRecord, credits int64) error {
 	return nil
 }
 
+// KeyID is how the admin API names a key: a prefix of its hash, which
+// names it without being the secret.
+func KeyID(k KeyRecord) string { return "key_" + k.Hash[:min(16, len(k.Hash))] }
+
+// Keys lists the API keys, of account alone when it is set, oldest first.
+func (s *State) Keys(account string) []KeyRecord {
+	out := make([]KeyRecord, 0, len(s.keys))
+	for _, h := range sortedKeys(s.keys) {
+		if k := s.keys[h]; account == "" || k.Account == account {
+			out = append(out, k)
+		}
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].CreatedAt < out[j].CreatedAt })
+	return out
+}
+
+// KeyByID finds a key by its KeyID.
+func (s *State) KeyByID(id string) (KeyRecord, bool) {
+	for _, k := range s.keys {
+		if KeyID(k) == id {
+			return k, true
+		}
+	}
+	return KeyRecord{}, false
+}
+
+// RevokeKey deletes an API key: calls with it are refused from then on.
+// The account and its balance stay (a new key can be made for it).
+func (s *State) RevokeKey(hash string) (KeyRecord, error) {
+	k, ok := s.keys[hash]
+	if !ok {
+		return KeyRecord{}, protocol.UserErrorf(ErrNotFound, "the key is unknown or already revoked: signal keys list shows the keys")
+	}
+	delete(s.keys, hash)
+	return k, nil
+}
+
 // Mint credits an account (admin); the account must exist.
 func (s *State) Mint(account string, amount int64) (int64, error) {
 	if _, ok := s.ledger.Account(account); !ok {

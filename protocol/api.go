@@ -389,10 +389,25 @@ type CreateKeyRequest struct {
 	Name    string       `json:"name,omitempty"`
 }
 
-// CreateKeyResponse answers POST /v1/admin/keys.
+// CreateKeyResponse answers POST /v1/admin/keys. KeyID names the key in
+// GET /v1/admin/keys and DELETE /v1/admin/keys/{id}; APIKey is shown once.
 type CreateKeyResponse struct {
 	APIKey  string `json:"api_key"`
 	Account string `json:"account"`
+	KeyID   string `json:"key_id,omitempty"`
+}
+
+// Key is an API key as the admin API lists it: never the secret itself.
+type Key struct {
+	ID        string `json:"id"`
+	Account   string `json:"account"`
+	Name      string `json:"name,omitempty"`
+	CreatedAt string `json:"created_at"`
+}
+
+// KeyList is the body of GET /v1/admin/keys (?account= narrows it).
+type KeyList struct {
+	Keys []Key `json:"keys"`
 }
 
 // CreditRequest is the body of POST /v1/admin/credit: MicroCredits added

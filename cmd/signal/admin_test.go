@@ -40,13 +40,19 @@ func newFakeAdminAPI(t *testing.T) *fakeAdminAPI {
 		var v any
 		switch r.URL.Path {
 		case "/v1/admin/keys":
-			var req protocol.CreateKeyRequest
-			_ = json.Unmarshal(b, &req)
-			v = protocol.CreateKeyResponse{APIKey: "sk-new", Account: "acct-1"}
+			if r.Method == http.MethodGet {
+				v = protocol.KeyList{Keys: []protocol.Key{
+					{ID: "key_1", Account: "acct-1", Name: "alice", CreatedAt: "2026-01-01T00:00:00Z"},
+					{ID: "key_2", Account: r.URL.Query().Get("account"), CreatedAt: "2026-01-02T00:00:00Z"}}}
+				break
+			}
+			v = protocol.CreateKeyResponse{APIKey: "sk-new", Account: "acct-1", KeyID: "key_1"}
 		case "/v1/admin/credit":
 			var req protocol.CreditRequest
 			_ = json.Unmarshal(b, &req)
 			v = protocol.CreditResponse{Account: req.Account, BalanceMicroCredits: 1_000_000 + req.MicroCredits}
+		case "/v1/admin/keys/key_1":
+			v = protocol.Key{ID: "key_1", Account: "acct-1"}
 		case "/v1/admin/join_tokens":
 			v = protocol.JoinTokenResponse{JoinToken: "jt-1", OperatorAccount: "op-1"}
 		default:
@@ -92,6 +98,15 @@ func TestAdminCommandsCredits(t *testing.T) {
 	}
 	if got := api.last("/v1/admin/credit"); got != `{"account":"acct-1","micro_credits":12000000}` {
 		t.Errorf("credit sent %s", got)
+	}
+
+	out, err = runCLI(t, "keys", "list", "--url", api.URL, "--account", "acct-2", "--limit", "1")
+	if err != nil || !strings.Contains(out, "key_2") || strings.Contains(out, "key_1") || !strings.Contains(out, "(1 older keys not shown") {
+		t.Fatalf("keys list: %q, %v", out, err)
+	}
+	out, err = runCLI(t, "keys", "revoke", "key_1", "--url", api.URL)
+	if err != nil || !strings.Contains(out, "key key_1 of account acct-1 revoked") {
+		t.Fatalf("keys revoke: %q, %v", out, err)
 	}
 
 	// A testnet directory (or its file, or $SIGNAL_TESTNET) gives the URL

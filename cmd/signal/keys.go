@@ -1,13 +1,15 @@
 package main
 
-// The admin's commands on accounts: signal keys create (an API key for a
-// new account with credits), signal credit (credits for an account).
+// The admin's commands on accounts: signal keys create|list|revoke (API
+// keys: a new account with credits, the keys by id, a key revoked), signal
+// credit (credits for an account).
 
 import (
 	"context"
 	"fmt"
 	"io"
 	"strings"
+	"text/tabwriter"
 
 	"github.com/spf13/cobra"
 
@@ -33,12 +35,47 @@ func newKeysCmd() *cobra.Command {
 			if o.json {
 				return printJSON(out, res)
 			}
-			_, err = fmt.Fprintf(out, "api_key %s\naccount %s\nbalance %s credits\n", res.APIKey, res.Account, credits(amount.mc))
+			_, err = fmt.Fprintf(out, "api_key %s\naccount %s\nkey_id %s\nbalance %s credits\n", res.APIKey, res.Account, res.KeyID, credits(amount.mc))
 			return err
 		})
 	create.Flags().Var(&amount, "credits", "initial balance in credits, e.g. 100 or 0.5 (1 credit = 1,000,000 micro-credits)")
 	create.Flags().StringVar(&name, "name", "", "a label for the key")
-	keys.AddCommand(create)
+
+	var account string
+	list, lo := adminCmd("list", "List the API keys (their ids, never the keys), newest first", noArgs,
+		func(ctx context.Context, c *client.Client, token string, o *conn, out io.Writer, _ []string) error {
+			ks, err := c.ListKeys(ctx, token, account)
+			if err != nil {
+				return err
+			}
+			ks, more := newest(ks, o.limit, func(k protocol.Key) string { return k.CreatedAt })
+			if o.json {
+				return printJSON(out, protocol.KeyList{Keys: ks})
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "ID\tACCOUNT\tNAME\tCREATED\n")
+			for _, k := range ks {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.ID, k.Account, dash(k.Name), humanTime(k.CreatedAt))
+			}
+			moreLine(tw, more, "keys")
+			return tw.Flush()
+		})
+	list.Flags().StringVar(&account, "account", "", "only this account's keys")
+	lo.bindLimit(list.Flags(), "keys")
+
+	revoke, _ := adminCmd("revoke KEY_ID", "Revoke an API key (its account and balance stay)", exactArgs(1),
+		func(ctx context.Context, c *client.Client, token string, o *conn, out io.Writer, args []string) error {
+			k, err := c.RevokeKey(ctx, token, args[0])
+			if err != nil {
+				return err
+			}
+			if o.json {
+				return printJSON(out, k)
+			}
+			_, err = fmt.Fprintf(out, "key %s of account %s revoked\n", k.ID, k.Account)
+			return err
+		})
+	keys.AddCommand(create, list, revoke)
 	return keys
 }
 

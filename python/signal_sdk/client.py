@@ -466,6 +466,19 @@ class SignalClient:
         mc = _amount(credits, micro_credits, "credit")
         return self._request("POST", "/admin/credit", {"account": account, "micro_credits": mc}, token=admin_token)
 
+    def list_keys(self, admin_token: str, account: Optional[str] = None) -> List[Json]:
+        """The API keys as ``{"id", "account", "name", "created_at"}`` (never the keys), of ``account`` alone when set (admin)."""
+        _need_admin(admin_token)
+        path = "/admin/keys" + ("?account=" + urllib.parse.quote(account, safe="") if account else "")
+        return self._request("GET", path, token=admin_token).get("keys", [])
+
+    def revoke_key(self, admin_token: str, key_id: str) -> Json:
+        """Revokes the API key ``key_id`` names (``create_key``'s ``key_id``); its account and balance stay (admin)."""
+        _need_admin(admin_token)
+        if not key_id or any(c in key_id for c in "/?#"):
+            raise ValueError("key id %r: want one path segment" % (key_id,))
+        return self._request("DELETE", "/admin/keys/" + key_id, token=admin_token)
+
     def create_join_token(self, admin_token: str, operator_account: Optional[str] = None) -> Json:
         """Issues a token a node presents to join the network (admin)."""
         _need_admin(admin_token)

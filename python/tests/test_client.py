@@ -317,6 +317,8 @@ class TestCalls(Base):
                 ("POST", "/v1/admin/keys"): lambda: (200, {}, {"api_key": "sk-new", "account": "acct-%d" % b["micro_credits"]}),
                 ("POST", "/v1/admin/credit"): lambda: (200, {}, {"account": b["account"], "balance_micro_credits": b["micro_credits"],
                                                                  "balance": b["micro_credits"]}),
+                ("GET", "/v1/admin/keys?account=acct%205"): lambda: (200, {}, {"keys": [{"id": "key_1", "account": "acct 5"}]}),
+                ("DELETE", "/v1/admin/keys/key_1"): lambda: (200, {}, {"id": "key_1", "account": "acct 5"}),
                 ("POST", "/v1/admin/join_tokens"): lambda: (200, {}, {"join_token": "jt", "operator_account": b.get("operator_account", "")}),
             }
             f = routes.get((m, p))
@@ -375,6 +377,8 @@ class TestCalls(Base):
         self.assertEqual(c.credit("admin-x", "a", 0.5)["balance_micro_credits"], 500_000)
         self.assertEqual(c.credit("admin-x", "a", micro_credits=7)["balance_micro_credits"], 7)
         self.assertEqual(c.create_join_token("admin-x", "op")["operator_account"], "op")
+        self.assertEqual(c.list_keys("admin-x", "acct 5")[0]["id"], "key_1")
+        self.assertEqual(c.revoke_key("admin-x", "key_1")["account"], "acct 5")
         self.assertEqual(r.close()["status"], "ended")
         self.assertEqual(r.info["status"], "ended")
 
