@@ -1,0 +1,231 @@
+package gpu
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"github.com/signal-p2p/signal/audit"
+	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/native"
+	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
+)
+
+// TestAuditTolerances measures what audit.DefaultTolerances must allow:
+// the same calls, from the same adapter, on the native engine (f32) and
+// on the PyTorch worker in f32 and in bf16, each engine's answer audited
+// by every other as the coordinator audits a node (CompareForward,
+// CompareScores, CompareGreedy). Every honest pair must pass, and the
+// largest margin (difference as a fraction of its tolerance) is logged:
+// that is the room an honest node keeps. Then the lies the coordinator's
+// tests plant, applied to an honest answer, must fail.
+func TestAuditTolerances(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts two PyTorch workers")
+	}
+	window, off := 256, false
+	families := []trainer.Config{
+		// signal-tiny's shape (testnet.DefaultModelConfig).
+		{HiddenSize: 128, IntermediateSize: 344, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2},
+		{ModelType: "mistral", Architectures: []string{"MistralForCausalLM"}, SlidingWindow: &window,
+			HiddenSize: 64, IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2},
+		{ModelType: "qwen2", Architectures: []string{"Qwen2ForCausalLM"}, TieWordEmbeddings: true, UseSlidingWindow: &off,
+			HiddenSize: 64, IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2},
+		{ModelType: "qwen3", Architectures: []string{"Qwen3ForCausalLM"}, HeadDim: 24, UseSlidingWindow: &off,
+			HiddenSize: 64, IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2},
+	}
+	models := t.TempDir()
+	var names []string
+	for i, f := range families {
+		f.VocabSize, f.MaxPositionEmbeddings, f.RopeTheta, f.RMSNormEps = 32000, 512, 1e6, 1e-6
+		name := fmt.Sprintf("audit-%d", i)
+		if err := trainer.GenerateRandomModel(filepath.Join(models, name), f, int64(11+i), ""); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, name)
+	}
+	f32 := mustEngine(t, func(c *Config) { c.ModelsDir = models; c.DType = "float32" })
+	bf16 := mustEngine(t, func(c *Config) { c.ModelsDir = models; c.DType = "bfloat16" })
+	nat, err := native.New(models, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nat.Close()
+	engines := []struct {
+		name string
+		e    node.Engine
+	}{{"native-f32", nat}, {"worker-f32", f32}, {"worker-bf16", bf16}}
+
+	tol := audit.DefaultTolerances()
+	worst := map[string]float64{}
+	raw := map[string]float64{}
+	for _, name := range names {
+		adapter := randomAdapter(t, filepath.Join(models, name))
+		ctx := context.Background()
+		sessions := make([]node.Session, len(engines))
+		for i, e := range engines {
+			s, err := e.e.Open(ctx, protocol.SessionSpec{RunID: name + "-" + e.name, BaseModel: name, LoRARank: 4, LoRAAlpha: 8,
+				TargetModules: []string{"q_proj", "k_proj", "v_proj", "o_proj"}, Seed: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			if err := s.LoadState(ctx, adapter); err != nil {
+				t.Fatal(err)
+			}
+			sessions[i] = s
+		}
+		rng := rand.New(rand.NewSource(5))
+		fb := protocol.ForwardBackwardRequest{}
+		for range 4 {
+			ids := make([]int, 65)
+			for j := range ids {
+				ids[j] = 3 + rng.Intn(31990)
+			}
+			d := protocol.Datum{ModelInput: protocol.ModelInput{Tokens: ids[:64]}}
+			d.LossFnInputs.TargetTokens = ids[1:]
+			for j := range 64 {
+				d.LossFnInputs.Weights = append(d.LossFnInputs.Weights, float64(min(j/8, 1)))
+			}
+			fb.Data = append(fb.Data, d)
+		}
+		prompts := [][]int{{1, 450, 4996, 17354, 1701, 432}, {1, 3118, 2501, 263, 931, 17354, 975, 278}}
+		one, zero, seed := 1.0, 0.0, int64(7)
+		two := 2
+		sampleReq := func(temp *float64) protocol.SampleRequest {
+			return protocol.SampleRequest{Prompts: []protocol.Prompt{{Tokens: prompts[0]}, {Tokens: prompts[1]}}, NumSamples: &two,
+				SamplingParams: protocol.SamplingParams{MaxTokens: 16, Temperature: temp, Seed: &seed}}
+		}
+		// Every engine answers every call once.
+		type answers struct {
+			fb, fwd      protocol.ForwardBackwardResponse
+			warm, greedy protocol.SampleResponse
+		}
+		ans := make([]answers, len(engines))
+		for i, s := range sessions {
+			do(t, s, protocol.CallForwardBackward, fb, &ans[i].fb)
+			do(t, s, protocol.CallForward, fb, &ans[i].fwd)
+			do(t, s, protocol.CallSample, sampleReq(&one), &ans[i].warm)
+			do(t, s, protocol.CallSample, sampleReq(&zero), &ans[i].greedy)
+		}
+		// The raw differences, beside the margins: what the tolerances
+		// are sized from.
+		for i := range engines {
+			for j := i + 1; j < len(engines); j++ {
+				pair := engines[i].name + " vs " + engines[j].name
+				a, b := ans[i].fb, ans[j].fb
+				raw[pair+": loss_sum relative"] = max(raw[pair+": loss_sum relative"], relDiff(a.LossSum, b.LossSum))
+				raw[pair+": grad_norm relative"] = max(raw[pair+": grad_norm relative"], relDiff(*a.GradNorm, *b.GradNorm))
+				for k := range a.Logprobs {
+					for l := range a.Logprobs[k] {
+						raw[pair+": logprob absolute"] = max(raw[pair+": logprob absolute"], math.Abs(a.Logprobs[k][l]-b.Logprobs[k][l]))
+					}
+				}
+			}
+		}
+		record := func(claimer, validator int, what string, c audit.Check) {
+			t.Helper()
+			key := fmt.Sprintf("%s audited by %s: %s", engines[claimer].name, engines[validator].name, what)
+			if !c.Passed {
+				t.Errorf("%s, %s: honest answer failed: %s (margin %.3f)", name, key, c.Reason, c.Margin)
+			}
+			worst[key] = max(worst[key], c.Margin)
+			worst[what] = max(worst[what], c.Margin)
+		}
+		for i := range engines {
+			for j := range engines {
+				if i == j {
+					continue
+				}
+				record(i, j, "forward_backward", audit.CompareForward(ans[i].fb, ans[j].fb, true, tol))
+				record(i, j, "forward", audit.CompareForward(ans[i].fwd, ans[j].fwd, false, tol))
+				for _, smp := range []struct {
+					what   string
+					claim  protocol.SampleResponse
+					greedy bool
+				}{{"sample", ans[i].warm, false}, {"greedy sample", ans[i].greedy, true}} {
+					var scored protocol.ForwardBackwardResponse
+					do(t, sessions[j], protocol.CallForward, audit.ScoreRequest(prompts, smp.claim), &scored)
+					record(i, j, smp.what+" scores", audit.CompareScores(prompts, smp.claim, scored, tol))
+					if smp.greedy {
+						record(i, j, smp.what+" tokens", audit.CompareGreedy(prompts, smp.claim, ans[j].greedy, scored, tol))
+					}
+				}
+			}
+		}
+
+		// The lies, on the native engine's honest answers, audited by the
+		// bf16 worker (the loosest honest pair).
+		lie := func(what string, c audit.Check) {
+			t.Helper()
+			if c.Passed {
+				t.Errorf("%s: lie %q passed (margin %.3f)", name, what, c.Margin)
+			}
+			t.Logf("%s: lie %q fails: %s (margin %.1f)", name, what, c.Reason, c.Margin)
+		}
+		honest, replay := ans[0].fb, ans[2].fb
+		loss := honest
+		loss.LossSum *= 1.1
+		lie("loss_sum +10%", audit.CompareForward(loss, replay, true, tol))
+		g := 1.0
+		skipped := honest
+		skipped.GradNorm = &g
+		lie(fmt.Sprintf("grad_norm made up (1.0; honest %.4f)", *honest.GradNorm), audit.CompareForward(skipped, replay, true, tol))
+		made := ans[0].warm
+		made.Samples = [][]protocol.Sample{make([]protocol.Sample, 2), make([]protocol.Sample, 2)}
+		for i, g := range ans[0].warm.Samples {
+			for j, s := range g {
+				r := protocol.Sample{Tokens: make([]int, len(s.Tokens)), Logprobs: make([]float64, len(s.Tokens))}
+				for k := range r.Tokens {
+					r.Tokens[k], r.Logprobs[k] = 3+rng.Intn(31990), -1
+				}
+				made.Samples[i][j] = r
+			}
+		}
+		var madeScored protocol.ForwardBackwardResponse
+		do(t, sessions[2], protocol.CallForward, audit.ScoreRequest(prompts, made), &madeScored)
+		lie("random sample tokens, made-up logprobs (-1)", audit.CompareScores(prompts, made, madeScored, tol))
+		random := ans[0].warm
+		random.Samples = [][]protocol.Sample{make([]protocol.Sample, 2), make([]protocol.Sample, 2)}
+		for i, g := range ans[0].warm.Samples {
+			for j, s := range g {
+				r := protocol.Sample{Tokens: make([]int, len(s.Tokens)), Logprobs: s.Logprobs}
+				for k := range r.Tokens {
+					r.Tokens[k] = 3 + rng.Intn(31990)
+				}
+				random.Samples[i][j] = r
+			}
+		}
+		var scored protocol.ForwardBackwardResponse
+		do(t, sessions[2], protocol.CallForward, audit.ScoreRequest(prompts, random), &scored)
+		lie("random sample tokens, honest-looking logprobs", audit.CompareScores(prompts, random, scored, tol))
+	}
+	for _, k := range slices.Sorted(maps.Keys(raw)) {
+		t.Logf("largest difference %-50s %.3g", k, raw[k])
+	}
+	for _, k := range slices.Sorted(maps.Keys(worst)) {
+		t.Logf("largest margin %-70s %.4f", k, worst[k])
+	}
+	if os.Getenv("SIGNAL_AUDIT_MARGINS") != "" {
+		b, _ := json.MarshalIndent(worst, "", "  ")
+		_ = os.WriteFile(os.Getenv("SIGNAL_AUDIT_MARGINS"), b, 0o644)
+	}
+}
+
+func relDiff(a, b float64) float64 {
+	return math.Abs(a-b) / math.Max(math.Abs(a), math.Abs(b))
+}
+
+func do(t *testing.T, s node.Session, call protocol.Call, body, out any) {
+	t.Helper()
+	mustDo(t, s, call, body, out)
+}
