@@ -21,6 +21,7 @@ func chargeSamples() []chargeCmd {
 			Idem: &IdemTag{Scope: "alice\x00key", BodyHash: "abc"}, Body: json.RawMessage(`{"loss_sum":6.5}`),
 			RunUpdate: &RunUpdate{RunID: "run-1", Loss: &loss, Tokens: 3, Step: &step, ExpectStatus: []string{"ready"}, Time: "t2"}},
 		{Account: "bob", Idem: &IdemTag{}, Body: json.RawMessage{}},
+		{Account: "carol", Operator: "op2", Cost: protocol.Cost{MicroCredits: 9}, Time: "t", HoldID: "hold_1", Node: "12D3KooWnode"},
 	}
 }
 

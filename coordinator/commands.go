@@ -43,6 +43,13 @@ const (
 	// member that skipped it would still authenticate the key on its
 	// member-local routes), so it is written without the ignorable flag.
 	cmdRevokeKey
+	// cmdAuditResult records a spot-check audit's verdict on a node
+	// (escrow.go): a pass verifies the node's held earnings, a failure
+	// forfeits them to their payers and quarantines the node.
+	cmdAuditResult
+	// cmdReleaseEscrow pays operators the earnings audits verified
+	// before its cutoff.
+	cmdReleaseEscrow
 )
 
 // ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
@@ -63,7 +70,8 @@ func (t cmdType) base() cmdType { return t &^ ignoreUnknownTypeFlag }
 func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
 
 var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
-	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key"}
+	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key",
+	"audit_result", "release_escrow"}
 
 func (t cmdType) String() string {
 	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
@@ -206,6 +214,10 @@ func decodeCommand(c command) (decodedCommand, error) {
 		d.v, err = decodeJSONCommand[pruneRunsCmd](c.payload)
 	case cmdRevokeKey:
 		d.v, err = decodeJSONCommand[revokeKeyCmd](c.payload)
+	case cmdAuditResult:
+		d.v, err = decodeJSONCommand[auditResultCmd](c.payload)
+	case cmdReleaseEscrow:
+		d.v, err = decodeJSONCommand[releaseEscrowCmd](c.payload)
 	default:
 		err = errUnknownCommand
 	}
@@ -287,13 +299,15 @@ const (
 	chargeHasBody
 	chargeHasRunUpdate
 	chargeHasHold
-	chargeKnownFlags = chargeRequireAll | chargeHasIdem | chargeHasBody | chargeHasRunUpdate | chargeHasHold
+	// chargeHasNode: the operator's share is held in the node's escrow.
+	chargeHasNode
+	chargeKnownFlags = chargeRequireAll | chargeHasIdem | chargeHasBody | chargeHasRunUpdate | chargeHasHold | chargeHasNode
 )
 
 // appendCharge lays out a charge: a flags byte; Account, Operator, RunID,
 // Call and Time as uvarint-length strings; FeeBPS and the four Cost figures
 // as varints; then, when flagged, the idempotency scope and body hash, the
-// response body, and the run update's JSON.
+// response body, the run update's JSON, the hold and the node.
 func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
 	var flags byte
 	if c.RequireAll {
@@ -311,7 +325,10 @@ func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
 	if c.HoldID != "" {
 		flags |= chargeHasHold
 	}
-	n := 1 + binary.MaxVarintLen64 + len(c.HoldID) + 5*binary.MaxVarintLen64 + len(c.Account) + len(c.Operator) + len(c.RunID) + len(c.Call) + len(c.Time) +
+	if c.Node != "" {
+		flags |= chargeHasNode
+	}
+	n := 1 + 2*binary.MaxVarintLen64 + len(c.HoldID) + len(c.Node) + 5*binary.MaxVarintLen64 + len(c.Account) + len(c.Operator) + len(c.RunID) + len(c.Call) + len(c.Time) +
 		5*binary.MaxVarintLen64 + 3*binary.MaxVarintLen64 + len(c.Body) + len(runUpdate)
 	if c.Idem != nil {
 		n += len(c.Idem.Scope) + len(c.Idem.BodyHash)
@@ -348,6 +365,10 @@ func appendCharge(b []byte, c chargeCmd, runUpdate []byte) []byte {
 	if c.HoldID != "" {
 		b = binary.AppendUvarint(b, uint64(len(c.HoldID)))
 		b = append(b, c.HoldID...)
+	}
+	if c.Node != "" {
+		b = binary.AppendUvarint(b, uint64(len(c.Node)))
+		b = append(b, c.Node...)
 	}
 	return b
 }
@@ -441,6 +462,9 @@ func decodeCharge(p []byte) (chargeCmd, error) {
 	}
 	if flags&chargeHasHold != 0 {
 		c.HoldID = r.str("hold_id")
+	}
+	if flags&chargeHasNode != 0 {
+		c.Node = r.str("node")
 	}
 	if r.err == nil && len(r.b) != 0 {
 		r.fail(fmt.Sprintf("%d trailing bytes", len(r.b)))

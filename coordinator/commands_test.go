@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/signal-p2p/signal/protocol"
 )
 
 // logRecords keeps the messages a member logs at error level; the FSM logs
@@ -66,6 +68,8 @@ func TestCodecRoundTripsEveryCommand(t *testing.T) {
 		{cmdCreateRunLimited, createRunLimitedCmd{Run: RunRecord{Owner: "a"}, MaxActive: 2}},
 		{cmdPruneRuns, pruneRunsCmd{IDs: []string{"r"}}},
 		{cmdRevokeKey, revokeKeyCmd{Hash: "h"}},
+		{cmdAuditResult, auditResultCmd{Node: "n", Audit: protocol.Audit{ID: "a", Validator: "v"}, At: 1}},
+		{cmdReleaseEscrow, releaseEscrowCmd{Cutoff: 1, Nodes: []string{"n"}}},
 		{cmdCharge, chargeCmd{Account: "a", RunID: "r", Call: "sample", Time: "t"}},
 	} {
 		t.Run(tc.t.String(), func(t *testing.T) {

@@ -143,6 +143,12 @@ func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 	case cmdRevokeKey:
 		k, err := s.RevokeKey(d.v.(revokeKeyCmd).Hash)
 		return cmdResult{Value: k, Err: err}
+	case cmdAuditResult:
+		out, err := s.RecordAudit(d.v.(auditResultCmd))
+		return cmdResult{Value: out, Err: err}
+	case cmdReleaseEscrow:
+		n, err := s.ReleaseEscrow(d.v.(releaseEscrowCmd))
+		return cmdResult{Value: n, Err: err}
 	case cmdUpdateRun:
 		rec, err := s.UpdateRun(d.v.(RunUpdate))
 		return cmdResult{Value: rec, Err: err}
@@ -210,6 +216,10 @@ const (
 	recMember
 	recIdem
 	recHold
+	// recEscrow is a node's held earnings (ledger.EscrowState), restored
+	// with the ledger's accounts; recNodeAudit a node's audit history.
+	recEscrow
+	recNodeAudit
 )
 
 const snapshotMagic = "SIGSNAP1"
@@ -332,6 +342,16 @@ func writeSnapshot(w io.Writer, s *State) error {
 			return err
 		}
 	}
+	for _, e := range s.ledger.Escrows() {
+		if err := put(recEscrow, e); err != nil {
+			return err
+		}
+	}
+	for _, k := range sortedKeys(s.nodeAudits) {
+		if err := put(recNodeAudit, s.nodeAudits[k]); err != nil {
+			return err
+		}
+	}
 	if err := bw.WriteByte(byte(recEnd)); err != nil {
 		return err
 	}
@@ -351,6 +371,7 @@ func readSnapshot(r io.Reader) (*State, error) {
 	s := NewState()
 	var meta snapshotMeta
 	var accounts []ledger.AccountState
+	var escrows []ledger.EscrowState
 	for {
 		tb, err := br.ReadByte()
 		if err != nil {
@@ -368,11 +389,19 @@ func readSnapshot(r io.Reader) (*State, error) {
 		if _, err := io.ReadFull(br, buf); err != nil {
 			return nil, fmt.Errorf("record %d: %w (%w)", t, errBadSnapshot, err)
 		}
+		if t == recEscrow {
+			var e ledger.EscrowState
+			if err := json.Unmarshal(buf, &e); err != nil {
+				return nil, fmt.Errorf("record %d: %w (%w)", t, errBadSnapshot, err)
+			}
+			escrows = append(escrows, e)
+			continue
+		}
 		if err := decodeRecord(s, t, buf, &meta, &accounts); err != nil {
 			return nil, err
 		}
 	}
-	l, err := ledger.Restore(accounts, meta.Minted)
+	l, err := ledger.RestoreWithEscrows(accounts, meta.Minted, escrows)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errBadSnapshot, err)
 	}
@@ -453,6 +482,15 @@ func decodeRecord(s *State, t recType, buf []byte, meta *snapshotMeta, accounts 
 			return fmt.Errorf("hold record without id or with a negative amount: %w", errBadSnapshot)
 		}
 		s.putHold(h)
+	case recNodeAudit:
+		var a NodeAuditRecord
+		if err := dec(&a); err != nil {
+			return err
+		}
+		if a.PeerID == "" {
+			return fmt.Errorf("node audit record without a peer id: %w", errBadSnapshot)
+		}
+		s.nodeAudits[a.PeerID] = a
 	default:
 		return fmt.Errorf("record type %d: %w", t, errBadSnapshot)
 	}

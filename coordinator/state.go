@@ -136,6 +136,8 @@ type State struct {
 	holds     map[string]HoldRecord
 	// held is each account's sum of holds (derived from holds).
 	held map[string]int64
+	// nodeAudits are the nodes' audit histories and quarantines (escrow.go).
+	nodeAudits map[string]NodeAuditRecord
 	// FeeAccount receives the network's share of every charge.
 	feeAccount string
 }
@@ -158,6 +160,7 @@ func NewState() *State {
 		idemBytes:  map[string]int64{},
 		holds:      map[string]HoldRecord{},
 		held:       map[string]int64{},
+		nodeAudits: map[string]NodeAuditRecord{},
 		feeAccount: DefaultFeeAccount,
 	}
 }
@@ -183,6 +186,7 @@ func (s *State) clone() *State {
 		idemBytes:  maps.Clone(s.idemBytes),
 		holds:      maps.Clone(s.holds),
 		held:       maps.Clone(s.held),
+		nodeAudits: maps.Clone(s.nodeAudits),
 		feeAccount: s.feeAccount,
 	}
 	for k, v := range s.accounts {
@@ -482,6 +486,9 @@ type chargeCmd struct {
 	RequireAll bool            `json:"require_all,omitempty"`
 	// HoldID is the call's reservation (cmdHold), released by this charge.
 	HoldID string `json:"hold_id,omitempty"`
+	// Node is the node that served the call: set, the operator's share is
+	// held in its escrow until audits release it (escrow.go).
+	Node string `json:"node,omitempty"`
 }
 
 // Charge applies a billed call.
@@ -505,6 +512,11 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 		return ChargeResult{}, fmt.Errorf("charge %d: %w", c.Cost.MicroCredits, ledger.ErrInvalidAmount)
 	}
 	cost := c.Cost
+	if c.Node != "" && s.Quarantined(c.Node) {
+		// A node caught lying is not paid, nor its user billed, for the
+		// calls it still answers before its runs move.
+		cost.MicroCredits = 0
+	}
 	bal := s.ledger.Balance(c.Account)
 	// Other calls' holds are not this charge's to take; its own is.
 	var own int64
@@ -552,7 +564,7 @@ func (s *State) Charge(c chargeCmd) (ChargeResult, error) {
 			return ChargeResult{}, err
 		}
 	}
-	if err := s.ledger.Charge(c.Account, operator, s.feeAccount, split); err != nil {
+	if err := s.chargeLedger(c, operator, split); err != nil {
 		return ChargeResult{}, err
 	}
 	if cost.MicroCredits > 0 || c.Call != "" {

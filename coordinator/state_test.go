@@ -193,6 +193,10 @@ func fullState(t *testing.T) *State {
 	_, _ = s.Charge(chargeCmd{Account: "alice", Operator: "op1", FeeBPS: 500, Cost: protocol.Cost{MicroCredits: 40}, RunID: "r1", Call: "fb", Time: "t",
 		RunUpdate: &RunUpdate{RunID: "r1", Checkpoint: &cp, Loss: &loss, Tokens: 2}})
 	_, _ = s.UpdateRun(RunUpdate{RunID: "r1", Optim: &OptimFigures{Step: 4, LearningRate: 1, GradNorm: 1}, Time: "t2"})
+	// Escrowed earnings, verified by a pass, and more held since.
+	_, _ = s.Charge(chargeCmd{Account: "alice", Operator: "op1", Node: "peer1", FeeBPS: 500, Cost: protocol.Cost{MicroCredits: 30}, Time: "2026-01-01T00:00:01Z"})
+	_, _ = s.RecordAudit(auditResultCmd{Node: "peer1", At: 2, Audit: protocol.Audit{ID: "aud_1", RunID: "r1", Call: "forward", Validator: "peer2", Passed: true, Time: "t3"}})
+	_, _ = s.Charge(chargeCmd{Account: "alice", Operator: "op1", Node: "peer1", FeeBPS: 500, Cost: protocol.Cost{MicroCredits: 20}, Time: "2026-01-01T00:00:03Z"})
 	return s
 }
 
@@ -220,6 +224,11 @@ func TestSnapshotRoundTripEveryRecordType(t *testing.T) {
 		{recMember, s.members, got.members},
 		{recIdem, s.idem, got.idem},
 		{recHold, s.holds, got.holds},
+		{recEscrow, s.ledger.Escrows(), got.ledger.Escrows()},
+		{recNodeAudit, s.nodeAudits, got.nodeAudits},
+	}
+	if len(s.ledger.Escrows()) == 0 || len(s.nodeAudits) == 0 {
+		t.Fatal("fullState has no escrow or audit record")
 	}
 	for _, c := range checks {
 		if !reflect.DeepEqual(c.want, c.got) {

@@ -332,6 +332,8 @@ type Account struct {
 	BalanceMicroCredits MicroCredits `json:"balance_micro_credits"`
 	SpentMicroCredits   MicroCredits `json:"spent_micro_credits"`
 	Charges             []Charge     `json:"charges"`
+	// Operator is set for an account that node operators earn for.
+	Operator *OperatorEarnings `json:"operator,omitempty"`
 }
 
 // GPU is one GPU as a node advertises it.
@@ -364,6 +366,9 @@ type Node struct {
 	LastSeen    string   `json:"last_seen"`
 	// Operator is the account the node's earnings go to.
 	Operator string `json:"operator,omitempty"`
+	// Audits is what the network checked of the node's work (set by the
+	// coordinator in GET /v1/nodes; never taken from an advert).
+	Audits *NodeAudits `json:"audits,omitempty"`
 }
 
 // NodeList is the body of GET /v1/nodes.
