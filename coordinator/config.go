@@ -128,8 +128,9 @@ type Config struct {
 	SnapshotInterval  time.Duration
 	// Logger receives audit events and infrastructure logs.
 	Logger *slog.Logger
-	// RaftLog receives hashicorp/raft's own log at RaftLogLevel (e.g. "warn").
-	RaftLog      io.Writer
+	// RaftLogLevel is the level from which hashicorp/raft's own lines go
+	// into Logger (component=raft): "trace", "debug", "info", "warn" or
+	// "error".
 	RaftLogLevel string
 }
 
@@ -162,7 +163,6 @@ func DefaultConfig() Config {
 		SnapshotThreshold:   8192,
 		SnapshotInterval:    2 * time.Minute,
 		Logger:              slog.New(slog.NewJSONHandler(io.Discard, nil)),
-		RaftLog:             io.Discard,
 		RaftLogLevel:        "warn",
 	}
 }

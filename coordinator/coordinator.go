@@ -143,7 +143,8 @@ func (c *Coordinator) Start(ctx context.Context) error {
 	if err := os.MkdirAll(c.cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data dir: %w", err)
 	}
-	hl := hclog.New(&hclog.LoggerOptions{Name: "raft-" + c.cfg.ID, Output: c.cfg.RaftLog, Level: hclog.LevelFromString(c.cfg.RaftLogLevel)})
+	// One log: raft's lines are records of the coordinator's own logger.
+	hl := newRaftLogger(c.log, hclog.LevelFromString(c.cfg.RaftLogLevel))
 	snaps, err := c.openStores(hl)
 	if err != nil {
 		return err

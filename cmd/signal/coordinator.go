@@ -96,7 +96,7 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 		logger.Warn("no --storage: node checkpoints are recorded from any file or s3 URI and never collected; "+
 			"runs cannot move between machines whose nodes keep node-local stores. Give every coordinator and node the network's shared store", "category", "security")
 	}
-	cfg.Logger, cfg.RaftLog = logger, os.Stderr
+	cfg.Logger = logger
 	cfg.LoadTokenizer = func(dir string) (coordinator.Tokenizer, error) { return tokenizer.Load(dir) }
 	if o.modelsFile != "" {
 		ms, err := coordinator.LoadModels(o.modelsFile)
