@@ -1,9 +1,11 @@
-// Package hub downloads model repositories from the Hugging Face Hub (or
-// any server speaking its HTTP API): the file list from
-// /api/models/{repo}[/revision/{rev}]?blobs=true, each file from
+// Package hub speaks the Hugging Face Hub's HTTP API (or any server's that
+// speaks it, such as hubtest's). It downloads model repositories: the file
+// list from /api/models/{repo}[/revision/{rev}]?blobs=true, each file from
 // /{repo}/resolve/{rev}/{file}, resuming partial downloads with Range
 // requests and verifying every file (sha256 for LFS files, the git blob
-// SHA-1 otherwise) before it is renamed into place.
+// SHA-1 otherwise) before it is renamed into place. And it pushes: a
+// commit of files through the commit API (push.go), and a checkpoint's
+// adapter with a model card (checkpoint.go).
 package hub
 
 import (
@@ -43,7 +45,8 @@ var (
 
 // Client talks to a hub.
 type Client struct {
-	// BaseURL defaults to DefaultBaseURL.
+	// BaseURL defaults to $HF_ENDPOINT (as Hugging Face's own tools
+	// read it), then DefaultBaseURL.
 	BaseURL string
 	// Token is sent as a bearer token (gated models); default $HF_TOKEN.
 	Token string
@@ -73,6 +76,9 @@ type Info struct {
 func (c *Client) base() string {
 	if c.BaseURL != "" {
 		return strings.TrimRight(c.BaseURL, "/")
+	}
+	if e := os.Getenv("HF_ENDPOINT"); e != "" {
+		return strings.TrimRight(e, "/")
 	}
 	return DefaultBaseURL
 }
