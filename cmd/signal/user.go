@@ -136,7 +136,7 @@ func newRunsCreateCmd() *cobra.Command {
 }
 
 func newUserCheckpointsCmd() *cobra.Command {
-	cps := &cobra.Command{Use: "checkpoints", Short: "List and download your runs' checkpoints"}
+	cps := &cobra.Command{Use: "checkpoints", Short: "List, download and push (to the Hugging Face Hub) your runs' checkpoints"}
 	list := listCmd("list [RUN_ID]", "List the checkpoints of a run, or of all your runs, newest first", "checkpoints", maxArgs(1), func(ctx context.Context, c *client.Client, o *conn, out io.Writer, args []string) error {
 		all, err := checkpointsOf(ctx, c, args)
 		if err != nil {
@@ -190,7 +190,7 @@ func newUserCheckpointsCmd() *cobra.Command {
 	})
 	dl.Flags().StringVarP(&outDir, "out", "o", "", "directory to write the files into (default: the checkpoint's id)")
 	dl.Flags().StringVar(&storeURL, "storage", "", "the network's checkpoint store, as nodes are given it: file:///dir or s3://bucket/prefix?endpoint=host:port (default: the testnet's, or $SIGNAL_STORAGE, or the checkpoint's own directory for file:// URIs)")
-	cps.AddCommand(list, dl)
+	cps.AddCommand(list, dl, newCheckpointsPushCmd())
 	return cps
 }
 
