@@ -101,15 +101,16 @@ func newPass(m *Model, lora *LoRA, ar *arena, lens []int, maxRows, maxSeq int, k
 		p.layers = make([]blockActs, c.NumHiddenLayers)
 		p.rinvF = ar.dirty(T)
 	} else {
-		p.blk = p.newBlock(T)
+		p.blk = p.newBlock(0, T)
 	}
 	p.scratch = ar.dirty(m.team.Threads() * need)
 	return p
 }
 
-// newBlock takes one block's buffers for T rows from the arena; only the
-// kept activations get their own (see pass).
-func (p *pass) newBlock(T int) blockActs {
+// newBlock takes block l's buffers for T rows from the arena: with keep,
+// every activation the backward needs; otherwise the ones that every block
+// reuses (see pass).
+func (p *pass) newBlock(l, T int) blockActs {
 	c, ar := p.m.cfg, p.ar
 	nq, nkv, D := c.NumAttentionHeads, c.NumKeyValueHeads, c.HeadDim
 	b := blockActs{
@@ -130,13 +131,14 @@ func (p *pass) newBlock(T int) blockActs {
 		return b
 	}
 	var u []float32 // without keep, one buffer serves every module
-	for mod := Module(0); mod < NumModules; mod++ {
-		if p.lora.Targets(mod) {
-			if u == nil || p.keep {
-				u = ar.dirty(T * p.lora.Rank)
-			}
-			b.u[mod] = u
+	for mod := range b.u {
+		if p.keep && p.lora.Layers[l][mod] == nil {
+			continue
 		}
+		if u == nil || p.keep {
+			u = ar.dirty(T * p.lora.Rank)
+		}
+		b.u[mod] = u
 	}
 	return b
 }
@@ -171,7 +173,7 @@ func (p *pass) forward(ctx context.Context) error {
 		w := &m.Layers[l]
 		a := &p.blk
 		if p.keep {
-			p.layers[l] = p.newBlock(T)
+			p.layers[l] = p.newBlock(l, T)
 			a = &p.layers[l]
 			a.x = x
 			copy(a.h, x) // h = x + o_proj(...) keeps x

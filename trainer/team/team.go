@@ -20,7 +20,9 @@
 // in one cgo call per task and the other P stays idle, so sysmon backs off.
 //
 // A helper polls for the next task for a while (teamSpin) and then sleeps
-// on a condition variable, so an idle model costs no CPU.
+// on a condition variable, so an idle model costs no CPU; a caller waiting
+// for the helpers' last jobs does the same, so that on a loaded machine a
+// helper that lost its core does not cost the caller's core as well.
 package team
 
 // #cgo CFLAGS: -O2
@@ -37,13 +39,13 @@ import (
 
 	"github.com/signal-p2p/signal/trainer/internal/shape"
 	"github.com/signal-p2p/signal/trainer/packed"
-	// The team's C code calls vmath's (the softmax and SwiGLU rows).
+	// The team's C code calls vmath's (its element-wise kernels).
 	_ "github.com/signal-p2p/signal/trainer/vmath"
 )
 
-// teamSpin is how long a helper polls for the next task before it sleeps:
-// a forward hands one out every few hundred microseconds, and waking a
-// sleeping thread costs tens.
+// teamSpin is how long a helper polls for the next task, and a caller for
+// the helpers' last jobs, before it sleeps: a pass hands a task out every
+// few hundred microseconds, and waking a sleeping thread costs tens.
 const teamSpin = 200 * time.Microsecond
 
 // Team is a caller plus helper threads. One task runs at a time: a
