@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/signal-p2p/signal/ledger"
 	"github.com/signal-p2p/signal/protocol"
 )
 
@@ -102,10 +103,12 @@ func TestAPITrainingFlowBillsExactly(t *testing.T) {
 	if a.Account != acct || a.BalanceMicroCredits != 1_000_000-342 || a.SpentMicroCredits != 342 || len(a.Charges) != 5 {
 		t.Fatalf("account %s", r.body)
 	}
-	// The operator earned 90% and the network 10% (fee rounded down).
+	// The operator earned 90%, held in its nodes' escrows until audits
+	// release it, and the network 10% (fee rounded down).
 	c.State(func(s *State) {
-		if got := s.Balance("operator-1") + s.Balance(DefaultFeeAccount); got != 342 {
-			t.Errorf("operator+fee = %d, want 342", got)
+		held := s.Balance(ledger.EscrowAccount("nodeA")) + s.Balance(ledger.EscrowAccount("nodeB"))
+		if got := s.Balance("operator-1") + held + s.Balance(DefaultFeeAccount); got != 342 || held == 0 {
+			t.Errorf("operator+held+fee = %d (held %d), want 342, held", got, held)
 		}
 		if err := s.Ledger().Check(); err != nil {
 			t.Error(err)

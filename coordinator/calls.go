@@ -130,6 +130,9 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		if len(body) == 0 {
 			body = []byte("{}")
 		}
+		// Whether this call is audited is decided now, unpredictably; the
+		// node learns it only after answering (audit.go).
+		audited := c.auditor.choose(rec, callName, model)
 		resp, err := c.doRun(work, cl, rec, callName, body)
 		if err != nil {
 			release()
@@ -165,10 +168,16 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 				operator = n.Operator
 			}
 		})
+		// With audits on, the operator's share is held in the node's
+		// escrow until audits release it.
+		var node string
+		if c.cfg.AuditRate > 0 {
+			node = rec.Run.Node
+		}
 		v, err := c.propose(work, cmdCharge, chargeCmd{
 			Account: cl.account, Operator: operator, FeeBPS: c.cfg.FeeBasisPoints, Cost: cost,
 			RunID: rec.Run.ID, Call: string(callName), Time: now(), Idem: cl.idem, Body: recordBody, RunUpdate: &update,
-			HoldID: hold.ID,
+			HoldID: hold.ID, Node: node,
 		})
 		if err != nil {
 			return nil, err
@@ -177,6 +186,9 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		if !res.Replayed {
 			c.metrics.charges.Inc()
 			c.metrics.credits.Add(float64(res.Cost.MicroCredits))
+		}
+		if audited && !res.Replayed {
+			c.auditor.commit(work, rec, model, callName, body, respBody, res.Cost.MicroCredits)
 		}
 		if ctx.Err() != nil {
 			c.log.Info("call finished and charged after the client left", "category", "billing", "run", rec.Run.ID, "call", callName, "credits", res.Cost.MicroCredits)

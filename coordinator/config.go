@@ -83,6 +83,21 @@ type Config struct {
 	// DeleteCheckpointFiles, when set, deletes collected checkpoint files
 	// (URIs no remaining checkpoint names) from the network's store.
 	DeleteCheckpointFiles func(ctx context.Context, uris []string) error
+	// AuditRate is the fraction of billed forward_backward, forward and
+	// sample calls the leader audits: a validator of another operator
+	// replays the call from the state the node committed (audit.go). With
+	// audits on, an operator's share of each charge is held in its node's
+	// escrow until audits release it; 0 turns both off (operators are
+	// paid at once, as before audits existed).
+	AuditRate float64
+	// EscrowWindow is how long earnings a passed audit verified stay held
+	// (a failure within it still refunds them); earnings no audit has
+	// covered for this long make the node's next call audited.
+	EscrowWindow time.Duration
+	// EscrowReleaseInterval is how often the leader releases what is due.
+	EscrowReleaseInterval time.Duration
+	// AuditWorkers bounds the audits being validated at once.
+	AuditWorkers int
 	// CallTimeout bounds one billed call on a node. The call runs to its
 	// end even when the client hangs up, so the work is billed.
 	CallTimeout time.Duration
@@ -134,6 +149,12 @@ type Config struct {
 	RaftLogLevel string
 }
 
+// DefaultAuditRate is the fraction of billed calls audited by default: 3%
+// puts about 3% on the network's compute (one replay per audited call)
+// and catches a node that lies on every call within 100 calls with
+// probability 1 − 0.97^100 ≈ 95%.
+const DefaultAuditRate = 0.03
+
 // DefaultConfig returns a configuration with every tunable set; callers
 // fill ID, DataDir, addresses and the admin token.
 func DefaultConfig() Config {
@@ -164,6 +185,12 @@ func DefaultConfig() Config {
 		SnapshotInterval:    2 * time.Minute,
 		Logger:              slog.New(slog.NewJSONHandler(io.Discard, nil)),
 		RaftLogLevel:        "warn",
+
+		// Audits and escrowed earnings (audit.go).
+		AuditRate:             DefaultAuditRate,
+		EscrowWindow:          24 * time.Hour,
+		EscrowReleaseInterval: 10 * time.Minute,
+		AuditWorkers:          2,
 	}
 }
 
@@ -206,6 +233,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("config ReadTimeout/IdleTimeout/MaxConnsPerIP: must be positive: %w", ErrInvalidRequest)
 	case c.MaxBatch < 1 || c.MaxInflightBatches < 1:
 		return fmt.Errorf("config MaxBatch %d / MaxInflightBatches %d: must be positive: %w", c.MaxBatch, c.MaxInflightBatches, ErrInvalidRequest)
+	case !(c.AuditRate >= 0 && c.AuditRate <= 1) || c.EscrowWindow < 0 || c.EscrowReleaseInterval <= 0 || c.AuditWorkers < 1:
+		return fmt.Errorf("config AuditRate %v / EscrowWindow %v / EscrowReleaseInterval %v / AuditWorkers %d: want 0..1, ≥ 0, > 0, ≥ 1: %w", c.AuditRate, c.EscrowWindow, c.EscrowReleaseInterval, c.AuditWorkers, ErrInvalidRequest)
 	case c.ApplyTimeout <= 0 || c.NodeLostAfter <= 0 || c.RetryAfter <= 0 || c.CallTimeout <= 0:
 		return fmt.Errorf("config ApplyTimeout/NodeLostAfter/RetryAfter/CallTimeout: must be positive: %w", ErrInvalidRequest)
 	case c.LogStore != "" && c.LogStore != LogStoreWAL && c.LogStore != LogStoreBolt:

@@ -70,6 +70,8 @@ type Coordinator struct {
 
 	// gates queue each run's billed calls (one at a time to its node).
 	gates *runGates
+	// auditor validates the audited calls in the background (audit.go).
+	auditor *auditor
 	// tokenizers are the models' tokenizers this member has loaded.
 	tokenizers *tokenizers
 	// tokenizeSlots bounds concurrent /v1/tokenize work on this member.
@@ -121,6 +123,7 @@ func New(cfg Config) (*Coordinator, error) {
 		gates:         newRunGates(),
 	}
 	c.fsm.log = c.log
+	c.auditor = newAuditor(c)
 	c.metrics = newMetrics(c)
 	c.fsm.observe = c.metrics.observeApply
 	c.backend = cfg.Backend
@@ -311,6 +314,7 @@ func (c *Coordinator) runLoops(ctx context.Context, hasState bool) {
 	c.cancel = cancel
 	c.batch = newBatcher(c.raft, c.cfg.MaxBatch, c.cfg.MaxInflightBatches, c.cfg.ApplyTimeout, c.metrics.observeBatch)
 	c.batch.Start(ctx)
+	c.auditor.Start(ctx, c.cfg.AuditWorkers)
 	c.goLoop(func() {
 		if err := c.srv.Serve(newPerIPListener(c.ln, c.cfg.MaxConnsPerIP)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.log.Error("http server stopped", "category", "infrastructure", "err", err)
@@ -353,6 +357,7 @@ func (c *Coordinator) Stop() error {
 		cancel()
 	}
 	c.wg.Wait()
+	c.auditor.Stop()
 	c.batch.Wait()
 	if err := c.shutdownRaft(); err != nil {
 		errs = append(errs, err)
@@ -540,6 +545,11 @@ func (c *Coordinator) watchLeadership(ctx context.Context) {
 			go func() {
 				defer leaderWG.Done()
 				c.idleLoop(lctx)
+			}()
+			leaderWG.Add(1)
+			go func() {
+				defer leaderWG.Done()
+				c.escrowLoop(lctx)
 			}()
 		case !isLeader && leaderCancel != nil:
 			c.log.Info("lost leadership", "category", "infrastructure")

@@ -91,7 +91,9 @@ func (s *State) Quarantined(peerID string) bool { return s.nodeAudits[peerID].Qu
 // payers and quarantines it. The validator's replay is paid either way.
 func (s *State) RecordAudit(c auditResultCmd) (AuditOutcome, error) {
 	a := c.Audit
-	if c.Node == "" || a.ID == "" || a.Validator == "" || a.Validator == c.Node {
+	// An empty validator is the leader's own verdict (a node that would
+	// not commit its state for audits).
+	if c.Node == "" || a.ID == "" || a.Validator == c.Node {
 		return AuditOutcome{}, fmt.Errorf("audit result: node %q, id %q, validator %q: %w", c.Node, a.ID, a.Validator, ErrInvalidRequest)
 	}
 	rec := s.nodeAudits[c.Node]
@@ -133,17 +135,20 @@ func (s *State) RecordAudit(c auditResultCmd) (AuditOutcome, error) {
 	rec.Recent = recent
 	s.nodeAudits[c.Node] = rec
 
-	v := s.nodeAudits[a.Validator]
-	v.PeerID = a.Validator
-	v.Validated++
-	s.nodeAudits[a.Validator] = v
+	var v NodeAuditRecord
+	if a.Validator != "" {
+		v = s.nodeAudits[a.Validator]
+		v.PeerID = a.Validator
+		v.Validated++
+		s.nodeAudits[a.Validator] = v
+	}
 	if c.Disputed != "" && c.Disputed != c.Node {
 		d := s.nodeAudits[c.Disputed]
 		d.PeerID = c.Disputed
 		d.Disputed++
 		s.nodeAudits[c.Disputed] = d
 	}
-	if pay := min(c.ValidatorPay, s.ledger.Balance(s.feeAccount)); pay > 0 && c.ValidatorOperator != "" && !v.Quarantined {
+	if pay := min(c.ValidatorPay, s.ledger.Balance(s.feeAccount)); pay > 0 && a.Validator != "" && c.ValidatorOperator != "" && !v.Quarantined {
 		err := s.ledger.ChargeEscrowed(s.feeAccount, a.Validator, c.ValidatorOperator, s.feeAccount, ledger.Split{Total: pay, Operator: pay}, c.At)
 		if err == nil {
 			out.ValidatorPaid = pay

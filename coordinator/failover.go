@@ -12,8 +12,8 @@ import (
 )
 
 // failoverLoop runs on the leader: it notices runs whose node left the
-// backend's node list (for longer than NodeLostAfter) or was reported lost
-// by a call, and moves them. It also resumes moves a previous leader left
+// backend's node list (for longer than NodeLostAfter), was reported lost
+// by a call or was quarantined by a failed audit, and moves them. It also resumes moves a previous leader left
 // half done (runs in status moving).
 func (c *Coordinator) failoverLoop(ctx context.Context) {
 	period := c.cfg.NodeLostAfter / 10
@@ -39,7 +39,15 @@ func (c *Coordinator) failoverLoop(ctx context.Context) {
 			live[n.PeerID] = true
 		}
 		var runs []*RunRecord
-		c.fsm.read(func(s *State) { runs = s.ActiveRuns() })
+		quarantined := map[string]bool{}
+		c.fsm.read(func(s *State) {
+			runs = s.ActiveRuns()
+			for _, r := range runs {
+				if s.Quarantined(r.Run.Node) {
+					quarantined[r.Run.Node] = true
+				}
+			}
+		})
 		nowT := time.Now()
 		c.movingMu.Lock()
 		for _, r := range runs {
@@ -57,11 +65,13 @@ func (c *Coordinator) failoverLoop(ctx context.Context) {
 					delete(c.missing, id)
 					seen = false
 				}
-				reported := seen && m.since.IsZero()
+				// A node a failed audit quarantined loses its runs now,
+				// as if a call had found it lost.
+				reported := (seen && m.since.IsZero()) || quarantined[r.Run.Node]
 				switch {
 				case live[r.Run.Node] && !reported:
 					delete(c.missing, id)
-				case !seen:
+				case !seen && !reported:
 					c.missing[id] = lostMark{node: r.Run.Node, since: nowT}
 				case reported || nowT.Sub(m.since) >= c.cfg.NodeLostAfter:
 					due = true

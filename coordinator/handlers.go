@@ -92,17 +92,25 @@ func (c *Coordinator) handleModels(*call) (any, error) { return c.models.list(),
 func (c *Coordinator) handleNodes(*call) (any, error) {
 	nodes := c.nodesBackend().Nodes()
 	out := protocol.NodeList{Nodes: make([]protocol.Node, 0, len(nodes))}
-	for _, n := range nodes {
-		if c.IsJoined(n.PeerID) {
-			out.Nodes = append(out.Nodes, n)
+	c.fsm.read(func(s *State) {
+		for _, n := range nodes {
+			if _, joined := s.Node(n.PeerID); joined {
+				// What the network checked of the node, never what its
+				// advert claims.
+				n.Audits = s.NodeAuditView(n.PeerID)
+				out.Nodes = append(out.Nodes, n)
+			}
 		}
-	}
+	})
 	return out, nil
 }
 
 func (c *Coordinator) handleAccount(cl *call) (any, error) {
 	var a protocol.Account
-	c.fsm.read(func(s *State) { a = s.AccountView(cl.account) })
+	c.fsm.read(func(s *State) {
+		a = s.AccountView(cl.account)
+		a.Operator = s.OperatorView(cl.account)
+	})
 	return a, nil
 }
 

@@ -13,7 +13,7 @@ import (
 )
 
 // place picks the node for a run of model among the backend's live nodes:
-// joined, not excluded, with an engine backend up, a free session slot and the memory the model
+// joined, not quarantined, not excluded, with an engine backend up, a free session slot and the memory the model
 // needs (or the model already loaded); nodes with the model loaded first,
 // then the fewest sessions. It fails with ErrNoCapacity.
 //
@@ -32,7 +32,8 @@ func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.
 	c.fsm.read(func(s *State) {
 		joined = make(map[string]bool, len(nodes))
 		for _, n := range nodes {
-			if _, ok := s.Node(n.PeerID); ok {
+			// A node a failed audit quarantined takes no runs.
+			if _, ok := s.Node(n.PeerID); ok && !s.Quarantined(n.PeerID) {
 				joined[n.PeerID] = true
 			}
 		}

@@ -1,0 +1,442 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"math/rand"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/signal-p2p/signal/ledger"
+	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/native"
+	"github.com/signal-p2p/signal/node/storage"
+	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
+)
+
+// The audit tests run real nodes: node.Managers over the native engine on
+// a tiny random model, one per peer, sharing a file checkpoint store, as
+// the p2p host would reach them (the Backend calls Manager.Handle). A
+// lying node is a real node whose engine's sessions lie.
+
+// realNet is a Backend over real node.Managers.
+type realNet struct {
+	mu    sync.Mutex
+	nodes map[string]*realNode
+}
+
+type realNode struct {
+	info protocol.Node
+	m    *node.Manager
+}
+
+// tinyModelsDir generates the tiny random model every node serves, as
+// "tiny" (testConfig's model).
+func tinyModelsDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	cfg := trainer.Config{HiddenSize: 32, IntermediateSize: 64, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2,
+		VocabSize: 512, MaxPositionEmbeddings: 256, RopeTheta: 1e4, RMSNormEps: 1e-6}
+	if err := trainer.GenerateRandomModel(filepath.Join(dir, "tiny"), cfg, 3, ""); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// newRealNet starts one node per peer; wrap, when it returns a non-nil
+// function for a peer, turns that node's sessions into liars.
+func newRealNet(t *testing.T, peers []string, wrap func(peer string) func(node.Session) node.Session) *realNet {
+	t.Helper()
+	models := tinyModelsDir(t)
+	store, err := storage.Open("file://"+t.TempDir(), storage.Credentials{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	n := &realNet{nodes: map[string]*realNode{}}
+	for _, p := range peers {
+		eng, err := native.New(models, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = eng.Close() })
+		var e node.Engine = eng
+		if wrap != nil {
+			if w := wrap(p); w != nil {
+				e = &lyingEngine{Engine: eng, wrap: w}
+			}
+		}
+		m := node.NewManager(node.ManagerConfig{MaxSessions: 8, Storage: store, TempDir: t.TempDir(), Logger: quiet}, e)
+		n.nodes[p] = &realNode{m: m, info: protocol.Node{PeerID: p, CPU: protocol.CPU{Cores: 2, MemoryTotal: 8 << 30}, MaxSessions: 8,
+			Backends: []string{"native"}, Models: []string{"tiny"}}}
+	}
+	return n
+}
+
+func (n *realNet) backend() *fakeBackend {
+	return &fakeBackend{
+		NodesFn: func() []protocol.Node {
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			out := make([]protocol.Node, 0, len(n.nodes))
+			for _, nd := range n.nodes {
+				info := nd.info
+				info.Sessions = nd.m.Sessions()
+				out = append(out, info)
+			}
+			sort.Slice(out, func(i, j int) bool { return out[i].PeerID < out[j].PeerID })
+			return out
+		},
+		DoFn: func(ctx context.Context, peer string, req protocol.SessionRequest) (protocol.SessionResponse, error) {
+			n.mu.Lock()
+			nd := n.nodes[peer]
+			n.mu.Unlock()
+			if nd == nil {
+				return protocol.SessionResponse{}, fmt.Errorf("dial %s: %w", peer, ErrNodeLost)
+			}
+			return nd.m.Handle(ctx, req), nil
+		},
+	}
+}
+
+// lyingEngine is a real engine whose sessions lie.
+type lyingEngine struct {
+	node.Engine
+	wrap func(node.Session) node.Session
+}
+
+func (e *lyingEngine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Session, error) {
+	s, err := e.Engine.Open(ctx, spec)
+	if err != nil {
+		return nil, err
+	}
+	return e.wrap(s), nil
+}
+
+// fabricatedGradNorm is what the backward-skipping liar reports.
+const fabricatedGradNorm = 1.0
+
+// skipBackward runs the forward only: no gradient accumulates, and the
+// grad norm is made up.
+type skipBackward struct{ node.Session }
+
+func (s skipBackward) ForwardBackward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	res, err := s.Session.Forward(ctx, data, loss)
+	res.GradNorm = fabricatedGradNorm
+	return res, err
+}
+
+// fabricatedLoss trains honestly but reports a loss 20% lower (a node
+// making its runs look better, or answering without computing).
+type fabricatedLoss struct{ node.Session }
+
+func (s fabricatedLoss) ForwardBackward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	res, err := s.Session.ForwardBackward(ctx, data, loss)
+	res.LossSum *= 0.8
+	return res, err
+}
+
+func (s fabricatedLoss) Forward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	res, err := s.Session.Forward(ctx, data, loss)
+	res.LossSum *= 0.8
+	return res, err
+}
+
+// randomSamples generates nothing: random tokens, made-up logprobs.
+type randomSamples struct {
+	node.Session
+	rng *rand.Rand
+}
+
+func (s randomSamples) Sample(_ context.Context, prompts [][]int, num int, p trainer.SamplingParams) ([][]trainer.Sample, error) {
+	out := make([][]trainer.Sample, len(prompts))
+	for i := range prompts {
+		for range num {
+			smp := trainer.Sample{StopReason: trainer.StopLength}
+			for range p.MaxTokens {
+				smp.Tokens = append(smp.Tokens, 3+s.rng.Intn(500))
+				smp.Logprobs = append(smp.Logprobs, -0.1-3*s.rng.Float32())
+			}
+			out[i] = append(out[i], smp)
+		}
+	}
+	return out, nil
+}
+
+// auditCluster starts one member auditing at rate over n, with each peer
+// joined under its operator; verified earnings are released after window.
+// A window of 0 also makes every call of a node holding unaudited
+// earnings audited (they are older than the window): tests of the rate
+// use a long one.
+func auditCluster(t *testing.T, n *realNet, rate float64, window time.Duration, operators map[string]string) *Coordinator {
+	t.Helper()
+	cfg := testConfig(t, "solo")
+	cfg.Bootstrap = true
+	cfg.Backend = n.backend()
+	cfg.AuditRate = rate
+	cfg.EscrowWindow = window
+	cfg.EscrowReleaseInterval = 50 * time.Millisecond
+	c := mustStart(t, cfg)
+	waitFor(t, 10*time.Second, "leader", c.IsLeader)
+	byOp := map[string][]string{}
+	for peer, op := range operators {
+		byOp[op] = append(byOp[op], peer)
+	}
+	for op, peers := range byOp {
+		joinNodes(t, c, op, peers...)
+	}
+	return c
+}
+
+// tokenData is a forward_backward body of k sequences of 24 random tokens.
+func tokenData(rng *rand.Rand, k int) protocol.ForwardBackwardRequest {
+	var req protocol.ForwardBackwardRequest
+	for range k {
+		ids := make([]int, 25)
+		for j := range ids {
+			ids[j] = 3 + rng.Intn(500)
+		}
+		d := protocol.Datum{ModelInput: protocol.ModelInput{Tokens: ids[:24]}}
+		d.LossFnInputs.TargetTokens = ids[1:]
+		for j := range 24 {
+			d.LossFnInputs.Weights = append(d.LossFnInputs.Weights, float64(min(j/4, 1)))
+		}
+		req.Data = append(req.Data, d)
+	}
+	return req
+}
+
+func sampleBody(rng *rand.Rand, temperature float64) protocol.SampleRequest {
+	two := 2
+	prompt := []int{1}
+	for range 6 {
+		prompt = append(prompt, 3+rng.Intn(500))
+	}
+	return protocol.SampleRequest{Prompts: []protocol.Prompt{{Tokens: prompt}}, NumSamples: &two,
+		SamplingParams: protocol.SamplingParams{MaxTokens: 8, Temperature: &temperature}}
+}
+
+// missBound is the number of calls within which an audit at rate misses
+// a node that lies on every call with probability at most p:
+// (1 − rate)^n ≤ p.
+func missBound(rate, p float64) int { return int(math.Ceil(math.Log(p) / math.Log(1-rate))) }
+
+func nodeAudits(c *Coordinator, peer string) NodeAuditRecord {
+	var rec NodeAuditRecord
+	c.State(func(s *State) { rec = s.nodeAudits[peer] })
+	return rec
+}
+
+// TestAuditsCatchLyingEngines: a node whose engine skips the backward,
+// fabricates losses or returns random samples serves a run among honest
+// nodes of two other operators. At audit rate 0.5 it is audited within
+// missBound(0.5, 1e-6) = 20 calls but with probability 1e-6; the audit
+// fails, its held earnings go back to the user, it is quarantined, and
+// the run moves to an honest node, where calls go on.
+func TestAuditsCatchLyingEngines(t *testing.T) {
+	const rate = 0.5
+	bound := missBound(rate, 1e-6)
+	for _, tc := range []struct {
+		name   string
+		wrap   func(node.Session) node.Session
+		call   protocol.Call
+		reason string
+	}{
+		{"skips the backward", func(s node.Session) node.Session { return skipBackward{s} }, protocol.CallForwardBackward, "grad_norm"},
+		{"fabricates losses", func(s node.Session) node.Session { return fabricatedLoss{s} }, protocol.CallForward, "loss_sum"},
+		{"returns random samples", func(s node.Session) node.Session { return randomSamples{s, rand.New(rand.NewSource(1))} }, protocol.CallSample, "logprobs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Placement breaks ties by peer id: the run lands on the liar.
+			liar := "node-0-liar"
+			net := newRealNet(t, []string{liar, "node-1", "node-2"}, func(p string) func(node.Session) node.Session {
+				if p == liar {
+					return tc.wrap
+				}
+				return nil
+			})
+			c := auditCluster(t, net, rate, time.Hour, map[string]string{liar: "op-liar", "node-1": "op-a", "node-2": "op-b"})
+			key, acct := createKey(t, c.URL(), 10_000_000)
+			run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4, "checkpoint_every": 1})
+			if run.Node != liar {
+				t.Fatalf("run placed on %s, want the liar", run.Node)
+			}
+			// A full checkpoint to move from (save_state is not audited).
+			mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "full"}), 200)
+
+			rng := rand.New(rand.NewSource(2))
+			calls := 0
+			for c.auditor.chosen.Load() == 0 {
+				if calls == bound {
+					t.Fatalf("no call audited in %d calls at rate %v (probability %.1g)", bound, rate, math.Pow(1-rate, float64(bound)))
+				}
+				var body any = tokenData(rng, 2)
+				if tc.call == protocol.CallSample {
+					body = sampleBody(rng, 1)
+				}
+				mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/"+string(tc.call), key, body), 200)
+				calls++
+			}
+			t.Logf("audited after %d calls (bound %d at rate %v)", calls, bound, rate)
+			waitFor(t, 30*time.Second, "the liar quarantined", func() bool { return nodeAudits(c, liar).Quarantined })
+			rec := nodeAudits(c, liar)
+			if rec.Failed != 1 || !strings.Contains(rec.QuarantineReason, tc.reason) {
+				t.Fatalf("liar's record %+v, want a failure on %s", rec, tc.reason)
+			}
+			t.Logf("verdict: %s", rec.QuarantineReason)
+
+			// Every operator share it held went back: of each call it
+			// served, the user paid the network's fee (10%, rounded down)
+			// and nothing to the liar.
+			c.State(func(s *State) {
+				if err := s.Ledger().Check(); err != nil {
+					t.Fatal(err)
+				}
+				if held := s.Balance(ledger.EscrowAccount(liar)); held != 0 || s.Balance("op-liar") != 0 {
+					t.Fatalf("liar holds %d, its operator %d", held, s.Balance("op-liar"))
+				}
+				a := s.AccountView(acct)
+				var spent, shares int64
+				for _, ch := range a.Charges {
+					spent += ch.MicroCredits
+					shares += ch.MicroCredits - ch.MicroCredits/10
+				}
+				if rec.Refunded != shares || shares == 0 || a.BalanceMicroCredits != 10_000_000-spent+rec.Refunded {
+					t.Fatalf("refunded %d, operator shares %d; balance %d after spending %d", rec.Refunded, shares, a.BalanceMicroCredits, spent)
+				}
+			})
+
+			// The run moves off the quarantined node, and calls go on.
+			waitFor(t, 30*time.Second, "the run moved", func() bool {
+				var r *RunRecord
+				c.State(func(s *State) { r, _ = s.Run(run.ID) })
+				return r.Run.Node != liar && r.Run.Status == protocol.RunReady
+			})
+			mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/forward", key, tokenData(rng, 1)), 200)
+
+			// What the API shows: the node's audits, the operator's refunds.
+			var nl protocol.NodeList
+			do(t, "GET", c.URL()+"/v1/nodes", key, nil).decode(t, &nl)
+			for _, n := range nl.Nodes {
+				if n.PeerID == liar && (n.Audits == nil || !n.Audits.Quarantined || n.Audits.Failed != 1 || n.Audits.RefundedMicroCredits != rec.Refunded) {
+					t.Fatalf("/v1/nodes shows the liar as %+v", n.Audits)
+				}
+			}
+		})
+	}
+}
+
+// TestHonestNodesPassAudits: honest native nodes of three operators pass
+// every audit of a mix of forward_backward, forward, warm and greedy
+// samples, audited at rate 1; their earnings are verified and released to
+// their operators, and the largest margin is logged.
+func TestHonestNodesPassAudits(t *testing.T) {
+	peers := []string{"node-a", "node-b", "node-c"}
+	net := newRealNet(t, peers, nil)
+	c := auditCluster(t, net, 1, 0, map[string]string{"node-a": "op-a", "node-b": "op-b", "node-c": "op-c"})
+	key, _ := createKey(t, c.URL(), 100_000_000)
+	var runs []protocol.Run
+	for range 3 { // one run per node: placement spreads them
+		runs = append(runs, createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}))
+	}
+	rng := rand.New(rand.NewSource(4))
+	const rounds = 20
+	calls := 0
+	for i := range rounds {
+		for _, run := range runs {
+			base := c.URL() + "/v1/runs/" + run.ID + "/"
+			mustStatus(t, do(t, "POST", base+"forward_backward", key, tokenData(rng, 2)), 200)
+			mustStatus(t, do(t, "POST", base+"forward", key, tokenData(rng, 2)), 200)
+			mustStatus(t, do(t, "POST", base+"sample", key, sampleBody(rng, float64(i%2))), 200)
+			mustStatus(t, do(t, "POST", base+"optim_step", key, map[string]any{}), 200)
+			calls += 3
+		}
+	}
+	waitFor(t, 60*time.Second, "every audit decided", func() bool {
+		return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == int64(calls)
+	})
+	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
+		t.Fatalf("%d honest audits failed, %d inconclusive", f, inc)
+	}
+	worst := 0.0
+	for _, p := range peers {
+		rec := nodeAudits(c, p)
+		if rec.Failed != 0 || rec.Quarantined {
+			t.Fatalf("honest node %s: %+v", p, rec)
+		}
+		for _, a := range rec.Recent {
+			worst = max(worst, a.Margin)
+		}
+	}
+	t.Logf("%d calls, %d audits passed, 0 failed; largest margin among the last %d per node: %.4f of the tolerance", calls, c.auditor.passed.Load(), maxAuditsPerNode, worst)
+	// Earnings verified by the passes are released (window 0) to the operators.
+	waitFor(t, 10*time.Second, "earnings released", func() bool {
+		paid := true
+		c.State(func(s *State) {
+			for _, op := range []string{"op-a", "op-b", "op-c"} {
+				paid = paid && s.Balance(op) > 0
+			}
+		})
+		return paid
+	})
+	var op *protocol.OperatorEarnings
+	c.State(func(s *State) {
+		op = s.OperatorView("op-a")
+		if err := s.Ledger().Check(); err != nil {
+			t.Fatal(err)
+		}
+	})
+	if op == nil || op.EarnedMicroCredits == 0 || op.Nodes[0].Audits.Passed == 0 {
+		t.Fatalf("operator view %+v", op)
+	}
+}
+
+// TestOneOperatorCannotVouchForItself: two nodes of one operator, one of
+// them lying, are never each other's validators: with no other operator
+// live nothing is audited and their earnings stay held; once a node of
+// another operator joins, the liar is audited and caught.
+func TestOneOperatorCannotVouchForItself(t *testing.T) {
+	liar := "node-0-liar"
+	net := newRealNet(t, []string{liar, "node-1-accomplice", "node-2-other"}, func(p string) func(node.Session) node.Session {
+		if p == liar {
+			return func(s node.Session) node.Session { return fabricatedLoss{s} }
+		}
+		return nil
+	})
+	other := net.nodes["node-2-other"]
+	delete(net.nodes, "node-2-other") // not live yet
+	c := auditCluster(t, net, 1, 0, map[string]string{liar: "op-x", "node-1-accomplice": "op-x", "node-2-other": "op-y"})
+	key, _ := createKey(t, c.URL(), 10_000_000)
+	run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4})
+	rng := rand.New(rand.NewSource(6))
+	for range 5 {
+		mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/forward", key, tokenData(rng, 1)), 200)
+	}
+	if n := c.auditor.chosen.Load(); n != 0 {
+		t.Fatalf("%d audits with only one operator's nodes live", n)
+	}
+	c.State(func(s *State) {
+		if s.Balance("op-x") != 0 || s.Balance(ledger.EscrowAccount(liar)) == 0 {
+			t.Fatalf("op-x paid %d, held %d: unaudited earnings must stay held", s.Balance("op-x"), s.Balance(ledger.EscrowAccount(liar)))
+		}
+	})
+	net.mu.Lock()
+	net.nodes["node-2-other"] = other
+	net.mu.Unlock()
+	mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/forward", key, tokenData(rng, 1)), 200)
+	waitFor(t, 30*time.Second, "the liar quarantined", func() bool { return nodeAudits(c, liar).Quarantined })
+	if v := nodeAudits(c, "node-2-other").Validated; v != 1 {
+		t.Fatalf("the other operator's node validated %d audits, want 1", v)
+	}
+	if v := nodeAudits(c, "node-1-accomplice").Validated; v != 0 {
+		t.Fatalf("the accomplice validated %d audits of its own operator's node", v)
+	}
+}
