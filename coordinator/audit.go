@@ -85,6 +85,10 @@ type auditor struct {
 
 	// Counters for tests and logs.
 	chosen, passed, failed, inconclusive atomic.Int64
+	// replayCredits is what the validators' replays would cost at the
+	// model's prices and auditedCredits what the audited calls cost: their
+	// ratio is the audit's cost per audited call, as a fraction of the call.
+	replayCredits, auditedCredits atomic.Int64
 }
 
 func newAuditor(c *Coordinator) *auditor {
@@ -287,6 +291,16 @@ func (a *auditor) run(ctx context.Context, job auditJob) {
 		}
 	}
 	a.record(ctx, job, validator.PeerID, check, validator.Operator, pay, disputed)
+	if check.Passed {
+		// A passed audit's pre-state has served; a failed one's is kept as
+		// the evidence. Files a run's checkpoint names stay (they are
+		// content-addressed: the same adapter is the same file).
+		uris := []string{job.pre.URI}
+		for _, f := range job.pre.Files {
+			uris = append(uris, f.URI)
+		}
+		c.deleteUnreferenced(ctx, uris)
+	}
 }
 
 // record proposes a verdict.
@@ -339,8 +353,10 @@ func (a *auditor) validate(ctx context.Context, job auditJob, exclude map[string
 		tried[v.PeerID] = true
 		check, usage, err := a.replay(ctx, job, v.PeerID)
 		if err == nil {
-			pay := min(priceUsage(job.model.Prices, usage).MicroCredits, job.cost)
-			return v, check, pay, nil
+			priced := priceUsage(job.model.Prices, usage).MicroCredits
+			a.replayCredits.Add(priced)
+			a.auditedCredits.Add(job.cost)
+			return v, check, min(priced, job.cost), nil
 		}
 		lastErr = fmt.Errorf("validator %s: %w", v.PeerID, err)
 		if ctx.Err() != nil {
