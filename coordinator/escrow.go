@@ -190,13 +190,7 @@ func (s *State) ReleasableNodes(cutoff int64) []string {
 // UnauditedSince is when the node's oldest earnings not yet covered by a
 // passed audit were charged (Unix milliseconds); ok is false when it has
 // none.
-func (s *State) UnauditedSince(peerID string) (int64, bool) {
-	e, ok := s.ledger.Escrow(peerID)
-	if !ok || len(e.Open) == 0 {
-		return 0, false
-	}
-	return e.OpenSince, true
-}
+func (s *State) UnauditedSince(peerID string) (int64, bool) { return s.ledger.OpenSince(peerID) }
 
 // NodeAuditView is a node's audits and held earnings as the API shows
 // them; nil for a node never audited that holds nothing.

@@ -298,6 +298,17 @@ func (l *Ledger) Escrow(node string) (EscrowState, bool) {
 	return e.state(node), true
 }
 
+// OpenSince is the time of the oldest share node holds that no passed
+// audit covers; ok is false when it holds none. It allocates nothing: the
+// coordinator asks on every billed call.
+func (l *Ledger) OpenSince(node string) (since int64, ok bool) {
+	e := l.escrows[node]
+	if e == nil || len(e.open) == 0 {
+		return 0, false
+	}
+	return e.openSince, true
+}
+
 // Escrows returns every escrow that holds something, sorted by node.
 func (l *Ledger) Escrows() []EscrowState {
 	out := make([]EscrowState, 0, len(l.escrows))

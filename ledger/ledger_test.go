@@ -327,6 +327,9 @@ func TestEscrowLifecycle(t *testing.T) {
 	mustCharge("u2", 200, 2) // 180 held for u2
 	mustCharge("u1", 100, 3) // 180 held for u1
 	e, _ := l.Escrow("n1")
+	if since, ok := l.OpenSince("n1"); !ok || since != 1 {
+		t.Fatalf("open since %d %v, want 1", since, ok)
+	}
 	if e.OpenAmount() != 360 || e.OpenSince != 1 || l.Balance(EscrowAccount("n1")) != 360 || l.Balance("op") != 0 || l.Balance("fee") != 40 {
 		t.Fatalf("escrow %+v, escrow account %d, operator %d, fee %d", e, l.Balance(EscrowAccount("n1")), l.Balance("op"), l.Balance("fee"))
 	}
