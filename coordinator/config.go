@@ -83,6 +83,10 @@ type Config struct {
 	// DeleteCheckpointFiles, when set, deletes collected checkpoint files
 	// (URIs no remaining checkpoint names) from the network's store.
 	DeleteCheckpointFiles func(ctx context.Context, uris []string) error
+	// PushCheckpoint, when set, commits a checkpoint's adapter to a
+	// Hugging Face Hub repository (POST /v1/checkpoints/{id}/push),
+	// reading it from the network's store; unset, pushes are refused.
+	PushCheckpoint PushFunc
 	// AuditRate is the fraction of billed forward_backward, forward and
 	// sample calls the leader audits: a validator of another operator
 	// replays the call from the state the node committed (audit.go). With

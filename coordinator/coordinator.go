@@ -76,6 +76,8 @@ type Coordinator struct {
 	tokenizers *tokenizers
 	// tokenizeSlots bounds concurrent /v1/tokenize work on this member.
 	tokenizeSlots chan struct{}
+	// pushSlots bounds concurrent checkpoint pushes on this member.
+	pushSlots chan struct{}
 
 	inflightMu sync.Mutex
 	inflight   map[string]chan struct{} // idempotency scopes being executed
@@ -120,6 +122,7 @@ func New(cfg Config) (*Coordinator, error) {
 
 		tokenizers:    newTokenizers(cfg.LoadTokenizer),
 		tokenizeSlots: make(chan struct{}, 2),
+		pushSlots:     make(chan struct{}, maxPushes),
 		gates:         newRunGates(),
 	}
 	c.fsm.log = c.log

@@ -111,6 +111,8 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "POST /v1/runs/{id}/sample", "sample", routeOpts{auth: authUser, mutating: true, maxBody: c.cfg.MaxBodyBytes}, c.billed(protocol.CallSample))
 	c.route(mux, "POST /v1/runs/{id}/save_state", "save_state", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSaveState))
 	c.route(mux, "POST /v1/runs/{id}/load_state", "load_state", routeOpts{auth: authUser, mutating: true}, c.handleLoadState)
+	// Not mutating: no idempotency record may hash a body holding a token.
+	c.route(mux, "POST /v1/checkpoints/{id}/push", "push_checkpoint", routeOpts{auth: authUser}, c.handlePushCheckpoint)
 	if ui := c.cfg.UI; ui != nil {
 		// Before the catch-all: "/{$}" is the root alone, so unknown paths
 		// still get the API's JSON 404.
