@@ -16,6 +16,7 @@ import (
 	"github.com/signal-p2p/signal/coordinator"
 	"github.com/signal-p2p/signal/coordinator/dashboard"
 	"github.com/signal-p2p/signal/coordinator/p2p"
+	"github.com/signal-p2p/signal/node/hub"
 	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
@@ -92,6 +93,8 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 			return fmt.Errorf("--storage: %w", err)
 		}
 		cfg.CheckpointStores, cfg.DeleteCheckpointFiles = []string{ns.Prefix}, ns.Delete
+		// Pushes read the store; the Hub is $HF_ENDPOINT or huggingface.co.
+		cfg.PushCheckpoint = hub.Pusher(&hub.Client{}, ns.Store)
 	} else {
 		logger.Warn("no --storage: node checkpoints are recorded from any file or s3 URI and never collected; "+
 			"runs cannot move between machines whose nodes keep node-local stores. Give every coordinator and node the network's shared store", "category", "security")

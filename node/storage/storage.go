@@ -197,11 +197,12 @@ func splitObjectURI(uri string) (storeURL, name string, err error) {
 }
 
 // Network is what a coordinator needs of the network's checkpoint store:
-// the prefix a node's checkpoint URIs must carry, and a way to delete
-// collected files.
+// the prefix a node's checkpoint URIs must carry, a way to delete
+// collected files, and the store itself, which pushes to the Hub read.
 type Network struct {
 	Prefix string
 	Delete func(ctx context.Context, uris []string) error
+	Store  Store
 }
 
 // OpenNetwork opens the store a URL names for a coordinator.
@@ -213,5 +214,6 @@ func OpenNetwork(rawURL string, creds Credentials) (Network, error) {
 	return Network{
 		Prefix: Prefix(st),
 		Delete: func(ctx context.Context, uris []string) error { return DeleteURIs(ctx, st, uris) },
+		Store:  st,
 	}, nil
 }
