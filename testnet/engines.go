@@ -1,6 +1,7 @@
 package testnet
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/gpu"
 	"github.com/signal-p2p/signal/node/native"
 )
 
@@ -18,19 +20,19 @@ type EngineFactory func(dataDir string, models map[string]string) (node.Engine, 
 
 var (
 	enginesMu sync.Mutex
-	engines   = map[string]EngineFactory{"native": newNativeEngine}
+	engines   = map[string]EngineFactory{"native": newNativeEngine, gpu.BackendCPUTorch: newTorchCPUEngine}
 )
 
-// newNativeEngine is node/native over a per-node models directory whose
-// entries link to the testnet's model directories (node/native names a
-// model by its directory name).
-func newNativeEngine(dataDir string, models map[string]string) (node.Engine, error) {
+// linkModels makes a per-node models directory whose entries link to the
+// testnet's model directories (both engines name a model by its
+// directory's name).
+func linkModels(dataDir string, models map[string]string) (string, error) {
 	if len(models) == 0 {
-		return nil, fmt.Errorf("native engine: %w", errNoModels)
+		return "", errNoModels
 	}
 	dir := filepath.Join(dataDir, "models")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("native engine: %w", err)
+		return "", err
 	}
 	for name, target := range models {
 		link := filepath.Join(dir, name)
@@ -39,12 +41,43 @@ func newNativeEngine(dataDir string, models map[string]string) (node.Engine, err
 		}
 		_ = os.Remove(link)
 		if err := os.Symlink(target, link); err != nil {
-			return nil, fmt.Errorf("native engine: link model %s: %w", name, err)
+			return "", fmt.Errorf("link model %s: %w", name, err)
 		}
+	}
+	return dir, nil
+}
+
+// newNativeEngine is node/native, the Go engine.
+func newNativeEngine(dataDir string, models map[string]string) (node.Engine, error) {
+	dir, err := linkModels(dataDir, models)
+	if err != nil {
+		return nil, fmt.Errorf("native engine: %w", err)
 	}
 	// The node logs why a model is not served on its own stderr (the testnet
 	// keeps it in logs/).
 	return native.New(dir, slog.Default())
+}
+
+// newTorchCPUEngine is node/gpu's PyTorch worker on the CPU (python3 with
+// torch: $SIGNAL_PYTHON, else /usr/bin/python3), as a GPU node runs it on
+// its GPUs: one worker process, supervised, restarted if it dies. The node
+// stops it when it stops (Node.Stop).
+func newTorchCPUEngine(dataDir string, models map[string]string) (node.Engine, error) {
+	dir, err := linkModels(dataDir, models)
+	if err != nil {
+		return nil, fmt.Errorf("cpu-torch engine: %w", err)
+	}
+	c := gpu.DefaultConfig()
+	c.Device, c.ModelsDir, c.RunDir, c.Logger = "cpu", dir, filepath.Join(dataDir, "worker"), slog.Default()
+	pool, err := gpu.NewPool([]gpu.Config{c})
+	if err != nil {
+		return nil, fmt.Errorf("cpu-torch engine: %w", err)
+	}
+	if err := pool.Start(context.Background()); err != nil {
+		_ = pool.Stop()
+		return nil, fmt.Errorf("cpu-torch engine: start the PyTorch worker (%s): %w", c.Python, err)
+	}
+	return pool, nil
 }
 
 // RegisterEngine makes an engine available to testnets by name (Config.Engine,

@@ -33,6 +33,8 @@ type launcher interface {
 
 // plan is what both variants compute before starting anything.
 type plan struct {
+	// lock holds dir for the testnet's life; stopping releases it.
+	lock       *dirLock
 	cfg        Config
 	dir        string
 	adminToken string
@@ -57,6 +59,23 @@ func prepare(cfg Config) (*plan, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
+	// Before anything under dir is touched: clearing it under a running
+	// testnet would pull its data out from under it.
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	p, err := prepareLocked(cfg, dir, log)
+	if err != nil {
+		lock.release()
+		return nil, err
+	}
+	p.lock = lock
+	return p, nil
+}
+
+// prepareLocked is prepare with dir held.
+func prepareLocked(cfg Config, dir string, log *slog.Logger) (*plan, error) {
 	for _, sub := range []string{"coordinators", "nodes", "logs", "run"} {
 		if err := os.RemoveAll(filepath.Join(dir, sub)); err != nil {
 			return nil, fmt.Errorf("testnet dir: clear %s: %w", sub, err)

@@ -178,5 +178,6 @@ func (t *InProcess) Stop() error {
 		}
 	}
 	t.cancel()
+	t.plan.lock.release()
 	return errors.Join(errs...)
 }

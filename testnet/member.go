@@ -2,6 +2,7 @@ package testnet
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -135,6 +136,27 @@ type NodeSpec struct {
 // Node is a running node member.
 type Node struct {
 	*node.Node
+	// stopEngine ends the engine's own processes (a PyTorch worker); nil
+	// for an engine that has none.
+	stopEngine func() error
+}
+
+// Stop stops the node gracefully (Node.Stop), then its engine.
+func (n *Node) Stop() error {
+	err := n.Node.Stop()
+	if n.stopEngine != nil {
+		err = errors.Join(err, n.stopEngine())
+	}
+	return err
+}
+
+// Kill crashes the node (Node.Kill) and ends its engine's processes, as a
+// machine that dies takes them along.
+func (n *Node) Kill() {
+	n.Node.Kill()
+	if n.stopEngine != nil {
+		_ = n.stopEngine()
+	}
 }
 
 // StartNode starts one node daemon on loopback.
@@ -166,13 +188,21 @@ func StartNode(ctx context.Context, spec NodeSpec, log *slog.Logger) (*Node, err
 	}
 	cfg.DrainTimeout = 10 * time.Second
 	cfg.Logger = log
+	var stopEngine func() error
+	if s, ok := eng.(interface{ Stop() error }); ok {
+		stopEngine = s.Stop
+	}
 	n, err := node.New(cfg, eng)
 	if err != nil {
+		if stopEngine != nil {
+			_ = stopEngine()
+		}
 		return nil, err
 	}
+	nd := &Node{Node: n, stopEngine: stopEngine}
 	if err := n.Start(ctx); err != nil {
-		_ = n.Stop()
+		_ = nd.Stop()
 		return nil, err
 	}
-	return &Node{n}, nil
+	return nd, nil
 }

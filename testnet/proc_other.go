@@ -9,3 +9,9 @@ import "syscall"
 func childAttrs() *syscall.SysProcAttr {
 	return &syscall.SysProcAttr{Setpgid: true}
 }
+
+// killTree SIGKILLs pid (its descendants are found on Linux only).
+func killTree(pid int) { _ = syscall.Kill(pid, syscall.SIGKILL) }
+
+// descendants is empty: only Linux's /proc says who started whom.
+func descendants(int) []int { return nil }

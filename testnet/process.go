@@ -86,6 +86,8 @@ func RunMember(ctx context.Context, specFile string, log *slog.Logger) error {
 // member is one child process.
 type member struct {
 	name string
+	// pid is the process's id, read once it started.
+	pid  int
 	cmd  *exec.Cmd
 	log  *os.File
 	done chan struct{} // closed when the process has exited
@@ -101,10 +103,12 @@ type Processes struct {
 	plan   *plan
 	binary string
 
-	mu      sync.Mutex
-	coords  []*member
-	nodes   []*member
-	stopped bool
+	mu     sync.Mutex
+	coords []*member
+	// nodes[j] is node n(j+1)'s latest process; nodeSpecs[j] what it runs.
+	nodes     []*member
+	nodeSpecs []NodeSpec
+	stopped   bool
 	// exited receives members that ended without being asked to.
 	exited chan string
 }
@@ -128,10 +132,10 @@ func StartProcesses(ctx context.Context, cfg Config, binary string) (*Processes,
 	}
 	t.mu.Lock()
 	for _, m := range append(append([]*member(nil), t.coords...), t.nodes...) {
-		info.PIDs = append(info.PIDs, m.cmd.Process.Pid)
+		info.PIDs = append(info.PIDs, m.pid)
 	}
-	t.mu.Unlock()
 	t.info = info
+	t.mu.Unlock()
 	if err := WriteInfo(p.dir, info); err != nil {
 		_ = t.Stop()
 		return nil, err
@@ -140,7 +144,7 @@ func StartProcesses(ctx context.Context, cfg Config, binary string) (*Processes,
 }
 
 func (t *Processes) coordinator(ctx context.Context, i int, spec CoordinatorSpec) (string, []string, error) {
-	r, err := t.spawn(ctx, spec.ID, MemberSpec{Coordinator: &spec}, false)
+	r, err := t.spawn(ctx, spec.ID, MemberSpec{Coordinator: &spec}, func(m *member) { t.coords = append(t.coords, m) })
 	if err != nil {
 		return "", nil, err
 	}
@@ -148,15 +152,21 @@ func (t *Processes) coordinator(ctx context.Context, i int, spec CoordinatorSpec
 }
 
 func (t *Processes) node(ctx context.Context, j int, spec NodeSpec) (string, error) {
-	r, err := t.spawn(ctx, fmt.Sprintf("n%d", j+1), MemberSpec{Node: &spec}, true)
+	t.mu.Lock()
+	t.nodeSpecs = append(t.nodeSpecs, spec)
+	t.mu.Unlock()
+	r, err := t.spawn(ctx, nodeName(j), MemberSpec{Node: &spec}, func(m *member) { t.nodes = append(t.nodes, m) })
 	if err != nil {
 		return "", err
 	}
 	return r.PeerID, nil
 }
 
-// spawn starts one child and waits for its ready file.
-func (t *Processes) spawn(ctx context.Context, name string, spec MemberSpec, isNode bool) (memberReady, error) {
+func nodeName(j int) string { return fmt.Sprintf("n%d", j+1) }
+
+// spawn starts one child, has place record it (under t.mu), and waits for
+// its ready file.
+func (t *Processes) spawn(ctx context.Context, name string, spec MemberSpec, place func(*member)) (memberReady, error) {
 	var ready memberReady
 	runDir := filepath.Join(t.plan.dir, "run")
 	spec.Name = name
@@ -185,7 +195,7 @@ func (t *Processes) spawn(ctx context.Context, name string, spec MemberSpec, isN
 		lf.Close()
 		return ready, fmt.Errorf("start %s: %w", name, err)
 	}
-	m := &member{name: name, cmd: cmd, log: lf, done: make(chan struct{})}
+	m := &member{name: name, pid: cmd.Process.Pid, cmd: cmd, log: lf, done: make(chan struct{})}
 	go func() {
 		m.err = cmd.Wait()
 		lf.Close()
@@ -207,11 +217,7 @@ func (t *Processes) spawn(ctx context.Context, name string, spec MemberSpec, isN
 		<-m.done
 		return ready, errStopped
 	}
-	if isNode {
-		t.nodes = append(t.nodes, m)
-	} else {
-		t.coords = append(t.coords, m)
-	}
+	place(m)
 	t.mu.Unlock()
 
 	tick := time.NewTicker(50 * time.Millisecond)
@@ -247,24 +253,114 @@ func tail(path string, n int) string {
 }
 
 // Info is what testnet.json holds.
-func (t *Processes) Info() Info { return *t.info }
+func (t *Processes) Info() Info {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	info := *t.info
+	info.PIDs = append([]int(nil), info.PIDs...)
+	return info
+}
 
 // Exited receives the name of a member that ended without being asked to.
 func (t *Processes) Exited() <-chan string { return t.exited }
 
-// KillNode kills node i's process (SIGKILL: no drain, no checkpoint).
+// KillNode kills node i's process (SIGKILL: no drain, no checkpoint), and
+// the processes it started (a PyTorch worker), as a machine that dies
+// takes them all.
 func (t *Processes) KillNode(i int) error {
-	t.mu.Lock()
-	if i < 0 || i >= len(t.nodes) {
-		t.mu.Unlock()
-		return fmt.Errorf("%w: node index %d: have %d nodes", ErrInvalidConfig, i, len(t.nodes))
+	m, err := t.nodeMember(i)
+	if err != nil {
+		return err
 	}
-	m := t.nodes[i]
+	t.mu.Lock()
 	m.stopping = true
 	t.mu.Unlock()
-	_ = m.cmd.Process.Kill()
+	killTree(m.pid)
 	<-m.done
 	return nil
+}
+
+func (t *Processes) nodeMember(i int) (*member, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.stopped {
+		return nil, errStopped
+	}
+	if i < 0 || i >= len(t.nodes) {
+		return nil, fmt.Errorf("%w: node %d: the testnet has n1..n%d", ErrInvalidConfig, i+1, len(t.nodes))
+	}
+	return t.nodes[i], nil
+}
+
+// NodeStatus is one node member as the testnet sees it.
+type NodeStatus struct {
+	Name   string `json:"name"`
+	PID    int    `json:"pid"`
+	PeerID string `json:"peer_id"`
+	// Running is false once the process has exited (killed, or crashed).
+	Running bool `json:"running"`
+}
+
+// NodeStatuses lists the node members, n1 first.
+func (t *Processes) NodeStatuses() []NodeStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]NodeStatus, len(t.nodes))
+	for j, m := range t.nodes {
+		out[j] = NodeStatus{Name: m.name, PID: m.pid, Running: !m.exited()}
+		if t.info != nil && j < len(t.info.Nodes) {
+			out[j].PeerID = t.info.Nodes[j]
+		}
+	}
+	return out
+}
+
+// RestartNode starts node i again with its data directory (so its peer id,
+// and the coordinators' record of it, are the same), stopping it first if
+// it still runs, and returns once every coordinator lists it again.
+func (t *Processes) RestartNode(ctx context.Context, i int) (NodeStatus, error) {
+	old, err := t.nodeMember(i)
+	if err != nil {
+		return NodeStatus{}, err
+	}
+	if !old.exited() {
+		t.mu.Lock()
+		old.stopping = true
+		t.mu.Unlock()
+		if errs := stopAll([]*member{old}, 20*time.Second); len(errs) > 0 {
+			t.plan.log.Warn("node did not stop in time", "node", old.name, "err", errors.Join(errs...))
+		}
+	}
+	t.mu.Lock()
+	spec := t.nodeSpecs[i]
+	t.mu.Unlock()
+	r, err := t.spawn(ctx, nodeName(i), MemberSpec{Node: &spec}, func(m *member) { t.nodes[i] = m })
+	if err != nil {
+		return NodeStatus{}, err
+	}
+	if err := waitNodes(ctx, t.info.Coordinators, t.info.APIKey, []string{r.PeerID}); err != nil {
+		return NodeStatus{}, err
+	}
+	t.mu.Lock()
+	if k := len(t.coords) + i; k < len(t.info.PIDs) {
+		t.info.PIDs[k] = r.PID
+	}
+	info := *t.info
+	t.mu.Unlock()
+	if err := WriteInfo(t.plan.dir, &info); err != nil {
+		return NodeStatus{}, err
+	}
+	t.plan.log.Info("node restarted", "node", nodeName(i), "pid", r.PID, "peer", r.PeerID)
+	return NodeStatus{Name: nodeName(i), PID: r.PID, PeerID: r.PeerID, Running: true}, nil
+}
+
+func (m *member) exited() bool {
+	select {
+	case <-m.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // Stop ends the members, nodes first (so they can checkpoint open runs
@@ -284,6 +380,7 @@ func (t *Processes) Stop() error {
 	t.mu.Unlock()
 	errs := stopAll(nodes, 20*time.Second)
 	errs = append(errs, stopAll(coords, 10*time.Second)...)
+	t.plan.lock.release()
 	return errors.Join(errs...)
 }
 

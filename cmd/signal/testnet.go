@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -11,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -36,7 +36,15 @@ coordinator lists every node, write DIR/testnet.json and print the same as
 one JSON line on stdout: coordinator URLs, admin token, a funded API key,
 models, nodes. Ctrl-C (or SIGTERM, or "signal testnet stop --dir DIR")
 stops everything: nodes first, then coordinators. Member logs are in
-DIR/logs; each start is a fresh network (the model and checkpoints stay).`,
+DIR/logs; each start is a fresh network (the model and checkpoints stay).
+
+DIR is locked while the testnet runs: a second testnet in it is refused,
+naming the first one's process. A member that dies stays dead while the
+others keep serving, as in a real network (runs on a dead node move to a
+live one); "signal testnet node kill|restart --dir DIR --node N" kills a
+node or starts it again, and "signal testnet node list --dir DIR" shows
+them. --engine cpu-torch runs the nodes on the PyTorch worker on the CPU
+(python3 with torch: $SIGNAL_PYTHON) instead of the native Go engine.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			for _, m := range models {
@@ -61,13 +69,13 @@ DIR/logs; each start is a fresh network (the model and checkpoints stay).`,
 	f.StringVar(&cfg.StorageURL, "storage", "", "checkpoint storage URL: file:///dir or s3://bucket/prefix?endpoint=host:port&secure=false (default file://DIR/checkpoints)")
 	f.StringArrayVar(&models, "model", nil, "extra base model NAME=DIR (Hugging Face layout); repeatable")
 	f.Var(testnetCredits, "credits", "credits on the minted API key, e.g. 1000 or 0.5 (1 credit = 1,000,000 micro-credits)")
-	f.StringVar(&cfg.Engine, "engine", cfg.Engine, "node engine")
+	f.StringVar(&cfg.Engine, "engine", cfg.Engine, "node engine: native (the Go engine) or cpu-torch (the PyTorch worker, on the CPU)")
 	f.DurationVar(&cfg.NodeLostAfter, "node-lost-after", cfg.NodeLostAfter, "how long a run's node may be silent before the run moves")
 	f.Float64Var(&cfg.RatePerSecond, "rate", cfg.RatePerSecond, "requests per second per API key (lower it to see a client meet 429s)")
 	f.IntVar(&cfg.RateBurst, "burst", cfg.RateBurst, "burst per API key")
 	f.DurationVar(&cfg.ReadyTimeout, "ready-timeout", cfg.ReadyTimeout, "how long to wait for the network to come up")
 	f.BoolVar(&inProcess, "in-process", false, "run every member inside this process instead of child processes")
-	cmd.AddCommand(newTestnetMemberCmd(), newTestnetStopCmd())
+	cmd.AddCommand(newTestnetMemberCmd(), newTestnetStopCmd(), newTestnetNodeCmd())
 	return cmd
 }
 
@@ -82,6 +90,7 @@ func runTestnet(cmd *cobra.Command, cfg testnet.Config, inProcess bool) error {
 	log := cfg.Logger
 	var tn testnetRunner
 	var exited <-chan string
+	control := "the node commands need the process testnet (without --in-process)"
 	if inProcess {
 		t, err := testnet.StartInProcess(ctx, cfg)
 		if err != nil {
@@ -98,6 +107,11 @@ func runTestnet(cmd *cobra.Command, cfg testnet.Config, inProcess bool) error {
 			return err
 		}
 		tn, exited = t, t.Exited()
+		if err := t.ServeControl(ctx); err != nil {
+			_ = tn.Stop()
+			return err
+		}
+		control = "signal testnet node list|kill|restart --dir " + t.Info().Dir + " [--node N]"
 	}
 	info := tn.Info()
 	pidFile := filepath.Join(info.Dir, "testnet.pid")
@@ -109,23 +123,27 @@ func runTestnet(cmd *cobra.Command, cfg testnet.Config, inProcess bool) error {
 	line, _ := json.Marshal(info)
 	fmt.Fprintln(cmd.OutOrStdout(), string(line))
 	log.Info("testnet ready", "coordinators", info.Coordinators, "dashboard", info.Dashboard+"?key="+info.APIKey,
-		"testnet_json", filepath.Join(info.Dir, "testnet.json"), "stop", "Ctrl-C or: signal testnet stop --dir "+info.Dir)
+		"testnet_json", filepath.Join(info.Dir, "testnet.json"), "members", control, "stop", "Ctrl-C or: signal testnet stop --dir "+info.Dir)
 
-	var runErr error
-	select {
-	case <-ctx.Done():
-		log.Info("stopping testnet")
-	case name := <-exited:
-		runErr = fmt.Errorf("%w: %s; see %s", testnet.ErrMemberExited, name, filepath.Join(info.Logs, name+".log"))
-		log.Error("member exited; stopping testnet", "member", name)
+	// A member that dies stays dead and the others keep serving, as in a
+	// network: its runs move, and the user may restart it.
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("stopping testnet")
+			if err := tn.Stop(); err != nil {
+				return err
+			}
+			log.Info("testnet stopped")
+			return nil
+		case name := <-exited:
+			restart := ""
+			if strings.HasPrefix(name, "n") {
+				restart = "signal testnet node restart --dir " + info.Dir + " --node " + name
+			}
+			log.Warn("member exited; the others keep serving", "member", name, "log", filepath.Join(info.Logs, name+".log"), "restart", restart)
+		}
 	}
-	if err := tn.Stop(); err != nil {
-		runErr = errors.Join(runErr, err)
-	}
-	if runErr == nil {
-		log.Info("testnet stopped")
-	}
-	return runErr
 }
 
 func newTestnetMemberCmd() *cobra.Command {
@@ -143,6 +161,57 @@ func newTestnetMemberCmd() *cobra.Command {
 	cmd.Flags().StringVar(&spec, "spec", "", "member spec file (JSON)")
 	_ = cmd.MarkFlagRequired("spec")
 	return cmd
+}
+
+func newTestnetNodeCmd() *cobra.Command {
+	node := &cobra.Command{Use: "node", Short: "List, kill or restart the nodes of a running testnet"}
+	for _, a := range []struct{ use, short string }{
+		{"list", "List the testnet's nodes: process, peer id, running or not"},
+		{"kill", "Kill a node's process (SIGKILL, as a machine dies): its runs move to a live node"},
+		{"restart", "Start a node again (stopping it first if it runs), with its data: the same peer id"},
+	} {
+		var dir, which string
+		var timeout time.Duration
+		c := &cobra.Command{
+			Use:   a.use,
+			Short: a.short,
+			Args:  noArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				action := a.use
+				if action == "list" {
+					action = ""
+				} else if which == "" {
+					return usageErrorf("--node is required: the node to %s (n1, n2, ...; signal testnet node list --dir %s shows them)", a.use, dir)
+				}
+				ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+				defer cancel()
+				sts, err := testnet.Control(ctx, dir, action, which)
+				if err != nil {
+					return err
+				}
+				out := cmd.OutOrStdout()
+				if action != "" {
+					st := sts[0]
+					state := map[bool]string{true: "running", false: "dead"}[st.Running]
+					_, err := fmt.Fprintf(out, "%s %s (pid %d, peer %s)\n", st.Name, state, st.PID, st.PeerID)
+					return err
+				}
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintf(tw, "NODE\tSTATE\tPID\tPEER\n")
+				for _, st := range sts {
+					fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", st.Name, map[bool]string{true: "running", false: "dead"}[st.Running], st.PID, st.PeerID)
+				}
+				return tw.Flush()
+			},
+		}
+		c.Flags().StringVar(&dir, "dir", testnet.DefaultConfig().Dir, "the testnet's directory")
+		if a.use != "list" {
+			c.Flags().StringVar(&which, "node", "", "the node: n1, n2, ... (or 1, 2, ...)")
+		}
+		c.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "give up after this long")
+		node.AddCommand(c)
+	}
+	return node
 }
 
 func newTestnetStopCmd() *cobra.Command {
