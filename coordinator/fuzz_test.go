@@ -61,6 +61,12 @@ func FuzzApply(f *testing.F) {
 	// Commands of a type this version does not know, flagged ignorable and not.
 	f.Add(encodeBatch([]command{{typ: 0x7e | ignoreUnknownTypeFlag, payload: []byte(`{}`)}, k, {typ: 0x7e, payload: []byte(`{}`)}}))
 	f.Add([]byte{byte(0x7e | ignoreUnknownTypeFlag), '{', '}'})
+	// Escrow: an escrowed charge, a verdict each way, a release.
+	ec, _ := newCommand(cmdCharge, chargeCmd{Account: "a", Operator: "op", Node: "n", FeeBPS: 1000, Cost: protocol.Cost{MicroCredits: 5}, Time: "2026-01-01T00:00:00Z"})
+	pass, _ := newCommand(cmdAuditResult, auditResultCmd{Node: "n", At: 1, Audit: protocol.Audit{ID: "x", Validator: "v", Passed: true}, ValidatorOperator: "op2", ValidatorPay: 1})
+	fail, _ := newCommand(cmdAuditResult, auditResultCmd{Node: "n", At: 2, Audit: protocol.Audit{ID: "y", Validator: "v"}})
+	rel, _ := newCommand(cmdReleaseEscrow, releaseEscrowCmd{Cutoff: 1, Nodes: []string{"n"}})
+	f.Add(encodeBatch([]command{ec, pass, ec, rel, ec, fail}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m := newFSM()
 		m.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: encodeBatch([]command{k})})
