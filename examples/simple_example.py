@@ -2,7 +2,7 @@
 """Signal's simple example: fine-tune a LoRA adapter for 20 steps, sample, save.
 
     SIGNAL_URL=http://127.0.0.1:8080 SIGNAL_API_KEY=sk-... python3 examples/simple_example.py
-    python3 examples/simple_example.py --testnet testnet-data/testnet.json
+    python3 examples/simple_example.py --testnet .cache/testnet      # or SIGNAL_TESTNET=.cache/testnet
 
 Each step sends the same small batch of text (tokenized on the node with the
 run's tokenizer), so the loss falls as the adapter learns it. Every 5 steps
@@ -45,7 +45,8 @@ def cost_of(answer):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--testnet", help="read the coordinator URL and API key from this testnet.json")
+    ap.add_argument("--testnet", default=os.environ.get("SIGNAL_TESTNET"),
+                    help="read the coordinators and API key from this testnet.json or testnet directory (default $SIGNAL_TESTNET)")
     ap.add_argument("--url", help="coordinator URL (default $SIGNAL_URL)")
     ap.add_argument("--api-key", help="API key (default $SIGNAL_API_KEY)")
     ap.add_argument("--base-model", default=os.environ.get("SIGNAL_BASE_MODEL", "signal-tiny"),
@@ -63,7 +64,7 @@ def main(argv=None):
     if args.testnet:
         client = SignalClient.from_testnet(args.testnet)
         if args.url or args.api_key:
-            client = SignalClient(args.api_key or client.api_key, args.url or client.base_url)
+            client = SignalClient(args.api_key or client.api_key, args.url or client.base_urls)
     else:
         client = SignalClient(args.api_key, args.url)
 

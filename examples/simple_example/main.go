@@ -17,6 +17,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -76,9 +77,9 @@ func parseFlags(args []string) (config, error) {
 	if defModel == "" {
 		defModel = "signal-tiny"
 	}
-	fs.StringVar(&c.url, "url", os.Getenv("SIGNAL_URL"), "coordinator URL (default $SIGNAL_URL)")
+	fs.StringVar(&c.url, "url", os.Getenv("SIGNAL_URL"), "coordinator URL; several, comma-separated, are tried in turn (default $SIGNAL_URL)")
 	fs.StringVar(&c.apiKey, "api-key", os.Getenv("SIGNAL_API_KEY"), "API key (default $SIGNAL_API_KEY)")
-	fs.StringVar(&c.testnet, "testnet", "", "read the coordinator URL and API key from this testnet.json")
+	fs.StringVar(&c.testnet, "testnet", os.Getenv("SIGNAL_TESTNET"), "read the coordinators and API key from this testnet.json or testnet directory (default $SIGNAL_TESTNET)")
 	fs.StringVar(&c.baseModel, "base-model", defModel, "base model (default $SIGNAL_BASE_MODEL or signal-tiny)")
 	fs.IntVar(&c.loraRank, "lora-rank", 8, "LoRA rank")
 	fs.IntVar(&c.steps, "steps", 20, "training steps")
@@ -99,7 +100,8 @@ func parseFlags(args []string) (config, error) {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		if !set["url"] {
-			c.url = tf.Coordinators[0]
+			// Every coordinator: the client fails over between them.
+			c.url = strings.Join(tf.Coordinators, ",")
 		}
 		if !set["api-key"] {
 			c.apiKey = tf.APIKey
@@ -127,7 +129,7 @@ func costOf(b protocol.Billed) protocol.MicroCredits {
 }
 
 func run(ctx context.Context, cfg config, out io.Writer) (err error) {
-	c, err := client.New(cfg.url, cfg.apiKey)
+	c, err := client.NewCluster(strings.Split(cfg.url, ","), cfg.apiKey)
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -184,16 +185,20 @@ def _drop_none(d: Json) -> Json:
 
 
 class SignalClient:
-    """A client of one Signal coordinator (any member of the raft cluster).
+    """A client of a Signal cluster's coordinators (any member of the raft cluster).
 
     ``api_key`` defaults to env ``SIGNAL_API_KEY``, ``base_url`` to env
-    ``SIGNAL_URL``. Safe to share between threads.
+    ``SIGNAL_URL``. ``base_url`` may name several coordinators of one
+    cluster (a list, or comma-separated): a call that cannot reach one, or
+    that one answers 503, goes on to the next, keeping its idempotency key,
+    so a dead coordinator costs a reconnect and the call still runs (and is
+    charged) once. Safe to share between threads.
     """
 
     def __init__(
         self,
         api_key: Optional[str] = None,
-        base_url: Optional[str] = None,
+        base_url: Union[str, Sequence[str], None] = None,
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
@@ -206,15 +211,25 @@ class SignalClient:
             api_key = os.environ.get("SIGNAL_API_KEY", "")
         if base_url is None:
             base_url = os.environ.get("SIGNAL_URL", "")
-        if not base_url:
+        urls = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        urls = [x.strip() for x in urls if x and x.strip()]
+        if not urls:
             raise ValueError("base_url is empty: pass base_url= or set SIGNAL_URL (e.g. http://127.0.0.1:8080)")
-        u = urllib.parse.urlsplit(base_url.strip())
-        if u.scheme not in ("http", "https") or not u.netloc:
-            raise ValueError("base_url %r: want http://host:port or https://host" % base_url)
-        path = u.path.rstrip("/")
-        if path.endswith(API_PREFIX):
-            path = path[: -len(API_PREFIX)]
-        self.base_url = "%s://%s%s" % (u.scheme, u.netloc, path)
+        self.base_urls: List[str] = []
+        loopback = True
+        for raw_url in urls:
+            u = urllib.parse.urlsplit(raw_url)
+            if u.scheme not in ("http", "https") or not u.netloc:
+                raise ValueError("base_url %r: want http://host:port or https://host" % raw_url)
+            path = u.path.rstrip("/")
+            if path.endswith(API_PREFIX):
+                path = path[: -len(API_PREFIX)]
+            self.base_urls.append("%s://%s%s" % (u.scheme, u.netloc, path))
+            loopback = loopback and _is_loopback(u.hostname or "")
+        # The index in base_urls of the coordinator calls go to: the last
+        # one that answered.
+        self._cur = 0
+        self._cur_lock = threading.Lock()
         if "\r" in api_key or "\n" in api_key:
             raise ValueError("api_key contains a line break")
         if max_retries < 0 or min_backoff < 0 or max_backoff < min_backoff:
@@ -235,19 +250,33 @@ class SignalClient:
         self.max_request_bytes = max_request_bytes
         self.user_agent = "signal-python/%s" % __version__
         # A loopback testnet must not go through an HTTP proxy from the environment.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(u.hostname or "") else []
+        handlers = [urllib.request.ProxyHandler({})] if loopback else []
         self._opener = urllib.request.build_opener(*handlers)
         self._sleep = time.sleep  # tests replace it to observe waits
 
+    @property
+    def base_url(self) -> str:
+        """The coordinator calls go to now: the last one that answered."""
+        return self.base_urls[self._cur]
+
     @classmethod
-    def from_testnet(cls, path: str, **kwargs: Any) -> "SignalClient":
-        """A client of a local testnet, from the ``testnet.json`` that ``signal testnet`` writes."""
+    def from_testnet(cls, path: Optional[str] = None, **kwargs: Any) -> "SignalClient":
+        """A client of every coordinator of a local testnet, failing over between them.
+
+        ``path`` is the ``testnet.json`` that ``signal testnet`` writes, or
+        the testnet's directory; it defaults to env ``SIGNAL_TESTNET``.
+        """
+        path = path or os.environ.get("SIGNAL_TESTNET", "")
+        if not path:
+            raise ValueError("no testnet: pass its testnet.json or directory, or set SIGNAL_TESTNET")
+        if os.path.isdir(path):
+            path = os.path.join(path, "testnet.json")
         with open(path, encoding="utf-8") as f:
             tn = json.load(f)
         coords = tn.get("coordinators") or []
         if not coords or not tn.get("api_key"):
             raise ValueError("%s: want non-empty coordinators and api_key" % path)
-        return cls(api_key=tn["api_key"], base_url=coords[0], **kwargs)
+        return cls(api_key=tn["api_key"], base_url=coords, **kwargs)
 
     # -- transport ---------------------------------------------------------
 
@@ -274,22 +303,39 @@ class SignalClient:
             # One key per logical call, reused by every retry.
             headers[IDEMPOTENCY_HEADER] = uuid.uuid4().hex
         attempt = 0
+        # Coordinators that failed in a row: while some are untried, the
+        # next is tried at once.
+        tried = 0
         while True:
             attempt += 1
+            cur = self._cur
             try:
-                return self._attempt(method, full_path, data, headers)
+                return self._attempt(self.base_urls[cur], method, full_path, data, headers)
             except SignalError as e:
                 e.attempts = attempt
-                retryable = e.temporary or (
+                conn = isinstance(e, SignalConnectionError) and getattr(e, "_conn", False)
+                failover = len(self.base_urls) > 1 and (conn or e.status == 503)
+                if failover:
+                    with self._cur_lock:
+                        if self._cur == cur:  # unless another call moved on already
+                            self._cur = (cur + 1) % len(self.base_urls)
+                # A connection never made is retried; one cut off mid-flight
+                # only on another coordinator: its idempotency key makes that
+                # safe, where the same one may still be running the call.
+                retryable = e.temporary or failover or (
                     isinstance(e, SignalConnectionError) and getattr(e, "_refused", False)
                 )
                 if not retryable or attempt > self.max_retries:
                     raise
+                tried += 1
+                if failover and tried < len(self.base_urls):
+                    continue
+                tried = 0
                 wait = e.retry_after if e.retry_after else self._backoff(attempt)
                 self._sleep(min(wait, self.max_backoff))
 
-    def _attempt(self, method: str, path: str, data: Optional[bytes], headers: Dict[str, str]) -> Any:
-        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+    def _attempt(self, base_url: str, method: str, path: str, data: Optional[bytes], headers: Dict[str, str]) -> Any:
+        req = urllib.request.Request(base_url + path, data=data, headers=headers, method=method)
         try:
             resp = self._opener.open(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
@@ -301,18 +347,25 @@ class SignalClient:
                 e.close()
             raise self._api_error(e.code, e.headers, raw, method, path) from None
         except urllib.error.URLError as e:
-            err = SignalConnectionError("cannot reach %s: %s" % (self.base_url, e.reason), method=method, path=path)
+            err = SignalConnectionError("cannot reach %s: %s" % (base_url, e.reason), method=method, path=path)
             # Only a connection never made is retried: the server cannot have
             # started the call.
             err._refused = isinstance(e.reason, ConnectionRefusedError)  # type: ignore[attr-defined]
+            err._conn = isinstance(e.reason, ConnectionError)  # type: ignore[attr-defined]
             raise err from e
         except (socket.timeout, OSError) as e:
-            raise SignalConnectionError("%s %s: %s" % (method, path, e), method=method, path=path) from e
+            err = SignalConnectionError("%s %s: %s" % (method, path, e), method=method, path=path)
+            # A connection that broke (a coordinator that died mid-call), not
+            # one that was slow.
+            err._conn = isinstance(e, ConnectionError)  # type: ignore[attr-defined]
+            raise err from e
         with resp:
             try:
                 raw = resp.read(self.max_response_bytes + 1)
             except (socket.timeout, OSError) as e:
-                raise SignalConnectionError("read response: %s" % e, method=method, path=path) from e
+                err = SignalConnectionError("read response: %s" % e, method=method, path=path)
+                err._conn = isinstance(e, ConnectionError)  # type: ignore[attr-defined]
+                raise err from e
         if len(raw) > self.max_response_bytes:
             raise ResponseTooLargeError(
                 "response over %d bytes" % self.max_response_bytes, method=method, path=path

@@ -280,6 +280,96 @@ class TestRetries(Base):
         self.assertIn("cannot reach", str(cm.exception))
 
 
+def dead_url():
+    """A loopback address nothing listens on."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return "http://127.0.0.1:%d" % port
+
+
+class DyingServer:
+    """Accepts each connection, reads the request and closes without answering, as a coordinator killed mid-call."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.seen = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                self.seen.append(conn.recv(65536))
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+class TestFailover(Base):
+    def test_fails_over_across_coordinators(self):
+        good = self.serve(lambda req: (200, {}, {"step": 1, "learning_rate": 1e-3, "grad_norm": 1.0}))
+        busy = self.serve(lambda req: err(503, "unavailable", "the coordinators have no raft leader yet; retry in a moment"))
+        dying = DyingServer()
+        self.addCleanup(dying.close)
+        for first in (dead_url(), busy.url, dying.url):
+            with self.subTest(first=first):
+                c = SignalClient(KEY, [first, good.url])
+                waits = []
+                c._sleep = waits.append
+                n = len(good.requests)
+                self.assertEqual(c.run("run-1").optim_step()["step"], 1)
+                self.assertEqual(waits, [], "the next coordinator is tried at once")
+                self.assertEqual(c.base_url, good.url)
+                self.assertEqual(len(good.requests), n + 1)
+                if first == busy.url:
+                    self.assertEqual(busy.requests[-1]["idem"], good.requests[-1]["idem"], "one key per logical call")
+                # Later calls stay on the coordinator that answered.
+                c.run("run-1").optim_step()
+                self.assertEqual(len(good.requests), n + 2)
+        # The dying server got the same idempotency key as the one that answered.
+        c = SignalClient(KEY, ",".join([dying.url, good.url]))
+        c._sleep = lambda s: None
+        c.run("run-1").optim_step()
+        sent = dying.seen[-1].decode("latin-1")
+        self.assertIn("Idempotency-Key: " + good.requests[-1]["idem"], sent)
+
+    def test_single_coordinator_does_not_resend_a_cut_off_call(self):
+        dying = DyingServer()
+        self.addCleanup(dying.close)
+        c = SignalClient(KEY, dying.url)
+        c._sleep = lambda s: None
+        with self.assertRaises(SignalConnectionError):
+            c.run("run-1").optim_step()
+        self.assertEqual(len(dying.seen), 1)
+
+    def test_from_testnet_dir_uses_every_coordinator(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(lambda: __import__("shutil").rmtree(d))
+        with open(os.path.join(d, "testnet.json"), "w") as f:
+            json.dump({"coordinators": ["http://127.0.0.1:7001", "http://127.0.0.1:7002"], "api_key": "sk"}, f)
+        for path in (d, os.path.join(d, "testnet.json")):
+            c = SignalClient.from_testnet(path)
+            self.assertEqual(c.base_urls, ["http://127.0.0.1:7001", "http://127.0.0.1:7002"])
+        os.environ["SIGNAL_TESTNET"] = d
+        try:
+            self.assertEqual(SignalClient.from_testnet().api_key, "sk")
+        finally:
+            del os.environ["SIGNAL_TESTNET"]
+
+
 class TestCalls(Base):
     def test_run_flow(self):
         run = {"id": "run-7", "base_model": "signal-tiny", "lora_rank": 8, "status": "ready", "step": 0}
