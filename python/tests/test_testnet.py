@@ -216,5 +216,45 @@ class TestRealTestnet(unittest.TestCase):
         self.assertEqual(cm.exception.status, 413)
 
 
+class TestFailoverRealTestnet(unittest.TestCase):
+    """A process testnet of 3 coordinators: the SDK goes on when the one it calls dies."""
+
+    def test_coordinator_dies(self):
+        tmp = tempfile.mkdtemp(prefix="signal-pyfailover-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        log = open(os.path.join(tmp, "testnet.log"), "wb")
+        self.addCleanup(log.close)
+        net = subprocess.Popen([BIN, "testnet", "--coordinators", "3", "--nodes", "1", "--dir", tmp],
+                               stdout=subprocess.DEVNULL, stderr=log)
+
+        def stop():
+            net.terminate()
+            try:
+                net.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                net.kill()
+                net.wait()
+        self.addCleanup(stop)
+        path = os.path.join(tmp, "testnet.json")
+        deadline = time.time() + 240
+        while not os.path.exists(path):
+            if net.poll() is not None or time.time() > deadline:
+                with open(os.path.join(tmp, "testnet.log"), errors="replace") as f:
+                    self.fail("testnet did not start:\n" + f.read()[-2000:])
+            time.sleep(0.2)
+        with open(path) as f:
+            tn = json.load(f)
+        client = SignalClient.from_testnet(tmp, max_retries=20, max_backoff=2.0)
+        self.assertEqual(client.base_urls, tn["coordinators"])
+        with client.create_run(MODEL, lora_rank=8) as run:
+            run.forward_backward(["The cat sat on the mat."])
+            os.kill(tn["pids"][0], 9)  # c1, the coordinator the client calls
+            before = client.account()["balance_micro_credits"]
+            self.assertNotEqual(client.base_url, tn["coordinators"][0])
+            fb = run.forward_backward(["The cat sat on the mat."])
+            after = client.account()["balance_micro_credits"]
+            self.assertEqual(after, before - fb["cost"]["micro_credits"], "the call is charged once")
+
+
 if __name__ == "__main__":
     unittest.main()
