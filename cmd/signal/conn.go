@@ -225,4 +225,4 @@ func (f *creditsFlag) Set(s string) error {
 	return nil
 }
 
-func (f *creditsFlag) Type() string { return "credits" }
+func (f *creditsFlag) Type() string { return "number" }
