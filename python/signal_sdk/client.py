@@ -538,6 +538,37 @@ class SignalClient:
         body = _drop_none({"operator_account": operator_account})
         return self._request("POST", "/admin/join_tokens", body, token=admin_token)
 
+    def push_checkpoint(
+        self,
+        checkpoint_id: str,
+        repo: str,
+        *,
+        private: bool = True,
+        token: Optional[str] = None,
+        commit_message: Optional[str] = None,
+    ) -> Json:
+        """Pushes one of your checkpoints to a Hugging Face Hub model repository.
+
+        The coordinator commits the checkpoint's PEFT files (read from the
+        network's store, each verified by its CID) and a model card naming
+        the base model, rank, steps and CIDs, creating ``repo``
+        ("owner/name") if it does not exist (private unless
+        ``private=False``). ``token`` (default ``$HF_TOKEN``) needs write
+        access; it is used for this call only. A push that failed resumes
+        when called again: files the Hub holds already are not sent twice.
+        Returns ``{"checkpoint", "repo", "url", "commit_url", "commit_oid",
+        "files"}``.
+        """
+        if not checkpoint_id or any(c in checkpoint_id for c in "/?#") or not checkpoint_id.isprintable():
+            raise ValueError("checkpoint id %r: want a checkpoint's id" % (checkpoint_id,))
+        if not repo:
+            raise ValueError("repo is empty: name the Hub repository as owner/name")
+        token = token or os.environ.get("HF_TOKEN")
+        if not token:
+            raise ValueError("no Hub token: pass token= or set HF_TOKEN to a token with write access to %s" % repo)
+        body = _drop_none({"repo": repo, "private": bool(private), "token": token, "commit_message": commit_message})
+        return self._request("POST", "/checkpoints/" + urllib.parse.quote(checkpoint_id, safe="") + "/push", body)
+
 
 def _need_admin(token: str) -> None:
     if not token:
@@ -731,9 +762,31 @@ class SignalRun:
             body["num_samples"] = num_samples
         return self._post("/sample", body)
 
-    def save_state(self, mode: str = "adapter", name: Optional[str] = None) -> Json:
-        """Stores the adapter ("adapter") or adapter + optimizer ("full"); returns ``{"checkpoint", "cost", "balance"}``."""
-        return self._post("/save_state", _drop_none({"mode": mode, "name": name}))
+    def save_state(self, mode: str = "adapter", name: Optional[str] = None, push_to_hub: Optional[Json] = None) -> Json:
+        """Stores the adapter ("adapter") or adapter + optimizer ("full"); returns ``{"checkpoint", "cost", "balance"}``.
+
+        ``push_to_hub={"repo": "owner/name", "private": True, "token": ...}``
+        then pushes the checkpoint to the Hugging Face Hub
+        (:meth:`SignalClient.push_checkpoint`; the token defaults to
+        ``$HF_TOKEN``) and adds the push's answer as ``"push"``.
+        """
+        if push_to_hub is not None:
+            unknown = set(push_to_hub) - {"repo", "private", "token", "commit_message"}
+            if unknown or not push_to_hub.get("repo"):
+                raise ValueError("push_to_hub: want {\"repo\": \"owner/name\", \"private\"?, \"token\"?, \"commit_message\"?}")
+            if not (push_to_hub.get("token") or os.environ.get("HF_TOKEN")):
+                # Refused before the save, not after it.
+                raise ValueError("push_to_hub: no token: give \"token\" or set HF_TOKEN")
+        out = self._post("/save_state", _drop_none({"mode": mode, "name": name}))
+        if push_to_hub is not None:
+            out["push"] = self.client.push_checkpoint(
+                out["checkpoint"]["id"],
+                push_to_hub["repo"],
+                private=push_to_hub.get("private", True),
+                token=push_to_hub.get("token"),
+                commit_message=push_to_hub.get("commit_message"),
+            )
+        return out
 
     def load_state(self, checkpoint: str) -> Json:
         """Restores the run from a checkpoint id, URI or CID; returns the run."""
