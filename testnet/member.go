@@ -13,6 +13,7 @@ import (
 	"github.com/signal-p2p/signal/coordinator/dashboard"
 	"github.com/signal-p2p/signal/coordinator/p2p"
 	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/hub"
 	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/trainer/tokenizer"
 )
@@ -71,6 +72,9 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 			return nil, fmt.Errorf("coordinator %s storage: %w", spec.ID, err)
 		}
 		cfg.CheckpointStores, cfg.DeleteCheckpointFiles = []string{ns.Prefix}, ns.Delete
+		// Pushes to $HF_ENDPOINT (a test's local Hub) or huggingface.co,
+		// as signal coordinator wires them.
+		cfg.PushCheckpoint = hub.Pusher(&hub.Client{}, ns.Store)
 	}
 	// The testnet's key is used by examples and tests in tight loops.
 	cfg.RatePerSecond, cfg.RateBurst = DefaultConfig().RatePerSecond, DefaultConfig().RateBurst
