@@ -16,6 +16,14 @@
 #            PEFT adapter on all seven modules, float32 and bfloat16, 1 and 2
 #            threads; prefill one forward, decode model.generate (greedy, its
 #            own KV cache)
+#   llama.cpp: the CPU inference peer (scripts/llamacpp-bench.mjs through
+#            node-llama-cpp 3.22.1's prebuilt CPU build, scripts/llamacpp.sh):
+#            the same SmolLM-shaped model as GGUF (signal model export-gguf,
+#            with a 32,000-token SentencePiece vocabulary padded to the
+#            model's; the tokenizer does not enter the timing) in F32 and in
+#            BF16, 1 and 2 threads, prefill and decode measured as
+#            bench-infer measures them. The engine computes in float32 from
+#            any file; the goal is >= 1.5x llama.cpp at each precision.
 # Runs are interleaved (Go, torch, Go, torch, ...) REPS times so that load from
 # other processes hits both sides alike; each process reports the median of
 # its repeats, and the table shows the median over REPS. The machine's sgemm
@@ -48,6 +56,22 @@ done
 have_torch=1
 "$PY" -c 'import torch, numpy' 2>/dev/null || have_torch=0
 HF_PY=${SIGNAL_HF_PYTHON:-$(scripts/pyenv.sh 2>/dev/null || true)}
+LLAMACPP=${SIGNAL_LLAMACPP:-$(scripts/llamacpp.sh 2>/dev/null || true)}
+have_llama=0
+if [ -n "$LLAMACPP" ] && command -v node >/dev/null && [ -z "${NO_LLAMACPP:-}" ]; then
+  have_llama=1
+  # The bench model with a vocabulary for GGUF (the weights are the same
+  # files, hard-linked), exported once per precision.
+  g="$CACHE/smollm-135m-gguf"
+  if [ ! -f "$CACHE/smollm-135m-bf16.gguf" ] || [ ! -f "$CACHE/smollm-135m-f32.gguf" ]; then
+    mkdir -p "$g"
+    ln -f "$CACHE/smollm-135m/config.json" "$CACHE/smollm-135m/model.safetensors" "$g/"
+    cp trainer/tokenizer/testdata/sentencepiece-bpe/tokenizer.json trainer/tokenizer/testdata/sentencepiece-bpe/tokenizer_config.json "$g/"
+    for dt in f32 bf16; do
+      "$BIN" model export-gguf --model "$g" --out "$CACHE/smollm-135m-$dt.gguf" --dtype "$dt" >/dev/null
+    done
+  fi
+fi
 have_hf=1
 [ -n "$HF_PY" ] && "$HF_PY" -c 'import transformers, peft' 2>/dev/null || have_hf=0
 load() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -69,6 +93,11 @@ bench() {
       fi
       if [ "$have_hf" = 1 ] && [ "$i" = 0 ]; then
         results+="hf - $(echo "$req" | "$HF_PY" trainer/reference/hf_ref.py 2>/dev/null)"$'\n'
+      fi
+      if [ "$have_llama" = 1 ] && [ "$name" = smollm-135m ]; then
+        dt=$([ "$i" = 0 ] && echo f32 || echo bf16)
+        results+="llama.cpp-$dt - $(echo "$req" | sed "s|\"model\":\"[^\"]*\"|\"model\":\"$CACHE/smollm-135m-$dt.gguf\"|" |
+          SIGNAL_LLAMACPP="$LLAMACPP" node scripts/llamacpp-bench.mjs)"$'\n'
       fi
     done
     # The same build with the packed weights off (OpenBLAS sgemm for every
@@ -98,6 +127,10 @@ for line in os.environ["RESULTS"].splitlines():
         runs.setdefault("go GOMAXPROCS=%s" % thr, []).append((j["prefill_tokens_per_s"], j["decode_tokens_per_s"]))
         sgemm.append(j["sgemm_gflops"])
         flops = j["prefill_flops"]
+    elif side.startswith("llama.cpp-"):
+        for c in j["configs"]:
+            key = "%s threads=%d" % (side.replace("-", " "), c["threads"])
+            runs.setdefault(key, []).append((c["prefill_tokens_per_s"], c["decode_tokens_per_s"]))
     else:
         for c in j["configs"]:
             if side == "hf":
@@ -133,6 +166,10 @@ for i, what in ((0, "prefill"), (1, "decode ")):
         print("   %s best go %.1f (%s) / best torch %.1f (%s) = %.2fx" % (what, g, gk, t, tk, g / t))
     if h:
         print("   %s best go %.1f (%s) / best hf+peft %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)" % (what, g, gk, h, hk, g / h))
+    for dt in ("f32", "bf16"):
+        l, lk = best("llama.cpp " + dt, i)
+        if l:
+            print("   %s best go %.1f (%s) / best llama.cpp %s %.1f (%s) = %.2fx  (goal >= 1.5x)" % (what, g, gk, dt.upper(), l, lk, g / l))
     if not t and not h:
         print("   %s best go %.1f (%s); no PyTorch peer available" % (what, g, gk))
 PYEOF
