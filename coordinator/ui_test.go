@@ -39,11 +39,15 @@ func TestUIMountedBesideTheAPI(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		return resp.StatusCode, string(b)
 	}
-	for _, path := range []string{"/", "/dashboard", "/dashboard/"} {
+	// A run without steps is folded away but for ?all=1.
+	for _, path := range []string{"/?all=1", "/dashboard?all=1", "/dashboard/?all=1"} {
 		status, body := page(path, key)
 		if status != 200 || !strings.Contains(body, "Signal · solo") || !strings.Contains(body, "ui-run") {
 			t.Fatalf("GET %s: status %d, page without the title or the run:\n%.500s", path, status, body)
 		}
+	}
+	if status, body := page("/dashboard/data.json", key); status != 200 || !strings.Contains(body, `"folded":1`) {
+		t.Fatalf("GET /dashboard/data.json: status %d:\n%.500s", status, body)
 	}
 	if status, body := page("/dashboard", ""); status != 401 || !strings.Contains(body, "<form") {
 		t.Fatalf("GET /dashboard without a key: status %d:\n%.300s", status, body)

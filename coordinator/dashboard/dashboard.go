@@ -1,7 +1,11 @@
-// Package dashboard is the coordinator's web page: nodes and their capacity,
-// the viewer's runs with loss curves (inline SVG), balance and recent
-// charges. It is server-rendered with html/template — no JavaScript, no
-// build step — and reads its data through a Source.
+// Package dashboard is the coordinator's web page: the viewer's runs with
+// loss, learning-rate and grad-norm charts, what each run and each kind of
+// call cost, the models and their prices, the live nodes and their
+// capacity. The page is a shell of html/template plus one small embedded
+// script (app.js) that draws everything, charts included as inline SVG,
+// from the dashboard's JSON (/dashboard/data.json) and fetches it again
+// every few seconds: no framework, no build step, nothing downloaded at
+// run time. It reads its data through a Source.
 //
 // Who is viewing is an API key, the same credential the API takes, so the
 // page shows exactly what the API would show that key. The key arrives in
@@ -17,6 +21,7 @@ package dashboard
 import (
 	"context"
 	"embed"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"html/template"
@@ -36,13 +41,31 @@ var loginCSRF = http.NewCrossOriginProtection()
 // CookieName holds the viewer's API key.
 const CookieName = "signal_key"
 
+// csp lets the page run its own script and fetch its own JSON, nothing
+// else: no inline script, no other origin.
+const csp = "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+
+// trainingWindow is how recent a run's last step must be for the page to
+// call it training rather than ready.
+const trainingWindow = 90 * time.Second
+
+// rateSteps is how many of the last steps the steps-per-second figure
+// averages over.
+const rateSteps = 20
+
+// overviewPoints bounds the points a run's overview chart carries; the
+// run's own page has them all.
+const overviewPoints = 300
+
 // Options tune the page.
 type Options struct {
 	// Title heads the page.
 	Title string
-	// RefreshSeconds makes the browser reload the page (0: 10 s; <0: never).
+	// RefreshSeconds is how often the page fetches its data again, without
+	// reloading (0: 5 s; <0: never).
 	RefreshSeconds int
-	// MaxRuns bounds the runs drawn, newest first (0: 20).
+	// MaxRuns bounds the runs drawn, newest first (0: 20); ?all=1 shows
+	// every run.
 	MaxRuns int
 	// MaxCharges bounds the charges listed, newest first (0: 25).
 	MaxCharges int
@@ -50,19 +73,18 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-//go:embed templates/*.html
+//go:embed templates/*.html templates/app.js
 var templates embed.FS
 
-var pageTmpl = template.Must(template.New("page.html").Funcs(template.FuncMap{
-	"credits":  formatCredits,
-	"bytes":    formatBytes,
-	"short":    shortID,
-	"clock":    clock,
-	"join":     strings.Join,
-	"f4":       func(v float64) string { return fmt.Sprintf("%.4f", v) },
-	"deref":    func(p *float64) float64 { return *p },
-	"derefInt": func(p *int) int { return *p },
-}).ParseFS(templates, "templates/page.html"))
+var pageTmpl = template.Must(template.New("page.html").ParseFS(templates, "templates/page.html"))
+
+var appJS = func() []byte {
+	b, err := templates.ReadFile("templates/app.js")
+	if err != nil {
+		panic(err)
+	}
+	return b
+}()
 
 // Handler serves the dashboard.
 type Handler struct {
@@ -73,13 +95,14 @@ type Handler struct {
 }
 
 // New builds the dashboard over src. Mount it at "/" (it answers "/" and
-// "/dashboard", "/dashboard/login" and "/dashboard/logout").
+// "/dashboard", "/dashboard/runs/{id}", "/dashboard/data.json",
+// "/dashboard/app.js", "/dashboard/login" and "/dashboard/logout").
 func New(src Source, opts Options) *Handler {
 	if opts.Title == "" {
 		opts.Title = "Signal"
 	}
 	if opts.RefreshSeconds == 0 {
-		opts.RefreshSeconds = 10
+		opts.RefreshSeconds = 5
 	}
 	if opts.MaxRuns <= 0 {
 		opts.MaxRuns = 20
@@ -98,10 +121,27 @@ func New(src Source, opts Options) *Handler {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.Header().Set("X-Frame-Options", "DENY")
-	w.Header().Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'")
-	switch r.URL.Path {
-	case "/", "/dashboard", "/dashboard/":
-	case "/dashboard/login":
+	w.Header().Set("Content-Security-Policy", csp)
+	w.Header().Set("Referrer-Policy", "same-origin")
+	var runID string
+	switch path := r.URL.Path; {
+	case path == "/", path == "/dashboard", path == "/dashboard/":
+	case strings.HasPrefix(path, "/dashboard/runs/") && len(path) > len("/dashboard/runs/") && !strings.Contains(path[len("/dashboard/runs/"):], "/"):
+		runID = path[len("/dashboard/runs/"):]
+	case path == "/dashboard/app.js":
+		if !h.readOnly(w, r) {
+			return
+		}
+		w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
+		w.Header().Set("Cache-Control", "no-cache")
+		_, _ = w.Write(appJS)
+		return
+	case path == "/dashboard/data.json":
+		if h.readOnly(w, r) {
+			h.serveData(w, r)
+		}
+		return
+	case path == "/dashboard/login":
 		// Login CSRF: another site's form must not sign the viewer in
 		// under the attacker's key.
 		if err := loginCSRF.Check(r); err != nil {
@@ -110,7 +150,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		h.login(w, r)
 		return
-	case "/dashboard/logout":
+	case path == "/dashboard/logout":
 		http.SetCookie(w, &http.Cookie{Name: CookieName, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, SameSite: http.SameSiteStrictMode})
 		http.Redirect(w, r, "/dashboard", http.StatusSeeOther)
 		return
@@ -118,9 +158,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		w.Header().Set("Allow", "GET, HEAD")
-		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	if !h.readOnly(w, r) {
 		return
 	}
 	if key := r.URL.Query().Get("key"); key != "" {
@@ -143,18 +181,59 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.render(w, http.StatusUnauthorized, &page{Title: h.opts.Title, SignIn: true})
 		return
 	}
-	p, err := h.load(r.Context(), key)
+	v, err := h.load(r.Context(), key, query{run: runID, all: r.URL.Query().Get("all") == "1"})
 	switch {
 	case errors.Is(err, ErrUnauthorized):
 		h.render(w, http.StatusUnauthorized, &page{Title: h.opts.Title, SignIn: true, Error: "That API key is not known to this coordinator."})
 		return
+	case errors.Is(err, errNoRun):
+		h.render(w, http.StatusNotFound, &page{Title: h.opts.Title, Error: "No run " + runID + " among this key's runs.", Back: true})
+		return
 	case err != nil:
 		h.log.Warn("dashboard read", "err", err)
-		p = &page{Title: h.opts.Title, Error: "The coordinator cannot answer right now (" + err.Error() + "); this page retries.", Refresh: 3}
-		h.render(w, http.StatusServiceUnavailable, p)
+		h.render(w, http.StatusServiceUnavailable, &page{Title: h.opts.Title, Error: "The coordinator cannot answer right now (" + err.Error() + "); this page retries.", Refresh: 3})
 		return
 	}
-	h.render(w, http.StatusOK, p)
+	h.render(w, http.StatusOK, &page{Title: h.opts.Title, Data: v, Back: runID != ""})
+}
+
+// readOnly answers 405 to anything but GET and HEAD.
+func (h *Handler) readOnly(w http.ResponseWriter, r *http.Request) bool {
+	if r.Method == http.MethodGet || r.Method == http.MethodHead {
+		return true
+	}
+	w.Header().Set("Allow", "GET, HEAD")
+	http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	return false
+}
+
+// serveData is GET /dashboard/data.json[?run=ID][&all=1]: what the page
+// draws, for its script to fetch again without reloading.
+func (h *Handler) serveData(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	fail := func(status int, msg string) {
+		w.WriteHeader(status)
+		_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
+	}
+	key := credential(r)
+	if key == "" {
+		fail(http.StatusUnauthorized, "sign in")
+		return
+	}
+	q := r.URL.Query()
+	v, err := h.load(r.Context(), key, query{run: q.Get("run"), all: q.Get("all") == "1"})
+	switch {
+	case errors.Is(err, ErrUnauthorized):
+		fail(http.StatusUnauthorized, "That API key is not known to this coordinator.")
+	case errors.Is(err, errNoRun):
+		fail(http.StatusNotFound, "No run "+q.Get("run")+" among this key's runs.")
+	case err != nil:
+		h.log.Warn("dashboard read", "err", err)
+		fail(http.StatusServiceUnavailable, "The coordinator cannot answer right now ("+err.Error()+"); retrying.")
+	default:
+		_ = json.NewEncoder(w).Encode(v)
+	}
 }
 
 func (h *Handler) login(w http.ResponseWriter, r *http.Request) {
@@ -193,8 +272,8 @@ func credential(r *http.Request) string {
 }
 
 func (h *Handler) render(w http.ResponseWriter, status int, p *page) {
-	if p.Refresh == 0 && !p.SignIn && h.opts.RefreshSeconds > 0 {
-		p.Refresh = h.opts.RefreshSeconds
+	if p.Data != nil && h.opts.RefreshSeconds > 0 {
+		p.Data.RefreshSeconds = h.opts.RefreshSeconds
 	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -204,36 +283,149 @@ func (h *Handler) render(w http.ResponseWriter, status int, p *page) {
 	}
 }
 
-// page is what the template draws.
+// page is what the template draws: a sign-in form, an error, or the shell
+// the script fills from Data.
 type page struct {
 	Title   string
 	SignIn  bool
 	Error   string
-	Refresh int
-	Now     string
+	Refresh int // seconds before an error page reloads itself
+	Back    bool
+	Data    *view
+}
 
-	Account  protocol.Account
-	Charges  []protocol.Charge
-	Nodes    []nodeView
-	Runs     []runView
-	Sessions int
-	Capacity int
+var errNoRun = errors.New("no such run")
+
+type query struct {
+	run string // one run's page, with every step
+	all bool   // every run, those without steps too
+}
+
+// view is the page's data, as /dashboard/data.json answers it. Money is
+// integer micro-credits (the API's unit, in names that say so) beside the
+// same amount as a decimal number of credits.
+type view struct {
+	Title          string `json:"title"`
+	Now            string `json:"now"`
+	RefreshSeconds int    `json:"refresh_seconds"`
+
+	Account  accountView `json:"account"`
+	Nodes    []nodeView  `json:"nodes"`
+	Sessions int         `json:"sessions"`
+	Capacity int         `json:"capacity"`
+	Models   []modelView `json:"models"`
+
+	// Runs are the runs drawn, newest first; on a run's page, that run.
+	Runs []runView `json:"runs"`
+	// Folded counts the runs not drawn: those without a step (unless
+	// ?all=1) and those past MaxRuns.
+	Folded int  `json:"folded"`
+	All    bool `json:"all"`
+	// Run is set on a run's page.
+	Run string `json:"run,omitempty"`
+
+	// Charges are the newest charges (of this run on its page).
+	Charges []chargeView `json:"charges"`
+	// Calls total the account's listed charges per kind of call.
+	Calls []callTotal `json:"calls"`
+	// ChargesListed is how many charges the totals cover: the API lists
+	// an account's latest ones.
+	ChargesListed int `json:"charges_listed"`
+}
+
+type accountView struct {
+	Account             string `json:"account"`
+	BalanceMicroCredits int64  `json:"balance_micro_credits"`
+	Balance             string `json:"balance_credits"`
+	SpentMicroCredits   int64  `json:"spent_micro_credits"`
+	Spent               string `json:"spent_credits"`
 }
 
 type nodeView struct {
-	protocol.Node
-	Seen string
+	PeerID      string   `json:"peer_id"`
+	Backends    []string `json:"backends"`
+	Devices     []string `json:"devices"`
+	Models      []string `json:"models"`
+	Sessions    int      `json:"sessions"`
+	MaxSessions int      `json:"max_sessions"`
+	Seen        string   `json:"seen"`
+}
+
+type modelView struct {
+	Name          string `json:"name"`
+	ContextLength int    `json:"context_length"`
+	Memory        string `json:"memory"`
+	// Prices in credits: per 1K tokens, and per GB-hour stored.
+	Train   string `json:"train_credits_per_1k"`
+	Prefill string `json:"prefill_credits_per_1k"`
+	Sample  string `json:"sample_credits_per_1k"`
+	Storage string `json:"storage_credits_per_gb_hour"`
+	Serving int    `json:"serving_nodes"`
+}
+
+type chargeView struct {
+	Time         string `json:"time"`
+	Clock        string `json:"clock"`
+	RunID        string `json:"run_id"`
+	Call         string `json:"call"`
+	MicroCredits int64  `json:"micro_credits"`
+	Credits      string `json:"credits"`
+}
+
+type callTotal struct {
+	Call         string `json:"call"`
+	Count        int    `json:"count"`
+	MicroCredits int64  `json:"micro_credits"`
+	Credits      string `json:"credits"`
 }
 
 type runView struct {
-	protocol.Run
-	Curve     *curve
-	LastLoss  *float64
-	FirstLoss *float64
-	Latest    *protocol.Checkpoint
+	ID        string `json:"id"`
+	Name      string `json:"name,omitempty"`
+	BaseModel string `json:"base_model"`
+	LoRARank  int    `json:"lora_rank"`
+	Status    string `json:"status"`
+	// Activity is the status the page shows: "training" for a ready run
+	// whose last step is within trainingWindow, else Status.
+	Activity        string               `json:"activity"`
+	Reason          string               `json:"status_reason,omitempty"`
+	Step            int                  `json:"step"`
+	Node            string               `json:"node,omitempty"`
+	ResumedFromStep *int                 `json:"resumed_from_step,omitempty"`
+	Checkpoint      *protocol.Checkpoint `json:"checkpoint,omitempty"`
+	Checkpoints     []checkpointView     `json:"checkpoints,omitempty"`
+	CreatedAt       string               `json:"created_at"`
+
+	SpentMicroCredits int64       `json:"spent_micro_credits"`
+	Spent             string      `json:"spent_credits"`
+	Calls             []callTotal `json:"calls"`
+
+	FirstLoss       *float64      `json:"first_loss,omitempty"`
+	LastLoss        *float64      `json:"last_loss,omitempty"`
+	StepsPerSecond  float64       `json:"steps_per_second,omitempty"`
+	LastActivity    string        `json:"last_activity,omitempty"`
+	LastActivityAgo string        `json:"last_activity_ago,omitempty"`
+	Metrics         []metricPoint `json:"metrics"`
 }
 
-func (h *Handler) load(ctx context.Context, key string) (*page, error) {
+type checkpointView struct {
+	ID   string `json:"id"`
+	Step int    `json:"step"`
+	Mode string `json:"mode"`
+	URI  string `json:"uri"`
+	Time string `json:"time"`
+}
+
+// metricPoint is one step's figures; a figure the step lacks is null.
+type metricPoint struct {
+	Step     int      `json:"step"`
+	Loss     *float64 `json:"loss"`
+	LR       *float64 `json:"lr"`
+	GradNorm *float64 `json:"grad_norm"`
+	Time     string   `json:"time,omitempty"`
+}
+
+func (h *Handler) load(ctx context.Context, key string, q query) (*view, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	acct, err := h.src.Account(ctx, key)
@@ -248,107 +440,189 @@ func (h *Handler) load(ctx context.Context, key string) (*page, error) {
 	if err != nil {
 		return nil, err
 	}
+	models, err := h.src.Models(ctx, key)
+	if err != nil {
+		return nil, err
+	}
 	now := h.now()
-	p := &page{Title: h.opts.Title, Account: acct, Now: now.UTC().Format("2006-01-02 15:04:05 MST")}
+	v := &view{Title: h.opts.Title, Now: now.UTC().Format("2006-01-02 15:04:05 MST"), Run: q.run, All: q.all,
+		Account: accountView{Account: acct.Account,
+			BalanceMicroCredits: acct.BalanceMicroCredits, Balance: protocol.FormatCredits(acct.BalanceMicroCredits),
+			SpentMicroCredits: acct.SpentMicroCredits, Spent: protocol.FormatCredits(acct.SpentMicroCredits)},
+		Nodes: []nodeView{}, Models: []modelView{}, Runs: []runView{}, Charges: []chargeView{}, ChargesListed: len(acct.Charges)}
+
 	// Newest charges first.
 	ch := append([]protocol.Charge(nil), acct.Charges...)
 	sort.SliceStable(ch, func(i, j int) bool { return ch[i].Time > ch[j].Time })
-	if len(ch) > h.opts.MaxCharges {
-		ch = ch[:h.opts.MaxCharges]
-	}
-	p.Charges = ch
-	sort.Slice(nodes, func(i, j int) bool { return nodes[i].PeerID < nodes[j].PeerID })
-	for _, n := range nodes {
-		p.Nodes = append(p.Nodes, nodeView{Node: n, Seen: ago(n.LastSeen, now)})
-		p.Sessions += n.Sessions
-		p.Capacity += n.MaxSessions
-	}
-	// Newest runs first, bounded.
-	for i := len(runs) - 1; i >= 0 && len(p.Runs) < h.opts.MaxRuns; i-- {
-		rv := runView{Run: runs[i]}
-		ms, err := h.src.Metrics(ctx, key, runs[i].ID)
-		if err != nil {
-			return nil, err
+	v.Calls = totals(ch, "")
+	lastCharge := map[string]string{}
+	for _, c := range ch {
+		if _, ok := lastCharge[c.RunID]; !ok {
+			lastCharge[c.RunID] = c.Time
 		}
-		rv.Curve = lossCurve(ms)
-		for k := range ms {
-			if ms[k].LossMean != nil {
-				if rv.FirstLoss == nil {
-					rv.FirstLoss = ms[k].LossMean
+		if (q.run == "" || c.RunID == q.run) && len(v.Charges) < h.opts.MaxCharges {
+			v.Charges = append(v.Charges, chargeView{Time: c.Time, Clock: clock(c.Time), RunID: c.RunID, Call: c.Call, MicroCredits: c.MicroCredits, Credits: protocol.FormatCredits(c.MicroCredits)})
+		}
+	}
+
+	sort.Slice(nodes, func(i, j int) bool { return nodes[i].PeerID < nodes[j].PeerID })
+	serving := map[string]int{}
+	for _, n := range nodes {
+		nv := nodeView{PeerID: n.PeerID, Backends: n.Backends, Models: n.Models, Sessions: n.Sessions, MaxSessions: n.MaxSessions, Seen: ago(n.LastSeen, now)}
+		for _, g := range n.GPUs {
+			nv.Devices = append(nv.Devices, fmt.Sprintf("%s · %s free of %s · %.0f%% busy", g.Name, formatBytes(g.MemoryFree), formatBytes(g.MemoryTotal), g.Utilization))
+		}
+		if len(n.GPUs) == 0 {
+			nv.Devices = []string{fmt.Sprintf("CPU · %d cores · %s", n.CPU.Cores, formatBytes(n.CPU.MemoryTotal))}
+		}
+		v.Nodes = append(v.Nodes, nv)
+		v.Sessions += n.Sessions
+		v.Capacity += n.MaxSessions
+		for _, m := range n.Models {
+			serving[m]++
+		}
+	}
+	for _, m := range models {
+		v.Models = append(v.Models, modelView{Name: m.Name, ContextLength: m.ContextLength, Memory: formatBytes(m.MemoryBytes),
+			Train: protocol.FormatCredits(m.Prices.TrainMicroCreditsPer1K), Prefill: protocol.FormatCredits(m.Prices.PrefillMicroCreditsPer1K),
+			Sample: protocol.FormatCredits(m.Prices.SampleMicroCreditsPer1K), Storage: protocol.FormatCredits(m.Prices.StorageMicroCreditsPerGBHour),
+			Serving: serving[m.Name]})
+	}
+
+	// Newest runs first; runs without a step fold away unless asked for.
+	found := false
+	for i := len(runs) - 1; i >= 0; i-- {
+		r := runs[i]
+		if q.run != "" {
+			if r.ID != q.run {
+				continue
+			}
+			found = true
+		} else if (!q.all && r.Step == 0 && r.LastMetrics == nil) || len(v.Runs) >= h.opts.MaxRuns && !q.all {
+			v.Folded++
+			continue
+		}
+		rv := runView{ID: r.ID, Name: r.Name, BaseModel: r.BaseModel, LoRARank: r.LoRARank, Status: r.Status, Activity: r.Status,
+			Reason: r.StatusReason, Step: r.Step, Node: r.Node, ResumedFromStep: r.ResumedFromStep, CreatedAt: r.CreatedAt,
+			SpentMicroCredits: r.SpentMicroCredits, Spent: protocol.FormatCredits(r.SpentMicroCredits), Calls: totals(ch, r.ID), Metrics: []metricPoint{}}
+		if n := len(r.Checkpoints); n > 0 {
+			rv.Checkpoint = &r.Checkpoints[n-1]
+			if q.run != "" {
+				for _, c := range r.Checkpoints {
+					rv.Checkpoints = append(rv.Checkpoints, checkpointView{ID: c.ID, Step: c.Step, Mode: c.Mode, URI: c.URI, Time: c.CreatedAt})
 				}
-				rv.LastLoss = ms[k].LossMean
 			}
 		}
-		if n := len(runs[i].Checkpoints); n > 0 {
-			rv.Latest = &runs[i].Checkpoints[n-1]
+		var ms []protocol.Metrics
+		if r.Step > 0 || r.LastMetrics != nil {
+			if ms, err = h.src.Metrics(ctx, key, r.ID); err != nil {
+				return nil, err
+			}
 		}
-		p.Runs = append(p.Runs, rv)
+		describe(&rv, ms, lastCharge[r.ID], now)
+		if q.run == "" {
+			rv.Metrics = thin(rv.Metrics, overviewPoints)
+		}
+		v.Runs = append(v.Runs, rv)
 	}
-	return p, nil
+	if q.run != "" && !found {
+		return nil, errNoRun
+	}
+	return v, nil
 }
 
-// curve is a loss curve drawn as an SVG polyline in a fixed viewBox.
-type curve struct {
-	W, H                   int
-	Points                 string
-	Dots                   []point
-	MinLoss, MaxLoss       float64
-	FirstStep, LastStep    int
-	PlotX0, PlotX1, PlotY0 int
-	PlotY1                 int
-}
-
-type point struct{ X, Y float64 }
-
-// lossCurve scales the steps that report a loss into the plot area; nil
-// when fewer than one step has a loss.
-func lossCurve(ms []protocol.Metrics) *curve {
-	var xs []int
-	var ys []float64
+// describe fills a run's figures from its metrics: losses, the chart
+// points, steps per second, last activity and whether it is training.
+func describe(rv *runView, ms []protocol.Metrics, lastCharge string, now time.Time) {
 	for _, m := range ms {
-		if m.LossMean != nil && !math.IsNaN(*m.LossMean) && !math.IsInf(*m.LossMean, 0) {
-			xs = append(xs, m.Step)
-			ys = append(ys, *m.LossMean)
+		p := metricPoint{Step: m.Step, Loss: finite(m.LossMean), LR: finite(m.LearningRate), GradNorm: finite(m.GradNorm), Time: m.Time}
+		if p.Loss != nil {
+			if rv.FirstLoss == nil {
+				rv.FirstLoss = p.Loss
+			}
+			rv.LastLoss = p.Loss
+		}
+		rv.Metrics = append(rv.Metrics, p)
+	}
+	last := parseTime(rv.CreatedAt)
+	var lastStep time.Time
+	if n := len(ms); n > 0 {
+		lastStep = parseTime(ms[n-1].Time)
+		first := ms[max(0, n-rateSteps)]
+		t0 := parseTime(first.Time)
+		if dt := lastStep.Sub(t0).Seconds(); dt > 0 && ms[n-1].Step > first.Step {
+			rv.StepsPerSecond = float64(ms[n-1].Step-first.Step) / dt
 		}
 	}
-	if len(xs) == 0 {
+	for _, t := range []time.Time{lastStep, parseTime(lastCharge)} {
+		if t.After(last) {
+			last = t
+		}
+	}
+	if !last.IsZero() {
+		rv.LastActivity = last.UTC().Format(time.RFC3339)
+		rv.LastActivityAgo = ago(rv.LastActivity, now)
+	}
+	if rv.Status == protocol.RunReady && !lastStep.IsZero() && now.Sub(lastStep) <= trainingWindow {
+		rv.Activity = "training"
+	}
+}
+
+// totals sums charges per kind of call, of one run (or all when runID is
+// empty), the costliest first.
+func totals(ch []protocol.Charge, runID string) []callTotal {
+	by := map[string]*callTotal{}
+	out := []callTotal{}
+	for _, c := range ch {
+		if runID != "" && c.RunID != runID {
+			continue
+		}
+		t := by[c.Call]
+		if t == nil {
+			t = &callTotal{Call: c.Call}
+			by[c.Call] = t
+		}
+		t.Count++
+		t.MicroCredits += c.MicroCredits
+	}
+	for _, t := range by {
+		t.Credits = protocol.FormatCredits(t.MicroCredits)
+		out = append(out, *t)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].MicroCredits != out[j].MicroCredits {
+			return out[i].MicroCredits > out[j].MicroCredits
+		}
+		return out[i].Call < out[j].Call
+	})
+	return out
+}
+
+// thin keeps at most n points, evenly spaced, the first and last always.
+func thin(ps []metricPoint, n int) []metricPoint {
+	if len(ps) <= n || n < 2 {
+		return ps
+	}
+	out := make([]metricPoint, 0, n)
+	for i := 0; i < n; i++ {
+		out = append(out, ps[i*(len(ps)-1)/(n-1)])
+	}
+	return out
+}
+
+func finite(p *float64) *float64 {
+	if p == nil || math.IsNaN(*p) || math.IsInf(*p, 0) {
 		return nil
 	}
-	c := &curve{W: 420, H: 160, PlotX0: 48, PlotX1: 410, PlotY0: 12, PlotY1: 138}
-	c.MinLoss, c.MaxLoss = ys[0], ys[0]
-	for _, y := range ys {
-		c.MinLoss = math.Min(c.MinLoss, y)
-		c.MaxLoss = math.Max(c.MaxLoss, y)
-	}
-	c.FirstStep, c.LastStep = xs[0], xs[len(xs)-1]
-	spanX := float64(c.LastStep - c.FirstStep)
-	spanY := c.MaxLoss - c.MinLoss
-	var b strings.Builder
-	for i := range xs {
-		x := float64(c.PlotX0+c.PlotX1) / 2
-		if spanX > 0 {
-			x = float64(c.PlotX0) + float64(xs[i]-c.FirstStep)/spanX*float64(c.PlotX1-c.PlotX0)
-		}
-		y := float64(c.PlotY0+c.PlotY1) / 2
-		if spanY > 0 {
-			y = float64(c.PlotY0) + (c.MaxLoss-ys[i])/spanY*float64(c.PlotY1-c.PlotY0)
-		}
-		if i > 0 {
-			b.WriteByte(' ')
-		}
-		fmt.Fprintf(&b, "%.1f,%.1f", x, y)
-		c.Dots = append(c.Dots, point{X: math.Round(x*10) / 10, Y: math.Round(y*10) / 10})
-	}
-	c.Points = b.String()
-	return c
+	return p
 }
 
-func formatCredits(micro int64) string {
-	sign := ""
-	if micro < 0 {
-		sign, micro = "-", -micro
+func parseTime(ts string) time.Time {
+	t, err := time.Parse(time.RFC3339Nano, ts)
+	if err != nil {
+		return time.Time{}
 	}
-	return fmt.Sprintf("%s%d.%06d", sign, micro/1_000_000, micro%1_000_000)
+	return t
 }
 
 func formatBytes(n int64) string {
@@ -361,13 +635,6 @@ func formatBytes(n int64) string {
 		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
 	}
 	return fmt.Sprintf("%d B", n)
-}
-
-func shortID(s string) string {
-	if len(s) <= 14 {
-		return s
-	}
-	return s[:6] + "…" + s[len(s)-6:]
 }
 
 // clock shows an RFC 3339 time as UTC hours:minutes:seconds.

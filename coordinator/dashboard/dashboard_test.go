@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -21,6 +22,7 @@ type fakeSource struct {
 	nodes   func(key string) ([]protocol.Node, error)
 	runs    func(key string) ([]protocol.Run, error)
 	metrics func(key, runID string) ([]protocol.Metrics, error)
+	models  func(key string) ([]protocol.Model, error)
 }
 
 var _ Source = (*fakeSource)(nil)
@@ -35,12 +37,24 @@ func (f *fakeSource) Runs(_ context.Context, key string) ([]protocol.Run, error)
 func (f *fakeSource) Metrics(_ context.Context, key, runID string) ([]protocol.Metrics, error) {
 	return f.metrics(key, runID)
 }
+func (f *fakeSource) Models(_ context.Context, key string) ([]protocol.Model, error) {
+	return f.models(key)
+}
 
 const goodKey = "sk-good"
 
 func loss(v float64) *float64 { return &v }
 
-// world is one account with two nodes, one run of five steps and charges.
+// stepTime is when the world's run_a took step i: one step a second,
+// the last (step 5) at worldNow minus 10 s.
+func stepTime(i int) string {
+	return worldNow.Add(time.Duration(i-5)*time.Second - 10*time.Second).Format(time.RFC3339Nano)
+}
+
+var worldNow = time.Date(2026, 1, 1, 10, 1, 0, 0, time.UTC)
+
+// world is one account with two nodes, a run of five steps, a run
+// without steps, charges and one model.
 func world() *fakeSource {
 	auth := func(key string) error {
 		if key != goodKey {
@@ -76,6 +90,7 @@ func world() *fakeSource {
 				{ID: "run_a", Name: "<script>alert(1)</script>", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready", Step: 5, SpentMicroCredits: 1_500, ResumedFromStep: &resumed,
 					Checkpoints: []protocol.Checkpoint{{ID: "ck1", Step: 5, Mode: "adapter", URI: "s3://bucket/ck1"}}},
 				{ID: "run_b", BaseModel: "signal-tiny", LoRARank: 8, Status: "starting"},
+				{ID: "run_c", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready"},
 			}, nil
 		},
 		metrics: func(key, runID string) ([]protocol.Metrics, error) {
@@ -83,12 +98,21 @@ func world() *fakeSource {
 				return nil, err
 			}
 			if runID != "run_a" {
-				return nil, nil
+				return nil, fmt.Errorf("metrics of %s read: it has no step", runID)
 			}
 			return []protocol.Metrics{
-				{Step: 1, LossMean: loss(10)}, {Step: 2, LossMean: loss(8)}, {Step: 3, LossMean: loss(5)},
-				{Step: 4}, {Step: 5, LossMean: loss(2)},
+				{Step: 1, LossMean: loss(10), LearningRate: loss(1e-4), GradNorm: loss(3), Time: stepTime(1)},
+				{Step: 2, LossMean: loss(8), LearningRate: loss(2e-4), Time: stepTime(2)},
+				{Step: 3, LossMean: loss(5), LearningRate: loss(2e-4), Time: stepTime(3)},
+				{Step: 4, Time: stepTime(4)}, {Step: 5, LossMean: loss(2), GradNorm: loss(math.NaN()), Time: stepTime(5)},
 			}, nil
+		},
+		models: func(key string) ([]protocol.Model, error) {
+			if err := auth(key); err != nil {
+				return nil, err
+			}
+			return []protocol.Model{{Name: "signal-tiny", ContextLength: 512, MemoryBytes: 3 << 20, Prices: protocol.Prices{
+				TrainMicroCreditsPer1K: 30, PrefillMicroCreditsPer1K: 10, SampleMicroCreditsPer1K: 20, StorageMicroCreditsPerGBHour: 1_500}}}, nil
 		},
 	}
 }
@@ -108,67 +132,136 @@ func withCookie(key string) func(*http.Request) {
 	return func(r *http.Request) { r.AddCookie(&http.Cookie{Name: CookieName, Value: key}) }
 }
 
-func TestPageShowsNodesRunsAndCharges(t *testing.T) {
-	h := New(world(), Options{Title: "Test"})
+func newWorld(opts Options) *Handler {
+	h := New(world(), opts)
+	h.now = func() time.Time { return worldNow }
+	return h
+}
+
+// data reads /dashboard/data.json as the viewer.
+func data(t *testing.T, h http.Handler, target string) view {
+	t.Helper()
+	w := get(t, h, target, withCookie(goodKey))
+	if w.Code != http.StatusOK || !strings.HasPrefix(w.Header().Get("Content-Type"), "application/json") {
+		t.Fatalf("GET %s: status %d: %s", target, w.Code, w.Body)
+	}
+	var v view
+	if err := json.Unmarshal(w.Body.Bytes(), &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func TestPageIsAShellWithItsData(t *testing.T) {
+	h := newWorld(Options{Title: "Test"})
 	w := get(t, h, "/dashboard", withCookie(goodKey))
 	if w.Code != http.StatusOK {
 		t.Fatalf("status %d: %s", w.Code, w.Body)
 	}
 	body := w.Body.String()
 	for _, want := range []string{
-		"acct_1", "12.345678", // balance in credits
-		"NVIDIA H200", "100.0 GiB free of 140.0 GiB", "CPU · 16 cores · 64.0 GiB", "1 / 8",
-		`id="run-run_a"`, "resumed from step 10", "s3://bucket/ck1",
-		`<polyline fill="none"`, "10.0000", "2.0000", // curve and its axis labels
-		"save_state", "10:00:09",
-		"No optimizer step with a loss yet.", // run_b
-		`<meta http-equiv="refresh" content="10">`,
+		`<meta name="viewport"`, `<script src="/dashboard/app.js"></script>`, `<script type="application/json" id="data">`,
+		`"balance_credits":"12.345678"`, `"refresh_seconds":5`, "12D3KooWnodeBBBBBBBBBBBBBBBB",
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("page lacks %q", want)
 		}
 	}
-	// The run name is escaped, not executed.
-	if strings.Contains(body, "<script>alert") || !strings.Contains(body, "&lt;script&gt;") {
-		t.Error("run name not HTML-escaped")
+	// The run name is escaped inside the embedded JSON, not executed; the
+	// page does not reload itself (the script fetches).
+	if strings.Contains(body, "<script>alert") || strings.Contains(body, `http-equiv="refresh"`) {
+		t.Error("run name not escaped, or a full-page refresh")
 	}
-	// Newest run first; newest charge first; nodes sorted by peer ID.
-	if strings.Index(body, "run-run_b") > strings.Index(body, "run-run_a") {
-		t.Error("runs not newest first")
+	csp := w.Header().Get("Content-Security-Policy")
+	for _, want := range []string{"default-src 'none'", "script-src 'self'", "connect-src 'self'"} {
+		if !strings.Contains(csp, want) || strings.Contains(csp, "unsafe-eval") || strings.Contains(csp, "script-src 'self' 'unsafe-inline'") {
+			t.Errorf("CSP = %q, want %q and no inline script", csp, want)
+		}
 	}
-	if strings.Index(body, "10:00:09") > strings.Index(body, "10:00:01") {
-		t.Error("charges not newest first")
-	}
-	if strings.Index(body, "12D3Ko…AAAAAA") > strings.Index(body, "12D3Ko…BBBBBB") {
-		t.Error("nodes not sorted")
-	}
-	if got := w.Header().Get("Content-Security-Policy"); !strings.Contains(got, "default-src 'none'") {
-		t.Errorf("CSP = %q", got)
+	js := get(t, h, "/dashboard/app.js", nil)
+	if js.Code != http.StatusOK || !strings.HasPrefix(js.Header().Get("Content-Type"), "text/javascript") || !strings.Contains(js.Body.String(), "data.json") {
+		t.Fatalf("app.js: %d %q", js.Code, js.Header().Get("Content-Type"))
 	}
 }
 
-func TestLossCurveScales(t *testing.T) {
-	c := lossCurve([]protocol.Metrics{{Step: 0, LossMean: loss(4)}, {Step: 5}, {Step: 10, LossMean: loss(1)}, {Step: 20, LossMean: loss(2)}})
-	if c == nil || len(c.Dots) != 3 {
-		t.Fatalf("curve = %+v", c)
+func TestData(t *testing.T) {
+	h := newWorld(Options{})
+	v := data(t, h, "/dashboard/data.json")
+	if v.Account.Account != "acct_1" || v.Account.Balance != "12.345678" || v.Account.BalanceMicroCredits != 12_345_678 {
+		t.Errorf("account = %+v", v.Account)
 	}
-	// Highest loss at the top-left, lowest at the bottom, x by step.
-	want := []point{{float64(c.PlotX0), float64(c.PlotY0)}, {float64(c.PlotX0+c.PlotX1) / 2, float64(c.PlotY1)}, {float64(c.PlotX1), float64(c.PlotY0) + float64(c.PlotY1-c.PlotY0)*2/3}}
-	for i, d := range c.Dots {
-		if diff(d.X, want[i].X) > 0.1 || diff(d.Y, want[i].Y) > 0.1 {
-			t.Errorf("dot %d = %+v, want %+v", i, d, want[i])
-		}
+	// Nodes sorted by peer ID, devices described, capacity summed.
+	if len(v.Nodes) != 2 || v.Nodes[0].PeerID != "12D3KooWnodeAAAAAAAAAAAAAAAA" || v.Nodes[0].Devices[0] != "CPU · 16 cores · 64.0 GiB" ||
+		v.Nodes[1].Devices[0] != "NVIDIA H200 · 100.0 GiB free of 140.0 GiB · 37% busy" || v.Sessions != 1 || v.Capacity != 12 {
+		t.Errorf("nodes = %+v", v.Nodes)
 	}
-	if c.MinLoss != 1 || c.MaxLoss != 4 || c.FirstStep != 0 || c.LastStep != 20 {
-		t.Errorf("axes = %+v", c)
+	// Models with prices in credits, and how many nodes serve each.
+	if len(v.Models) != 1 || v.Models[0].Train != "0.000030" || v.Models[0].Storage != "0.001500" || v.Models[0].Serving != 2 {
+		t.Errorf("models = %+v", v.Models)
 	}
-	if lossCurve(nil) != nil || lossCurve([]protocol.Metrics{{Step: 1}}) != nil {
-		t.Error("a curve without losses")
+	// Runs without steps fold away (their metrics are never read).
+	if len(v.Runs) != 1 || v.Folded != 2 || v.Runs[0].ID != "run_a" {
+		t.Fatalf("runs = %+v, folded %d", v.Runs, v.Folded)
 	}
-	// One point, or all equal: drawn mid-plot, not divided by zero.
-	one := lossCurve([]protocol.Metrics{{Step: 3, LossMean: loss(2)}})
-	if one == nil || one.Dots[0].X != float64(one.PlotX0+one.PlotX1)/2 {
-		t.Errorf("single point = %+v", one)
+	r := v.Runs[0]
+	if r.Name != "<script>alert(1)</script>" || *r.FirstLoss != 10 || *r.LastLoss != 2 || len(r.Metrics) != 5 ||
+		r.Metrics[3].Loss != nil || r.Metrics[4].GradNorm != nil || *r.Metrics[0].LR != 1e-4 || r.Checkpoint.URI != "s3://bucket/ck1" {
+		t.Errorf("run = %+v", r)
+	}
+	// Four steps in four seconds, the last 10 s ago: training.
+	if r.Activity != "training" || diff(r.StepsPerSecond, 1) > 1e-9 || r.LastActivityAgo != "10s ago" {
+		t.Errorf("activity %q, %v steps/s, last %q", r.Activity, r.StepsPerSecond, r.LastActivityAgo)
+	}
+	// Charges: newest first, totalled per call (the costliest first) and
+	// per run.
+	if len(v.Charges) != 2 || v.Charges[0].Clock != "10:00:09" || v.Charges[0].Credits != "0.000003" {
+		t.Errorf("charges = %+v", v.Charges)
+	}
+	want := []callTotal{{Call: "forward_backward", Count: 1, MicroCredits: 26, Credits: "0.000026"}, {Call: "save_state", Count: 1, MicroCredits: 3, Credits: "0.000003"}}
+	if fmt.Sprint(v.Calls) != fmt.Sprint(want) || fmt.Sprint(r.Calls) != fmt.Sprint(want) || r.Spent != "0.001500" {
+		t.Errorf("calls = %+v, run's %+v, spent %s", v.Calls, r.Calls, r.Spent)
+	}
+
+	all := data(t, h, "/dashboard/data.json?all=1")
+	if len(all.Runs) != 3 || all.Folded != 0 || all.Runs[0].ID != "run_c" || all.Runs[2].ID != "run_a" || all.Runs[0].Activity != "ready" {
+		t.Errorf("?all=1: %d runs, folded %d", len(all.Runs), all.Folded)
+	}
+	capped := data(t, New(world(), Options{MaxRuns: 1}), "/dashboard/data.json?all=1")
+	if len(capped.Runs) != 3 {
+		t.Errorf("?all=1 with MaxRuns 1: %d runs", len(capped.Runs))
+	}
+
+	// A step long ago is not training.
+	h.now = func() time.Time { return worldNow.Add(time.Hour) }
+	if r := data(t, h, "/dashboard/data.json").Runs[0]; r.Activity != "ready" {
+		t.Errorf("an hour later: %q", r.Activity)
+	}
+}
+
+func TestRunPage(t *testing.T) {
+	h := newWorld(Options{})
+	w := get(t, h, "/dashboard/runs/run_a", withCookie(goodKey))
+	if w.Code != http.StatusOK || !strings.Contains(w.Body.String(), `"run":"run_a"`) {
+		t.Fatalf("status %d: %s", w.Code, w.Body)
+	}
+	v := data(t, h, "/dashboard/data.json?run=run_a")
+	if len(v.Runs) != 1 || v.Runs[0].ID != "run_a" || len(v.Runs[0].Checkpoints) != 1 || len(v.Charges) != 2 {
+		t.Fatalf("run page data = %+v", v)
+	}
+	if w := get(t, h, "/dashboard/runs/run_x", withCookie(goodKey)); w.Code != http.StatusNotFound {
+		t.Errorf("unknown run: %d", w.Code)
+	}
+	if w := get(t, h, "/dashboard/data.json?run=run_x", withCookie(goodKey)); w.Code != http.StatusNotFound {
+		t.Errorf("unknown run's data: %d", w.Code)
+	}
+	// Many steps are thinned on the overview, never on the run's page.
+	ps := make([]metricPoint, 1000)
+	for i := range ps {
+		ps[i].Step = i
+	}
+	th := thin(ps, overviewPoints)
+	if len(th) != overviewPoints || th[0].Step != 0 || th[len(th)-1].Step != 999 {
+		t.Errorf("thin: %d points, %d..%d", len(th), th[0].Step, th[len(th)-1].Step)
 	}
 }
 
@@ -254,6 +347,18 @@ func TestCredentials(t *testing.T) {
 			t.Fatalf("cross-site ?key= link: status %d cookies %+v", w.Code, w.Result().Cookies())
 		}
 	})
+	t.Run("data needs a key", func(t *testing.T) {
+		if w := get(t, h, "/dashboard/data.json", nil); w.Code != http.StatusUnauthorized {
+			t.Errorf("no key: %d", w.Code)
+		}
+		if w := get(t, h, "/dashboard/data.json", withCookie("sk-bad")); w.Code != http.StatusUnauthorized {
+			t.Errorf("unknown key: %d", w.Code)
+		}
+		// ?key= is no sign-in here: only the page takes it, and redirects.
+		if w := get(t, h, "/dashboard/data.json?key="+goodKey, nil); w.Code != http.StatusUnauthorized || len(w.Result().Cookies()) != 0 {
+			t.Errorf("?key= on data.json: %d", w.Code)
+		}
+	})
 	t.Run("logout clears the cookie", func(t *testing.T) {
 		w := get(t, h, "/dashboard/logout", withCookie(goodKey))
 		c := w.Result().Cookies()
@@ -283,6 +388,10 @@ func TestSourceDown(t *testing.T) {
 	if w.Code != http.StatusServiceUnavailable || !strings.Contains(w.Body.String(), "no raft leader elected") || !strings.Contains(w.Body.String(), `content="3"`) {
 		t.Fatalf("status %d: %s", w.Code, w.Body)
 	}
+	w = get(t, New(src, Options{}), "/dashboard/data.json", withCookie(goodKey))
+	if w.Code != http.StatusServiceUnavailable || !strings.Contains(w.Body.String(), "no raft leader elected") {
+		t.Fatalf("data: status %d: %s", w.Code, w.Body)
+	}
 }
 
 // TestAPISource reads through a fake coordinator API and checks the key
@@ -311,6 +420,11 @@ func TestAPISource(t *testing.T) {
 			_ = json.NewEncoder(w).Encode(protocol.MetricsResponse{Metrics: []protocol.Metrics{{Step: 1, LossMean: loss(3)}, {Step: 2, LossMean: loss(1)}}})
 		}
 	})
+	api.HandleFunc("GET /v1/models", func(w http.ResponseWriter, r *http.Request) {
+		if auth(w, r) {
+			_ = json.NewEncoder(w).Encode(protocol.ModelList{Models: []protocol.Model{{Name: "signal-tiny"}}})
+		}
+	})
 	srv := httptest.NewServer(api)
 	defer srv.Close()
 	s := NewAPISource(srv.URL + "/")
@@ -328,6 +442,9 @@ func TestAPISource(t *testing.T) {
 	ms, err := s.Metrics(ctx, goodKey, "run/x")
 	if err != nil || len(ms) != 2 || *ms[1].LossMean != 1 {
 		t.Fatalf("Metrics = %+v, %v", ms, err)
+	}
+	if m, err := s.Models(ctx, goodKey); err != nil || len(m) != 1 || m[0].Name != "signal-tiny" {
+		t.Fatalf("Models = %+v, %v", m, err)
 	}
 	srv.Close()
 	if _, err := s.Runs(ctx, goodKey); !errorsIs(err, ErrUnavailable) {

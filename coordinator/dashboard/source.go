@@ -36,6 +36,8 @@ type Source interface {
 	Runs(ctx context.Context, key string) ([]protocol.Run, error)
 	// Metrics are one run's per-step figures.
 	Metrics(ctx context.Context, key, runID string) ([]protocol.Metrics, error)
+	// Models are the base models and their prices.
+	Models(ctx context.Context, key string) ([]protocol.Model, error)
 }
 
 // APISource reads through a coordinator's public API with the viewer's
@@ -123,4 +125,11 @@ func (s *APISource) Metrics(ctx context.Context, key, runID string) ([]protocol.
 	var m protocol.MetricsResponse
 	err := s.get(ctx, key, "/v1/runs/"+url.PathEscape(runID)+"/metrics", &m)
 	return m.Metrics, err
+}
+
+// Models reads GET /v1/models.
+func (s *APISource) Models(ctx context.Context, key string) ([]protocol.Model, error) {
+	var l protocol.ModelList
+	err := s.get(ctx, key, "/v1/models", &l)
+	return l.Models, err
 }
