@@ -68,7 +68,8 @@
     // Narrow screens get a narrower drawing, so its text stays legible.
     var W = narrow() ? 330 : 480, H = compact ? 170 : 220, L = 50, R = 12, T = 10, B = 30;
     var xs = pts.map(function (p) { return p.x; }), ys = pts.map(function (p) { return p.y; });
-    var sm = smooth && pts.length > 2 ? ema(ys, 0.8) : null;
+    // The smoothing spans about a quarter of the points, at most ten.
+    var sm = smooth && pts.length > 2 ? ema(ys, Math.max(0.3, Math.min(0.9, 1 - 4 / pts.length))) : null;
     var xlo = Math.min.apply(null, xs), xhi = Math.max.apply(null, xs);
     if (xhi === xlo) { xlo -= 1; xhi += 1; }
     var xt = ticks(xlo, xhi, compact || narrow() ? 4 : 6);
