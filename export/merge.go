@@ -250,7 +250,7 @@ func writeShards(dir string, ts []hfTensor, dt safetensors.DType, maxBytes int64
 			out[j] = safetensors.Tensor{Name: t.name, Shape: t.shape, Data: t.data(), DType: dt}
 			weightMap[t.name] = name
 		}
-		if err := writeSafetensors(filepath.Join(dir, name), out); err != nil {
+		if err := safetensors.WriteFile(filepath.Join(dir, name), out, map[string]string{"format": "pt"}); err != nil {
 			return err
 		}
 	}

@@ -346,3 +346,42 @@ func Float32ToBF16(f float32) uint16 {
 	b += 0x7fff + (b>>16)&1
 	return uint16(b >> 16)
 }
+
+// Float32ToHalf rounds an f32 to the nearest IEEE 754 binary16 (ties to
+// even), as ggml's GGML_FP32_TO_FP16 and numpy's astype(float16) do:
+// overflow becomes infinity, tiny values become subnormals or zero, NaN
+// stays a quiet NaN.
+func Float32ToHalf(f float32) uint16 {
+	b := math.Float32bits(f)
+	sign := uint16(b>>16) & 0x8000
+	exp := int32(b>>23) & 0xff
+	mant := b & 0x7fffff
+	switch {
+	case exp == 0xff: // inf or NaN
+		if mant != 0 {
+			return sign | 0x7e00
+		}
+		return sign | 0x7c00
+	case exp > 127+15: // beyond the largest finite half
+		return sign | 0x7c00
+	case exp >= 127-14: // a normal half, possibly rounding up to inf
+		h := uint32(exp-127+15)<<10 | mant>>13
+		rest := mant & 0x1fff
+		if rest > 0x1000 || (rest == 0x1000 && h&1 == 1) {
+			h++ // a carry into the exponent is the right result, inf included
+		}
+		return sign | uint16(h)
+	case exp >= 127-25: // a subnormal half (or the smallest rounding to one)
+		m := mant | 0x800000 // the implicit bit
+		shift := uint32(127 - 14 - exp + 13)
+		h := m >> shift
+		rest := m & (1<<shift - 1)
+		half := uint32(1) << (shift - 1)
+		if rest > half || (rest == half && h&1 == 1) {
+			h++
+		}
+		return sign | uint16(h)
+	default:
+		return sign
+	}
+}

@@ -12,7 +12,8 @@ import (
 )
 
 // Tensor is one tensor to write. Data holds f32 values in row-major order;
-// it is stored as DType (F32 when empty, or BF16 rounded to nearest even).
+// it is stored as DType (F32 when empty, or BF16 or F16 rounded to nearest
+// even).
 type Tensor struct {
 	Name  string
 	Shape []int
@@ -35,8 +36,8 @@ func WriteFile(path string, tensors []Tensor, metadata map[string]string) (err e
 			sorted[i].DType = F32
 			t.DType = F32
 		}
-		if t.DType != F32 && t.DType != BF16 {
-			return fmt.Errorf("write safetensors %s: tensor %q: %w: can write F32 or BF16, not %s", path, t.Name, ErrUnsupported, t.DType)
+		if t.DType != F32 && t.DType != BF16 && t.DType != F16 {
+			return fmt.Errorf("write safetensors %s: tensor %q: %w: can write F32, BF16 or F16, not %s", path, t.Name, ErrUnsupported, t.DType)
 		}
 		if _, dup := header[t.Name]; dup || t.Name == "__metadata__" || t.Name == "" {
 			return fmt.Errorf("write safetensors %s: %w: duplicate or reserved tensor name %q", path, ErrInvalid, t.Name)
@@ -90,10 +91,14 @@ func WriteFile(path string, tensors []Tensor, metadata map[string]string) (err e
 	var b [4]byte
 	for _, t := range sorted {
 		for _, v := range t.Data {
-			if t.DType == BF16 {
+			switch t.DType {
+			case BF16:
 				binary.LittleEndian.PutUint16(b[:2], Float32ToBF16(v))
 				_, err = w.Write(b[:2])
-			} else {
+			case F16:
+				binary.LittleEndian.PutUint16(b[:2], Float32ToHalf(v))
+				_, err = w.Write(b[:2])
+			default:
 				binary.LittleEndian.PutUint32(b[:], math.Float32bits(v))
 				_, err = w.Write(b[:])
 			}
