@@ -67,7 +67,8 @@ func TestDashboardInChromium(t *testing.T) {
 	url := info.Dashboard + "?key=" + info.APIKey
 
 	dom := string(runChromium(ctx, t, bin, url, "--dump-dom"))
-	for _, want := range []string{`id="run-` + r.ID() + `"`, "<polyline", "signal-tiny", info.Account, "forward_backward", "native"} {
+	for _, want := range []string{`id="run-` + r.ID() + `"`, "<polyline", "signal-tiny", info.Account, "forward_backward", "native",
+		`training</span>`, "steps/s", `id="models"`} {
 		if !strings.Contains(dom, want) {
 			t.Errorf("the page in Chromium lacks %q", want)
 		}
@@ -94,14 +95,32 @@ func TestDashboardInChromium(t *testing.T) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	shot := filepath.Join(dir, "dashboard.png")
-	runChromium(ctx, t, bin, url, "--screenshot="+shot, "--hide-scrollbars")
-	png, err := os.ReadFile(shot)
-	if err != nil {
-		t.Fatal(err)
+	// The run's own page charts the loss, learning rate and grad norm the
+	// run reported.
+	runURL := info.Dashboard + "/runs/" + r.ID() + "?key=" + info.APIKey
+	dom = string(runChromium(ctx, t, bin, runURL, "--dump-dom"))
+	for _, want := range []string{`id="loss-` + r.ID() + `"`, `id="lr-` + r.ID() + `"`, `id="gn-` + r.ID() + `"`, "0.005", "Checkpoints"} {
+		if !strings.Contains(dom, want) {
+			t.Errorf("the run's page in Chromium lacks %q", want)
+		}
 	}
-	if len(png) < 10_000 || !bytes.HasPrefix(png, []byte("\x89PNG")) {
-		t.Fatalf("screenshot %s: %d bytes, not a rendered page", shot, len(png))
+
+	for _, s := range []struct{ name, url, size string }{
+		{"dashboard.png", url, "1280,1500"},
+		{"dashboard-run.png", runURL, "1280,1300"},
+		{"dashboard-375.png", url, "375,2200"},
+		{"dashboard-run-375.png", runURL, "375,2200"},
+	} {
+		shot := filepath.Join(dir, s.name)
+		// The later --window-size wins over runChromium's.
+		runChromium(ctx, t, bin, s.url, "--screenshot="+shot, "--hide-scrollbars", "--window-size="+s.size)
+		png, err := os.ReadFile(shot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(png) < 10_000 || !bytes.HasPrefix(png, []byte("\x89PNG")) {
+			t.Fatalf("screenshot %s: %d bytes, not a rendered page", shot, len(png))
+		}
+		t.Logf("dashboard screenshot: %s (%d bytes)", shot, len(png))
 	}
-	t.Logf("dashboard screenshot: %s (%d bytes)", shot, len(png))
 }

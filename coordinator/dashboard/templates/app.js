@@ -270,7 +270,7 @@
     s += '<div class="charts">' + chart("loss-" + r.id, "Loss", r.metrics, "loss") + chart("lr-" + r.id, "Learning rate", r.metrics, "lr") +
       chart("gn-" + r.id, "Grad norm", r.metrics, "grad_norm") + "</div></section>";
     s += '<section id="spend"><h2>Charges</h2><div class="grid2"><div><h3 class="muted" style="font-size:12px;margin:0">By call (of the account\'s last ' + d.charges_listed + " charges)</h3>" +
-      callsTable(r.calls, true) + "</div><div>" + '<h3 class="muted" style="font-size:12px;margin:0">Recent</h3>' + chargesTable(d.charges, false) + "</div></div></section>";
+      callsTable(r.calls, true) + "</div><div>" + '<h3 class="muted" style="font-size:12px;margin:0">Recent</h3>' + chargesTable(d.charges.slice(0, 10), false) + "</div></div></section>";
     s += '<section id="checkpoints"><h2>Checkpoints</h2>';
     if (!r.checkpoints || !r.checkpoints.length) s += '<p class="muted">None saved yet.</p>';
     else {
