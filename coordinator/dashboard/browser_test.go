@@ -391,6 +391,14 @@ func TestChartsKeyboardAndUpdatesInChromium(t *testing.T) {
 		}
 		return ms, err
 	}
+	var down atomic.Bool // the coordinator cannot answer
+	nodes := src.nodes
+	src.nodes = func(key string) ([]protocol.Node, error) {
+		if down.Load() {
+			return nil, fmt.Errorf("GET /v1/nodes: status 503 no raft leader elected: %w", ErrUnavailable)
+		}
+		return nodes(key)
+	}
 	h := New(src, Options{Title: "Signal test", RefreshSeconds: 1})
 	h.now = func() time.Time { return worldNow }
 	srv := httptest.NewServer(h)
@@ -463,6 +471,19 @@ func TestChartsKeyboardAndUpdatesInChromium(t *testing.T) {
 	if got := b.text(`document.activeElement.id`); got != "smooth" {
 		t.Errorf("focus after an update: %q", got)
 	}
+
+	// The coordinator down: the page says so, keeps its figures, and
+	// recovers by itself.
+	down.Store(true)
+	b.waitFor(`!document.getElementById("problem").hidden`)
+	if got := b.text(`document.getElementById("problem").textContent`); !strings.Contains(got, "no raft leader elected") || !strings.Contains(got, "retrying") {
+		t.Errorf("problem banner: %q", got)
+	}
+	if got := b.text(`document.getElementById("step").textContent`); got != "8" {
+		t.Errorf("step while the coordinator is down: %q", got)
+	}
+	down.Store(false)
+	b.waitFor(`document.getElementById("problem").hidden`)
 
 	// The overview at 375 px: nothing wider than the screen but the
 	// tables' own scrolling, and the "N more" link reachable by keyboard.

@@ -306,8 +306,11 @@
     Object.keys(hovered).forEach(function (id) { if (charts[id]) showPoint(id, nearest(charts[id], hovered[id])); });
   }
 
+  var inflight = false;
   function refresh() {
-    if (document.hidden) return;
+    // A slow coordinator must not pile fetches up; a hidden tab waits.
+    if (document.hidden || inflight) return;
+    inflight = true;
     var q = data.run ? "?run=" + encodeURIComponent(data.run) : data.all ? "?all=1" : "";
     fetch("/dashboard/data.json" + q, { credentials: "same-origin", cache: "no-store" }).then(function (resp) {
       if (resp.status === 401) { location.reload(); return null; }
@@ -320,9 +323,9 @@
       problem.hidden = true;
       draw(d);
     }).catch(function (e) {
-      problem.textContent = "Could not update: " + e.message + " The figures below are from " + data.now + ".";
+      problem.textContent = "Could not update (" + e.message + "); retrying. The figures below are from " + data.now + ".";
       problem.hidden = false;
-    });
+    }).then(function () { inflight = false; });
   }
 
   draw(data);
