@@ -101,6 +101,7 @@ func TestPagesInChromium(t *testing.T) {
 		`training</span>`, "1.00 steps/s", "last activity",
 		`id="more-runs"`, "2 more runs",
 		"forward_backward", "0.000026", // charges per call
+		`href="/dashboard/runs/run_c"`, "0.002000", // per run, a folded one too
 		"12.345678", "credits", // balance, with its unit
 		`id="models"`, "0.000030", // models and prices
 		"12D3KooWnodeAAAAAAAAAAAAAAAA", "NVIDIA H200",

@@ -331,6 +331,16 @@ type view struct {
 	// ChargesListed is how many charges the totals cover: the API lists
 	// an account's latest ones.
 	ChargesListed int `json:"charges_listed"`
+	// Spend is what each run cost, all its calls, folded runs too: the
+	// costliest first, at most MaxRuns.
+	Spend []runSpend `json:"spend"`
+}
+
+type runSpend struct {
+	ID           string `json:"id"`
+	Name         string `json:"name,omitempty"`
+	MicroCredits int64  `json:"micro_credits"`
+	Credits      string `json:"credits"`
 }
 
 type accountView struct {
@@ -527,6 +537,16 @@ func (h *Handler) load(ctx context.Context, key string, q query) (*view, error) 
 	}
 	if q.run != "" && !found {
 		return nil, errNoRun
+	}
+	v.Spend = []runSpend{}
+	for _, r := range runs {
+		if r.SpentMicroCredits > 0 {
+			v.Spend = append(v.Spend, runSpend{ID: r.ID, Name: r.Name, MicroCredits: r.SpentMicroCredits, Credits: protocol.FormatCredits(r.SpentMicroCredits)})
+		}
+	}
+	sort.SliceStable(v.Spend, func(i, j int) bool { return v.Spend[i].MicroCredits > v.Spend[j].MicroCredits })
+	if len(v.Spend) > h.opts.MaxRuns {
+		v.Spend = v.Spend[:h.opts.MaxRuns]
 	}
 	return v, nil
 }

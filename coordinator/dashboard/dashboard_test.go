@@ -90,7 +90,7 @@ func world() *fakeSource {
 				{ID: "run_a", Name: "<script>alert(1)</script>", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready", Step: 5, SpentMicroCredits: 1_500, ResumedFromStep: &resumed,
 					Checkpoints: []protocol.Checkpoint{{ID: "ck1", Step: 5, Mode: "adapter", URI: "s3://bucket/ck1"}}},
 				{ID: "run_b", BaseModel: "signal-tiny", LoRARank: 8, Status: "starting"},
-				{ID: "run_c", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready"},
+				{ID: "run_c", BaseModel: "signal-tiny", LoRARank: 8, Status: "ready", SpentMicroCredits: 2_000}, // sampled, never stepped
 			}, nil
 		},
 		metrics: func(key, runID string) ([]protocol.Metrics, error) {
@@ -220,6 +220,11 @@ func TestData(t *testing.T) {
 	want := []callTotal{{Call: "forward_backward", Count: 1, MicroCredits: 26, Credits: "0.000026"}, {Call: "save_state", Count: 1, MicroCredits: 3, Credits: "0.000003"}}
 	if fmt.Sprint(v.Calls) != fmt.Sprint(want) || fmt.Sprint(r.Calls) != fmt.Sprint(want) || r.Spent != "0.001500" {
 		t.Errorf("calls = %+v, run's %+v, spent %s", v.Calls, r.Calls, r.Spent)
+	}
+
+	// Every run's spend, folded runs too.
+	if len(v.Spend) != 2 || v.Spend[0].ID != "run_c" || v.Spend[0].Credits != "0.002000" || v.Spend[1].ID != "run_a" {
+		t.Errorf("spend = %+v", v.Spend)
 	}
 
 	all := data(t, h, "/dashboard/data.json?all=1")

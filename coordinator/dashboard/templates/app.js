@@ -29,8 +29,8 @@
   function status(r) {
     return '<span class="status ' + esc(r.activity) + '"' + (r.status_reason ? ' title="' + esc(r.status_reason) + '"' : "") + ">" + esc(r.activity) + "</span>";
   }
-  function runLink(r) {
-    return '<a href="/dashboard/runs/' + encodeURIComponent(r.id) + '" data-focus="run-link-' + esc(r.id) + '">' +
+  function runLink(r, where) {
+    return '<a href="/dashboard/runs/' + encodeURIComponent(r.id) + '" data-focus="' + (where || "run") + "-link-" + esc(r.id) + '">' +
       (r.name ? esc(r.name) + " · " : "") + "<code>" + esc(r.id) + "</code></a>";
   }
 
@@ -106,7 +106,7 @@
     s += '<rect class="hit" x="' + L + '" y="' + T + '" width="' + (W - L - R) + '" height="' + (H - T - B) + '" fill="transparent"/></svg>';
     var last = pts[pts.length - 1];
     charts[id] = { pts: pts, sm: sm, sx: sx, sy: sy, W: W, title: title, idx: -1 };
-    return '<div class="chart">' + head + s + '<div class="readout" id="' + esc(id) + '-readout">last: step ' + last.x + " · " +
+    return '<div class="chart">' + head + s + '<div class="readout" aria-live="polite" id="' + esc(id) + '-readout">last: step ' + last.x + " · " +
       esc(title.toLowerCase()) + " " + num(last.y) + "</div></div>";
   }
 
@@ -239,13 +239,13 @@
     if (d.folded && !d.all) s += '<a class="more" id="more-runs" data-focus="more-runs" href="/dashboard?all=1#runs">' + d.folded + " more run" + (d.folded > 1 ? "s" : "") + " (without steps, or older)</a>";
     if (d.all) s += '<a class="more" data-focus="fewer-runs" href="/dashboard#runs">Only runs with steps</a>';
     s += "</section>";
-    var byRun = d.runs.filter(function (r) { return r.spent_micro_credits > 0; });
+    var byRun = d.spend;
     s += '<section id="spend"><h2>Charges</h2><div class="grid2"><div><h3 class="muted" style="font-size:12px;margin:0">By call (the last ' + d.charges_listed + " charges)</h3>" + callsTable(d.calls, true) + "</div>" +
       '<div><h3 class="muted" style="font-size:12px;margin:0">By run (all its calls)</h3>';
     if (!byRun.length) s += '<p class="muted">No run has been charged yet.</p>';
     else {
       s += '<table id="by-run"><thead><tr><th>run</th><th class="num">credits</th></tr></thead><tbody>';
-      byRun.forEach(function (r) { s += "<tr><td>" + runLink(r) + '</td><td class="num">' + esc(r.spent_credits) + "</td></tr>"; });
+      byRun.forEach(function (r) { s += "<tr><td>" + runLink(r, "spend") + '</td><td class="num">' + esc(r.credits) + "</td></tr>"; });
       s += "</tbody></table>";
     }
     s += '</div></div><h3 class="muted" style="font-size:12px;margin:12px 0 0">Recent</h3>' + chargesTable(d.charges, true) + "</section>";
