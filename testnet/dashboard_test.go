@@ -51,8 +51,10 @@ func runChromium(ctx context.Context, t *testing.T, bin, url string, args ...str
 
 // TestDashboardInChromium trains a real run on a testnet and checks, in a
 // real browser, that the coordinator's page shows it: the nodes, the run
-// with its loss curve, the balance and charges. It keeps a screenshot
-// (in $SIGNAL_ARTIFACTS when set, for CI to publish).
+// training with its loss curve, the balance, charges and models, and the
+// run's own page with its three charts. It keeps screenshots of both
+// pages, wide and 375 px narrow (testnet-dashboard*.png, in
+// $SIGNAL_ARTIFACTS when set, for CI to publish).
 func TestDashboardInChromium(t *testing.T) {
 	bin := chromium(t)
 	tn := startTestnet(t, func(c *Config) { c.Coordinators, c.Nodes = 1, 2 })
@@ -106,10 +108,10 @@ func TestDashboardInChromium(t *testing.T) {
 	}
 
 	for _, s := range []struct{ name, url, size string }{
-		{"dashboard.png", url, "1280,1500"},
-		{"dashboard-run.png", runURL, "1280,1300"},
-		{"dashboard-375.png", url, "375,2200"},
-		{"dashboard-run-375.png", runURL, "375,2200"},
+		{"testnet-dashboard.png", url, "1280,1500"},
+		{"testnet-dashboard-run.png", runURL, "1280,1300"},
+		{"testnet-dashboard-375.png", url, "375,2200"},
+		{"testnet-dashboard-run-375.png", runURL, "375,2200"},
 	} {
 		shot := filepath.Join(dir, s.name)
 		// The later --window-size wins over runChromium's.
