@@ -171,10 +171,10 @@
   }
   function chargesTable(ch, withRun) {
     if (!ch.length) return '<p class="muted">No charges yet.</p>';
-    var s = '<div class="scroll"><table id="charges"><thead><tr><th>time (UTC)</th>' + (withRun ? "<th>run</th>" : "") +
+    var s = '<div class="scroll"><table id="charges"><thead><tr><th>time (UTC)</th>' + (withRun ? '<th class="hide-narrow">run</th>' : "") +
       '<th>call</th><th class="num">credits</th></tr></thead><tbody>';
     ch.forEach(function (c) {
-      s += '<tr><td title="' + esc(c.time) + '">' + esc(c.clock) + "</td>" + (withRun ? '<td><code title="' + esc(c.run_id) + '">' + esc(short(c.run_id)) + "</code></td>" : "") +
+      s += '<tr><td title="' + esc(c.time) + '">' + esc(c.clock) + "</td>" + (withRun ? '<td class="hide-narrow"><code title="' + esc(c.run_id) + '">' + esc(short(c.run_id)) + "</code></td>" : "") +
         "<td>" + esc(c.call) + '</td><td class="num">' + esc(c.credits) + "</td></tr>";
     });
     return s + "</tbody></table></div>";
