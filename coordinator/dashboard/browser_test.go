@@ -466,6 +466,9 @@ func TestChartsKeyboardAndUpdatesInChromium(t *testing.T) {
 	if !kept {
 		t.Error("the page reloaded to update")
 	}
+	if got := b.text(`document.getElementById("updated").textContent`); !strings.HasSuffix(got, "updates every 1s") {
+		t.Errorf("header after an update: %q", got)
+	}
 	if got := b.text(`document.querySelector(".last-loss").textContent`); got != "0.5000" {
 		t.Errorf("last loss after the update: %q", got)
 	}
@@ -509,4 +512,9 @@ func TestChartsKeyboardAndUpdatesInChromium(t *testing.T) {
 	n.key("Enter")
 	n.waitFor(`location.search === "?all=1" && document.getElementById("run-run_c")`)
 	n.screenshot("dashboard-overview-all-375.png")
+	n.navigate(srv.URL + "/dashboard/runs/run_a")
+	n.eval(`[document.documentElement, ...document.querySelectorAll(".scroll")].filter(e => e.scrollWidth > e.clientWidth).map(e => e.id || e.firstElementChild.id || e.tagName)`, &wide)
+	if len(wide) > 0 {
+		t.Errorf("the run's page wider than 375 px: %q", wide)
+	}
 }

@@ -272,9 +272,6 @@ func credential(r *http.Request) string {
 }
 
 func (h *Handler) render(w http.ResponseWriter, status int, p *page) {
-	if p.Data != nil && h.opts.RefreshSeconds > 0 {
-		p.Data.RefreshSeconds = h.opts.RefreshSeconds
-	}
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
@@ -455,7 +452,7 @@ func (h *Handler) load(ctx context.Context, key string, q query) (*view, error) 
 		return nil, err
 	}
 	now := h.now()
-	v := &view{Title: h.opts.Title, Now: now.UTC().Format("2006-01-02 15:04:05 MST"), Run: q.run, All: q.all,
+	v := &view{Title: h.opts.Title, Now: now.UTC().Format("2006-01-02 15:04:05 MST"), Run: q.run, All: q.all, RefreshSeconds: max(0, h.opts.RefreshSeconds),
 		Account: accountView{Account: acct.Account,
 			BalanceMicroCredits: acct.BalanceMicroCredits, Balance: protocol.FormatCredits(acct.BalanceMicroCredits),
 			SpentMicroCredits: acct.SpentMicroCredits, Spent: protocol.FormatCredits(acct.SpentMicroCredits)},

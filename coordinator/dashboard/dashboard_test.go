@@ -227,6 +227,13 @@ func TestData(t *testing.T) {
 		t.Errorf("spend = %+v", v.Spend)
 	}
 
+	if v.RefreshSeconds != 5 {
+		t.Errorf("refresh_seconds = %d", v.RefreshSeconds)
+	}
+	if never := data(t, New(world(), Options{RefreshSeconds: -1}), "/dashboard/data.json"); never.RefreshSeconds != 0 {
+		t.Errorf("RefreshSeconds -1: refresh_seconds = %d", never.RefreshSeconds)
+	}
+
 	all := data(t, h, "/dashboard/data.json?all=1")
 	if len(all.Runs) != 3 || all.Folded != 0 || all.Runs[0].ID != "run_c" || all.Runs[2].ID != "run_a" || all.Runs[0].Activity != "ready" {
 		t.Errorf("?all=1: %d runs, folded %d", len(all.Runs), all.Folded)
