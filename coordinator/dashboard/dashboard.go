@@ -20,6 +20,7 @@ package dashboard
 
 import (
 	"context"
+	"crypto/sha256"
 	"embed"
 	"encoding/json"
 	"errors"
@@ -30,6 +31,7 @@ import (
 	"net/http"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/signal-p2p/signal/protocol"
@@ -92,6 +94,25 @@ type Handler struct {
 	opts Options
 	log  *slog.Logger
 	now  func() time.Time
+
+	// metrics keeps the last metrics read of each run, per viewer, while
+	// the run has taken no new step: a page open on twenty idle runs
+	// would otherwise read every step of each every few seconds.
+	mu      sync.Mutex
+	metrics map[metricsKey]cachedMetrics
+}
+
+// maxCachedRuns bounds Handler.metrics.
+const maxCachedRuns = 256
+
+type metricsKey struct {
+	viewer [sha256.Size]byte // the API key's hash: no key is kept
+	run    string
+}
+
+type cachedMetrics struct {
+	version string // the run's step and last step's time
+	ms      []protocol.Metrics
 }
 
 // New builds the dashboard over src. Mount it at "/" (it answers "/" and
@@ -114,7 +135,7 @@ func New(src Source, opts Options) *Handler {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Handler{src: src, opts: opts, log: log, now: time.Now}
+	return &Handler{src: src, opts: opts, log: log, now: time.Now, metrics: map[metricsKey]cachedMetrics{}}
 }
 
 // ServeHTTP routes the dashboard's few paths.
@@ -291,6 +312,7 @@ type page struct {
 	Data    *view
 }
 
+// errNoRun means the viewer has no run of the ID a run's page names: 404.
 var errNoRun = errors.New("no such run")
 
 type query struct {
@@ -522,7 +544,7 @@ func (h *Handler) load(ctx context.Context, key string, q query) (*view, error) 
 		}
 		var ms []protocol.Metrics
 		if r.Step > 0 || r.LastMetrics != nil {
-			if ms, err = h.src.Metrics(ctx, key, r.ID); err != nil {
+			if ms, err = h.runMetrics(ctx, key, r); err != nil {
 				return nil, err
 			}
 		}
@@ -546,6 +568,36 @@ func (h *Handler) load(ctx context.Context, key string, q query) (*view, error) 
 		v.Spend = v.Spend[:h.opts.MaxRuns]
 	}
 	return v, nil
+}
+
+// runMetrics reads a run's metrics, or reuses the last read while the
+// run has taken no step since.
+func (h *Handler) runMetrics(ctx context.Context, key string, r protocol.Run) ([]protocol.Metrics, error) {
+	version := fmt.Sprint(r.Step)
+	if r.LastMetrics != nil {
+		version += " " + r.LastMetrics.Time
+	}
+	k := metricsKey{viewer: sha256.Sum256([]byte(key)), run: r.ID}
+	h.mu.Lock()
+	c, ok := h.metrics[k]
+	h.mu.Unlock()
+	if ok && c.version == version {
+		return c.ms, nil
+	}
+	ms, err := h.src.Metrics(ctx, key, r.ID)
+	if err != nil {
+		return nil, err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.metrics) >= maxCachedRuns {
+		for old := range h.metrics { // any one: a bound, not an LRU
+			delete(h.metrics, old)
+			break
+		}
+	}
+	h.metrics[k] = cachedMetrics{version: version, ms: ms}
+	return ms, nil
 }
 
 // describe fills a run's figures from its metrics: losses, the chart

@@ -465,3 +465,41 @@ func TestAPISource(t *testing.T) {
 }
 
 func errorsIs(err, target error) bool { return errors.Is(err, target) }
+
+// TestMetricsReadOncePerStep: an idle run's metrics are read once, not at
+// every refresh; a new step reads them again; each viewer reads its own.
+func TestMetricsReadOncePerStep(t *testing.T) {
+	src := world()
+	reads := 0
+	metrics, runs := src.metrics, src.runs
+	src.metrics = func(key, runID string) ([]protocol.Metrics, error) {
+		reads++
+		return metrics(key, runID)
+	}
+	step := 5
+	src.runs = func(key string) ([]protocol.Run, error) {
+		rs, err := runs(key)
+		if err == nil {
+			rs[0].Step = step
+		}
+		return rs, err
+	}
+	h := New(src, Options{})
+	for range 3 {
+		data(t, h, "/dashboard/data.json")
+	}
+	if reads != 1 {
+		t.Fatalf("three refreshes of an idle run: %d reads", reads)
+	}
+	step = 6
+	data(t, h, "/dashboard/data.json")
+	data(t, h, "/dashboard/data.json?run=run_a")
+	if reads != 2 {
+		t.Fatalf("after a step: %d reads", reads)
+	}
+	// Another viewer asks the source, which refuses it: nothing cached
+	// answers in its place.
+	if _, err := h.runMetrics(context.Background(), "sk-other", protocol.Run{ID: "run_a", Step: 6}); !errors.Is(err, ErrUnauthorized) || reads != 3 {
+		t.Fatalf("another viewer: %v, %d reads", err, reads)
+	}
+}
