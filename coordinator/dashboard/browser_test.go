@@ -421,6 +421,10 @@ func TestChartsKeyboardAndUpdatesInChromium(t *testing.T) {
 	if v := b.text(`document.querySelector("#loss-run_a .hover").getAttribute("visibility")`); v != "visible" {
 		t.Errorf("hover cursor %q", v)
 	}
+	if got := b.text(`document.querySelector("#loss-run_a text.tip").textContent`); got != "step 3: 5" {
+		t.Errorf("hover label %q", got)
+	}
+	b.screenshot("dashboard-run-hover.png")
 	b.mouse(5, 5)
 
 	// Keyboard: Tab walks the header's links, the back link, the

@@ -102,10 +102,11 @@
     s += line(ys, "raw");
     if (sm) s += line(sm, "smooth");
     if (pts.length === 1) s += '<circle class="dot" r="3.5" cx="' + sx(xs[0]).toFixed(1) + '" cy="' + sy(ys[0]).toFixed(1) + '"/>';
-    s += '<g class="hover" visibility="hidden"><line class="cursor" y1="' + T + '" y2="' + (H - B) + '"/><circle class="dot" r="4"/></g>';
+    s += '<g class="hover" visibility="hidden"><line class="cursor" y1="' + T + '" y2="' + (H - B) + '"/><circle class="dot" r="4"/>' +
+      '<rect class="tip-bg" rx="3" height="18"/><text class="tip"></text></g>';
     s += '<rect class="hit" x="' + L + '" y="' + T + '" width="' + (W - L - R) + '" height="' + (H - T - B) + '" fill="transparent"/></svg>';
     var last = pts[pts.length - 1];
-    charts[id] = { pts: pts, sm: sm, sx: sx, sy: sy, W: W, title: title, idx: -1 };
+    charts[id] = { pts: pts, sm: sm, sx: sx, sy: sy, W: W, T: T, bottom: H - B, title: title, idx: -1 };
     return '<div class="chart">' + head + s + '<div class="readout" aria-live="polite" id="' + esc(id) + '-readout">last: step ' + last.x + " · " +
       esc(title.toLowerCase()) + " " + num(last.y) + "</div></div>";
   }
@@ -119,7 +120,14 @@
     var ln = g.querySelector("line"), dot = g.querySelector("circle");
     ln.setAttribute("x1", c.sx(p.x)); ln.setAttribute("x2", c.sx(p.x));
     dot.setAttribute("cx", c.sx(p.x)); dot.setAttribute("cy", c.sy(y));
+    // A label beside the point, on the side with room, inside the plot.
+    var tip = g.querySelector("text.tip"), bg = g.querySelector("rect.tip-bg");
+    tip.textContent = "step " + p.x + ": " + num(c.sm ? c.sm[i] : p.y);
     g.setAttribute("visibility", "visible");
+    var tw = tip.getComputedTextLength() + 10, px = c.sx(p.x), py = c.sy(y);
+    var tx = px + 8 + tw > c.W - 4 ? px - 8 - tw : px + 8, ty = Math.max(c.T, Math.min(c.bottom - 18, py - 22));
+    bg.setAttribute("x", tx); bg.setAttribute("y", ty); bg.setAttribute("width", tw);
+    tip.setAttribute("x", tx + 5); tip.setAttribute("y", ty + 13);
     document.getElementById(id + "-readout").textContent = "step " + p.x + " · " + c.title.toLowerCase() + " " + num(p.y) +
       (c.sm ? " · smoothed " + num(c.sm[i]) : "");
   }
