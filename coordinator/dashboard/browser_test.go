@@ -329,18 +329,18 @@ func (b *browser) waitFor(cond string) {
 	}
 }
 
-// key presses a key (Tab, ArrowLeft, ArrowRight, Home, End, " ").
+// key presses a key (Tab, Enter, ArrowLeft, ArrowRight, Home, End, " ").
 func (b *browser) key(name string) {
 	b.t.Helper()
-	codes := map[string]int{"Tab": 9, "ArrowLeft": 37, "ArrowRight": 39, "Home": 36, "End": 35, " ": 32}
+	codes := map[string]int{"Tab": 9, "Enter": 13, "ArrowLeft": 37, "ArrowRight": 39, "Home": 36, "End": 35, " ": 32}
 	code := map[string]string{" ": "Space"}[name]
 	if code == "" {
 		code = name
 	}
 	p := map[string]any{"type": "rawKeyDown", "key": name, "code": code, "windowsVirtualKeyCode": codes[name]}
 	b.do("Input.dispatchKeyEvent", p, nil)
-	if name == " " {
-		b.do("Input.dispatchKeyEvent", map[string]any{"type": "char", "text": " ", "key": " ", "code": code}, nil)
+	if text := map[string]string{" ": " ", "Enter": "\r"}[name]; text != "" {
+		b.do("Input.dispatchKeyEvent", map[string]any{"type": "char", "text": text, "key": name, "code": code}, nil)
 	}
 	p["type"] = "keyUp"
 	b.do("Input.dispatchKeyEvent", p, nil)
@@ -496,7 +496,22 @@ func TestChartsKeyboardAndUpdatesInChromium(t *testing.T) {
 	// The overview at 375 px: nothing wider than the screen, not even a
 	// table, and the "N more" link reachable by keyboard.
 	n := startBrowser(ctx, t, bin, 375, 812)
-	n.navigate(srv.URL + "/dashboard?key=" + goodKey)
+	// Signing in by keyboard: Tab to the key, type it, Enter.
+	n.do("Page.navigate", map[string]any{"url": srv.URL + "/dashboard"}, nil)
+	n.waitFor(`document.readyState === "complete" && document.querySelector("form input[name=key]")`)
+	n.screenshot("dashboard-sign-in-375.png")
+	for range 4 {
+		n.key("Tab")
+		if n.text(`document.activeElement.name || ""`) == "key" {
+			break
+		}
+	}
+	n.do("Input.insertText", map[string]any{"text": goodKey}, nil)
+	n.key("Enter")
+	n.waitFor(`document.readyState === "complete" && document.querySelector("#app section")`)
+	if got := n.text(`location.pathname`); got != "/dashboard" {
+		t.Errorf("signed in at %q", got)
+	}
 	var wide []string
 	n.eval(`[document.documentElement, ...document.querySelectorAll(".scroll")].filter(e => e.scrollWidth > e.clientWidth).map(e => e.id || e.firstElementChild.id || e.tagName)`, &wide)
 	if len(wide) > 0 {
