@@ -55,6 +55,10 @@ const trainingWindow = 90 * time.Second
 // averages over.
 const rateSteps = 20
 
+// allRuns bounds the runs ?all=1 draws, in MaxRuns: each is a metrics
+// read at every refresh while it steps.
+const allRuns = 10
+
 // overviewPoints bounds the points a run's overview chart carries; the
 // run's own page has them all.
 const overviewPoints = 300
@@ -67,7 +71,7 @@ type Options struct {
 	// reloading (0: 5 s; <0: never).
 	RefreshSeconds int
 	// MaxRuns bounds the runs drawn, newest first (0: 20); ?all=1 shows
-	// every run.
+	// those without steps too, up to ten times as many.
 	MaxRuns int
 	// MaxCharges bounds the charges listed, newest first (0: 25).
 	MaxCharges int
@@ -527,7 +531,7 @@ func (h *Handler) load(ctx context.Context, key string, q query) (*view, error) 
 				continue
 			}
 			found = true
-		} else if (!q.all && r.Step == 0 && r.LastMetrics == nil) || len(v.Runs) >= h.opts.MaxRuns && !q.all {
+		} else if (!q.all && r.Step == 0 && r.LastMetrics == nil) || len(v.Runs) >= h.opts.MaxRuns && !q.all || len(v.Runs) >= allRuns*h.opts.MaxRuns {
 			v.Folded++
 			continue
 		}

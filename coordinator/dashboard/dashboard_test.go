@@ -242,6 +242,18 @@ func TestData(t *testing.T) {
 	if len(capped.Runs) != 3 {
 		t.Errorf("?all=1 with MaxRuns 1: %d runs", len(capped.Runs))
 	}
+	many := world()
+	runs := many.runs
+	many.runs = func(key string) ([]protocol.Run, error) {
+		rs, err := runs(key)
+		for i := 0; err == nil && i < 30; i++ {
+			rs = append(rs, protocol.Run{ID: fmt.Sprintf("run_%d", i), Status: "ended"})
+		}
+		return rs, err
+	}
+	if v := data(t, New(many, Options{MaxRuns: 2}), "/dashboard/data.json?all=1"); len(v.Runs) != 20 || v.Folded != 13 {
+		t.Errorf("?all=1 with MaxRuns 2 of 33 runs: %d runs, %d folded", len(v.Runs), v.Folded)
+	}
 
 	// A step long ago is not training.
 	h.now = func() time.Time { return worldNow.Add(time.Hour) }

@@ -245,7 +245,8 @@
     });
     s += "</div>";
     if (d.folded && !d.all) s += '<a class="more" id="more-runs" data-focus="more-runs" href="/dashboard?all=1#runs">' + d.folded + " more run" + (d.folded > 1 ? "s" : "") + " (without steps, or older)</a>";
-    if (d.all) s += '<a class="more" data-focus="fewer-runs" href="/dashboard#runs">Only runs with steps</a>';
+    if (d.all) s += '<a class="more" data-focus="fewer-runs" href="/dashboard#runs">Only runs with steps</a>' +
+      (d.folded ? ' <span class="muted">(' + d.folded + " older not shown)</span>" : "");
     s += "</section>";
     var byRun = d.spend;
     s += '<section id="spend"><h2>Charges</h2><div class="grid2"><div><h3 class="muted" style="font-size:12px;margin:0">By call (the last ' + d.charges_listed + " charges)</h3>" + callsTable(d.calls, true) + "</div>" +
