@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/signal-p2p/signal/trainer"
@@ -183,8 +184,8 @@ func addVocab(g *ggufFile, m *trainer.Model) error {
 	// encoder does with special tokens on, so llama.cpp adds exactly what
 	// Signal adds (Llama 3's base tokenizer, for one, adds nothing).
 	plain, special := tk.Encode("a", false), tk.Encode("a", true)
-	addBOS := len(special) > len(plain) && !equalInts(special[:len(plain)], plain)
-	addEOS := len(special) > len(plain) && !equalInts(special[len(special)-len(plain):], plain)
+	addBOS := len(special) > len(plain) && !slices.Equal(special[:len(plain)], plain)
+	addEOS := len(special) > len(plain) && !slices.Equal(special[len(special)-len(plain):], plain)
 	g.set("tokenizer.ggml.add_bos_token", addBOS)
 	g.set("tokenizer.ggml.add_eos_token", addEOS)
 	if tmpl := chatTemplate(m.Dir()); tmpl != "" {
@@ -319,16 +320,4 @@ func chatTemplate(dir string) string {
 		return ""
 	}
 	return s
-}
-
-func equalInts(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

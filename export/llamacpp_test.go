@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer"
@@ -153,7 +154,7 @@ func TestGGUFGreedyMatchesLlamaCpp(t *testing.T) {
 			prompt := tk.Encode("Once upon a time, in a land far away", true)
 			baseTok, baseMargins := greedy(t, m, prompt, greedyTokens, nil)
 			adTok, adMargins := greedy(t, m, prompt, greedyTokens, l)
-			if equalInts(baseTok, adTok) {
+			if slices.Equal(baseTok, adTok) {
 				t.Fatalf("the adapter leaves the greedy continuation unchanged (%v); the adapter checks prove nothing", baseTok)
 			}
 			type check struct {
@@ -188,7 +189,7 @@ func TestGGUFGreedyMatchesLlamaCpp(t *testing.T) {
 						return
 					}
 					for i, text := range texts {
-						if want := tk.Encode(text, false); !equalInts(ans.Tokens[i], want) {
+						if want := tk.Encode(text, false); !slices.Equal(ans.Tokens[i], want) {
 							t.Errorf("llama.cpp tokenizes %q as %v, Signal as %v", text, ans.Tokens[i], want)
 						}
 					}

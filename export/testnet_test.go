@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -150,10 +151,10 @@ func TestTestnetWeightsOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	want, margins := greedy(t, m, prompt, greedyTokens, l)
-	if !equalInts(want, network) {
+	if !slices.Equal(want, network) {
 		t.Fatalf("the network's greedy continuation %v is not the engine's with the pushed adapter %v", network, want)
 	}
-	if baseTok, _ := greedy(t, m, prompt, greedyTokens, nil); equalInts(baseTok, want) {
+	if baseTok, _ := greedy(t, m, prompt, greedyTokens, nil); slices.Equal(baseTok, want) {
 		t.Fatalf("the trained adapter leaves the continuation unchanged (%v): the checks prove nothing", want)
 	}
 

@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -41,7 +42,7 @@ func checkWeights(dir string, cfg Config, set *safetensors.Set) error {
 			}
 			return fmt.Errorf("%w: model %s: tensor %q is missing from the weights", ErrInvalidInput, dir, name)
 		}
-		if !sameShape(info.Shape, want[name]) {
+		if !slices.Equal(info.Shape, want[name]) {
 			return fmt.Errorf("%w: %s: tensor %q has shape %v, config.json implies %v", ErrInvalidInput, f.Path, name, info.Shape, want[name])
 		}
 		switch info.DType {

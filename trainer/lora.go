@@ -297,7 +297,7 @@ func LoadAdapter(dir string, m *Model) (*LoRA, error) {
 		if !ok {
 			return fmt.Errorf("load adapter %s: %w: tensor %q is missing", wPath, ErrInvalidInput, name)
 		}
-		if !sameShape(info.Shape, shape) {
+		if !slices.Equal(info.Shape, shape) {
 			return fmt.Errorf("load adapter %s: %w: tensor %q has shape %v, want %v", wPath, ErrInvalidInput, name, info.Shape, shape)
 		}
 		used[name] = true

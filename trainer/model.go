@@ -42,6 +42,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 
@@ -194,7 +195,7 @@ func (l *loader) lookup(name string, shape []int) (*safetensors.File, safetensor
 	if !ok {
 		return nil, info, fmt.Errorf("%w: tensor %q is missing from the weights", ErrInvalidInput, name)
 	}
-	if !sameShape(info.Shape, shape) {
+	if !slices.Equal(info.Shape, shape) {
 		return nil, info, fmt.Errorf("%w: %s: tensor %q has shape %v, config.json implies %v", ErrInvalidInput, f.Path, name, info.Shape, shape)
 	}
 	switch info.DType {
@@ -203,18 +204,6 @@ func (l *loader) lookup(name string, shape []int) (*safetensors.File, safetensor
 		return nil, info, fmt.Errorf("%w: %s: tensor %q has dtype %s (want F32, BF16 or F16)", ErrUnsupported, f.Path, name, info.DType)
 	}
 	return f, info, nil
-}
-
-func sameShape(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func (m *Model) loadWeights() error {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/signal-p2p/signal/trainer/safetensors"
 )
@@ -177,7 +178,7 @@ func readOptimizer(path string, m1, m2, grads *LoRA, hasGrad bool) error {
 					if !ok {
 						return fmt.Errorf("load state %s: %w: tensor %q is missing", path, ErrInvalidInput, t.name)
 					}
-					if !sameShape(info.Shape, t.shape) {
+					if !slices.Equal(info.Shape, t.shape) {
 						return fmt.Errorf("load state %s: %w: tensor %q has shape %v, want %v", path, ErrInvalidInput, t.name, info.Shape, t.shape)
 					}
 					if err := f.ReadFloat32(t.name, t.dst); err != nil {
