@@ -198,11 +198,23 @@ func newEmptyLoRA(c Config, rank int, alpha float32, targets []string) (*LoRA, e
 // kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in), and B zero, so the adapted
 // model's outputs equal the base model's. The same seed gives the same A.
 func NewLoRA(m *Model, rank int, alpha float32, targets []string, seed int64) (*LoRA, error) {
-	l, err := newEmptyLoRA(m.cfg, rank, alpha, targets)
+	l, err := NewLoRAFromConfig(m.cfg, rank, alpha, targets, seed)
 	if err != nil {
 		return nil, err
 	}
 	l.BaseModel = m.BaseModelID()
+	return l, nil
+}
+
+// NewLoRAFromConfig is NewLoRA for a model known by its config alone: the
+// one initializer of a seed's adapter. The PyTorch worker is handed the
+// adapter it draws, so a run starts from the same A matrices on every
+// engine, whichever node placement picks.
+func NewLoRAFromConfig(cfg Config, rank int, alpha float32, targets []string, seed int64) (*LoRA, error) {
+	l, err := newEmptyLoRA(cfg, rank, alpha, targets)
+	if err != nil {
+		return nil, err
+	}
 	rng := rand.New(rand.NewPCG(uint64(seed), 0x5349474e414c)) // "SIGNAL"
 	for _, p := range l.Pairs() {
 		bound := 1 / math.Sqrt(float64(p.In))

@@ -143,8 +143,10 @@ type initBody struct {
 }
 
 // Open creates the run's session on the worker with a fresh adapter (its
-// base model is loaded once per worker and shared). The node restores
-// spec.ResumeFrom itself through LoadState.
+// base model is loaded once per worker and shared): the one a seed gives on
+// every engine (trainer.NewLoRAFromConfig), drawn here and handed to the
+// worker, whose own generator would draw other A matrices. The node
+// restores spec.ResumeFrom itself through LoadState.
 func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Session, error) {
 	if spec.RunID == "" {
 		return nil, fmt.Errorf("%w: run_id: required", ErrInvalidInput)
@@ -163,13 +165,46 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sess
 		return nil, err
 	}
 	var out struct {
-		Step int `json:"step"`
+		Step    int      `json:"step"`
+		Rank    int      `json:"lora_rank"`
+		Alpha   float32  `json:"lora_alpha"`
+		Targets []string `json:"target_modules"`
 	}
 	if err := json.Unmarshal(resp.Body, &out); err != nil {
 		return nil, fmt.Errorf("%s: %w: decode answer: %w", protocol.CallInit, ErrInternal, err)
 	}
 	e.open.Add(1)
-	return &Session{e: e, spec: spec, tok: tok, gen: gen, step: out.Step}, nil
+	s := &Session{e: e, spec: spec, tok: tok, gen: gen, step: out.Step}
+	if spec.ResumeFrom == nil {
+		if err := s.seed(ctx, dir, out.Rank, out.Alpha, out.Targets); err != nil {
+			_ = s.Close()
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// seed loads the seed's adapter, as the native engine draws it, into a
+// session the worker has just opened with the rank, alpha and targets it
+// answered.
+func (s *Session) seed(ctx context.Context, modelDir string, rank int, alpha float32, targets []string) error {
+	cfg, err := trainer.ReadConfig(modelDir)
+	if err != nil {
+		return fmt.Errorf("%s: seed adapter: %w", protocol.CallInit, err)
+	}
+	l, err := trainer.NewLoRAFromConfig(cfg, rank, alpha, targets, s.spec.Seed)
+	if err != nil {
+		return fmt.Errorf("%s: seed adapter: %w: %w", protocol.CallInit, ErrInvalidInput, err)
+	}
+	dir, err := os.MkdirTemp(s.e.cfg.RunDir, "seed-")
+	if err != nil {
+		return fmt.Errorf("%s: seed adapter: %w", protocol.CallInit, err)
+	}
+	defer os.RemoveAll(dir)
+	if err := l.Save(dir); err != nil {
+		return fmt.Errorf("%s: seed adapter: %w", protocol.CallInit, err)
+	}
+	return s.LoadState(ctx, dir)
 }
 
 // OpenSessions is the number of sessions opened on this engine and not closed.
