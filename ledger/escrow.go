@@ -159,19 +159,8 @@ func (l *Ledger) ChargeEscrowed(payer, node, operator, fee string, split Split, 
 	if payer == operator || (payer == fee && split.Fee > 0) {
 		return fmt.Errorf("escrowed charge %s: payer is also a payee: %w", payer, ErrInvalidAccount)
 	}
-	if bal := l.Balance(payer); bal < split.Total {
-		return fmt.Errorf("escrowed charge %d to %s with balance %d: %w", split.Total, payer, bal, ErrInsufficientBalance)
-	}
-	if split.Total == 0 {
-		return nil
-	}
-	p := l.account(payer)
-	p.Balance -= split.Total
-	p.Spent = SaturatingAdd(p.Spent, split.Total)
-	if split.Fee > 0 {
-		f := l.account(fee)
-		f.Balance += split.Fee
-		f.Earned = SaturatingAdd(f.Earned, split.Fee)
+	if err := l.pay(payer, fee, split, "escrowed charge"); err != nil {
+		return err
 	}
 	if split.Operator > 0 {
 		e := l.escrows[node]

@@ -198,20 +198,32 @@ func (l *Ledger) Charge(user, operator, fee string, split Split) error {
 	if user == operator || user == fee {
 		return fmt.Errorf("charge %s: payer is also a payee: %w", user, ErrInvalidAccount)
 	}
-	if bal := l.Balance(user); bal < split.Total {
-		return fmt.Errorf("charge %d to %s with balance %d: %w", split.Total, user, bal, ErrInsufficientBalance)
+	if err := l.pay(user, fee, split, "charge"); err != nil {
+		return err
 	}
-	if split.Total == 0 {
-		return nil
-	}
-	u := l.account(user)
-	u.Balance -= split.Total
-	u.Spent = SaturatingAdd(u.Spent, split.Total)
 	if split.Operator > 0 {
 		o := l.account(operator)
 		o.Balance += split.Operator
 		o.Earned = SaturatingAdd(o.Earned, split.Operator)
 	}
+	return nil
+}
+
+// pay is the part every charge shares: it debits split.Total from payer
+// (refused past its balance) and credits split.Fee to the fee account. The
+// operator's share, split.Operator, is the caller's to place: credited
+// (Charge) or held in a node's escrow (ChargeEscrowed). what names the
+// operation in the error.
+func (l *Ledger) pay(payer, fee string, split Split, what string) error {
+	if bal := l.Balance(payer); bal < split.Total {
+		return fmt.Errorf("%s %d to %s with balance %d: %w", what, split.Total, payer, bal, ErrInsufficientBalance)
+	}
+	if split.Total == 0 {
+		return nil
+	}
+	p := l.account(payer)
+	p.Balance -= split.Total
+	p.Spent = SaturatingAdd(p.Spent, split.Total)
 	if split.Fee > 0 {
 		f := l.account(fee)
 		f.Balance += split.Fee
