@@ -1,7 +1,6 @@
 package testnet
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -42,45 +41,14 @@ func TestSignalTestnetCommand(t *testing.T) {
 	bin := buildSignal(ctx, t)
 	dir := t.TempDir()
 	seedModel(t, dir)
-	cmd := exec.CommandContext(ctx, bin, "testnet", "--coordinators", "3", "--nodes", "2", "--dir", dir)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	lines := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		exited <- cmd.Wait()
-	}()
-	var line string
-	select {
-	case line = <-lines:
-	case err := <-exited:
-		t.Fatalf("signal testnet exited before ready: %v\n%s", err, stderr.String())
-	case <-ctx.Done():
-		t.Fatalf("signal testnet not ready:\n%s", stderr.String())
-	}
-	var info Info
-	if err := json.Unmarshal([]byte(line), &info); err != nil {
-		t.Fatalf("JSON line %q: %v", line, err)
-	}
+	info, stop := startSignalTestnet(ctx, t, bin, "--coordinators", "3", "--nodes", "2", "--dir", dir)
 	raw, err := os.ReadFile(filepath.Join(dir, "testnet.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	var onDisk Info
 	if err := json.Unmarshal(raw, &onDisk); err != nil || onDisk.APIKey != info.APIKey || strings.Join(onDisk.Coordinators, ",") != strings.Join(info.Coordinators, ",") {
-		t.Fatalf("testnet.json %s differs from the printed line %s", raw, line)
+		t.Fatalf("testnet.json %s differs from the printed line %+v", raw, info)
 	}
 	if len(info.Coordinators) != 3 || len(info.Nodes) != 2 || len(info.PIDs) != 5 {
 		t.Fatalf("info = %+v", info)
@@ -108,18 +76,8 @@ func TestSignalTestnetCommand(t *testing.T) {
 	}
 
 	// SIGINT, as Ctrl-C sends it to the parent: every child ends, and the
-	// parent exits 0.
-	if err := cmd.Process.Signal(os.Interrupt); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err := <-exited:
-		if err != nil {
-			t.Fatalf("signal testnet exited with %v after SIGINT:\n%s", err, stderr.String())
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatalf("signal testnet still running 60s after SIGINT:\n%s", stderr.String())
-	}
+	// parent exits 0 (stop fails the test otherwise).
+	stop()
 	for _, pid := range info.PIDs {
 		if alive(pid) {
 			t.Errorf("member process %d still running after the testnet stopped", pid)
