@@ -10,7 +10,7 @@ BIN       := $(CURDIR)/bin
 # MinIO has no semver tags; this pseudo-version is the 2026-02-12 release commit.
 MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
 MINIO     := $(CACHE)/bin/minio
-APT_PKGS  := libopenblas-dev libopenblas0-pthread python3-torch python3-numpy python3-venv chromium
+APT_PKGS  := libopenblas-dev libopenblas0-pthread libdnnl-dev python3-torch python3-numpy python3-venv chromium
 # Debian's python3-torch installs for the system interpreter, not a pyenv one.
 PYTHON    ?= /usr/bin/python3
 
