@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include "../half/half.h"
 #include "../packed/packed.h"
 #include "../vmath/vmath.h"
 #include "team.h"
@@ -28,6 +29,14 @@ struct tm_task {
 			float *y;
 			float beta;
 		} mul;
+		struct { // half weights W [n, k]: y = x·Wᵀ + beta·y by columns of y, or dx = dy·W + beta·dx by columns of dx
+			int path, dtype;
+			long rows, n, k, ldx, ldy;
+			const float *x;
+			const uint16_t *xb, *w;
+			float *y;
+			float beta;
+		} half;
 		struct { // C = alpha·op(A)·op(B) + beta·C: rows of C (by_rows) or columns
 			int ta, tb, by_rows;
 			long m, nn, k, lda, ldb, ldc;
@@ -122,6 +131,22 @@ static void mul_job(const tm_task *k, long j, int worker) {
 	span(k, j, &c0, &c1);
 	pk_mul(k->a.mul.rows, k->a.mul.k, k->a.mul.x, k->a.mul.ldx, k->a.mul.wp, c0, c1, k->a.mul.y, k->a.mul.ldy,
 	       k->a.mul.beta);
+}
+
+static void half_t_job(const tm_task *k, long j, int worker) {
+	(void)worker;
+	long c0, c1;
+	span(k, j, &c0, &c1);
+	hm_mul_t(k->a.half.path, k->a.half.dtype, k->a.half.rows, k->a.half.k, k->a.half.x, k->a.half.ldx, k->a.half.xb,
+	         k->a.half.w, c0, c1, k->a.half.y, k->a.half.ldy, k->a.half.beta);
+}
+
+static void half_job(const tm_task *k, long j, int worker) {
+	(void)worker;
+	long c0, c1;
+	span(k, j, &c0, &c1);
+	hm_mul(k->a.half.path, k->a.half.dtype, k->a.half.rows, k->a.half.n, k->a.half.k, k->a.half.x, k->a.half.ldx,
+	       k->a.half.xb, k->a.half.w, c0, c1, k->a.half.y, k->a.half.ldy, k->a.half.beta);
 }
 
 // A few rows times a transposed B (a decode step's x·Wᵀ) run as sgemv:
@@ -484,6 +509,15 @@ void tm_mul(tm_team *t, long rows, long k, const float *x, long ldx, const float
             long ldy, float beta) {
 	tm_task tk = {.job = mul_job, .jobs = (n + chunk - 1) / chunk, .n = n, .chunk = chunk};
 	tk.a.mul = (typeof(tk.a.mul)){.rows = rows, .k = k, .ldx = ldx, .ldy = ldy, .x = x, .wp = wp, .y = y, .beta = beta};
+	submit(t, &tk);
+}
+
+void tm_half(tm_team *t, int back, int path, int dtype, long rows, long n, long k, const float *x, long ldx,
+             const uint16_t *xb, const uint16_t *w, float *y, long ldy, float beta, long chunk) {
+	long dim = back ? k : n;
+	tm_task tk = {.job = back ? half_job : half_t_job, .jobs = (dim + chunk - 1) / chunk, .n = dim, .chunk = chunk};
+	tk.a.half = (typeof(tk.a.half)){.path = path, .dtype = dtype, .rows = rows, .n = n, .k = k, .ldx = ldx,
+	                                .ldy = ldy, .x = x, .xb = xb, .w = w, .y = y, .beta = beta};
 	submit(t, &tk);
 }
 

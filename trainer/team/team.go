@@ -37,6 +37,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/signal-p2p/signal/trainer/half"
 	"github.com/signal-p2p/signal/trainer/internal/shape"
 	"github.com/signal-p2p/signal/trainer/packed"
 	// The team's C code calls vmath's (its element-wise kernels).
@@ -186,6 +187,54 @@ func (tm *Team) Mul(p *packed.Weights, y []float32, ldy int, x []float32, ldx in
 	C.tm_mul(t, C.long(rows), C.long(p.K), fptr(x), C.long(ldx), (*C.float)(p.Panels()), C.long(p.N), C.long(chunk),
 		fptr(y), C.long(ldy), C.float(beta))
 	runtime.KeepAlive(p)
+}
+
+// halfChunk is the column granularity of a shared half product: oneDNN's
+// bf16 kernels block the output by 64 columns here.
+const halfChunk = 64
+
+// HalfMulT is w.MulT (y = x·Wᵀ + beta·y) shared out in column chunks of
+// y: activations are rounded to bf16 once (when the path reads them so),
+// then each chunk is one single-threaded product.
+func (tm *Team) HalfMulT(w *half.Matrix, y []float32, ldy int, x []float32, ldx int, rows int, beta float32) {
+	if rows == 0 {
+		return
+	}
+	w.CheckMulT(y, ldy, x, ldx, rows, beta)
+	tm.half(w, false, y, ldy, x, ldx, rows, w.N, w.K, beta)
+}
+
+// HalfMul is w.Mul (dx = dy·W + beta·dx) shared out in column chunks of dx.
+func (tm *Team) HalfMul(w *half.Matrix, dx []float32, lddx int, dy []float32, lddy int, rows int, beta float32) {
+	if rows == 0 {
+		return
+	}
+	w.CheckMul(dx, lddx, dy, lddy, rows, beta)
+	tm.half(w, true, dx, lddx, dy, lddy, rows, w.K, w.N, beta)
+}
+
+// half runs one half product: out columns [0, cols) in chunks, each a
+// product over inner elements.
+func (tm *Team) half(w *half.Matrix, back bool, y []float32, ldy int, x []float32, ldx, rows, cols, inner int, beta float32) {
+	var xb *[]uint16
+	if w.RoundsInput() {
+		xb = half.Buffer(rows * inner)
+		defer half.PutBuffer(xb)
+		half.ToBF16(*xb, x, rows, inner, ldx)
+	}
+	threads := tm.Threads()
+	chunks := max(1, min(2*threads, rows*cols*inner/minGemmChunkMACs))
+	chunk := (cols + chunks - 1) / chunks
+	chunk = (chunk + halfChunk - 1) / halfChunk * halfChunk
+	var xbp *C.uint16_t
+	if xb != nil && len(*xb) > 0 {
+		xbp = (*C.uint16_t)(&(*xb)[0])
+	}
+	t := tm.share((cols + chunk - 1) / chunk)
+	defer tm.release(t)
+	C.tm_half(t, cbool(back), C.int(half.Path()), C.int(w.DType), C.long(rows), C.long(w.N), C.long(w.K), fptr(x), C.long(ldx),
+		xbp, (*C.uint16_t)(w.Pointer()), fptr(y), C.long(ldy), C.float(beta), C.long(chunk))
+	runtime.KeepAlive(w)
 }
 
 // minGemmChunkMACs is the least work in one chunk of Gemm: OpenBLAS

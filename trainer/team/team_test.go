@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/signal-p2p/signal/trainer/half"
 	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/vmath"
 )
@@ -590,3 +591,60 @@ func TestAttentionBackwardShareAlike(t *testing.T) {
 		}
 	}
 }
+
+// TestHalfShareAlike checks that a half product shared out in column chunks
+// agrees with the whole product on the caller alone (the path this process
+// chose; package half tests every path's arithmetic). Not to the bit:
+// oneDNN blocks the inner dimension by the output's width, so chunks of
+// different widths sum in different orders; the tolerance is f32 rounding.
+func TestHalfShareAlike(t *testing.T) {
+	tm := newTeam(t, 1)
+	r := rand.New(rand.NewPCG(21, 22))
+	for _, dt := range []half.DType{half.BF16, half.F16} {
+		for _, sh := range [][3]int{{1, 1000, 96}, {5, 300, 700}, {130, 200, 96}} {
+			rows, n, k := sh[0], sh[1], sh[2]
+			wf := make([]float32, n*k)
+			for i := range wf {
+				wf[i] = float32(r.NormFloat64() * 0.05)
+			}
+			w := half.FromFloat32(wf, n, k, dt)
+			x := make([]float32, rows*k)
+			dy := make([]float32, rows*n)
+			for i := range x {
+				x[i] = float32(r.NormFloat64())
+			}
+			for i := range dy {
+				dy[i] = float32(r.NormFloat64())
+			}
+			for _, beta := range []float32{0, 1} {
+				y1, y2 := make([]float32, rows*n), make([]float32, rows*n)
+				dx1, dx2 := make([]float32, rows*k), make([]float32, rows*k)
+				for i := range y1 {
+					y1[i], y2[i] = 1, 1
+				}
+				for i := range dx1 {
+					dx1[i], dx2[i] = 2, 2
+				}
+				w.MulT(y1, n, x, k, rows, beta)
+				tm.HalfMulT(w, y2, n, x, k, rows, beta)
+				w.Mul(dx1, k, dy, n, rows, beta)
+				tm.HalfMul(w, dx2, k, dy, n, rows, beta)
+				for i := range y1 {
+					if !closeF32(y1[i], y2[i]) {
+						t.Fatalf("%s %v beta %v: shared y[%d] = %v, alone %v", dt, sh, beta, i, y2[i], y1[i])
+					}
+				}
+				for i := range dx1 {
+					if !closeF32(dx1[i], dx2[i]) {
+						t.Fatalf("%s %v beta %v: shared dx[%d] = %v, alone %v", dt, sh, beta, i, dx2[i], dx1[i])
+					}
+				}
+			}
+		}
+	}
+	if tm.helped() == 0 {
+		t.Fatal("the helper ran no job")
+	}
+}
+
+func closeF32(a, b float32) bool { return math.Abs(float64(a-b)) <= 1e-5*(1+math.Abs(float64(a))) }
