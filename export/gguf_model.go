@@ -118,6 +118,9 @@ func view(v []float32) func() ([]float32, error) {
 // from m's directory (tokenizer.json, tokenizer_config.json) and every
 // weight under llama.cpp's names, as convert_hf_to_gguf.py writes them.
 func WriteGGUF(m *trainer.Model, path string, o GGUFOptions) error {
+	if dt := m.WeightDType(); dt != "F32" {
+		return fmt.Errorf("export gguf: %w: the model holds its weights as %s; load it with trainer.PrecisionF32 (widening is exact)", trainer.ErrInvalidInput, dt)
+	}
 	c := m.Config()
 	arch, err := ggufArch(c)
 	if err != nil {

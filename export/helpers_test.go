@@ -158,7 +158,7 @@ func scaleTensor(t *testing.T, dir, name string, k float32) {
 
 func mustLoad(t *testing.T, dir string) *trainer.Model {
 	t.Helper()
-	m, err := trainer.LoadModel(dir)
+	m, err := trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: trainer.PrecisionF32})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -65,6 +65,9 @@ func (t hfTensor) elements() int64 {
 // directory is assembled beside outDir and renamed into place, so a failed
 // merge leaves nothing behind.
 func Merge(m *trainer.Model, l *trainer.LoRA, outDir string, o MergeOptions) (err error) {
+	if dt := m.WeightDType(); dt != "F32" {
+		return fmt.Errorf("merge: %w: the model holds its weights as %s; load it with trainer.PrecisionF32 (widening is exact)", trainer.ErrInvalidInput, dt)
+	}
 	c := m.Config()
 	dt := o.DType
 	if dt == "" {

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/half"
 	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/team"
 )
@@ -261,14 +262,19 @@ func TestLMHeadLossFD(t *testing.T) {
 		d.Advantages[i] = r.Float32()*2 - 1
 	}
 	d.Weights[3] = 0
-	// The head's logits through OpenBLAS and, where the CPU runs it, through
-	// the packed kernel the engine uses for a loaded model.
-	heads := map[string]*packed.Weights{"sgemm": nil}
+	// The head's logits through OpenBLAS, where the CPU runs it through the
+	// packed kernel the engine uses for a loaded F32 model, and through F16
+	// weights (widened; a BF16 path rounds the activations to bf16, a step
+	// function that finite differences cannot see through: the whole-model
+	// tests check it against PyTorch instead).
+	wh := half.FromFloat32(w, vocab, h, half.F16)
+	copy(w, wh.Float32()) // every head multiplies by the same (f16-exact) weights
+	heads := map[string]*base{"sgemm": {out: vocab, in: h, f32: w}, "f16": {out: vocab, in: h, h: wh}}
 	if packed.Available() {
-		heads["packed"] = packed.Pack(w, vocab, h)
+		heads["packed"] = &base{out: vocab, in: h, f32: w, p: packed.Pack(w, vocab, h)}
 	}
 	for _, name := range []string{LossCrossEntropy, LossImportanceSampling, LossPPO} {
-		for kind, pw := range heads {
+		for kind, hw := range heads {
 			t.Run(name+"/"+kind, func(t *testing.T) {
 				ls, err := parseLoss(name, nil)
 				if err != nil {
@@ -283,7 +289,7 @@ func TestLMHeadLossFD(t *testing.T) {
 				}
 				f := func() float64 {
 					total = 0
-					lmHeadLoss(nil, nil, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits, &trainHead{})
+					lmHeadLoss(nil, nil, x, hw, rows, h, vocab, targets, logp, lossAt, logits, &trainHead{})
 					return total
 				}
 				f()
@@ -312,7 +318,7 @@ func TestLMHeadLossFD(t *testing.T) {
 					}
 				}
 				dx := make([]float32, rows*h)
-				lmHeadLoss(nil, dx, x, w, pw, rows, h, vocab, targets, logp, lossAt, logits, &trainHead{})
+				lmHeadLoss(nil, dx, x, hw, rows, h, vocab, targets, logp, lossAt, logits, &trainHead{})
 				checkFD(t, "dx", x, dx, f)
 			})
 		}

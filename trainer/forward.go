@@ -162,7 +162,7 @@ func (p *pass) forward(ctx context.Context) error {
 		x = p.ar.dirty(T * hid)
 	}
 	for r, t := range p.tokens[:T] {
-		copy(x[r*hid:(r+1)*hid], m.Embed[t*hid:(t+1)*hid])
+		m.embed.row(x[r*hid:(r+1)*hid], t)
 	}
 	xn, act := p.xn[:T*hid], p.act[:T*inter]
 	rows := T // rows the block computes after attention (see lastRows)
@@ -182,7 +182,7 @@ func (p *pass) forward(ctx context.Context) error {
 		// Attention block: h = x + o_proj(attn(rope(qkv(norm(x))))).
 		tm.RMSNorm(xn, a.rinv1, x, w.AttnNorm, T, hid, eps)
 		qkv := a.qkv[:T*qkvd]
-		project(tm, qkv, qkvd, xn, hid, w.WQKV, w.pQKV, T, hid, qkvd, 0)
+		project(tm, qkv, qkvd, xn, hid, &w.qkv, T, 0)
 		addBias(qkv, T, qkvd, w.BQKV)
 		p.addLoRA(a, l, ModQ, xn, hid, qkv, qkvd, 0, T)
 		p.addLoRA(a, l, ModK, xn, hid, qkv, qkvd, ad, T)
@@ -196,12 +196,12 @@ func (p *pass) forward(ctx context.Context) error {
 		headNorm(tm, qkv, T, qkvd, nq, nkv, D, w.QNorm, w.KNorm, eps, a.rinvQ, a.rinvK)
 		tm.Rope(qkv, T, qkvd, nq+nkv, D, cos, sin)
 		rows = p.attention(l, a)
-		project(tm, a.h, hid, a.att, ad, w.WO, w.pO, rows, ad, hid, 1)
+		project(tm, a.h, hid, a.att, ad, &w.o, rows, 1)
 		p.addLoRA(a, l, ModO, a.att, ad, a.h, hid, 0, rows)
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
 		tm.RMSNorm(xn, a.rinv2, a.h, w.MLPNorm, rows, hid, eps)
-		project(tm, a.gu, 2*inter, xn, hid, w.WGateUp, w.pGateUp, rows, hid, 2*inter, 0)
+		project(tm, a.gu, 2*inter, xn, hid, &w.gateUp, rows, 0)
 		p.addLoRA(a, l, ModGate, xn, hid, a.gu, 2*inter, 0, rows)
 		p.addLoRA(a, l, ModUp, xn, hid, a.gu, 2*inter, inter, rows)
 		tm.SwiGLU(act, nil, a.gu, rows, inter)
@@ -210,7 +210,7 @@ func (p *pass) forward(ctx context.Context) error {
 			next = p.ar.dirty(T * hid)
 			copy(next, a.h)
 		}
-		project(tm, next, hid, act, inter, w.WDown, w.pDown, rows, inter, hid, 1)
+		project(tm, next, hid, act, inter, &w.down, rows, 1)
 		p.addLoRA(a, l, ModDown, act, inter, next, hid, 0, rows)
 		x = next
 	}
@@ -293,7 +293,7 @@ func (m *Model) ValidateTokens(tokens []int, what string) error {
 // [rows, hidden]; the caller holds AcquireSingleThreadBLAS.
 func (m *Model) headLogits(logits, hidden []float32, rows int) {
 	c := m.cfg
-	project(m.team, logits, c.VocabSize, hidden, c.HiddenSize, m.LMHead, m.pHead, rows, c.HiddenSize, c.VocabSize, 0)
+	project(m.team, logits, c.VocabSize, hidden, c.HiddenSize, m.lmHead(), rows, 0)
 }
 
 // Logits returns the logits [len(tokens), vocab] of one sequence, row i

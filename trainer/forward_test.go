@@ -192,8 +192,8 @@ func compareWithReference(t *testing.T, ref reference, checks []refCheck, answer
 		t.Run(label+"/"+ref.name, func(t *testing.T) {
 			forEachWeightPath(t, func(t *testing.T, packedOn bool) {
 				m := mustLoad(t, c.model)
-				if (m.pHead != nil) != packedOn {
-					t.Fatalf("packed weights: %v, want %v", m.pHead != nil, packedOn)
+				if (m.lmHead().p != nil) != packedOn {
+					t.Fatalf("packed weights: %v, want %v", m.lmHead().p != nil, packedOn)
 				}
 				var lora *LoRA
 				if c.adapter != "" {

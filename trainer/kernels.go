@@ -5,7 +5,6 @@ import (
 	"sync"
 
 	"github.com/signal-p2p/signal/trainer/blas"
-	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/team"
 )
 
@@ -15,17 +14,6 @@ import (
 // LM head. What is left here is the glue they need. Every matrix is
 // row-major float32; "packed" means all sequences of a call stacked as the
 // rows of one [tokens, width] matrix.
-
-// project is y = x·Wᵀ + beta·y for one of the model's projections (W
-// [out, in], x [rows, in]): the packed kernel when the model has W packed
-// (pw, see Model.packWeights), OpenBLAS otherwise, shared out on tm.
-func project(tm *team.Team, y []float32, ldy int, x []float32, ldx int, w []float32, pw *packed.Weights, rows, in, out int, beta float32) {
-	if pw != nil {
-		tm.Mul(pw, y, ldy, x, ldx, rows, beta)
-		return
-	}
-	tm.Gemm(false, true, rows, out, in, 1, x, ldx, w, in, beta, y, ldy)
-}
 
 // RopeTables fills cos and sin, each [len(positions), D/2], with the rotary
 // angles position·invFreq[i]. As in Hugging Face the angle is an f32

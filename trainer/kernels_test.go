@@ -123,8 +123,8 @@ func TestProjectPackedMatchesSgemm(t *testing.T) {
 		for _, shared := range []*team.Team{tm, nil} {
 			for _, beta := range []float32{0, 1} {
 				want, got := linearStartY(rows*out), linearStartY(rows*out)
-				project(shared, want, out, x, in, w, nil, rows, in, out, beta)
-				project(shared, got, out, x, in, w, pw, rows, in, out, beta)
+				project(shared, want, out, x, in, &base{out: out, in: in, f32: w}, rows, beta)
+				project(shared, got, out, x, in, &base{out: out, in: in, p: pw}, rows, beta)
 				for i := range want {
 					// Its sums run in another order: agree to the f32 rounding
 					// of an in-term dot product of N(0,1) products (error

@@ -46,6 +46,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/signal-p2p/signal/trainer/half"
 	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/safetensors"
 	"github.com/signal-p2p/signal/trainer/team"
@@ -63,9 +64,10 @@ type Layer struct {
 	WGateUp  []float32 // [2·I, hidden]
 	WDown    []float32 // [hidden, I]
 
-	// The same four projections packed for the forward (package packed),
-	// nil when the CPU lacks AVX-512F or packing is off (see packWeights).
-	pQKV, pO, pGateUp, pDown *packed.Weights
+	// The four projections as the engine multiplies by them (weights.go):
+	// the f32 matrices above (and their packed copies), or half matrices
+	// when the model keeps its file's BF16/F16 (the f32 fields are nil then).
+	qkv, o, gateUp, down base
 }
 
 // Model is a loaded base model. It is read-only after LoadModel and safe for
@@ -75,10 +77,16 @@ type Model struct {
 	dir     string
 	Embed   []float32 // [vocab, hidden]
 	Layers  []Layer
-	Norm    []float32       // [hidden]
-	LMHead  []float32       // [vocab, hidden]; aliases Embed when tied
-	InvFreq []float32       // [D/2] rotary inverse frequencies (llama3 scaling applied)
-	pHead   *packed.Weights // LMHead packed, like Layer's projections
+	Norm    []float32 // [hidden]
+	LMHead  []float32 // [vocab, hidden]; aliases Embed when tied
+	InvFreq []float32 // [D/2] rotary inverse frequencies (llama3 scaling applied)
+	// embed and head are Embed and LMHead as the engine multiplies by them
+	// (head unused when tied), like Layer's projections.
+	embed, head base
+	// halfType is the base matrices' type when the model keeps them half
+	// (half true); Embed, LMHead and the layers' matrices are nil then.
+	halfType half.DType
+	half     bool
 
 	weights  *safetensors.Set // kept open while views alias its mapping
 	mapped   bool             // some weights are views of the mapping
@@ -107,7 +115,7 @@ func (m *Model) Close() error {
 		m.team.Close()
 		m.team = nil
 	}
-	m.freePacked()
+	m.freeBases()
 	if m.weights == nil {
 		return nil
 	}
@@ -120,8 +128,19 @@ func (m *Model) Close() error {
 // (model.safetensors or a sharded index; F32, BF16 or F16) and, when present,
 // tokenizer.json. A missing tensor or a wrong shape is an error naming the
 // file and the tensor. The model starts GOMAXPROCS−1 helper threads for its
-// passes (startTeam); Close stops them.
-func LoadModel(dir string) (*Model, error) {
+// passes (startTeam); Close stops them. The base matrices keep the file's
+// dtype unless SIGNAL_ENGINE_PRECISION says f32 (see Precision).
+func LoadModel(dir string) (*Model, error) { return LoadModelWith(dir, LoadOptions{}) }
+
+// LoadModelWith is LoadModel with options.
+func LoadModelWith(dir string, o LoadOptions) (*Model, error) {
+	prec := o.Precision
+	if prec == PrecisionAuto {
+		var err error
+		if prec, err = precisionFromEnv(); err != nil {
+			return nil, err
+		}
+	}
 	cfg, err := ReadConfig(dir)
 	if err != nil {
 		return nil, err
@@ -136,12 +155,22 @@ func LoadModel(dir string) (*Model, error) {
 		return nil, err
 	}
 	m := &Model{cfg: cfg, dir: dir, weights: set, InvFreq: cfg.InvFreq()}
-	if err := m.loadWeights(); err != nil {
-		set.Close()
-		return nil, fmt.Errorf("load model %s: %w", dir, err)
-	}
-	if PackedWeights() {
-		m.packWeights()
+	if dt, ok := halfDType(set); ok && prec == PrecisionAuto {
+		if err := m.loadHalfWeights(dt); err != nil {
+			m.freeBases()
+			set.Close()
+			return nil, fmt.Errorf("load model %s: %w", dir, err)
+		}
+		m.halfType, m.half = dt, true
+	} else {
+		if err := m.loadWeights(); err != nil {
+			set.Close()
+			return nil, fmt.Errorf("load model %s: %w", dir, err)
+		}
+		m.bindF32()
+		if PackedWeights() {
+			m.packWeights()
+		}
 	}
 	if !m.mapped {
 		// Everything was converted into heap copies: the mapping can go.
@@ -228,10 +257,7 @@ func (m *Model) loadWeights() error {
 	for i := range m.Layers {
 		p := fmt.Sprintf("model.layers.%d.", i)
 		ly := &m.Layers[i]
-		if ly.AttnNorm, err = l.tensor(p+"input_layernorm.weight", hid); err != nil {
-			return err
-		}
-		if ly.MLPNorm, err = l.tensor(p+"post_attention_layernorm.weight", hid); err != nil {
+		if err = l.layerVectors(c, ly, p); err != nil {
 			return err
 		}
 		if ly.WO, err = l.tensor(p+"self_attn.o_proj.weight", hid, hd); err != nil {
@@ -249,25 +275,6 @@ func (m *Model) loadWeights() error {
 		}
 		if err = l.into(ly.WQKV[(hd+kvd)*hid:], p+"self_attn.v_proj.weight", kvd, hid); err != nil {
 			return err
-		}
-		if c.QKNorm() {
-			if ly.QNorm, err = l.tensor(p+"self_attn.q_norm.weight", c.HeadDim); err != nil {
-				return err
-			}
-			if ly.KNorm, err = l.tensor(p+"self_attn.k_norm.weight", c.HeadDim); err != nil {
-				return err
-			}
-		}
-		if c.QKVBias() {
-			ly.BQKV = make([]float32, c.QKVDim())
-			for _, b := range []struct {
-				name   string
-				lo, hi int
-			}{{"q_proj", 0, hd}, {"k_proj", hd, hd + kvd}, {"v_proj", hd + kvd, hd + 2*kvd}} {
-				if err = l.into(ly.BQKV[b.lo:b.hi], p+"self_attn."+b.name+".bias", b.hi-b.lo); err != nil {
-					return err
-				}
-			}
 		}
 		ly.WGateUp = make([]float32, 2*inter*hid)
 		if err = l.into(ly.WGateUp[:inter*hid], p+"mlp.gate_proj.weight", inter, hid); err != nil {
@@ -317,8 +324,6 @@ func (m *Model) startTeam() error {
 // memory (about 0.54 GB on the 135M shape) and buys 20–30 % on every
 // forward product: OpenBLAS re-packs W on each call, from memory.
 func (m *Model) packWeights() {
-	c := m.cfg
-	hid, inter, hd := c.HiddenSize, c.IntermediateSize, c.NumAttentionHeads*c.HeadDim
 	jobs := make(chan int)
 	var wg sync.WaitGroup
 	for range runtime.GOMAXPROCS(0) {
@@ -327,14 +332,14 @@ func (m *Model) packWeights() {
 			defer wg.Done()
 			for i := range jobs {
 				if i == len(m.Layers) {
-					m.pHead = packed.Pack(m.LMHead, c.VocabSize, hid)
+					h := m.lmHead()
+					h.p = packed.Pack(h.f32, h.out, h.in)
 					continue
 				}
 				ly := &m.Layers[i]
-				ly.pQKV = packed.Pack(ly.WQKV, c.QKVDim(), hid)
-				ly.pO = packed.Pack(ly.WO, hid, hd)
-				ly.pGateUp = packed.Pack(ly.WGateUp, 2*inter, hid)
-				ly.pDown = packed.Pack(ly.WDown, hid, inter)
+				for _, w := range []*base{&ly.qkv, &ly.o, &ly.gateUp, &ly.down} {
+					w.p = packed.Pack(w.f32, w.out, w.in)
+				}
 			}
 		}()
 	}
@@ -343,27 +348,18 @@ func (m *Model) packWeights() {
 	}
 	close(jobs)
 	wg.Wait()
-	m.ownBytes += m.pHead.Bytes()
+	m.ownBytes += m.lmHead().p.Bytes()
 	for i := range m.Layers {
 		ly := &m.Layers[i]
-		m.ownBytes += ly.pQKV.Bytes() + ly.pO.Bytes() + ly.pGateUp.Bytes() + ly.pDown.Bytes()
+		m.ownBytes += ly.qkv.p.Bytes() + ly.o.p.Bytes() + ly.gateUp.p.Bytes() + ly.down.p.Bytes()
 	}
 }
 
-// freePacked releases the packed copies (memory outside Go's heap, which
-// the garbage collector would otherwise free only when it next runs).
-func (m *Model) freePacked() {
-	if m.pHead != nil {
-		m.pHead.Free()
-		m.pHead = nil
-	}
-	for i := range m.Layers {
-		ly := &m.Layers[i]
-		for _, p := range []**packed.Weights{&ly.pQKV, &ly.pO, &ly.pGateUp, &ly.pDown} {
-			if *p != nil {
-				(*p).Free()
-				*p = nil
-			}
-		}
+// freeBases releases the packed and half matrices (memory outside Go's
+// heap, which the garbage collector would otherwise free only when it next
+// runs).
+func (m *Model) freeBases() {
+	for _, w := range m.bases() {
+		w.free()
 	}
 }

@@ -15,9 +15,12 @@ import (
 
 var tinyModels = []string{"tiny-sp", "tiny-bl"}
 
+// mustLoad loads a test model in f32, whatever its file holds: the oracle
+// tests hold the f32 engine to f32 tolerances (half_engine_test.go tests
+// the half engine).
 func mustLoad(t testing.TB, name string) *Model {
 	t.Helper()
-	m, err := LoadModel(modelDir(name))
+	m, err := LoadModelWith(modelDir(name), LoadOptions{Precision: PrecisionF32})
 	if err != nil {
 		t.Fatalf("LoadModel(%s): %v", name, err)
 	}
@@ -311,20 +314,30 @@ func TestLoadModelSharded(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "model.safetensors.index.json"), raw, 0o644)
 	cfg, _ := os.ReadFile(filepath.Join(src, "config.json"))
 	os.WriteFile(filepath.Join(dir, "config.json"), cfg, 0o644)
-	sharded, err := LoadModel(dir)
+	singleHalf, err := LoadModel(src)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sharded.Close()
-	toks := testTokens(6, single.Config().VocabSize, 3)
-	a, _ := single.Logits(context.Background(), toks, nil)
-	b, err := sharded.Logits(context.Background(), toks, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			t.Fatalf("logit %d: sharded %v, single %v", i, b[i], a[i])
+	defer singleHalf.Close()
+	for _, p := range []struct {
+		prec   Precision
+		single *Model
+	}{{PrecisionF32, single}, {PrecisionAuto, singleHalf}} {
+		sharded, err := LoadModelWith(dir, LoadOptions{Precision: p.prec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sharded.Close()
+		toks := testTokens(6, p.single.Config().VocabSize, 3)
+		a, _ := p.single.Logits(context.Background(), toks, nil)
+		b, err := sharded.Logits(context.Background(), toks, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range a {
+			if a[i] != b[i] {
+				t.Fatalf("precision %q: logit %d: sharded %v, single %v", p.prec, i, b[i], a[i])
+			}
 		}
 	}
 }

@@ -3,7 +3,6 @@ package trainer
 import (
 	"context"
 
-	"github.com/signal-p2p/signal/trainer/packed"
 	"github.com/signal-p2p/signal/trainer/team"
 )
 
@@ -57,7 +56,7 @@ func (p *trainPass) head(dxf []float32, lossAt func(row int, logp float64) float
 	c := p.m.cfg
 	p.logp = p.ar.dirty(p.rows)
 	logits := p.ar.dirty(min(lmHeadRows(c.VocabSize), p.rows) * c.VocabSize)
-	lmHeadLoss(p.m.team, dxf, p.out, p.m.LMHead, p.m.pHead, p.rows, c.HiddenSize, c.VocabSize, p.targets, p.logp, lossAt,
+	lmHeadLoss(p.m.team, dxf, p.out, p.m.lmHead(), p.rows, c.HiddenSize, c.VocabSize, p.targets, p.logp, lossAt,
 		logits, &p.trainHead)
 }
 
@@ -113,16 +112,16 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		ly, a := &m.Layers[l], &p.layers[l]
 		// MLP: next = h + down(swiglu(gate/up(norm(h)))).
 		tm.SwiGLU(act, sg, a.gu, T, I)
-		tm.Gemm(false, false, T, I, H, 1, dres, H, ly.WDown, I, 0, dact, I)
+		projectBack(tm, dact, I, dres, H, &ly.down, T, 0)
 		p.loraBack(grads, l, ModDown, dact, act, I, dres, H, 0, dyB)
 		tm.SwiGLUBackward(dgu, dact, a.gu, sg, T, I)
 		tm.RMSNorm(xn, nil, a.h, ly.MLPNorm, T, H, eps)
-		tm.Gemm(false, false, T, H, 2*I, 1, dgu, 2*I, ly.WGateUp, H, 0, dxn, H)
+		projectBack(tm, dxn, H, dgu, 2*I, &ly.gateUp, T, 0)
 		p.loraBack(grads, l, ModGate, dxn, xn, H, dgu, 2*I, 0, dyB)
 		p.loraBack(grads, l, ModUp, dxn, xn, H, dgu, 2*I, I, dyB)
 		tm.RMSNormBackward(dres, dxn, a.h, ly.MLPNorm, a.rinv2, T, H)
 		// Attention: h = x + o(attn(rope(qkv(norm(x))))).
-		tm.Gemm(false, false, T, AD, H, 1, dres, H, ly.WO, AD, 0, datt, AD)
+		projectBack(tm, datt, AD, dres, H, &ly.o, T, 0)
 		p.loraBack(grads, l, ModO, datt, a.att, AD, dres, H, 0, dyB)
 		tm.AttentionBackward(dqkv, datt, a.att, a.lse, a.qkv, p.seqOff, nq, nkv, D, p.scratch, dkv)
 		tm.Rope(dqkv, T, Q, nq+nkv, D, p.cos, sinBack)
@@ -130,7 +129,7 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 			headNormBackward(tm, dqkv, T, Q, nq, nkv, D, ly.QNorm, ly.KNorm, a.preQK, a.rinvQ, a.rinvK, dhead)
 		}
 		tm.RMSNorm(xn, nil, a.x, ly.AttnNorm, T, H, eps)
-		tm.Gemm(false, false, T, H, Q, 1, dqkv, Q, ly.WQKV, H, 0, dxn, H)
+		projectBack(tm, dxn, H, dqkv, Q, &ly.qkv, T, 0)
 		p.loraBack(grads, l, ModQ, dxn, xn, H, dqkv, Q, 0, dyB)
 		p.loraBack(grads, l, ModK, dxn, xn, H, dqkv, Q, AD, dyB)
 		p.loraBack(grads, l, ModV, dxn, xn, H, dqkv, Q, AD+nkv*D, dyB)
@@ -171,7 +170,7 @@ func lmHeadRows(vocab int) int {
 }
 
 // lmHeadLoss runs the LM head over x [rows, h] (the final norm's output)
-// against w [vocab, h] (packed as pw when not nil) in row chunks, fused
+// against w [vocab, h] in row chunks, fused
 // with log-softmax, the loss and its gradient: per row it computes logp of
 // the target, asks lossAt(row, logp) for the loss term's derivative
 // g = d loss / d logp (rows in order, one goroutine), and, when dx is not
@@ -179,13 +178,13 @@ func lmHeadRows(vocab int) int {
 // [chunk, vocab] scratch (chunk ≤ maxLMHeadChunk rows; lmHeadRows picks
 // it), th the chunk's log-sum-exps and derivatives. It writes logp[row]
 // for every row.
-func lmHeadLoss(tm *team.Team, dx, x, w []float32, pw *packed.Weights, rows, h, vocab int, targets []int32, logp []float32,
+func lmHeadLoss(tm *team.Team, dx, x []float32, w *base, rows, h, vocab int, targets []int32, logp []float32,
 	lossAt func(row int, logp float64) float64, logits []float32, th *trainHead) {
 	chunk := min(maxLMHeadChunk, len(logits)/vocab)
 	for c0 := 0; c0 < rows; c0 += chunk {
 		c := min(chunk, rows-c0)
 		z := logits[:c*vocab]
-		project(tm, z, vocab, x[c0*h:], h, w, pw, c, h, vocab, 0)
+		project(tm, z, vocab, x[c0*h:], h, w, c, 0)
 		tm.LogSoftmax(z, c, vocab, targets[c0:], logp[c0:], th.lse[:c])
 		any := false
 		for i := 0; i < c; i++ {
@@ -200,6 +199,6 @@ func lmHeadLoss(tm *team.Team, dx, x, w []float32, pw *packed.Weights, rows, h, 
 			continue
 		}
 		tm.SoftmaxGrad(z, c, vocab, targets[c0:], th.lse[:c], th.coef[:c])
-		tm.Gemm(false, false, c, h, vocab, 1, z, vocab, w, h, 0, dx[c0*h:], h)
+		projectBack(tm, dx[c0*h:], h, z, vocab, w, c, 0)
 	}
 }

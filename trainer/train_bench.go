@@ -73,6 +73,7 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 		n += int64(2*H + cfg.QKVDim()*H + H*AD + 3*I*H)
 	}
 	m.ownBytes = n * 4
+	m.bindF32()
 	if PackedWeights() {
 		m.packWeights() // as LoadModel does, so that benchmarks run the engine's kernels
 	}

@@ -137,8 +137,8 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 func compareGrads(t *testing.T, model, loss string, cfg map[string]float64, lora *LoRA, data []Datum, ref refGrad) {
 	forEachWeightPath(t, func(t *testing.T, packedOn bool) {
 		m := mustLoad(t, model)
-		if (m.pHead != nil) != packedOn {
-			t.Fatalf("packed weights: %v, want %v", m.pHead != nil, packedOn)
+		if (m.lmHead().p != nil) != packedOn {
+			t.Fatalf("packed weights: %v, want %v", m.lmHead().p != nil, packedOn)
 		}
 		grads := zerosLike(lora)
 		res, err := runPass(context.Background(), m, lora, data, loss, cfg, grads)

@@ -21,12 +21,14 @@ func init() {
 // an export. Exports run no forward pass, so the packed copy of the weights
 // the engine makes for its products (as large as the projections again)
 // is turned off for this load unless the user set SIGNAL_ENGINE_PACKED.
+// The merge reads f32 matrices: a BF16 or F16 file widens exactly, so the
+// export is the same as from the half engine's copy.
 func loadForExport(dir, adapterDir string) (*trainer.Model, *trainer.LoRA, error) {
 	if _, set := os.LookupEnv("SIGNAL_ENGINE_PACKED"); !set {
 		os.Setenv("SIGNAL_ENGINE_PACKED", "0")
 		defer os.Unsetenv("SIGNAL_ENGINE_PACKED")
 	}
-	m, err := trainer.LoadModel(dir)
+	m, err := trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: trainer.PrecisionF32})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -49,7 +49,9 @@ func TestModelMergeAndExportGGUF(t *testing.T) {
 	if _, err := runModelCmd(t, "merge", "--model", base, "--adapter", adapter, "--out", out, "--dtype", "f32"); err != nil {
 		t.Fatal(err)
 	}
-	m, err := trainer.LoadModel(base)
+	// Both in f32: the merge is f32 arithmetic (its output here is F32), and
+	// the BF16 base would otherwise be multiplied in bf16.
+	m, err := trainer.LoadModelWith(base, trainer.LoadOptions{Precision: trainer.PrecisionF32})
 	if err != nil {
 		t.Fatal(err)
 	}

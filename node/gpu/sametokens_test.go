@@ -96,6 +96,9 @@ func modelsWithTokenizer(t *testing.T) string {
 // weights, and computes the same losses; and that text prompts and stop
 // strings give the same prompt tokens and the same cut samples.
 func TestSameTokensOnEveryEngine(t *testing.T) {
+	// The native engine in f32 (not the BF16 file's half engine): this test
+	// holds both engines to float32 agreement.
+	t.Setenv("SIGNAL_ENGINE_PRECISION", "f32")
 	models := modelsWithTokenizer(t)
 	ctx := context.Background()
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))

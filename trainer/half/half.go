@@ -166,6 +166,17 @@ func FromFloat32(w []float32, n, k int, dtype DType) *Matrix {
 	return m
 }
 
+// FromFloat32Into rounds src to dtype into dst (len(src) elements).
+func FromFloat32Into(dst []uint16, src []float32, dtype DType) {
+	if len(src) == 0 {
+		return
+	}
+	if len(dst) < len(src) {
+		panic(fmt.Sprintf("half: FromFloat32Into of %d elements into %d", len(src), len(dst)))
+	}
+	C.hm_from_f32((*C.uint16_t)(&dst[0]), (*C.float)(&src[0]), C.long(len(src)), C.int(dtype))
+}
+
 // Data returns the matrix's elements as stored, to fill after New.
 func (m *Matrix) Data() []uint16 {
 	m.live()
