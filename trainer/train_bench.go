@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/signal-p2p/signal/trainer/blas"
+	"github.com/signal-p2p/signal/trainer/half"
+	"github.com/signal-p2p/signal/trainer/team"
 )
 
 // SmolLM135MConfig is the SmolLM-135M-like shape the benchmarks use: hidden
@@ -37,14 +39,38 @@ func Qwen3_06BConfig() Config {
 	}
 }
 
+// Llama32Config is a Llama-3.2 shape: the 1B (hidden 2048, 16 layers, 32
+// heads, head_dim 64) or the 3B (hidden 3072, 28 layers, 24 heads, head_dim
+// 128); both 8 KV heads, intermediate 8192, vocabulary 128256, tied head,
+// llama3 rope scaling.
+func Llama32Config(hidden, layers, heads int) Config {
+	return Config{
+		Architectures: []string{"LlamaForCausalLM"}, ModelType: "llama",
+		HiddenSize: hidden, IntermediateSize: 8192, NumHiddenLayers: layers, NumAttentionHeads: heads,
+		NumKeyValueHeads: 8, HeadDim: hidden / heads, VocabSize: 128256, MaxPositionEmbeddings: 131072,
+		RMSNormEps: 1e-5, RopeTheta: 500000, HiddenAct: "silu", TieWordEmbeddings: true,
+		RopeScaling: &RopeScaling{RopeType: "llama3", Factor: 32, LowFreqFactor: 1, HighFreqFactor: 4, OriginalMaxPositionEmbeddings: 8192},
+	}
+}
+
 // BenchShapes are the random model shapes `signal model bench`,
 // `bench-infer` and `gen-random` take by name.
-var BenchShapes = map[string]func() Config{"smollm-135m": SmolLM135MConfig, "qwen3-0.6b": Qwen3_06BConfig}
+var BenchShapes = map[string]func() Config{
+	"smollm-135m":  SmolLM135MConfig,
+	"qwen3-0.6b":   Qwen3_06BConfig,
+	"llama-3.2-1b": func() Config { return Llama32Config(2048, 16, 32) },
+	"llama-3.2-3b": func() Config { return Llama32Config(3072, 28, 24) },
+}
 
 // RandomModel builds a model of shape cfg in memory with random weights
-// (normal, std 0.02; norms 1), for benchmarks that need no files. Close
-// stops its team.
-func RandomModel(cfg Config, seed uint64) (*Model, error) {
+// (normal, std 0.02; norms 1), for benchmarks that need no files, in f32.
+// Close stops its team.
+func RandomModel(cfg Config, seed uint64) (*Model, error) { return RandomModelAs(cfg, seed, "F32") }
+
+// RandomModelAs is RandomModel with the base matrices held as dtype ("F32",
+// "BF16" or "F16"), as LoadModel holds a file of that dtype: the random f32
+// values are rounded once, a matrix at a time.
+func RandomModelAs(cfg Config, seed uint64, dtype string) (*Model, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -53,6 +79,22 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 	H, I := cfg.HiddenSize, cfg.IntermediateSize
 	AD := cfg.NumAttentionHeads * cfg.HeadDim
 	m := &Model{cfg: cfg, dir: "random", InvFreq: cfg.InvFreq()}
+	switch strings.ToUpper(dtype) {
+	case "F32":
+	case "BF16", "F16":
+		hd := half.BF16
+		if strings.ToUpper(dtype) == "F16" {
+			hd = half.F16
+		}
+		m.randomHalf(fill, hd)
+		if err := m.startTeam(); err != nil {
+			m.Close()
+			return nil, err
+		}
+		return m, nil
+	default:
+		return nil, fmt.Errorf("%w: dtype %q (want F32, BF16 or F16)", ErrInvalidInput, dtype)
+	}
 	m.Embed = fill(cfg.VocabSize * H)
 	m.LMHead = m.Embed
 	if !cfg.TieWordEmbeddings {
@@ -81,6 +123,42 @@ func RandomModel(cfg Config, seed uint64) (*Model, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+// randomHalf fills m's matrices with fill's values rounded to dtype, one
+// matrix at a time, and its vectors as RandomModel does.
+func (m *Model) randomHalf(fill func(int) []float32, dtype half.DType) {
+	cfg := m.cfg
+	H, I, AD := cfg.HiddenSize, cfg.IntermediateSize, cfg.NumAttentionHeads*cfg.HeadDim
+	mk := func(out, in int) base {
+		return base{out: out, in: in, h: half.FromFloat32(fill(out*in), out, in, dtype)}
+	}
+	m.half, m.halfType = true, dtype
+	m.embed = mk(cfg.VocabSize, H)
+	if !cfg.TieWordEmbeddings {
+		m.head = mk(cfg.VocabSize, H)
+	}
+	m.Norm = ones(H)
+	m.Layers = make([]Layer, cfg.NumHiddenLayers)
+	vectors := int64(H)
+	for i := range m.Layers {
+		ly := &m.Layers[i]
+		ly.AttnNorm, ly.MLPNorm = ones(H), ones(H)
+		ly.qkv, ly.o, ly.gateUp, ly.down = mk(cfg.QKVDim(), H), mk(H, AD), mk(2*I, H), mk(H, I)
+		vectors += int64(2 * H)
+		if cfg.QKNorm() {
+			ly.QNorm, ly.KNorm = ones(cfg.HeadDim), ones(cfg.HeadDim)
+			vectors += int64(2 * cfg.HeadDim)
+		}
+		if cfg.QKVBias() {
+			ly.BQKV = fill(cfg.QKVDim())
+			vectors += int64(cfg.QKVDim())
+		}
+	}
+	m.ownBytes = vectors * 4
+	for _, w := range m.bases() {
+		m.ownBytes += w.bytes()
+	}
 }
 
 // TrainBenchResult is one training benchmark's figures.
@@ -239,6 +317,37 @@ func MeasureSgemm(n int) float64 {
 		blas.Sgemm(false, false, n, n, n, 1, a, n, b, n, 0, c, n)
 		dt := time.Since(t0).Seconds()
 		if r := 2 * float64(n) * float64(n) * float64(n) / dt / 1e9; r > best {
+			best = r
+		}
+	}
+	return best
+}
+
+// MeasureHalfGemm returns the rate in GFLOP/s of a bf16 product
+// [1024, n]·[n, n]ᵀ on the engine's own product path (package half, shared
+// out on a team of GOMAXPROCS threads as the engine does), the best of ten:
+// the reference for a BF16 model's utilisation, as the bf16 GEMM rate.
+func MeasureHalfGemm(n int) float64 {
+	tm, err := team.New(max(0, runtime.GOMAXPROCS(0)-1))
+	if err != nil {
+		return 0
+	}
+	defer tm.Close()
+	AcquireSingleThreadBLAS()
+	defer ReleaseSingleThreadBLAS()
+	const rows = 1024
+	w := make([]float32, n*n)
+	for i := range w {
+		w[i] = float32(i%7) * 0.01
+	}
+	h := half.FromFloat32(w, n, n, half.BF16)
+	defer h.Free()
+	x, y := make([]float32, rows*n), make([]float32, rows*n)
+	best := 0.0
+	for range 10 {
+		t0 := time.Now()
+		tm.HalfMulT(h, y, n, x, n, rows, 0)
+		if r := 2 * float64(rows) * float64(n) * float64(n) / time.Since(t0).Seconds() / 1e9; r > best {
 			best = r
 		}
 	}

@@ -67,6 +67,24 @@ func (m *Model) ProductPath() string {
 	return "f32 (openblas)"
 }
 
+// EngineInfo is how this process's native engine multiplies: the CPU
+// features it chose from, and the path for each weight dtype.
+type EngineInfo struct {
+	half.Engine
+	// F32Path is how F32 matrices are multiplied: "f32 (packed avx512)" or
+	// "f32 (openblas)".
+	F32Path string `json:"f32_path"`
+}
+
+// Engine reports this process's product paths.
+func Engine() EngineInfo {
+	info := EngineInfo{Engine: half.Report(), F32Path: "f32 (openblas)"}
+	if PackedWeights() {
+		info.F32Path = "f32 (packed avx512)"
+	}
+	return info
+}
+
 // base is one frozen matrix W [out, in] in the form this model multiplies
 // by: f32 row-major (and packed for the forward where the CPU has
 // AVX-512), or half (BF16/F16), the only copy.

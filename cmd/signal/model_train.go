@@ -199,7 +199,7 @@ func newModelTrainCmd() *cobra.Command {
 
 func newModelBenchTrainCmd() *cobra.Command {
 	var (
-		dir, shape             string
+		dir, shape, dtype      string
 		batch, seq, rank, runs int
 		threads, sessions      int
 	)
@@ -208,8 +208,11 @@ func newModelBenchTrainCmd() *cobra.Command {
 		Short: "Time LoRA training steps (forward_backward + optim_step); prints JSON",
 		Long: `Times training steps on --model (its shape, random tokens) or on an in-memory
 random model of --shape, and prints tokens/s, GFLOP/s, the measured sgemm rate
-and model FLOP utilisation, peak memory; with --sessions N also the heap with 1
-and N sessions sharing the base model.`,
+and model FLOP utilisation, peak memory, the CPU features and product path;
+with --sessions N instead the memory of the model and of each extra session
+sharing it. A BF16 or F16 model (a file of that dtype, or --dtype for a random
+shape) is multiplied on its half path, and its utilisation is against the
+measured bf16 GEMM rate as well as sgemm's.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			blas.SetThreads(threads)
@@ -219,7 +222,7 @@ and N sessions sharing the base model.`,
 			case dir != "":
 				m, err = trainer.LoadModel(dir)
 			case trainer.BenchShapes[shape] != nil:
-				m, err = trainer.RandomModel(trainer.BenchShapes[shape](), 1)
+				m, err = trainer.RandomModelAs(trainer.BenchShapes[shape](), 1, dtype)
 			default:
 				err = fmt.Errorf("%w: --shape %q (want %s) or --model DIR", trainer.ErrInvalidInput, shape, shapeNames())
 			}
@@ -228,7 +231,13 @@ and N sessions sharing the base model.`,
 			}
 			defer m.Close()
 			sgemm := trainer.MeasureSgemm(1024)
-			res := map[string]any{"sgemm_gflops": sgemm}
+			res := map[string]any{"sgemm_gflops": sgemm, "engine": trainer.Engine(),
+				"weights": map[string]any{"dtype": m.WeightDType(), "path": m.ProductPath(), "bytes": m.MemoryBytes()}}
+			peak := sgemm
+			if m.WeightDType() == "BF16" {
+				peak = trainer.MeasureHalfGemm(2048)
+				res["bf16_gemm_gflops"] = peak
+			}
 			if sessions > 0 {
 				mem, err := trainer.BenchSessionMemory(cmd.Context(), m, sessions, rank, seq)
 				if err != nil {
@@ -242,6 +251,9 @@ and N sessions sharing the base model.`,
 				}
 				res["train"] = r
 				res["mfu"] = r.GFLOPS / sgemm
+				if peak != sgemm {
+					res["of_bf16_gemm"] = r.GFLOPS / peak
+				}
 			}
 			return writeModelJSON(cmd.OutOrStdout(), res)
 		},
@@ -249,6 +261,7 @@ and N sessions sharing the base model.`,
 	f := cmd.Flags()
 	f.StringVar(&dir, "model", "", "model directory (its shape is benchmarked)")
 	f.StringVar(&shape, "shape", "smollm-135m", "random in-memory model shape when --model is not given")
+	f.StringVar(&dtype, "dtype", "bf16", "dtype of the random model's matrices: bf16, f16 or f32 (as a file of that dtype loads)")
 	f.IntVar(&batch, "batch", 1, "sequences per step")
 	f.IntVar(&seq, "seq", 256, "tokens per sequence")
 	f.IntVar(&rank, "rank", 8, "LoRA rank (all linear layers)")

@@ -25,6 +25,7 @@ import (
 	"github.com/signal-p2p/signal/node/hub"
 	"github.com/signal-p2p/signal/node/native"
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 )
 
 func init() { register(newNodeCmd) }
@@ -220,6 +221,8 @@ type fingerprintReport struct {
 	GPUs    []protocol.GPU `json:"gpus"`
 	CPU     protocol.CPU   `json:"cpu"`
 	Error   string         `json:"error,omitempty"`
+	// Engine is how the native engine multiplies on this CPU.
+	Engine trainer.EngineInfo `json:"engine"`
 }
 
 func newNodeFingerprintCmd() *cobra.Command {
@@ -229,7 +232,7 @@ func newNodeFingerprintCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fp, why := fingerprint.Detect(time.Second)
-			rep := fingerprintReport{Source: fp.Source()}
+			rep := fingerprintReport{Source: fp.Source(), Engine: trainer.Engine()}
 			if why != nil {
 				rep.NVMLErr = why.Error()
 			}

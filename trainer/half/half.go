@@ -86,7 +86,7 @@ var (
 func Path() int {
 	setupOnce.Do(func() {
 		limit := PathAMX
-		if v := strings.ToLower(strings.TrimSpace(os.Getenv("SIGNAL_ENGINE_ISA"))); v != "" {
+		if v := isaCap(); v != "" {
 			limit = -1
 			for i, n := range pathNames {
 				if n == v || (v == "avx2" && i == PathF32) {
@@ -102,6 +102,8 @@ func Path() int {
 	})
 	return path
 }
+
+func isaCap() string { return strings.ToLower(strings.TrimSpace(os.Getenv("SIGNAL_ENGINE_ISA"))) }
 
 // PathName names a path as SIGNAL_ENGINE_ISA spells it.
 func PathName(p int) string { return pathNames[p] }
