@@ -190,7 +190,7 @@ func (c *Coordinator) validators(model ModelSpec, node string, exclude map[strin
 			if n.MaxSessions > 0 && n.Sessions >= n.MaxSessions {
 				continue
 			}
-			if !containsString(n.Models, model.Name) && !fits(n, model.MemoryBytes) {
+			if !containsString(n.Models, model.Name) && !fits(n, memoryOn(n, model)) {
 				continue
 			}
 			n.Operator = rec.Operator

@@ -73,7 +73,10 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 			continue
 		}
 		loaded := slices.Contains(n.Models, model.Name)
-		if !loaded && !fits(n, model.MemoryBytes) {
+		// A node that serves the model from its disk is trusted to fit it,
+		// unless its own figure says otherwise.
+		_, reported := n.ModelMemory[model.Name]
+		if (reported || !loaded) && !fits(n, memoryOn(n, model)) {
 			small++
 			continue
 		}
@@ -111,6 +114,15 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 
 // fits reports whether a node has the memory for a model: free memory on
 // one GPU, or total memory on a CPU-only node.
+// memoryOn is what model needs on node n: the node's own figure when its
+// advert has one (its engine's precision), else the model's estimate.
+func memoryOn(n protocol.Node, model ModelSpec) int64 {
+	if b, ok := n.ModelMemory[model.Name]; ok && b > 0 {
+		return b
+	}
+	return model.MemoryBytes
+}
+
 func fits(n protocol.Node, need int64) bool {
 	if need <= 0 {
 		return true

@@ -31,6 +31,21 @@ func TestPlaceOn(t *testing.T) {
 		{"only nodes without a backend", []protocol.Node{node("a", func(n *protocol.Node) { n.Backends = nil })}, all, "", nil},
 		{"full", []protocol.Node{node("a", func(n *protocol.Node) { n.Sessions = 4 })}, all, "", nil},
 		{"too little memory", []protocol.Node{node("a", func(n *protocol.Node) { n.CPU.MemoryTotal = 1 << 20 })}, all, "", nil},
+		// The node's own figure for the model (its engine keeps BF16 as
+		// BF16) decides, not the coordinator's estimate, either way.
+		{"node's figure fits", []protocol.Node{node("a", func(n *protocol.Node) {
+			n.CPU.MemoryTotal = 600 << 20
+			n.ModelMemory = map[string]int64{"tiny": 512 << 20}
+		})}, all, "a", nil},
+		{"node's figure too big", []protocol.Node{node("a", func(n *protocol.Node) { n.ModelMemory = map[string]int64{"tiny": 16 << 30} })}, all, "", nil},
+		{"served but too big by its own figure", []protocol.Node{node("a", func(n *protocol.Node) {
+			n.Models = []string{"tiny"}
+			n.ModelMemory = map[string]int64{"tiny": 16 << 30}
+		})}, all, "", nil},
+		{"other model's figure ignored", []protocol.Node{node("a", func(n *protocol.Node) {
+			n.CPU.MemoryTotal = 600 << 20
+			n.ModelMemory = map[string]int64{"other": 512 << 20}
+		})}, all, "", nil},
 		{"excluded", []protocol.Node{node("a", nil), node("b", nil)}, func(id string) bool { return id != "a" }, "b", nil},
 		// Runs placed since the last advert count: a looks empty but holds 2.
 		{"registry runs count", []protocol.Node{node("a", nil), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b", map[string]int{"a": 2}},

@@ -21,6 +21,12 @@ type Engine interface {
 	Open(ctx context.Context, spec protocol.SessionSpec) (Session, error)
 }
 
+// MemoryReporter is an Engine that knows the memory each of its models
+// holds once loaded; the node advertises it (protocol.Node.ModelMemory).
+type MemoryReporter interface {
+	ModelMemory() map[string]int64
+}
+
 // Session is one run's adapter and optimizer state on an engine. The node
 // calls it from one goroutine at a time, with typed values: it decodes the
 // public API's request once and converts examples, prompts and stop strings

@@ -503,7 +503,12 @@ func (n *Node) Advert() protocol.Node {
 	if b := n.engine.Backend(); b != "" {
 		backends = []string{b}
 	}
+	var mem map[string]int64
+	if r, ok := n.engine.(MemoryReporter); ok {
+		mem = r.ModelMemory()
+	}
 	return protocol.Node{
+		ModelMemory: mem,
 		PeerID:      n.PeerID(),
 		Addrs:       n.Addrs(),
 		GPUs:        d.GPUs,

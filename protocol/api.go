@@ -363,7 +363,13 @@ type Node struct {
 	Models      []string `json:"models"`
 	Sessions    int      `json:"sessions"`
 	MaxSessions int      `json:"max_sessions"`
-	LastSeen    string   `json:"last_seen"`
+	// ModelMemory is the memory, in bytes, each model in Models holds on
+	// this node once loaded, as its engine keeps it (a BF16 file on the
+	// native engine: 2 bytes a parameter): placement prefers it to the
+	// coordinator's estimate from file sizes. Absent for engines that do
+	// not know.
+	ModelMemory map[string]int64 `json:"model_memory,omitempty"`
+	LastSeen    string           `json:"last_seen"`
 	// Operator is the account the node's earnings go to.
 	Operator string `json:"operator,omitempty"`
 	// Audits is what the network checked of the node's work (set by the

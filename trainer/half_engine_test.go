@@ -408,3 +408,25 @@ func TestHalfTrainingLearns(t *testing.T) {
 		logCurves(ref.Losses)
 	})
 }
+
+// TestEstimateMemory: what a node advertises before loading a model is what
+// the model holds once loaded, in either precision.
+func TestEstimateMemory(t *testing.T) {
+	for _, name := range tinyModels {
+		for _, prec := range []Precision{PrecisionAuto, PrecisionF32} {
+			est, err := EstimateMemory(modelDir(name), LoadOptions{Precision: prec})
+			if err != nil {
+				t.Fatal(err)
+			}
+			m, err := LoadModelWith(modelDir(name), LoadOptions{Precision: prec})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := m.MemoryBytes()
+			m.Close()
+			if est != got {
+				t.Errorf("%s %q: estimated %d bytes, holds %d", name, prec, est, got)
+			}
+		}
+	}
+}

@@ -329,3 +329,58 @@ func (l *loader) layerVectors(c Config, ly *Layer, p string) error {
 	}
 	return nil
 }
+
+// EstimateMemory returns the bytes a model directory will hold once loaded
+// with o (MemoryBytes after LoadModelWith), from its headers alone, so that
+// a node can advertise what each model it serves costs before loading it.
+// Adapters, optimizer state and activations come on top, per session.
+func EstimateMemory(dir string, o LoadOptions) (int64, error) {
+	prec := o.Precision
+	if prec == PrecisionAuto {
+		var err error
+		if prec, err = precisionFromEnv(); err != nil {
+			return 0, err
+		}
+	}
+	cfg, err := ReadConfig(dir)
+	if err != nil {
+		return 0, err
+	}
+	set, err := safetensors.OpenDir(dir)
+	if err != nil {
+		return 0, fmt.Errorf("model %s: %w", dir, err)
+	}
+	defer set.Close()
+	_, halfFile := halfDType(set)
+	halfHeld := halfFile && prec == PrecisionAuto
+	packs := !halfHeld && PackedWeights()
+	var n int64
+	for name, shape := range expectedTensors(cfg) {
+		if name == "lm_head.weight" && cfg.TieWordEmbeddings {
+			continue
+		}
+		elems := int64(1)
+		for _, d := range shape {
+			elems *= int64(d)
+		}
+		switch {
+		case len(shape) < 2:
+			n += 4 * elems
+		case halfHeld:
+			n += 2 * elems
+		default:
+			n += 4 * elems
+		}
+	}
+	if packs {
+		// The packed copies (packWeights), of the fused matrices, in
+		// 32-column panels.
+		pad := func(rows, cols int) int64 {
+			return 4 * int64((rows+packed.PanelCols-1)/packed.PanelCols*packed.PanelCols) * int64(cols)
+		}
+		hid, inter, hd := cfg.HiddenSize, cfg.IntermediateSize, cfg.NumAttentionHeads*cfg.HeadDim
+		n += pad(cfg.VocabSize, hid)
+		n += int64(cfg.NumHiddenLayers) * (pad(cfg.QKVDim(), hid) + pad(hid, hd) + pad(2*inter, hid) + pad(hid, inter))
+	}
+	return n, nil
+}

@@ -34,7 +34,7 @@ func newNodeCmd() *cobra.Command {
 	cfg := node.DefaultConfig()
 	var modelsDir string
 	var hfModels []string
-	engineKind := "auto"
+	engineKind, precision := "auto", "auto"
 	cmd := &cobra.Command{
 		Use:   "node",
 		Short: "Run a node daemon: join the network and serve training sessions",
@@ -65,7 +65,7 @@ sessions are checkpointed.`,
 				}
 			}
 			cfg.Logger = slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
-			eng, stopEngine, err := openNodeEngine(cmd.Context(), engineKind, modelsDir, hfModels, cfg.Logger)
+			eng, stopEngine, err := openNodeEngine(cmd.Context(), engineKind, precision, modelsDir, hfModels, cfg.Logger)
 			if err != nil {
 				return err
 			}
@@ -102,6 +102,7 @@ sessions are checkpointed.`,
 	f.BoolVar(&cfg.MDNS, "mdns", cfg.MDNS, "discover peers on the LAN with mDNS")
 	f.BoolVar(&cfg.DHT, "dht", cfg.DHT, "run a Kademlia DHT")
 	f.StringVar(&engineKind, "engine", engineKind, "engine backend: auto, native, cuda or cpu-torch (the PyTorch worker on the CPU)")
+	f.StringVar(&precision, "precision", precision, "native engine: auto keeps BF16/F16 model files as stored (2 bytes a parameter, bf16 products), f32 widens them (as SIGNAL_ENGINE_PRECISION)")
 	f.StringSliceVar(&hfModels, "hf", nil, "NAME=OWNER/REPO[@REV]: download model NAME from the Hugging Face Hub when it is not in --models (repeatable; $HF_TOKEN for gated models)")
 	cmd.AddCommand(newNodeTokenCmd(), newNodeFingerprintCmd())
 	return cmd
@@ -110,7 +111,15 @@ sessions are checkpointed.`,
 // openNodeEngine builds the engine a node serves sessions on. auto picks the
 // PyTorch worker pool (one worker per GPU) when NVML reports GPUs, and the
 // native Go engine otherwise; the returned stop function releases it.
-func openNodeEngine(ctx context.Context, kind, modelsDir string, hfModels []string, log *slog.Logger) (node.Engine, func(), error) {
+func openNodeEngine(ctx context.Context, kind, precision, modelsDir string, hfModels []string, log *slog.Logger) (node.Engine, func(), error) {
+	var prec trainer.Precision
+	switch precision {
+	case "", "auto":
+	case "f32":
+		prec = trainer.PrecisionF32
+	default:
+		return nil, nil, fmt.Errorf("%w: --precision %q: use auto or f32", trainer.ErrInvalidInput, precision)
+	}
 	gpus := 0
 	if kind == "auto" || kind == "cuda" {
 		fp, _ := fingerprint.Detect(time.Second)
@@ -132,6 +141,7 @@ func openNodeEngine(ctx context.Context, kind, modelsDir string, hfModels []stri
 		if err != nil {
 			return nil, nil, fmt.Errorf("--models: %w", err)
 		}
+		eng.Precision = prec
 		if len(hfModels) > 0 {
 			if eng.Fetch, err = hubFetcher(hfModels); err != nil {
 				_ = eng.Close()

@@ -21,8 +21,9 @@ import (
 )
 
 // TestAuditTolerances measures what audit.DefaultTolerances must allow:
-// the same calls, from the same adapter, on the native engine (f32) and
-// on the PyTorch worker in f32 and in bf16, each engine's answer audited
+// the same calls, from the same adapter, on the native engine (BF16 weights
+// held as BF16, and widened to f32) and on the PyTorch worker in f32 and in
+// bf16, each engine's answer audited
 // by every other as the coordinator audits a node (CompareForward,
 // CompareScores, CompareGreedy). Every honest pair must pass, and the
 // largest margin (difference as a fraction of its tolerance) is logged:
@@ -55,15 +56,23 @@ func TestAuditTolerances(t *testing.T) {
 	}
 	f32 := mustEngine(t, func(c *Config) { c.ModelsDir = models; c.DType = "float32" })
 	bf16 := mustEngine(t, func(c *Config) { c.ModelsDir = models; c.DType = "bfloat16" })
+	// The native engine both ways: BF16 files held as BF16 (its default)
+	// and widened to f32.
 	nat, err := native.New(models, slog.Default())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer nat.Close()
+	nat32, err := native.New(models, slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nat32.Close()
+	nat32.Precision = trainer.PrecisionF32
 	engines := []struct {
 		name string
 		e    node.Engine
-	}{{"native-f32", nat}, {"worker-f32", f32}, {"worker-bf16", bf16}}
+	}{{"native-bf16", nat}, {"native-f32", nat32}, {"worker-f32", f32}, {"worker-bf16", bf16}}
 
 	tol := audit.DefaultTolerances()
 	worst := map[string]float64{}

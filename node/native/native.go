@@ -37,9 +37,15 @@ type Engine struct {
 	// e.g. from the Hugging Face Hub, or fails with node.ErrUnknownModel.
 	Fetch func(ctx context.Context, name, dir string) error
 
-	mu      sync.Mutex
-	models  map[string]*modelSlot
-	fetchMu sync.Mutex
+	// Precision is how models are held (trainer.LoadOptions); the zero
+	// value keeps each file's dtype unless SIGNAL_ENGINE_PRECISION says f32.
+	// Set it before the first Open.
+	Precision trainer.Precision
+
+	mu       sync.Mutex
+	models   map[string]*modelSlot
+	estimate map[string]int64 // ModelMemory's figures for models not loaded
+	fetchMu  sync.Mutex
 }
 
 // modelSlot loads a model once; concurrent opens of the same model wait
@@ -73,6 +79,37 @@ func (e *Engine) Backend() string { return BackendName }
 // Models lists the model directories that pass the model check
 // (node.ModelCatalog).
 func (e *Engine) Models() []string { return e.catalog.Models() }
+
+// ModelMemory is the memory each model in the directory holds once loaded
+// (node.MemoryReporter): a loaded model's own figure, else an estimate from
+// its headers (computed once per model).
+func (e *Engine) ModelMemory() map[string]int64 {
+	out := map[string]int64{}
+	for _, name := range e.Models() {
+		e.mu.Lock()
+		if s, ok := e.models[name]; ok && s.model != nil {
+			out[name] = s.model.MemoryBytes()
+			e.mu.Unlock()
+			continue
+		}
+		est, ok := e.estimate[name]
+		e.mu.Unlock()
+		if !ok {
+			var err error
+			if est, err = trainer.EstimateMemory(filepath.Join(e.dir, name), trainer.LoadOptions{Precision: e.Precision}); err != nil {
+				continue // not loadable: Open will say why
+			}
+			e.mu.Lock()
+			if e.estimate == nil {
+				e.estimate = map[string]int64{}
+			}
+			e.estimate[name] = est
+			e.mu.Unlock()
+		}
+		out[name] = est
+	}
+	return out
+}
 
 // Loaded lists the models held in memory.
 func (e *Engine) Loaded() []string {
@@ -122,7 +159,7 @@ func (e *Engine) model(ctx context.Context, name string) (*trainer.Model, error)
 		e.models[name] = s
 	}
 	e.mu.Unlock()
-	s.once.Do(func() { s.model, s.err = trainer.LoadModel(dir) })
+	s.once.Do(func() { s.model, s.err = trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: e.Precision}) })
 	if s.err != nil {
 		e.mu.Lock()
 		if e.models[name] == s {

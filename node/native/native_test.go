@@ -15,6 +15,7 @@ import (
 	"github.com/signal-p2p/signal/node"
 	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // modelsDir assembles a models directory holding "tiny-sp" from the
@@ -207,5 +208,37 @@ func TestFetchMissingModel(t *testing.T) {
 	}
 	if _, err := eng.Open(context.Background(), protocol.SessionSpec{BaseModel: "other"}); !errors.Is(err, node.ErrUnknownModel) {
 		t.Fatalf("unknown fetch err = %v", err)
+	}
+}
+
+// TestModelMemory: the engine reports what each model holds before it is
+// loaded (from its headers) and after (the loaded model's own figure), in
+// the precision it was given, so that the node advertises what placement
+// needs: 2 bytes a matrix parameter for the BF16 test model, about 8 in f32.
+func TestModelMemory(t *testing.T) {
+	dir := modelsDir(t)
+	sizes := map[trainer.Precision]int64{}
+	for _, prec := range []trainer.Precision{trainer.PrecisionAuto, trainer.PrecisionF32} {
+		eng, err := New(dir, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		eng.Precision = prec
+		before := eng.ModelMemory()["tiny-sp"]
+		m, err := eng.model(context.Background(), "tiny-sp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		after := eng.ModelMemory()["tiny-sp"]
+		if after != m.MemoryBytes() || before != after {
+			t.Fatalf("precision %q: reported %d before loading, %d after; the model holds %d", prec, before, after, m.MemoryBytes())
+		}
+		sizes[prec] = after
+		if err := eng.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := float64(sizes[trainer.PrecisionF32]) / float64(sizes[trainer.PrecisionAuto]); r < 1.9 {
+		t.Fatalf("f32 holds %d bytes, BF16 %d: ratio %.2f", sizes[trainer.PrecisionF32], sizes[trainer.PrecisionAuto], r)
 	}
 }
