@@ -5,7 +5,10 @@
 #   tiny-sp at 8 x 128; the SmolLM-135M shape at 1 x 256 and 4 x 256.
 # Each side runs in every thread configuration and the ratio is taken between
 # the FASTEST of each (median step):
-#   Go:      GOMAXPROCS 2 (GEMMs split over goroutines) and 1
+#   Go:      GOMAXPROCS 2 (the team's two threads) and 1, with the base
+#            matrices in BF16 (bf16 products through oneDNN where the CPU has
+#            AVX512-BF16 or AMX: the engine's default for BF16 files) and in
+#            f32 (--dtype f32), side by side
 #   PyTorch: torch.set_num_threads 1 and 2 x OPENBLAS_NUM_THREADS 1 and 2
 #            (an eager loop: forward per sequence, one backward, AdamW)
 #   HF+PEFT: the peer users run (trainer/reference/hf_ref.py bench, in the
@@ -42,6 +45,7 @@ load() { cut -d' ' -f1-3 /proc/loadavg; }
 # Llama, so that row compares with HF+PEFT's Qwen3 only (NO_TORCH).
 QWEN3='{"model_type":"qwen3","hidden_size":1024,"num_hidden_layers":28,"num_attention_heads":16,"num_key_value_heads":8,"intermediate_size":3072,"vocab_size":151936,"head_dim":128,"rms_norm_eps":1e-6,"rope_theta":1000000}'
 SMOL='{"hidden_size":576,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,"intermediate_size":1536,"vocab_size":49152,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":10000}'
+LLAMA1B='{"hidden_size":2048,"num_hidden_layers":16,"num_attention_heads":32,"num_key_value_heads":8,"intermediate_size":8192,"vocab_size":128256,"head_dim":64,"rms_norm_eps":1e-5,"rope_theta":500000,"tie_word_embeddings":true}'
 TINY=$("$PY" -c 'import json;print(json.dumps(json.load(open("trainer/testdata/tiny-sp/config.json"))))')
 
 # row NAME PY_CONFIG BATCH SEQ GO_ARGS...
@@ -53,7 +57,9 @@ row() {
   for r in $(seq "$REPS"); do
     for i in 0 1; do
       gp=$((2 - i)) ob=$((1 + i))
-      results+="go $gp $(GOMAXPROCS=$gp "$BIN" model bench "$@" --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads 2)"$'\n'
+      for dt in bf16 f32; do
+        results+="go-$dt $gp $(GOMAXPROCS=$gp "$BIN" model bench "$@" --dtype $dt --batch "$batch" --seq "$seq" --rank 8 --steps "$STEPS" --threads 2)"$'\n'
+      done
       if [ "$have_torch" = 1 ] && [ -z "${NO_TORCH:-}" ]; then
         results+="torch $ob $(echo "$req" | OPENBLAS_NUM_THREADS=$ob "$PY" trainer/reference/train_ref.py bench)"$'\n'
       fi
@@ -73,11 +79,16 @@ for line in os.environ["RESULTS"].splitlines():
     j = json.loads(js)
     if side == "go-before":
         runs.setdefault("go-before GOMAXPROCS=%s" % thr, []).append(j["train"]["TokensPerSec"])
-    elif side == "go":
+    elif side.startswith("go-"):
         t = j["train"]
-        runs.setdefault("go GOMAXPROCS=%s" % thr, []).append(t["TokensPerSec"])
+        dt = side[3:]
+        runs.setdefault("go %s GOMAXPROCS=%s" % (dt, thr), []).append(t["TokensPerSec"])
         sgemm.append(j["sgemm_gflops"])
+        if "bf16_gemm_gflops" in j:
+            meta.setdefault("bf16_gemm", []).append(j["bf16_gemm_gflops"])
         meta["go"] = t
+        meta["engine"] = j.get("engine", {})
+        meta.setdefault("rss", {})[dt] = max(meta.get("rss", {}).get(dt, 0), t["PeakRSSBytes"])
     elif side == "hf":
         for c in j["configs"]:
             runs.setdefault("hf+peft threads=%d %s" % (c["torch_threads"], c["dtype"]), []).append(c["tokens_per_s"])
@@ -89,14 +100,18 @@ for line in os.environ["RESULTS"].splitlines():
 t = meta["go"]
 sg = st.median(sgemm)
 gflops = lambda tps: t["GFLOPPerStep"] * tps / (t["Batch"] * t["Seq"])
-print("-- %s (load at end %s; sgemm %.0f GFLOP/s, median of %d; %.1f model GFLOP per step)"
-      % (os.environ["NAME"], os.environ["LOAD"], sg, len(sgemm), t["GFLOPPerStep"]))
+bg = st.median(meta["bf16_gemm"]) if meta.get("bf16_gemm") else None
+e = meta.get("engine", {})
+print("-- %s (load at end %s; sgemm %.0f GFLOP/s, bf16 GEMM %s, median of %d; %.1f model GFLOP per step)"
+      % (os.environ["NAME"], os.environ["LOAD"], sg, "%.0f GFLOP/s" % bg if bg else "n/a", len(sgemm), t["GFLOPPerStep"]))
+print("   cpu: %s; go bf16 path %s, f32 path %s" % (e.get("cpu_features", "?"), e.get("bf16_path", "?"), e.get("f32_path", "?")))
 med = {k: st.median(v) for k, v in runs.items()}
 for k, v in med.items():
-    print("   %-30s %8.1f tokens/s  %6.1f GFLOP/s  MFU %4.1f%% of sgemm   runs %s"
-          % (k, v, gflops(v), 100 * gflops(v) / sg, " ".join("%.0f" % x for x in runs[k])))
-print("   peak RSS: go %.0f MiB (arena %.0f MiB), torch %s, hf+peft %s"
-      % (t["PeakRSSBytes"] / 2**20, t["ArenaBytes"] / 2**20,
+    of_bf16 = "  %4.1f%% of bf16 GEMM" % (100 * gflops(v) / bg) if bg and "bf16" in k else ""
+    print("   %-34s %8.1f tokens/s  %6.1f GFLOP/s  MFU %4.1f%% of sgemm%s   runs %s"
+          % (k, v, gflops(v), 100 * gflops(v) / sg, of_bf16, " ".join("%.0f" % x for x in runs[k])))
+print("   peak RSS: go bf16 %.0f MiB, go f32 %.0f MiB (arena %.0f MiB), torch %s, hf+peft %s"
+      % (meta["rss"].get("bf16", 0) / 2**20, meta["rss"].get("f32", 0) / 2**20, t["ArenaBytes"] / 2**20,
          "%.0f MiB" % (meta["torch_rss"] / 2**20) if "torch_rss" in meta else "n/a",
          "%.0f MiB" % (meta["hf_rss"] / 2**20) if "hf_rss" in meta else "n/a"))
 g = max((v, k) for k, v in med.items() if k.startswith("go "))
@@ -109,8 +124,13 @@ if tb:
     print("   best go %.1f (%s) / best torch %.1f (%s) = %.2fx"
           % (g[0], g[1], tb[0], tb[1], g[0] / tb[0]))
 if hb:
-    print("   best go %.1f (%s) / best hf+peft %.1f (%s) = %.2fx  (goal >= 1.5x on the 135M shape)"
+    print("   best go %.1f (%s) / best hf+peft %.1f (%s) = %.2fx  (goal >= 1.5x; on AMX CPUs against HF+PEFT in bf16)"
           % (g[0], g[1], hb[0], hb[1], g[0] / hb[0]))
+    for dt, hdt in (("bf16", "bfloat16"), ("f32", "float32")):
+        gd = max(((v, k) for k, v in med.items() if k.startswith("go %s " % dt)), default=None)
+        hd = max(((v, k) for k, v in med.items() if k.startswith("hf+peft ") and k.endswith(hdt)), default=None)
+        if gd and hd:
+            print("   go %s %.1f / hf+peft %s %.1f = %.2fx" % (dt, gd[0], hdt, hd[0], gd[0] / hd[0]))
 if not tb and not hb:
     print("   best go %.1f (%s); no PyTorch peer available" % g)
 PYEOF
@@ -121,6 +141,7 @@ row "tiny-sp 8x128" "$TINY" 8 128 --model trainer/testdata/tiny-sp
 row "smollm-135m 1x256" "$SMOL" 1 256 --shape smollm-135m
 row "smollm-135m 4x256" "$SMOL" 4 256 --shape smollm-135m
 NO_TORCH=1 row "qwen3-0.6b 1x256" "$QWEN3" 1 256 --shape qwen3-0.6b
+NO_TORCH=1 row "llama-3.2-1b 1x256" "$LLAMA1B" 1 256 --shape llama-3.2-1b
 
 [ -z "${ONLY:-}" ] || exit 0
 mem=$("$BIN" model bench --shape smollm-135m --sessions 8 --rank 8 --seq 256 --threads 2)

@@ -4,8 +4,11 @@
 //
 // # Weight layout
 //
-// LoadModel converts every tensor to f32 and keeps Hugging Face's
-// [out_features, in_features] row-major orientation, so a projection is
+// LoadModel keeps Hugging Face's [out_features, in_features] row-major
+// orientation. A BF16 or F16 file's matrices stay in that dtype, one copy
+// (package half, weights.go); with PrecisionF32, or from an F32 file, every
+// tensor is f32 and the exported fields below hold it. Either way a
+// projection is
 // y = x·Wᵀ (blas.Sgemm with transB) and its input gradient dx = dy·W needs
 // no transpose. Projections that read the same input are fused by stacking
 // their rows:

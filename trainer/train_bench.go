@@ -328,11 +328,14 @@ func MeasureSgemm(n int) float64 {
 // out on a team of GOMAXPROCS threads as the engine does), the best of ten:
 // the reference for a BF16 model's utilisation, as the bf16 GEMM rate.
 func MeasureHalfGemm(n int) float64 {
-	tm, err := team.New(max(0, runtime.GOMAXPROCS(0)-1))
-	if err != nil {
-		return 0
+	var tm *team.Team // nil: the caller alone, with one CPU
+	if n := runtime.GOMAXPROCS(0); n > 1 {
+		var err error
+		if tm, err = team.New(n - 1); err != nil {
+			return 0
+		}
+		defer tm.Close()
 	}
-	defer tm.Close()
 	AcquireSingleThreadBLAS()
 	defer ReleaseSingleThreadBLAS()
 	const rows = 1024

@@ -165,17 +165,26 @@ func newModelSampleCmd() *cobra.Command {
 
 func newModelBenchInferCmd() *cobra.Command {
 	var (
-		dir     string
-		threads int
-		o       = trainer.InferBenchOptions{PrefillTokens: 256, DecodeTokens: 32, DecodeBatch: 1, Repeats: 3}
+		dir, shape, dtype string
+		threads           int
+		o                 = trainer.InferBenchOptions{PrefillTokens: 256, DecodeTokens: 32, DecodeBatch: 1, Repeats: 3}
 	)
 	cmd := &cobra.Command{
-		Use:   "bench-infer --model DIR",
+		Use:   "bench-infer (--model DIR | --shape NAME [--dtype bf16|f16|f32])",
 		Short: "Measure prefill and decode tokens/s and sgemm GFLOP/s; prints JSON",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			blas.SetThreads(threads)
-			m, err := trainer.LoadModel(dir)
+			var m *trainer.Model
+			var err error
+			switch {
+			case dir != "":
+				m, err = trainer.LoadModel(dir)
+			case trainer.BenchShapes[shape] != nil:
+				m, err = trainer.RandomModelAs(trainer.BenchShapes[shape](), 1, dtype)
+			default:
+				err = fmt.Errorf("%w: give --model DIR or --shape (%s)", trainer.ErrInvalidInput, shapeNames())
+			}
 			if err != nil {
 				return err
 			}
@@ -184,18 +193,23 @@ func newModelBenchInferCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return writeModelJSON(cmd.OutOrStdout(), r)
+			return writeModelJSON(cmd.OutOrStdout(), struct {
+				trainer.InferBenchResult
+				Engine  trainer.EngineInfo `json:"engine"`
+				Weights map[string]any     `json:"weights"`
+			}{r, trainer.Engine(), map[string]any{"dtype": m.WeightDType(), "path": m.ProductPath(), "bytes": m.MemoryBytes()}})
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&dir, "model", "", "model directory (required)")
+	f.StringVar(&dir, "model", "", "model directory")
+	f.StringVar(&shape, "shape", "", "random in-memory model shape instead of --model")
+	f.StringVar(&dtype, "dtype", "bf16", "dtype of the --shape model's matrices: bf16, f16 or f32")
 	f.IntVar(&threads, "threads", 2, "OpenBLAS threads")
 	f.IntVar(&o.PrefillTokens, "prefill-tokens", o.PrefillTokens, "prefill sequence length")
 	f.IntVar(&o.DecodeTokens, "decode-tokens", o.DecodeTokens, "tokens decoded per sequence")
 	f.IntVar(&o.DecodeBatch, "decode-batch", o.DecodeBatch, "sequences decoded together")
 	f.IntVar(&o.Repeats, "repeats", o.Repeats, "report the median of this many runs (after a warm-up run)")
 	f.BoolVar(&o.AllRows, "all-rows", false, "prefill runs the last block on every row, as a full forward does, not on the last row alone as sampling does")
-	_ = cmd.MarkFlagRequired("model")
 	return cmd
 }
 

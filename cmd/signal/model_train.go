@@ -4,6 +4,7 @@ package main
 // training half on one machine (issue 4).
 
 import (
+	"strings"
 	"fmt"
 	"os"
 	"time"
@@ -220,7 +221,12 @@ measured bf16 GEMM rate as well as sgemm's.`,
 			var err error
 			switch {
 			case dir != "":
-				m, err = trainer.LoadModel(dir)
+				// --dtype f32 widens a half file; otherwise the file's dtype.
+				var o trainer.LoadOptions
+				if strings.EqualFold(dtype, "f32") && cmd.Flags().Changed("dtype") {
+					o.Precision = trainer.PrecisionF32
+				}
+				m, err = trainer.LoadModelWith(dir, o)
 			case trainer.BenchShapes[shape] != nil:
 				m, err = trainer.RandomModelAs(trainer.BenchShapes[shape](), 1, dtype)
 			default:
@@ -251,7 +257,7 @@ measured bf16 GEMM rate as well as sgemm's.`,
 				}
 				res["train"] = r
 				res["mfu"] = r.GFLOPS / sgemm
-				if peak != sgemm {
+				if peak != sgemm && peak > 0 {
 					res["of_bf16_gemm"] = r.GFLOPS / peak
 				}
 			}
@@ -261,7 +267,7 @@ measured bf16 GEMM rate as well as sgemm's.`,
 	f := cmd.Flags()
 	f.StringVar(&dir, "model", "", "model directory (its shape is benchmarked)")
 	f.StringVar(&shape, "shape", "smollm-135m", "random in-memory model shape when --model is not given")
-	f.StringVar(&dtype, "dtype", "bf16", "dtype of the random model's matrices: bf16, f16 or f32 (as a file of that dtype loads)")
+	f.StringVar(&dtype, "dtype", "bf16", "dtype of the random model's matrices: bf16, f16 or f32 (as a file of that dtype loads); with --model, f32 widens a BF16/F16 file")
 	f.IntVar(&batch, "batch", 1, "sequences per step")
 	f.IntVar(&seq, "seq", 256, "tokens per sequence")
 	f.IntVar(&rank, "rank", 8, "LoRA rank (all linear layers)")

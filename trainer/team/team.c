@@ -33,7 +33,8 @@ struct tm_task {
 			int path, dtype;
 			long rows, n, k, ldx, ldy;
 			const float *x;
-			const uint16_t *xb, *w;
+			uint16_t *xb; // x rounded to bf16 (tobf16_job writes it), or NULL
+			const uint16_t *w;
 			float *y;
 			float beta;
 		} half;
@@ -131,6 +132,16 @@ static void mul_job(const tm_task *k, long j, int worker) {
 	span(k, j, &c0, &c1);
 	pk_mul(k->a.mul.rows, k->a.mul.k, k->a.mul.x, k->a.mul.ldx, k->a.mul.wp, c0, c1, k->a.mul.y, k->a.mul.ldy,
 	       k->a.mul.beta);
+}
+
+// tobf16_job rounds rows of a half task's input (inner columns wide) into
+// its xb, before the product reads it.
+static void tobf16_job(const tm_task *k, long j, int worker) {
+	(void)worker;
+	long r0, r1;
+	span(k, j, &r0, &r1);
+	long inner = k->a.half.k; // set to the input's width by tm_half
+	hm_to_bf16(k->a.half.xb + r0 * inner, k->a.half.x + r0 * k->a.half.ldx, r1 - r0, inner, k->a.half.ldx);
 }
 
 static void half_t_job(const tm_task *k, long j, int worker) {
@@ -512,8 +523,18 @@ void tm_mul(tm_team *t, long rows, long k, const float *x, long ldx, const float
 	submit(t, &tk);
 }
 
+// Elements of input each rounding job takes at least.
+#define ROUND_CHUNK (32L << 10)
+
 void tm_half(tm_team *t, int back, int path, int dtype, long rows, long n, long k, const float *x, long ldx,
-             const uint16_t *xb, const uint16_t *w, float *y, long ldy, float beta, long chunk) {
+             uint16_t *xb, const uint16_t *w, float *y, long ldy, float beta, long chunk) {
+	if (xb) {
+		long inner = back ? n : k;
+		long rc = ROUND_CHUNK / inner + 1;
+		tm_task rk = rows_task(tobf16_job, rows, rc);
+		rk.a.half = (typeof(rk.a.half)){.k = inner, .ldx = ldx, .x = x, .xb = xb};
+		submit(t, &rk);
+	}
 	long dim = back ? k : n;
 	tm_task tk = {.job = back ? half_job : half_t_job, .jobs = (dim + chunk - 1) / chunk, .n = dim, .chunk = chunk};
 	tk.a.half = (typeof(tk.a.half)){.path = path, .dtype = dtype, .rows = rows, .n = n, .k = k, .ldx = ldx,

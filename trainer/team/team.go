@@ -194,8 +194,8 @@ func (tm *Team) Mul(p *packed.Weights, y []float32, ldy int, x []float32, ldx in
 const halfChunk = 64
 
 // HalfMulT is w.MulT (y = x·Wᵀ + beta·y) shared out in column chunks of
-// y: activations are rounded to bf16 once (when the path reads them so),
-// then each chunk is one single-threaded product.
+// y: activations are rounded to bf16 once, in row chunks (when the path
+// reads them so), then each column chunk is one single-threaded product.
 func (tm *Team) HalfMulT(w *half.Matrix, y []float32, ldy int, x []float32, ldx int, rows int, beta float32) {
 	if rows == 0 {
 		return
@@ -216,11 +216,10 @@ func (tm *Team) HalfMul(w *half.Matrix, dx []float32, lddx int, dy []float32, ld
 // half runs one half product: out columns [0, cols) in chunks, each a
 // product over inner elements.
 func (tm *Team) half(w *half.Matrix, back bool, y []float32, ldy int, x []float32, ldx, rows, cols, inner int, beta float32) {
-	var xb *[]uint16
+	var xb *[]uint16 // filled by the task's first phase
 	if w.RoundsInput() {
 		xb = half.Buffer(rows * inner)
 		defer half.PutBuffer(xb)
-		half.ToBF16(*xb, x, rows, inner, ldx)
 	}
 	threads := tm.Threads()
 	chunks := max(1, min(2*threads, rows*cols*inner/minGemmChunkMACs))

@@ -13,9 +13,10 @@ void tm_mul(tm_team *t, long rows, long k, const float *x, long ldx, const float
             long ldy, float beta);
 // tm_half is a product with half weights W [n, k] (package half): with back
 // 0, y [rows, n] = x·Wᵀ + beta·y in jobs of chunk columns of y; with back 1,
-// y [rows, k] = x·W + beta·y (x [rows, n]) in jobs of chunk columns.
+// y [rows, k] = x·W + beta·y (x [rows, n]) in jobs of chunk columns. With xb
+// (the oneDNN paths), x is first rounded into it, densely, in row jobs.
 void tm_half(tm_team *t, int back, int path, int dtype, long rows, long n, long k, const float *x, long ldx,
-             const uint16_t *xb, const uint16_t *w, float *y, long ldy, float beta, long chunk);
+             uint16_t *xb, const uint16_t *w, float *y, long ldy, float beta, long chunk);
 void tm_gemm(tm_team *t, int ta, int tb, int by_rows, long m, long n, long k, float alpha, const float *a, long lda,
              const float *b, long ldb, float beta, float *c, long ldc, long chunk);
 void tm_attention(tm_team *t, float *out, long ld_out, const float *qkv, const long *starts, long seqs, long heads,
