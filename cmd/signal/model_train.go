@@ -4,9 +4,9 @@ package main
 // training half on one machine (issue 4).
 
 import (
-	"strings"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
