@@ -530,10 +530,13 @@ void tm_half(tm_team *t, int back, int path, int dtype, long rows, long n, long 
              uint16_t *xb, const uint16_t *w, float *y, long ldy, float beta, long chunk) {
 	if (xb) {
 		long inner = back ? n : k;
-		long rc = ROUND_CHUNK / inner + 1;
-		tm_task rk = rows_task(tobf16_job, rows, rc);
-		rk.a.half = (typeof(rk.a.half)){.k = inner, .ldx = ldx, .x = x, .xb = xb};
-		submit(t, &rk);
+		if (rows * inner <= ROUND_CHUNK) {
+			hm_to_bf16(xb, x, rows, inner, ldx); // a decode step's row: not worth a hand-off
+		} else {
+			tm_task rk = rows_task(tobf16_job, rows, ROUND_CHUNK / inner + 1);
+			rk.a.half = (typeof(rk.a.half)){.k = inner, .ldx = ldx, .x = x, .xb = xb};
+			submit(t, &rk);
+		}
 	}
 	long dim = back ? k : n;
 	tm_task tk = {.job = back ? half_job : half_t_job, .jobs = (dim + chunk - 1) / chunk, .n = dim, .chunk = chunk};
