@@ -154,3 +154,27 @@ print(f"sessions (smollm-135m, rank 8): base model {mb(s['ModelBytes']):.0f} MiB
       f"{mb(s['PerSessionBytes']):.1f} MiB per extra session ({s['AdapterParams']} adapter params x 4 buffers); "
       f"activation arena {mb(s['ArenaBytes']):.0f} MiB per call in flight, shared")
 PYEOF
+
+# The seed's model: a Llama-3.2-3B-shaped random model, BF16, trains (1 x 128,
+# rank 16) and samples (prefill 128, decode 16) on one node; peak RSS of each
+# process, which must fit a 24 GB node. And a Llama-3.2-1B shape holding four
+# sessions on one loaded base.
+mem3b=$( { /usr/bin/time -f '%M' "$BIN" model bench --shape llama-3.2-3b --batch 1 --seq 128 --rank 16 --steps 1 --threads 2; } 2>&1 )
+inf3b=$( { /usr/bin/time -f '%M' "$BIN" model bench-infer --shape llama-3.2-3b --prefill-tokens 128 --decode-tokens 16 --repeats 1; } 2>&1 )
+mem1b=$("$BIN" model bench --shape llama-3.2-1b --sessions 4 --rank 16 --seq 128 --threads 2)
+M3=$mem3b I3=$inf3b M1=$mem1b "$PY" - <<'PYEOF'
+import json, os
+def split(v):
+    lines = v.strip().splitlines()
+    return json.loads("\n".join(lines[:-1])), int(lines[-1]) * 1024
+t, rss_t = split(os.environ["M3"])
+i, rss_i = split(os.environ["I3"])
+gb = lambda b: b / 1e9
+print("seed's model (llama-3.2-3b shape, %s, %s): weights %.2f GB; LoRA step 1x128 %.1f tokens/s, peak RSS %.2f GB; "
+      "prefill 128 %.1f tokens/s, decode %.2f tokens/s, peak RSS %.2f GB (cpu: %s)"
+      % (t["weights"]["dtype"], t["weights"]["path"], gb(t["weights"]["bytes"]), t["train"]["TokensPerSec"], gb(rss_t),
+         i["prefill_tokens_per_s"], i["decode_tokens_per_s"], gb(rss_i), t["engine"]["cpu_features"]))
+s = json.loads(os.environ["M1"])["sessions"]
+print("llama-3.2-1b shape, 4 sessions on one base: model %.2f GB, %.0f MiB per extra session (rank 16), arena %.0f MiB"
+      % (gb(s["ModelBytes"]), s["PerSessionBytes"] / 2**20, s["ArenaBytes"] / 2**20))
+PYEOF
