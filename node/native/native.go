@@ -159,7 +159,15 @@ func (e *Engine) model(ctx context.Context, name string) (*trainer.Model, error)
 		e.models[name] = s
 	}
 	e.mu.Unlock()
-	s.once.Do(func() { s.model, s.err = trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: e.Precision}) })
+	s.once.Do(func() {
+		m, err := trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: e.Precision})
+		// Under the engine's lock: Loaded and ModelMemory read the slot
+		// under it while a load is in flight (callers past once.Do see it
+		// through the Once).
+		e.mu.Lock()
+		s.model, s.err = m, err
+		e.mu.Unlock()
+	})
 	if s.err != nil {
 		e.mu.Lock()
 		if e.models[name] == s {

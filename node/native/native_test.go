@@ -225,7 +225,24 @@ func TestModelMemory(t *testing.T) {
 		}
 		eng.Precision = prec
 		before := eng.ModelMemory()["tiny-sp"]
+		// Adverts ask while a session's open loads the model (the race
+		// detector watches this under make test).
+		stop := make(chan struct{})
+		asked := make(chan struct{})
+		go func() {
+			defer close(asked)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+					eng.ModelMemory()
+				}
+			}
+		}()
 		m, err := eng.model(context.Background(), "tiny-sp")
+		close(stop)
+		<-asked
 		if err != nil {
 			t.Fatal(err)
 		}
