@@ -1,6 +1,7 @@
 package trainer
 
 import (
+	"fmt"
 	"math"
 	"math/rand"
 	"slices"
@@ -216,26 +217,44 @@ func checkAttnRow(t *testing.T, qkv, out []float32, seqOff []int, nHeads, nKV, d
 	}
 }
 
+// TestLoRABackwardFD checks loraBackward for one module and for a group of
+// three that read the same x (as q, k and v do) against finite
+// differences of Σ dy·y over the group's outputs.
 func TestLoRABackwardFD(t *testing.T) {
+	for _, n := range []int{1, 3} {
+		t.Run(fmt.Sprintf("%d modules", n), func(t *testing.T) { loraBackwardFD(t, n) })
+	}
+}
+
+func loraBackwardFD(t *testing.T, n int) {
 	r := rand.New(rand.NewSource(5))
 	rows, in, out, rank := 5, 6, 7, 3
 	s := float32(2.0)
-	ldx, ldy := in+2, out+3 // strided, as inside fused activations
+	ldx, ldy := in+2, n*out+3 // strided, as inside fused activations
+	w := n * rank
 	x, dy := randSlice(r, rows*ldx, 1), randSlice(r, rows*ldy, 1)
-	a, b := randSlice(r, rank*in, 1), randSlice(r, out*rank, 1)
-	u, y := make([]float32, rows*rank), make([]float32, rows*ldy)
+	ms := make([]loraMember, n)
+	stack := make([]float32, 0, w*in)
+	u, y := make([]float32, rows*w), make([]float32, rows*ldy)
+	for j := range ms {
+		ms[j] = loraMember{a: randSlice(r, rank*in, 1), b: randSlice(r, out*rank, 1), out: out, off: j * out, u: u[j*rank:]}
+		ms[j].da, ms[j].db = make([]float32, rank*in), make([]float32, out*rank)
+		stack = append(stack, ms[j].a...)
+	}
 	f := func() float64 {
-		blas.Sgemm(false, true, rows, rank, in, 1, x, ldx, a, in, 0, u, rank)
-		blas.Sgemm(false, true, rows, out, rank, s, u, rank, b, rank, 0, y, ldy)
 		var acc float64
-		for i := 0; i < rows; i++ {
-			acc += dot64(dy[i*ldy:i*ldy+out], y[i*ldy:i*ldy+out])
+		for _, m := range ms {
+			blas.Sgemm(false, true, rows, rank, in, 1, x, ldx, m.a, in, 0, m.u, w)
+			blas.Sgemm(false, true, rows, out, rank, s, m.u, w, m.b, rank, 0, y[m.off:], ldy)
+			for i := 0; i < rows; i++ {
+				acc += dot64(dy[i*ldy+m.off:i*ldy+m.off+out], y[i*ldy+m.off:i*ldy+m.off+out])
+			}
 		}
 		return acc
 	}
 	f()
-	dx, da, db := make([]float32, rows*ldx), make([]float32, len(a)), make([]float32, len(b))
-	loraBackward(nil, dx, ldx, dy, ldy, x, ldx, u, a, b, da, db, rows, in, out, rank, s, make([]float32, rows*rank))
+	dx := make([]float32, rows*ldx)
+	loraBackward(nil, dx, ldx, x, ldx, dy, ldy, ms, w, rows, in, rank, s, make([]float32, rows*w), stack, make([]float32, w*in))
 	// Padding columns of x are not read: their gradient must stay 0.
 	for i := 0; i < rows; i++ {
 		for c := in; c < ldx; c++ {
@@ -245,8 +264,10 @@ func TestLoRABackwardFD(t *testing.T) {
 		}
 	}
 	checkFD(t, "dx", x, dx, f)
-	checkFD(t, "dA", a, da, f)
-	checkFD(t, "dB", b, db, f)
+	for j, m := range ms {
+		checkFD(t, fmt.Sprintf("dA[%d]", j), m.a, m.da, f)
+		checkFD(t, fmt.Sprintf("dB[%d]", j), m.b, m.db, f)
+	}
 }
 
 func TestLMHeadLossFD(t *testing.T) {

@@ -46,6 +46,7 @@ type pass struct {
 	xn, act []float32
 	blk     blockActs
 	scratch []float32 // per-thread attention scratch (team.Attention's, AttentionBackward's, DecodeAttention's)
+	aStack  []float32 // a loraGroup's A matrices stacked (stackA), with an adapter
 
 	layers []blockActs // with keep: each block's activations
 	xOut   []float32   // [outRows, hidden] residual stream entering the final norm
@@ -68,8 +69,68 @@ type blockActs struct {
 	h                   []float32 // [T, hidden] residual stream after attention
 	rinv2               []float32 // [T] 1/rms of h (post_attention_layernorm)
 	gu                  []float32 // [T, 2·I] fused gate|up output before the activation
-	// u[mod] is x·Aᵀ [T, rank] for each module the LoRA adapts.
-	u [NumModules][]float32
+	// u[mod] is x·Aᵀ [T, rank] for each module the LoRA adapts, row stride
+	// ldu[mod]: the modules of a loraGroup share one [T, n·rank] buffer, a
+	// column block each, filled by one product.
+	u   [NumModules][]float32
+	ldu [NumModules]int
+}
+
+// loraGroup is some of a layer's modules, with the columns of the output
+// each writes (see loraGroups).
+type loraGroup struct {
+	mods [maxLoRAGroup]Module
+	offs [maxLoRAGroup]int
+	n    int
+}
+
+// maxLoRAGroup is the largest group's size.
+const maxLoRAGroup = 3
+
+// loraGroups are each layer's modules by input: the modules of a group read
+// the same activations, so their A products run as one product over the
+// input (x read once: these thin products are bound by reading x), with the
+// group's A matrices stacked. The q|k|v and gate|up groups write column
+// blocks of one fused output: offs are filled in per model by the callers.
+var (
+	groupQKV    = loraGroup{mods: [maxLoRAGroup]Module{ModQ, ModK, ModV}, n: 3}
+	groupO      = loraGroup{mods: [maxLoRAGroup]Module{ModO}, n: 1}
+	groupGateUp = loraGroup{mods: [maxLoRAGroup]Module{ModGate, ModUp}, n: 2}
+	groupDown   = loraGroup{mods: [maxLoRAGroup]Module{ModDown}, n: 1}
+	loraGroups  = []loraGroup{groupQKV, groupO, groupGateUp, groupDown}
+)
+
+// at returns g with its modules' output columns.
+func (g loraGroup) at(offs ...int) loraGroup {
+	copy(g.offs[:], offs)
+	return g
+}
+
+// targeted is the modules of g that the pass's adapter adapts in layer l,
+// with their columns (a value: passes allocate nothing per step).
+func (p *pass) targeted(l int, g loraGroup) loraGroup {
+	var out loraGroup
+	for i := range g.n {
+		if p.lora != nil && p.lora.Layers[l][g.mods[i]] != nil {
+			out.mods[out.n], out.offs[out.n] = g.mods[i], g.offs[i]
+			out.n++
+		}
+	}
+	return out
+}
+
+// stackA returns the A matrices of g's modules (layer l) stacked as one
+// [n·rank, in] matrix: the adapter's own A for one module, else a copy in
+// the pass's scratch.
+func (p *pass) stackA(l int, g loraGroup) []float32 {
+	if g.n == 1 {
+		return p.lora.Layers[l][g.mods[0]].A
+	}
+	n := 0
+	for _, mod := range g.mods[:g.n] {
+		n += copy(p.aStack[n:], p.lora.Layers[l][mod].A)
+	}
+	return p.aStack[:n]
 }
 
 // newPass lays out a pass over sequences of the given lengths, sized for
@@ -104,6 +165,9 @@ func newPass(m *Model, lora *LoRA, ar *arena, lens []int, maxRows, maxSeq int, k
 		p.blk = p.newBlock(0, T)
 	}
 	p.scratch = ar.dirty(m.team.Threads() * need)
+	if lora != nil {
+		p.aStack = ar.dirty(maxLoRAGroup * lora.Rank * c.HiddenSize) // the groups of several read hidden
+	}
 	return p
 }
 
@@ -130,15 +194,24 @@ func (p *pass) newBlock(l, T int) blockActs {
 	if p.lora == nil {
 		return b
 	}
-	var u []float32 // without keep, one buffer serves every module
-	for mod := range b.u {
-		if p.keep && p.lora.Layers[l][mod] == nil {
+	r := p.lora.Rank
+	var shared []float32 // without keep, one buffer serves every group
+	for _, grp := range loraGroups {
+		g := p.targeted(l, grp)
+		if g.n == 0 {
 			continue
 		}
-		if u == nil || p.keep {
-			u = ar.dirty(T * p.lora.Rank)
+		w := g.n * r
+		buf := shared
+		if p.keep {
+			buf = ar.dirty(T * w)
+		} else if buf == nil {
+			shared = ar.dirty(T * maxLoRAGroup * r)
+			buf = shared
 		}
-		b.u[mod] = u
+		for j, mod := range g.mods[:g.n] {
+			b.u[mod], b.ldu[mod] = buf[j*r:], w
+		}
 	}
 	return b
 }
@@ -184,9 +257,7 @@ func (p *pass) forward(ctx context.Context) error {
 		qkv := a.qkv[:T*qkvd]
 		project(tm, qkv, qkvd, xn, hid, &w.qkv, T, 0)
 		addBias(qkv, T, qkvd, w.BQKV)
-		p.addLoRA(a, l, ModQ, xn, hid, qkv, qkvd, 0, T)
-		p.addLoRA(a, l, ModK, xn, hid, qkv, qkvd, ad, T)
-		p.addLoRA(a, l, ModV, xn, hid, qkv, qkvd, ad+nkv*D, T)
+		p.addLoRA(a, l, groupQKV.at(0, ad, ad+nkv*D), xn, hid, qkv, qkvd, T)
 		if a.preQK != nil {
 			qk := (nq + nkv) * D
 			for r := 0; r < T; r++ {
@@ -197,13 +268,12 @@ func (p *pass) forward(ctx context.Context) error {
 		tm.Rope(qkv, T, qkvd, nq+nkv, D, cos, sin)
 		rows = p.attention(l, a)
 		project(tm, a.h, hid, a.att, ad, &w.o, rows, 1)
-		p.addLoRA(a, l, ModO, a.att, ad, a.h, hid, 0, rows)
+		p.addLoRA(a, l, groupO, a.att, ad, a.h, hid, rows)
 
 		// MLP block: x' = h + down(silu(gate(norm(h)))·up(norm(h))).
 		tm.RMSNorm(xn, a.rinv2, a.h, w.MLPNorm, rows, hid, eps)
 		project(tm, a.gu, 2*inter, xn, hid, &w.gateUp, rows, 0)
-		p.addLoRA(a, l, ModGate, xn, hid, a.gu, 2*inter, 0, rows)
-		p.addLoRA(a, l, ModUp, xn, hid, a.gu, 2*inter, inter, rows)
+		p.addLoRA(a, l, groupGateUp.at(0, inter), xn, hid, a.gu, 2*inter, rows)
 		tm.SwiGLU(act, nil, a.gu, rows, inter)
 		next := a.h
 		if p.keep {
@@ -211,7 +281,7 @@ func (p *pass) forward(ctx context.Context) error {
 			copy(next, a.h)
 		}
 		project(tm, next, hid, act, inter, &w.down, rows, 1)
-		p.addLoRA(a, l, ModDown, act, inter, next, hid, 0, rows)
+		p.addLoRA(a, l, groupDown, act, inter, next, hid, rows)
 		x = next
 	}
 	p.outRows = rows
@@ -260,17 +330,23 @@ func (p *pass) attention(l int, a *blockActs) (rows int) {
 	return p.rows
 }
 
-// addLoRA adds s·(x·Aᵀ)·Bᵀ of layer l's module mod into columns
-// [off, off+out) of y (row stride ldy) when the pass's adapter targets
-// mod, keeping u = x·Aᵀ in a.u[mod] for the backward.
-func (p *pass) addLoRA(a *blockActs, l int, mod Module, x []float32, ldx int, y []float32, ldy, off, rows int) {
-	if p.lora == nil || p.lora.Layers[l][mod] == nil {
+// addLoRA adds s·(x·Aᵀ)·Bᵀ of each module of grp (layer l) that the pass's
+// adapter adapts into its columns of y (row stride ldy), keeping u = x·Aᵀ
+// in a.u for the backward. The group's A products are one product over x
+// (see loraGroups).
+func (p *pass) addLoRA(a *blockActs, l int, grp loraGroup, x []float32, ldx int, y []float32, ldy, rows int) {
+	g := p.targeted(l, grp)
+	if g.n == 0 {
 		return
 	}
-	pr, r, tm := p.lora.Layers[l][mod], p.lora.Rank, p.m.team
-	u := a.u[mod]
-	tm.Gemm(false, true, rows, r, pr.In, 1, x, ldx, pr.A, pr.In, 0, u, r)
-	tm.Gemm(false, true, rows, pr.Out, r, p.lora.Scale(), u, r, pr.B, r, 1, y[off:], ldy)
+	r, tm, in := p.lora.Rank, p.m.team, p.lora.Layers[l][g.mods[0]].In
+	w := g.n * r
+	u := a.u[g.mods[0]]
+	tm.Gemm(false, true, rows, w, in, 1, x, ldx, p.stackA(l, g), in, 0, u, w)
+	for j, mod := range g.mods[:g.n] {
+		pr := p.lora.Layers[l][mod]
+		tm.Gemm(false, true, rows, pr.Out, r, p.lora.Scale(), u[j*r:], w, pr.B, r, 1, y[g.offs[j]:], ldy)
+	}
 }
 
 // ValidateTokens checks ids against the vocabulary and the context length.

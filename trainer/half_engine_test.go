@@ -135,15 +135,15 @@ func TestHalfEveryPath(t *testing.T) {
 	// The references once, for every child.
 	refDir := t.TempDir()
 	refs := references(t)
-	for _, model := range tinyModels {
+	for _, c := range halfCases(t) {
 		for _, dt := range []string{"float64", "bfloat16"} {
 			var ref refGrad
-			runRef(t, refs[0], []string{"grad"}, halfRefRequest(model, dt), &ref)
+			runRef(t, refs[0], []string{"grad"}, c.request(dt), &ref)
 			raw, err := json.Marshal(ref)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := os.WriteFile(filepath.Join(refDir, model+"-"+dt+".json"), raw, 0o644); err != nil {
+			if err := os.WriteFile(filepath.Join(refDir, c.name+"-"+dt+".json"), raw, 0o644); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -166,9 +166,9 @@ func TestHalfEveryPath(t *testing.T) {
 }
 
 // TestHalfEngineMatches compares the half engine's loss, logprobs and LoRA
-// gradients on BF16 weights with Hugging Face + PEFT in float64 (the
-// truth for these weights) and in bfloat16 (what a user of PyTorch would
-// run), and with this engine in f32.
+// gradients on BF16 weights of every family (halfCases) with Hugging Face +
+// PEFT in float64 (the truth for these weights) and in bfloat16 (what a
+// user of PyTorch would run).
 //
 // Tolerances. The f32 engine agrees with float64 to ~1e-5. The half engine
 // rounds each product's input to bf16 (8 significant bits, relative error
@@ -183,14 +183,14 @@ func TestHalfEveryPath(t *testing.T) {
 func TestHalfEngineMatches(t *testing.T) {
 	type oracle struct {
 		name        string
-		exact, bf16 func(model string) refGrad
+		exact, bf16 func(c halfCase) refGrad
 	}
 	var oracles []oracle
 	if dir := os.Getenv("HALF_REFS"); dir != "" { // a child of TestHalfEveryPath
-		read := func(dt string) func(string) refGrad {
-			return func(model string) refGrad {
+		read := func(dt string) func(halfCase) refGrad {
+			return func(c halfCase) refGrad {
 				var ref refGrad
-				raw, err := os.ReadFile(filepath.Join(dir, model+"-"+dt+".json"))
+				raw, err := os.ReadFile(filepath.Join(dir, c.name+"-"+dt+".json"))
 				if err == nil {
 					err = json.Unmarshal(raw, &ref)
 				}
@@ -203,20 +203,23 @@ func TestHalfEngineMatches(t *testing.T) {
 		oracles = append(oracles, oracle{"cached", read("float64"), read("bfloat16")})
 	} else {
 		for _, r := range references(t) {
-			run := func(dt string) func(string) refGrad {
-				return func(model string) refGrad {
+			run := func(dt string) func(halfCase) refGrad {
+				return func(c halfCase) refGrad {
 					var ref refGrad
-					runRef(t, r, []string{"grad"}, halfRefRequest(model, dt), &ref)
+					runRef(t, r, []string{"grad"}, c.request(dt), &ref)
 					return ref
 				}
 			}
 			oracles = append(oracles, oracle{r.name, run("float64"), run("bfloat16")})
 		}
 	}
-	for _, model := range tinyModels {
-		t.Run(model, func(t *testing.T) {
-			m := mustLoadHalf(t, modelDir(model))
-			lora := mustAdapter(t, m, model)
+	for _, c := range halfCases(t) {
+		t.Run(c.name, func(t *testing.T) {
+			m := mustLoadHalf(t, c.dir)
+			lora, err := LoadAdapter(c.adapter, m)
+			if err != nil {
+				t.Fatal(err)
+			}
 			data := halfRefData(m.Config().VocabSize)
 			grads := zerosLike(lora)
 			res, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, grads)
@@ -225,7 +228,7 @@ func TestHalfEngineMatches(t *testing.T) {
 			}
 			rounds := m.lmHead().h.RoundsInput()
 			for _, o := range oracles {
-				exact, bf16 := o.exact(model), o.bf16(model)
+				exact, bf16 := o.exact(c), o.bf16(c)
 				ours := gradErrors(t, res, grads, data, exact)
 				theirs := gradErrors(t, &ForwardResult{LossSum: bf16.LossSum, Logprobs: toF32(bf16.Logprobs)}, refGradsAsLoRA(t, lora, bf16), data, exact)
 				t.Logf("path %s: against float64: loss %.2g, logprob %.2g, grad %.2g of the largest entry (PyTorch bf16: %.2g, %.2g, %.2g)",
@@ -248,15 +251,56 @@ func TestHalfEngineMatches(t *testing.T) {
 // halfRefData is the batch TestHalfEngineMatches runs.
 func halfRefData(vocab int) []Datum { return randomData(rand.New(rand.NewSource(7)), vocab, 9, 4, 17) }
 
-// halfRefRequest asks the reference for model's loss and gradients on
+// halfCase is one model TestHalfEngineMatches runs: the tiny Llamas with
+// their PEFT adapters, and generated Qwen2 (q/k/v biases, tied head), Qwen3
+// (q/k norms, head_dim 24) and Mistral (sliding window wider than the
+// data) with a random adapter on all seven modules. Generation is
+// deterministic, so a child process builds the same files.
+type halfCase struct{ name, dir, adapter string }
+
+func halfCases(t *testing.T) []halfCase {
+	t.Helper()
+	var cases []halfCase
+	for _, m := range tinyModels {
+		cases = append(cases, halfCase{m, modelDir(m), filepath.Join("testdata", m, "adapter")})
+	}
+	tmp := t.TempDir()
+	window := 256
+	mistral := filepath.Join(tmp, "gen-mistral")
+	if err := GenerateRandomModel(mistral, Config{ModelType: "mistral", Architectures: []string{"MistralForCausalLM"},
+		HiddenSize: 64, IntermediateSize: 96, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2, VocabSize: 300,
+		MaxPositionEmbeddings: 512, SlidingWindow: &window, RopeTheta: 1e6, RMSNormEps: 1e-5}, 10, ""); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range []string{generatedQwen2(t, tmp), generatedQwen3(t, tmp), mistral} {
+		m, err := LoadModelWith(dir, LoadOptions{Precision: PrecisionF32})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, err := NewLoRA(m, 3, 6, nil, 11)
+		if err != nil {
+			t.Fatal(err)
+		}
+		randomizeB(l, rand.New(rand.NewSource(5)))
+		adapter := filepath.Join(dir, "adapter")
+		if err := l.Save(adapter); err != nil {
+			t.Fatal(err)
+		}
+		m.Close()
+		cases = append(cases, halfCase{filepath.Base(dir), dir, adapter})
+	}
+	return cases
+}
+
+// request asks the reference for the case's loss and gradients on
 // halfRefData in dtype.
-func halfRefRequest(model, dtype string) map[string]any {
-	cfg, err := ReadConfig(modelDir(model))
+func (c halfCase) request(dtype string) map[string]any {
+	cfg, err := ReadConfig(c.dir)
 	if err != nil {
 		panic(err)
 	}
-	return map[string]any{"model": modelDir(model), "adapter": filepath.Join("testdata", model, "adapter"),
-		"data": toRef(halfRefData(cfg.VocabSize)), "loss_fn": LossCrossEntropy, "dtype": dtype}
+	return map[string]any{"model": c.dir, "adapter": c.adapter, "data": toRef(halfRefData(cfg.VocabSize)),
+		"loss_fn": LossCrossEntropy, "dtype": dtype}
 }
 
 type refErrors struct{ loss, logprob, grad float64 }

@@ -60,16 +60,24 @@ func (p *trainPass) head(dxf []float32, lossAt func(row int, logp float64) float
 		logits, &p.trainHead)
 }
 
-// loraBack adds the gradients of layer l's module mod (input x with row
-// stride ldx, output gradient dy from column off with stride ldy) to grads
-// and its input gradient to dx.
-func (p *trainPass) loraBack(grads *LoRA, l int, mod Module, dx []float32, x []float32, ldx int, dy []float32, ldy, off int, dyB []float32) {
-	if p.lora == nil || p.lora.Layers[l][mod] == nil {
+// loraBack adds the gradients of the modules of grp (layer l) that the
+// adapter adapts — input x with row stride ldx, output gradients dy at the
+// group's columns with stride ldy — to grads and their input gradient to
+// dx. dyB and dA are scratch of [rows, maxLoRAGroup·rank] and
+// [maxLoRAGroup·rank, hidden].
+func (p *trainPass) loraBack(grads *LoRA, l int, grp loraGroup, dx []float32, x []float32, ldx int, dy []float32, ldy int, dyB, dA []float32) {
+	g := p.targeted(l, grp)
+	if g.n == 0 {
 		return
 	}
-	pr, g := p.lora.Layers[l][mod], grads.Layers[l][mod]
-	loraBackward(p.m.team, dx, ldx, dy[off:], ldy, x, ldx, p.layers[l].u[mod], pr.A, pr.B, g.A, g.B,
-		p.rows, pr.In, pr.Out, p.lora.Rank, p.lora.Scale(), dyB)
+	var ms [maxLoRAGroup]loraMember
+	for j, mod := range g.mods[:g.n] {
+		pr, gr := p.lora.Layers[l][mod], grads.Layers[l][mod]
+		ms[j] = loraMember{a: pr.A, b: pr.B, da: gr.A, db: gr.B, out: pr.Out, off: g.offs[j], u: p.layers[l].u[mod]}
+	}
+	in := p.lora.Layers[l][g.mods[0]].In
+	loraBackward(p.m.team, dx, ldx, x, ldx, dy, ldy, ms[:g.n], p.layers[l].ldu[g.mods[0]], p.rows, in, p.lora.Rank,
+		p.lora.Scale(), dyB, p.stackA(l, g), dA)
 }
 
 // backward propagates dxf (the gradient at the final norm's output) down
@@ -103,7 +111,8 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 	if p.lora != nil {
 		r = p.lora.Rank
 	}
-	dyB := ar.dirty(T * r)
+	dyB := ar.dirty(T * maxLoRAGroup * r)
+	dA := ar.dirty(maxLoRAGroup * r * H)
 	dhead := ar.dirty((nq + nkv) * D) // headNormBackward's one row
 	for l := c.NumHiddenLayers - 1; l >= 0; l-- {
 		if err := ctx.Err(); err != nil {
@@ -113,16 +122,15 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		// MLP: next = h + down(swiglu(gate/up(norm(h)))).
 		tm.SwiGLU(act, sg, a.gu, T, I)
 		projectBack(tm, dact, I, dres, H, &ly.down, T, 0)
-		p.loraBack(grads, l, ModDown, dact, act, I, dres, H, 0, dyB)
+		p.loraBack(grads, l, groupDown, dact, act, I, dres, H, dyB, dA)
 		tm.SwiGLUBackward(dgu, dact, a.gu, sg, T, I)
 		tm.RMSNorm(xn, nil, a.h, ly.MLPNorm, T, H, eps)
 		projectBack(tm, dxn, H, dgu, 2*I, &ly.gateUp, T, 0)
-		p.loraBack(grads, l, ModGate, dxn, xn, H, dgu, 2*I, 0, dyB)
-		p.loraBack(grads, l, ModUp, dxn, xn, H, dgu, 2*I, I, dyB)
+		p.loraBack(grads, l, groupGateUp.at(0, I), dxn, xn, H, dgu, 2*I, dyB, dA)
 		tm.RMSNormBackward(dres, dxn, a.h, ly.MLPNorm, a.rinv2, T, H)
 		// Attention: h = x + o(attn(rope(qkv(norm(x))))).
 		projectBack(tm, datt, AD, dres, H, &ly.o, T, 0)
-		p.loraBack(grads, l, ModO, datt, a.att, AD, dres, H, 0, dyB)
+		p.loraBack(grads, l, groupO, datt, a.att, AD, dres, H, dyB, dA)
 		tm.AttentionBackward(dqkv, datt, a.att, a.lse, a.qkv, p.seqOff, nq, nkv, D, p.scratch, dkv)
 		tm.Rope(dqkv, T, Q, nq+nkv, D, p.cos, sinBack)
 		if ly.QNorm != nil {
@@ -130,25 +138,47 @@ func (p *trainPass) backward(ctx context.Context, dxf []float32, grads *LoRA) er
 		}
 		tm.RMSNorm(xn, nil, a.x, ly.AttnNorm, T, H, eps)
 		projectBack(tm, dxn, H, dqkv, Q, &ly.qkv, T, 0)
-		p.loraBack(grads, l, ModQ, dxn, xn, H, dqkv, Q, 0, dyB)
-		p.loraBack(grads, l, ModK, dxn, xn, H, dqkv, Q, AD, dyB)
-		p.loraBack(grads, l, ModV, dxn, xn, H, dqkv, Q, AD+nkv*D, dyB)
+		p.loraBack(grads, l, groupQKV.at(0, AD, AD+nkv*D), dxn, xn, H, dqkv, Q, dyB, dA)
 		tm.RMSNormBackward(dres, dxn, a.x, ly.AttnNorm, a.rinv1, T, H)
 	}
 	return nil
 }
 
-// loraBackward adds the gradients of y += s·(x·Aᵀ)·Bᵀ, given dy (row stride
-// ldy, starting at its first column) and the forward's u = x·Aᵀ [rows, r]:
-// dB += s·dyᵀ·u, dA += s·(dy·B)ᵀ·x, dx += s·(dy·B)·A. The base product's
-// dx += dy·W is the caller's (one GEMM over a fused weight). dyB is
-// [rows, r] scratch.
-func loraBackward(tm *team.Team, dx []float32, ldx int, dy []float32, ldy int, x []float32, ldxIn int, u []float32,
-	a, b, da, db []float32, rows, in, out, r int, s float32, dyB []float32) {
-	tm.Gemm(false, false, rows, r, out, 1, dy, ldy, b, r, 0, dyB, r)
-	tm.Gemm(true, false, out, r, rows, s, dy, ldy, u, r, 1, db, r)
-	tm.Gemm(true, false, r, in, rows, s, dyB, r, x, ldxIn, 1, da, in)
-	tm.Gemm(false, false, rows, in, r, s, dyB, r, a, in, 1, dx, ldx)
+// loraMember is one module of a group that reads the same input: its
+// adapter (a [r, in], b [out, r]), their gradients, where its output
+// gradient starts in dy, and its u = x·Aᵀ.
+type loraMember struct {
+	a, b, da, db []float32
+	out, off     int
+	u            []float32
+}
+
+// loraBackward adds the gradients of y_j += s·(x·A_jᵀ)·B_jᵀ for a group of
+// modules that read the same x, given dy (row stride ldy; member j's
+// columns from its off) and the forward's u_j (row stride ldu):
+// dB_j += s·dy_jᵀ·u_j, dA_j += s·(dy_j·B_j)ᵀ·x, dx += Σ_j s·(dy_j·B_j)·A_j.
+// The dy_j·B_j land side by side in dyB [rows, n·r], so that dA and dx are
+// one product each over the group (x and dx read once), with aStack the
+// members' A stacked [n·r, in] and dA [n·r, in] scratch (a lone member's
+// dA is added in place). The base product's dx += dy·W is the caller's.
+func loraBackward(tm *team.Team, dx []float32, ldx int, x []float32, ldxIn int, dy []float32, ldy int, ms []loraMember, ldu,
+	rows, in, r int, s float32, dyB, aStack, dA []float32) {
+	w := len(ms) * r
+	for j, m := range ms {
+		tm.Gemm(false, false, rows, r, m.out, 1, dy[m.off:], ldy, m.b, r, 0, dyB[j*r:], w)
+		tm.Gemm(true, false, m.out, r, rows, s, dy[m.off:], ldy, m.u, ldu, 1, m.db, r)
+	}
+	if len(ms) == 1 {
+		tm.Gemm(true, false, r, in, rows, s, dyB, w, x, ldxIn, 1, ms[0].da, in)
+	} else {
+		tm.Gemm(true, false, w, in, rows, s, dyB, w, x, ldxIn, 0, dA, in)
+		for j, m := range ms {
+			for i, v := range dA[j*r*in : (j+1)*r*in] {
+				m.da[i] += v
+			}
+		}
+	}
+	tm.Gemm(false, false, rows, in, w, s, dyB, w, aStack, in, 1, dx, ldx)
 }
 
 // The LM head runs in row chunks: logits for a chunk of tokens at a time
