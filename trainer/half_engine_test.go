@@ -303,11 +303,16 @@ func (c halfCase) request(dtype string) map[string]any {
 		"loss_fn": LossCrossEntropy, "dtype": dtype}
 }
 
-type refErrors struct{ loss, logprob, grad float64 }
+type refErrors struct {
+	loss, logprob, grad float64
+	worst               string // the tensor with the worst gradient
+}
 
 // gradErrors measures res and grads against ref: the loss's relative
-// error, the worst logprob difference, and the worst gradient difference
-// as a fraction of its tensor's largest entry.
+// error (to max(1, |loss|)), the worst logprob difference, and the worst
+// gradient difference as a fraction of its tensor's largest entry (and
+// which tensor). The f32 oracle tests (compareGrads) and the half engine's
+// share it.
 func gradErrors(t *testing.T, res *ForwardResult, grads *LoRA, data []Datum, ref refGrad) refErrors {
 	t.Helper()
 	var e refErrors
@@ -333,7 +338,9 @@ func gradErrors(t *testing.T, res *ForwardResult, grads *LoRA, data []Datum, ref
 					scale = math.Max(scale, math.Abs(want[k]))
 					diff = math.Max(diff, math.Abs(float64(got[k])-want[k]))
 				}
-				e.grad = math.Max(e.grad, diff/math.Max(scale, 1e-12))
+				if rel := diff / math.Max(scale, 1e-12); rel >= e.grad {
+					e.grad, e.worst = rel, pre+".lora_"+ab
+				}
 			}
 		}
 	}

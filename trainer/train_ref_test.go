@@ -145,48 +145,21 @@ func compareGrads(t *testing.T, model, loss string, cfg map[string]float64, lora
 		if err != nil {
 			t.Fatal(err)
 		}
-		if d := math.Abs(res.LossSum - ref.LossSum); d > 1e-4*math.Max(1, math.Abs(ref.LossSum)) {
+		e := gradErrors(t, res, grads, data, ref)
+		if e.loss > 1e-4 {
 			t.Errorf("loss_sum %v, reference %v", res.LossSum, ref.LossSum)
 		}
 		if d := math.Abs(res.GradNorm - ref.GradNorm); d > 1e-3*ref.GradNorm {
 			t.Errorf("grad_norm %v, reference %v", res.GradNorm, ref.GradNorm)
 		}
-		var worstLP float64
-		for i := range data {
-			for j, v := range ref.Logprobs[i] {
-				worstLP = math.Max(worstLP, math.Abs(float64(res.Logprobs[i][j])-v))
-			}
+		if e.logprob > 1e-4 {
+			t.Errorf("logprobs differ from the reference by up to %g", e.logprob)
 		}
-		if worstLP > 1e-4 {
-			t.Errorf("logprobs differ from the reference by up to %g", worstLP)
+		if e.grad > 1e-3 {
+			t.Errorf("%s: gradient off by %g of its largest entry", e.worst, e.grad)
 		}
-		worstG := 0.0
-		for li := range grads.Layers {
-			for mod, p := range grads.Layers[li] {
-				if p == nil {
-					continue
-				}
-				pre := peftPrefix(li, Module(mod))
-				for ab, got := range map[string][]float32{"A": p.A, "B": p.B} {
-					want, ok := ref.Grads[pre+".lora_"+ab+".weight"]
-					if !ok || len(want) != len(got) {
-						t.Fatalf("%s.lora_%s: the reference has %d values, engine %d", pre, ab, len(want), len(got))
-					}
-					var scale, diff float64
-					for k := range want {
-						scale = math.Max(scale, math.Abs(want[k]))
-						diff = math.Max(diff, math.Abs(float64(got[k])-want[k]))
-					}
-					rel := diff / math.Max(scale, 1e-12)
-					worstG = math.Max(worstG, rel)
-					if rel > 1e-3 {
-						t.Errorf("%s.lora_%s: gradient off by %g of its largest entry %g", pre, ab, rel, scale)
-					}
-				}
-			}
-		}
-		t.Logf("loss %.6f (reference %.6f), worst logprob diff %.2g, worst relative grad diff %.2g",
-			res.LossSum, ref.LossSum, worstLP, worstG)
+		t.Logf("loss %.6f (reference %.6f), worst logprob diff %.2g, worst relative grad diff %.2g (%s)",
+			res.LossSum, ref.LossSum, e.logprob, e.grad, e.worst)
 	})
 }
 
