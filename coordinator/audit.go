@@ -504,25 +504,18 @@ func (c *Coordinator) escrowLoop(ctx context.Context) {
 	if c.cfg.AuditRate <= 0 {
 		return
 	}
-	t := time.NewTicker(c.cfg.EscrowReleaseInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, c.cfg.EscrowReleaseInterval, func() {
 		cutoff := time.Now().Add(-c.cfg.EscrowWindow).UnixMilli()
 		var nodes []string
 		c.fsm.read(func(s *State) { nodes = s.ReleasableNodes(cutoff) })
 		if len(nodes) == 0 {
-			continue
+			return
 		}
 		v, err := c.propose(ctx, cmdReleaseEscrow, releaseEscrowCmd{Cutoff: cutoff, Nodes: nodes})
 		if err != nil {
 			c.log.Warn("release escrow", "category", "billing", "nodes", len(nodes), "err", err)
-			continue
+			return
 		}
 		c.log.Info("escrow released", "category", "billing", "nodes", len(nodes), "micro_credits", v)
-	}
+	})
 }

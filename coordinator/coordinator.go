@@ -534,30 +534,33 @@ func (c *Coordinator) watchLeadership(ctx context.Context) {
 			c.leaderReady.Store(true)
 			c.metrics.leader.Set(1)
 			c.log.Info("became leader", "category", "infrastructure")
-			leaderWG.Add(1)
-			go func() {
-				defer leaderWG.Done()
-				c.failoverLoop(lctx)
-			}()
-			leaderWG.Add(1)
-			go func() {
-				defer leaderWG.Done()
-				c.storageLoop(lctx)
-			}()
-			leaderWG.Add(1)
-			go func() {
-				defer leaderWG.Done()
-				c.idleLoop(lctx)
-			}()
-			leaderWG.Add(1)
-			go func() {
-				defer leaderWG.Done()
-				c.escrowLoop(lctx)
-			}()
+			// The leader's periodic work, each until leadership ends.
+			for _, loop := range []func(context.Context){c.failoverLoop, c.storageLoop, c.idleLoop, c.escrowLoop} {
+				leaderWG.Add(1)
+				go func() {
+					defer leaderWG.Done()
+					loop(lctx)
+				}()
+			}
 		case !isLeader && leaderCancel != nil:
 			c.log.Info("lost leadership", "category", "infrastructure")
 			c.metrics.leader.Set(0)
 			stopLeading()
+		}
+	}
+}
+
+// every calls f every period until ctx ends: the shape of the leader's
+// periodic loops (storage bills, idle runs, escrow releases).
+func every(ctx context.Context, period time.Duration, f func()) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			f()
 		}
 	}
 }

@@ -14,14 +14,7 @@ import (
 // checkpoint, which load_state on a new run resumes) and ended.
 func (c *Coordinator) idleLoop(ctx context.Context) {
 	period := min(max(c.cfg.IdleRunTTL/4, 10*time.Millisecond), time.Minute)
-	t := time.NewTicker(period)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	every(ctx, period, func() {
 		var idle []*RunRecord
 		cutoff := time.Now().Add(-c.cfg.IdleRunTTL)
 		c.fsm.read(func(s *State) {
@@ -36,7 +29,7 @@ func (c *Coordinator) idleLoop(ctx context.Context) {
 				c.log.Warn("close idle run", "category", "infrastructure", "run", r.Run.ID, "err", err)
 			}
 		}
-	}
+	})
 }
 
 // closeIdle saves and ends one idle run, in the run's turn so no call of

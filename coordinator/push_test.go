@@ -92,17 +92,13 @@ func TestPushCheckpoint(t *testing.T) {
 	})
 	base := c.URL()
 	key, _ := createKey(t, base, 100_000_000)
-	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1, "checkpoint_every": 0})
-	r := do(t, "POST", base+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "adapter"})
-	mustStatus(t, r, 200)
-	var saved protocol.SaveStateResponse
-	r.decode(t, &saved)
+	saved := savedAdapter(t, base, key)
 	push := func(k, id string, body any) apiResp {
 		return do(t, "POST", base+"/v1/checkpoints/"+id+"/push", k, body, "Idempotency-Key", "push-key-1")
 	}
 	body := map[string]any{"repo": "alice/tiny-lora", "token": token}
 
-	r = push(key, saved.Checkpoint.ID, body)
+	r := push(key, saved.Checkpoint.ID, body)
 	mustStatus(t, r, 200)
 	var ans protocol.PushResponse
 	r.decode(t, &ans)
@@ -162,13 +158,21 @@ func TestPushWithoutStore(t *testing.T) {
 	c, _ := startOne(t, nil)
 	base := c.URL()
 	key, _ := createKey(t, base, 100_000_000)
+	saved := savedAdapter(t, base, key)
+	r := do(t, "POST", base+"/v1/checkpoints/"+saved.Checkpoint.ID+"/push", key, map[string]any{"repo": "alice/x", "token": "hf_x"})
+	if r.status != 400 || !bytes.Contains(r.body, []byte("--storage")) {
+		t.Fatalf("%d %s", r.status, r.body)
+	}
+}
+
+// savedAdapter creates a run for key and saves its adapter: a checkpoint to
+// push.
+func savedAdapter(t *testing.T, base, key string) protocol.SaveStateResponse {
+	t.Helper()
 	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 1, "checkpoint_every": 0})
 	r := do(t, "POST", base+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "adapter"})
 	mustStatus(t, r, 200)
 	var saved protocol.SaveStateResponse
 	r.decode(t, &saved)
-	r = do(t, "POST", base+"/v1/checkpoints/"+saved.Checkpoint.ID+"/push", key, map[string]any{"repo": "alice/x", "token": "hf_x"})
-	if r.status != 400 || !bytes.Contains(r.body, []byte("--storage")) {
-		t.Fatalf("%d %s", r.status, r.body)
-	}
+	return saved
 }

@@ -15,16 +15,7 @@ import (
 // runs ended longer than that plus RunRetention (issue 13, item 11). A
 // checkpoint's first hour is billed by the call that wrote it.
 func (c *Coordinator) storageLoop(ctx context.Context) {
-	t := time.NewTicker(c.cfg.StorageBillInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		c.storageTick(ctx, time.Now())
-	}
+	every(ctx, c.cfg.StorageBillInterval, func() { c.storageTick(ctx, time.Now()) })
 }
 
 func (c *Coordinator) storageTick(ctx context.Context, at time.Time) {

@@ -3,8 +3,6 @@ package testnet
 import (
 	"context"
 	"math"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
@@ -50,16 +48,7 @@ func TestFamiliesTrainAlikeOnBothEngines(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a testnet with a PyTorch worker")
 	}
-	py := os.Getenv("SIGNAL_PYTHON")
-	if py == "" {
-		py = "/usr/bin/python3"
-	}
-	if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s has no torch: %v", py, err)
-		}
-		t.Skipf("%s has no torch (set $SIGNAL_PYTHON): %v", py, err)
-	}
+	torchPython(t)
 	models := map[string]string{}
 	window, off := 256, false
 	for _, f := range []trainer.Config{

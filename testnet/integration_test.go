@@ -44,6 +44,20 @@ func python(t *testing.T) string {
 	return py
 }
 
+// torchPython is python(t) when it imports torch (the testnet's cpu-torch
+// nodes run on it); without torch the test skips, or fails in CI.
+func torchPython(t *testing.T) string {
+	t.Helper()
+	py := python(t)
+	if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s has no torch: %v", py, err)
+		}
+		t.Skipf("%s has no torch (set $SIGNAL_PYTHON): %v", py, err)
+	}
+	return py
+}
+
 // exampleSummary is the SUMMARY line both examples print last.
 type exampleSummary struct {
 	RunID         string    `json:"run_id"`

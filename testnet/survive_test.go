@@ -231,16 +231,7 @@ func TestDirLockedInProcess(t *testing.T) {
 // TestTestnetTorchEngine: --engine cpu-torch serves the network's runs on
 // the PyTorch worker on the CPU; the loss falls as on the Go engine.
 func TestTestnetTorchEngine(t *testing.T) {
-	py := os.Getenv("SIGNAL_PYTHON")
-	if py == "" {
-		py = "/usr/bin/python3"
-	}
-	if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s has no torch: %v", py, err)
-		}
-		t.Skipf("%s has no torch (set $SIGNAL_PYTHON): %v", py, err)
-	}
+	torchPython(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	bin := buildSignal(ctx, t)
