@@ -58,10 +58,15 @@ func (m *Model) WeightDType() string {
 // ProductPath names how the model's base products run, for reports:
 // "f32 (packed avx512)", "f32 (openblas)", "onednn/avx512_bf16", ...
 func (m *Model) ProductPath() string {
-	switch {
-	case m.half:
+	if m.half {
 		return half.Describe(m.halfType)
-	case m.lmHead().p != nil:
+	}
+	return f32Path(m.lmHead().p != nil)
+}
+
+// f32Path names the f32 product path, packed or not.
+func f32Path(packed bool) string {
+	if packed {
 		return "f32 (packed avx512)"
 	}
 	return "f32 (openblas)"
@@ -78,11 +83,7 @@ type EngineInfo struct {
 
 // Engine reports this process's product paths.
 func Engine() EngineInfo {
-	info := EngineInfo{Engine: half.Report(), F32Path: "f32 (openblas)"}
-	if PackedWeights() {
-		info.F32Path = "f32 (packed avx512)"
-	}
-	return info
+	return EngineInfo{Engine: half.Report(), F32Path: f32Path(PackedWeights())}
 }
 
 // base is one frozen matrix W [out, in] in the form this model multiplies

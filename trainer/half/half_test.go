@@ -28,6 +28,21 @@ func TestEveryPath(t *testing.T) {
 	}
 }
 
+// TestUnknownCap: a SIGNAL_ENGINE_ISA the engine does not know is said on
+// stderr, naming the values it takes, and the best path is used.
+func TestUnknownCap(t *testing.T) {
+	if os.Getenv("HALF_WANT_PATH") != "" {
+		t.Skip("in a child")
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestChildPath$", "-test.v")
+	cmd.Env = append(os.Environ(), "SIGNAL_ENGINE_ISA=avx1024", "HALF_WANT_PATH="+PathName(Path()))
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestChildPath") ||
+		!strings.Contains(string(out), `SIGNAL_ENGINE_ISA="avx1024" is not one of f32, avx512, avx512_bf16, amx`) {
+		t.Fatalf("%v\n%s", err, out)
+	}
+}
+
 func TestChildPath(t *testing.T) {
 	want := os.Getenv("HALF_WANT_PATH")
 	if want == "" {
