@@ -50,6 +50,9 @@ const (
 	// cmdReleaseEscrow pays operators the earnings audits verified
 	// before its cutoff.
 	cmdReleaseEscrow
+	// cmdTinker is the Tinker door's one command (tinkerbook.go): a
+	// queued call, its answer, the models, samplers and checkpoint names.
+	cmdTinker
 )
 
 // ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
@@ -71,7 +74,7 @@ func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
 
 var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
 	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key",
-	"audit_result", "release_escrow"}
+	"audit_result", "release_escrow", "tinker"}
 
 func (t cmdType) String() string {
 	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
@@ -218,6 +221,8 @@ func decodeCommand(c command) (decodedCommand, error) {
 		d.v, err = decodeJSONCommand[auditResultCmd](c.payload)
 	case cmdReleaseEscrow:
 		d.v, err = decodeJSONCommand[releaseEscrowCmd](c.payload)
+	case cmdTinker:
+		d.v, err = decodeJSONCommand[tinkerCmd](c.payload)
 	default:
 		err = errUnknownCommand
 	}

@@ -133,6 +133,15 @@ type Config struct {
 	NodeLostAfter time.Duration
 	// RetryAfter is what 503s tell clients to wait.
 	RetryAfter time.Duration
+	// TinkerPoll is how long the Tinker door's retrieve_future waits for
+	// an answer before it says try_again (default 25 s: under the SDK's
+	// 45 s request timeout).
+	TinkerPoll time.Duration
+	// TinkerQueueBytes bounds an account's queued Tinker calls (default
+	// 64 MiB; 429 past it), TinkerBytes its futures with their answers
+	// (default 256 MiB; the oldest finished ones are forgotten past it).
+	TinkerQueueBytes int64
+	TinkerBytes      int64
 	// Raft timing; zero values take hashicorp/raft's defaults.
 	HeartbeatTimeout   time.Duration
 	ElectionTimeout    time.Duration

@@ -79,6 +79,10 @@ type Coordinator struct {
 	// pushSlots bounds concurrent checkpoint pushes on this member.
 	pushSlots chan struct{}
 
+	// tinkerSig wakes the Tinker door's long polls when its book changes;
+	// tinkerKick wakes the leader's queue runner (tinkerexec.go).
+	tinkerSig  *tinkerSignal
+	tinkerKick chan struct{}
 	inflightMu sync.Mutex
 	inflight   map[string]chan struct{} // idempotency scopes being executed
 	movingMu   sync.Mutex
@@ -112,6 +116,8 @@ func New(cfg Config) (*Coordinator, error) {
 
 		joinLimits: newRateLimits(joinsPerSecond, joinBurst),
 		inflight:   map[string]chan struct{}{},
+		tinkerSig:  newTinkerSignal(),
+		tinkerKick: make(chan struct{}, 1),
 		moving:     map[string]bool{},
 
 		badCheckpoints: map[string]map[string]string{},
@@ -129,6 +135,10 @@ func New(cfg Config) (*Coordinator, error) {
 	c.auditor = newAuditor(c)
 	c.metrics = newMetrics(c)
 	c.fsm.observe = c.metrics.observeApply
+	c.fsm.changed = func() {
+		c.tinkerSig.notify()
+		c.tinkerWake()
+	}
 	c.backend = cfg.Backend
 	if c.backend == nil {
 		c.backend = noBackend{} // NewMember sets its host before Start
@@ -535,7 +545,7 @@ func (c *Coordinator) watchLeadership(ctx context.Context) {
 			c.metrics.leader.Set(1)
 			c.log.Info("became leader", "category", "infrastructure")
 			// The leader's periodic work, each until leadership ends.
-			for _, loop := range []func(context.Context){c.failoverLoop, c.storageLoop, c.idleLoop, c.escrowLoop} {
+			for _, loop := range []func(context.Context){c.failoverLoop, c.storageLoop, c.idleLoop, c.escrowLoop, c.tinkerLoop} {
 				leaderWG.Add(1)
 				go func() {
 					defer leaderWG.Done()

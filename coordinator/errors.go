@@ -49,6 +49,9 @@ var (
 	// (a checkpoint of another run or outside the store, a step that skips):
 	// nothing of it is recorded, and the caller may retry (503).
 	ErrBadNodeAnswer = errors.New("node answer refused")
+	// errGone is a future the Tinker door no longer holds (410: the SDK
+	// sends its call again).
+	errGone = errors.New("gone")
 	// ErrInsufficientBalance is an estimate above the balance (402).
 	ErrInsufficientBalance = ledger.ErrInsufficientBalance
 )
@@ -96,6 +99,8 @@ func httpStatus(err error) (int, string) {
 		return http.StatusForbidden, protocol.CodeForbidden
 	case errors.Is(err, ErrNotFound):
 		return http.StatusNotFound, protocol.CodeNotFound
+	case errors.Is(err, errGone):
+		return http.StatusGone, protocol.CodeNotFound
 	case errors.Is(err, ErrConflict):
 		return http.StatusConflict, protocol.CodeConflict
 	case errors.Is(err, ErrRateLimited), errors.Is(err, ErrTooManyRuns):
@@ -198,4 +203,19 @@ func remoteError(status int, code string) error {
 	default:
 		return ErrUnavailable
 	}
+}
+
+// tinkerStatus adapts an error status for the tinker SDK, whose transport
+// retries 408, 409, 429 and 5xx: a conflict on the Tinker door is a run in
+// a state the call cannot change (400, not retried), and every other 4xx
+// but 408 and 429 says x-should-retry: false, so no retry loop meets a
+// permanent error.
+func tinkerStatus(w http.ResponseWriter, status int) int {
+	if status == http.StatusConflict {
+		status = http.StatusBadRequest
+	}
+	if status >= 400 && status < 500 && status != http.StatusRequestTimeout && status != http.StatusTooManyRequests && status != http.StatusGone {
+		w.Header().Set("X-Should-Retry", "false")
+	}
+	return status
 }

@@ -34,6 +34,9 @@ type fsm struct {
 	// observe, when set, gets each command's decode-and-apply time
 	// (the coordinator's metrics).
 	observe func(t cmdType, d time.Duration)
+	// changed, when set, is called after each Tinker command applies
+	// (tinker.go's wake-up of long polls and of the queue runner).
+	changed func()
 }
 
 var _ raft.FSM = (*fsm)(nil)
@@ -174,6 +177,15 @@ func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 		pi := d.v.(putIdemCmd)
 		rec, err := s.PutIdem(pi.Tag, pi.Status, pi.Body, pi.Time)
 		return cmdResult{Value: rec, Err: err}
+	case cmdTinker:
+		tf, err := s.ApplyTinker(d.v.(tinkerCmd))
+		if f.changed != nil {
+			// Long polls and the leader's queue runner on this member look
+			// again; changed only closes a channel (it must not take the
+			// lock this apply holds).
+			f.changed()
+		}
+		return cmdResult{Value: tf, Err: err}
 	}
 	// decodeCommand knows a type this switch does not: a bug in this file.
 	return f.badEntry(index, c.typ, errUnknownCommand)
@@ -220,6 +232,8 @@ const (
 	// with the ledger's accounts; recNodeAudit a node's audit history.
 	recEscrow
 	recNodeAudit
+	// recTinker is one record of the Tinker door's book.
+	recTinker
 )
 
 const snapshotMagic = "SIGSNAP1"
@@ -349,6 +363,11 @@ func writeSnapshot(w io.Writer, s *State) error {
 	}
 	for _, k := range sortedKeys(s.nodeAudits) {
 		if err := put(recNodeAudit, s.nodeAudits[k]); err != nil {
+			return err
+		}
+	}
+	for _, r := range s.tinker.records() {
+		if err := put(recTinker, r); err != nil {
 			return err
 		}
 	}
@@ -482,6 +501,12 @@ func decodeRecord(s *State, t recType, buf []byte, meta *snapshotMeta, accounts 
 			return fmt.Errorf("hold record without id or with a negative amount: %w", errBadSnapshot)
 		}
 		s.putHold(h)
+	case recTinker:
+		var r tinkerRecord
+		if err := dec(&r); err != nil {
+			return err
+		}
+		return s.tinker.restore(r)
 	case recNodeAudit:
 		var a NodeAuditRecord
 		if err := dec(&a); err != nil {

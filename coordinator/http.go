@@ -27,6 +27,13 @@ import (
 // not leader answers such a request 503 instead of forwarding it again.
 const forwardedHeader = "X-Signal-Forwarded"
 
+// apiKeyHeader carries an API key in place of Authorization (the tinker
+// SDK sends it); tinkerKeyPrefix is the prefix that SDK requires of keys.
+const (
+	apiKeyHeader    = "X-API-Key"
+	tinkerKeyPrefix = "tml-"
+)
+
 // idempotencyHeader is the client's idempotency key header.
 const idempotencyHeader = "Idempotency-Key"
 
@@ -50,6 +57,8 @@ type routeOpts struct {
 	mutating bool
 	// maxBody is the route's body limit; 0 means smallBodyBytes.
 	maxBody int64
+	// tinker routes answer errors as the tinker SDK needs (tinkerError).
+	tinker bool
 }
 
 // smallBodyBytes is the body limit of every route but the compute calls:
@@ -78,6 +87,9 @@ type rawResponse struct {
 	status   int
 	body     []byte
 	replayed bool
+	// contentType is set for a body that is not JSON (the Tinker door's
+	// protobuf answers); writeRaw's JSON framing is skipped for it.
+	contentType string
 }
 
 // Handler returns the coordinator's HTTP API.
@@ -113,6 +125,7 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "POST /v1/runs/{id}/load_state", "load_state", routeOpts{auth: authUser, mutating: true}, c.handleLoadState)
 	// Not mutating: no idempotency record may hash a body holding a token.
 	c.route(mux, "POST /v1/checkpoints/{id}/push", "push_checkpoint", routeOpts{auth: authUser}, c.handlePushCheckpoint)
+	c.tinkerRoutes(mux)
 	if ui := c.cfg.UI; ui != nil {
 		// Before the catch-all: "/{$}" is the root alone, so unknown paths
 		// still get the API's JSON 404.
@@ -153,6 +166,9 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 		}
 		if status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
 			w.Header().Set("Retry-After", retrySeconds(err))
+		}
+		if o.tinker {
+			status = tinkerStatus(w, status)
 		}
 		writeError(w, status, code, msg, cl.reqID)
 		return status, cl.account, err
@@ -226,34 +242,49 @@ func (c *Coordinator) serve(w http.ResponseWriter, r *http.Request, name string,
 	if err != nil {
 		return fail(err)
 	}
+	out, err := c.answer(cl, v)
+	if err != nil {
+		return fail(err)
+	}
+	if out.replayed {
+		w.Header().Set("Idempotent-Replayed", "true")
+	}
+	if out.contentType != "" {
+		w.Header().Set("Content-Type", out.contentType)
+		w.WriteHeader(out.status)
+		_, _ = w.Write(out.body)
+		return out.status, cl.account, nil
+	}
+	writeRaw(w, out.status, out.body)
+	return out.status, cl.account, nil
+}
+
+// answer encodes a handler's value as the response, and records it under
+// the call's Idempotency-Key when it has one: the one step the HTTP routes
+// and the Tinker door's queued calls (which run handlers directly) share.
+func (c *Coordinator) answer(cl *call, v any) (rawResponse, error) {
 	status := http.StatusOK
-	var body []byte
 	switch x := v.(type) {
 	case created:
 		status, v = http.StatusCreated, x.v
 	case rawResponse:
-		if x.replayed {
-			w.Header().Set("Idempotent-Replayed", "true")
-		}
-		writeRaw(w, x.status, x.body)
-		return x.status, cl.account, nil
+		return x, nil
 	}
-	body, err = json.Marshal(v)
+	body, err := json.Marshal(v)
 	if err != nil {
-		return fail(fmt.Errorf("encode response: %w", err))
+		return rawResponse{}, fmt.Errorf("encode response: %w", err)
 	}
 	if cl.idem != nil {
 		// Record the answer so a retry gets it; if another request recorded
 		// first, answer what it recorded.
-		res, err := c.propose(r.Context(), cmdPutIdem, putIdemCmd{Tag: *cl.idem, Status: status, Body: body, Time: now()})
+		res, err := c.propose(cl.r.Context(), cmdPutIdem, putIdemCmd{Tag: *cl.idem, Status: status, Body: body, Time: now()})
 		if err != nil {
 			c.log.Warn("record idempotent response", "category", "infrastructure", "err", err)
 		} else if rec, ok := res.(IdemRecord); ok {
 			status, body = rec.Status, rec.Body
 		}
 	}
-	writeRaw(w, status, body)
-	return status, cl.account, nil
+	return rawResponse{status: status, body: body}, nil
 }
 
 // beginIdem returns the recorded answer for tag, or marks tag in flight so
@@ -324,15 +355,26 @@ func (c *Coordinator) forward(w http.ResponseWriter, r *http.Request) (int, stri
 }
 
 // authenticate maps a bearer API key to its account.
+//
+// The key comes as "Authorization: Bearer KEY" or as "X-API-Key: KEY" (the
+// tinker SDK's header). The tinker SDK refuses keys that do not start with
+// "tml-", so "tml-" + a Signal key is that key's alias.
 func (c *Coordinator) authenticate(r *http.Request) (string, error) {
-	key, err := bearer(r)
-	if err != nil {
-		return "", err
+	key := strings.TrimSpace(r.Header.Get(apiKeyHeader))
+	if key == "" {
+		var err error
+		if key, err = bearer(r); err != nil {
+			return "", err
+		}
 	}
 	h := hashSecret(key)
 	var rec KeyRecord
 	var ok bool
 	c.fsm.read(func(s *State) { rec, ok = s.KeyByHash(h) })
+	if alias, isAlias := strings.CutPrefix(key, tinkerKeyPrefix); !ok && isAlias {
+		h = hashSecret(alias)
+		c.fsm.read(func(s *State) { rec, ok = s.KeyByHash(h) })
+	}
 	// The map lookup finds the candidate; the constant-time comparison of
 	// the full hashes is what authorises.
 	if !ok || subtle.ConstantTimeCompare([]byte(rec.Hash), []byte(h)) != 1 {

@@ -129,13 +129,19 @@ func ModelFromDir(name, dir string) (ModelSpec, error) {
 // registry is the read-only model table.
 type registry struct {
 	byName map[string]ModelSpec
+	// byRepo finds a model by its Hugging Face repository id too
+	// ("meta-llama/Llama-3.2-1B"): the names Tinker recipes use.
+	byRepo map[string]ModelSpec
 	names  []string
 }
 
 func newRegistry(ms []ModelSpec) *registry {
-	r := &registry{byName: map[string]ModelSpec{}}
+	r := &registry{byName: map[string]ModelSpec{}, byRepo: map[string]ModelSpec{}}
 	for _, m := range ms {
 		r.byName[m.Name] = m
+		if m.HFRepo != "" {
+			r.byRepo[m.HFRepo] = m
+		}
 		r.names = append(r.names, m.Name)
 	}
 	sort.Strings(r.names)
@@ -144,6 +150,9 @@ func newRegistry(ms []ModelSpec) *registry {
 
 func (r *registry) get(name string) (ModelSpec, error) {
 	m, ok := r.byName[name]
+	if !ok {
+		m, ok = r.byRepo[name]
+	}
 	if !ok {
 		supported := "none"
 		if len(r.names) > 0 {

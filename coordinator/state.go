@@ -138,6 +138,9 @@ type State struct {
 	held map[string]int64
 	// nodeAudits are the nodes' audit histories and quarantines (escrow.go).
 	nodeAudits map[string]NodeAuditRecord
+	// tinker is the Tinker door's futures, models, samplers and
+	// checkpoint names (tinkerbook.go).
+	tinker tinkerBook
 	// FeeAccount receives the network's share of every charge.
 	feeAccount string
 }
@@ -161,6 +164,7 @@ func NewState() *State {
 		holds:      map[string]HoldRecord{},
 		held:       map[string]int64{},
 		nodeAudits: map[string]NodeAuditRecord{},
+		tinker:     newTinkerBook(),
 		feeAccount: DefaultFeeAccount,
 	}
 }
@@ -187,6 +191,7 @@ func (s *State) clone() *State {
 		holds:      maps.Clone(s.holds),
 		held:       maps.Clone(s.held),
 		nodeAudits: maps.Clone(s.nodeAudits),
+		tinker:     s.tinker.clone(),
 		feeAccount: s.feeAccount,
 	}
 	for k, v := range s.accounts {

@@ -177,11 +177,13 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 		return 0, protocol.UserErrorf(ErrInvalidRequest, "the batch has %d items, over the limit of %d: split it into several calls", n, maxBatchItems)
 	}
 	switch req.LossFn {
-	case "", "cross_entropy", "importance_sampling", "ppo":
+	case "", "cross_entropy", "importance_sampling", "ppo", "cispo", "dro":
 	default:
-		return 0, protocol.UserErrorf(ErrInvalidRequest, "loss_fn %q is not a loss: use cross_entropy, importance_sampling or ppo", req.LossFn)
+		return 0, protocol.UserErrorf(ErrInvalidRequest, "loss_fn %q is not a loss: use cross_entropy, importance_sampling, ppo, cispo or dro", req.LossFn)
 	}
-	rl := req.LossFn == "importance_sampling" || req.LossFn == "ppo"
+	// The RL losses read logprobs and advantages; weights are optional
+	// there (Tinker's RL datums carry none), required by cross_entropy.
+	rl := req.LossFn != "" && req.LossFn != "cross_entropy"
 	for k, v := range req.LossFnConfig {
 		if !bounded(v) {
 			return 0, protocol.UserErrorf(ErrInvalidRequest, "loss_fn_config.%s is %v: give a number in [-1e6, 1e6]", k, v)
@@ -197,7 +199,7 @@ func validateForward(req *protocol.ForwardBackwardRequest, m ModelSpec, count te
 			return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].model_input.tokens has %d tokens, over the %d model %s allows: shorten it or split it", i, n, m.ContextLength, m.Name)
 		}
 		in := d.LossFnInputs
-		if len(in.TargetTokens) != n || len(in.Weights) != n {
+		if len(in.TargetTokens) != n || (len(in.Weights) != n && (!rl || len(in.Weights) != 0)) {
 			return 0, protocol.UserErrorf(ErrInvalidRequest, "data[%d].loss_fn_inputs has %d target_tokens and %d weights: give %d of each, one per model_input token", i, len(in.TargetTokens), len(in.Weights), n)
 		}
 		if rl && (len(in.Logprobs) != n || len(in.Advantages) != n) {
@@ -312,6 +314,14 @@ func validateSample(req *protocol.SampleRequest, m ModelSpec, count textCounter)
 	}
 	if len(sp.Stop) > 16 {
 		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.stop has %d strings: give at most 16", len(sp.Stop))
+	}
+	if len(sp.StopTokens) > 16 {
+		return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.stop_tokens has %d ids: give at most 16", len(sp.StopTokens))
+	}
+	for i, t := range sp.StopTokens {
+		if t < 0 {
+			return u, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.stop_tokens[%d] is %d: token ids are not negative", i, t)
+		}
 	}
 	var prefill int64
 	for i, p := range req.Prompts {

@@ -236,7 +236,7 @@ func toSampling(sp protocol.SamplingParams) (trainer.SamplingParams, error) {
 			return trainer.SamplingParams{}, protocol.UserErrorf(ErrInvalidRequest, "sampling_params.stop[%d] is an empty string: remove it or give the text to stop at", i)
 		}
 	}
-	p := trainer.SamplingParams{MaxTokens: sp.MaxTokens, Temperature: 1, TopP: 1, Stop: sp.Stop}
+	p := trainer.SamplingParams{MaxTokens: sp.MaxTokens, Temperature: 1, TopP: 1, Stop: sp.Stop, StopTokens: sp.StopTokens}
 	if sp.Temperature != nil {
 		p.Temperature = float32(*sp.Temperature)
 	}

@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
 
 	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // Checkpoint modes.
@@ -190,7 +192,7 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 		if ref == "" {
 			ref = spec.ResumeFrom.ID
 		}
-		if err := m.load(ctx, sess, ref); err != nil {
+		if err := m.load(ctx, sess, ref, false); err != nil {
 			_ = sess.Close()
 			return fail(err)
 		}
@@ -265,7 +267,7 @@ func (m *Manager) onRun(ctx context.Context, req protocol.SessionRequest) (proto
 		if body.Checkpoint == "" {
 			return protocol.SessionResponse{}, protocol.UserErrorf(ErrInvalidRequest, "checkpoint is missing: give a checkpoint id, URI or CID")
 		}
-		if err := m.load(ctx, r.sess, body.Checkpoint); err != nil {
+		if err := m.load(ctx, r.sess, body.Checkpoint, body.WeightsOnly); err != nil {
 			return protocol.SessionResponse{}, err
 		}
 		return bodyResponse(protocol.SessionState{RunID: req.RunID, Step: r.sess.Step(), Backend: m.engine.Backend()}, protocol.Usage{}, nil)
@@ -313,7 +315,7 @@ func (m *Manager) checkpoint(ctx context.Context, r *run, mode string) (protocol
 }
 
 // load fetches and verifies a checkpoint, then restores the session from it.
-func (m *Manager) load(ctx context.Context, sess Session, ref string) error {
+func (m *Manager) load(ctx context.Context, sess Session, ref string, weightsOnly bool) error {
 	dir, err := os.MkdirTemp(m.cfg.TempDir, "signal-load-")
 	if err != nil {
 		return fmt.Errorf("%w: %w", ErrCheckpoint, err)
@@ -321,6 +323,15 @@ func (m *Manager) load(ctx context.Context, sess Session, ref string) error {
 	defer os.RemoveAll(dir)
 	if _, err := m.res.Fetch(ctx, ref, dir); err != nil {
 		return fmt.Errorf("%w: %w", ErrCheckpoint, err)
+	}
+	if weightsOnly {
+		// Without its trainer state a checkpoint loads as an adapter alone:
+		// fresh moments, step 0.
+		for _, f := range []string{trainer.OptimizerFile, trainer.TrainerStateFile} {
+			if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+				return fmt.Errorf("%w: %w", ErrCheckpoint, err)
+			}
+		}
 	}
 	if err := sess.LoadState(ctx, dir); err != nil {
 		return fmt.Errorf("%w: load state %s: %w", ErrCheckpoint, ref, err)

@@ -82,7 +82,10 @@ type SamplingParams struct {
 	TopK        *int     `json:"top_k,omitempty"`
 	TopP        *float64 `json:"top_p,omitempty"`
 	Stop        []string `json:"stop,omitempty"`
-	Seed        *int64   `json:"seed,omitempty"`
+	// StopTokens end a sample at any of these ids (kept in its tokens),
+	// besides the model's end-of-sequence ids.
+	StopTokens []int  `json:"stop_tokens,omitempty"`
+	Seed       *int64 `json:"seed,omitempty"`
 }
 
 // Prompt is a sampling prompt: Tokens, or Text tokenized on the node.
@@ -272,6 +275,10 @@ type SaveStateResponse struct {
 // LoadStateRequest is the body of load_state: a checkpoint id, URI or CID.
 type LoadStateRequest struct {
 	Checkpoint string `json:"checkpoint"`
+	// WeightsOnly loads the adapter alone: a full checkpoint's optimizer
+	// moments and step are left behind, and the run's optimizer starts
+	// fresh (Tinker's load_state without optimizer).
+	WeightsOnly bool `json:"weights_only,omitempty"`
 }
 
 // MetricsResponse is the body of GET /v1/runs/{id}/metrics.

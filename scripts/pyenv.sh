@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds (once) and prints the path of the Python test environment's
-# interpreter: a venv holding exactly scripts/pyenv.lock (torch 2.x,
+# interpreter: a venv holding exactly scripts/pyenv.lock (torch 2.x, tinker,
 # transformers, peft, safetensors, numpy and their dependencies), kept in
 # the user's cache directory under the lock's hash, so fresh clones and CI
 # runs on one machine share it and a changed lock builds a new one.
@@ -25,7 +25,7 @@ if [ ! -f "$venv/.complete" ]; then
     "$base" -m venv "$venv.tmp"
     "$venv.tmp/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
       --no-deps --no-compile -r "$lock" >&2
-    "$venv.tmp/bin/python" -c "import torch, transformers, peft, safetensors, numpy" >&2
+    "$venv.tmp/bin/python" -c "import torch, transformers, peft, safetensors, numpy, tinker" >&2
     # Built aside and moved into place, so an interrupted build is never
     # taken for a complete one. The entry scripts' shebangs keep the .tmp
     # path; only bin/python is used, which finds its prefix from its own path.

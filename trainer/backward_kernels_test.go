@@ -294,7 +294,10 @@ func TestLMHeadLossFD(t *testing.T) {
 	if packed.Available() {
 		heads["packed"] = &base{out: vocab, in: h, f32: w, p: packed.Pack(w, vocab, h)}
 	}
-	for _, name := range []string{LossCrossEntropy, LossImportanceSampling, LossPPO} {
+	// cispo's gradient stops at its ratio by definition, so a finite
+	// difference of its loss is not its gradient: TestLossTokenGradients
+	// checks it against the formula, and the PyTorch test end to end.
+	for _, name := range []string{LossCrossEntropy, LossImportanceSampling, LossPPO, LossDRO} {
 		for kind, hw := range heads {
 			t.Run(name+"/"+kind, func(t *testing.T) {
 				ls, err := parseLoss(name, nil)
@@ -362,6 +365,8 @@ func TestLossTokenGradients(t *testing.T) {
 		{LossPPO, &neg, nil, -0.9}, // ratio > 1.2, A < 0: unclipped
 		{LossPPO, &neg, nil, -1.6}, // ratio 0.74 < 0.8, A < 0: clipped
 		{LossPPO, &d, map[string]float64{"clip_low_threshold": 0.5, "clip_high_threshold": 2}, -0.9},
+		{LossDRO, &d, nil, -1.1},
+		{LossDRO, &neg, map[string]float64{"beta": 0.4}, -2.0},
 	} {
 		ls, err := parseLoss(tc.name, tc.cfg)
 		if err != nil {
@@ -387,5 +392,20 @@ func TestLossTokenGradients(t *testing.T) {
 	ppo, _ := parseLoss(LossPPO, nil)
 	if l, _ := ppo.token(&d, 0, -1.3+math.Log(2)); math.Abs(l+1.2*0.9) > 1e-6 {
 		t.Errorf("ppo loss at ratio 2, A 0.9 = %v, want -1.2·0.9", l)
+	}
+	// cispo at ratio 2: the ratio clipped to 1.2 weighs A·logp, and is a
+	// constant: d loss/d logp = -1.2·A, not the finite difference of the
+	// clipped term (zero).
+	cispo, _ := parseLoss(LossCISPO, nil)
+	lp2 := -1.3 + math.Log(2)
+	if l, g := cispo.token(&d, 0, lp2); math.Abs(l+1.2*0.9*lp2) > 1e-6 || math.Abs(g+1.2*0.9) > 1e-6 {
+		t.Errorf("cispo at ratio 2, A 0.9: loss %v, grad %v; want %v, %v", l, g, -1.2*0.9*lp2, -1.2*0.9)
+	}
+	dro, _ := parseLoss(LossDRO, map[string]float64{"beta": 0.5})
+	if l, _ := dro.token(&d, 0, -0.3); math.Abs(l-(-(0.9*-0.3)+0.25)) > 1e-6 {
+		t.Errorf("dro loss at logp -0.3, logq -1.3, A 0.9, beta 0.5 = %v, want %v", l, -(0.9*-0.3)+0.25)
+	}
+	if _, err := parseLoss(LossDRO, map[string]float64{"clip_low_threshold": 0.5}); err == nil {
+		t.Error("dro accepted clip_low_threshold, which is not its setting")
 	}
 }

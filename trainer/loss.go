@@ -24,7 +24,16 @@ const (
 	LossCrossEntropy       = "cross_entropy"
 	LossImportanceSampling = "importance_sampling"
 	LossPPO                = "ppo"
+	// LossCISPO weights the policy gradient by the clipped, stopped
+	// importance ratio: -sg(clip(ratio, low, high))·A·logp.
+	LossCISPO = "cispo"
+	// LossDRO is the policy gradient with a quadratic penalty on the log
+	// ratio: -(A·logp - β/2·(logp - logq)²).
+	LossDRO = "dro"
 )
+
+// DefaultDROBeta is dro's penalty weight when loss_fn_config names none.
+const DefaultDROBeta = 0.05
 
 // Default PPO clip thresholds on the probability ratio.
 const (
@@ -36,6 +45,7 @@ const (
 type lossSpec struct {
 	name              string
 	clipLow, clipHigh float64
+	beta              float64 // dro
 }
 
 // parseLoss checks the loss name and its configuration; unknown keys are an
@@ -44,16 +54,18 @@ func parseLoss(name string, cfg map[string]float64) (lossSpec, error) {
 	if name == "" {
 		name = LossCrossEntropy
 	}
-	ls := lossSpec{name: name, clipLow: DefaultClipLow, clipHigh: DefaultClipHigh}
+	ls := lossSpec{name: name, clipLow: DefaultClipLow, clipHigh: DefaultClipHigh, beta: DefaultDROBeta}
 	allowed := map[string]bool{}
 	switch name {
 	case LossCrossEntropy, LossImportanceSampling:
-	case LossPPO:
+	case LossPPO, LossCISPO:
 		allowed["clip_low_threshold"] = true
 		allowed["clip_high_threshold"] = true
+	case LossDRO:
+		allowed["beta"] = true
 	default:
-		return ls, fmt.Errorf("%w: loss_fn %q: want %s, %s or %s", ErrInvalidInput, name,
-			LossCrossEntropy, LossImportanceSampling, LossPPO)
+		return ls, fmt.Errorf("%w: loss_fn %q: want %s, %s, %s, %s or %s", ErrInvalidInput, name,
+			LossCrossEntropy, LossImportanceSampling, LossPPO, LossCISPO, LossDRO)
 	}
 	keys := make([]string, 0, len(cfg))
 	for k := range cfg {
@@ -73,6 +85,8 @@ func parseLoss(name string, cfg map[string]float64) (lossSpec, error) {
 			ls.clipLow = v
 		case "clip_high_threshold":
 			ls.clipHigh = v
+		case "beta":
+			ls.beta = v
 		}
 	}
 	if ls.clipLow > ls.clipHigh {
@@ -98,6 +112,15 @@ func (ls lossSpec) token(d *Datum, i int, logp float64) (loss, dlogp float64) {
 		adv := float64(d.Advantages[i])
 		ratio := math.Exp(logp - float64(d.Logprobs[i]))
 		return -ratio * adv, -ratio * adv
+	case LossCISPO: // -sg(clip(ratio))·A·logp: the clipped ratio is a constant
+		adv := float64(d.Advantages[i])
+		ratio := math.Exp(logp - float64(d.Logprobs[i]))
+		c := math.Min(math.Max(ratio, ls.clipLow), ls.clipHigh)
+		return -c * adv * logp, -c * adv
+	case LossDRO: // -(A·logp - β/2·(logp - logq)²)
+		adv := float64(d.Advantages[i])
+		diff := logp - float64(d.Logprobs[i])
+		return -(adv*logp - 0.5*ls.beta*diff*diff), -adv + ls.beta*diff
 	default: // ppo: -min(ratio·A, clip(ratio)·A)
 		adv := float64(d.Advantages[i])
 		ratio := math.Exp(logp - float64(d.Logprobs[i]))

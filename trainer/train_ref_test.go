@@ -85,6 +85,8 @@ func TestForwardBackwardMatchesPyTorch(t *testing.T) {
 		{qwen2, "", LossCrossEntropy, nil},
 		{qwen3, "", LossCrossEntropy, nil},
 		{qwen3, "", LossPPO, map[string]float64{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}},
+		{"tiny-sp", "", LossCISPO, map[string]float64{"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}},
+		{"tiny-bl", "", LossDRO, map[string]float64{"beta": 0.3}},
 	} {
 		name := filepath.Base(tc.model) + "/" + tc.adapter + "/" + tc.loss
 		t.Run(name, func(t *testing.T) {

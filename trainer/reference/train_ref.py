@@ -123,9 +123,14 @@ def datum_loss(lp, d, loss_fn, lcfg, dtype):
     ratio = torch.exp(lp - old)
     if loss_fn == "importance_sampling":
         return (-(ratio * adv)).sum()
+    if loss_fn == "dro":
+        beta = lcfg.get("beta", 0.05)
+        return (-(lp * adv - 0.5 * beta * (lp - old) ** 2)).sum()
     lo = lcfg.get("clip_low_threshold", 0.8)
     hi = lcfg.get("clip_high_threshold", 1.2)
     clipped = torch.clamp(ratio, lo, hi)
+    if loss_fn == "cispo":
+        return (-(clipped.detach() * adv * lp)).sum()
     return (-torch.min(ratio * adv, clipped * adv)).sum()
 
 

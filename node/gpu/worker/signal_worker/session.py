@@ -26,7 +26,7 @@ TRAINER_STATE = "trainer_state.json"
 # trainer_state.json with the step; a checkpoint moves between backends.
 STATE_FORMAT = "signal-trainer-state/1"
 
-LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo")
+LOSS_FNS = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 DEFAULT_LR = 1e-4
 
 
@@ -233,17 +233,21 @@ class Session:
         loss_cfg = loss_cfg or {}
         if not isinstance(loss_cfg, dict):
             raise InvalidInput("loss_fn_config: want an object")
-        lo, hi = 0.8, 1.2
+        lo, hi, beta = 0.8, 1.2, 0.05
+        settings = {"ppo": ("clip_low_threshold", "clip_high_threshold"),
+                    "cispo": ("clip_low_threshold", "clip_high_threshold"), "dro": ("beta",)}
         for k in sorted(loss_cfg):
             v = loss_cfg[k]
-            if loss_fn != "ppo" or k not in ("clip_low_threshold", "clip_high_threshold"):
+            if k not in settings.get(loss_fn, ()):
                 raise InvalidInput(f"loss_fn_config.{k}: not a setting of loss_fn {loss_fn!r}")
             if not _num(v) or v < 0:
                 raise InvalidInput(f"loss_fn_config.{k} {v!r}: want a finite value >= 0")
             if k == "clip_low_threshold":
                 lo = float(v)
-            else:
+            elif k == "clip_high_threshold":
                 hi = float(v)
+            else:
+                beta = float(v)
         if lo > hi:
             raise InvalidInput(f"loss_fn_config.clip_low_threshold {lo} above clip_high_threshold {hi}")
         rows = self._check_data(data, loss_fn != "cross_entropy")
@@ -288,6 +292,12 @@ class Session:
                     ratio = torch.exp(logp - old) * valid
                     if loss_fn == "importance_sampling":
                         per = -ratio * adv
+                    elif loss_fn == "cispo":
+                        # The clipped ratio weighs the gradient and carries none.
+                        per = -(ratio.clamp(lo, hi).detach() * adv * logp)
+                    elif loss_fn == "dro":
+                        d = (logp - old) * valid
+                        per = -(adv * logp - 0.5 * beta * d * d)
                     else:
                         # -min(ratio·A, clip(ratio)·A); the clipped branch is
                         # constant in logp, so no gradient flows through it.
