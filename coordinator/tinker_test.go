@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -176,5 +177,33 @@ func TestTinkerBookSnapshot(t *testing.T) {
 	}
 	if f, ok := s.TinkerFuture(orderedID("m", 3)); !ok || f.Status != futurePending {
 		t.Error("a queued future was forgotten")
+	}
+}
+
+// BenchmarkTinkerFutures reports what 1,000 queued forward_backward calls
+// (4 × 256 tokens each) hold in the replicated book: the bytes it counts
+// against the account's bound, and the Go heap they take on each member.
+func BenchmarkTinkerFutures(b *testing.B) {
+	req := fbBody(256)
+	req.Data = append(req.Data, req.Data[0], req.Data[0], req.Data[0])
+	body, _ := json.Marshal(req)
+	for i := 0; i < b.N; i++ {
+		s := NewState()
+		s.tinker.models["m"] = TinkerModel{ID: "m", Account: "a"}
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		for seq := 2; seq < 1002; seq++ {
+			f := TinkerFuture{ID: orderedID("m", seq), Account: "a", Model: "m", Seq: seq, Kind: kindForwardBackward, Request: append([]byte(nil), body...), Time: now()} // each its own copy, as decoded from the log
+			if _, err := s.ApplyTinker(tinkerCmd{Submit: &f}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(s.tinker.bytes["a"])/(1<<20), "MiB-counted/1k-calls")
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/(1<<20), "MiB-heap/1k-calls")
+		b.ReportMetric(float64(len(body)), "request-bytes")
+		runtime.KeepAlive(s)
 	}
 }
