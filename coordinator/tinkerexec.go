@@ -28,6 +28,11 @@ type tinkerRunner struct {
 	later map[string]time.Time
 	// samplerMu serializes opening a sampling session's run.
 	samplerMu map[string]*sync.Mutex
+	// ran is each model's highest seq_id this runner ran, ahead of the
+	// committed Done: the next call starts while the answer commits (a
+	// next leader that never saw it runs the call again, which its
+	// idempotency records answer).
+	ran map[string]int
 	sem       chan struct{}
 	wg        sync.WaitGroup
 }
@@ -39,7 +44,7 @@ type tinkerRunner struct {
 // did (and was charged for) is answered from its records, not redone.
 func (c *Coordinator) tinkerLoop(ctx context.Context) {
 	r := &tinkerRunner{c: c, running: map[string]bool{}, later: map[string]time.Time{}, samplerMu: map[string]*sync.Mutex{},
-		sem: make(chan struct{}, tinkerWorkers)}
+		ran: map[string]int{}, sem: make(chan struct{}, tinkerWorkers)}
 	defer r.wg.Wait()
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
@@ -76,9 +81,19 @@ func (r *tinkerRunner) dispatch(ctx context.Context) {
 		}
 		r.start(ctx, f)
 	}
+	r.mu.Lock()
+	for model, d := range done {
+		if r.ran[model] <= d {
+			delete(r.ran, model)
+		}
+	}
+	r.mu.Unlock()
 	for model, f := range heads {
 		// Calls that arrived early wait for the ones before them.
-		if f.Seq == done[model]+1 {
+		r.mu.Lock()
+		last := max(done[model], r.ran[model])
+		r.mu.Unlock()
+		if f.Seq == last+1 {
 			r.start(ctx, f)
 		}
 	}
@@ -135,6 +150,12 @@ func (r *tinkerRunner) run(ctx context.Context, f TinkerFuture) {
 			msg = fmt.Sprintf("internal error running %s (future %s)", f.Kind, f.ID)
 		}
 		cmd = tinkerCmd{Finish: &tinkerFinish{ID: f.ID, Status: futureFailed, Error: msg, Category: cat}}
+	}
+	if f.Model != "" && f.Seq > 0 {
+		r.mu.Lock()
+		r.ran[f.Model] = max(r.ran[f.Model], f.Seq)
+		r.mu.Unlock()
+		r.c.tinkerWake()
 	}
 	cmd.MaxBytes = r.c.tinkerBytes()
 	if _, err := r.c.propose(ctx, cmdTinker, cmd); err != nil && ctx.Err() == nil {
