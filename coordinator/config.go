@@ -142,6 +142,11 @@ type Config struct {
 	// (default 256 MiB; the oldest finished ones are forgotten past it).
 	TinkerQueueBytes int64
 	TinkerBytes      int64
+	// TinkerChunkLen is the most datums the tinker SDK puts in one
+	// forward_backward request (its client config's fwdbwd_max_chunk_len;
+	// 0: the SDK's default of 1024). A longer batch goes as chunks sent in
+	// parallel, first chunk last, which the seq_id order reassembles.
+	TinkerChunkLen int
 	// Raft timing; zero values take hashicorp/raft's defaults.
 	HeartbeatTimeout   time.Duration
 	ElectionTimeout    time.Duration

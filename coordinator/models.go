@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -17,9 +18,13 @@ type ModelSpec struct {
 	// HFRepo is the Hugging Face repository nodes download the model from.
 	HFRepo string `json:"hf_repo,omitempty"`
 	// Path is a local model directory (Hugging Face layout).
-	Path          string `json:"path,omitempty"`
-	ContextLength int    `json:"context_length"`
-	MemoryBytes   int64  `json:"memory_bytes"`
+	Path string `json:"path,omitempty"`
+	// Aliases are other names the model answers to: the Hugging Face repo
+	// ids Tinker recipes name models by ("meta-llama/Llama-3.2-1B"), for a
+	// model registered under a name of its own. HFRepo answers too.
+	Aliases       []string `json:"aliases,omitempty"`
+	ContextLength int      `json:"context_length"`
+	MemoryBytes   int64    `json:"memory_bytes"`
 	// AdapterBytesPerRank is the size of a rank-1 f32 LoRA adapter on every
 	// target module; it bounds what a checkpoint may bill (0: unknown, the
 	// model's size bounds it).
@@ -38,6 +43,8 @@ func (m ModelSpec) Validate() error {
 		return fmt.Errorf("model name %q: must be non-empty without spaces or slashes: %w", m.Name, ErrInvalidRequest)
 	case m.ContextLength <= 0:
 		return fmt.Errorf("model %s context_length %d: must be positive: %w", m.Name, m.ContextLength, ErrInvalidRequest)
+	case slices.ContainsFunc(m.Aliases, func(a string) bool { return a == "" || strings.ContainsAny(a, " \t\n") }):
+		return fmt.Errorf("model %s aliases %q: each must be non-empty without spaces: %w", m.Name, m.Aliases, ErrInvalidRequest)
 	case m.MemoryBytes < 0 || m.AdapterBytesPerRank < 0:
 		return fmt.Errorf("model %s memory_bytes %d / adapter_bytes_per_rank %d: must not be negative: %w", m.Name, m.MemoryBytes, m.AdapterBytesPerRank, ErrInvalidRequest)
 	case m.Prices.TrainMicroCreditsPer1K < 0 || m.Prices.PrefillMicroCreditsPer1K < 0 || m.Prices.SampleMicroCreditsPer1K < 0 || m.Prices.StorageMicroCreditsPerGBHour < 0:
@@ -129,8 +136,8 @@ func ModelFromDir(name, dir string) (ModelSpec, error) {
 // registry is the read-only model table.
 type registry struct {
 	byName map[string]ModelSpec
-	// byRepo finds a model by its Hugging Face repository id too
-	// ("meta-llama/Llama-3.2-1B"): the names Tinker recipes use.
+	// byRepo finds a model by its Hugging Face repository id and its
+	// aliases too ("meta-llama/Llama-3.2-1B"): the names Tinker recipes use.
 	byRepo map[string]ModelSpec
 	names  []string
 }
@@ -141,6 +148,9 @@ func newRegistry(ms []ModelSpec) *registry {
 		r.byName[m.Name] = m
 		if m.HFRepo != "" {
 			r.byRepo[m.HFRepo] = m
+		}
+		for _, a := range m.Aliases {
+			r.byRepo[a] = m
 		}
 		r.names = append(r.names, m.Name)
 	}

@@ -112,7 +112,7 @@ func (c *Coordinator) tinkerRoutes(mux *http.ServeMux) {
 // JWT exchange), the httpx transport, zstd protobuf forward_backward bodies,
 // and no long pause on 402 (an empty balance is the user's to fix).
 func (c *Coordinator) tinkerClientConfig(*call) (any, error) {
-	return map[string]any{
+	out := map[string]any{
 		"pjwt_auth_enabled":                        false,
 		"credential_default_source":                "api_key",
 		"use_pyqwest_transport":                    false,
@@ -122,14 +122,18 @@ func (c *Coordinator) tinkerClientConfig(*call) (any, error) {
 		"sample_use_retrieve_futures":              false,
 		"sample_join_sampling_session":             false,
 		"custom_loss_server_side":                  false,
-	}, nil
+	}
+	if c.cfg.TinkerChunkLen > 0 {
+		out["fwdbwd_max_chunk_len"] = c.cfg.TinkerChunkLen
+	}
+	return out, nil
 }
 
 func (c *Coordinator) tinkerCapabilities(*call) (any, error) {
 	var models []map[string]any
 	for _, n := range c.models.names {
 		m := c.models.byName[n]
-		for _, name := range []string{m.Name, m.HFRepo} {
+		for _, name := range append([]string{m.Name, m.HFRepo}, m.Aliases...) {
 			if name != "" {
 				models = append(models, map[string]any{"model_name": name, "max_context_length": m.ContextLength, "trainable": true, "sampleable": true})
 			}
@@ -346,8 +350,8 @@ func (c *Coordinator) tinkerForwardBackward(forwardRoute bool) handlerFunc {
 
 func (c *Coordinator) tinkerOptimStep(cl *call) (any, error) {
 	var req struct {
-		ModelID     string `json:"model_id"`
-		SeqID       *int   `json:"seq_id"`
+		ModelID string `json:"model_id"`
+		SeqID   *int   `json:"seq_id"`
 		// The SDK sends adam_params (optim_params is the field's name in
 		// its model, and an older wire's).
 		AdamParams  *tinkerAdam `json:"adam_params"`

@@ -93,12 +93,12 @@ type TinkerCheckpoint struct {
 // deleted. One type keeps the log's vocabulary small; each part is applied
 // in this order.
 type tinkerCmd struct {
-	Submit *TinkerFuture  `json:"submit,omitempty"`
-	Finish *tinkerFinish  `json:"finish,omitempty"`
-	Models []TinkerModel  `json:"models,omitempty"`
-	Samplers []TinkerSampler `json:"samplers,omitempty"`
-	Checkpoints []TinkerCheckpoint `json:"checkpoints,omitempty"`
-	DeleteCheckpoints []string `json:"delete_checkpoints,omitempty"`
+	Submit            *TinkerFuture      `json:"submit,omitempty"`
+	Finish            *tinkerFinish      `json:"finish,omitempty"`
+	Models            []TinkerModel      `json:"models,omitempty"`
+	Samplers          []TinkerSampler    `json:"samplers,omitempty"`
+	Checkpoints       []TinkerCheckpoint `json:"checkpoints,omitempty"`
+	DeleteCheckpoints []string           `json:"delete_checkpoints,omitempty"`
 	// MaxPendingBytes bounds the account's queued calls (the leader's
 	// setting, carried so every member applies the same rule).
 	MaxPendingBytes int64 `json:"max_pending_bytes,omitempty"`

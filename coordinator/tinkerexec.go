@@ -33,8 +33,8 @@ type tinkerRunner struct {
 	// next leader that never saw it runs the call again, which its
 	// idempotency records answer).
 	ran map[string]int
-	sem       chan struct{}
-	wg        sync.WaitGroup
+	sem chan struct{}
+	wg  sync.WaitGroup
 }
 
 // tinkerLoop runs queued Tinker calls while this member leads: each

@@ -113,6 +113,9 @@ func prepareLocked(cfg Config, dir string, log *slog.Logger) (*plan, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
 		}
+		if n == DefaultModelName {
+			m.Aliases = []string{DefaultModelAlias}
+		}
 		p.models = append(p.models, m)
 	}
 	p.storageURL = cfg.StorageURL
@@ -141,17 +144,18 @@ func bringUp(ctx context.Context, p *plan, l launcher) (*Info, error) {
 	var p2pAddrs []string
 	for i := 0; i < p.cfg.Coordinators; i++ {
 		spec := CoordinatorSpec{
-			ID:            fmt.Sprintf("c%d", i+1),
-			DataDir:       filepath.Join(p.dir, "coordinators", fmt.Sprintf("c%d", i+1)),
-			Bootstrap:     i == 0,
-			AdminToken:    p.adminToken,
-			Models:        p.models,
-			NodeLostAfter: p.cfg.NodeLostAfter,
-			NodeTTL:       p.cfg.NodeTTL,
-			RatePerSecond: p.cfg.RatePerSecond,
-			RateBurst:     p.cfg.RateBurst,
-			StorageURL:    p.storageURL,
-			Creds:         p.cfg.Creds,
+			ID:             fmt.Sprintf("c%d", i+1),
+			DataDir:        filepath.Join(p.dir, "coordinators", fmt.Sprintf("c%d", i+1)),
+			Bootstrap:      i == 0,
+			AdminToken:     p.adminToken,
+			Models:         p.models,
+			NodeLostAfter:  p.cfg.NodeLostAfter,
+			NodeTTL:        p.cfg.NodeTTL,
+			RatePerSecond:  p.cfg.RatePerSecond,
+			TinkerChunkLen: p.cfg.TinkerChunkLen,
+			RateBurst:      p.cfg.RateBurst,
+			StorageURL:     p.storageURL,
+			Creds:          p.cfg.Creds,
 		}
 		if i > 0 {
 			spec.Join = info.Coordinators[0]

@@ -33,7 +33,10 @@ type CoordinatorSpec struct {
 	// RatePerSecond and RateBurst are each API key's token bucket (0: the
 	// testnet's defaults).
 	RatePerSecond float64 `json:"rate_per_second,omitempty"`
-	RateBurst     int     `json:"rate_burst,omitempty"`
+	// TinkerChunkLen is the most datums the tinker SDK sends in one
+	// forward_backward request (0: the coordinator's default).
+	TinkerChunkLen int `json:"tinker_chunk_len,omitempty"`
+	RateBurst      int `json:"rate_burst,omitempty"`
 	// StorageURL is the network's checkpoint store, shared with the nodes:
 	// node checkpoints are recorded only inside it, and collected ones are
 	// deleted from it.
@@ -84,6 +87,7 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 	if spec.NodeLostAfter > 0 {
 		cfg.NodeLostAfter = spec.NodeLostAfter
 	}
+	cfg.TinkerChunkLen = spec.TinkerChunkLen
 	// Loopback raft: elections in well under a second.
 	cfg.HeartbeatTimeout = 500 * time.Millisecond
 	cfg.ElectionTimeout = 500 * time.Millisecond

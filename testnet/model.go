@@ -16,6 +16,11 @@ import (
 // under; the examples use it when no base model is given.
 const DefaultModelName = "signal-tiny"
 
+// DefaultModelAlias is signal-tiny's name as a Hugging Face repo id, the
+// form Tinker recipes name models by (they load the tokenizer by it: from
+// a Hugging Face cache holding the model directory's tokenizer files).
+const DefaultModelAlias = "signal-p2p/signal-tiny"
+
 // defaultModelSeed fixes the random weights: every testnet, on every
 // machine, generates byte-identical files.
 const defaultModelSeed = 20240601

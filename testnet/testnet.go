@@ -67,6 +67,10 @@ type Config struct {
 	// loops); lower them to see how a client meets 429s.
 	RatePerSecond float64
 	RateBurst     int
+	// TinkerChunkLen is the most datums the tinker SDK puts in one
+	// forward_backward request before it splits the batch into chunks sent
+	// in parallel (0: the coordinator's default, the SDK's 1024).
+	TinkerChunkLen int
 	// AdvertInterval is how often nodes advertise (0: the node's default).
 	AdvertInterval time.Duration
 	// ReadyTimeout bounds start-up: leader election, joins, node adverts.
