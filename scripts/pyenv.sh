@@ -25,7 +25,7 @@ if [ ! -f "$venv/.complete" ]; then
     "$base" -m venv "$venv.tmp"
     "$venv.tmp/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
       --no-deps --no-compile -r "$lock" >&2
-    "$venv.tmp/bin/python" -c "import torch, transformers, peft, safetensors, numpy, tinker" >&2
+    "$venv.tmp/bin/python" -c "import torch, transformers, peft, safetensors, numpy, tinker, tinker_cookbook" >&2
     # Built aside and moved into place, so an interrupted build is never
     # taken for a complete one. The entry scripts' shebangs keep the .tmp
     # path; only bin/python is used, which finds its prefix from its own path.

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -41,7 +42,9 @@ func tinkerPython(t *testing.T) string {
 
 // tinkerNet starts the testnet and picks a follower for the SDK's base URL.
 func tinkerNet(t *testing.T) (*InProcess, string, int) {
-	tn := startTestnet(t, func(c *Config) { c.Coordinators, c.Nodes = 3, 2 })
+	// Batches of more than 2 datums go as chunks in parallel (the SDK's
+	// path for batches over 1024 datums), first chunk last.
+	tn := startTestnet(t, func(c *Config) { c.Coordinators, c.Nodes, c.TinkerChunkLen = 3, 2, 2 })
 	leader := -1
 	deadline := time.Now().Add(time.Minute)
 	for leader < 0 && time.Now().Before(deadline) {
@@ -357,4 +360,93 @@ func TestTinkerSurvives(t *testing.T) {
 	if r := runs[0]; r.Status != protocol.RunReady || r.ResumedFromStep == nil {
 		t.Errorf("run after a node loss: status %s, resumed_from_step %v; want ready, resumed", r.Status, r.ResumedFromStep)
 	}
+}
+
+// TestTinkerCookbook runs tinker-cookbook's supervised recipe unchanged on
+// the cookbook's example conversations and the embedded model, named by its
+// Hugging Face-style alias as recipes name models (its tokenizer comes from
+// a Hugging Face cache holding the testnet model's tokenizer files: the Hub
+// itself cannot be reached here).
+func TestTinkerCookbook(t *testing.T) {
+	py := tinkerPython(t)
+	if exec.Command(py, "-c", "import tinker_cookbook").Run() != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s does not import tinker_cookbook", py)
+		}
+		t.Skipf("%s does not import tinker_cookbook", py)
+	}
+	tn := startTestnet(t, func(c *Config) { c.Coordinators, c.Nodes = 1, 1 })
+	hf := t.TempDir()
+	snap := filepath.Join(hf, "hub", "models--"+strings.ReplaceAll(DefaultModelAlias, "/", "--"), "snapshots", strings.Repeat("0", 40))
+	if err := os.MkdirAll(snap, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	refs := filepath.Join(filepath.Dir(filepath.Dir(snap)), "refs")
+	if err := os.MkdirAll(refs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(refs, "main"), []byte(strings.Repeat("0", 40)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(tn.Info().Dir, "models", DefaultModelName)
+	for _, f := range []string{"config.json", "tokenizer.json", "tokenizer_config.json"} {
+		b, err := os.ReadFile(filepath.Join(src, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(snap, f), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	const steps = 12
+	cmd := exec.CommandContext(ctx, py, "-W", "ignore", filepath.Join("testdata", "cookbook_sft.py"),
+		tn.Info().Coordinators[0], DefaultModelAlias, t.TempDir(), strconv.Itoa(steps))
+	cmd.Env = append(os.Environ(), "HF_HOME="+hf, "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false", "TINKER_API_KEY=tml-"+tn.Info().APIKey)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("the cookbook's recipe: %v\n%s", err, lastBytes(out, 4000))
+	}
+	var res struct {
+		NLL         []float64 `json:"nll"`
+		Checkpoints []struct {
+			StatePath   string `json:"state_path"`
+			SamplerPath string `json:"sampler_path"`
+		} `json:"checkpoints"`
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if r, ok := strings.CutPrefix(line, "RESULT "); ok {
+			if err := json.Unmarshal([]byte(r), &res); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if len(res.NLL) != steps {
+		t.Fatalf("the recipe logged %d steps of %d:\n%s", len(res.NLL), steps, lastBytes(out, 4000))
+	}
+	t.Logf("the recipe's train NLL by step: %.3f", res.NLL)
+	first, last := mean(res.NLL[:3]), mean(res.NLL[steps-3:])
+	if !(last < first) {
+		t.Errorf("the recipe's train NLL %v: the last 3 steps' mean %v is not below the first 3's %v", res.NLL, last, first)
+	}
+	if len(res.Checkpoints) == 0 || !strings.HasPrefix(res.Checkpoints[len(res.Checkpoints)-1].StatePath, "tinker://") {
+		t.Errorf("the recipe's final checkpoint: %+v", res.Checkpoints)
+	}
+}
+
+func mean(xs []float64) float64 {
+	s := 0.0
+	for _, x := range xs {
+		s += x
+	}
+	return s / float64(len(xs))
+}
+
+// lastBytes is the end of a command's output, for a failure's message.
+func lastBytes(b []byte, n int) string {
+	if len(b) > n {
+		b = b[len(b)-n:]
+	}
+	return string(b)
 }
