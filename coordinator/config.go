@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/signal-p2p/signal/ledger"
+	"github.com/signal-p2p/signal/protocol"
 )
 
 // Tokenizer encodes text for POST /v1/tokenize.
@@ -87,6 +88,10 @@ type Config struct {
 	// Hugging Face Hub repository (POST /v1/checkpoints/{id}/push),
 	// reading it from the network's store; unset, pushes are refused.
 	PushCheckpoint PushFunc
+	// OpenCheckpointFile, when set, reads one stored checkpoint file,
+	// verified against its CID: the Tinker door's download URLs stream
+	// through it (node/storage.GetVerified over the network's store).
+	OpenCheckpointFile func(ctx context.Context, f protocol.CheckpointFile) (io.ReadCloser, error)
 	// AuditRate is the fraction of billed forward_backward, forward and
 	// sample calls the leader audits: a validator of another operator
 	// replays the call from the state the node committed (audit.go). With

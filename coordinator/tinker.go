@@ -35,6 +35,7 @@ const (
 	kindOptimStep       = "optim_step"
 	kindSaveWeights     = "save_weights"
 	kindSaveForSampler  = "save_weights_for_sampler"
+	kindSaveExternal    = "save_weights_external"
 	kindLoadWeights     = "load_weights"
 	kindUnloadModel     = "unload_model"
 	kindSample          = "sample"
@@ -92,6 +93,7 @@ func (c *Coordinator) tinkerRoutes(mux *http.ServeMux) {
 	r("POST /api/v1/optim_step", "optim_step", user, c.tinkerOptimStep)
 	r("POST /api/v1/save_weights", "save_weights", user, c.tinkerSaveWeights(kindSaveWeights))
 	r("POST /api/v1/save_weights_for_sampler", "save_weights_for_sampler", user, c.tinkerSaveWeights(kindSaveForSampler))
+	r("POST /api/v1/save_weights_external", "save_weights_external", user, c.tinkerSaveWeights(kindSaveExternal))
 	r("POST /api/v1/load_weights", "load_weights", user, c.tinkerLoadWeights)
 	r("POST /api/v1/unload_model", "unload_model", user, c.tinkerUnloadModel)
 	r("POST /api/v1/create_sampling_session", "create_sampling_session", user, c.tinkerCreateSampler)
@@ -103,6 +105,10 @@ func (c *Coordinator) tinkerRoutes(mux *http.ServeMux) {
 	r("GET /api/v1/training_runs/{id}/checkpoints", "checkpoints", user, c.tinkerCheckpoints)
 	r("DELETE /api/v1/training_runs/{id}/checkpoints/{kind}/{name}", "delete_checkpoint", user, c.tinkerDeleteCheckpoint)
 	r("GET /api/v1/checkpoints", "user_checkpoints", user, c.tinkerCheckpoints)
+	r("GET /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/external_weights_urls", "file_urls", user, c.tinkerFileURLs)
+	r("PUT /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl", "checkpoint_ttl", user, c.tinkerSetTTL)
+	// The signed URLs' files: the token is the credential, any member serves.
+	mux.HandleFunc("GET /api/v1/checkpoint_files/{token}", c.tinkerFile)
 	mux.HandleFunc("/api/v1/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, protocol.CodeNotFound, fmt.Sprintf("Signal's Tinker API has no route %s %s", r.Method, r.URL.Path), "")
 	})
@@ -392,9 +398,12 @@ type tinkerAdam struct {
 
 func ptr[T any](v T) *T { return &v }
 
-// saveReq is a save_weights or save_weights_for_sampler to run.
+// saveReq is a save_weights, save_weights_for_sampler or
+// save_weights_external to run.
 type saveReq struct {
 	Name string `json:"name,omitempty"`
+	// Expires is the checkpoint's end (its ttl_seconds from the request).
+	Expires string `json:"expires,omitempty"`
 	// Session asks for a sampling session on the saved weights (the SDK's
 	// save_weights_and_get_sampling_client), with this id.
 	Session string `json:"session,omitempty"`
@@ -403,16 +412,25 @@ type saveReq struct {
 func (c *Coordinator) tinkerSaveWeights(kind string) handlerFunc {
 	return func(cl *call) (any, error) {
 		var req struct {
-			ModelID              string `json:"model_id"`
-			Path                 string `json:"path"`
-			SeqID                *int   `json:"seq_id"`
-			SamplingSessionSeqID *int   `json:"sampling_session_seq_id"`
+			ModelID              string   `json:"model_id"`
+			Path                 string   `json:"path"`
+			SeqID                *int     `json:"seq_id"`
+			SamplingSessionSeqID *int     `json:"sampling_session_seq_id"`
+			TTLSeconds           *int64   `json:"ttl_seconds"`
+			Recipients           []string `json:"age_encryption_recipients"`
 		}
 		if err := decodeTinker(cl.body, &req); err != nil {
 			return nil, err
 		}
+		if len(req.Recipients) > 0 {
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "age_encryption_recipients: Signal does not encrypt exports yet; send none (the download URLs are signed and short-lived)")
+		}
 		sr := saveReq{Name: req.Path}
 		if err := checkName(sr.Name); err != nil {
+			return nil, err
+		}
+		var err error
+		if sr.Expires, err = expiry(req.TTLSeconds); err != nil {
 			return nil, err
 		}
 		if kind == kindSaveForSampler && req.Path == "" {
@@ -775,12 +793,16 @@ func isoTime(t string) string {
 }
 
 func checkpointView(cp TinkerCheckpoint) map[string]any {
-	seg := "weights"
-	if cp.Type == "sampler" {
-		seg = "sampler_weights"
+	seg := map[string]string{"sampler": "sampler_weights", "external": "external_weights"}[cp.Type]
+	if seg == "" {
+		seg = "weights"
 	}
-	return map[string]any{"checkpoint_id": seg + "/" + cp.Name, "checkpoint_type": cp.Type, "time": isoTime(cp.Time),
+	out := map[string]any{"checkpoint_id": seg + "/" + cp.Name, "checkpoint_type": cp.Type, "time": isoTime(cp.Time),
 		"tinker_path": cp.Path, "size_bytes": cp.Size, "public": false}
+	if cp.Expires != "" {
+		out["expires_at"] = cp.Expires
+	}
+	return out
 }
 
 // tinkerRunOf resolves a training_run_id: a Signal run id or a Tinker

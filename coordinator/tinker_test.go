@@ -207,3 +207,27 @@ func BenchmarkTinkerFutures(b *testing.B) {
 		runtime.KeepAlive(s)
 	}
 }
+
+// Download URLs: a token verifies only as signed, before it expires, and
+// under the cluster's key.
+func TestTinkerFileTokens(t *testing.T) {
+	c := &Coordinator{cfg: Config{AdminToken: "adm-1"}}
+	now := time.Now()
+	tok := c.signFile("tinker://run_1/weights/a", "adapter_model.safetensors", now.Add(time.Minute))
+	if p, f, err := c.verifyFile(tok, now); err != nil || p != "tinker://run_1/weights/a" || f != "adapter_model.safetensors" {
+		t.Fatalf("a fresh token: %q %q %v", p, f, err)
+	}
+	if _, _, err := c.verifyFile(tok, now.Add(2*time.Minute)); err == nil {
+		t.Error("an expired token verified")
+	}
+	other := &Coordinator{cfg: Config{AdminToken: "adm-2"}}
+	if _, _, err := other.verifyFile(tok, now); err == nil {
+		t.Error("a token verified under another cluster's key")
+	}
+	forged := c.signFile("tinker://run_2/weights/a", "adapter_model.safetensors", now.Add(time.Minute))
+	payload, _, _ := strings.Cut(forged, ".")
+	_, mac, _ := strings.Cut(tok, ".")
+	if _, _, err := c.verifyFile(payload+"."+mac, now); err == nil {
+		t.Error("another checkpoint's path verified under this token's MAC")
+	}
+}

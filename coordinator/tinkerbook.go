@@ -87,6 +87,8 @@ type TinkerCheckpoint struct {
 	Checkpoint string `json:"checkpoint"`
 	Size       int64  `json:"size"`
 	Time       string `json:"time"`
+	// Expires is when the name is forgotten (its TTL; "" keeps it).
+	Expires string `json:"expires,omitempty"`
 }
 
 // tinkerCmd is the one Tinker command: a submit, a finish, records put or

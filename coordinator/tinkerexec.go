@@ -48,6 +48,8 @@ func (c *Coordinator) tinkerLoop(ctx context.Context) {
 	defer r.wg.Wait()
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
+	expire := time.NewTicker(10 * time.Second)
+	defer expire.Stop()
 	for {
 		r.dispatch(ctx)
 		select {
@@ -55,6 +57,12 @@ func (c *Coordinator) tinkerLoop(ctx context.Context) {
 			return
 		case <-c.tinkerKick:
 		case <-t.C:
+		case <-expire.C:
+			if gone := c.tinkerExpired(); len(gone) > 0 {
+				if _, err := c.propose(ctx, cmdTinker, tinkerCmd{DeleteCheckpoints: gone}); err != nil && ctx.Err() == nil {
+					c.log.Warn("forget expired tinker checkpoints", "category", "infrastructure", "err", err)
+				}
+			}
 		}
 	}
 }
@@ -216,7 +224,7 @@ func (r *tinkerRunner) exec(ctx context.Context, f TinkerFuture) (tinkerCmd, err
 		}
 		return done(f.ID, map[string]any{"metrics": map[string]float64{
 			"grad_norm:mean": o.GradNorm, "learning_rate:mean": o.LearningRate, "step:max": float64(o.Step)}})
-	case kindSaveWeights, kindSaveForSampler:
+	case kindSaveWeights, kindSaveForSampler, kindSaveExternal:
 		return r.save(ctx, f, m)
 	case kindLoadWeights:
 		return r.load(ctx, f, m)
@@ -254,8 +262,12 @@ func (r *tinkerRunner) save(ctx context.Context, f TinkerFuture, m TinkerModel) 
 		return tinkerCmd{}, err
 	}
 	mode, typ, seg := "full", "training", "weights"
-	if f.Kind == kindSaveForSampler {
+	switch f.Kind {
+	case kindSaveForSampler:
 		mode, typ, seg = "adapter", "sampler", "sampler_weights"
+	case kindSaveExternal:
+		// The weights a user takes away: the PEFT adapter files.
+		mode, typ, seg = "adapter", "external", "external_weights"
 	}
 	body, err := c.internalCall(ctx, f.Account, f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/save_state", m.RunID,
 		protocol.SaveStateRequest{Mode: mode, Name: req.Name}, c.billed(protocol.CallSaveState))
@@ -276,7 +288,7 @@ func (r *tinkerRunner) save(ctx context.Context, f TinkerFuture, m TinkerModel) 
 		size += file.Size
 	}
 	tc := TinkerCheckpoint{Path: fmt.Sprintf("tinker://%s/%s/%s", m.RunID, seg, name), Account: f.Account, RunID: m.RunID,
-		Name: name, Type: typ, Checkpoint: cp.ID, Size: size, Time: now()}
+		Name: name, Type: typ, Checkpoint: cp.ID, Size: size, Time: now(), Expires: req.Expires}
 	result := map[string]any{"path": tc.Path, "type": f.Kind}
 	cmd := tinkerCmd{Checkpoints: []TinkerCheckpoint{tc}}
 	if req.Session != "" {

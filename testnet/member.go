@@ -78,6 +78,7 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 		// Pushes to $HF_ENDPOINT (a test's local Hub) or huggingface.co,
 		// as signal coordinator wires them.
 		cfg.PushCheckpoint = hub.Pusher(&hub.Client{}, ns.Store)
+		cfg.OpenCheckpointFile = storage.FileOpener(ns.Store)
 	}
 	// The testnet's key is used by examples and tests in tight loops.
 	cfg.RatePerSecond, cfg.RateBurst = DefaultConfig().RatePerSecond, DefaultConfig().RateBurst

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/signal-p2p/signal/client"
+	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/protocol"
 )
 
@@ -68,7 +69,8 @@ type flowResult map[string]json.RawMessage
 func runFlow(ctx context.Context, t *testing.T, py, flow, base, key string, onPause func(what string)) map[string]flowResult {
 	t.Helper()
 	cmd := exec.CommandContext(ctx, py, "-W", "ignore", filepath.Join("testdata", "tinker_flows.py"), flow, base, key)
-	cmd.Env = append(os.Environ(), "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false")
+	cmd.Env = append(os.Environ(), "HF_HUB_OFFLINE=1", "TOKENIZERS_PARALLELISM=false", "FLOW_TMP="+t.TempDir(),
+		"TINKER_BASE_URL="+base, "TINKER_API_KEY="+key)
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -175,6 +177,24 @@ func TestTinkerSDK(t *testing.T) {
 		}
 		if run := h.Info(); run.Step != 15 || len(run.Checkpoints) == 0 {
 			t.Errorf("run %s: step %d, %d checkpoints; want step 15 and the saved checkpoint", runID, h.Info().Step, len(h.Info().Checkpoints))
+		}
+		// The downloaded adapter is the saved checkpoint's, byte for byte:
+		// its CID is the one the run's step-10 checkpoint names.
+		var want string
+		for _, cp := range h.Info().Checkpoints {
+			for _, f := range cp.Files {
+				if cp.Step == 10 && f.Name == "adapter_model.safetensors" {
+					want = f.CID
+				}
+			}
+		}
+		files := field[map[string]string](t, out["download"], "files")
+		b, err := os.ReadFile(files["adapter_model.safetensors"])
+		if err != nil {
+			t.Fatalf("the CLI's download %v: %v", files, err)
+		}
+		if got := storage.NewCID(b).String(); want == "" || got != want {
+			t.Errorf("downloaded adapter_model.safetensors has CID %s, the saved checkpoint's is %q", got, want)
 		}
 	})
 

@@ -95,6 +95,7 @@ func runCoordinator(ctx context.Context, cmd *cobra.Command, o coordinatorOpts) 
 		cfg.CheckpointStores, cfg.DeleteCheckpointFiles = []string{ns.Prefix}, ns.Delete
 		// Pushes read the store; the Hub is $HF_ENDPOINT or huggingface.co.
 		cfg.PushCheckpoint = hub.Pusher(&hub.Client{}, ns.Store)
+		cfg.OpenCheckpointFile = storage.FileOpener(ns.Store)
 	} else {
 		logger.Warn("no --storage: node checkpoints are recorded from any file or s3 URI and never collected; "+
 			"runs cannot move between machines whose nodes keep node-local stores. Give every coordinator and node the network's shared store", "category", "security")

@@ -18,6 +18,8 @@ import (
 
 	"github.com/ipfs/go-cid"
 	"github.com/multiformats/go-multihash"
+
+	"github.com/signal-p2p/signal/protocol"
 )
 
 // Errors callers tell apart with errors.Is.
@@ -216,4 +218,21 @@ func OpenNetwork(rawURL string, creds Credentials) (Network, error) {
 		Delete: func(ctx context.Context, uris []string) error { return DeleteURIs(ctx, st, uris) },
 		Store:  st,
 	}, nil
+}
+
+// FileOpener returns a reader of a checkpoint's stored files out of st:
+// the file's object, verified against its CID as it is read (the reader
+// fails at its end on a mismatch), and refused when the file's URI names
+// another store.
+func FileOpener(st Store) func(context.Context, protocol.CheckpointFile) (io.ReadCloser, error) {
+	return func(ctx context.Context, f protocol.CheckpointFile) (io.ReadCloser, error) {
+		c, err := ParseCID(f.CID)
+		if err != nil {
+			return nil, fmt.Errorf("file %s: %w", f.Name, err)
+		}
+		if f.URI != "" && st.URI(c.String()) != f.URI {
+			return nil, fmt.Errorf("file %s at %s: %w", f.Name, f.URI, ErrForeignStore)
+		}
+		return GetVerified(ctx, st, c)
+	}
 }

@@ -82,6 +82,17 @@ def flow_supervised():
     emit(what="checkpoints", paths=[c.tinker_path for c in cps], sizes=[c.size_bytes for c in cps])
     runs = rc.list_training_runs().result().training_runs
     emit(what="runs", ids=[r.training_run_id for r in runs])
+    # The SDK's own CLI downloads the checkpoint: through a training client
+    # loaded from it, save_weights_external, signed URLs, a TTL, a delete.
+    out = os.path.join(os.environ["FLOW_TMP"], "download")
+    import subprocess
+    subprocess.run([sys.executable, "-W", "ignore", "-m", "tinker.cli", "checkpoint", "download", path, "-o", out],
+                   check=True, stdout=subprocess.DEVNULL)
+    files = {}
+    for root, _, names in os.walk(out):
+        for n in names:
+            files[n] = os.path.join(root, n)
+    emit(what="download", files=files)
     rc.delete_checkpoint_from_tinker_path(path).result()
     emit(what="after_delete", paths=[c.tinker_path for c in rc.list_checkpoints(tc.model_id).result().checkpoints])
 
