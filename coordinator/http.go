@@ -122,9 +122,15 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "POST /v1/runs/{id}/optim_step", "optim_step", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallOptimStep))
 	c.route(mux, "POST /v1/runs/{id}/sample", "sample", routeOpts{auth: authUser, mutating: true, maxBody: c.cfg.MaxBodyBytes}, c.billed(protocol.CallSample))
 	c.route(mux, "POST /v1/runs/{id}/save_state", "save_state", routeOpts{auth: authUser, mutating: true}, c.billed(protocol.CallSaveState))
+	// Not mutating as a whole: each of its calls is recorded under a key
+	// derived from the request's Idempotency-Key (pipeline.go).
+	c.route(mux, "POST /v1/runs/{id}/pipeline", "pipeline", routeOpts{auth: authUser, maxBody: c.cfg.MaxBodyBytes}, c.handlePipeline)
 	c.route(mux, "POST /v1/runs/{id}/load_state", "load_state", routeOpts{auth: authUser, mutating: true}, c.handleLoadState)
 	// Not mutating: no idempotency record may hash a body holding a token.
 	c.route(mux, "POST /v1/checkpoints/{id}/push", "push_checkpoint", routeOpts{auth: authUser}, c.handlePushCheckpoint)
+	c.route(mux, "GET /v1/checkpoints/{id}/files", "checkpoint_files", routeOpts{auth: authUser}, c.handleCheckpointFiles)
+	// The signed URLs' files: the token is the credential; any member serves.
+	mux.HandleFunc("GET /v1/checkpoint_files/{token}", c.serveCheckpointFile)
 	c.tinkerRoutes(mux)
 	if ui := c.cfg.UI; ui != nil {
 		// Before the catch-all: "/{$}" is the root alone, so unknown paths

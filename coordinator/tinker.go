@@ -107,8 +107,7 @@ func (c *Coordinator) tinkerRoutes(mux *http.ServeMux) {
 	r("GET /api/v1/checkpoints", "user_checkpoints", user, c.tinkerCheckpoints)
 	r("GET /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/external_weights_urls", "file_urls", user, c.tinkerFileURLs)
 	r("PUT /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl", "checkpoint_ttl", user, c.tinkerSetTTL)
-	// The signed URLs' files: the token is the credential, any member serves.
-	mux.HandleFunc("GET /api/v1/checkpoint_files/{token}", c.tinkerFile)
+
 	mux.HandleFunc("/api/v1/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, protocol.CodeNotFound, fmt.Sprintf("Signal's Tinker API has no route %s %s", r.Method, r.URL.Path), "")
 	})

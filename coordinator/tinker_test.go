@@ -210,24 +210,26 @@ func BenchmarkTinkerFutures(b *testing.B) {
 
 // Download URLs: a token verifies only as signed, before it expires, and
 // under the cluster's key.
-func TestTinkerFileTokens(t *testing.T) {
+func TestFileTokens(t *testing.T) {
 	c := &Coordinator{cfg: Config{AdminToken: "adm-1"}}
 	now := time.Now()
-	tok := c.signFile("tinker://run_1/weights/a", "adapter_model.safetensors", now.Add(time.Minute))
-	if p, f, err := c.verifyFile(tok, now); err != nil || p != "tinker://run_1/weights/a" || f != "adapter_model.safetensors" {
-		t.Fatalf("a fresh token: %q %q %v", p, f, err)
+	want := fileToken{Account: "acct_1", Checkpoint: "ck_1", File: "adapter_model.safetensors", Expires: now.Add(time.Minute).Truncate(time.Second)}
+	tok := c.signFile(want)
+	if got, err := c.verifyFile(tok, now); err != nil || !got.Expires.Equal(want.Expires) || got.Account != want.Account || got.Checkpoint != want.Checkpoint || got.File != want.File {
+		t.Fatalf("a fresh token: %+v %v, want %+v", got, err, want)
 	}
-	if _, _, err := c.verifyFile(tok, now.Add(2*time.Minute)); err == nil {
+	if _, err := c.verifyFile(tok, now.Add(2*time.Minute)); err == nil {
 		t.Error("an expired token verified")
 	}
 	other := &Coordinator{cfg: Config{AdminToken: "adm-2"}}
-	if _, _, err := other.verifyFile(tok, now); err == nil {
+	if _, err := other.verifyFile(tok, now); err == nil {
 		t.Error("a token verified under another cluster's key")
 	}
-	forged := c.signFile("tinker://run_2/weights/a", "adapter_model.safetensors", now.Add(time.Minute))
-	payload, _, _ := strings.Cut(forged, ".")
+	forged := want
+	forged.Account = "acct_2"
+	payload, _, _ := strings.Cut(c.signFile(forged), ".")
 	_, mac, _ := strings.Cut(tok, ".")
-	if _, _, err := c.verifyFile(payload+"."+mac, now); err == nil {
-		t.Error("another checkpoint's path verified under this token's MAC")
+	if _, err := c.verifyFile(payload+"."+mac, now); err == nil {
+		t.Error("another account's checkpoint verified under this token's MAC")
 	}
 }

@@ -2,10 +2,7 @@ package coordinator
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"sync"
@@ -208,13 +205,13 @@ func (r *tinkerRunner) exec(ctx context.Context, f TinkerFuture) (tinkerCmd, err
 		if f.Kind == kindForward {
 			callName, route = protocol.CallForward, "forward"
 		}
-		body, err := c.internalCall(ctx, f.Account, f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/"+route, m.RunID, f.Request, c.billed(callName))
+		body, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/"+route, m.RunID, f.Request, c.billed(callName))
 		if err != nil {
 			return tinkerCmd{}, err
 		}
 		return tinkerCmd{Finish: &tinkerFinish{ID: f.ID, Status: futureDone, Result: body}}, nil
 	case kindOptimStep:
-		body, err := c.internalCall(ctx, f.Account, f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/optim_step", m.RunID, f.Request, c.billed(protocol.CallOptimStep))
+		body, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/optim_step", m.RunID, f.Request, c.billed(protocol.CallOptimStep))
 		if err != nil {
 			return tinkerCmd{}, err
 		}
@@ -229,7 +226,7 @@ func (r *tinkerRunner) exec(ctx context.Context, f TinkerFuture) (tinkerCmd, err
 	case kindLoadWeights:
 		return r.load(ctx, f, m)
 	case kindUnloadModel:
-		if _, err := c.internalCall(ctx, f.Account, f.ID, http.MethodDelete, "/v1/runs/"+m.RunID, m.RunID, json.RawMessage(`{}`), c.handleEndRun); err != nil {
+		if _, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID, http.MethodDelete, "/v1/runs/"+m.RunID, m.RunID, json.RawMessage(`{}`), c.handleEndRun); err != nil {
 			return tinkerCmd{}, err
 		}
 		return done(f.ID, map[string]string{"model_id": m.ID, "type": "unload_model"})
@@ -243,7 +240,7 @@ func (r *tinkerRunner) exec(ctx context.Context, f TinkerFuture) (tinkerCmd, err
 // retry, on any leader, answers the run the first try made).
 func (c *Coordinator) tinkerCreateRun(ctx context.Context, account, key string, req createModelReq) (protocol.Run, error) {
 	rank := req.Rank
-	body, err := c.internalCall(ctx, account, key+":run", http.MethodPost, "/v1/runs", "",
+	body, err := c.internalCall(ctx, account, "tinker:"+key+":run", http.MethodPost, "/v1/runs", "",
 		protocol.CreateRunRequest{BaseModel: req.BaseModel, LoRARank: &rank, Seed: req.Seed, Name: req.ModelID}, c.handleCreateRun)
 	if err != nil {
 		return protocol.Run{}, err
@@ -269,7 +266,7 @@ func (r *tinkerRunner) save(ctx context.Context, f TinkerFuture, m TinkerModel) 
 		// The weights a user takes away: the PEFT adapter files.
 		mode, typ, seg = "adapter", "external", "external_weights"
 	}
-	body, err := c.internalCall(ctx, f.Account, f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/save_state", m.RunID,
+	body, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID, http.MethodPost, "/v1/runs/"+m.RunID+"/save_state", m.RunID,
 		protocol.SaveStateRequest{Mode: mode, Name: req.Name}, c.billed(protocol.CallSaveState))
 	if err != nil {
 		return tinkerCmd{}, err
@@ -321,7 +318,7 @@ func (r *tinkerRunner) load(ctx context.Context, f TinkerFuture, m TinkerModel) 
 		runID = run.ID
 		cmd.Models = []TinkerModel{{ID: req.New.ModelID, Account: f.Account, RunID: run.ID, BaseModel: run.BaseModel, Rank: run.LoRARank, Time: now()}}
 	}
-	if _, err := c.internalCall(ctx, f.Account, f.ID+":load", http.MethodPost, "/v1/runs/"+runID+"/load_state", runID,
+	if _, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID+":load", http.MethodPost, "/v1/runs/"+runID+"/load_state", runID,
 		protocol.LoadStateRequest{Checkpoint: cp.Checkpoint, WeightsOnly: !req.Optimizer}, c.handleLoadState); err != nil {
 		return tinkerCmd{}, err
 	}
@@ -361,7 +358,7 @@ func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, e
 			}
 			fw := protocol.ForwardBackwardRequest{Data: []protocol.Datum{{ModelInput: protocol.ModelInput{Tokens: req.Prompt[:n-1]},
 				LossFnInputs: protocol.LossFnInputs{TargetTokens: req.Prompt[1:], Weights: ones}}}}
-			body, err := c.internalCall(ctx, f.Account, f.ID+":prompt", http.MethodPost, path+"/forward", runID, fw, c.billed(protocol.CallForward))
+			body, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID+":prompt", http.MethodPost, path+"/forward", runID, fw, c.billed(protocol.CallForward))
 			if err != nil {
 				return tinkerCmd{}, err
 			}
@@ -376,7 +373,7 @@ func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, e
 	}
 	n := req.NumSamples
 	sreq := protocol.SampleRequest{Prompts: []protocol.Prompt{{Tokens: req.Prompt}}, NumSamples: &n, SamplingParams: req.Params}
-	body, err := c.internalCall(ctx, f.Account, f.ID+":sample", http.MethodPost, path+"/sample", runID, sreq, c.billed(protocol.CallSample))
+	body, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID+":sample", http.MethodPost, path+"/sample", runID, sreq, c.billed(protocol.CallSample))
 	if err != nil {
 		return tinkerCmd{}, err
 	}
@@ -443,7 +440,7 @@ func (r *tinkerRunner) samplerRun(ctx context.Context, account, id string) (stri
 		return "", err
 	}
 	if sm.Checkpoint != "" {
-		if _, err := c.internalCall(ctx, account, "sampler:"+id+":load", http.MethodPost, "/v1/runs/"+run.ID+"/load_state", run.ID,
+		if _, err := c.internalCall(ctx, account, "tinker:sampler:"+id+":load", http.MethodPost, "/v1/runs/"+run.ID+"/load_state", run.ID,
 			protocol.LoadStateRequest{Checkpoint: sm.Checkpoint, WeightsOnly: true}, c.handleLoadState); err != nil {
 			return "", err
 		}
@@ -453,46 +450,4 @@ func (r *tinkerRunner) samplerRun(ctx context.Context, account, id string) (stri
 		return "", err
 	}
 	return run.ID, nil
-}
-
-// internalCall runs one /v1 handler for a queued Tinker call, under an
-// idempotency key of the call's own: the key's record answers a retry (on
-// this leader or the next) with what the first try did and was charged,
-// and the node, which dedups by the request id derived from it, does the
-// work once.
-func (c *Coordinator) internalCall(ctx context.Context, account, key, method, path, id string, body any, h handlerFunc) ([]byte, error) {
-	b, err := json.Marshal(body)
-	if err != nil {
-		return nil, err
-	}
-	req, err := http.NewRequestWithContext(ctx, method, path, nil)
-	if err != nil {
-		return nil, err
-	}
-	req.SetPathValue("id", id)
-	cl := &call{r: req, body: b, account: account, reqID: newID(6)}
-	sum := sha256.Sum256([]byte(method + " " + path + "\n" + string(b)))
-	cl.idem = &IdemTag{Scope: account + "\x00tinker:" + key, BodyHash: hex.EncodeToString(sum[:])}
-	var rec IdemRecord
-	var ok bool
-	var cerr error
-	c.fsm.read(func(s *State) { rec, ok, cerr = s.checkIdem(cl.idem) })
-	if cerr != nil {
-		return nil, cerr
-	}
-	if ok {
-		return rec.Body, nil
-	}
-	v, err := h(cl)
-	if err != nil {
-		return nil, err
-	}
-	out, err := c.answer(cl, v)
-	if err != nil {
-		return nil, err
-	}
-	if out.status >= 300 {
-		return nil, fmt.Errorf("%s %s answered %d: %w", method, path, out.status, errors.New(string(out.body)))
-	}
-	return out.body, nil
 }

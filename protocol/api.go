@@ -3,6 +3,8 @@
 // the standard library so that every other part can depend on it.
 package protocol
 
+import "encoding/json"
+
 // APIVersionPrefix is the path prefix of every public API call.
 const APIVersionPrefix = "/v1"
 
@@ -128,6 +130,23 @@ type Checkpoint struct {
 	URI       string           `json:"uri"`
 	Files     []CheckpointFile `json:"files"`
 	CreatedAt string           `json:"created_at"`
+}
+
+// CheckpointFileURL is one file of a checkpoint with a signed URL to
+// download it from a coordinator.
+type CheckpointFileURL struct {
+	Name string `json:"name"`
+	CID  string `json:"cid"`
+	Size int64  `json:"size"`
+	URL  string `json:"url"`
+}
+
+// CheckpointFiles answers GET /v1/checkpoints/{id}/files: the URLs are
+// valid until Expires (RFC 3339).
+type CheckpointFiles struct {
+	Checkpoint Checkpoint          `json:"checkpoint"`
+	Files      []CheckpointFileURL `json:"files"`
+	Expires    string              `json:"expires"`
 }
 
 // Metrics are one optimizer step's figures.
@@ -270,6 +289,27 @@ type SaveStateRequest struct {
 type SaveStateResponse struct {
 	Checkpoint Checkpoint `json:"checkpoint"`
 	Billed
+}
+
+// PipelineCall is one call of a pipeline: Call names it (forward,
+// forward_backward, optim_step, sample or save_state) and Body is its
+// request body, as the call's own route takes it.
+type PipelineCall struct {
+	Call string          `json:"call"`
+	Body json.RawMessage `json:"body,omitempty"`
+}
+
+// PipelineRequest is the body of POST /v1/runs/{id}/pipeline: calls the
+// run makes in order, in one round trip (a training step's
+// forward_backward and optim_step).
+type PipelineRequest struct {
+	Calls []PipelineCall `json:"calls"`
+}
+
+// PipelineResponse answers a pipeline: each call's answer, billed as its
+// own route answers it, in order.
+type PipelineResponse struct {
+	Results []json.RawMessage `json:"results"`
 }
 
 // LoadStateRequest is the body of load_state: a checkpoint id, URI or CID.

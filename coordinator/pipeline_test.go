@@ -1,0 +1,61 @@
+package coordinator
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// A pipeline runs its calls in order in one request, each billed as its
+// own route bills it; a retry under the same Idempotency-Key replays what
+// ran and runs the rest; the failed call is named.
+func TestPipeline(t *testing.T) {
+	c, fnet := startOne(t, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 8})
+	fb, _ := json.Marshal(fbBody(100))
+	bad := json.RawMessage(`{"adam_params":{"learning_rate":-1}}`)
+	good := json.RawMessage(`{"adam_params":{"learning_rate":0.001}}`)
+	url := base + "/v1/runs/" + run.ID + "/pipeline"
+
+	r := do(t, "POST", url, key, protocol.PipelineRequest{Calls: []protocol.PipelineCall{{Call: "forward_backward", Body: fb}, {Call: "optim_step", Body: bad}}}, "Idempotency-Key", "k1")
+	if r.status != 400 || !strings.HasPrefix(r.errMessage(t), "calls[1] (optim_step): adam_params.learning_rate") {
+		t.Fatalf("a bad second call: %d %s", r.status, r.body)
+	}
+	if n := fnet.count(protocol.CallForwardBackward); n != 1 {
+		t.Fatalf("the first call ran %d times", n)
+	}
+	// The retry fixes the second call: the first is answered from its record.
+	r = do(t, "POST", url, key, protocol.PipelineRequest{Calls: []protocol.PipelineCall{{Call: "forward_backward", Body: fb}, {Call: "optim_step", Body: good}}}, "Idempotency-Key", "k1")
+	mustStatus(t, r, 200)
+	var out protocol.PipelineResponse
+	r.decode(t, &out)
+	var f protocol.ForwardBackwardResponse
+	var o protocol.OptimStepResponse
+	if len(out.Results) != 2 || json.Unmarshal(out.Results[0], &f) != nil || json.Unmarshal(out.Results[1], &o) != nil {
+		t.Fatalf("results %s", r.body)
+	}
+	if f.Tokens != 100 || f.Cost == nil || f.Cost.MicroCredits != 100 || o.Step != 1 {
+		t.Errorf("forward_backward %+v, optim_step %+v", f, o)
+	}
+	if fb, op := fnet.count(protocol.CallForwardBackward), fnet.count(protocol.CallOptimStep); fb != 1 || op != 1 {
+		t.Errorf("after the retry: %d forward_backward, %d optim_step ran; want 1 each", fb, op)
+	}
+	acct := do(t, "GET", base+"/v1/account", key, nil)
+	var a protocol.Account
+	acct.decode(t, &a)
+	n := map[string]int{}
+	for _, ch := range a.Charges {
+		n[ch.Call]++
+	}
+	if n["forward_backward"] != 1 || n["optim_step"] != 1 {
+		t.Errorf("charges %v: want one of each", n)
+	}
+	r = do(t, "POST", url, key, protocol.PipelineRequest{Calls: []protocol.PipelineCall{{Call: "load_state"}}})
+	if r.status != 400 || !strings.Contains(r.errMessage(t), `calls[0].call "load_state" is not a pipeline call`) {
+		t.Errorf("a call a pipeline cannot hold: %d %s", r.status, r.body)
+	}
+}
