@@ -17,6 +17,8 @@ type Run struct {
 
 	mu   sync.Mutex
 	info protocol.Run
+	// runQueue orders the run's async calls (async.go).
+	runQueue
 }
 
 // NewRunHandle returns a handle on an existing run without fetching it.

@@ -138,7 +138,11 @@ func newRunsCreateCmd() *cobra.Command {
 func newUserCheckpointsCmd() *cobra.Command {
 	cps := &cobra.Command{Use: "checkpoints", Short: "List, download and push (to the Hugging Face Hub) your runs' checkpoints"}
 	list := listCmd("list [RUN_ID]", "List the checkpoints of a run, or of all your runs, newest first", "checkpoints", maxArgs(1), func(ctx context.Context, c *client.Client, o *conn, out io.Writer, args []string) error {
-		all, err := checkpointsOf(ctx, c, args)
+		runID := ""
+		if len(args) == 1 {
+			runID = args[0]
+		}
+		all, err := c.ListCheckpoints(ctx, runID)
 		if err != nil {
 			return err
 		}
@@ -156,7 +160,7 @@ func newUserCheckpointsCmd() *cobra.Command {
 	})
 	var outDir, storeURL string
 	dl := userCmd("download CHECKPOINT_ID", "Download a checkpoint's files (verified by their CIDs) into --out", exactArgs(1), func(ctx context.Context, c *client.Client, o *conn, out io.Writer, args []string) error {
-		all, err := checkpointsOf(ctx, c, nil)
+		all, err := c.ListCheckpoints(ctx, "")
 		if err != nil {
 			return err
 		}
@@ -168,58 +172,54 @@ func newUserCheckpointsCmd() *cobra.Command {
 		if outDir == "" {
 			outDir = cp.ID
 		}
-		st, err := checkpointStore(o, storeURL, cp)
-		if err != nil {
-			return err
+		type file struct {
+			Name, CID string
+			Size      int64
 		}
-		if err := os.MkdirAll(outDir, 0o755); err != nil {
-			return err
-		}
-		m, err := storage.Resolver{Default: st}.Fetch(ctx, cp.URI, outDir)
-		if err != nil {
-			return fmt.Errorf("download checkpoint %s: %w", cp.ID, err)
+		var got []file
+		if storeURL == "" && os.Getenv("SIGNAL_STORAGE") == "" {
+			// Through the coordinator's signed URLs: no store credentials.
+			fs, err := c.DownloadCheckpoint(ctx, cp.ID, outDir)
+			if err != nil {
+				return fmt.Errorf("download checkpoint %s: %w", cp.ID, err)
+			}
+			for _, f := range fs {
+				got = append(got, file{f.Name, f.CID, f.Size})
+			}
+		} else {
+			st, err := checkpointStore(o, storeURL, cp)
+			if err != nil {
+				return err
+			}
+			if err := os.MkdirAll(outDir, 0o755); err != nil {
+				return err
+			}
+			m, err := storage.Resolver{Default: st}.Fetch(ctx, cp.URI, outDir)
+			if err != nil {
+				return fmt.Errorf("download checkpoint %s: %w", cp.ID, err)
+			}
+			for _, f := range m.Files {
+				got = append(got, file{f.Name, f.CID, f.Size})
+			}
 		}
 		if o.json {
 			return printJSON(out, map[string]any{"checkpoint": cp, "dir": outDir})
 		}
 		fmt.Fprintf(out, "checkpoint %s (run %s, step %d, %s) in %s:\n", cp.ID, cp.RunID, cp.Step, cp.Mode, outDir)
-		for _, f := range m.Files {
+		for _, f := range got {
 			fmt.Fprintf(out, "  %-28s %10s  cid %s\n", f.Name, bytesHuman(f.Size), f.CID)
 		}
 		return nil
 	})
 	dl.Flags().StringVarP(&outDir, "out", "o", "", "directory to write the files into (default: the checkpoint's id)")
-	dl.Flags().StringVar(&storeURL, "storage", "", "the network's checkpoint store, as nodes are given it: file:///dir or s3://bucket/prefix?endpoint=host:port (default: the testnet's, or $SIGNAL_STORAGE, or the checkpoint's own directory for file:// URIs)")
+	dl.Flags().StringVar(&storeURL, "storage", "", "read the network's checkpoint store directly, as nodes are given it: file:///dir or s3://bucket/prefix?endpoint=host:port (or $SIGNAL_STORAGE, with $AWS_*); default: through the coordinator, no credentials needed")
 	cps.AddCommand(list, dl, newCheckpointsPushCmd())
 	return cps
 }
 
-// checkpointsOf lists the checkpoints of the run args names, or of every
-// run of the caller's.
-func checkpointsOf(ctx context.Context, c *client.Client, args []string) ([]protocol.Checkpoint, error) {
-	var runs []protocol.Run
-	if len(args) == 1 {
-		r, err := c.GetRun(ctx, args[0])
-		if err != nil {
-			return nil, err
-		}
-		runs = []protocol.Run{r.Info()}
-	} else {
-		rs, err := c.ListRuns(ctx)
-		if err != nil {
-			return nil, err
-		}
-		runs = rs
-	}
-	var all []protocol.Checkpoint
-	for _, r := range runs {
-		all = append(all, r.Checkpoints...)
-	}
-	return all, nil
-}
-
-// checkpointStore opens the store a checkpoint is read from: --storage,
-// the testnet's, $SIGNAL_STORAGE, or, for a file:// URI, its directory.
+// checkpointStore opens the store a checkpoint is read from directly:
+// --storage, $SIGNAL_STORAGE (the testnet's when neither names one), or,
+// for a file:// URI, its directory.
 func checkpointStore(o *conn, flag string, cp protocol.Checkpoint) (storage.Store, error) {
 	u := flag
 	if u == "" {
