@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 from . import errors as _errors  # noqa: E402
 from .errors import *  # noqa: E402,F401,F403  (every exception, listed in errors.__all__)
-from .client import SignalClient, SignalRun, datum_from_tokens, format_credits, micro_credits  # noqa: E402
+from .client import SignalClient, SignalRun, datum_from_tokens, format_credits, micro_credits, raw_cid  # noqa: E402
 
-__all__ = ["SignalClient", "SignalRun", "datum_from_tokens", "micro_credits", "format_credits"] + [
+__all__ = ["SignalClient", "SignalRun", "datum_from_tokens", "micro_credits", "format_credits", "raw_cid"] + [
     name for name in _errors.__all__ if name != "error_from_response"
 ]

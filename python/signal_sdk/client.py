@@ -6,8 +6,11 @@ generated once per logical call and reused on each retry, so the server
 executes and charges it at most once.
 """
 
+import base64
+import concurrent.futures
 import decimal
 import email.utils
+import hashlib
 import ipaddress
 import json
 import math
@@ -31,7 +34,7 @@ from .errors import (
     error_from_response,
 )
 
-__all__ = ["SignalClient", "SignalRun", "datum_from_tokens", "micro_credits", "format_credits"]
+__all__ = ["SignalClient", "SignalRun", "datum_from_tokens", "micro_credits", "format_credits", "raw_cid"]
 
 API_PREFIX = "/v1"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -182,6 +185,12 @@ def _money_names(v: Any, key: str = "") -> Any:
 
 def _drop_none(d: Json) -> Json:
     return {k: v for k, v in d.items() if v is not None}
+
+
+def raw_cid(sha256_digest: bytes) -> str:
+    """The CID Signal names stored bytes by: CIDv1, raw codec, sha2-256, base32."""
+    b = bytes([0x01, 0x55, 0x12, 0x20]) + sha256_digest
+    return "b" + base64.b32encode(b).decode("ascii").lower().rstrip("=")
 
 
 class SignalClient:
@@ -459,6 +468,69 @@ class SignalClient:
         """Ends a run and frees its node's session; returns the ended run."""
         return self._request("DELETE", _run_path(run_id))
 
+    def list_checkpoints(self, run_id: Optional[str] = None) -> List[Json]:
+        """The checkpoints of one of your runs, or of all of them, newest first."""
+        runs = [self._request("GET", _run_path(run_id))] if run_id else self.list_runs()
+        cps = [cp for r in runs for cp in r.get("checkpoints") or []]
+        return sorted(cps, key=lambda cp: cp.get("created_at", ""), reverse=True)
+
+    def checkpoint_files(self, checkpoint: str) -> Json:
+        """A checkpoint's files with signed download URLs (valid until ``expires``)."""
+        if not checkpoint or any(c in checkpoint for c in "?#"):
+            raise ValueError("checkpoint %r: give its id or URI" % (checkpoint,))
+        return self._request("GET", "/checkpoints/" + urllib.parse.quote(checkpoint, safe="") + "/files")
+
+    def download_checkpoint(self, checkpoint: str, out_dir: str) -> List[Json]:
+        """Writes a checkpoint's files into ``out_dir`` through the coordinator,
+        each checked against its CID (a file whose bytes do not match is
+        removed and ``SignalError`` raised); needs no store credentials.
+        Returns the files written."""
+        files = self.checkpoint_files(checkpoint)["files"]
+        os.makedirs(out_dir, exist_ok=True)
+        for f in files:
+            name = f["name"]
+            if not name or os.path.basename(name) != name or name in (".", ".."):
+                raise SignalError("checkpoint %s: file name %r is not a plain name: refused" % (checkpoint, name))
+            dst = os.path.join(out_dir, name)
+            h = hashlib.sha256()
+            try:
+                with urllib.request.urlopen(f["url"], timeout=self.timeout) as resp, open(dst, "wb") as out:
+                    while True:
+                        chunk = resp.read(1 << 20)
+                        if not chunk:
+                            break
+                        h.update(chunk)
+                        out.write(chunk)
+            except (OSError, urllib.error.URLError) as e:
+                if os.path.exists(dst):
+                    os.remove(dst)
+                raise SignalConnectionError("download %s of checkpoint %s: %s" % (name, checkpoint, e)) from e
+            got = raw_cid(h.digest())
+            if got != f["cid"]:
+                os.remove(dst)
+                raise SignalError("download %s of checkpoint %s: the bytes have CID %s, the checkpoint names %s" % (name, checkpoint, got, f["cid"]))
+        return files
+
+    def sampling_client(self, *, checkpoint: Optional[str] = None, base_model: Optional[str] = None) -> "SignalRun":
+        """A run to sample one set of weights: a checkpoint's adapter (its run's
+        base model and rank), or the base model alone (an untrained adapter
+        leaves it as it is). Close it (or use ``with``) to free its session."""
+        if checkpoint:
+            src = next((r for r in self.list_runs() for cp in r.get("checkpoints") or [] if checkpoint in (cp.get("id"), cp.get("uri"))), None)
+            if src is None:
+                raise ValueError("checkpoint %r is not one of your runs'" % (checkpoint,))
+            run = self.create_run(src["base_model"], lora_rank=src["lora_rank"], lora_alpha=src.get("lora_alpha"),
+                                  target_modules=src.get("target_modules"), name="sampler")
+            try:
+                run.load_state(checkpoint)
+            except SignalError:
+                run.close()
+                raise
+            return run
+        if not base_model:
+            raise ValueError("give a checkpoint or a base_model to sample")
+        return self.create_run(base_model, lora_rank=1, name="sampler")
+
     def run_metrics(self, run_id: str) -> List[Json]:
         """A run's per-step metrics."""
         return self._request("GET", _run_path(run_id, "/metrics")).get("metrics", [])
@@ -575,6 +647,14 @@ def _need_admin(token: str) -> None:
         raise ValueError("admin_token is empty")
 
 
+def _adam_body(learning_rate: Optional[float] = None, **others: Optional[float]) -> Json:
+    unknown = set(others) - {"beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}
+    if unknown:
+        raise TypeError("unknown optim_step settings: %s" % ", ".join(sorted(unknown)))
+    adam = _drop_none(dict(learning_rate=learning_rate, **others))
+    return {"adam_params": adam} if adam else {}
+
+
 def _run_path(run_id: str, suffix: str = "") -> str:
     if not run_id or any(c in run_id for c in "/?#") or run_id in (".", "..") or not run_id.isprintable():
         raise ValueError("run id %r: want one non-empty path segment" % (run_id,))
@@ -596,6 +676,77 @@ class SignalRun:
         self.client = client
         self.info = info
         self._keep_open = False
+        # One worker: the run's submitted calls run in submission order.
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._executor_lock = threading.Lock()
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Any]":
+        """Runs ``getattr(self, method)(*args, **kwargs)`` after every call
+        submitted before it and returns its future at once: a loop prepares
+        its next batch while the run works (``forward_backward_async`` and
+        the others are this)."""
+        fn = getattr(self, method)
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="signal-run")
+            return self._executor.submit(fn, *args, **kwargs)
+
+    def forward_backward_async(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Json]":
+        """``forward_backward`` as a future, in submission order."""
+        return self.submit("forward_backward", *args, **kwargs)
+
+    def forward_async(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Json]":
+        """``forward`` as a future, in submission order."""
+        return self.submit("forward", *args, **kwargs)
+
+    def optim_step_async(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Json]":
+        """``optim_step`` as a future, in submission order."""
+        return self.submit("optim_step", *args, **kwargs)
+
+    def sample_async(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Json]":
+        """``sample`` as a future, in submission order."""
+        return self.submit("sample", *args, **kwargs)
+
+    def train_step_async(self, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[Tuple[Json, Json]]":
+        """``train_step`` as a future, in submission order."""
+        return self.submit("train_step", *args, **kwargs)
+
+    def pipeline(self, calls: Sequence[Tuple[str, Json]]) -> List[Json]:
+        """Sends ``(call, body)`` pairs for the run to make in order, in one
+        round trip (forward, forward_backward, optim_step, sample,
+        save_state; each body as that call's route takes it). Returns each
+        call's answer. A retry of a lost answer is answered for the calls
+        that ran and runs the rest; the first failure names its call."""
+        if not calls:
+            raise ValueError("calls is empty")
+        out = self.client._request("POST", _run_path(self.id, "/pipeline"),
+                                   {"calls": [{"call": c, "body": b} for c, b in calls]})
+        results = out.get("results", [])
+        for r in results:
+            cost = r.get("cost") if isinstance(r, dict) else None
+            if isinstance(cost, dict):
+                spent = self.info.get("spent_micro_credits", 0) + int(cost.get("micro_credits", 0))
+                self.info["spent_micro_credits"] = self.info["spent"] = spent
+            if isinstance(r, dict) and "step" in r and "learning_rate" in r:
+                self.info["step"] = r["step"]
+        return results
+
+    def train_step(
+        self,
+        batch: Optional[Iterable[BatchItem]] = None,
+        learning_rate: Optional[float] = None,
+        *,
+        examples: Optional[Iterable[Json]] = None,
+        loss_fn: Optional[str] = None,
+        loss_fn_config: Optional[Json] = None,
+        **adam: Optional[float],
+    ) -> Tuple[Json, Json]:
+        """One training step, forward_backward then optim_step, in one round
+        trip; returns both answers. ``adam`` takes optim_step's other
+        settings (beta1, beta2, eps, weight_decay, grad_clip_norm)."""
+        fb = self._batch_body(batch, examples, loss_fn, loss_fn_config)
+        res = self.pipeline([("forward_backward", fb), ("optim_step", _adam_body(learning_rate, **adam))])
+        return res[0], res[1]
 
     def __repr__(self) -> str:
         return "SignalRun(id=%r, base_model=%r, status=%r, step=%r)" % (
@@ -698,17 +849,8 @@ class SignalRun:
         grad_clip_norm: Optional[float] = None,
     ) -> Json:
         """Applies the accumulated gradients with AdamW; unset values take the run's schedule and defaults."""
-        adam = _drop_none(
-            {
-                "learning_rate": learning_rate,
-                "beta1": beta1,
-                "beta2": beta2,
-                "eps": eps,
-                "weight_decay": weight_decay,
-                "grad_clip_norm": grad_clip_norm,
-            }
-        )
-        out = self._post("/optim_step", {"adam_params": adam} if adam else {})
+        body = _adam_body(learning_rate, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, grad_clip_norm=grad_clip_norm)
+        out = self._post("/optim_step", body)
         if "step" in out:
             self.info["step"] = out["step"]
         return out
@@ -796,7 +938,12 @@ class SignalRun:
         return self.info
 
     def close(self) -> Json:
-        """Ends the run and frees its node's session; closing an ended run is a no-op."""
+        """Ends the run and frees its node's session (after the calls already
+        submitted); closing an ended run is a no-op."""
+        with self._executor_lock:
+            ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown(wait=True)
         self.info = self.client.delete_run(self.id)
         return self.info
 

@@ -5,6 +5,7 @@ Needs $SIGNAL_BIN (make test-python sets it to bin/signal). Without it the
 tests skip, except under CI=true, where they fail.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from signal_sdk import (  # noqa: E402
     UnauthorizedError,
     UnavailableError,
     UnknownModelError,
+    raw_cid,
 )
 
 BIN = os.environ.get("SIGNAL_BIN", "")
@@ -108,6 +110,39 @@ class TestRealTestnet(unittest.TestCase):
         self.assertAlmostEqual(run.forward(batch)["loss_mean"], fb_saved, places=4)
         metrics = run.metrics()
         self.assertGreaterEqual(len(metrics), 8)
+
+    def test_futures_pipeline_download_sampler(self):
+        run = self.client.create_run(MODEL, lora_rank=4, seed=2)
+        self.addCleanup(run.close)
+        batch = ["The cat sat on the mat."]
+        # Five steps submitted at once run in order, one round trip each.
+        futs = [run.train_step_async(batch, learning_rate=5e-3) for _ in range(5)]
+        steps = [f.result(timeout=300) for f in futs]
+        self.assertEqual([o["step"] for _, o in steps], [1, 2, 3, 4, 5])
+        self.assertLess(steps[-1][0]["loss_mean"], steps[0][0]["loss_mean"])
+        # A forward_backward and an optim_step in flight together.
+        fb, op = run.forward_backward_async(batch), run.optim_step_async(learning_rate=5e-3)
+        self.assertEqual(op.result(timeout=300)["step"], 6)
+        self.assertGreater(fb.result(timeout=300)["tokens"], 0)
+        # The first failing call of a pipeline is named; the ones before it ran.
+        with self.assertRaises(InvalidRequestError) as cm:
+            run.pipeline([("forward", {"examples": [{"text": "The cat"}]}), ("optim_step", {"adam_params": {"learning_rate": -1}})])
+        self.assertTrue(cm.exception.message.startswith("calls[1] (optim_step):"), cm.exception.message)
+        saved = run.save_state(mode="adapter")["checkpoint"]
+        self.assertIn(saved["id"], [cp["id"] for cp in self.client.list_checkpoints(run.id)])
+        out = tempfile.mkdtemp(prefix="signal-download-")
+        self.addCleanup(shutil.rmtree, out, True)
+        files = self.client.download_checkpoint(saved["id"], out)
+        self.assertEqual(sorted(f["name"] for f in files), sorted(f["name"] for f in saved["files"]))
+        for f in saved["files"]:
+            with open(os.path.join(out, f["name"]), "rb") as fh:
+                self.assertEqual(raw_cid(hashlib.sha256(fh.read()).digest()), f["cid"])
+        want = run.sample("The cat", max_tokens=6, temperature=0.0)["samples"][0][0]["tokens"]
+        with self.client.sampling_client(checkpoint=saved["id"]) as s:
+            self.assertEqual(s.sample("The cat", max_tokens=6, temperature=0.0)["samples"][0][0]["tokens"], want)
+        with self.client.sampling_client(base_model=MODEL) as b:
+            n = len(b.sample("The cat", max_tokens=6, temperature=0.0)["samples"][0][0]["tokens"])
+            self.assertTrue(1 <= n <= 6, n)
 
     def test_tokenize(self):
         ids = self.client.tokenize(MODEL, "Hello world")
