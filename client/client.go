@@ -13,6 +13,13 @@
 // on to the next, so a dead coordinator costs a reconnect, not the call.
 // The idempotency key travels with the call, so a call cut off mid-flight
 // and sent again through another coordinator still runs and is charged once.
+//
+// A Run's *Async calls return a Future at once and run in submission order
+// (async.go); TrainStep sends a step's forward_backward and optim_step in
+// one round trip (a pipeline). NewSampler opens a run on a checkpoint's
+// adapter or the base model to sample; DownloadCheckpoint fetches a
+// checkpoint's files through the coordinator, verified by CID
+// (checkpoints.go).
 package client
 
 import (
