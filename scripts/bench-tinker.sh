@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Tinker door figures (issue 19): the step latency (forward_backward +
 # optim_step) the tinker SDK sees over a testnet of 3 coordinators and 2
-# nodes, pipelined, against Signal's synchronous /v1 path from its Python
-# SDK and against the in-process engine on the same model and batch; and
-# the memory 1,000 queued calls hold. Prints figures and ratios; judges
+# nodes, pipelined, against Signal's /v1 path from its Python SDK (one
+# call after the other, and both in one pipeline round trip) and against
+# the in-process engine on the same model and batch; and the memory 1,000
+# queued calls hold. Prints figures and ratios; judges
 # nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,9 +27,10 @@ import json, sys
 n, l = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 st = sorted(l["train"]["StepSeconds"])
 local_ms = 1000 * st[len(st) // 2]
-t, v = n["tinker_pipelined_ms"], n["v1_sync_ms"]
+t, v, p = n["tinker_pipelined_ms"], n["v1_sync_ms"], n["v1_pipeline_ms"]
 print(f"tinker SDK over /api/v1, pipelined: {t:8.1f} ms/step")
 print(f"Signal Python SDK over /v1, sync:   {v:8.1f} ms/step   (tinker/v1 {t / v:.2f}x)")
+print(f"Signal Python SDK, train_step:      {p:8.1f} ms/step   (one round trip; v1 sync/pipeline {v / p:.2f}x)")
 print(f"in-process engine:                  {local_ms:8.1f} ms/step   (tinker/in-process {t / local_ms:.1f}x)")
 PYEOF
 
