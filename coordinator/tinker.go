@@ -171,14 +171,19 @@ func tokenizerID(m ModelSpec) string {
 	return m.Name
 }
 
-func (c *Coordinator) tinkerGetInfo(cl *call) (any, error) {
+// bodyModel is the caller's model a {"model_id"} body names.
+func (c *Coordinator) bodyModel(cl *call) (TinkerModel, error) {
 	var req struct {
 		ModelID string `json:"model_id"`
 	}
 	if err := decodeTinker(cl.body, &req); err != nil {
-		return nil, err
+		return TinkerModel{}, err
 	}
-	m, err := c.tinkerModel(cl.account, req.ModelID)
+	return c.tinkerModel(cl.account, req.ModelID)
+}
+
+func (c *Coordinator) tinkerGetInfo(cl *call) (any, error) {
+	m, err := c.bodyModel(cl)
 	if err != nil {
 		return nil, err
 	}
@@ -495,13 +500,7 @@ func (c *Coordinator) tinkerLoadWeights(cl *call) (any, error) {
 }
 
 func (c *Coordinator) tinkerUnloadModel(cl *call) (any, error) {
-	var req struct {
-		ModelID string `json:"model_id"`
-	}
-	if err := decodeTinker(cl.body, &req); err != nil {
-		return nil, err
-	}
-	m, err := c.tinkerModel(cl.account, req.ModelID)
+	m, err := c.bodyModel(cl)
 	if err != nil {
 		return nil, err
 	}
