@@ -233,3 +233,27 @@ func TestFileTokens(t *testing.T) {
 		t.Error("another account's checkpoint verified under this token's MAC")
 	}
 }
+
+// A sampling session or model id is its account's: another account naming
+// the same id (ids derive from session ids clients send) changes nothing.
+func TestTinkerRecordsStayTheirAccounts(t *testing.T) {
+	s := NewState()
+	if _, err := s.ApplyTinker(tinkerCmd{Samplers: []TinkerSampler{{ID: "s:sample:0", Account: "a", BaseModel: "tiny"}},
+		Models: []TinkerModel{{ID: "s:train:0", Account: "a", RunID: "run_a"}}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, cmd := range []tinkerCmd{
+		{Samplers: []TinkerSampler{{ID: "s:sample:0", Account: "b", BaseModel: "tiny", Checkpoint: "ck_b"}}},
+		{Models: []TinkerModel{{ID: "s:train:0", Account: "b", RunID: "run_b"}}},
+	} {
+		if _, err := s.ApplyTinker(cmd); err == nil {
+			t.Errorf("%+v: another account's record taken", cmd)
+		}
+	}
+	if sm, _ := s.TinkerSampler("s:sample:0"); sm.Account != "a" || sm.Checkpoint != "" {
+		t.Errorf("sampler after another account's put: %+v", sm)
+	}
+	if m, _ := s.TinkerModel("s:train:0"); m.RunID != "run_a" {
+		t.Errorf("model after another account's put: %+v", m)
+	}
+}

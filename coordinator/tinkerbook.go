@@ -265,16 +265,28 @@ func (s *State) ApplyTinker(c tinkerCmd) (TinkerFuture, error) {
 			out = f
 		}
 	}
+	// A record is its account's: a put naming another account's record
+	// (the ids are derived from session ids a client sends) changes nothing.
 	for _, m := range c.Models {
-		if old, ok := b.models[m.ID]; ok && old.Done > m.Done {
+		old, ok := b.models[m.ID]
+		if ok && old.Account != m.Account {
+			return out, protocol.UserErrorf(ErrConflict, "model_id %q is another account's", m.ID)
+		}
+		if ok && old.Done > m.Done {
 			m.Done = old.Done
 		}
 		b.models[m.ID] = m
 	}
 	for _, sm := range c.Samplers {
+		if old, ok := b.samplers[sm.ID]; ok && old.Account != sm.Account {
+			return out, protocol.UserErrorf(ErrConflict, "sampling session %q is another account's", sm.ID)
+		}
 		b.samplers[sm.ID] = sm
 	}
 	for _, cp := range c.Checkpoints {
+		if old, ok := b.checkpoints[cp.Path]; ok && old.Account != cp.Account {
+			return out, protocol.UserErrorf(ErrConflict, "checkpoint %q is another account's", cp.Path)
+		}
 		b.checkpoints[cp.Path] = cp
 	}
 	for _, p := range c.DeleteCheckpoints {
