@@ -83,7 +83,7 @@ func (c *Coordinator) tinkerRoutes(mux *http.ServeMux) {
 	r("POST /api/v1/session_heartbeat", "session_heartbeat", user, func(*call) (any, error) {
 		return map[string]string{"type": "session_heartbeat"}, nil
 	})
-	r("POST /api/v1/sessions/{id}/finish", "session_finish", user, func(*call) (any, error) { return map[string]any{}, nil })
+	r("POST /api/v1/sessions/{id}/finish", "session_finish", user, c.tinkerFinishSession)
 	r("GET /api/v1/get_server_capabilities", "capabilities", user, c.tinkerCapabilities)
 	r("POST /api/v1/get_info", "get_info", user, c.tinkerGetInfo)
 	r("POST /api/v1/weights_info", "weights_info", user, c.tinkerWeightsInfo)
@@ -132,6 +132,38 @@ func (c *Coordinator) tinkerClientConfig(*call) (any, error) {
 		out["fwdbwd_max_chunk_len"] = c.cfg.TinkerChunkLen
 	}
 	return out, nil
+}
+
+// tinkerFinishSession ends the runs a closing ServiceClient's session
+// holds open: its models' and its sampling sessions' (their checkpoints
+// stay, as every ended run's do). Tinker frees a session's resources when
+// it closes; without this, sampler runs would hold node sessions until
+// the idle timeout.
+func (c *Coordinator) tinkerFinishSession(cl *call) (any, error) {
+	session := cl.r.PathValue("id")
+	var recs []*RunRecord
+	c.fsm.read(func(s *State) {
+		for _, m := range s.TinkerModelsOf(cl.account) {
+			if strings.HasPrefix(m.ID, session+":train:") {
+				if r, ok := s.Run(m.RunID); ok && isActive(r.Run.Status) {
+					recs = append(recs, r)
+				}
+			}
+		}
+		for id, sm := range s.tinker.samplers {
+			if sm.Account == cl.account && strings.HasPrefix(id, session+":sample:") {
+				if r, ok := s.Run(sm.SampleRun); ok && isActive(r.Run.Status) {
+					recs = append(recs, r)
+				}
+			}
+		}
+	})
+	for _, r := range recs {
+		if _, err := c.endRun(cl.r.Context(), r); err != nil {
+			return nil, err
+		}
+	}
+	return map[string]any{}, nil
 }
 
 func (c *Coordinator) tinkerCapabilities(*call) (any, error) {

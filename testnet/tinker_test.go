@@ -264,6 +264,28 @@ func TestTinkerSDK(t *testing.T) {
 		if !slices.Equal(live, path) {
 			t.Errorf("greedy samples of the same weights: named checkpoint %v, live sampler %v", path, live)
 		}
+		// The closed session's runs (its model's, its samplers') are ended.
+		session, _, _ := strings.Cut(field[string](t, out["closed"], "model_id"), ":")
+		c, err := client.New(base, tn.Info().APIKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		runs, err := c.ListRuns(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ended := 0
+		for _, r := range runs {
+			if strings.HasPrefix(r.Name, session+":") {
+				if r.Status != protocol.RunEnded {
+					t.Errorf("run %s (%s) of the closed session is %s", r.ID, r.Name, r.Status)
+				}
+				ended++
+			}
+		}
+		if ended < 2 {
+			t.Errorf("%d runs of the closed session found; want its model's and its samplers'", ended)
+		}
 		// Stopped at the first sampled live[1], which the sample keeps.
 		want := live[:slices.Index(live, live[1])+1]
 		if stop := field[[]int](t, s, "stop"); !slices.Equal(stop, want) || field[string](t, s, "stop_reason") != "stop" {

@@ -146,6 +146,9 @@ def flow_rl():
     stop = live.sample(prompt, 1, types.SamplingParams(max_tokens=8, temperature=0.0, stop=[q.sequences[0].tokens[1]])).result()
     emit(what="samplers", base=list(b.sequences[0].tokens), path=list(p.sequences[0].tokens),
          live=list(q.sequences[0].tokens), stop=list(stop.sequences[0].tokens), stop_reason=stop.sequences[0].stop_reason)
+    # Closing the ServiceClient ends its session's runs (models and samplers).
+    sc.close("success").result()
+    emit(what="closed", model_id=tc.model_id)
 
 
 def flow_errors():
