@@ -83,11 +83,14 @@ type Coordinator struct {
 	// tinkerKick wakes the leader's queue runner (tinkerexec.go).
 	tinkerSig  *tinkerSignal
 	tinkerKick chan struct{}
-	inflightMu sync.Mutex
-	inflight   map[string]chan struct{} // idempotency scopes being executed
-	movingMu   sync.Mutex
-	moving     map[string]bool     // runs being moved by this leader
-	missing    map[string]lostMark // runs whose node seems gone
+	// tinkerPaused holds why a queued call waits (future id → pausedState),
+	// for retrieve_future's try_again; the leader's runner keeps it.
+	tinkerPaused sync.Map
+	inflightMu   sync.Mutex
+	inflight     map[string]chan struct{} // idempotency scopes being executed
+	movingMu     sync.Mutex
+	moving       map[string]bool     // runs being moved by this leader
+	missing      map[string]lostMark // runs whose node seems gone
 	// badCheckpoints are the checkpoints a node refused to restore, per
 	// run (id → why), and lastBad the latest; moves fall back past them.
 	badCheckpoints map[string]map[string]string

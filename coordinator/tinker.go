@@ -740,7 +740,11 @@ func (c *Coordinator) tinkerRetrieve(cl *call) (any, error) {
 		select {
 		case <-wake:
 		case <-deadline.C:
-			return map[string]any{"type": "try_again", "request_id": f.ID, "queue_state": "active"}, nil
+			out := map[string]any{"type": "try_again", "request_id": f.ID, "queue_state": "active"}
+			if p, ok := c.tinkerPaused.Load(f.ID); ok {
+				out["queue_state"], out["queue_state_reason"] = p.(pausedState).state, p.(pausedState).reason
+			}
+			return out, nil
 		case <-cl.r.Context().Done():
 			return nil, cl.r.Context().Err()
 		}

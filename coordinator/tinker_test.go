@@ -257,3 +257,35 @@ func TestTinkerRecordsStayTheirAccounts(t *testing.T) {
 		t.Errorf("model after another account's put: %+v", m)
 	}
 }
+
+// A call that waits for capacity says so in retrieve_future's try_again,
+// and runs once capacity comes.
+func TestTinkerQueueStateWhilePaused(t *testing.T) {
+	c, fnet := startOne(t, func(cfg *Config) { cfg.TinkerPoll = 300 * time.Millisecond; cfg.RetryAfter = 200 * time.Millisecond })
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	fnet.setDown("nodeA", true)
+	fnet.setDown("nodeB", true)
+	r := tinkerDo(t, base, key, "create_model", map[string]any{"session_id": "s2", "model_seq_id": 0, "base_model": "tiny", "lora_config": map[string]any{"rank": 4}})
+	mustStatus(t, r, 200)
+	var fut struct {
+		RequestID string `json:"request_id"`
+	}
+	r.decode(t, &fut)
+	var poll struct {
+		Type   string `json:"type"`
+		State  string `json:"queue_state"`
+		Reason string `json:"queue_state_reason"`
+	}
+	waitFor(t, 10*time.Second, "a paused try_again", func() bool {
+		tinkerDo(t, base, key, "retrieve_future", map[string]string{"request_id": fut.RequestID}).decode(t, &poll)
+		return poll.State == "paused_capacity"
+	})
+	if poll.Type != "try_again" || poll.Reason == "" {
+		t.Errorf("try_again while no node has capacity: %+v", poll)
+	}
+	fnet.setDown("nodeA", false)
+	if res := retrieve(t, base, key, fut.RequestID); !strings.Contains(string(res.body), `"model_id"`) {
+		t.Errorf("after capacity came back: %s", res.body)
+	}
+}

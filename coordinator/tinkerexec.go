@@ -34,6 +34,10 @@ type tinkerRunner struct {
 	wg  sync.WaitGroup
 }
 
+// pausedState is why a queued call waits: Tinker's queue_state and its
+// reason, as retrieve_future's try_again answers them.
+type pausedState struct{ state, reason string }
+
 // tinkerLoop runs queued Tinker calls while this member leads: each
 // model's calls in seq_id order, one at a time, the rest as they come. A
 // new leader starts from the replicated queue; a call the old leader was
@@ -146,6 +150,12 @@ func (r *tinkerRunner) run(ctx context.Context, f TinkerFuture) {
 			r.mu.Lock()
 			r.later[f.ID] = time.Now().Add(r.c.cfg.RetryAfter / 2)
 			r.mu.Unlock()
+			// retrieve_future's try_again says why the call waits.
+			state := "paused_capacity"
+			if status == http.StatusTooManyRequests {
+				state = "paused_rate_limit"
+			}
+			r.c.tinkerPaused.Store(f.ID, pausedState{state, protocol.UserMessage(err)})
 			return
 		}
 		cat, msg := "user", protocol.UserMessage(err)
@@ -162,6 +172,7 @@ func (r *tinkerRunner) run(ctx context.Context, f TinkerFuture) {
 		r.mu.Unlock()
 		r.c.tinkerWake()
 	}
+	r.c.tinkerPaused.Delete(f.ID)
 	cmd.MaxBytes = r.c.tinkerBytes()
 	if _, err := r.c.propose(ctx, cmdTinker, cmd); err != nil && ctx.Err() == nil {
 		r.c.log.Warn("record tinker answer", "category", "infrastructure", "future", f.ID, "err", err)
