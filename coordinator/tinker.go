@@ -606,6 +606,8 @@ type sampleReq struct {
 	NumSamples     int                     `json:"num_samples"`
 	Params         protocol.SamplingParams `json:"params"`
 	PromptLogprobs bool                    `json:"prompt_logprobs,omitempty"`
+	// TopK asks each prompt position's TopK most likely tokens.
+	TopK int `json:"top_k,omitempty"`
 }
 
 func (c *Coordinator) tinkerSample(cl *call) (any, error) {
@@ -630,8 +632,11 @@ func (c *Coordinator) tinkerSample(cl *call) (any, error) {
 	if err := decodeTinker(cl.body, &req); err != nil {
 		return nil, err
 	}
-	if req.TopkPromptLogprobs > 0 || req.TopkSampleLogprobs > 0 {
-		return nil, protocol.UserErrorf(ErrInvalidRequest, "topk_prompt_logprobs and topk_sample_logprobs are not served by Signal yet: ask for prompt_logprobs (each token's own logprob) instead")
+	if req.TopkSampleLogprobs > 0 {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "topk_sample_logprobs is not served by Signal yet: each sampled token's own logprob comes with every sample, and topk_prompt_logprobs scores a prompt's alternatives")
+	}
+	if k := req.TopkPromptLogprobs; k < 0 || k > maxTopKLogprobs {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "topk_prompt_logprobs is %d: give 1 to %d, or 0 for none", k, maxTopKLogprobs)
 	}
 	sm, err := c.tinkerSampler(cl.account, req.SamplingSessionID)
 	if err != nil {
@@ -645,7 +650,8 @@ func (c *Coordinator) tinkerSample(cl *call) (any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalidRequest, err)
 	}
-	sr := sampleReq{Sampler: sm.ID, Prompt: prompt, NumSamples: 1, PromptLogprobs: req.PromptLogprobs != nil && *req.PromptLogprobs}
+	sr := sampleReq{Sampler: sm.ID, Prompt: prompt, NumSamples: 1, PromptLogprobs: req.PromptLogprobs != nil && *req.PromptLogprobs,
+		TopK: req.TopkPromptLogprobs}
 	if req.NumSamples != nil {
 		sr.NumSamples = *req.NumSamples
 	}
@@ -789,14 +795,29 @@ func (c *Coordinator) futureAnswer(cl *call, f TinkerFuture) (any, error) {
 			plp = nil
 		}
 		if wantProto {
-			b, err := tinker.SampleResponse(tinker.Sampled{Samples: s.Samples, PromptLogprobs: plp})
+			b, err := tinker.SampleResponse(tinker.Sampled{Samples: s.Samples, PromptLogprobs: plp, TopK: s.TopK, TopIDs: s.TopIDs, TopLogprobs: s.TopLogprobs})
 			return rawResponse{status: http.StatusOK, body: b, contentType: tinker.ProtoContentType}, err
 		}
 		seqs := make([]map[string]any, len(s.Samples))
 		for i, smp := range s.Samples {
 			seqs[i] = map[string]any{"tokens": smp.Tokens, "logprobs": smp.Logprobs, "stop_reason": smp.StopReason}
 		}
-		return map[string]any{"type": "sample", "sequences": seqs, "prompt_logprobs": s.PromptLogprobs}, nil
+		out := map[string]any{"type": "sample", "sequences": seqs, "prompt_logprobs": s.PromptLogprobs}
+		if s.TopK > 0 {
+			top := make([]any, len(s.TopIDs))
+			for p, ids := range s.TopIDs {
+				if ids == nil {
+					continue // position 0: no context
+				}
+				pairs := make([][2]any, len(ids))
+				for j, id := range ids {
+					pairs[j] = [2]any{id, s.TopLogprobs[p][j]}
+				}
+				top[p] = pairs
+			}
+			out["topk_prompt_logprobs"] = top
+		}
+		return out, nil
 	}
 	return rawResponse{status: http.StatusOK, body: f.Result}, nil
 }

@@ -343,6 +343,11 @@ func (r *tinkerRunner) load(ctx context.Context, f TinkerFuture, m TinkerModel) 
 type sampleResult struct {
 	Samples        []protocol.Sample `json:"samples"`
 	PromptLogprobs []*float64        `json:"prompt_logprobs,omitempty"`
+	// TopK, TopIDs and TopLogprobs are each prompt position's TopK most
+	// likely tokens (nil at position 0, which has no context).
+	TopK        int         `json:"top_k,omitempty"`
+	TopIDs      [][]int     `json:"top_ids,omitempty"`
+	TopLogprobs [][]float64 `json:"top_logprobs,omitempty"`
 }
 
 func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, error) {
@@ -356,9 +361,12 @@ func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, e
 		return tinkerCmd{}, err
 	}
 	path := "/v1/runs/" + runID
-	var out sampleResult
-	if req.PromptLogprobs {
+	out := sampleResult{TopK: req.TopK}
+	if req.PromptLogprobs || req.TopK > 0 {
 		out.PromptLogprobs = []*float64{nil}
+		if req.TopK > 0 {
+			out.TopIDs, out.TopLogprobs = [][]int{nil}, [][]float64{nil}
+		}
 		if n := len(req.Prompt); n > 1 {
 			// Each prompt token's logprob given the ones before it: a
 			// forward of the prompt against itself shifted by one, the
@@ -368,7 +376,7 @@ func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, e
 				ones[i] = 1
 			}
 			fw := protocol.ForwardBackwardRequest{Data: []protocol.Datum{{ModelInput: protocol.ModelInput{Tokens: req.Prompt[:n-1]},
-				LossFnInputs: protocol.LossFnInputs{TargetTokens: req.Prompt[1:], Weights: ones}}}}
+				LossFnInputs: protocol.LossFnInputs{TargetTokens: req.Prompt[1:], Weights: ones}}}, TopKLogprobs: req.TopK}
 			body, err := c.internalCall(ctx, f.Account, "tinker:"+f.ID+":prompt", http.MethodPost, path+"/forward", runID, fw, c.billed(protocol.CallForward))
 			if err != nil {
 				return tinkerCmd{}, err
@@ -380,7 +388,17 @@ func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, e
 			for _, v := range fr.Logprobs[0] {
 				out.PromptLogprobs = append(out.PromptLogprobs, ptr(v))
 			}
+			if req.TopK > 0 {
+				if len(fr.TopLogprobs) != 1 || len(fr.TopLogprobs[0].IDs) != n-1 {
+					return tinkerCmd{}, fmt.Errorf("forward answer for top-%d prompt logprobs: %w", req.TopK, ErrBadNodeAnswer)
+				}
+				out.TopIDs = append(out.TopIDs, fr.TopLogprobs[0].IDs...)
+				out.TopLogprobs = append(out.TopLogprobs, fr.TopLogprobs[0].Logprobs...)
+			}
 		}
+	}
+	if !req.PromptLogprobs {
+		out.PromptLogprobs = nil // asked for the top-k alone
 	}
 	n := req.NumSamples
 	sreq := protocol.SampleRequest{Prompts: []protocol.Prompt{{Tokens: req.Prompt}}, NumSamples: &n, SamplingParams: req.Params}

@@ -111,6 +111,9 @@ func quoteCall(callName protocol.Call, body []byte, m ModelSpec, run protocol.Ru
 		if err != nil {
 			return q, err
 		}
+		if k := req.TopKLogprobs; k != 0 && (callName != protocol.CallForward || k < 0 || k > maxTopKLogprobs) {
+			return q, protocol.UserErrorf(ErrInvalidRequest, "top_k_logprobs is %d: forward answers 1 to %d of each position's most likely tokens, forward_backward none; ask forward, or leave it out", k, maxTopKLogprobs)
+		}
 		exact := len(req.Examples) == 0
 		if callName == protocol.CallForward {
 			q.max.PrefillTokens, q.exactPrefill = tokens, exact
@@ -166,6 +169,9 @@ func finite(f float64) bool { return !math.IsNaN(f) && !math.IsInf(f, 0) }
 const maxLossInput = 1e6
 
 func bounded(f float64) bool { return finite(f) && math.Abs(f) <= maxLossInput }
+
+// maxTopKLogprobs bounds forward's top_k_logprobs (the engines' bound).
+const maxTopKLogprobs = 20
 
 // validateForward checks a forward(_backward) body and returns its token
 // count (for text examples, an upper bound: see textCounter.bound).

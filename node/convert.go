@@ -39,7 +39,10 @@ func forwardCall(ctx context.Context, sess Session, call protocol.Call, body []b
 	if err != nil {
 		return protocol.SessionResponse{}, err
 	}
-	loss := Loss{Fn: req.LossFn, Config: req.LossFnConfig}
+	loss := Loss{Fn: req.LossFn, Config: req.LossFnConfig, TopK: req.TopKLogprobs}
+	if loss.TopK != 0 && (call != protocol.CallForward || loss.TopK < 0 || loss.TopK > trainer.MaxTopK) {
+		return protocol.SessionResponse{}, protocol.UserErrorf(ErrInvalidRequest, "top_k_logprobs %d: forward answers 1..%d of them (forward_backward none)", loss.TopK, trainer.MaxTopK)
+	}
 	var res trainer.ForwardResult
 	if call == protocol.CallForwardBackward {
 		res, err = sess.ForwardBackward(ctx, data, loss)
@@ -57,6 +60,26 @@ func forwardCall(ctx context.Context, sess Session, call protocol.Call, body []b
 	}
 	for i, lp := range res.Logprobs {
 		out.Logprobs[i] = f64(lp)
+	}
+	if k := loss.TopK; k > 0 {
+		if len(res.TopIDs) != len(res.Logprobs) || len(res.TopLogprobs) != len(res.Logprobs) {
+			return protocol.SessionResponse{}, fmt.Errorf("forward: the engine answered top-%d logprobs for %d of %d datums", k, len(res.TopIDs), len(res.Logprobs))
+		}
+		for i, ids := range res.TopIDs {
+			n := len(res.Logprobs[i])
+			if len(ids) != n*k || len(res.TopLogprobs[i]) != n*k {
+				return protocol.SessionResponse{}, fmt.Errorf("forward: the engine answered datum %d with %d top-%d ids for %d positions", i, len(ids), k, n)
+			}
+			t := protocol.TopLogprobs{IDs: make([][]int, n), Logprobs: make([][]float64, n)}
+			for pos := range n {
+				t.IDs[pos] = make([]int, k)
+				for j, id := range ids[pos*k : (pos+1)*k] {
+					t.IDs[pos][j] = int(id)
+				}
+				t.Logprobs[pos] = f64(res.TopLogprobs[i][pos*k : (pos+1)*k])
+			}
+			out.TopLogprobs = append(out.TopLogprobs, t)
+		}
 	}
 	fig := &protocol.Figures{LossSum: res.LossSum, WeightSum: res.WeightSum, Tokens: int64(res.Tokens)}
 	usage := protocol.Usage{PrefillTokens: int64(res.Tokens)}

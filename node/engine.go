@@ -57,10 +57,12 @@ type Session interface {
 }
 
 // Loss names a loss function (trainer.LossCrossEntropy, ...) and its
-// settings (clip thresholds) as the API sent them.
+// settings (clip thresholds) as the API sent them. TopK > 0 (Forward only)
+// asks each position's TopK most likely tokens too (ForwardResult.TopIDs).
 type Loss struct {
 	Fn     string
 	Config map[string]float64
+	TopK   int
 }
 
 // Tokenizer is what the node needs of a model's tokenizer to convert text

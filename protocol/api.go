@@ -227,6 +227,16 @@ type ForwardBackwardRequest struct {
 	Examples     []TextExample      `json:"examples,omitempty"`
 	LossFn       string             `json:"loss_fn,omitempty"`
 	LossFnConfig map[string]float64 `json:"loss_fn_config,omitempty"`
+	// TopKLogprobs (forward only, 1..20) asks each position's K most
+	// likely next tokens with their logprobs too.
+	TopKLogprobs int `json:"top_k_logprobs,omitempty"`
+}
+
+// TopLogprobs are one datum's most likely next tokens: per position, K ids
+// and their logprobs, most likely first.
+type TopLogprobs struct {
+	IDs      [][]int     `json:"ids"`
+	Logprobs [][]float64 `json:"logprobs"`
 }
 
 // ForwardBackwardResponse answers forward_backward (and forward, without GradNorm).
@@ -236,6 +246,8 @@ type ForwardBackwardResponse struct {
 	Tokens   int64       `json:"tokens"`
 	GradNorm *float64    `json:"grad_norm,omitempty"`
 	Logprobs [][]float64 `json:"logprobs"`
+	// TopLogprobs answers TopKLogprobs, one per datum.
+	TopLogprobs []TopLogprobs `json:"top_logprobs,omitempty"`
 	// PendingBatches is how many forward_backward calls (this one included)
 	// have gradients waiting for the next optim_step.
 	PendingBatches int `json:"pending_batches,omitempty"`

@@ -26,6 +26,9 @@ import (
 // the leader): testdata/tinker_flows.py runs the flows, this test judges
 // what they print.
 
+// toksOfFlow is tinker_flows.py's TOKENS.
+var toksOfFlow = []int{1, 415, 5255, 3290, 356, 272, 2130, 28723, 1, 415, 5255, 3290, 356, 272, 2130, 28723}
+
 // tinkerPython is the test environment's interpreter when it imports the
 // tinker SDK; without it the test skips, or fails in CI.
 func tinkerPython(t *testing.T) string {
@@ -248,6 +251,27 @@ func TestTinkerSDK(t *testing.T) {
 		for i, v := range fw {
 			if fresh[i+1] == nil || *fresh[i+1] != v {
 				t.Fatalf("compute_logprobs[%d] = %v, forward's logprob %v: want equal", i+1, fresh[i+1], v)
+			}
+		}
+		// Top-k prompt logprobs: none at position 0; then 3 tokens, most
+		// likely first, the prompt's own token scored as forward scores it
+		// where it ranks among them.
+		topk := field[[]*[][2]float64](t, lp, "topk")
+		if len(topk) != len(fw)+1 || topk[0] != nil {
+			t.Fatalf("topk_prompt_logprobs: %d positions (first %v), want %d and none first", len(topk), topk[0], len(fw)+1)
+		}
+		for p := 1; p < len(topk); p++ {
+			row := *topk[p]
+			if len(row) != 3 || row[0][1] < row[1][1] || row[1][1] < row[2][1] {
+				t.Fatalf("position %d's top 3: %v", p, row)
+			}
+			if row[0][1] < fw[p-1]-1e-4 {
+				t.Errorf("position %d: the most likely token's logprob %v is below the prompt token's %v", p, row[0][1], fw[p-1])
+			}
+			for _, e := range row {
+				if int(e[0]) == toksOfFlow[p] && math.Abs(e[1]-fw[p-1]) > 1e-4 {
+					t.Errorf("position %d: the prompt's token %d scored %v among the top 3, %v by forward", p, toksOfFlow[p], e[1], fw[p-1])
+				}
 			}
 		}
 		// The sampler saved before the RL step samples the old weights.

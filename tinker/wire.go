@@ -365,7 +365,15 @@ func ForwardBackwardOutput(r protocol.ForwardBackwardResponse) ([]byte, error) {
 type Sampled struct {
 	Samples        []protocol.Sample
 	PromptLogprobs []float64
+	// TopK > 0: each prompt position's TopK most likely tokens (nil rows,
+	// position 0's, go as the SDK's sentinel: id 0, logprob -99999).
+	TopK        int
+	TopIDs      [][]int
+	TopLogprobs [][]float64
 }
+
+// maskLogprob is the SDK's sentinel of an empty top-k entry.
+const maskLogprob = -99999
 
 // SampleResponse encodes a sampling answer as the SDK's protobuf.
 func SampleResponse(s Sampled) ([]byte, error) {
@@ -391,6 +399,20 @@ func SampleResponse(s Sampled) ([]byte, error) {
 			b = binary.LittleEndian.AppendUint32(b, math.Float32bits(float32(v)))
 		}
 		out.PromptLogprobs = b
+	}
+	if k := s.TopK; k > 0 {
+		t := &tinkerpb.TopkLogprobs{K: uint32(k), Length: uint32(len(s.TopIDs))}
+		for p, ids := range s.TopIDs {
+			for j := range k {
+				id, lp := 0, float64(maskLogprob)
+				if j < len(ids) {
+					id, lp = ids[j], s.TopLogprobs[p][j]
+				}
+				t.TokenIds = binary.LittleEndian.AppendUint32(t.TokenIds, uint32(int32(id)))
+				t.Logprobs = binary.LittleEndian.AppendUint32(t.Logprobs, math.Float32bits(float32(lp)))
+			}
+		}
+		out.TopkPromptLogprobs = t
 	}
 	return proto.Marshal(out)
 }

@@ -185,6 +185,19 @@ func TestAnswersRoundTrip(t *testing.T) {
 	if plp := s.GetPromptLogprobs(); len(plp) != 8 || !math.IsNaN(float64(math.Float32frombits(binary.LittleEndian.Uint32(plp)))) {
 		t.Errorf("prompt logprobs %x: want NaN then -2", plp)
 	}
+	// Top-k prompt logprobs: position 0 is the SDK's sentinel row.
+	b, err = SampleResponse(Sampled{TopK: 2, TopIDs: [][]int{nil, {7, 3}}, TopLogprobs: [][]float64{nil, {-0.5, -1.5}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := proto.Unmarshal(b, &s); err != nil {
+		t.Fatal(err)
+	}
+	top := s.GetTopkPromptLogprobs()
+	if top.GetK() != 2 || top.GetLength() != 2 || string(top.GetTokenIds()) != string(i32(0, 0, 7, 3)) ||
+		string(top.GetLogprobs()) != string(f32(-99999, -99999, -0.5, -1.5)) {
+		t.Errorf("top-k prompt logprobs: %v", top)
+	}
 }
 
 // TestSchemaMatchesSDK compares Signal's schema with the descriptor the

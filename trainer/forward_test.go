@@ -382,11 +382,11 @@ func TestTrainingForwardKeepsWhatBackwardNeeds(t *testing.T) {
 			}
 
 			grads := zerosLike(lora)
-			if _, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, grads); err != nil {
+			if _, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, grads, 0); err != nil {
 				t.Fatal(err)
 			}
 			loss := func() float64 {
-				res, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, nil)
+				res, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, nil, 0)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -222,7 +222,7 @@ func TestHalfEngineMatches(t *testing.T) {
 			}
 			data := halfRefData(m.Config().VocabSize)
 			grads := zerosLike(lora)
-			res, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, grads)
+			res, err := runPass(context.Background(), m, lora, data, LossCrossEntropy, nil, grads, 0)
 			if err != nil {
 				t.Fatal(err)
 			}

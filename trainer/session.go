@@ -49,6 +49,11 @@ type ForwardResult struct {
 	Tokens            int
 	GradNorm          float64
 	Logprobs          [][]float32
+	// TopIDs and TopLogprobs are, per datum, each position's K most likely
+	// next tokens and their log-probabilities (row-major, K per position,
+	// most likely first), when ForwardTopK asked for them.
+	TopIDs      [][]int32
+	TopLogprobs [][]float32
 }
 
 // OptimResult is what OptimStep returns: the step number after the update,
@@ -181,15 +186,27 @@ func (s *Session) Close() error {
 // gradient of its sum w.r.t. the adapter to the session's accumulated
 // gradients; gradients of several calls add up until OptimStep.
 func (s *Session) ForwardBackward(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64) (*ForwardResult, error) {
-	return s.run(ctx, data, lossFn, lossCfg, true)
+	return s.run(ctx, data, lossFn, lossCfg, true, 0)
 }
 
 // Forward computes the loss and logprobs of data without gradients.
 func (s *Session) Forward(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64) (*ForwardResult, error) {
-	return s.run(ctx, data, lossFn, lossCfg, false)
+	return s.run(ctx, data, lossFn, lossCfg, false, 0)
 }
 
-func (s *Session) run(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64, grad bool) (*ForwardResult, error) {
+// MaxTopK bounds ForwardTopK's k.
+const MaxTopK = 20
+
+// ForwardTopK is Forward that also answers each position's k most likely
+// next tokens (1 ≤ k ≤ MaxTopK): the top-k prompt logprobs of a sampler.
+func (s *Session) ForwardTopK(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64, k int) (*ForwardResult, error) {
+	if k < 1 || k > MaxTopK {
+		return nil, fmt.Errorf("%w: top-k %d: want 1..%d", ErrInvalidInput, k, MaxTopK)
+	}
+	return s.run(ctx, data, lossFn, lossCfg, false, k)
+}
+
+func (s *Session) run(ctx context.Context, data []Datum, lossFn string, lossCfg map[string]float64, grad bool, topK int) (*ForwardResult, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -199,7 +216,7 @@ func (s *Session) run(ctx context.Context, data []Datum, lossFn string, lossCfg 
 	if grad {
 		g = s.grads
 	}
-	res, err := runPass(ctx, s.m, s.lora, data, lossFn, lossCfg, g)
+	res, err := runPass(ctx, s.m, s.lora, data, lossFn, lossCfg, g, topK)
 	if err != nil {
 		return nil, err
 	}
@@ -213,7 +230,7 @@ func (s *Session) run(ctx context.Context, data []Datum, lossFn string, lossCfg 
 // nil, adds the gradient of the loss sum to grads (shaped like lora). The
 // call's gradient is built in arena buffers and added only once the whole
 // pass has succeeded, so a cancelled call leaves grads as they were.
-func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn string, lossCfg map[string]float64, grads *LoRA) (*ForwardResult, error) {
+func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn string, lossCfg map[string]float64, grads *LoRA, topK int) (*ForwardResult, error) {
 	ls, err := parseLoss(lossFn, lossCfg)
 	if err != nil {
 		return nil, err
@@ -231,6 +248,9 @@ func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn str
 	p := newTrainPass(m, lora, data, ar)
 	if err := p.forward(ctx); err != nil {
 		return nil, err
+	}
+	if topK > 0 {
+		p.topK, p.topIDs, p.topLPs = topK, make([]int32, p.rows*topK), make([]float32, p.rows*topK)
 	}
 	rowDatum := make([]int32, p.rows)
 	for i := range data {
@@ -259,6 +279,11 @@ func runPass(ctx context.Context, m *Model, lora *LoRA, data []Datum, lossFn str
 	}
 	for i := range data {
 		res.Logprobs[i] = append([]float32(nil), p.logp[p.seqOff[i]:p.seqOff[i+1]]...)
+		if topK > 0 {
+			lo, hi := p.seqOff[i]*topK, p.seqOff[i+1]*topK
+			res.TopIDs = append(res.TopIDs, p.topIDs[lo:hi])
+			res.TopLogprobs = append(res.TopLogprobs, p.topLPs[lo:hi])
+		}
 	}
 	if grads != nil {
 		if lora == nil {

@@ -82,7 +82,7 @@ func TestFreshAdapterLeavesOutputsUnchanged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	base, err := runPass(context.Background(), m, nil, data, LossCrossEntropy, nil, nil)
+	base, err := runPass(context.Background(), m, nil, data, LossCrossEntropy, nil, nil, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -424,4 +424,56 @@ func TestSessionsShareModelConcurrently(t *testing.T) {
 			t.Errorf("session %d trained concurrently differs from alone by %g", i, maxRelDiff(together[i].LoRA(), alone[i]))
 		}
 	}
+}
+
+// ForwardTopK's top tokens are the k largest of each position's
+// log-softmax (from the inference half's logits), most likely first.
+func TestForwardTopK(t *testing.T) {
+	m := mustLoad(t, "tiny-sp")
+	s := mustSession(t, m, SessionConfig{Rank: 4, Seed: 1})
+	data := randomData(rand.New(rand.NewSource(2)), m.Config().VocabSize, 7, 5)
+	const k = 5
+	res, err := s.ForwardTopK(context.Background(), data, LossCrossEntropy, nil, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	V := m.Config().VocabSize
+	for di, d := range data {
+		logits, err := m.Logits(context.Background(), d.Tokens, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(res.TopIDs[di]) != len(d.Tokens)*k || len(res.TopLogprobs[di]) != len(d.Tokens)*k {
+			t.Fatalf("datum %d: %d ids, %d logprobs for %d positions", di, len(res.TopIDs[di]), len(res.TopLogprobs[di]), len(d.Tokens))
+		}
+		for pos := range d.Tokens {
+			row := logits[pos*V : (pos+1)*V]
+			lse := logSumExp(row)
+			order := make([]int, V)
+			for j := range order {
+				order[j] = j
+			}
+			slices.SortStableFunc(order, func(a, b int) int { return cmpDesc(row[a], row[b]) })
+			for j := 0; j < k; j++ {
+				gotID, gotLP := res.TopIDs[di][pos*k+j], res.TopLogprobs[di][pos*k+j]
+				want := float64(row[order[j]]) - lse
+				if int(gotID) != order[j] || math.Abs(float64(gotLP)-want) > 1e-4 {
+					t.Fatalf("datum %d position %d rank %d: token %d logprob %v, want %d %v", di, pos, j, gotID, gotLP, order[j], want)
+				}
+			}
+		}
+	}
+	if _, err := s.ForwardTopK(context.Background(), data, LossCrossEntropy, nil, MaxTopK+1); err == nil {
+		t.Errorf("top-k %d accepted", MaxTopK+1)
+	}
+}
+
+func cmpDesc(a, b float32) int {
+	switch {
+	case a > b:
+		return -1
+	case a < b:
+		return 1
+	}
+	return 0
 }

@@ -2,6 +2,7 @@ package trainer
 
 import (
 	"context"
+	"math"
 
 	"github.com/signal-p2p/signal/trainer/team"
 )
@@ -19,6 +20,11 @@ type trainHead struct {
 	logp    []float32 // per row, the log-probability of its target
 	// lse and coef are one chunk's log-sum-exps and loss derivatives.
 	lse, coef [maxLMHeadChunk]float64
+	// topK > 0 asks each row's topK most likely tokens: their ids and
+	// log-probabilities, most likely first, topK per row in topIDs/topLPs.
+	topK   int
+	topIDs []int32
+	topLPs []float32
 }
 
 // trainPass is a pass that keeps its activations, with the LM head's
@@ -216,6 +222,12 @@ func lmHeadLoss(tm *team.Team, dx, x []float32, w *base, rows, h, vocab int, tar
 		z := logits[:c*vocab]
 		project(tm, z, vocab, x[c0*h:], h, w, c, 0)
 		tm.LogSoftmax(z, c, vocab, targets[c0:], logp[c0:], th.lse[:c])
+		if k := th.topK; k > 0 {
+			for i := 0; i < c; i++ {
+				r := c0 + i
+				topOf(z[i*vocab:(i+1)*vocab], th.lse[i], th.topIDs[r*k:(r+1)*k], th.topLPs[r*k:(r+1)*k])
+			}
+		}
 		any := false
 		for i := 0; i < c; i++ {
 			th.coef[i] = lossAt(c0+i, float64(logp[c0+i]))
@@ -230,5 +242,30 @@ func lmHeadLoss(tm *team.Team, dx, x []float32, w *base, rows, h, vocab int, tar
 		}
 		tm.SoftmaxGrad(z, c, vocab, targets[c0:], th.lse[:c], th.coef[:c])
 		projectBack(tm, dx[c0*h:], h, z, vocab, w, c, 0)
+	}
+}
+
+// topOf fills ids and lps with the len(ids) most likely tokens of a row
+// that LogSoftmax left as exponentials e = e^(z − max) with lse = log Σ e,
+// most likely first (ties: the lower id first), as log-probabilities
+// log e − lse. One pass keeping a sorted list: k is small (≤ 20) against
+// the vocabulary.
+func topOf(z []float32, lse float64, ids []int32, lps []float32) {
+	k := len(ids)
+	n := 0
+	for j, v := range z {
+		if n == k && v <= lps[k-1] {
+			continue
+		}
+		i := min(n, k-1)
+		for i > 0 && lps[i-1] < v {
+			ids[i], lps[i] = ids[i-1], lps[i-1]
+			i--
+		}
+		ids[i], lps[i] = int32(j), v
+		n = min(n+1, k)
+	}
+	for i := range n {
+		lps[i] = float32(math.Log(float64(lps[i])) - lse)
 	}
 }

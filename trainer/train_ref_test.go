@@ -143,7 +143,7 @@ func compareGrads(t *testing.T, model, loss string, cfg map[string]float64, lora
 			t.Fatalf("packed weights: %v, want %v", m.lmHead().p != nil, packedOn)
 		}
 		grads := zerosLike(lora)
-		res, err := runPass(context.Background(), m, lora, data, loss, cfg, grads)
+		res, err := runPass(context.Background(), m, lora, data, loss, cfg, grads, 0)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -334,6 +334,7 @@ type workerFwd struct {
 	Data         []protocol.Datum   `json:"data"`
 	LossFn       string             `json:"loss_fn,omitempty"`
 	LossFnConfig map[string]float64 `json:"loss_fn_config,omitempty"`
+	TopK         int                `json:"top_k,omitempty"`
 }
 
 type workerFwdOut struct {
@@ -342,6 +343,9 @@ type workerFwdOut struct {
 	Tokens    int         `json:"tokens"`
 	GradNorm  *float64    `json:"grad_norm"`
 	Logprobs  [][]float32 `json:"logprobs"`
+	// TopIDs and TopLogprobs answer top_k: per datum, K per position.
+	TopIDs      [][]int32   `json:"top_ids"`
+	TopLogprobs [][]float32 `json:"top_logprobs"`
 }
 
 // ForwardBackward accumulates the gradient of data's loss on the worker.
@@ -357,7 +361,7 @@ func (s *Session) Forward(ctx context.Context, data []trainer.Datum, loss node.L
 func (s *Session) forward(ctx context.Context, call protocol.Call, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
 	var res trainer.ForwardResult
 	err := s.locked(func() error {
-		w := workerFwd{Data: make([]protocol.Datum, len(data)), LossFn: loss.Fn, LossFnConfig: loss.Config}
+		w := workerFwd{Data: make([]protocol.Datum, len(data)), LossFn: loss.Fn, LossFnConfig: loss.Config, TopK: loss.TopK}
 		for i, d := range data {
 			w.Data[i].ModelInput.Tokens = d.Tokens
 			w.Data[i].LossFnInputs = protocol.LossFnInputs{TargetTokens: d.TargetTokens,
@@ -371,7 +375,8 @@ func (s *Session) forward(ctx context.Context, call protocol.Call, data []traine
 		if err := json.Unmarshal(resp.Body, &out); err != nil {
 			return fmt.Errorf("%s: %w: decode answer: %w", call, ErrInternal, err)
 		}
-		res = trainer.ForwardResult{LossSum: out.LossSum, WeightSum: out.WeightSum, Tokens: out.Tokens, Logprobs: out.Logprobs}
+		res = trainer.ForwardResult{LossSum: out.LossSum, WeightSum: out.WeightSum, Tokens: out.Tokens, Logprobs: out.Logprobs,
+			TopIDs: out.TopIDs, TopLogprobs: out.TopLogprobs}
 		if out.GradNorm != nil {
 			res.GradNorm = *out.GradNorm
 		}

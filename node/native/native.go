@@ -268,6 +268,9 @@ func (s *Session) ForwardBackward(ctx context.Context, data []trainer.Datum, los
 
 // Forward computes data's loss and logprobs without gradients.
 func (s *Session) Forward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	if loss.TopK > 0 {
+		return deref(s.s.ForwardTopK(ctx, data, loss.Fn, loss.Config, loss.TopK))
+	}
 	res, err := s.s.Forward(ctx, data, loss.Fn, loss.Config)
 	return deref(res, err)
 }

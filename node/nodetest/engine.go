@@ -109,9 +109,20 @@ func (s *Session) ForwardBackward(_ context.Context, data []trainer.Datum, _ nod
 }
 
 // Forward is ForwardBackward without the pending tokens.
-func (s *Session) Forward(_ context.Context, data []trainer.Datum, _ node.Loss) (trainer.ForwardResult, error) {
+func (s *Session) Forward(_ context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
 	s.e.count(protocol.CallForward)
-	return forward(data), nil
+	res := forward(data)
+	// Asked for top-k: ids 0..k-1 at logprobs -1, -2, …, at every position.
+	if k := loss.TopK; k > 0 {
+		for _, d := range data {
+			ids, lps := make([]int32, len(d.Tokens)*k), make([]float32, len(d.Tokens)*k)
+			for i := range ids {
+				ids[i], lps[i] = int32(i%k), -float32(1+i%k)
+			}
+			res.TopIDs, res.TopLogprobs = append(res.TopIDs, ids), append(res.TopLogprobs, lps)
+		}
+	}
+	return res, nil
 }
 
 // forward gives every position logprob -1 and loss 1.

@@ -225,7 +225,7 @@ class Session:
             out.append((toks, tgt, w, lp, adv))
         return out
 
-    def _loss(self, data, loss_fn, loss_cfg, grad):
+    def _loss(self, data, loss_fn, loss_cfg, grad, top_k=0):
         if loss_fn in (None, ""):
             loss_fn = "cross_entropy"
         if loss_fn not in LOSS_FNS:
@@ -310,12 +310,23 @@ class Session:
                 for p in params:
                     p.requires_grad_(False)
         lp_out = [logp[i, :len(r[0])].detach().float().cpu().tolist() for i, r in enumerate(rows)]
+        top = None
+        if top_k:
+            # Each position's top_k next tokens, most likely first, from the
+            # same log-softmax (ties: the lower id first, as the native engine).
+            with torch.no_grad():
+                ls = torch.log_softmax(logits.float(), dim=-1)
+                vals, ids = torch.topk(ls, top_k, dim=-1, sorted=True)
+            top = ([ids[i, :len(r[0])].reshape(-1).cpu().tolist() for i, r in enumerate(rows)],
+                   [vals[i, :len(r[0])].reshape(-1).cpu().tolist() for i, r in enumerate(rows)])
         ntok = sum(len(r[0]) for r in rows)
         wsum = float(sum(sum(r[2]) for r in rows))
         loss_sum = float(loss.detach())
         denom = wsum  # Σ weights, 1 per position where a datum has none (as native)
         res = {"loss_sum": loss_sum, "loss_mean": loss_sum / denom if denom > 0 else 0.0,
                "weight_sum": wsum, "tokens": ntok, "logprobs": lp_out}
+        if top is not None:
+            res["top_ids"], res["top_logprobs"] = top
         if grad:
             # One device→host sync for the norm, not one per tensor.
             gn = float(torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt())
@@ -333,8 +344,11 @@ class Session:
         return self._loss(body.get("data"), body.get("loss_fn"), body.get("loss_fn_config"), True)
 
     def forward(self, body):
+        top_k = body.get("top_k") or 0
+        if not isinstance(top_k, int) or top_k < 0 or top_k > 20:
+            raise InvalidInput(f"top_k {top_k!r}: want 0..20")
         with torch.no_grad():
-            return self._loss(body.get("data"), body.get("loss_fn"), body.get("loss_fn_config"), False)
+            return self._loss(body.get("data"), body.get("loss_fn"), body.get("loss_fn_config"), False, top_k)
 
     # ---- optimizer ----
 

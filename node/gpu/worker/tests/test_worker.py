@@ -223,6 +223,27 @@ class ModelTest(unittest.TestCase):
             for a, b in zip(alone, both[i]):
                 self.assertAlmostEqual(a, b, places=4)
 
+    def test_top_k_logprobs(self):
+        # forward's top_k: each position's most likely next tokens, most
+        # likely first, the target's own logprob among them when it ranks.
+        m = Model.load(find_model("tiny-sp"))
+        s = Session(m, rank=4, alpha=8, seed=3)
+        data = text_data()
+        out = s.forward({"data": data, "top_k": 4})
+        for i, d in enumerate(data):
+            n = len(d["model_input"]["tokens"])
+            ids, lps = out["top_ids"][i], out["top_logprobs"][i]
+            self.assertEqual((len(ids), len(lps)), (4 * n, 4 * n))
+            for p in range(n):
+                row = lps[4 * p:4 * p + 4]
+                self.assertEqual(row, sorted(row, reverse=True))
+                self.assertGreaterEqual(row[0], out["logprobs"][i][p] - 1e-5)
+                tgt = d["loss_fn_inputs"]["target_tokens"][p]
+                if tgt in ids[4 * p:4 * p + 4]:
+                    self.assertAlmostEqual(lps[4 * p + ids[4 * p:4 * p + 4].index(tgt)], out["logprobs"][i][p], places=4)
+        with self.assertRaises(Exception):
+            s.forward({"data": data, "top_k": 21})
+
 
 class TrainingTest(unittest.TestCase):
     def setUp(self):
