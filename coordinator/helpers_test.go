@@ -168,6 +168,20 @@ func (n *fakeNet) do(_ context.Context, peer string, req protocol.SessionRequest
 			}
 		}
 		out := protocol.ForwardBackwardResponse{LossSum: 2 * weight, Tokens: tokens, Logprobs: lp}
+		if k := fb.TopKLogprobs; k > 0 {
+			// Ids 0..k-1 at logprobs -1, -2, … at every position.
+			for _, d := range fb.Data {
+				tl := protocol.TopLogprobs{}
+				for range d.ModelInput.Tokens {
+					ids, lps := make([]int, k), make([]float64, k)
+					for j := range k {
+						ids[j], lps[j] = j, -float64(j+1)
+					}
+					tl.IDs, tl.Logprobs = append(tl.IDs, ids), append(tl.Logprobs, lps)
+				}
+				out.TopLogprobs = append(out.TopLogprobs, tl)
+			}
+		}
 		if weight > 0 {
 			out.LossMean = 2
 		}

@@ -59,3 +59,34 @@ func TestPipeline(t *testing.T) {
 		t.Errorf("a call a pipeline cannot hold: %d %s", r.status, r.body)
 	}
 }
+
+// top_k_logprobs: forward answers the node's top tokens; forward_backward
+// and a k past the bound are refused before a node sees them.
+func TestTopKLogprobsValidated(t *testing.T) {
+	c, fnet := startOne(t, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	run := createRun(t, base, key, map[string]any{"base_model": "tiny", "lora_rank": 8})
+	req := fbBody(10)
+	req.TopKLogprobs = 3
+	r := do(t, "POST", base+"/v1/runs/"+run.ID+"/forward", key, req)
+	mustStatus(t, r, 200)
+	var out protocol.ForwardBackwardResponse
+	r.decode(t, &out)
+	if len(out.TopLogprobs) != 1 || len(out.TopLogprobs[0].IDs) != 10 || len(out.TopLogprobs[0].IDs[0]) != 3 {
+		t.Errorf("forward's top logprobs: %+v", out.TopLogprobs)
+	}
+	for _, tc := range []struct {
+		call string
+		k    int
+	}{{"forward_backward", 3}, {"forward", 21}, {"forward", -1}} {
+		req.TopKLogprobs = tc.k
+		r := do(t, "POST", base+"/v1/runs/"+run.ID+"/"+tc.call, key, req)
+		if r.status != 400 || !strings.Contains(r.errMessage(t), "top_k_logprobs") {
+			t.Errorf("%s with top_k_logprobs %d: %d %s", tc.call, tc.k, r.status, r.body)
+		}
+	}
+	if n := fnet.count(protocol.CallForwardBackward); n != 0 {
+		t.Errorf("%d refused forward_backward calls reached a node", n)
+	}
+}
