@@ -107,6 +107,11 @@ func (c *Coordinator) tinkerRoutes(mux *http.ServeMux) {
 	r("GET /api/v1/checkpoints", "user_checkpoints", user, c.tinkerCheckpoints)
 	r("GET /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/external_weights_urls", "file_urls", user, c.tinkerFileURLs)
 	r("PUT /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/ttl", "checkpoint_ttl", user, c.tinkerSetTTL)
+	notPublic := func(*call) (any, error) {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "publishing checkpoints is not served by Signal: share one by pushing it to the Hugging Face Hub (POST /v1/checkpoints/{id}/push, or signal checkpoints push)")
+	}
+	r("POST /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/publish", "publish", user, notPublic)
+	r("DELETE /api/v1/training_runs/{id}/checkpoints/{kind}/{name}/publish", "unpublish", user, notPublic)
 
 	mux.HandleFunc("/api/v1/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, protocol.CodeNotFound, fmt.Sprintf("Signal's Tinker API has no route %s %s", r.Method, r.URL.Path), "")
