@@ -613,6 +613,8 @@ type sampleReq struct {
 	PromptLogprobs bool                    `json:"prompt_logprobs,omitempty"`
 	// TopK asks each prompt position's TopK most likely tokens.
 	TopK int `json:"top_k,omitempty"`
+	// LastN > 0 scores the prompt's last LastN tokens only (the rest null).
+	LastN int `json:"last_n,omitempty"`
 }
 
 func (c *Coordinator) tinkerSample(cl *call) (any, error) {
@@ -631,6 +633,7 @@ func (c *Coordinator) tinkerSample(cl *call) (any, error) {
 			TopP        *float64        `json:"top_p"`
 		} `json:"sampling_params"`
 		PromptLogprobs     *bool `json:"prompt_logprobs"`
+		PromptLogprobsLast *int  `json:"prompt_logprobs_last_n"`
 		TopkPromptLogprobs int   `json:"topk_prompt_logprobs"`
 		TopkSampleLogprobs int   `json:"topk_sample_logprobs"`
 	}
@@ -657,6 +660,12 @@ func (c *Coordinator) tinkerSample(cl *call) (any, error) {
 	}
 	sr := sampleReq{Sampler: sm.ID, Prompt: prompt, NumSamples: 1, PromptLogprobs: req.PromptLogprobs != nil && *req.PromptLogprobs,
 		TopK: req.TopkPromptLogprobs}
+	if n := req.PromptLogprobsLast; n != nil {
+		if *n < 1 || *n > len(prompt)-1 {
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "prompt_logprobs_last_n is %d for a prompt of %d tokens: give 1 to %d", *n, len(prompt), len(prompt)-1)
+		}
+		sr.LastN = *n
+	}
 	if req.NumSamples != nil {
 		sr.NumSamples = *req.NumSamples
 	}

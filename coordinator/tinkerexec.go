@@ -397,6 +397,15 @@ func (r *tinkerRunner) sample(ctx context.Context, f TinkerFuture) (tinkerCmd, e
 			}
 		}
 	}
+	if n := req.LastN; n > 0 {
+		// Only the last n positions are scored, as asked (the SDK checks).
+		for i := 0; i < len(out.PromptLogprobs)-n; i++ {
+			out.PromptLogprobs[i] = nil
+			if req.TopK > 0 {
+				out.TopIDs[i], out.TopLogprobs[i] = nil, nil
+			}
+		}
+	}
 	if !req.PromptLogprobs {
 		out.PromptLogprobs = nil // asked for the top-k alone
 	}

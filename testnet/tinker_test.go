@@ -253,6 +253,13 @@ func TestTinkerSDK(t *testing.T) {
 				t.Fatalf("compute_logprobs[%d] = %v, forward's logprob %v: want equal", i+1, fresh[i+1], v)
 			}
 		}
+		// prompt_logprobs_last_n scores the suffix alone.
+		last3 := field[[]*float64](t, lp, "last3")
+		for i, v := range last3 {
+			if (v == nil) != (i < len(last3)-3) || (v != nil && *v != fw[i-1]) {
+				t.Fatalf("compute_logprobs(last_n=3)[%d] = %v; want null before the last 3, then forward's", i, v)
+			}
+		}
 		// Top-k prompt logprobs: none at position 0; then 3 tokens, most
 		// likely first, the prompt's own token scored as forward scores it
 		// where it ranks among them.

@@ -130,7 +130,8 @@ def flow_rl():
     # Top-k prompt logprobs: each position's 3 most likely tokens.
     topk = fresh.sample(types.ModelInput.from_ints(TOKENS[:n]), 1, types.SamplingParams(max_tokens=1),
                         include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
-    emit(what="logprobs", sampler=lp, fresh=lp2, forward=fw.loss_fn_outputs[0]["logprobs"].tolist(),
+    last3 = fresh.compute_logprobs(types.ModelInput.from_ints(TOKENS[:n]), prompt_logprobs_last_n=3).result()
+    emit(what="logprobs", sampler=lp, fresh=lp2, forward=fw.loss_fn_outputs[0]["logprobs"].tolist(), last3=last3,
          topk=[None if t is None else [[int(i), float(v)] for i, v in t] for t in topk.topk_prompt_logprobs],
          topk_prompt=topk.prompt_logprobs)
 
