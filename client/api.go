@@ -199,3 +199,20 @@ func runPath(id, suffix string) (string, error) {
 	}
 	return "/runs/" + id + suffix, nil
 }
+
+// LiftQuarantine ends a node's quarantine (admin): it may take runs again
+// and its operator's new nodes may join; reason is recorded with it.
+func (c *Client) LiftQuarantine(ctx context.Context, adminToken, peerID, reason string) (*protocol.NodeAudits, error) {
+	if adminToken == "" {
+		return nil, fmt.Errorf("%w: admin token is empty", ErrInvalidArgument)
+	}
+	if peerID == "" || strings.ContainsAny(peerID, "/?#") {
+		return nil, fmt.Errorf("%w: peer id %q: want one path segment", ErrInvalidArgument, peerID)
+	}
+	var out protocol.NodeAudits
+	if err := c.do(ctx, call{method: http.MethodPost, path: "/admin/nodes/" + peerID + "/lift_quarantine", token: adminToken,
+		in: protocol.LiftQuarantineRequest{Reason: reason}, out: &out}); err != nil {
+		return nil, err
+	}
+	return &out, nil
+}

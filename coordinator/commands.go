@@ -53,6 +53,8 @@ const (
 	// cmdTinker is the Tinker door's one command (tinkerbook.go): a
 	// queued call, its answer, the models, samplers and checkpoint names.
 	cmdTinker
+	// cmdLiftQuarantine is an admin's lift of a node's quarantine.
+	cmdLiftQuarantine
 )
 
 // ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
@@ -74,7 +76,7 @@ func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
 
 var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
 	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key",
-	"audit_result", "release_escrow", "tinker"}
+	"audit_result", "release_escrow", "tinker", "lift_quarantine"}
 
 func (t cmdType) String() string {
 	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
@@ -223,6 +225,8 @@ func decodeCommand(c command) (decodedCommand, error) {
 		d.v, err = decodeJSONCommand[releaseEscrowCmd](c.payload)
 	case cmdTinker:
 		d.v, err = decodeJSONCommand[tinkerCmd](c.payload)
+	case cmdLiftQuarantine:
+		d.v, err = decodeJSONCommand[liftQuarantineCmd](c.payload)
 	default:
 		err = errUnknownCommand
 	}

@@ -70,6 +70,8 @@ func TestCodecRoundTripsEveryCommand(t *testing.T) {
 		{cmdRevokeKey, revokeKeyCmd{Hash: "h"}},
 		{cmdAuditResult, auditResultCmd{Node: "n", Audit: protocol.Audit{ID: "a", Validator: "v"}, At: 1}},
 		{cmdReleaseEscrow, releaseEscrowCmd{Cutoff: 1, Nodes: []string{"n"}}},
+		{cmdTinker, tinkerCmd{Submit: &TinkerFuture{ID: "m#1", Account: "a", Model: "m", Seq: 1, Kind: kindOptimStep}}},
+		{cmdLiftQuarantine, liftQuarantineCmd{PeerID: "n", Reason: "r", Time: "t"}},
 		{cmdCharge, chargeCmd{Account: "a", RunID: "r", Call: "sample", Time: "t"}},
 	} {
 		t.Run(tc.t.String(), func(t *testing.T) {

@@ -27,10 +27,14 @@ type NodeAuditRecord struct {
 	Validated  int64  `json:"validated,omitempty"`
 	Disputed   int64  `json:"disputed,omitempty"`
 	LastPassed string `json:"last_passed,omitempty"`
-	// Quarantined is set by a failed audit and never cleared by the
-	// network: the node is given no runs and its runs move.
+	// Quarantined is set by a failed audit and cleared only by an admin
+	// (LiftQuarantine): the node is given no runs and its runs move, and
+	// its operator's new nodes are refused while it lasts.
 	Quarantined      bool   `json:"quarantined,omitempty"`
 	QuarantineReason string `json:"quarantine_reason,omitempty"`
+	// Lifted records the last lift: when, and the admin's reason.
+	LiftedAt   string `json:"lifted_at,omitempty"`
+	LiftReason string `json:"lift_reason,omitempty"`
 	// Refunded is what the node's failed audits paid back to users.
 	Refunded int64            `json:"refunded,omitempty"`
 	Recent   []protocol.Audit `json:"recent,omitempty"`
@@ -85,6 +89,37 @@ func (s *State) chargeLedger(c chargeCmd, operator string, split ledger.Split) e
 
 // Quarantined reports whether a failed audit quarantined the node.
 func (s *State) Quarantined(peerID string) bool { return s.nodeAudits[peerID].Quarantined }
+
+// liftQuarantineCmd is an admin's lift of a node's quarantine.
+type liftQuarantineCmd struct {
+	PeerID string `json:"peer_id"`
+	Reason string `json:"reason"`
+	Time   string `json:"time"`
+}
+
+// LiftQuarantine ends a node's quarantine: it may take runs again, and its
+// operator's new nodes may join. Its failed audits stay in its history;
+// what they forfeited stays with the users it was paid back to.
+func (s *State) LiftQuarantine(c liftQuarantineCmd) (NodeAuditRecord, error) {
+	rec, ok := s.nodeAudits[c.PeerID]
+	if !ok || !rec.Quarantined {
+		return rec, protocol.UserErrorf(ErrConflict, "node %s is not quarantined: nothing to lift", c.PeerID)
+	}
+	rec.Quarantined, rec.QuarantineReason = false, ""
+	rec.LiftedAt, rec.LiftReason = c.Time, c.Reason
+	s.nodeAudits[c.PeerID] = rec
+	return rec, nil
+}
+
+// quarantinedOf returns a quarantined node of operator, if it has one.
+func (s *State) quarantinedOf(operator string) (string, bool) {
+	for _, id := range sortedKeys(s.nodes) {
+		if s.nodes[id].Operator == operator && s.Quarantined(id) {
+			return id, true
+		}
+	}
+	return "", false
+}
 
 // RecordAudit applies a verdict: a pass verifies what the node earned
 // since its last one, a failure forfeits everything it holds back to the
@@ -202,6 +237,7 @@ func (s *State) NodeAuditView(peerID string) *protocol.NodeAudits {
 	}
 	return &protocol.NodeAudits{
 		Passed: rec.Passed, Failed: rec.Failed, Validated: rec.Validated, Quarantined: rec.Quarantined, LastPassed: rec.LastPassed,
+		QuarantineReason: rec.QuarantineReason, LiftedAt: rec.LiftedAt, LiftReason: rec.LiftReason,
 		HeldMicroCredits: e.Held(), VerifiedMicroCredits: e.VerifiedAmount(), RefundedMicroCredits: rec.Refunded,
 		Recent: append([]protocol.Audit(nil), rec.Recent...),
 	}

@@ -2,7 +2,9 @@ package coordinator
 
 import (
 	"bytes"
+	"errors"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/signal-p2p/signal/ledger"
@@ -102,5 +104,39 @@ func TestEscrowRules(t *testing.T) {
 	}
 	if !reflect.DeepEqual(got.nodeAudits, s.nodeAudits) || !reflect.DeepEqual(got.ledger.Escrows(), s.ledger.Escrows()) || !got.Quarantined("peer1") {
 		t.Fatalf("restored audits %+v escrows %+v", got.nodeAudits, got.ledger.Escrows())
+	}
+}
+
+// A quarantined operator's new nodes are refused until an admin lifts the
+// quarantine; the lift keeps the failed audit in the node's history.
+func TestQuarantineLiftAndOperatorsNewNodes(t *testing.T) {
+	s := mustState(t) // peer1 joined for op1 with join token "jt"
+	if _, err := s.LiftQuarantine(liftQuarantineCmd{PeerID: "peer1", Reason: "x", Time: "t1"}); err == nil {
+		t.Fatal("lifted a quarantine that is not there")
+	}
+	fail := auditResultCmd{Node: "peer1", At: 30, Audit: protocol.Audit{ID: "aud_f", RunID: "r1", Call: "forward", Validator: "peer9", Reason: "loss_sum: claimed 1, replay 2", Time: "t2"}}
+	if _, err := s.RecordAudit(fail); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.RegisterNode("peer-new", "jt", "t3")
+	if !errors.Is(err, ErrForbidden) || !strings.Contains(err.Error(), "peer1 is quarantined") {
+		t.Fatalf("a quarantined operator's new node: %v", err)
+	}
+	if _, ok := s.Node("peer-new"); ok {
+		t.Fatal("the refused node was recorded")
+	}
+	// The quarantined node itself re-registering is not a new node.
+	if _, err := s.RegisterNode("peer1", "jt", "t3"); err != nil {
+		t.Fatalf("the quarantined node's own re-registration: %v", err)
+	}
+	rec, err := s.LiftQuarantine(liftQuarantineCmd{PeerID: "peer1", Reason: "the operator replaced a faulty GPU", Time: "t4"})
+	if err != nil || rec.Quarantined || rec.LiftReason == "" || rec.Failed != 1 {
+		t.Fatalf("lift: %+v %v", rec, err)
+	}
+	if v := s.NodeAuditView("peer1"); v.Quarantined || v.LiftedAt != "t4" || len(v.Recent) != 1 {
+		t.Fatalf("view after the lift: %+v", v)
+	}
+	if _, err := s.RegisterNode("peer-new", "jt", "t5"); err != nil {
+		t.Fatalf("after the lift: %v", err)
 	}
 }

@@ -177,6 +177,9 @@ func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 		pi := d.v.(putIdemCmd)
 		rec, err := s.PutIdem(pi.Tag, pi.Status, pi.Body, pi.Time)
 		return cmdResult{Value: rec, Err: err}
+	case cmdLiftQuarantine:
+		rec, err := s.LiftQuarantine(d.v.(liftQuarantineCmd))
+		return cmdResult{Value: rec, Err: err}
 	case cmdTinker:
 		tf, err := s.ApplyTinker(d.v.(tinkerCmd))
 		if f.changed != nil {

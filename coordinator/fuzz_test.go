@@ -66,7 +66,14 @@ func FuzzApply(f *testing.F) {
 	pass, _ := newCommand(cmdAuditResult, auditResultCmd{Node: "n", At: 1, Audit: protocol.Audit{ID: "x", Validator: "v", Passed: true}, ValidatorOperator: "op2", ValidatorPay: 1})
 	fail, _ := newCommand(cmdAuditResult, auditResultCmd{Node: "n", At: 2, Audit: protocol.Audit{ID: "y", Validator: "v"}})
 	rel, _ := newCommand(cmdReleaseEscrow, releaseEscrowCmd{Cutoff: 1, Nodes: []string{"n"}})
-	f.Add(encodeBatch([]command{ec, pass, ec, rel, ec, fail}))
+	lift, _ := newCommand(cmdLiftQuarantine, liftQuarantineCmd{PeerID: "n", Reason: "r", Time: "t"})
+	f.Add(encodeBatch([]command{ec, pass, ec, rel, ec, fail, lift, ec}))
+	// The Tinker door: a submit, its answer, a sampler and a checkpoint name.
+	sub, _ := newCommand(cmdTinker, tinkerCmd{Submit: &TinkerFuture{ID: "create:s:train:0", Account: "a", Kind: kindCreateModel, Request: []byte(`{}`)}, MaxPendingBytes: 100})
+	fin, _ := newCommand(cmdTinker, tinkerCmd{Finish: &tinkerFinish{ID: "create:s:train:0", Status: futureDone, Result: []byte(`{}`)},
+		Models: []TinkerModel{{ID: "s:train:0", Account: "a", RunID: "r"}}, Samplers: []TinkerSampler{{ID: "s:sample:0", Account: "a"}},
+		Checkpoints: []TinkerCheckpoint{{Path: "tinker://r/weights/x", Account: "a", RunID: "r"}}, MaxBytes: 10})
+	f.Add(encodeBatch([]command{sub, fin, sub}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m := newFSM()
 		m.Apply(&raft.Log{Index: 1, Type: raft.LogCommand, Data: encodeBatch([]command{k})})

@@ -1,6 +1,8 @@
 package coordinator
 
 import (
+	"strings"
+
 	"github.com/signal-p2p/signal/internal/version"
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -202,4 +204,24 @@ func (c *Coordinator) handleLoadState(cl *call) (any, error) {
 		return nil, err
 	}
 	return c.loadState(cl, rec, req)
+}
+
+// handleLiftQuarantine is POST /v1/admin/nodes/{peer}/lift_quarantine: an
+// admin's decision (a failed audit the operator showed was the network's
+// fault, an operator who fixed its machine) recorded with its reason.
+func (c *Coordinator) handleLiftQuarantine(cl *call) (any, error) {
+	var req protocol.LiftQuarantineRequest
+	if err := decodeJSON(cl.body, &req, false); err != nil {
+		return nil, err
+	}
+	if strings.TrimSpace(req.Reason) == "" || len(req.Reason) > 500 {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "field reason: say why the quarantine is lifted, in 1 to 500 characters")
+	}
+	peer := cl.r.PathValue("peer")
+	if _, err := c.propose(cl.r.Context(), cmdLiftQuarantine, liftQuarantineCmd{PeerID: peer, Reason: req.Reason, Time: now()}); err != nil {
+		return nil, err
+	}
+	var v *protocol.NodeAudits
+	c.fsm.read(func(s *State) { v = s.NodeAuditView(peer) })
+	return v, nil
 }

@@ -106,6 +106,7 @@ func (c *Coordinator) Handler() http.Handler {
 	c.route(mux, "DELETE /v1/admin/keys/{id}", "admin_revoke_key", routeOpts{auth: authAdmin, mutating: true}, c.handleRevokeKey)
 	c.route(mux, "POST /v1/admin/credit", "admin_credit", routeOpts{auth: authAdmin, mutating: true}, c.handleCredit)
 	c.route(mux, "POST /v1/admin/join_tokens", "admin_join_tokens", routeOpts{auth: authAdmin}, c.handleJoinToken)
+	c.route(mux, "POST /v1/admin/nodes/{peer}/lift_quarantine", "admin_lift_quarantine", routeOpts{auth: authAdmin, mutating: true}, c.handleLiftQuarantine)
 	c.route(mux, "GET /v1/models", "models", routeOpts{auth: authUser}, c.handleModels)
 	c.route(mux, "GET /v1/nodes", "nodes", routeOpts{auth: authUser}, c.handleNodes)
 	c.route(mux, "GET /v1/account", "account", routeOpts{auth: authUser}, c.handleAccount)

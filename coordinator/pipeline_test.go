@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"context"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -88,5 +89,33 @@ func TestTopKLogprobsValidated(t *testing.T) {
 	}
 	if n := fnet.count(protocol.CallForwardBackward); n != 0 {
 		t.Errorf("%d refused forward_backward calls reached a node", n)
+	}
+}
+
+// POST /v1/admin/nodes/{peer}/lift_quarantine: admin only, a reason
+// required, a node not quarantined refused.
+func TestLiftQuarantineAPI(t *testing.T) {
+	c, _ := startOne(t, nil)
+	base := c.URL()
+	key, _ := createKey(t, base, 1000)
+	url := base + "/v1/admin/nodes/nodeA/lift_quarantine"
+	if r := do(t, "POST", url, key, protocol.LiftQuarantineRequest{Reason: "x"}); r.status != 403 {
+		t.Errorf("a user's lift: %d %s", r.status, r.body)
+	}
+	if r := do(t, "POST", url, testAdmin, protocol.LiftQuarantineRequest{Reason: "x"}); r.status != 409 || !strings.Contains(r.errMessage(t), "not quarantined") {
+		t.Errorf("lifting a node not quarantined: %d %s", r.status, r.body)
+	}
+	if _, err := c.propose(context.Background(), cmdAuditResult, auditResultCmd{Node: "nodeA", At: 1, Audit: protocol.Audit{ID: "a1", Validator: "nodeB", Reason: "loss_sum off", Time: now()}}); err != nil {
+		t.Fatal(err)
+	}
+	if r := do(t, "POST", url, testAdmin, protocol.LiftQuarantineRequest{}); r.status != 400 || !strings.Contains(r.errMessage(t), "reason") {
+		t.Errorf("a lift without a reason: %d %s", r.status, r.body)
+	}
+	r := do(t, "POST", url, testAdmin, protocol.LiftQuarantineRequest{Reason: "a faulty GPU was replaced"})
+	mustStatus(t, r, 200)
+	var v protocol.NodeAudits
+	r.decode(t, &v)
+	if v.Quarantined || v.Failed != 1 || v.LiftReason != "a faulty GPU was replaced" {
+		t.Errorf("after the lift: %+v", v)
 	}
 }

@@ -887,6 +887,11 @@ func (s *State) RegisterNode(peerID, tokenHash, now string) (string, error) {
 	if n, ok := s.nodes[peerID]; ok && n.Operator == t.Operator {
 		return n.Operator, nil
 	}
+	// A caught operator does not come back under a new peer id: its new
+	// nodes wait until an admin lifts the quarantine.
+	if q, ok := s.quarantinedOf(t.Operator); ok {
+		return "", protocol.UserErrorf(ErrForbidden, "operator %s's node %s is quarantined (a failed audit): its new nodes cannot join until an admin lifts the quarantine (POST /v1/admin/nodes/%s/lift_quarantine)", t.Operator, q, q)
+	}
 	s.nodes[peerID] = NodeRecord{PeerID: peerID, Operator: t.Operator, JoinedAt: now}
 	return t.Operator, nil
 }

@@ -497,6 +497,12 @@ type CreditResponse struct {
 	BalanceMicroCredits MicroCredits `json:"balance_micro_credits"`
 }
 
+// LiftQuarantineRequest is the body of POST
+// /v1/admin/nodes/{peer}/lift_quarantine.
+type LiftQuarantineRequest struct {
+	Reason string `json:"reason"`
+}
+
 // JoinTokenRequest is the body of POST /v1/admin/join_tokens.
 type JoinTokenRequest struct {
 	OperatorAccount string `json:"operator_account,omitempty"`

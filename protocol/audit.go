@@ -12,8 +12,12 @@ type NodeAudits struct {
 	Validated int64 `json:"validated,omitempty"`
 	// Quarantined is set by a failed audit: the node is given no runs,
 	// and its runs move to other nodes.
-	Quarantined bool   `json:"quarantined,omitempty"`
-	LastPassed  string `json:"last_passed,omitempty"`
+	Quarantined      bool   `json:"quarantined,omitempty"`
+	QuarantineReason string `json:"quarantine_reason,omitempty"`
+	// LiftedAt and LiftReason are an admin's last lift of a quarantine.
+	LiftedAt   string `json:"lifted_at,omitempty"`
+	LiftReason string `json:"lift_reason,omitempty"`
+	LastPassed string `json:"last_passed,omitempty"`
 	// HeldMicroCredits is the operator's share of the node's charges that
 	// the network still holds; VerifiedMicroCredits the part of it passed
 	// audits cover, paid to the operator once the escrow window after the

@@ -73,3 +73,27 @@ func TestCheckpointsDownload(t *testing.T) {
 		t.Errorf("a refused download left %v behind", left)
 	}
 }
+
+// TestQuarantineLift: the admin token, the peer in the path, the reason
+// in the body; without --reason the command refuses before any request.
+func TestQuarantineLift(t *testing.T) {
+	var got protocol.LiftQuarantineRequest
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/admin/nodes/12D3Koo/lift_quarantine" || r.Header.Get("Authorization") != "Bearer adm" || json.NewDecoder(r.Body).Decode(&got) != nil {
+			w.WriteHeader(404)
+			_ = json.NewEncoder(w).Encode(protocol.ErrorResponse{Error: protocol.ErrorBody{Code: "not_found", Message: r.URL.Path}})
+			return
+		}
+		_ = json.NewEncoder(w).Encode(protocol.NodeAudits{Failed: 1, LiftReason: got.Reason})
+	}))
+	t.Cleanup(srv.Close)
+	t.Setenv("SIGNAL_URL", srv.URL)
+	t.Setenv("SIGNAL_ADMIN_TOKEN", "adm")
+	if _, err := runCLI(t, "node", "quarantine", "lift", "12D3Koo"); err == nil || !strings.Contains(err.Error(), "--reason") {
+		t.Fatalf("without --reason: %v", err)
+	}
+	out, err := runCLI(t, "node", "quarantine", "lift", "12D3Koo", "--reason", "GPU replaced")
+	if err != nil || got.Reason != "GPU replaced" || !strings.Contains(out, "quarantine lifted (GPU replaced)") {
+		t.Fatalf("lift: %v %q %s", err, got.Reason, out)
+	}
+}

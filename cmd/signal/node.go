@@ -104,7 +104,7 @@ sessions are checkpointed.`,
 	f.StringVar(&engineKind, "engine", engineKind, "engine backend: auto, native, cuda or cpu-torch (the PyTorch worker on the CPU)")
 	f.StringVar(&precision, "precision", precision, "native engine: auto keeps BF16/F16 model files as stored (2 bytes a parameter, bf16 products), f32 widens them (as SIGNAL_ENGINE_PRECISION)")
 	f.StringSliceVar(&hfModels, "hf", nil, "NAME=OWNER/REPO[@REV]: download model NAME from the Hugging Face Hub when it is not in --models (repeatable; $HF_TOKEN for gated models)")
-	cmd.AddCommand(newNodeTokenCmd(), newNodeFingerprintCmd())
+	cmd.AddCommand(newNodeTokenCmd(), newNodeFingerprintCmd(), newNodeQuarantineCmd())
 	return cmd
 }
 
@@ -222,6 +222,29 @@ func newNodeTokenCmd() *cobra.Command {
 	create.Flags().StringVar(&operator, "operator", "", "operator account the node's earnings go to (default: a new account)")
 	token.AddCommand(create)
 	return token
+}
+
+func newNodeQuarantineCmd() *cobra.Command {
+	q := &cobra.Command{Use: "quarantine", Short: "Manage quarantined nodes (admin)"}
+	var reason string
+	lift, _ := adminCmd("lift PEER_ID", "End a node's quarantine: it takes runs again, and its operator's new nodes may join", exactArgs(1),
+		func(ctx context.Context, c *client.Client, admin string, o *conn, out io.Writer, args []string) error {
+			if strings.TrimSpace(reason) == "" {
+				return usageErrorf("--reason is required: say why the quarantine is lifted")
+			}
+			v, err := c.LiftQuarantine(ctx, admin, args[0], reason)
+			if err != nil {
+				return err
+			}
+			if o.json {
+				return printJSON(out, v)
+			}
+			_, err = fmt.Fprintf(out, "node %s: quarantine lifted (%s); its audits: %d passed, %d failed\n", args[0], v.LiftReason, v.Passed, v.Failed)
+			return err
+		})
+	lift.Flags().StringVar(&reason, "reason", "", "why the quarantine is lifted (recorded in the node's history)")
+	q.AddCommand(lift)
+	return q
 }
 
 // fingerprintReport is what `signal node fingerprint` prints.
