@@ -82,6 +82,9 @@ type auditor struct {
 
 	mu      sync.Mutex
 	strikes map[string]int // node → audits in a row it failed to commit state for
+	// active holds the audits queued or running here, so a resume does
+	// not queue one twice.
+	active map[string]bool
 
 	// Counters for tests and logs.
 	chosen, passed, failed, inconclusive atomic.Int64
@@ -92,7 +95,7 @@ type auditor struct {
 }
 
 func newAuditor(c *Coordinator) *auditor {
-	return &auditor{c: c, jobs: make(chan auditJob, auditQueue), strikes: map[string]int{}}
+	return &auditor{c: c, jobs: make(chan auditJob, auditQueue), strikes: map[string]int{}, active: map[string]bool{}}
 }
 
 // Start runs workers workers until Stop.
@@ -214,6 +217,17 @@ func containsString(list []string, s string) bool {
 // charge; a node that cannot commit gets a strike instead, and a failed
 // audit at auditCommitStrikes in a row.
 func (a *auditor) commit(ctx context.Context, run *RunRecord, model ModelSpec, call protocol.Call, body []byte, answer json.RawMessage, cost int64) {
+	job, ok := a.commitState(ctx, run, model, call, body, answer, cost)
+	if !ok {
+		return
+	}
+	a.enqueue(job)
+}
+
+// commitState has the node commit the audited call's state and records
+// the audit as pending: durable before it is queued, so a leader that dies
+// from here on leaves the audit to the next one (auditqueue.go).
+func (a *auditor) commitState(ctx context.Context, run *RunRecord, model ModelSpec, call protocol.Call, body []byte, answer json.RawMessage, cost int64) (auditJob, bool) {
 	c := a.c
 	a.chosen.Add(1)
 	var operator string
@@ -248,23 +262,56 @@ func (a *auditor) commit(ctx context.Context, run *RunRecord, model ModelSpec, c
 			a.record(ctx, auditJob{id: id, run: *run, node: run.Run.Node, call: call}, "", audit.Check{
 				Reason: fmt.Sprintf("the node did not commit its state for %d audits in a row (last: %v)", strikes, protocol.UserMessage(err))}, "", 0, "")
 		}
-		return
+		return auditJob{}, false
 	}
 	a.mu.Lock()
 	delete(a.strikes, run.Run.Node)
 	a.mu.Unlock()
 	job := auditJob{id: id, run: *run, model: model, node: run.Run.Node, operator: operator, call: call,
 		body: append([]byte(nil), body...), answer: answer, cost: cost, pre: *resp.Checkpoint}
+	p := job.pending()
+	if _, err := c.propose(ctx, cmdAuditQueue, auditQueueCmd{Put: &p}); err != nil {
+		log.Warn("record pending audit", "err", err)
+	}
+	return job, true
+}
+
+// enqueue queues job unless this auditor holds it already.
+func (a *auditor) enqueue(job auditJob) {
+	a.mu.Lock()
+	if a.active[job.id] {
+		a.mu.Unlock()
+		return
+	}
+	a.active[job.id] = true
+	a.mu.Unlock()
 	select {
 	case a.jobs <- job:
 	default:
-		a.inconclusive.Add(1)
-		log.Warn("audit queue full; audit dropped")
+		a.mu.Lock()
+		delete(a.active, job.id)
+		a.mu.Unlock()
+		// Left pending: a later resume queues it when there is room.
+		a.c.log.Warn("audit queue full; the audit waits", "category", "audit", "audit", job.id)
+	}
+}
+
+// drop ends a pending audit that will not be recorded (inconclusive).
+func (a *auditor) drop(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), a.c.cfg.ApplyTimeout)
+	defer cancel()
+	if _, err := a.c.propose(ctx, cmdAuditQueue, auditQueueCmd{Drop: []string{id}}); err != nil {
+		a.c.log.Warn("drop pending audit", "category", "audit", "audit", id, "err", err)
 	}
 }
 
 // run validates one audited call and records the verdict.
 func (a *auditor) run(ctx context.Context, job auditJob) {
+	defer func() {
+		a.mu.Lock()
+		delete(a.active, job.id)
+		a.mu.Unlock()
+	}()
 	c := a.c
 	log := c.log.With("category", "audit", "audit", job.id, "run", job.run.Run.ID, "node", job.node, "call", job.call)
 	exclude := map[string]bool{job.operator: true}
@@ -272,6 +319,9 @@ func (a *auditor) run(ctx context.Context, job auditJob) {
 	if err != nil {
 		a.inconclusive.Add(1)
 		log.Warn("audit inconclusive", "err", err)
+		if ctx.Err() == nil && c.IsLeader() {
+			a.drop(job.id)
+		}
 		return
 	}
 	validator, disputed := first, ""
@@ -504,7 +554,10 @@ func (c *Coordinator) escrowLoop(ctx context.Context) {
 	if c.cfg.AuditRate <= 0 {
 		return
 	}
+	// A new leader first resumes the audits its predecessor left.
+	c.resumeAudits()
 	every(ctx, c.cfg.EscrowReleaseInterval, func() {
+		c.resumeAudits()
 		cutoff := time.Now().Add(-c.cfg.EscrowWindow).UnixMilli()
 		var nodes []string
 		c.fsm.read(func(s *State) { nodes = s.ReleasableNodes(cutoff) })

@@ -1,7 +1,9 @@
 package coordinator
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -443,5 +445,60 @@ func TestOneOperatorCannotVouchForItself(t *testing.T) {
 	}
 	if v := nodeAudits(c, "node-1-accomplice").Validated; v != 0 {
 		t.Fatalf("the accomplice validated %d audits of its own operator's node", v)
+	}
+}
+
+// TestPendingAuditOutlivesItsLeader: an audit whose state the node
+// committed is a raft record; a leader that dies before its replay (here:
+// one that recorded it and never queued it) leaves it to the next leader,
+// whose auditor finishes it. The record goes once the verdict is in, and
+// rides a snapshot while it waits.
+func TestPendingAuditOutlivesItsLeader(t *testing.T) {
+	peers := []string{"node-a", "node-b"}
+	net := newRealNet(t, peers, nil)
+	// A rate that chooses no call itself: only the resumed audit runs.
+	c := auditCluster(t, net, 1e-12, time.Hour, map[string]string{"node-a": "op-a", "node-b": "op-b"})
+	key, acct := createKey(t, c.URL(), 100_000_000)
+	run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4})
+	body := tokenData(rand.New(rand.NewSource(5)), 2)
+	r := do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/forward", key, body)
+	mustStatus(t, r, 200)
+	var rec *RunRecord
+	c.State(func(s *State) { rec, _ = s.Run(run.ID) })
+	model, err := c.models.get("tiny")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// What a leader does before it dies: the node commits its state and
+	// the audit is recorded as pending, and nothing queues it here.
+	raw, _ := json.Marshal(body)
+	job, ok := c.auditor.commitState(context.Background(), rec, model, protocol.CallForward, raw, r.body, 100)
+	if !ok {
+		t.Fatal("the node did not commit its state")
+	}
+	var pending []PendingAudit
+	c.State(func(s *State) { pending = s.PendingAudits() })
+	if len(pending) != 1 || pending[0].ID != job.id || pending[0].Pre.ID == "" {
+		t.Fatalf("pending audits %+v", pending)
+	}
+	var buf bytes.Buffer
+	c.State(func(s *State) {
+		if err := writeSnapshot(&buf, s); err != nil {
+			t.Fatal(err)
+		}
+	})
+	restored, err := readSnapshot(&buf)
+	if err != nil || len(restored.PendingAudits()) != 1 {
+		t.Fatalf("pending audits through a snapshot: %v %v", restored.PendingAudits(), err)
+	}
+	// The leader's escrow loop resumes it: a validator replays, the
+	// verdict is recorded, the record goes.
+	waitFor(t, 30*time.Second, "the resumed audit's verdict", func() bool { return nodeAudits(c, run.Node).Passed == 1 })
+	c.State(func(s *State) { pending = s.PendingAudits() })
+	if len(pending) != 0 {
+		t.Errorf("pending after the verdict: %+v", pending)
+	}
+	if rec := nodeAudits(c, run.Node); rec.Recent[0].ID != job.id || rec.Failed != 0 {
+		t.Errorf("the node's audits %+v (account %s)", rec, acct)
 	}
 }

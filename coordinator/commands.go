@@ -55,6 +55,8 @@ const (
 	cmdTinker
 	// cmdLiftQuarantine is an admin's lift of a node's quarantine.
 	cmdLiftQuarantine
+	// cmdAuditQueue records a pending audit, or drops ended ones.
+	cmdAuditQueue
 )
 
 // ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
@@ -76,7 +78,7 @@ func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
 
 var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
 	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key",
-	"audit_result", "release_escrow", "tinker", "lift_quarantine"}
+	"audit_result", "release_escrow", "tinker", "lift_quarantine", "audit_queue"}
 
 func (t cmdType) String() string {
 	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
@@ -227,6 +229,8 @@ func decodeCommand(c command) (decodedCommand, error) {
 		d.v, err = decodeJSONCommand[tinkerCmd](c.payload)
 	case cmdLiftQuarantine:
 		d.v, err = decodeJSONCommand[liftQuarantineCmd](c.payload)
+	case cmdAuditQueue:
+		d.v, err = decodeJSONCommand[auditQueueCmd](c.payload)
 	default:
 		err = errUnknownCommand
 	}

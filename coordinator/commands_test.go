@@ -72,6 +72,7 @@ func TestCodecRoundTripsEveryCommand(t *testing.T) {
 		{cmdReleaseEscrow, releaseEscrowCmd{Cutoff: 1, Nodes: []string{"n"}}},
 		{cmdTinker, tinkerCmd{Submit: &TinkerFuture{ID: "m#1", Account: "a", Model: "m", Seq: 1, Kind: kindOptimStep}}},
 		{cmdLiftQuarantine, liftQuarantineCmd{PeerID: "n", Reason: "r", Time: "t"}},
+		{cmdAuditQueue, auditQueueCmd{Put: &PendingAudit{ID: "aud_1", RunID: "r", Node: "n"}, Drop: []string{"aud_0"}}},
 		{cmdCharge, chargeCmd{Account: "a", RunID: "r", Call: "sample", Time: "t"}},
 	} {
 		t.Run(tc.t.String(), func(t *testing.T) {

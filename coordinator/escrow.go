@@ -138,6 +138,7 @@ func (s *State) RecordAudit(c auditResultCmd) (AuditOutcome, error) {
 		}
 	}
 	rec.PeerID = c.Node
+	delete(s.pendingAudits, a.ID) // its verdict is in
 	var out AuditOutcome
 	if a.Passed {
 		verified, err := s.ledger.PassAudit(c.Node, c.At)

@@ -180,6 +180,9 @@ func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 	case cmdLiftQuarantine:
 		rec, err := s.LiftQuarantine(d.v.(liftQuarantineCmd))
 		return cmdResult{Value: rec, Err: err}
+	case cmdAuditQueue:
+		s.ApplyAuditQueue(d.v.(auditQueueCmd))
+		return cmdResult{}
 	case cmdTinker:
 		tf, err := s.ApplyTinker(d.v.(tinkerCmd))
 		if f.changed != nil {
@@ -237,6 +240,8 @@ const (
 	recNodeAudit
 	// recTinker is one record of the Tinker door's book.
 	recTinker
+	// recPendingAudit is an audit awaiting its replay.
+	recPendingAudit
 )
 
 const snapshotMagic = "SIGSNAP1"
@@ -374,6 +379,11 @@ func writeSnapshot(w io.Writer, s *State) error {
 			return err
 		}
 	}
+	for _, a := range s.PendingAudits() {
+		if err := put(recPendingAudit, a); err != nil {
+			return err
+		}
+	}
 	if err := bw.WriteByte(byte(recEnd)); err != nil {
 		return err
 	}
@@ -504,6 +514,15 @@ func decodeRecord(s *State, t recType, buf []byte, meta *snapshotMeta, accounts 
 			return fmt.Errorf("hold record without id or with a negative amount: %w", errBadSnapshot)
 		}
 		s.putHold(h)
+	case recPendingAudit:
+		var a PendingAudit
+		if err := dec(&a); err != nil {
+			return err
+		}
+		if a.ID == "" {
+			return fmt.Errorf("pending audit record without an id: %w", errBadSnapshot)
+		}
+		s.pendingAudits[a.ID] = a
 	case recTinker:
 		var r tinkerRecord
 		if err := dec(&r); err != nil {

@@ -67,7 +67,8 @@ func FuzzApply(f *testing.F) {
 	fail, _ := newCommand(cmdAuditResult, auditResultCmd{Node: "n", At: 2, Audit: protocol.Audit{ID: "y", Validator: "v"}})
 	rel, _ := newCommand(cmdReleaseEscrow, releaseEscrowCmd{Cutoff: 1, Nodes: []string{"n"}})
 	lift, _ := newCommand(cmdLiftQuarantine, liftQuarantineCmd{PeerID: "n", Reason: "r", Time: "t"})
-	f.Add(encodeBatch([]command{ec, pass, ec, rel, ec, fail, lift, ec}))
+	pend, _ := newCommand(cmdAuditQueue, auditQueueCmd{Put: &PendingAudit{ID: "y", RunID: "r", Node: "n", Time: "t"}})
+	f.Add(encodeBatch([]command{ec, pend, pass, ec, rel, ec, fail, lift, ec}))
 	// The Tinker door: a submit, its answer, a sampler and a checkpoint name.
 	sub, _ := newCommand(cmdTinker, tinkerCmd{Submit: &TinkerFuture{ID: "create:s:train:0", Account: "a", Kind: kindCreateModel, Request: []byte(`{}`)}, MaxPendingBytes: 100})
 	fin, _ := newCommand(cmdTinker, tinkerCmd{Finish: &tinkerFinish{ID: "create:s:train:0", Status: futureDone, Result: []byte(`{}`)},

@@ -138,6 +138,8 @@ type State struct {
 	held map[string]int64
 	// nodeAudits are the nodes' audit histories and quarantines (escrow.go).
 	nodeAudits map[string]NodeAuditRecord
+	// pendingAudits are audited calls awaiting their replay (auditqueue.go).
+	pendingAudits map[string]PendingAudit
 	// tinker is the Tinker door's futures, models, samplers and
 	// checkpoint names (tinkerbook.go).
 	tinker tinkerBook
@@ -151,21 +153,22 @@ const DefaultFeeAccount = "network-fee"
 // NewState returns an empty state.
 func NewState() *State {
 	return &State{
-		ledger:     ledger.New(),
-		keys:       map[string]KeyRecord{},
-		accounts:   map[string]AccountRecord{},
-		runs:       map[string]*RunRecord{},
-		nodes:      map[string]NodeRecord{},
-		joinTokens: map[string]JoinTokenRecord{},
-		members:    map[string]MemberRecord{},
-		idem:       map[string]IdemRecord{},
-		idemOrder:  map[string][]string{},
-		idemBytes:  map[string]int64{},
-		holds:      map[string]HoldRecord{},
-		held:       map[string]int64{},
-		nodeAudits: map[string]NodeAuditRecord{},
-		tinker:     newTinkerBook(),
-		feeAccount: DefaultFeeAccount,
+		ledger:        ledger.New(),
+		keys:          map[string]KeyRecord{},
+		accounts:      map[string]AccountRecord{},
+		runs:          map[string]*RunRecord{},
+		nodes:         map[string]NodeRecord{},
+		joinTokens:    map[string]JoinTokenRecord{},
+		members:       map[string]MemberRecord{},
+		idem:          map[string]IdemRecord{},
+		idemOrder:     map[string][]string{},
+		idemBytes:     map[string]int64{},
+		holds:         map[string]HoldRecord{},
+		held:          map[string]int64{},
+		nodeAudits:    map[string]NodeAuditRecord{},
+		tinker:        newTinkerBook(),
+		pendingAudits: map[string]PendingAudit{},
+		feeAccount:    DefaultFeeAccount,
 	}
 }
 
@@ -186,13 +189,14 @@ func (s *State) clone() *State {
 		idem:       maps.Clone(s.idem),
 		// Eviction only reslices and appends past a clone's length, so
 		// the clone may share the order slices' arrays.
-		idemOrder:  maps.Clone(s.idemOrder),
-		idemBytes:  maps.Clone(s.idemBytes),
-		holds:      maps.Clone(s.holds),
-		held:       maps.Clone(s.held),
-		nodeAudits: maps.Clone(s.nodeAudits),
-		tinker:     s.tinker.clone(),
-		feeAccount: s.feeAccount,
+		idemOrder:     maps.Clone(s.idemOrder),
+		idemBytes:     maps.Clone(s.idemBytes),
+		holds:         maps.Clone(s.holds),
+		held:          maps.Clone(s.held),
+		nodeAudits:    maps.Clone(s.nodeAudits),
+		tinker:        s.tinker.clone(),
+		pendingAudits: maps.Clone(s.pendingAudits),
+		feeAccount:    s.feeAccount,
 	}
 	for k, v := range s.accounts {
 		// Capped, so an append on either side reallocates (appendCharge100).
