@@ -234,7 +234,7 @@ func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, res
 				c.log.Warn("node's automatic checkpoint dropped", "category", "security", "run", run.ID, "node", run.Node, "err", err)
 			} else {
 				stamped := *cp
-				stamped.CreatedAt = u.Time
+				stamped.CreatedAt, stamped.Node = u.Time, run.Node
 				u.Checkpoint = &stamped
 			}
 		}
@@ -248,6 +248,7 @@ func (c *Coordinator) runUpdateFor(run protocol.Run, callName protocol.Call, res
 		}
 		stamped := *cp
 		stamped.CreatedAt = u.Time // storage is billed by the coordinator's clock
+		stamped.Node = run.Node
 		u.Checkpoint = &stamped
 	}
 	return u, nil

@@ -64,7 +64,7 @@ func (c *Coordinator) recordDrained(ctx context.Context, peerID string, cps []pr
 			log.Warn("drain checkpoint refused", "category", "security", "run", cp.RunID, "err", err)
 			continue
 		}
-		cp.CreatedAt = now()
+		cp.CreatedAt, cp.Node = now(), peerID
 		// The run's own record (ExpectNode, CheckpointIfNewer) decides
 		// inside the raft apply, so a move or a newer call racing the
 		// report cannot be overwritten.

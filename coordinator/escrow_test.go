@@ -140,3 +140,35 @@ func TestQuarantineLiftAndOperatorsNewNodes(t *testing.T) {
 		t.Fatalf("after the lift: %v", err)
 	}
 }
+
+// A move off a quarantined node resumes from a checkpoint its passed
+// audits cover, or one another node made: never from the ones it made
+// after its last pass.
+func TestMoveSkipsAQuarantinedNodesUnverifiedCheckpoints(t *testing.T) {
+	c := mustStart(t, func() Config { cfg := testConfig(t, "solo"); cfg.Bootstrap = true; return cfg }())
+	cp := func(id, node, at string) protocol.Checkpoint {
+		return protocol.Checkpoint{ID: id, Mode: "full", Node: node, CreatedAt: at}
+	}
+	c.fsm.mu.Lock()
+	c.fsm.state.nodeAudits["liar"] = NodeAuditRecord{PeerID: "liar", Passed: 3, Failed: 1, Quarantined: true, LastPassed: "2026-01-01T10:00:00Z"}
+	c.fsm.mu.Unlock()
+	r := &RunRecord{Run: protocol.Run{ID: "r1", Checkpoints: []protocol.Checkpoint{
+		cp("before-pass", "liar", "2026-01-01T09:00:00Z"),
+		cp("other-node", "honest", "2026-01-01T09:30:00Z"),
+		cp("after-pass", "liar", "2026-01-01T11:00:00Z"),
+	}}}
+	if got, _ := c.nextResume(r); got == nil || got.ID != "other-node" {
+		t.Errorf("resume from %v, want other-node (after-pass is the liar's word alone)", got)
+	}
+	r.Run.Checkpoints = r.Run.Checkpoints[:1:1]
+	r.Run.Checkpoints = append(r.Run.Checkpoints, cp("after-pass", "liar", "2026-01-01T11:00:00Z"))
+	if got, _ := c.nextResume(r); got == nil || got.ID != "before-pass" {
+		t.Errorf("resume from %v, want before-pass (its last passed audit covers it)", got)
+	}
+	c.fsm.mu.Lock()
+	c.fsm.state.nodeAudits["liar"] = NodeAuditRecord{PeerID: "liar", Failed: 1, Quarantined: true}
+	c.fsm.mu.Unlock()
+	if got, tried := c.nextResume(r); got != nil || tried != 0 {
+		t.Errorf("a node with no passed audit vouches for none of its checkpoints: resume from %v (tried %d)", got, tried)
+	}
+}

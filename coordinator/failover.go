@@ -131,6 +131,10 @@ func (c *Coordinator) moveRun(ctx context.Context, r *RunRecord) {
 		return
 	}
 	resume, tried := c.nextResume(r)
+	if resume == nil && tried == 0 && len(r.Run.Checkpoints) > 0 {
+		// Every checkpoint is a quarantined node's word alone.
+		log.Warn("no checkpoint of the run is covered by a passed audit: it starts over from a fresh adapter", "checkpoints", len(r.Run.Checkpoints))
+	}
 	if resume == nil && tried > 0 {
 		// Every checkpoint failed to restore: starting over at step 0 would
 		// silently throw the user's training away, so the run fails, saying why.
@@ -170,10 +174,25 @@ func (c *Coordinator) nextResume(r *RunRecord) (*protocol.Checkpoint, int) {
 	c.movingMu.Lock()
 	bad := c.badCheckpoints[r.Run.ID]
 	c.movingMu.Unlock()
+	// A checkpoint a quarantined node made after its last passed audit
+	// is its word alone: a liar's adapter, or trained on its lies. A move
+	// skips those (a node with no passed audit vouches for none of its
+	// own), to the newest checkpoint a pass covers or another node made.
+	untrusted := map[string]bool{}
+	c.fsm.read(func(s *State) {
+		for _, cp := range r.Run.Checkpoints {
+			if cp.Node == "" || !s.Quarantined(cp.Node) {
+				continue
+			}
+			if last := s.nodeAudits[cp.Node].LastPassed; last == "" || !checkpointBefore(cp.CreatedAt, last) {
+				untrusted[cp.ID] = true
+			}
+		}
+	})
 	var order []protocol.Checkpoint
 	for _, mode := range []string{"full", "adapter"} {
 		for i := len(r.Run.Checkpoints) - 1; i >= 0; i-- {
-			if cp := r.Run.Checkpoints[i]; cp.Mode == mode {
+			if cp := r.Run.Checkpoints[i]; cp.Mode == mode && !untrusted[cp.ID] {
 				order = append(order, cp)
 			}
 		}
@@ -246,4 +265,12 @@ func (c *Coordinator) markLost(runID, node string) {
 	c.movingMu.Lock()
 	c.missing[runID] = lostMark{node: node}
 	c.movingMu.Unlock()
+}
+
+// checkpointBefore says whether a checkpoint made at created (RFC 3339)
+// predates an audit passed at passed: a time that does not parse is not.
+func checkpointBefore(created, passed string) bool {
+	a, ok1 := recordTime(created)
+	b, ok2 := recordTime(passed)
+	return ok1 && ok2 && !a.After(b)
 }

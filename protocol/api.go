@@ -130,6 +130,10 @@ type Checkpoint struct {
 	URI       string           `json:"uri"`
 	Files     []CheckpointFile `json:"files"`
 	CreatedAt string           `json:"created_at"`
+	// Node is the peer that made it (the coordinator records it): a move
+	// off a node a failed audit quarantined resumes from a checkpoint its
+	// passed audits cover, or one another node made.
+	Node string `json:"node,omitempty"`
 }
 
 // CheckpointFileURL is one file of a checkpoint with a signed URL to
