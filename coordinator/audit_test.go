@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"math"
 	"math/rand"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/signal-p2p/signal/ledger"
 	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/gpu"
 	"github.com/signal-p2p/signal/node/native"
 	"github.com/signal-p2p/signal/node/storage"
 	"github.com/signal-p2p/signal/protocol"
@@ -56,6 +59,12 @@ func tinyModelsDir(t *testing.T) string {
 // newRealNet starts one node per peer; wrap, when it returns a non-nil
 // function for a peer, turns that node's sessions into liars.
 func newRealNet(t *testing.T, peers []string, wrap func(peer string) func(node.Session) node.Session) *realNet {
+	return newEngineNet(t, peers, wrap, nil)
+}
+
+// newEngineNet is newRealNet whose peers in workers run the PyTorch worker
+// on the CPU (torchPython's interpreter) instead of the native engine.
+func newEngineNet(t *testing.T, peers []string, wrap func(peer string) func(node.Session) node.Session, workers map[string]bool) *realNet {
 	t.Helper()
 	models := tinyModelsDir(t)
 	store, err := storage.Open("file://"+t.TempDir(), storage.Credentials{})
@@ -65,22 +74,55 @@ func newRealNet(t *testing.T, peers []string, wrap func(peer string) func(node.S
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	n := &realNet{nodes: map[string]*realNode{}}
 	for _, p := range peers {
-		eng, err := native.New(models, quiet)
-		if err != nil {
-			t.Fatal(err)
+		var e node.Engine
+		backend := "native"
+		if workers[p] {
+			c := gpu.DefaultConfig()
+			c.Device, c.ModelsDir, c.RunDir, c.Logger, c.Python = "cpu", models, t.TempDir(), quiet, torchPython(t)
+			pool, err := gpu.NewPool([]gpu.Config{c})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := pool.Start(context.Background()); err != nil {
+				t.Fatalf("start the PyTorch worker: %v", err)
+			}
+			t.Cleanup(func() { _ = pool.Stop() })
+			e, backend = pool, gpu.BackendCPUTorch
+		} else {
+			eng, err := native.New(models, quiet)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = eng.Close() })
+			e = eng
 		}
-		t.Cleanup(func() { _ = eng.Close() })
-		var e node.Engine = eng
 		if wrap != nil {
 			if w := wrap(p); w != nil {
-				e = &lyingEngine{Engine: eng, wrap: w}
+				e = &lyingEngine{Engine: e, wrap: w}
 			}
 		}
 		m := node.NewManager(node.ManagerConfig{MaxSessions: 8, Storage: store, TempDir: t.TempDir(), Logger: quiet}, e)
 		n.nodes[p] = &realNode{m: m, info: protocol.Node{PeerID: p, CPU: protocol.CPU{Cores: 2, MemoryTotal: 8 << 30}, MaxSessions: 8,
-			Backends: []string{"native"}, Models: []string{"tiny"}}}
+			Backends: []string{backend}, Models: []string{"tiny"}}}
 	}
 	return n
+}
+
+// torchPython is $SIGNAL_PYTHON (else /usr/bin/python3) when it imports
+// torch; without it the test skips, or fails in CI.
+func torchPython(t *testing.T) string {
+	t.Helper()
+	py := os.Getenv("SIGNAL_PYTHON")
+	if py == "" {
+		py = "/usr/bin/python3"
+	}
+	if err := exec.Command(py, "-c", "import torch").Run(); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("%s has no torch: %v", py, err)
+		}
+		t.Skipf("%s has no torch (set $SIGNAL_PYTHON): %v", py, err)
+	}
+	return py
 }
 
 func (n *realNet) backend() *fakeBackend {
@@ -501,4 +543,54 @@ func TestPendingAuditOutlivesItsLeader(t *testing.T) {
 	if rec := nodeAudits(c, run.Node); rec.Recent[0].ID != job.id || rec.Failed != 0 {
 		t.Errorf("the node's audits %+v (account %s)", rec, acct)
 	}
+}
+
+// TestNativeAndWorkerNodesAuditEachOther: honest nodes of three operators,
+// one of them running the PyTorch worker, replay each other's calls (the
+// worker validates native nodes' calls and they its) and every audit
+// passes: the tolerances hold across engines, not only within one.
+func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
+	peers := []string{"node-a", "node-b", "node-w"}
+	net := newEngineNet(t, peers, nil, map[string]bool{"node-w": true})
+	c := auditCluster(t, net, 1, time.Hour, map[string]string{"node-a": "op-a", "node-b": "op-b", "node-w": "op-w"})
+	key, _ := createKey(t, c.URL(), 100_000_000)
+	var runs []protocol.Run
+	for range 3 { // one run per node
+		runs = append(runs, createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}))
+	}
+	rng := rand.New(rand.NewSource(6))
+	calls := 0
+	for i := range 4 {
+		for _, run := range runs {
+			base := c.URL() + "/v1/runs/" + run.ID + "/"
+			mustStatus(t, do(t, "POST", base+"forward_backward", key, tokenData(rng, 2)), 200)
+			mustStatus(t, do(t, "POST", base+"sample", key, sampleBody(rng, float64(i%2))), 200)
+			mustStatus(t, do(t, "POST", base+"optim_step", key, map[string]any{}), 200)
+			calls += 2
+		}
+	}
+	waitFor(t, 120*time.Second, "every audit decided", func() bool {
+		return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == int64(calls)
+	})
+	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
+		t.Fatalf("%d honest audits across engines failed, %d inconclusive", f, inc)
+	}
+	worst := 0.0
+	crossed := 0
+	for _, p := range peers {
+		rec := nodeAudits(c, p)
+		if rec.Failed != 0 || rec.Quarantined {
+			t.Fatalf("honest node %s: %+v", p, rec)
+		}
+		for _, a := range rec.Recent {
+			worst = max(worst, a.Margin)
+			if (p == "node-w") != (a.Validator == "node-w") {
+				crossed++ // one engine checked the other
+			}
+		}
+	}
+	if crossed == 0 {
+		t.Fatal("no audit crossed engines: the test shows nothing")
+	}
+	t.Logf("%d audits passed, %d of them across engines; largest margin %.4f of the tolerance", c.auditor.passed.Load(), crossed, worst)
 }
