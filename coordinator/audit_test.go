@@ -220,7 +220,7 @@ func (s randomSamples) Sample(_ context.Context, prompts [][]int, num int, p tra
 // A window of 0 also makes every call of a node holding unaudited
 // earnings audited (they are older than the window): tests of the rate
 // use a long one.
-func auditCluster(t *testing.T, n *realNet, rate float64, window time.Duration, operators map[string]string) *Coordinator {
+func auditCluster(t *testing.T, n *realNet, rate float64, window time.Duration, operators map[string]string, mods ...func(*Config)) *Coordinator {
 	t.Helper()
 	cfg := testConfig(t, "solo")
 	cfg.Bootstrap = true
@@ -231,6 +231,9 @@ func auditCluster(t *testing.T, n *realNet, rate float64, window time.Duration, 
 	// These tests make hundreds of calls as fast as the nodes answer (faster
 	// than 50/s without -race); the rate limit is not what they test.
 	cfg.RatePerSecond, cfg.RateBurst = 1e6, 1e6
+	for _, m := range mods {
+		m(&cfg)
+	}
 	c := mustStart(t, cfg)
 	waitFor(t, 10*time.Second, "leader", c.IsLeader)
 	byOp := map[string][]string{}
@@ -593,4 +596,71 @@ func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
 		t.Fatal("no audit crossed engines: the test shows nothing")
 	}
 	t.Logf("%d audits passed, %d of them across engines; largest margin %.4f of the tolerance", c.auditor.passed.Load(), crossed, worst)
+}
+
+// slowSession is an honest engine's session that takes 60 ms more per
+// training step: a node whose advert claims more than it does.
+type slowSession struct{ node.Session }
+
+func (s slowSession) ForwardBackward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
+	time.Sleep(60 * time.Millisecond)
+	return s.Session.ForwardBackward(ctx, data, loss)
+}
+
+// TestCapacityChallenges: every node is measured by a challenge when it is
+// seen; the measure, not the advert, places runs (a slow node advertising
+// an H200 gets none while faster ones are free), and a node whose
+// challenge outputs another operator's node does not reproduce is
+// quarantined before any user's call reaches it.
+func TestCapacityChallenges(t *testing.T) {
+	peers := []string{"node-a", "node-b", "node-gpu-liar", "node-fabricator"}
+	net := newRealNet(t, peers, func(p string) func(node.Session) node.Session {
+		switch p {
+		case "node-gpu-liar":
+			return func(s node.Session) node.Session { return slowSession{s} }
+		case "node-fabricator":
+			return func(s node.Session) node.Session { return fabricatedLoss{s} }
+		}
+		return nil
+	})
+	net.nodes["node-gpu-liar"].info.GPUs = []protocol.GPU{{Name: "NVIDIA H200", UUID: "GPU-fake", MemoryTotal: 141 << 30, MemoryFree: 140 << 30}}
+	c := auditCluster(t, net, 1e-12, time.Hour, map[string]string{"node-a": "op-a", "node-b": "op-b", "node-gpu-liar": "op-c", "node-fabricator": "op-d"},
+		func(cfg *Config) { cfg.ChallengeInterval = time.Minute })
+	waitFor(t, 60*time.Second, "every node measured or caught", func() bool {
+		done := true
+		for _, p := range peers {
+			rec := nodeAudits(c, p)
+			done = done && (rec.TokensPerSec > 0 || rec.Quarantined)
+		}
+		return done
+	})
+	fab := nodeAudits(c, "node-fabricator")
+	if !fab.Quarantined || !strings.Contains(fab.QuarantineReason, "capacity challenge") {
+		t.Fatalf("the fabricating node after its challenge: %+v", fab)
+	}
+	a, b, liar := nodeAudits(c, "node-a"), nodeAudits(c, "node-b"), nodeAudits(c, "node-gpu-liar")
+	t.Logf("measured tokens/s: node-a %.0f, node-b %.0f, node-gpu-liar (advertises an H200) %.0f", a.TokensPerSec, b.TokensPerSec, liar.TokensPerSec)
+	if !a.MeasureVerified || !b.MeasureVerified {
+		t.Errorf("honest measures not verified by another operator: %+v %+v", a, b)
+	}
+	if liar.TokensPerSec*2 > min(a.TokensPerSec, b.TokensPerSec) {
+		t.Errorf("the slow node measured %.0f tokens/s, honest ones %.0f and %.0f", liar.TokensPerSec, a.TokensPerSec, b.TokensPerSec)
+	}
+	key, _ := createKey(t, c.URL(), 100_000_000)
+	for range 2 {
+		run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4})
+		if run.Node != "node-a" && run.Node != "node-b" {
+			t.Errorf("a run placed on %s while the measured-faster nodes had room", run.Node)
+		}
+	}
+	var v []protocol.Node
+	r := do(t, "GET", c.URL()+"/v1/nodes", key, nil)
+	var list protocol.NodeList
+	r.decode(t, &list)
+	v = list.Nodes
+	for _, n := range v {
+		if n.PeerID == "node-gpu-liar" && (n.Audits == nil || n.Audits.MeasuredTokensPerSec <= 0) {
+			t.Errorf("/v1/nodes does not show the liar's measured throughput beside its advert: %+v", n.Audits)
+		}
+	}
 }

@@ -57,6 +57,8 @@ const (
 	cmdLiftQuarantine
 	// cmdAuditQueue records a pending audit, or drops ended ones.
 	cmdAuditQueue
+	// cmdMeasure records a node's measured throughput (challenge.go).
+	cmdMeasure
 )
 
 // ignoreUnknownTypeFlag, set on a command's type byte, tells a member that
@@ -78,7 +80,7 @@ func (t cmdType) ignorable() bool { return t&ignoreUnknownTypeFlag != 0 }
 
 var cmdNames = [...]string{"", "batch", "create_key", "mint", "charge", "create_run", "update_run",
 	"create_join_token", "register_node", "put_member", "remove_member", "put_idem", "charge_bin", "hold", "release_holds", "create_run_limited", "prune_runs", "revoke_key",
-	"audit_result", "release_escrow", "tinker", "lift_quarantine", "audit_queue"}
+	"audit_result", "release_escrow", "tinker", "lift_quarantine", "audit_queue", "measure"}
 
 func (t cmdType) String() string {
 	name := fmt.Sprintf("cmd(%d)", byte(t.base()))
@@ -231,6 +233,8 @@ func decodeCommand(c command) (decodedCommand, error) {
 		d.v, err = decodeJSONCommand[liftQuarantineCmd](c.payload)
 	case cmdAuditQueue:
 		d.v, err = decodeJSONCommand[auditQueueCmd](c.payload)
+	case cmdMeasure:
+		d.v, err = decodeJSONCommand[measureCmd](c.payload)
 	default:
 		err = errUnknownCommand
 	}

@@ -138,6 +138,9 @@ type Config struct {
 	NodeLostAfter time.Duration
 	// RetryAfter is what 503s tell clients to wait.
 	RetryAfter time.Duration
+	// ChallengeInterval is how often the leader measures each node with a
+	// capacity challenge (challenge.go; default 10 min; negative: never).
+	ChallengeInterval time.Duration
 	// TinkerPoll is how long the Tinker door's retrieve_future waits for
 	// an answer before it says try_again (default 25 s: under the SDK's
 	// 45 s request timeout).

@@ -548,7 +548,7 @@ func (c *Coordinator) watchLeadership(ctx context.Context) {
 			c.metrics.leader.Set(1)
 			c.log.Info("became leader", "category", "infrastructure")
 			// The leader's periodic work, each until leadership ends.
-			for _, loop := range []func(context.Context){c.failoverLoop, c.storageLoop, c.idleLoop, c.escrowLoop, c.tinkerLoop} {
+			for _, loop := range []func(context.Context){c.failoverLoop, c.storageLoop, c.idleLoop, c.escrowLoop, c.tinkerLoop, c.challengeLoop} {
 				leaderWG.Add(1)
 				go func() {
 					defer leaderWG.Done()

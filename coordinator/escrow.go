@@ -35,6 +35,13 @@ type NodeAuditRecord struct {
 	// Lifted records the last lift: when, and the admin's reason.
 	LiftedAt   string `json:"lifted_at,omitempty"`
 	LiftReason string `json:"lift_reason,omitempty"`
+	// TokensPerSec is the node's throughput measured by its last capacity
+	// challenge (challenge.go) on MeasuredModel at MeasuredAt;
+	// MeasureVerified says another operator's node reproduced its outputs.
+	TokensPerSec    float64 `json:"tokens_per_sec,omitempty"`
+	MeasuredModel   string  `json:"measured_model,omitempty"`
+	MeasuredAt      string  `json:"measured_at,omitempty"`
+	MeasureVerified bool    `json:"measure_verified,omitempty"`
 	// Refunded is what the node's failed audits paid back to users.
 	Refunded int64            `json:"refunded,omitempty"`
 	Recent   []protocol.Audit `json:"recent,omitempty"`
@@ -239,6 +246,7 @@ func (s *State) NodeAuditView(peerID string) *protocol.NodeAudits {
 	return &protocol.NodeAudits{
 		Passed: rec.Passed, Failed: rec.Failed, Validated: rec.Validated, Quarantined: rec.Quarantined, LastPassed: rec.LastPassed,
 		QuarantineReason: rec.QuarantineReason, LiftedAt: rec.LiftedAt, LiftReason: rec.LiftReason,
+		MeasuredTokensPerSec: rec.TokensPerSec, MeasuredModel: rec.MeasuredModel, MeasuredAt: rec.MeasuredAt, MeasureVerified: rec.MeasureVerified,
 		HeldMicroCredits: e.Held(), VerifiedMicroCredits: e.VerifiedAmount(), RefundedMicroCredits: rec.Refunded,
 		Recent: append([]protocol.Audit(nil), rec.Recent...),
 	}

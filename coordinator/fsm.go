@@ -183,6 +183,9 @@ func (f *fsm) applyCommand(index uint64, c command) cmdResult {
 	case cmdAuditQueue:
 		s.ApplyAuditQueue(d.v.(auditQueueCmd))
 		return cmdResult{}
+	case cmdMeasure:
+		s.RecordMeasure(d.v.(measureCmd))
+		return cmdResult{}
 	case cmdTinker:
 		tf, err := s.ApplyTinker(d.v.(tinkerCmd))
 		if f.changed != nil {

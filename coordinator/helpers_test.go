@@ -252,6 +252,9 @@ func testConfig(t testing.TB, id string) Config {
 	cfg.CommitTimeout = 5 * time.Millisecond
 	cfg.NodeLostAfter = 300 * time.Millisecond
 	cfg.RetryAfter = time.Second
+	// Capacity challenges (challenge.go) would add node calls that tests
+	// counting them do not expect; the tests of challenges turn them on.
+	cfg.ChallengeInterval = -1
 	// AdapterBytesPerRank bounds a rank-8 full checkpoint at 2.4 GB: room
 	// for the fake node's 2 GB save_state.
 	cfg.Models = []ModelSpec{{Name: "tiny", ContextLength: 128, MemoryBytes: 1 << 20, AdapterBytesPerRank: 100_000_000, Prices: protocol.Prices{TrainMicroCreditsPer1K: 1000, PrefillMicroCreditsPer1K: 500, SampleMicroCreditsPer1K: 2000, StorageMicroCreditsPerGBHour: 100}}}

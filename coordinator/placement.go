@@ -15,7 +15,9 @@ import (
 // place picks the node for a run of model among the backend's live nodes:
 // joined, not quarantined, not excluded, with an engine backend up, a free session slot and the memory the model
 // needs (or the model already loaded); nodes with the model loaded first,
-// then the fewest sessions. It fails with ErrNoCapacity.
+// then the least work per unit of measured throughput (sessions + 1 over
+// the tokens/s a capacity challenge measured: an advert's claims do not
+// count), then the fewest sessions. It fails with ErrNoCapacity.
 //
 // Load is the count of sessions, not their share of max_sessions: a node's
 // max_sessions is its own claim, and a node claiming a thousand slots must
@@ -28,6 +30,7 @@ import (
 func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.Node, error) {
 	var joined map[string]bool
 	assigned := map[string]int{}
+	measured := map[string]float64{}
 	nodes := c.nodesBackend().Nodes()
 	c.fsm.read(func(s *State) {
 		joined = make(map[string]bool, len(nodes))
@@ -36,6 +39,9 @@ func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.
 			if _, ok := s.Node(n.PeerID); ok && !s.Quarantined(n.PeerID) {
 				joined[n.PeerID] = true
 			}
+			if tps := s.nodeAudits[n.PeerID].TokensPerSec; tps > 0 {
+				measured[n.PeerID] = tps
+			}
 		}
 		for _, r := range s.ActiveRuns() {
 			if r.Run.Node != "" {
@@ -43,16 +49,19 @@ func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.
 			}
 		}
 	})
-	return placeOn(nodes, model, assigned, func(id string) bool { return joined[id] && !exclude[id] })
+	return placeOn(nodes, model, assigned, measured, func(id string) bool { return joined[id] && !exclude[id] })
 }
 
 // placeOn is the placement rule, without the coordinator (tests drive it).
-// assigned counts the registry's active runs per node.
-func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, eligible func(peerID string) bool) (protocol.Node, error) {
+// assigned counts the registry's active runs per node; measured is the
+// nodes' measured tokens/s (a node not yet measured counts as the slowest
+// measured one: it has shown nothing).
+func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, measured map[string]float64, eligible func(peerID string) bool) (protocol.Node, error) {
 	type cand struct {
 		n      protocol.Node
 		loaded bool
 		load   float64
+		work   float64 // (load + 1) / measured throughput
 	}
 	var cs []cand
 	var down, full, small, busy, slots int
@@ -99,10 +108,29 @@ func placeOn(nodes []protocol.Node, model ModelSpec, assigned map[string]int, el
 		}
 		return protocol.Node{}, protocol.UserErrorf(ErrNoCapacity, "no node can take a run of %s now: of %d nodes, %s; retry later", model.Name, len(nodes), strings.Join(why, ", "))
 	}
+	slowest := 0.0
+	for _, c := range cs {
+		if t := measured[c.n.PeerID]; t > 0 && (slowest == 0 || t < slowest) {
+			slowest = t
+		}
+	}
+	for i := range cs {
+		tps := measured[cs[i].n.PeerID]
+		if tps <= 0 {
+			tps = slowest
+		}
+		if tps <= 0 {
+			tps = 1 // nothing measured yet: the load alone decides
+		}
+		cs[i].work = (cs[i].load + 1) / tps
+	}
 	sort.SliceStable(cs, func(i, j int) bool {
 		a, b := cs[i], cs[j]
 		if a.loaded != b.loaded {
 			return a.loaded
+		}
+		if a.work != b.work {
+			return a.work < b.work
 		}
 		if a.load != b.load {
 			return a.load < b.load

@@ -18,6 +18,14 @@ type NodeAudits struct {
 	LiftedAt   string `json:"lifted_at,omitempty"`
 	LiftReason string `json:"lift_reason,omitempty"`
 	LastPassed string `json:"last_passed,omitempty"`
+	// MeasuredTokensPerSec is the node's training throughput as the
+	// network measured it (a capacity challenge on MeasuredModel, at
+	// MeasuredAt), whatever its advert claims; MeasureVerified says a node
+	// of another operator reproduced the challenge's outputs.
+	MeasuredTokensPerSec float64 `json:"measured_tokens_per_sec,omitempty"`
+	MeasuredModel        string  `json:"measured_model,omitempty"`
+	MeasuredAt           string  `json:"measured_at,omitempty"`
+	MeasureVerified      bool    `json:"measure_verified,omitempty"`
 	// HeldMicroCredits is the operator's share of the node's charges that
 	// the network still holds; VerifiedMicroCredits the part of it passed
 	// audits cover, paid to the operator once the escrow window after the

@@ -1,0 +1,218 @@
+package coordinator
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"time"
+
+	"github.com/signal-p2p/signal/audit"
+	"github.com/signal-p2p/signal/protocol"
+)
+
+// Capacity challenges: a node's advert (GPUs, memory, session limits) is
+// its own claim, so the leader measures what a node does. When a node is
+// first seen and every ChallengeInterval after, it gets a challenge: a
+// training step (forward_backward) on a model it serves, with an adapter
+// and tokens drawn from a seed the leader picks, in a session of its own.
+// The leader times it (its clock: tokens per second, network included)
+// and gives the same challenge to a node of another operator: outputs that
+// disagree beyond the audit tolerances are a failed audit (refund,
+// quarantine), as a spot-check's are. Placement orders nodes by measured
+// throughput, not by what they advertise.
+
+// defaultChallengeInterval is how often a node is measured again.
+const defaultChallengeInterval = 10 * time.Minute
+
+// challengeSeqs and challengeLen shape a challenge: 2 × 64 tokens.
+const (
+	challengeSeqs = 2
+	challengeLen  = 64
+)
+
+// measureCmd records a node's measured throughput.
+type measureCmd struct {
+	PeerID       string  `json:"peer_id"`
+	Model        string  `json:"model"`
+	TokensPerSec float64 `json:"tokens_per_sec"`
+	// Verified says another operator's node reproduced the outputs.
+	Verified bool   `json:"verified"`
+	Time     string `json:"time"`
+}
+
+// RecordMeasure stores a node's latest measured throughput.
+func (s *State) RecordMeasure(c measureCmd) {
+	rec := s.nodeAudits[c.PeerID]
+	rec.PeerID = c.PeerID
+	rec.TokensPerSec, rec.MeasuredModel, rec.MeasuredAt, rec.MeasureVerified = c.TokensPerSec, c.Model, c.Time, c.Verified
+	s.nodeAudits[c.PeerID] = rec
+}
+
+func (c *Coordinator) challengeInterval() time.Duration {
+	if c.cfg.ChallengeInterval > 0 {
+		return c.cfg.ChallengeInterval
+	}
+	return defaultChallengeInterval
+}
+
+// challengeLoop measures nodes while this member leads: one challenge at
+// a time, the node measured longest ago (or never) first.
+func (c *Coordinator) challengeLoop(ctx context.Context) {
+	if c.cfg.ChallengeInterval < 0 {
+		return
+	}
+	interval := c.challengeInterval()
+	every(ctx, min(interval/4, 2*time.Second), func() {
+		n, model, ok := c.dueForChallenge(interval)
+		if !ok {
+			return
+		}
+		if err := c.challenge(ctx, n, model); err != nil && ctx.Err() == nil {
+			c.log.Info("challenge not run", "category", "audit", "node", n.PeerID, "err", err)
+		}
+	})
+}
+
+// dueForChallenge picks the live, joined, unquarantined node whose
+// measurement is oldest, if it is older than interval, and a model it
+// serves that the registry knows.
+func (c *Coordinator) dueForChallenge(interval time.Duration) (protocol.Node, ModelSpec, bool) {
+	nodes := c.nodesBackend().Nodes()
+	var best protocol.Node
+	var bestAt time.Time
+	found := false
+	c.fsm.read(func(s *State) {
+		for _, n := range nodes {
+			if _, joined := s.Node(n.PeerID); !joined || s.Quarantined(n.PeerID) || len(n.Backends) == 0 {
+				continue
+			}
+			at, measured := recordTime(s.nodeAudits[n.PeerID].MeasuredAt)
+			if measured && time.Since(at) < interval {
+				continue
+			}
+			if !found || !measured || at.Before(bestAt) {
+				best, bestAt, found = n, at, true
+				if !measured {
+					bestAt = time.Time{}
+				}
+			}
+		}
+	})
+	if !found {
+		return protocol.Node{}, ModelSpec{}, false
+	}
+	for _, name := range slices.Sorted(slices.Values(best.Models)) {
+		if m, err := c.models.get(name); err == nil {
+			return best, m, true
+		}
+	}
+	return protocol.Node{}, ModelSpec{}, false
+}
+
+// challengeBody is a challenge's batch: tokens from the seed (ids every
+// vocabulary has), every position weighted.
+func challengeBody(seed uint64) protocol.ForwardBackwardRequest {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	var req protocol.ForwardBackwardRequest
+	for range challengeSeqs {
+		ids := make([]int, challengeLen+1)
+		for j := range ids {
+			ids[j] = 3 + r.IntN(253)
+		}
+		d := protocol.Datum{ModelInput: protocol.ModelInput{Tokens: ids[:challengeLen]}}
+		d.LossFnInputs.TargetTokens = ids[1:]
+		for range challengeLen {
+			d.LossFnInputs.Weights = append(d.LossFnInputs.Weights, 1)
+		}
+		req.Data = append(req.Data, d)
+	}
+	return req
+}
+
+// runChallenge runs one challenge on node in a session of its own and
+// returns its answer and how long the training step took.
+func (c *Coordinator) runChallenge(ctx context.Context, node string, model ModelSpec, seed uint64) (protocol.ForwardBackwardResponse, time.Duration, error) {
+	var out protocol.ForwardBackwardResponse
+	runID := "challenge_" + newID(6)
+	spec := protocol.SessionSpec{RunID: runID, BaseModel: model.Name, LoRARank: 4, LoRAAlpha: 8, TargetModules: allModules, Seed: int64(seed >> 1)}
+	do := func(call protocol.Call, v any) (protocol.SessionResponse, error) {
+		body, err := json.Marshal(v)
+		if err != nil {
+			return protocol.SessionResponse{}, err
+		}
+		resp, err := c.nodesBackend().Do(ctx, node, protocol.SessionRequest{RequestID: runID + "/" + string(call), RunID: runID, Call: call, Body: body})
+		if err == nil && resp.Error != nil {
+			err = nodeError(resp.Error)
+		}
+		return resp, err
+	}
+	if _, err := do(protocol.CallInit, spec); err != nil {
+		return out, 0, fmt.Errorf("open the challenge's session: %w", err)
+	}
+	defer func() { _, _ = do(protocol.CallClose, struct{}{}) }()
+	start := time.Now()
+	resp, err := do(protocol.CallForwardBackward, challengeBody(seed))
+	took := time.Since(start)
+	if err != nil {
+		return out, took, fmt.Errorf("the challenge's forward_backward: %w", err)
+	}
+	if err := json.Unmarshal(resp.Body, &out); err != nil {
+		return out, took, fmt.Errorf("the challenge's answer: %v: %w", err, ErrBadNodeAnswer)
+	}
+	return out, took, nil
+}
+
+// challenge measures node on model and checks its outputs against a node
+// of another operator.
+func (c *Coordinator) challenge(ctx context.Context, n protocol.Node, model ModelSpec) error {
+	seed := rand.Uint64()
+	claimed, took, err := c.runChallenge(ctx, n.PeerID, model, seed)
+	if err != nil {
+		return err
+	}
+	var operator string
+	c.fsm.read(func(s *State) { rec, _ := s.Node(n.PeerID); operator = rec.Operator })
+	tps := float64(challengeSeqs*challengeLen) / max(took.Seconds(), 1e-6)
+	// Another operator's node runs the same challenge. A disagreement is
+	// confirmed by a node of a third operator where one is live (as an
+	// audit's is): one lying validator cannot get an honest node
+	// quarantined when a third opinion exists.
+	verified := false
+	var dissent *protocol.Node
+	var dissentCheck audit.Check
+	for _, v := range c.validators(model, n.PeerID, map[string]bool{operator: true}) {
+		if dissent != nil && v.Operator == dissent.Operator {
+			continue
+		}
+		replay, _, err := c.runChallenge(ctx, v.PeerID, model, seed)
+		if err != nil {
+			continue // another validator, or none: the measure stands unverified
+		}
+		check := audit.CompareForward(claimed, replay, true, audit.DefaultTolerances())
+		if check.Passed {
+			if dissent != nil {
+				c.log.Warn("a second validator overturned a challenge's disagreement", "category", "audit", "node", n.PeerID, "first", dissent.PeerID, "second", v.PeerID)
+			}
+			verified, dissent = true, nil
+			break
+		}
+		if dissent != nil {
+			dissent, dissentCheck = &v, check // confirmed
+			break
+		}
+		dissent, dissentCheck = &v, check
+	}
+	if dissent != nil {
+		dissentCheck.Reason = "capacity challenge: " + dissentCheck.Reason
+		c.auditor.record(ctx, auditJob{id: "chal_" + newID(8), run: RunRecord{Run: protocol.Run{ID: "challenge"}}, node: n.PeerID, call: "challenge"},
+			dissent.PeerID, dissentCheck, dissent.Operator, 0, "")
+		return nil
+	}
+	_, err = c.propose(ctx, cmdMeasure, measureCmd{PeerID: n.PeerID, Model: model.Name, TokensPerSec: tps, Verified: verified, Time: now()})
+	if err == nil {
+		c.log.Info("node measured", "category", "audit", "node", n.PeerID, "model", model.Name, "tokens_per_sec", tps, "verified", verified)
+	}
+	return err
+}
