@@ -398,7 +398,11 @@ func TestHonestNodesPassAudits(t *testing.T) {
 		runs = append(runs, createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}))
 	}
 	rng := rand.New(rand.NewSource(4))
-	const rounds = 20
+	// 230 rounds of 3 runs × 3 audited calls: 2,070 audits, no false positive.
+	rounds := 230
+	if testing.Short() {
+		rounds = 20
+	}
 	calls := 0
 	for i := range rounds {
 		for _, run := range runs {
@@ -563,7 +567,7 @@ func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
 	}
 	rng := rand.New(rand.NewSource(6))
 	calls := 0
-	for i := range 4 {
+	for i := range 20 { // 120 audits, most across engines
 		for _, run := range runs {
 			base := c.URL() + "/v1/runs/" + run.ID + "/"
 			mustStatus(t, do(t, "POST", base+"forward_backward", key, tokenData(rng, 2)), 200)
