@@ -403,23 +403,7 @@ func TestHonestNodesPassAudits(t *testing.T) {
 	if testing.Short() {
 		rounds = 20
 	}
-	calls := 0
-	for i := range rounds {
-		for _, run := range runs {
-			base := c.URL() + "/v1/runs/" + run.ID + "/"
-			mustStatus(t, do(t, "POST", base+"forward_backward", key, tokenData(rng, 2)), 200)
-			mustStatus(t, do(t, "POST", base+"forward", key, tokenData(rng, 2)), 200)
-			mustStatus(t, do(t, "POST", base+"sample", key, sampleBody(rng, float64(i%2))), 200)
-			mustStatus(t, do(t, "POST", base+"optim_step", key, map[string]any{}), 200)
-			calls += 3
-		}
-	}
-	waitFor(t, 60*time.Second, "every audit decided", func() bool {
-		return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == int64(calls)
-	})
-	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
-		t.Fatalf("%d honest audits failed, %d inconclusive", f, inc)
-	}
+	calls := honestRounds(t, c, key, runs, rng, rounds, true)
 	worst := 0.0
 	for _, p := range peers {
 		rec := nodeAudits(c, p)
@@ -565,23 +549,7 @@ func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
 	for range 3 { // one run per node
 		runs = append(runs, createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}))
 	}
-	rng := rand.New(rand.NewSource(6))
-	calls := 0
-	for i := range 20 { // 120 audits, most across engines
-		for _, run := range runs {
-			base := c.URL() + "/v1/runs/" + run.ID + "/"
-			mustStatus(t, do(t, "POST", base+"forward_backward", key, tokenData(rng, 2)), 200)
-			mustStatus(t, do(t, "POST", base+"sample", key, sampleBody(rng, float64(i%2))), 200)
-			mustStatus(t, do(t, "POST", base+"optim_step", key, map[string]any{}), 200)
-			calls += 2
-		}
-	}
-	waitFor(t, 120*time.Second, "every audit decided", func() bool {
-		return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == int64(calls)
-	})
-	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
-		t.Fatalf("%d honest audits across engines failed, %d inconclusive", f, inc)
-	}
+	honestRounds(t, c, key, runs, rand.New(rand.NewSource(6)), 20, false) // 120 audits, most across engines
 	worst := 0.0
 	crossed := 0
 	for _, p := range peers {
@@ -667,4 +635,33 @@ func TestCapacityChallenges(t *testing.T) {
 			t.Errorf("/v1/nodes does not show the liar's measured throughput beside its advert: %+v", n.Audits)
 		}
 	}
+}
+
+// honestRounds makes rounds of audited calls on each run (forward_backward,
+// forward when withForward, a sample; then an optim_step) at audit rate 1,
+// waits for every verdict and fails on any failed or inconclusive audit.
+// It returns the number of audited calls.
+func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run, rng *rand.Rand, rounds int, withForward bool) int {
+	t.Helper()
+	calls := 0
+	for i := range rounds {
+		for _, run := range runs {
+			base := c.URL() + "/v1/runs/" + run.ID + "/"
+			mustStatus(t, do(t, "POST", base+"forward_backward", key, tokenData(rng, 2)), 200)
+			if withForward {
+				mustStatus(t, do(t, "POST", base+"forward", key, tokenData(rng, 2)), 200)
+				calls++
+			}
+			mustStatus(t, do(t, "POST", base+"sample", key, sampleBody(rng, float64(i%2))), 200)
+			mustStatus(t, do(t, "POST", base+"optim_step", key, map[string]any{}), 200)
+			calls += 2
+		}
+	}
+	waitFor(t, 180*time.Second, "every audit decided", func() bool {
+		return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == int64(calls)
+	})
+	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
+		t.Fatalf("%d honest audits failed, %d inconclusive", f, inc)
+	}
+	return calls
 }
