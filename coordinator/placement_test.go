@@ -58,7 +58,9 @@ func TestPlaceOn(t *testing.T) {
 		// so it takes a second run before a takes its first.
 		{"measured throughput", []protocol.Node{node("a", nil), node("b", func(n *protocol.Node) { n.Sessions = 1 })}, all, "b", nil, map[string]float64{"a": 100, "b": 400}},
 		{"an advertised GPU does not count", []protocol.Node{
-			node("liar", func(n *protocol.Node) { n.GPUs = []protocol.GPU{{Name: "NVIDIA H200", MemoryTotal: 141 << 30, MemoryFree: 140 << 30}} }),
+			node("liar", func(n *protocol.Node) {
+				n.GPUs = []protocol.GPU{{Name: "NVIDIA H200", MemoryTotal: 141 << 30, MemoryFree: 140 << 30}}
+			}),
 			node("b", nil)}, all, "b", nil, map[string]float64{"liar": 50, "b": 500}},
 		// Not yet measured counts as the slowest measured.
 		{"unmeasured as the slowest", []protocol.Node{node("a", nil), node("b", nil), node("c", func(n *protocol.Node) { n.Sessions = 1 })}, all, "c", nil, map[string]float64{"b": 100, "c": 400}},
