@@ -57,7 +57,9 @@ func async[T any](r *Run, ctx context.Context, fn func(context.Context) (T, erro
 
 // ForwardBackwardAsync submits a ForwardBackward and returns at once.
 func (r *Run) ForwardBackwardAsync(ctx context.Context, req protocol.ForwardBackwardRequest) *Future[*protocol.ForwardBackwardResponse] {
-	return async(r, ctx, func(ctx context.Context) (*protocol.ForwardBackwardResponse, error) { return r.ForwardBackward(ctx, req) })
+	return async(r, ctx, func(ctx context.Context) (*protocol.ForwardBackwardResponse, error) {
+		return r.ForwardBackward(ctx, req)
+	})
 }
 
 // OptimStepAsync submits an OptimStep and returns at once.
