@@ -657,7 +657,7 @@ func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run,
 			calls += 2
 		}
 	}
-	waitFor(t, 180*time.Second, "every audit decided", func() bool {
+	waitFor(t, 300*time.Second, "every audit decided", func() bool {
 		return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == int64(calls)
 	})
 	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
