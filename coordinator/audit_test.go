@@ -570,12 +570,13 @@ func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
 	t.Logf("%d audits passed, %d of them across engines; largest margin %.4f of the tolerance", c.auditor.passed.Load(), crossed, worst)
 }
 
-// slowSession is an honest engine's session that takes 60 ms more per
-// training step: a node whose advert claims more than it does.
+// slowSession is an honest engine's session that takes 300 ms more per
+// training step (the tiny model's step takes a few ms): a node whose
+// advert claims more than it does.
 type slowSession struct{ node.Session }
 
 func (s slowSession) ForwardBackward(ctx context.Context, data []trainer.Datum, loss node.Loss) (trainer.ForwardResult, error) {
-	time.Sleep(60 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	return s.Session.ForwardBackward(ctx, data, loss)
 }
 
