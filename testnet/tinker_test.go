@@ -423,8 +423,8 @@ func TestTinkerSurvives(t *testing.T) {
 	for _, ch := range acct.Charges {
 		n[ch.Call]++
 	}
-	if n["forward_backward"] != 20 {
-		t.Errorf("charges by call %v: want 20 forward_backward, each charged once", n)
+	if n["forward_backward"] != 20 || n["optim_step"] != 20 {
+		t.Errorf("charges by call %v: want 20 forward_backward and 20 optim_step, each charged once", n)
 	}
 	runs, err := c.ListRuns(ctx)
 	if err != nil || len(runs) != 1 {
