@@ -64,29 +64,37 @@ func (c *Coordinator) challengeLoop(ctx context.Context) {
 		return
 	}
 	interval := c.challengeInterval()
+	// tried holds when a node's last challenge could not run (a full node,
+	// a model it refused): it is not tried again before a quarter interval.
+	tried := map[string]time.Time{}
 	every(ctx, min(interval/4, 2*time.Second), func() {
-		n, model, ok := c.dueForChallenge(interval)
+		n, model, ok := c.dueForChallenge(interval, func(peer string) bool { return time.Since(tried[peer]) < interval/4 })
 		if !ok {
 			return
 		}
 		if err := c.challenge(ctx, n, model); err != nil && ctx.Err() == nil {
+			tried[n.PeerID] = time.Now()
 			c.log.Info("challenge not run", "category", "audit", "node", n.PeerID, "err", err)
 		}
 	})
 }
 
-// dueForChallenge picks the live, joined, unquarantined node whose
-// measurement is oldest, if it is older than interval, and a model it
-// serves that the registry knows.
-func (c *Coordinator) dueForChallenge(interval time.Duration) (protocol.Node, ModelSpec, bool) {
+// dueForChallenge picks the live, joined, unquarantined node with a free
+// session whose measurement is oldest, if it is older than interval (and
+// waiting does not hold it back), and a model it serves that the registry
+// knows.
+func (c *Coordinator) dueForChallenge(interval time.Duration, waiting func(peer string) bool) (protocol.Node, ModelSpec, bool) {
 	nodes := c.nodesBackend().Nodes()
 	var best protocol.Node
 	var bestAt time.Time
 	found := false
 	c.fsm.read(func(s *State) {
 		for _, n := range nodes {
-			if _, joined := s.Node(n.PeerID); !joined || s.Quarantined(n.PeerID) || len(n.Backends) == 0 {
+			if _, joined := s.Node(n.PeerID); !joined || s.Quarantined(n.PeerID) || len(n.Backends) == 0 || waiting(n.PeerID) {
 				continue
+			}
+			if n.MaxSessions > 0 && n.Sessions >= n.MaxSessions {
+				continue // a user's runs come first; measured when a slot frees
 			}
 			at, measured := recordTime(s.nodeAudits[n.PeerID].MeasuredAt)
 			if measured && time.Since(at) < interval {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -117,5 +118,30 @@ func TestLiftQuarantineAPI(t *testing.T) {
 	r.decode(t, &v)
 	if v.Quarantined || v.Failed != 1 || v.LiftReason != "a faulty GPU was replaced" {
 		t.Errorf("after the lift: %+v", v)
+	}
+}
+
+// A challenge goes to a node with a free session (a user's runs come
+// first) that is not waiting out a failed try.
+func TestDueForChallenge(t *testing.T) {
+	c, fnet := startOne(t, nil)
+	fnet.serve("tiny")
+	fnet.mu.Lock()
+	fnet.nodes["nodeA"].info.MaxSessions = 1
+	fnet.nodes["nodeA"].sessions["busy"] = &fakeSession{}
+	fnet.mu.Unlock()
+	none := func(string) bool { return false }
+	n, m, ok := c.dueForChallenge(time.Minute, none)
+	if !ok || n.PeerID != "nodeB" || m.Name != "tiny" {
+		t.Fatalf("due: %v %s %v; want nodeB (nodeA is full)", ok, n.PeerID, m.Name)
+	}
+	if _, _, ok := c.dueForChallenge(time.Minute, func(p string) bool { return p == "nodeB" }); ok {
+		t.Error("a node waiting out a failed challenge was due")
+	}
+	if _, err := c.propose(context.Background(), cmdMeasure, measureCmd{PeerID: "nodeB", Model: "tiny", TokensPerSec: 100, Time: now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, ok := c.dueForChallenge(time.Minute, none); ok {
+		t.Error("a node measured within the interval was due")
 	}
 }
