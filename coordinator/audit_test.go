@@ -403,17 +403,7 @@ func TestHonestNodesPassAudits(t *testing.T) {
 	if testing.Short() {
 		rounds = 20
 	}
-	calls := honestRounds(t, c, key, runs, rng, rounds, true)
-	worst := 0.0
-	for _, p := range peers {
-		rec := nodeAudits(c, p)
-		if rec.Failed != 0 || rec.Quarantined {
-			t.Fatalf("honest node %s: %+v", p, rec)
-		}
-		for _, a := range rec.Recent {
-			worst = max(worst, a.Margin)
-		}
-	}
+	calls, worst := honestRounds(t, c, key, runs, peers, rng, rounds, true)
 	t.Logf("%d calls, %d audits passed, 0 failed; largest margin among the last %d per node: %.4f of the tolerance (native replays native exactly)", calls, c.auditor.passed.Load(), maxAuditsPerNode, worst)
 	ratio := float64(c.auditor.replayCredits.Load()) / float64(c.auditor.auditedCredits.Load())
 	t.Logf("a replay costs %.3f of its audited call at the model's prices (forward_backward and forward 1, a sample scored in one forward ≪ 1, a greedy one resampled > 1): %.2f%% of the compute at the default rate %v", ratio, 100*ratio*DefaultAuditRate, DefaultAuditRate)
@@ -549,16 +539,10 @@ func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
 	for range 3 { // one run per node
 		runs = append(runs, createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}))
 	}
-	honestRounds(t, c, key, runs, rand.New(rand.NewSource(6)), 20, false) // 120 audits, most across engines
-	worst := 0.0
+	_, worst := honestRounds(t, c, key, runs, peers, rand.New(rand.NewSource(6)), 20, false) // 120 audits, most across engines
 	crossed := 0
 	for _, p := range peers {
-		rec := nodeAudits(c, p)
-		if rec.Failed != 0 || rec.Quarantined {
-			t.Fatalf("honest node %s: %+v", p, rec)
-		}
-		for _, a := range rec.Recent {
-			worst = max(worst, a.Margin)
+		for _, a := range nodeAudits(c, p).Recent {
 			if (p == "node-w") != (a.Validator == "node-w") {
 				crossed++ // one engine checked the other
 			}
@@ -640,9 +624,10 @@ func TestCapacityChallenges(t *testing.T) {
 
 // honestRounds makes rounds of audited calls on each run (forward_backward,
 // forward when withForward, a sample; then an optim_step) at audit rate 1,
-// waits for every verdict and fails on any failed or inconclusive audit.
-// It returns the number of audited calls.
-func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run, rng *rand.Rand, rounds int, withForward bool) int {
+// waits for every verdict and fails on any failed or inconclusive audit
+// or any of peers failed or quarantined. It returns the number of audited
+// calls and the largest margin among the peers' recent audits.
+func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run, peers []string, rng *rand.Rand, rounds int, withForward bool) (int, float64) {
 	t.Helper()
 	calls := 0
 	for i := range rounds {
@@ -664,5 +649,15 @@ func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run,
 	if f, inc := c.auditor.failed.Load(), c.auditor.inconclusive.Load(); f != 0 || inc != 0 {
 		t.Fatalf("%d honest audits failed, %d inconclusive", f, inc)
 	}
-	return calls
+	worst := 0.0
+	for _, p := range peers {
+		rec := nodeAudits(c, p)
+		if rec.Failed != 0 || rec.Quarantined {
+			t.Fatalf("honest node %s: %+v", p, rec)
+		}
+		for _, a := range rec.Recent {
+			worst = max(worst, a.Margin)
+		}
+	}
+	return calls, worst
 }

@@ -28,16 +28,16 @@ func (c *Coordinator) internalCall(ctx context.Context, account, key, method, pa
 	cl := &call{r: req, body: b, account: account, reqID: newID(6)}
 	sum := sha256.Sum256([]byte(method + " " + path + "\n" + string(b)))
 	cl.idem = &IdemTag{Scope: account + "\x00" + key, BodyHash: hex.EncodeToString(sum[:])}
-	var rec IdemRecord
-	var ok bool
-	var cerr error
-	c.fsm.read(func(s *State) { rec, ok, cerr = s.checkIdem(cl.idem) })
-	if cerr != nil {
-		return nil, cerr
+	// The same step serve takes: a recorded answer, or the key marked in
+	// flight so that a concurrent duplicate waits for this one.
+	release, rec, err := c.beginIdem(req, cl.idem)
+	if err != nil {
+		return nil, err
 	}
-	if ok {
+	if rec != nil {
 		return rec.Body, nil
 	}
+	defer release()
 	v, err := h(cl)
 	if err != nil {
 		return nil, err

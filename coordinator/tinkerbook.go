@@ -122,9 +122,12 @@ type tinkerBook struct {
 	futures map[string]TinkerFuture
 	// order is each account's futures in submission order, and bytes
 	// their sizes' sum, pending its queued calls' sum: the bounds.
-	order       map[string][]string
-	bytes       map[string]int64
-	pending     map[string]int64
+	order   map[string][]string
+	bytes   map[string]int64
+	pending map[string]int64
+	// queued is the ids of the pending futures: the runner looks at these
+	// on every change, not at every answer the book keeps.
+	queued      map[string]bool
 	models      map[string]TinkerModel
 	samplers    map[string]TinkerSampler
 	checkpoints map[string]TinkerCheckpoint
@@ -132,13 +135,13 @@ type tinkerBook struct {
 
 func newTinkerBook() tinkerBook {
 	return tinkerBook{futures: map[string]TinkerFuture{}, order: map[string][]string{}, bytes: map[string]int64{},
-		pending: map[string]int64{}, models: map[string]TinkerModel{}, samplers: map[string]TinkerSampler{},
+		pending: map[string]int64{}, queued: map[string]bool{}, models: map[string]TinkerModel{}, samplers: map[string]TinkerSampler{},
 		checkpoints: map[string]TinkerCheckpoint{}}
 }
 
 func (b tinkerBook) clone() tinkerBook {
 	c := tinkerBook{futures: maps.Clone(b.futures), order: make(map[string][]string, len(b.order)), bytes: maps.Clone(b.bytes),
-		pending: maps.Clone(b.pending), models: maps.Clone(b.models), samplers: maps.Clone(b.samplers),
+		pending: maps.Clone(b.pending), queued: maps.Clone(b.queued), models: maps.Clone(b.models), samplers: maps.Clone(b.samplers),
 		checkpoints: maps.Clone(b.checkpoints)}
 	for k, v := range b.order {
 		c.order[k] = v[:len(v):len(v)]
@@ -204,11 +207,9 @@ func (s *State) TinkerModelsOf(account string) []TinkerModel {
 
 // pendingTinker returns every queued call, by id.
 func (s *State) pendingTinker() []TinkerFuture {
-	var out []TinkerFuture
-	for _, f := range s.tinker.futures {
-		if f.Status == futurePending {
-			out = append(out, f)
-		}
+	out := make([]TinkerFuture, 0, len(s.tinker.queued))
+	for id := range s.tinker.queued {
+		out = append(out, s.tinker.futures[id])
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out
@@ -247,6 +248,7 @@ func (s *State) ApplyTinker(c tinkerCmd) (TinkerFuture, error) {
 			b.order[rec.Account] = append(b.order[rec.Account], rec.ID)
 			b.bytes[rec.Account] += rec.size()
 			b.pending[rec.Account] += n
+			b.queued[rec.ID] = true
 			out = rec
 		}
 	}
@@ -255,6 +257,7 @@ func (s *State) ApplyTinker(c tinkerCmd) (TinkerFuture, error) {
 		if ok && f.Status == futurePending {
 			b.bytes[f.Account] -= f.size()
 			b.pending[f.Account] -= int64(len(f.Request))
+			delete(b.queued, f.ID)
 			f.Request, f.Status, f.Result, f.Error, f.Category = nil, fin.Status, fin.Result, fin.Error, fin.Category
 			b.futures[f.ID] = f
 			b.bytes[f.Account] += f.size()
@@ -328,6 +331,7 @@ func (b *tinkerBook) putFuture(f TinkerFuture) {
 	b.bytes[f.Account] += f.size()
 	if f.Status == futurePending {
 		b.pending[f.Account] += int64(len(f.Request))
+		b.queued[f.ID] = true
 	}
 }
 
