@@ -81,6 +81,9 @@ type Coordinator struct {
 
 	// tinkerSig wakes the Tinker door's long polls when its book changes;
 	// tinkerKick wakes the leader's queue runner (tinkerexec.go).
+	// life ends when Stop begins: long polls answer at once then, so the
+	// HTTP server's graceful shutdown does not wait out their 25 s.
+	life       context.Context
 	tinkerSig  *tinkerSignal
 	tinkerKick chan struct{}
 	// tinkerPaused holds why a queued call waits (future id → pausedState),
@@ -328,6 +331,7 @@ func (c *Coordinator) listenHTTP() error {
 func (c *Coordinator) runLoops(ctx context.Context, hasState bool) {
 	ctx, cancel := context.WithCancel(ctx)
 	c.cancel = cancel
+	c.life = ctx
 	c.batch = newBatcher(c.raft, c.cfg.MaxBatch, c.cfg.MaxInflightBatches, c.cfg.ApplyTimeout, c.metrics.observeBatch)
 	c.batch.Start(ctx)
 	c.auditor.Start(ctx, c.cfg.AuditWorkers)

@@ -759,6 +759,10 @@ func (c *Coordinator) tinkerRetrieve(cl *call) (any, error) {
 		}
 		select {
 		case <-wake:
+		case <-c.life.Done():
+			// This member is stopping: the client polls again (another
+			// member, once this one is gone).
+			return map[string]any{"type": "try_again", "request_id": f.ID, "queue_state": "active"}, nil
 		case <-deadline.C:
 			out := map[string]any{"type": "try_again", "request_id": f.ID, "queue_state": "active"}
 			if p, ok := c.tinkerPaused.Load(f.ID); ok {

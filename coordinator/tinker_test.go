@@ -289,3 +289,31 @@ func TestTinkerQueueStateWhilePaused(t *testing.T) {
 		t.Errorf("after capacity came back: %s", res.body)
 	}
 }
+
+// A member that stops answers its open long polls at once: its graceful
+// HTTP shutdown (5 s) does not wait out a 30 s poll.
+func TestTinkerLongPollEndsWithTheMember(t *testing.T) {
+	c, _ := startOne(t, func(cfg *Config) { cfg.TinkerPoll = 30 * time.Second })
+	base := c.URL()
+	key, _ := createKey(t, base, 1_000_000)
+	model := tinkerModelFor(t, base, key)
+	r := tinkerDo(t, base, key, "optim_step", optimBody(model, 2)) // seq 1 never comes
+	mustStatus(t, r, 200)
+	var fut struct {
+		RequestID string `json:"request_id"`
+	}
+	r.decode(t, &fut)
+	polled := make(chan apiResp, 1)
+	go func() { polled <- tinkerDo(t, base, key, "retrieve_future", map[string]string{"request_id": fut.RequestID}) }()
+	time.Sleep(300 * time.Millisecond) // the poll is waiting
+	start := time.Now()
+	if err := c.Stop(); err != nil {
+		t.Fatalf("stop with a long poll open: %v", err)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Errorf("stop took %v with a long poll open", d)
+	}
+	if p := <-polled; !bytes.Contains(p.body, []byte(`"try_again"`)) {
+		t.Errorf("the open poll got %d %s", p.status, p.body)
+	}
+}
