@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -357,7 +358,15 @@ func (c *Coordinator) forward(w http.ResponseWriter, r *http.Request) (int, stri
 			writeError(w, status, protocol.CodeUnavailable, perr.Error(), "")
 		},
 	}
-	p.ServeHTTP(w, r)
+	// A member that stops cancels what it is still forwarding (a leader's
+	// long poll above all): its graceful shutdown must not wait on another
+	// member's answer; the client retries, elsewhere once this one is gone.
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	if c.life != nil {
+		defer context.AfterFunc(c.life, cancel)()
+	}
+	p.ServeHTTP(w, r.WithContext(ctx))
 	return status, "", perr
 }
 

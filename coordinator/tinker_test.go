@@ -317,3 +317,4 @@ func TestTinkerLongPollEndsWithTheMember(t *testing.T) {
 		t.Errorf("the open poll got %d %s", p.status, p.body)
 	}
 }
+
