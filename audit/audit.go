@@ -24,6 +24,10 @@ type Tolerances struct {
 	LogprobRel, LogprobAbs float64
 	// GradNormRel and GradNormAbs bound forward_backward's grad_norm.
 	GradNormRel, GradNormAbs float64
+	// AdapterRel and AdapterAbs bound the adapter after an optim_step
+	// (CompareAdapters): AdapterRel of the replay's own update, plus
+	// AdapterAbs per value.
+	AdapterRel, AdapterAbs float64
 }
 
 // DefaultTolerances are the tolerances the coordinator audits with.
@@ -40,11 +44,21 @@ type Tolerances struct {
 // larger models and GPU kernels; the lies the coordinator's tests plant (a
 // loss 10% off, a grad norm made up, sampled tokens not drawn from the
 // model) fail by 3-50×.
+//
+// The adapter after an optim_step (same test: one AdamW step at lr 1e-3
+// from one adapter, with each engine's own gradient) differs between the
+// f32 engines by 1e-7 of the update and between an f32 and a bf16 engine
+// by up to 0.164 of it: Adam's first step is lr·sign(g) elementwise, and
+// bf16 rounding flips the sign of the smallest gradients. AdapterRel 0.5
+// keeps honest pairs at ≤ 0.33 of the tolerance; a skipped step (1.0 of
+// the update) fails by 2×, one at 5× the rate by 8×, one along a made-up
+// gradient of the right size (√2) by 2.8×.
 func DefaultTolerances() Tolerances {
 	return Tolerances{
 		LossRel: 1e-2, LossAbs: 1e-3,
 		LogprobRel: 1e-2, LogprobAbs: 0.1,
 		GradNormRel: 5e-2, GradNormAbs: 1e-6,
+		AdapterRel: 0.5, AdapterAbs: 1e-7,
 	}
 }
 

@@ -69,6 +69,10 @@ type auditJob struct {
 	answer   json.RawMessage // the node's answer body
 	cost     int64           // what the call was charged: caps the validator's pay
 	pre      protocol.Checkpoint
+	// An optim_step's audit (audittrail.go) replays trail from pre, its
+	// anchor, and compares the adapter with post, the node's commit.
+	post  *protocol.Checkpoint
+	trail []TrailCall
 }
 
 // auditor runs the audits: it owns its workers (Start, Stop) and the
@@ -85,6 +89,14 @@ type auditor struct {
 	// active holds the audits queued or running here, so a resume does
 	// not queue one twice.
 	active map[string]bool
+	// trails are the runs' calls since their anchors (audittrail.go);
+	// trailBytes their bodies' total. owned counts the users of each
+	// state an audit committed; released are anchors whose trails ended,
+	// to unpin once a.mu is let go.
+	trails     map[string]*trail
+	trailBytes int
+	owned      map[string]int
+	released   []protocol.Checkpoint
 
 	// Counters for tests and logs.
 	chosen, passed, failed, inconclusive atomic.Int64
@@ -95,7 +107,8 @@ type auditor struct {
 }
 
 func newAuditor(c *Coordinator) *auditor {
-	return &auditor{c: c, jobs: make(chan auditJob, auditQueue), strikes: map[string]int{}, active: map[string]bool{}}
+	return &auditor{c: c, jobs: make(chan auditJob, auditQueue), strikes: map[string]int{}, active: map[string]bool{},
+		trails: map[string]*trail{}, owned: map[string]int{}}
 }
 
 // Start runs workers workers until Stop.
@@ -127,7 +140,11 @@ func (a *auditor) Stop() {
 
 // auditable says whether a call is of a kind audits replay.
 func auditable(call protocol.Call) bool {
-	return call == protocol.CallForwardBackward || call == protocol.CallForward || call == protocol.CallSample
+	switch call {
+	case protocol.CallForwardBackward, protocol.CallForward, protocol.CallSample, protocol.CallOptimStep:
+		return true
+	}
+	return false
 }
 
 // choose decides whether to audit a call the run's node is about to
@@ -135,7 +152,8 @@ func auditable(call protocol.Call) bool {
 // when the node failed to commit its state for its last audit or holds
 // earnings no audit has covered for longer than the escrow window (so
 // every node's earnings are eventually decided); otherwise with
-// probability AuditRate, from crypto/rand.
+// probability AuditRate (an optim_step's scaled by its replay's length:
+// optimDraw), from crypto/rand.
 func (a *auditor) choose(run *RunRecord, call protocol.Call, model ModelSpec) bool {
 	c := a.c
 	if c.cfg.AuditRate <= 0 || !auditable(call) || run.Run.Node == "" {
@@ -157,7 +175,11 @@ func (a *auditor) choose(run *RunRecord, call protocol.Call, model ModelSpec) bo
 	a.mu.Lock()
 	due := a.strikes[run.Run.Node] > 0
 	a.mu.Unlock()
-	return due || stale || randFloat() < c.cfg.AuditRate
+	rate := c.cfg.AuditRate
+	if call == protocol.CallOptimStep {
+		rate = a.optimDraw(run)
+	}
+	return due || stale || randFloat() < rate
 }
 
 // randFloat is uniform in [0, 1) from crypto/rand: a node cannot predict it.
@@ -237,9 +259,28 @@ func (a *auditor) commitState(ctx context.Context, run *RunRecord, model ModelSp
 	if call == protocol.CallForwardBackward {
 		mode = "full"
 	}
+	pre, ok := a.commitSnapshot(ctx, run, call, id, mode)
+	if !ok {
+		return auditJob{}, false
+	}
+	job := auditJob{id: id, run: *run, model: model, node: run.Run.Node, operator: operator, call: call,
+		body: append([]byte(nil), body...), answer: answer, cost: cost, pre: pre}
+	p := job.pending()
+	if _, err := c.propose(ctx, cmdAuditQueue, auditQueueCmd{Put: &p}); err != nil {
+		c.log.Warn("record pending audit", "category", "audit", "audit", id, "err", err)
+	}
+	return job, true
+}
+
+// commitSnapshot asks the run's node to save its state (mode) for audit
+// id, after call answered: a state at the run's step, or the next one
+// after an optim_step. A node that cannot gets a strike, and a failed
+// audit at auditCommitStrikes in a row.
+func (a *auditor) commitSnapshot(ctx context.Context, run *RunRecord, call protocol.Call, id, mode string) (protocol.Checkpoint, bool) {
+	c := a.c
 	log := c.log.With("category", "audit", "audit", id, "run", run.Run.ID, "node", run.Run.Node, "call", call)
 	reqBody, _ := json.Marshal(protocol.SaveStateRequest{Mode: mode})
-	resp, err := c.nodesBackend().Do(ctx, run.Run.Node, protocol.SessionRequest{RequestID: id + "/pre-state", RunID: run.Run.ID, Call: protocol.CallSaveState, Body: reqBody})
+	resp, err := c.nodesBackend().Do(ctx, run.Run.Node, protocol.SessionRequest{RequestID: id + "/state", RunID: run.Run.ID, Call: protocol.CallSaveState, Body: reqBody})
 	if err == nil && resp.Error != nil {
 		err = nodeError(resp.Error)
 	}
@@ -248,6 +289,9 @@ func (a *auditor) commitState(ctx context.Context, run *RunRecord, model ModelSp
 	}
 	if err == nil {
 		err = c.checkCheckpoint(run.Run, *resp.Checkpoint, run.Run.Step, mode)
+	}
+	if want := run.Run.Step + 1; err == nil && call == protocol.CallOptimStep && resp.Checkpoint.Step != want {
+		err = fmt.Errorf("state after optim_step at step %d, want %d: %w", resp.Checkpoint.Step, want, ErrBadNodeAnswer)
 	}
 	if err != nil {
 		a.mu.Lock()
@@ -262,18 +306,12 @@ func (a *auditor) commitState(ctx context.Context, run *RunRecord, model ModelSp
 			a.record(ctx, auditJob{id: id, run: *run, node: run.Run.Node, call: call}, "", audit.Check{
 				Reason: fmt.Sprintf("the node did not commit its state for %d audits in a row (last: %v)", strikes, protocol.UserMessage(err))}, "", 0, "")
 		}
-		return auditJob{}, false
+		return protocol.Checkpoint{}, false
 	}
 	a.mu.Lock()
 	delete(a.strikes, run.Run.Node)
 	a.mu.Unlock()
-	job := auditJob{id: id, run: *run, model: model, node: run.Run.Node, operator: operator, call: call,
-		body: append([]byte(nil), body...), answer: answer, cost: cost, pre: *resp.Checkpoint}
-	p := job.pending()
-	if _, err := c.propose(ctx, cmdAuditQueue, auditQueueCmd{Put: &p}); err != nil {
-		log.Warn("record pending audit", "err", err)
-	}
-	return job, true
+	return *resp.Checkpoint, true
 }
 
 // enqueue queues job unless this auditor holds it already.
@@ -321,6 +359,7 @@ func (a *auditor) run(ctx context.Context, job auditJob) {
 		log.Warn("audit inconclusive", "err", err)
 		if ctx.Err() == nil && c.IsLeader() {
 			a.drop(job.id)
+			a.release(job, true)
 		}
 		return
 	}
@@ -341,6 +380,10 @@ func (a *auditor) run(ctx context.Context, job auditJob) {
 		}
 	}
 	a.record(ctx, job, validator.PeerID, check, validator.Operator, pay, disputed)
+	if job.post != nil {
+		a.release(job, check.Passed)
+		return
+	}
 	if check.Passed {
 		// A passed audit's pre-state has served; a failed one's is kept as
 		// the evidence. Files a run's checkpoint names stay (they are
@@ -422,7 +465,8 @@ func (a *auditor) validate(ctx context.Context, job auditJob, exclude map[string
 // a validator that is lost or busy is an error.
 func (a *auditor) replay(ctx context.Context, job auditJob, validator string) (audit.Check, protocol.Usage, error) {
 	c := a.c
-	ctx, cancel := context.WithTimeout(ctx, c.cfg.CallTimeout)
+	// A trail's replay is several calls: each gets a call's time.
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(1+len(job.trail))*c.cfg.CallTimeout)
 	defer cancel()
 	sess := "audit-" + job.id + "-" + validator[max(0, len(validator)-6):]
 	r := job.run
@@ -430,12 +474,12 @@ func (a *auditor) replay(ctx context.Context, job auditJob, validator string) (a
 		TargetModules: r.Run.TargetModules, Seed: r.Seed, LRSchedule: r.LRSchedule, ResumeFrom: &job.pre}
 	var usage protocol.Usage
 	n := 0
-	call := func(name protocol.Call, body any) (json.RawMessage, error) {
+	call := func(name protocol.Call, body any) (protocol.SessionResponse, error) {
 		b, ok := body.([]byte)
 		if !ok {
 			var err error
 			if b, err = json.Marshal(body); err != nil {
-				return nil, err
+				return protocol.SessionResponse{}, err
 			}
 		}
 		n++
@@ -444,12 +488,12 @@ func (a *auditor) replay(ctx context.Context, job auditJob, validator string) (a
 			err = nodeError(resp.Error)
 		}
 		if err != nil {
-			return nil, err
+			return protocol.SessionResponse{}, err
 		}
 		usage.TrainTokens += max(resp.Usage.TrainTokens, 0)
 		usage.PrefillTokens += max(resp.Usage.PrefillTokens, 0)
 		usage.SampledTokens += max(resp.Usage.SampledTokens, 0)
-		return resp.Body, nil
+		return resp, nil
 	}
 	if _, err := call(protocol.CallInit, spec); err != nil {
 		if errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrNotFound) {
@@ -469,16 +513,19 @@ func (a *auditor) replay(ctx context.Context, job auditJob, validator string) (a
 		if err := json.Unmarshal(job.answer, &claimed); err != nil {
 			return audit.Check{Reason: fmt.Sprintf("the node's answer does not decode: %v", err)}, usage, nil
 		}
-		body, err := call(job.call, job.body)
+		resp, err := call(job.call, job.body)
 		if err != nil {
 			return audit.Check{}, usage, fmt.Errorf("replay %s: %w", job.call, err)
 		}
-		if err := json.Unmarshal(body, &replayed); err != nil {
+		if err := json.Unmarshal(resp.Body, &replayed); err != nil {
 			return audit.Check{}, usage, fmt.Errorf("validator's %s answer: %w", job.call, err)
 		}
 		return audit.CompareForward(claimed, replayed, job.call == protocol.CallForwardBackward, tol), usage, nil
 	case protocol.CallSample:
 		return a.replaySample(ctx, job, call, tol, &usage)
+	case protocol.CallOptimStep:
+		check, err := a.replayTrail(ctx, job, call, tol)
+		return check, usage, err
 	}
 	return audit.Check{}, usage, fmt.Errorf("call %s: %w", job.call, errAuditInconclusive)
 }
@@ -486,7 +533,7 @@ func (a *auditor) replay(ctx context.Context, job auditJob, validator string) (a
 // replaySample scores the node's samples with one forward on the
 // validator and, for greedy sampling, compares them with the validator's
 // own.
-func (a *auditor) replaySample(ctx context.Context, job auditJob, call func(protocol.Call, any) (json.RawMessage, error), tol audit.Tolerances, usage *protocol.Usage) (audit.Check, protocol.Usage, error) {
+func (a *auditor) replaySample(ctx context.Context, job auditJob, call func(protocol.Call, any) (protocol.SessionResponse, error), tol audit.Tolerances, usage *protocol.Usage) (audit.Check, protocol.Usage, error) {
 	var req protocol.SampleRequest
 	if err := json.Unmarshal(job.body, &req); err != nil {
 		return audit.Check{}, *usage, fmt.Errorf("sample request: %v: %w", err, errAuditInconclusive)
@@ -502,24 +549,24 @@ func (a *auditor) replaySample(ctx context.Context, job auditJob, call func(prot
 	if err != nil {
 		return audit.Check{}, *usage, err
 	}
-	body, err := call(protocol.CallForward, audit.ScoreRequest(prompts, claimed))
+	resp, err := call(protocol.CallForward, audit.ScoreRequest(prompts, claimed))
 	if err != nil {
 		return audit.Check{}, *usage, fmt.Errorf("score the samples: %w", err)
 	}
 	var scored protocol.ForwardBackwardResponse
-	if err := json.Unmarshal(body, &scored); err != nil {
+	if err := json.Unmarshal(resp.Body, &scored); err != nil {
 		return audit.Check{}, *usage, fmt.Errorf("validator's scoring answer: %w", err)
 	}
 	check := audit.CompareScores(prompts, claimed, scored, tol)
 	if !check.Passed || !audit.Greedy(req.SamplingParams) {
 		return check, *usage, nil
 	}
-	body, err = call(protocol.CallSample, job.body)
+	resp, err = call(protocol.CallSample, job.body)
 	if err != nil {
 		return audit.Check{}, *usage, fmt.Errorf("validator's own greedy sample: %w", err)
 	}
 	var own protocol.SampleResponse
-	if err := json.Unmarshal(body, &own); err != nil {
+	if err := json.Unmarshal(resp.Body, &own); err != nil {
 		return audit.Check{}, *usage, fmt.Errorf("validator's sample answer: %w", err)
 	}
 	greedy := audit.CompareGreedy(prompts, claimed, own, scored, tol)
@@ -558,6 +605,7 @@ func (c *Coordinator) escrowLoop(ctx context.Context) {
 	c.resumeAudits()
 	every(ctx, c.cfg.EscrowReleaseInterval, func() {
 		c.resumeAudits()
+		c.auditor.pruneTrails()
 		cutoff := time.Now().Add(-c.cfg.EscrowWindow).UnixMilli()
 		var nodes []string
 		c.fsm.read(func(s *State) { nodes = s.ReleasableNodes(cutoff) })

@@ -36,6 +36,7 @@ import (
 type realNet struct {
 	mu    sync.Mutex
 	nodes map[string]*realNode
+	store storage.Store
 }
 
 type realNode struct {
@@ -72,7 +73,7 @@ func newEngineNet(t *testing.T, peers []string, wrap func(peer string) func(node
 		t.Fatal(err)
 	}
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	n := &realNet{nodes: map[string]*realNode{}}
+	n := &realNet{nodes: map[string]*realNode{}, store: store}
 	for _, p := range peers {
 		var e node.Engine
 		backend := "native"
@@ -227,6 +228,7 @@ func auditCluster(t *testing.T, n *realNet, rate float64, window time.Duration, 
 	cfg.Backend = n.backend()
 	cfg.AuditRate = rate
 	cfg.EscrowWindow = window
+	cfg.OpenCheckpointFile = storage.FileOpener(n.store)
 	cfg.EscrowReleaseInterval = 50 * time.Millisecond
 	// These tests make hundreds of calls as fast as the nodes answer (faster
 	// than 50/s without -race); the rate limit is not what they test.
@@ -380,6 +382,118 @@ func TestAuditsCatchLyingEngines(t *testing.T) {
 					t.Fatalf("/v1/nodes shows the liar as %+v", n.Audits)
 				}
 			}
+		})
+	}
+}
+
+// skippedUpdate answers optim_step as an honest node would (the step
+// counted, the learning rate asked reported) but leaves the adapter as it
+// was: the cheapest way to look like training.
+type skippedUpdate struct{ node.Session }
+
+func (s skippedUpdate) OptimStep(ctx context.Context, p trainer.AdamParams) (trainer.OptimResult, error) {
+	asked := p.LearningRate
+	p.LearningRate = 1e-30
+	res, err := s.Session.OptimStep(ctx, p)
+	res.LearningRate = asked
+	return res, err
+}
+
+// wrongUpdate steps with five times the learning rate asked (a broken or
+// careless optimizer) and reports the rate asked.
+type wrongUpdate struct{ node.Session }
+
+func (s wrongUpdate) OptimStep(ctx context.Context, p trainer.AdamParams) (trainer.OptimResult, error) {
+	asked := p.LearningRate
+	p.LearningRate *= 5
+	res, err := s.Session.OptimStep(ctx, p)
+	res.LearningRate = asked
+	return res, err
+}
+
+// optimMissBound is the number of optim_steps within which a node whose
+// every step is wrong escapes audits at rate with probability at most p:
+// the first step anchors the run's trail; then the step with s steps on
+// the trail is audited with probability rate/(s+1), s cycling through
+// 0..anchorEvery−1 while no audit comes.
+func optimMissBound(rate, p float64) int {
+	miss := 1.0
+	n := 0
+	for miss > p {
+		miss *= 1 - rate/float64(n%anchorEvery+1)
+		n++
+	}
+	return 1 + n
+}
+
+// TestOptimAuditsCatchBadUpdates: a node whose forward_backward is honest
+// but whose optim_step skips the update, or applies a wrong one, passes
+// every forward_backward audit (the figures come from the adapter it has)
+// and is caught by an optim_step audit: the validator replays the trail
+// from the last anchor, and its adapter differs from the one the node
+// committed (or, where the trail holds a forward_backward after a bad
+// step, that call's figures do). The run uses no automatic checkpoints, so its anchors are
+// the audits' own commits.
+func TestOptimAuditsCatchBadUpdates(t *testing.T) {
+	const rate = 0.5
+	bound := optimMissBound(rate, 1e-6)
+	for _, tc := range []struct {
+		name string
+		wrap func(node.Session) node.Session
+	}{
+		{"skips the update", func(s node.Session) node.Session { return skippedUpdate{s} }},
+		{"applies a wrong update", func(s node.Session) node.Session { return wrongUpdate{s} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			liar := "node-0-liar"
+			net := newRealNet(t, []string{liar, "node-1", "node-2"}, func(p string) func(node.Session) node.Session {
+				if p == liar {
+					return tc.wrap
+				}
+				return nil
+			})
+			c := auditCluster(t, net, rate, time.Hour, map[string]string{liar: "op-liar", "node-1": "op-a", "node-2": "op-b"})
+			key, _ := createKey(t, c.URL(), 10_000_000)
+			run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4, "checkpoint_every": 0})
+			if run.Node != liar {
+				t.Fatalf("run placed on %s, want the liar", run.Node)
+			}
+			rng := rand.New(rand.NewSource(3))
+			steps := 0
+			for !nodeAudits(c, liar).Quarantined {
+				if steps == bound {
+					t.Fatalf("liar not caught in %d steps at rate %v", bound, rate)
+				}
+				mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/forward_backward", key, tokenData(rng, 2)), 200)
+				mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/optim_step", key, map[string]any{"adam_params": map[string]any{"learning_rate": 1e-2}}), 200)
+				steps++
+				// The verdict comes in the background: wait for each
+				// step's audits so the count of steps is exact.
+				waitFor(t, 30*time.Second, "audits decided", func() bool {
+					return c.auditor.passed.Load()+c.auditor.failed.Load()+c.auditor.inconclusive.Load() == c.auditor.chosen.Load()
+				})
+			}
+			rec := nodeAudits(c, liar)
+			// The adapter differs, or a forward_backward of the trail
+			// replayed after the validator's honest step does.
+			if rec.Failed != 1 || !strings.Contains(rec.QuarantineReason, "adapter after optim_step") && !strings.Contains(rec.QuarantineReason, "of the trail") {
+				t.Fatalf("liar's record %+v, want a failure on the adapter or the trail", rec)
+			}
+			var failedCall string
+			for _, a := range rec.Recent {
+				if !a.Passed {
+					failedCall = a.Call
+				}
+			}
+			if failedCall != string(protocol.CallOptimStep) || rec.Passed == 0 {
+				t.Fatalf("liar's audits %+v: want forward_backward passes and an optim_step failure", rec.Recent)
+			}
+			t.Logf("caught after %d steps (bound %d at rate %v), %d audits passed before: %s", steps, bound, rate, rec.Passed, rec.QuarantineReason)
+			waitFor(t, 30*time.Second, "the run moved", func() bool {
+				var r *RunRecord
+				c.State(func(s *State) { r, _ = s.Run(run.ID) })
+				return r.Run.Node != liar && r.Run.Status == protocol.RunReady
+			})
 		})
 	}
 }
@@ -540,18 +654,20 @@ func TestNativeAndWorkerNodesAuditEachOther(t *testing.T) {
 		runs = append(runs, createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}))
 	}
 	_, worst := honestRounds(t, c, key, runs, peers, rand.New(rand.NewSource(6)), 20, false) // 120 audits, most across engines
-	crossed := 0
+	crossed := map[string]int{}
+	margins := map[string]float64{}
 	for _, p := range peers {
 		for _, a := range nodeAudits(c, p).Recent {
 			if (p == "node-w") != (a.Validator == "node-w") {
-				crossed++ // one engine checked the other
+				crossed[a.Call]++ // one engine checked the other
+				margins[a.Call] = max(margins[a.Call], a.Margin)
 			}
 		}
 	}
-	if crossed == 0 {
-		t.Fatal("no audit crossed engines: the test shows nothing")
+	if crossed[string(protocol.CallForwardBackward)] == 0 || crossed[string(protocol.CallOptimStep)] == 0 {
+		t.Fatalf("audits across engines by call %v: the test shows nothing", crossed)
 	}
-	t.Logf("%d audits passed, %d of them across engines; largest margin %.4f of the tolerance", c.auditor.passed.Load(), crossed, worst)
+	t.Logf("%d audits passed; among the last %d per node, across engines by call: %v, largest margins %v (of the tolerance; overall %.4f)", c.auditor.passed.Load(), maxAuditsPerNode, crossed, margins, worst)
 }
 
 // slowSession is an honest engine's session that takes 300 ms more per
@@ -623,7 +739,8 @@ func TestCapacityChallenges(t *testing.T) {
 }
 
 // honestRounds makes rounds of audited calls on each run (forward_backward,
-// forward when withForward, a sample; then an optim_step) at audit rate 1,
+// forward when withForward, a sample; then an optim_step, audited from the
+// second round on) at audit rate 1,
 // waits for every verdict and fails on any failed or inconclusive audit
 // or any of peers failed or quarantined. It returns the number of audited
 // calls and the largest margin among the peers' recent audits.
@@ -641,6 +758,11 @@ func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run,
 			mustStatus(t, do(t, "POST", base+"sample", key, sampleBody(rng, float64(i%2))), 200)
 			mustStatus(t, do(t, "POST", base+"optim_step", key, map[string]any{}), 200)
 			calls += 2
+			if i > 0 {
+				// At rate 1 the first optim_step anchors the run's trail
+				// and each later one is audited (audittrail.go).
+				calls++
+			}
 		}
 	}
 	waitFor(t, 300*time.Second, "every audit decided", func() bool {

@@ -31,7 +31,10 @@ type PendingAudit struct {
 	Answer   json.RawMessage     `json:"answer"`
 	Cost     int64               `json:"cost"`
 	Pre      protocol.Checkpoint `json:"pre"`
-	Time     string              `json:"time"`
+	// Post and Trail are an optim_step audit's (audittrail.go).
+	Post  *protocol.Checkpoint `json:"post,omitempty"`
+	Trail []TrailCall          `json:"trail,omitempty"`
+	Time  string               `json:"time"`
 }
 
 // auditQueueCmd puts a pending audit or drops ended ones.
@@ -77,7 +80,7 @@ func (s *State) PendingAudits() []PendingAudit {
 // pending is job as a record.
 func (j auditJob) pending() PendingAudit {
 	return PendingAudit{ID: j.id, RunID: j.run.Run.ID, Node: j.node, Operator: j.operator, Call: j.call, Body: j.body,
-		Answer: j.answer, Cost: j.cost, Pre: j.pre, Time: time.Now().UTC().Format(time.RFC3339Nano)}
+		Answer: j.answer, Cost: j.cost, Pre: j.pre, Post: j.post, Trail: j.trail, Time: time.Now().UTC().Format(time.RFC3339Nano)}
 }
 
 // resumeAudits queues the pending audits this member's auditor does not
@@ -103,6 +106,6 @@ func (c *Coordinator) resumeAudits() {
 			continue
 		}
 		c.auditor.enqueue(auditJob{id: p.ID, run: run, model: model, node: p.Node, operator: p.Operator, call: p.Call,
-			body: p.Body, answer: p.Answer, cost: p.Cost, pre: p.Pre})
+			body: p.Body, answer: p.Answer, cost: p.Cost, pre: p.Pre, post: p.Post, trail: p.Trail})
 	}
 }

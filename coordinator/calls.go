@@ -187,8 +187,12 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 			c.metrics.charges.Inc()
 			c.metrics.credits.Add(float64(res.Cost.MicroCredits))
 		}
-		if audited && !res.Replayed {
-			c.auditor.commit(work, rec, model, callName, body, respBody, res.Cost.MicroCredits)
+		if c.cfg.AuditRate > 0 && !res.Replayed {
+			if audited && callName != protocol.CallOptimStep {
+				c.auditor.commit(work, rec, model, callName, body, respBody, res.Cost.MicroCredits)
+			}
+			tc := TrailCall{Call: callName, Body: append(json.RawMessage(nil), body...), Answer: respBody, Cost: res.Cost.MicroCredits}
+			c.auditor.follow(work, rec, model, callName, tc, update.Checkpoint, audited)
 		}
 		if ctx.Err() != nil {
 			c.log.Info("call finished and charged after the client left", "category", "billing", "run", rec.Run.ID, "call", callName, "credits", res.Cost.MicroCredits)

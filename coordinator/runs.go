@@ -107,6 +107,8 @@ func (c *Coordinator) loadState(cl *call, rec *RunRecord, req protocol.LoadState
 	}
 	body, _ := json.Marshal(req)
 	ctx := cl.r.Context()
+	// The run's state is replaced: its audit trail no longer leads to it.
+	c.auditor.forget(rec.Run.ID)
 	resp, err := c.doRun(ctx, cl, rec, protocol.CallLoadState, body)
 	if err != nil {
 		return protocol.Run{}, err

@@ -304,7 +304,9 @@ func TestTinkerLongPollEndsWithTheMember(t *testing.T) {
 	}
 	r.decode(t, &fut)
 	polled := make(chan apiResp, 1)
-	go func() { polled <- tinkerDo(t, base, key, "retrieve_future", map[string]string{"request_id": fut.RequestID}) }()
+	go func() {
+		polled <- tinkerDo(t, base, key, "retrieve_future", map[string]string{"request_id": fut.RequestID})
+	}()
 	time.Sleep(300 * time.Millisecond) // the poll is waiting
 	start := time.Now()
 	if err := c.Stop(); err != nil {
@@ -317,4 +319,3 @@ func TestTinkerLongPollEndsWithTheMember(t *testing.T) {
 		t.Errorf("the open poll got %d %s", p.status, p.body)
 	}
 }
-

@@ -27,6 +27,7 @@ import (
 // by every other as the coordinator audits a node (CompareForward,
 // CompareScores, CompareGreedy). Every honest pair must pass, and the
 // largest margin (difference as a fraction of its tolerance) is logged:
+// so are the adapters after one optim_step (CompareAdapters).
 // that is the room an honest node keeps. Then the lies the coordinator's
 // tests plant, applied to an honest answer, must fail.
 func TestAuditTolerances(t *testing.T) {
@@ -217,6 +218,43 @@ func TestAuditTolerances(t *testing.T) {
 		var scored protocol.ForwardBackwardResponse
 		do(t, sessions[2], protocol.CallForward, audit.ScoreRequest(prompts, random), &scored)
 		lie("random sample tokens, honest-looking logprobs", audit.CompareScores(prompts, random, scored, tol))
+
+		// optim_step: every engine steps from the same adapter with the
+		// gradient its forward_backward above accumulated, and the
+		// adapters after are compared as an optim_step audit compares
+		// them (the coordinator's trail replay, audittrail.go).
+		lr := 1e-3
+		pre := readAdapters(t, filepath.Join(adapter, trainer.AdapterWeightsFile))
+		after := make([]audit.Adapters, len(engines))
+		for i, s := range sessions {
+			do(t, s, protocol.CallOptimStep, protocol.OptimStepRequest{AdamParams: &protocol.AdamParams{LearningRate: &lr}}, nil)
+			dir := t.TempDir()
+			if err := s.SaveState(ctx, dir, trainer.SaveAdapter); err != nil {
+				t.Fatal(err)
+			}
+			after[i] = readAdapters(t, filepath.Join(dir, trainer.AdapterWeightsFile))
+		}
+		for i := range engines {
+			for j := range engines {
+				if i != j {
+					record(i, j, "optim_step adapter", audit.CompareAdapters(pre, after[i], after[j], tol))
+				}
+				if j > i {
+					pair := engines[i].name + " vs " + engines[j].name
+					raw[pair+": adapter, of the update"] = max(raw[pair+": adapter, of the update"], adapterDistance(after[i], after[j])/adapterDistance(after[j], pre))
+				}
+			}
+		}
+		wrong := audit.Adapters{}
+		for k, v := range after[0] {
+			w := make([]float32, len(v))
+			for i := range v {
+				w[i] = pre[k][i] + 5*(v[i]-pre[k][i])
+			}
+			wrong[k] = w
+		}
+		lie("optim_step skipped (the adapter as it was)", audit.CompareAdapters(pre, pre, after[3], tol))
+		lie("optim_step at 5× the learning rate", audit.CompareAdapters(pre, wrong, after[3], tol))
 	}
 	for _, k := range slices.Sorted(maps.Keys(raw)) {
 		t.Logf("largest difference %-50s %.3g", k, raw[k])
@@ -228,6 +266,32 @@ func TestAuditTolerances(t *testing.T) {
 		b, _ := json.MarshalIndent(worst, "", "  ")
 		_ = os.WriteFile(os.Getenv("SIGNAL_AUDIT_MARGINS"), b, 0o644)
 	}
+}
+
+// readAdapters decodes an adapter_model.safetensors file.
+func readAdapters(t *testing.T, path string) audit.Adapters {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := audit.DecodeAdapters(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// adapterDistance is ‖a − b‖ over every tensor.
+func adapterDistance(a, b audit.Adapters) float64 {
+	var d2 float64
+	for k, v := range a {
+		for i := range v {
+			d := float64(v[i]) - float64(b[k][i])
+			d2 += d * d
+		}
+	}
+	return math.Sqrt(d2)
 }
 
 func relDiff(a, b float64) float64 {
