@@ -63,7 +63,7 @@ func CompareAdapters(pre, claimed, replay Adapters, tol Tolerances) Check {
 		}
 		n += len(r)
 	}
-	k.near1("adapter after optim_step", math.Sqrt(d2), tol.AdapterRel*math.Sqrt(u2)+tol.AdapterAbs*math.Sqrt(float64(n)))
+	k.near1("adapter after optim_step: ‖claimed − replay‖", math.Sqrt(d2), tol.AdapterRel*math.Sqrt(u2)+tol.AdapterAbs*math.Sqrt(float64(n)))
 	return k.c
 }
 
@@ -78,6 +78,6 @@ func (k *checker) near1(what string, diff, bound float64) {
 		k.c.Margin = math.Max(k.c.Margin, diff/bound)
 	}
 	if diff > bound {
-		k.fail(fmt.Sprintf("%s: ‖claimed − replay‖ %.3g > %.3g", what, diff, bound))
+		k.fail(fmt.Sprintf("%s %.3g > %.3g", what, diff, bound))
 	}
 }

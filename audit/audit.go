@@ -13,6 +13,7 @@ import (
 	"math"
 
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer/gumbel"
 )
 
 // Tolerances say how far a replay may be from the audited answer and pass.
@@ -53,6 +54,12 @@ type Tolerances struct {
 // keeps honest pairs at ≤ 0.33 of the tolerance; a skipped step (1.0 of
 // the update) fails by 2×, one at 5× the rate by 8×, one along a made-up
 // gradient of the right size (√2) by 2.8×.
+//
+// Seeded warm samples (temperature 1, 2 prompts × 2 samples × 16 tokens,
+// every engine drawing with package gumbel's noise): the f32 engines drew
+// the same tokens, the bf16 worker parted from the others at one near-tie
+// in 64 tokens, at 0.013 of the logprob tolerance (CompareDrawn); random
+// tokens reported with their true logprobs fail the redraw by ~50×.
 func DefaultTolerances() Tolerances {
 	return Tolerances{
 		LossRel: 1e-2, LossAbs: 1e-3,
@@ -243,27 +250,47 @@ func CompareScores(prompts [][]int, claimed protocol.SampleResponse, scored prot
 	return k.c
 }
 
-// CompareGreedy compares greedy samples (temperature 0) with the
-// validator's own greedy samples of the same request. Two engines may
-// break a near-tie differently and then continue differently, so at the
-// first token where they part the node's token must be about as likely
-// as the validator's (its scored logprob within the logprob tolerance of
-// the validator's token's); the rest of that sample is left to
-// CompareScores. A token the model would not have picked fails.
-func CompareGreedy(prompts [][]int, claimed, own protocol.SampleResponse, scored protocol.ForwardBackwardResponse, tol Tolerances) Check {
+// CompareDrawn compares samples the node drew with the validator's own
+// draws of the same request: greedy ones (temperature 0 or top_k 1), or
+// seeded warm ones, which every engine draws by the Gumbel-max trick with
+// the noise of package gumbel, so that the same logprobs give the same
+// tokens. Two engines may break a near-tie differently and then continue
+// differently, so at the first token where they part the node's token
+// must score about as high as the validator's — its logprob (over the
+// temperature, plus its noise when seeded) within the logprob tolerance
+// of the validator's token's, both as the validator's model scores them;
+// the rest of that sample is left to CompareScores. A token the draw
+// would not have picked fails: a sample made up, drawn from another
+// distribution or with other noise.
+func CompareDrawn(prompts [][]int, p protocol.SamplingParams, claimed, own protocol.SampleResponse, scored protocol.ForwardBackwardResponse, tol Tolerances) Check {
 	k := newChecker()
+	if !Redrawable(p) {
+		k.fail("samples: neither greedy nor seeded, so not redrawn")
+		return k.c
+	}
 	scores, err := sampleScores(prompts, claimed, scored)
 	if err != nil {
 		k.fail(err.Error())
 		return k.c
 	}
 	if len(own.Samples) != len(claimed.Samples) {
-		k.fail(fmt.Sprintf("greedy: claimed %d groups, validator %d", len(claimed.Samples), len(own.Samples)))
+		k.fail(fmt.Sprintf("drawn samples: claimed %d groups, validator %d", len(claimed.Samples), len(own.Samples)))
 		return k.c
+	}
+	// score is what the draw maximises, up to a constant per position.
+	invT, seeded := 1.0, !Greedy(p)
+	if seeded && p.Temperature != nil {
+		invT = 1 / *p.Temperature
+	}
+	score := func(i, j, t, tok int, lp float64) float64 {
+		if !seeded {
+			return lp
+		}
+		return lp*invT + gumbel.Noise(gumbel.Key(*p.Seed, i, j, t), tok)
 	}
 	for i, g := range claimed.Samples {
 		if len(own.Samples[i]) != len(g) {
-			k.fail(fmt.Sprintf("greedy samples[%d]: claimed %d, validator %d", i, len(g), len(own.Samples[i])))
+			k.fail(fmt.Sprintf("drawn samples[%d]: claimed %d, validator %d", i, len(g), len(own.Samples[i])))
 			return k.c
 		}
 		for j, s := range g {
@@ -275,13 +302,21 @@ func CompareGreedy(prompts [][]int, claimed, own protocol.SampleResponse, scored
 				}
 				// Parted: the validator's pick against the node's, both
 				// as the validator's model scores them.
-				k.near(fmt.Sprintf("greedy samples[%d][%d] token %d (claimed %d, validator %d): logprob", i, j, t, s.Tokens[t], o.Tokens[t]),
-					scores[i][j][t], float64(o.Logprobs[t]), tol.LogprobRel, tol.LogprobAbs)
+				mine, theirs := scores[i][j][t], float64(o.Logprobs[t])
+				bound := (tol.LogprobAbs + tol.LogprobRel*math.Max(math.Abs(mine), math.Abs(theirs))) * invT
+				k.near1(fmt.Sprintf("drawn samples[%d][%d] token %d (claimed %d, validator %d): score", i, j, t, s.Tokens[t], o.Tokens[t]),
+					math.Abs(score(i, j, t, s.Tokens[t], mine)-score(i, j, t, o.Tokens[t], theirs)), bound)
 				break
 			}
 		}
 	}
 	return k.c
+}
+
+// Redrawable says whether a validator's own draw of a sample request must
+// give the node's tokens (up to near-ties): greedy or seeded requests.
+func Redrawable(p protocol.SamplingParams) bool {
+	return Greedy(p) || p.Seed != nil
 }
 
 // Greedy reports whether a sample request's params make it greedy.

@@ -1,10 +1,12 @@
 package audit
 
 import (
+	"math"
 	"strings"
 	"testing"
 
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer/gumbel"
 )
 
 func f(v float64) *float64 { return &v }
@@ -87,7 +89,7 @@ func TestScoring(t *testing.T) {
 	}
 }
 
-func TestCompareGreedy(t *testing.T) {
+func TestCompareDrawnGreedy(t *testing.T) {
 	tol := DefaultTolerances()
 	prompts := [][]int{{1, 5}}
 	claimed := protocol.SampleResponse{Samples: [][]protocol.Sample{{{Tokens: []int{7, 8, 9}, Logprobs: []float64{-0.1, -0.7, -0.2}}}}}
@@ -108,7 +110,8 @@ func TestCompareGreedy(t *testing.T) {
 		{"not the argmax", own([]int{7, 4, 4}, []float64{-0.1, -0.05, -0.1}), false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			if c := CompareGreedy(prompts, claimed, tt.own, scored, tol); c.Passed != tt.passes {
+			zero := 0.0
+			if c := CompareDrawn(prompts, protocol.SamplingParams{Temperature: &zero}, claimed, tt.own, scored, tol); c.Passed != tt.passes {
 				t.Fatalf("%+v, want passed %v", c, tt.passes)
 			}
 		})
@@ -116,5 +119,88 @@ func TestCompareGreedy(t *testing.T) {
 	zero, one := 0.0, 1
 	if !Greedy(protocol.SamplingParams{Temperature: &zero}) || !Greedy(protocol.SamplingParams{TopK: &one}) || Greedy(protocol.SamplingParams{}) {
 		t.Fatal("Greedy")
+	}
+	if Redrawable(protocol.SamplingParams{}) || CompareDrawn(prompts, protocol.SamplingParams{}, claimed, claimed, scored, tol).Passed {
+		t.Fatal("an unseeded warm sample is not redrawable")
+	}
+}
+
+// TestCompareDrawnSeeded draws seeded warm samples from a made-up model by
+// the Gumbel-max trick, as the engines do: the node's draw passes against
+// the validator's, a validator whose logprobs differ slightly parts from
+// it only at near-ties and still passes, and tokens drawn otherwise (with
+// their true logprobs) fail.
+func TestCompareDrawnSeeded(t *testing.T) {
+	tol := DefaultTolerances()
+	const vocab, steps = 50, 12
+	seed, temp := int64(99), 0.8
+	p := protocol.SamplingParams{MaxTokens: steps, Temperature: &temp, Seed: &seed}
+	// The model: a fixed distribution per position (the prefix does not
+	// matter to it), logprobs lp[t][v].
+	lp := make([][]float64, steps)
+	for t := range lp {
+		lp[t] = make([]float64, vocab)
+		var z float64
+		for v := range lp[t] {
+			lp[t][v] = 3 * math.Sin(float64(7*t+v*v))
+			z += math.Exp(lp[t][v])
+		}
+		for v := range lp[t] {
+			lp[t][v] -= math.Log(z)
+		}
+	}
+	draw := func(shift func(t, v int) float64, pick func(t int) int) protocol.SampleResponse {
+		var s protocol.Sample
+		for t := range steps {
+			best, bestScore := 0, math.Inf(-1)
+			for v := range vocab {
+				if sc := (lp[t][v]+shift(t, v))/temp + gumbel.Noise(gumbel.Key(seed, 0, 0, t), v); sc > bestScore {
+					best, bestScore = v, sc
+				}
+			}
+			if pick != nil {
+				best = pick(t)
+			}
+			s.Tokens = append(s.Tokens, best)
+			s.Logprobs = append(s.Logprobs, lp[t][best])
+		}
+		return protocol.SampleResponse{Samples: [][]protocol.Sample{{s}}}
+	}
+	prompts := [][]int{{1}}
+	scoredBy := func(r protocol.SampleResponse) protocol.ForwardBackwardResponse {
+		return protocol.ForwardBackwardResponse{Logprobs: [][]float64{r.Samples[0][0].Logprobs}}
+	}
+	none := func(int, int) float64 { return 0 }
+	node := draw(none, nil)
+	if c := CompareDrawn(prompts, p, node, draw(none, nil), scoredBy(node), tol); !c.Passed || c.Margin != 0 {
+		t.Fatalf("the same draw: %+v", c)
+	}
+	// Another engine: logprobs off by up to 0.02.
+	other := draw(func(t, v int) float64 { return 0.02 * math.Cos(float64(t*v)) }, nil)
+	if c := CompareDrawn(prompts, p, node, other, scoredBy(node), tol); !c.Passed {
+		t.Fatalf("a slightly different engine: %+v", c)
+	}
+	// A liar: tokens it did not draw (the least likely), true logprobs.
+	liar := draw(none, func(t int) int {
+		worst := 0
+		for v := range vocab {
+			if lp[t][v] < lp[t][worst] {
+				worst = v
+			}
+		}
+		return worst
+	})
+	if c := CompareDrawn(prompts, p, liar, node, scoredBy(liar), tol); c.Passed || !strings.Contains(c.Reason, "token 0") {
+		t.Fatalf("tokens not drawn: %+v", c)
+	}
+	// A draw with other noise (another seed) is not this request's sample.
+	seed++
+	otherSeed := draw(none, nil)
+	seed--
+	if c := CompareDrawn(prompts, p, otherSeed, node, scoredBy(otherSeed), tol); c.Passed {
+		t.Fatalf("another seed's draw passed: %+v", c)
+	}
+	if c := CompareDrawn(prompts, p, draw(none, nil), node, scoredBy(node), tol); !c.Passed {
+		t.Fatal("symmetry")
 	}
 }

@@ -191,6 +191,13 @@ func randFloat() float64 {
 	return float64(binary.LittleEndian.Uint64(b[:])>>11) / (1 << 53)
 }
 
+// randSeed is a non-negative int64 from crypto/rand.
+func randSeed() int64 {
+	var b [8]byte
+	_, _ = crand.Read(b[:]) // crypto/rand.Read does not fail (Go ≥ 1.24)
+	return int64(binary.LittleEndian.Uint64(b[:]) >> 1)
+}
+
 // randIndex is uniform in [0, n) from crypto/rand.
 func randIndex(n int) int {
 	v, err := crand.Int(crand.Reader, big.NewInt(int64(n)))
@@ -531,8 +538,9 @@ func (a *auditor) replay(ctx context.Context, job auditJob, validator string) (a
 }
 
 // replaySample scores the node's samples with one forward on the
-// validator and, for greedy sampling, compares them with the validator's
-// own.
+// validator and, for greedy or seeded sampling (every sample the
+// coordinator forwards is seeded: seedSample), compares them with the
+// validator's own draws.
 func (a *auditor) replaySample(ctx context.Context, job auditJob, call func(protocol.Call, any) (protocol.SessionResponse, error), tol audit.Tolerances, usage *protocol.Usage) (audit.Check, protocol.Usage, error) {
 	var req protocol.SampleRequest
 	if err := json.Unmarshal(job.body, &req); err != nil {
@@ -558,21 +566,21 @@ func (a *auditor) replaySample(ctx context.Context, job auditJob, call func(prot
 		return audit.Check{}, *usage, fmt.Errorf("validator's scoring answer: %w", err)
 	}
 	check := audit.CompareScores(prompts, claimed, scored, tol)
-	if !check.Passed || !audit.Greedy(req.SamplingParams) {
+	if !check.Passed || !audit.Redrawable(req.SamplingParams) {
 		return check, *usage, nil
 	}
 	resp, err = call(protocol.CallSample, job.body)
 	if err != nil {
-		return audit.Check{}, *usage, fmt.Errorf("validator's own greedy sample: %w", err)
+		return audit.Check{}, *usage, fmt.Errorf("validator's own draw: %w", err)
 	}
 	var own protocol.SampleResponse
 	if err := json.Unmarshal(resp.Body, &own); err != nil {
 		return audit.Check{}, *usage, fmt.Errorf("validator's sample answer: %w", err)
 	}
-	greedy := audit.CompareGreedy(prompts, claimed, own, scored, tol)
-	greedy.Margin = max(greedy.Margin, check.Margin)
-	greedy.Figures += check.Figures
-	return greedy, *usage, nil
+	drawn := audit.CompareDrawn(prompts, req.SamplingParams, claimed, own, scored, tol)
+	drawn.Margin = max(drawn.Margin, check.Margin)
+	drawn.Figures += check.Figures
+	return drawn, *usage, nil
 }
 
 // promptTokens are a sample request's prompts as token ids: as sent, or

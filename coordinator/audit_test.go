@@ -216,6 +216,33 @@ func (s randomSamples) Sample(_ context.Context, prompts [][]int, num int, p tra
 	return out, nil
 }
 
+// truthfulRandomSamples makes tokens up and reports their true logprobs
+// (one forward over prompt and tokens, far cheaper than drawing): the
+// scores match, so only a redraw of the seeded request catches it.
+type truthfulRandomSamples struct {
+	node.Session
+	rng *rand.Rand
+}
+
+func (s truthfulRandomSamples) Sample(ctx context.Context, prompts [][]int, num int, p trainer.SamplingParams) ([][]trainer.Sample, error) {
+	out := make([][]trainer.Sample, len(prompts))
+	for i, pr := range prompts {
+		for range num {
+			seq := append([]int(nil), pr...)
+			for range p.MaxTokens {
+				seq = append(seq, 3+s.rng.Intn(500))
+			}
+			d := trainer.Datum{Tokens: seq[:len(seq)-1], TargetTokens: seq[1:], Weights: make([]float32, len(seq)-1)}
+			res, err := s.Session.Forward(ctx, []trainer.Datum{d}, node.Loss{Fn: trainer.LossCrossEntropy})
+			if err != nil {
+				return nil, err
+			}
+			out[i] = append(out[i], trainer.Sample{Tokens: seq[len(pr):], Logprobs: res.Logprobs[0][len(pr)-1:], StopReason: trainer.StopLength})
+		}
+	}
+	return out, nil
+}
+
 // auditCluster starts one member auditing at rate over n, with each peer
 // joined under its operator; verified earnings are released after window.
 // A window of 0 also makes every call of a node holding unaudited
@@ -305,6 +332,9 @@ func TestAuditsCatchLyingEngines(t *testing.T) {
 		{"skips the backward", func(s node.Session) node.Session { return skipBackward{s} }, protocol.CallForwardBackward, "grad_norm"},
 		{"fabricates losses", func(s node.Session) node.Session { return fabricatedLoss{s} }, protocol.CallForward, "loss_sum"},
 		{"returns random samples", func(s node.Session) node.Session { return randomSamples{s, rand.New(rand.NewSource(1))} }, protocol.CallSample, "logprobs"},
+		{"returns random samples with their true logprobs", func(s node.Session) node.Session {
+			return truthfulRandomSamples{s, rand.New(rand.NewSource(1))}
+		}, protocol.CallSample, "drawn samples"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// Placement breaks ties by peer id: the run lands on the liar.

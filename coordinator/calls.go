@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"math"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -130,6 +131,12 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		if len(body) == 0 {
 			body = []byte("{}")
 		}
+		if callName == protocol.CallSample {
+			if body, err = seedSample(body); err != nil {
+				release()
+				return nil, err
+			}
+		}
 		// Whether this call is audited is decided now, unpredictably; the
 		// node learns it only after answering (audit.go).
 		audited := c.auditor.choose(rec, callName, model)
@@ -205,6 +212,38 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		}
 		return rawResponse{status: res.Status, body: out, replayed: res.Replayed}, nil
 	}
+}
+
+// seedSample gives a sample request without a seed one from crypto/rand.
+// The user asked for a random draw and gets one; every engine draws a
+// seeded sample the same way (trainer/gumbel), so a validator can redraw
+// it and an audit can tell a sample drawn from the model from tokens made
+// up with their true logprobs. The node cannot tell the coordinator's
+// seeds from a user's.
+func seedSample(body []byte) ([]byte, error) {
+	var req map[string]json.RawMessage
+	if err := json.Unmarshal(body, &req); err != nil {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "the request body is not a JSON object: %v", err)
+	}
+	var sp map[string]json.RawMessage
+	if raw, ok := req["sampling_params"]; ok && string(raw) != "null" {
+		if err := json.Unmarshal(raw, &sp); err != nil {
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "field sampling_params: want an object: %v", err)
+		}
+	}
+	if seed, ok := sp["seed"]; ok && string(seed) != "null" {
+		return body, nil
+	}
+	if sp == nil {
+		sp = map[string]json.RawMessage{}
+	}
+	sp["seed"] = json.RawMessage(strconv.FormatInt(randSeed(), 10))
+	raw, err := json.Marshal(sp)
+	if err != nil {
+		return nil, err
+	}
+	req["sampling_params"] = raw
+	return json.Marshal(req)
 }
 
 // runUpdateFor extracts what the run record keeps from a call's answer.

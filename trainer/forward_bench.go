@@ -122,7 +122,7 @@ func (m *Model) BenchInfer(ctx context.Context, o InferBenchOptions) (InferBench
 				return res, err
 			}
 			for i := range next {
-				next[i], _ = picker.pick(lg[i*c.VocabSize:(i+1)*c.VocabSize], greedy, nil)
+				next[i], _ = picker.pick(lg[i*c.VocabSize:(i+1)*c.VocabSize], greedy, 0)
 			}
 		}
 		if r > 0 {

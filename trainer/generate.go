@@ -3,8 +3,9 @@ package trainer
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
 	"slices"
+
+	"github.com/signal-p2p/signal/trainer/gumbel"
 )
 
 // maxBatchSeqs bounds how many sequences decode together, and
@@ -66,13 +67,19 @@ func (m *Model) Sample(ctx context.Context, prompts [][]int, numSamples int, p S
 // seqState is one sequence being generated.
 type seqState struct {
 	slot     int
-	rng      *rand.Rand
+	prompt   int // the prompt's index in the request, and the sample's
+	sample   int // among its num_samples: with the position, the noise's key
 	tokens   []int
 	logprobs []float32
 	done     bool
 	reason   string
 	cut      int          // text length before the first stop string, -1 = none
 	stop     *stopScanner // nil without stop strings
+}
+
+// key is the noise stream of the sequence's next token.
+func (st *seqState) key(seed int64) uint64 {
+	return gumbel.Key(seed, st.prompt, st.sample, len(st.tokens))
 }
 
 func (m *Model) stopTokenSet(p *SamplingParams) []int {
@@ -110,7 +117,8 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 		pi, si := s/numSamples, s%numSamples
 		seqs[s] = seqState{
 			slot:     s,
-			rng:      rand.New(rand.NewPCG(uint64(p.Seed), uint64(first+pi)<<32|uint64(si))),
+			prompt:   first + pi,
+			sample:   si,
 			tokens:   make([]int, 0, p.MaxTokens),
 			logprobs: make([]float32, 0, p.MaxTokens),
 			cut:      -1,
@@ -118,7 +126,7 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 		if len(p.Stop) > 0 {
 			seqs[s].stop = newStopScanner(m.codec(), p.Stop)
 		}
-		tok, lp := picker.pick(promptLogits[pi*V:(pi+1)*V], p, seqs[s].rng)
+		tok, lp := picker.pick(promptLogits[pi*V:(pi+1)*V], p, seqs[s].key(p.Seed))
 		m.accept(&seqs[s], tok, lp, p, stopIDs)
 	}
 
@@ -146,7 +154,7 @@ func (m *Model) sampleGroup(ctx context.Context, prompts [][]int, first, numSamp
 			return err
 		}
 		for i, s := range active {
-			tok, lp := picker.pick(logits[i*V:(i+1)*V], p, seqs[s].rng)
+			tok, lp := picker.pick(logits[i*V:(i+1)*V], p, seqs[s].key(p.Seed))
 			m.accept(&seqs[s], tok, lp, p, stopIDs)
 		}
 	}

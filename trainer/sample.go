@@ -3,9 +3,9 @@ package trainer
 import (
 	"fmt"
 	"math"
-	"math/rand/v2"
 	"slices"
 
+	"github.com/signal-p2p/signal/trainer/gumbel"
 	"github.com/signal-p2p/signal/trainer/vmath"
 )
 
@@ -88,13 +88,18 @@ func logSumExp(logits []float32) float64 {
 }
 
 // pick chooses a token from logits under p and returns it with its logprob
-// under the unmodified distribution.
-func (tp *tokenPicker) pick(logits []float32, p *SamplingParams, rng *rand.Rand) (int, float32) {
-	tok := tp.choose(logits, p, rng)
+// under the unmodified distribution. key is the position's noise stream
+// (gumbel.Key).
+func (tp *tokenPicker) pick(logits []float32, p *SamplingParams, key uint64) (int, float32) {
+	tok := tp.choose(logits, p, key)
 	return tok, float32(float64(logits[tok]) - logSumExp(logits))
 }
 
-func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, rng *rand.Rand) int {
+// choose draws by the Gumbel-max trick (package gumbel): among the tokens
+// top-k and top-p keep, the argmax of logit/T + Noise(key, token), a draw
+// from the softmax at temperature T that the PyTorch worker and the
+// auditor reproduce from the same seed.
+func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, key uint64) int {
 	V := len(logits)
 	if p.Temperature == 0 || p.TopK == 1 {
 		best := 0
@@ -115,19 +120,20 @@ func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, rng *rand.Ran
 		selectTop(idx, logits, k)
 	}
 	cand := idx[:k]
-	// Probabilities over the candidates at the temperature, unnormalised.
 	mx := logits[cand[0]]
 	for _, i := range cand {
 		mx = max(mx, logits[i])
 	}
 	invT := 1 / float64(p.Temperature)
-	var total float64
-	for _, i := range cand {
-		e := math.Exp((float64(logits[i]) - float64(mx)) * invT)
-		tp.probs[i] = e
-		total += e
-	}
 	if p.TopP < 1 {
+		// Probabilities over the candidates at the temperature,
+		// unnormalised.
+		var total float64
+		for _, i := range cand {
+			e := math.Exp((float64(logits[i]) - float64(mx)) * invT)
+			tp.probs[i] = e
+			total += e
+		}
 		// Nucleus: the smallest prefix, by decreasing probability, whose
 		// mass reaches TopP. Sort only as many candidates as needed,
 		// growing the sorted prefix 4× at a time.
@@ -157,7 +163,7 @@ func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, rng *rand.Ran
 				}
 			}
 			if cut > 0 {
-				cand, total = head[:cut], cum
+				cand = head[:cut]
 				break
 			}
 			if n == len(cand) { // rounding: keep everything
@@ -166,14 +172,13 @@ func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, rng *rand.Ran
 			n = min(4*n, len(cand))
 		}
 	}
-	u := rng.Float64() * total
+	best, bestScore := int(cand[0]), math.Inf(-1)
 	for _, i := range cand {
-		u -= tp.probs[i]
-		if u < 0 {
-			return int(i)
+		if s := float64(logits[i])*invT + gumbel.Noise(key, int(i)); s > bestScore {
+			best, bestScore = int(i), s
 		}
 	}
-	return int(cand[len(cand)-1])
+	return best
 }
 
 // selectTop reorders idx so that idx[:k] are the k entries with the largest

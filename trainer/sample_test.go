@@ -4,9 +4,10 @@ import (
 	"context"
 	"errors"
 	"math"
-	"math/rand/v2"
 	"reflect"
 	"testing"
+
+	"github.com/signal-p2p/signal/trainer/gumbel"
 )
 
 func greedyParams(n int) SamplingParams {
@@ -187,11 +188,10 @@ func TestFreshLoRALeavesLogitsUnchanged(t *testing.T) {
 func TestTokenPicker(t *testing.T) {
 	logits := []float32{0, 3, 1, 2.5, -1, 2.9}
 	tp := newTokenPicker(len(logits))
-	rng := rand.New(rand.NewPCG(1, 1))
 	counts := map[int]int{}
 	p := SamplingParams{Temperature: 1, TopK: 3, TopP: 1}
 	for i := 0; i < 2000; i++ {
-		tok, lp := tp.pick(logits, &p, rng)
+		tok, lp := tp.pick(logits, &p, gumbel.Key(1, 0, 0, i))
 		counts[tok]++
 		if want := logSoftmaxAt(logits, tok); math.Abs(float64(lp)-want) > 1e-6 {
 			t.Fatalf("logprob %v, want %v", lp, want)
@@ -206,7 +206,7 @@ func TestTokenPicker(t *testing.T) {
 	counts = map[int]int{}
 	p = SamplingParams{Temperature: 1, TopP: 0.5}
 	for i := 0; i < 2000; i++ {
-		tok, _ := tp.pick(logits, &p, rng)
+		tok, _ := tp.pick(logits, &p, gumbel.Key(2, 0, 0, i))
 		counts[tok]++
 	}
 	if len(counts) != 2 || counts[1] == 0 || counts[5] == 0 {
@@ -230,14 +230,13 @@ func TestDecodeStepAllocatesNothing(t *testing.T) {
 	slots, toks := []int{0, 1}, []int{5, 6}
 	tp := newTokenPicker(c.VocabSize)
 	p := SamplingParams{Temperature: 0.8, TopK: 40, TopP: 1}
-	rng := rand.New(rand.NewPCG(1, 2))
 	ctx := context.Background()
 	allocs := testing.AllocsPerRun(20, func() {
 		logits, err := dec.step(ctx, slots, toks)
 		if err != nil {
 			t.Fatal(err)
 		}
-		tp.pick(logits[:c.VocabSize], &p, rng)
+		tp.pick(logits[:c.VocabSize], &p, gumbel.Key(1, 0, 0, 0))
 	})
 	if allocs != 0 {
 		t.Errorf("decode step + pick allocated %v times", allocs)

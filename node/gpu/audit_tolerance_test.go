@@ -25,7 +25,7 @@ import (
 // held as BF16, and widened to f32) and on the PyTorch worker in f32 and in
 // bf16, each engine's answer audited
 // by every other as the coordinator audits a node (CompareForward,
-// CompareScores, CompareGreedy). Every honest pair must pass, and the
+// CompareScores, CompareDrawn). Every honest pair must pass, and the
 // largest margin (difference as a fraction of its tolerance) is logged:
 // so are the adapters after one optim_step (CompareAdapters).
 // that is the room an honest node keeps. Then the lies the coordinator's
@@ -78,6 +78,7 @@ func TestAuditTolerances(t *testing.T) {
 	tol := audit.DefaultTolerances()
 	worst := map[string]float64{}
 	raw := map[string]float64{}
+	sameTokens := map[string]float64{} // lowest fraction of sampled tokens two engines drew alike
 	for _, name := range names {
 		adapter := randomAdapter(t, filepath.Join(models, name))
 		ctx := context.Background()
@@ -159,15 +160,28 @@ func TestAuditTolerances(t *testing.T) {
 				record(i, j, "forward_backward", audit.CompareForward(ans[i].fb, ans[j].fb, true, tol))
 				record(i, j, "forward", audit.CompareForward(ans[i].fwd, ans[j].fwd, false, tol))
 				for _, smp := range []struct {
-					what   string
-					claim  protocol.SampleResponse
-					greedy bool
-				}{{"sample", ans[i].warm, false}, {"greedy sample", ans[i].greedy, true}} {
+					what        string
+					claim, own  protocol.SampleResponse
+					temperature *float64
+				}{{"seeded sample", ans[i].warm, ans[j].warm, &one}, {"greedy sample", ans[i].greedy, ans[j].greedy, &zero}} {
 					var scored protocol.ForwardBackwardResponse
 					do(t, sessions[j], protocol.CallForward, audit.ScoreRequest(prompts, smp.claim), &scored)
 					record(i, j, smp.what+" scores", audit.CompareScores(prompts, smp.claim, scored, tol))
-					if smp.greedy {
-						record(i, j, smp.what+" tokens", audit.CompareGreedy(prompts, smp.claim, ans[j].greedy, scored, tol))
+					record(i, j, smp.what+" tokens", audit.CompareDrawn(prompts, sampleReq(smp.temperature).SamplingParams, smp.claim, smp.own, scored, tol))
+					same, all := 0, 0
+					for a, g := range smp.claim.Samples {
+						for b, x := range g {
+							for c := range x.Tokens {
+								all++
+								if c < len(smp.own.Samples[a][b].Tokens) && x.Tokens[c] == smp.own.Samples[a][b].Tokens[c] {
+									same++
+								}
+							}
+						}
+					}
+					key := smp.what + " tokens the same, " + engines[i].name + " vs " + engines[j].name
+					if f, ok := sameTokens[key]; !ok || float64(same)/float64(all) < f {
+						sameTokens[key] = float64(same) / float64(all)
 					}
 				}
 			}
@@ -218,6 +232,30 @@ func TestAuditTolerances(t *testing.T) {
 		var scored protocol.ForwardBackwardResponse
 		do(t, sessions[2], protocol.CallForward, audit.ScoreRequest(prompts, random), &scored)
 		lie("random sample tokens, honest-looking logprobs", audit.CompareScores(prompts, random, scored, tol))
+		// The smart liar: random tokens with their true logprobs (one
+		// forward, far cheaper than drawing) pass the scores; the redraw
+		// of the seeded request catches them.
+		truthful := protocol.SampleResponse{Samples: make([][]protocol.Sample, len(random.Samples))}
+		for i, g := range random.Samples {
+			for _, smp := range g {
+				truthful.Samples[i] = append(truthful.Samples[i], protocol.Sample{Tokens: smp.Tokens, Logprobs: make([]float64, len(smp.Tokens))})
+			}
+		}
+		var truth protocol.ForwardBackwardResponse
+		do(t, sessions[0], protocol.CallForward, audit.ScoreRequest(prompts, truthful), &truth)
+		k := 0
+		for i, g := range truthful.Samples {
+			for j := range g {
+				copy(truthful.Samples[i][j].Logprobs, truth.Logprobs[k][len(prompts[i])-1:])
+				k++
+			}
+		}
+		var truthScored protocol.ForwardBackwardResponse
+		do(t, sessions[2], protocol.CallForward, audit.ScoreRequest(prompts, truthful), &truthScored)
+		if c := audit.CompareScores(prompts, truthful, truthScored, tol); !c.Passed {
+			t.Errorf("%s: random tokens with their true logprobs failed the scores: %s", name, c.Reason)
+		}
+		lie("random sample tokens, their true logprobs (redrawn)", audit.CompareDrawn(prompts, sampleReq(&one).SamplingParams, truthful, ans[2].warm, truthScored, tol))
 
 		// optim_step: every engine steps from the same adapter with the
 		// gradient its forward_backward above accumulated, and the
@@ -258,6 +296,9 @@ func TestAuditTolerances(t *testing.T) {
 	}
 	for _, k := range slices.Sorted(maps.Keys(raw)) {
 		t.Logf("largest difference %-50s %.3g", k, raw[k])
+	}
+	for _, k := range slices.Sorted(maps.Keys(sameTokens)) {
+		t.Logf("fraction of %-60s %.3f", k, sameTokens[k])
 	}
 	for _, k := range slices.Sorted(maps.Keys(worst)) {
 		t.Logf("largest margin %-70s %.4f", k, worst[k])

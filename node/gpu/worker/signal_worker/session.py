@@ -10,11 +10,12 @@ does and clears it; a rejected call leaves the session unchanged.
 import json
 import math
 import os
+import secrets
 
 import torch
 import torch.nn.functional as F
 
-from . import safetensors
+from . import gumbel, safetensors
 from .model import ALL_MODULES, module_path
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -459,13 +460,13 @@ class Session:
             raise InvalidInput(f"sampling_params.seed = {seed!r}: want an integer")
         with torch.no_grad():
             rows = self._generate([p for p in ptoks for _ in range(n)], mx, float(temp), top_k,
-                                  float(top_p), set(stop_tokens), seed, stop)
+                                  float(top_p), set(stop_tokens), seed, stop, num_samples=n)
         samples = [rows[i * n:(i + 1) * n] for i in range(len(ptoks))]
         usage = {"prefill_tokens": sum(len(p) for p in ptoks) * n,
                  "sampled_tokens": sum(len(r["tokens"]) for r in rows)}
         return {"samples": samples}, usage
 
-    def _generate(self, prompts, max_tokens, temp, top_k, top_p, stops, seed, stop_strings=()):
+    def _generate(self, prompts, max_tokens, temp, top_k, top_p, stops, seed, stop_strings=(), num_samples=1):
         model = self.model
         dev = model.device
         r = len(prompts)
@@ -483,11 +484,10 @@ class Session:
         key_valid = slots[None, :] >= pad[:, None]
         pos = (torch.arange(plen, device=dev)[None, :] - pad[:, None]).clamp_(min=0)
         cache = model.new_cache(r, total)
-        gen = torch.Generator(device=dev)
+        # Seeded draws are the native engine's (gumbel.py): row i is sample
+        # i % num_samples of prompt i // num_samples.
         if seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+            seed = secrets.randbits(63)
         logits = model.step(tokens, pos, key_valid, cache, 0, self.lora)
         out = [[] for _ in range(r)]
         lps = [[] for _ in range(r)]
@@ -511,7 +511,9 @@ class Session:
                     drop = (cp - torch.softmax(sz, dim=-1)) >= top_p
                     sz = sz.masked_fill(drop, float("-inf"))
                     z = torch.full_like(z, float("-inf")).scatter(-1, si, sz)
-                tok = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=gen)[:, 0]
+                keys = [gumbel.key(seed, i // num_samples, i % num_samples, s) for i in range(r)]
+                g = gumbel.noise(keys, z.shape[-1], device=z.device)
+                tok = (z.to(torch.float64) + g).argmax(dim=-1)
             chosen_lp = logp.gather(-1, tok[:, None])[:, 0]
             tl, ll = tok.tolist(), chosen_lp.tolist()
             for i in range(r):
