@@ -172,9 +172,21 @@ func (tp *tokenPicker) choose(logits []float32, p *SamplingParams, key uint64) i
 			n = min(4*n, len(cand))
 		}
 	}
-	best, bestScore := int(cand[0]), math.Inf(-1)
+	// Start from the most likely candidate, so that few others can
+	// overtake it and get their noise computed (gumbel.MayOvertake).
+	best := int(cand[0])
 	for _, i := range cand {
-		if s := float64(logits[i])*invT + gumbel.Noise(key, int(i)); s > bestScore {
+		if logits[i] > logits[best] {
+			best = int(i)
+		}
+	}
+	bestScore := float64(logits[best])*invT + gumbel.Noise(key, best)
+	for _, i := range cand {
+		score := float64(logits[i]) * invT
+		if int(i) == best || !gumbel.MayOvertake(key, int(i), score-bestScore) {
+			continue
+		}
+		if s := score + gumbel.Noise(key, int(i)); s > bestScore || s == bestScore && int(i) < best {
 			best, bestScore = int(i), s
 		}
 	}

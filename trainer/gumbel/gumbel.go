@@ -36,6 +36,30 @@ func Key(seed int64, prompt, sample, position int) uint64 {
 // Noise is the standard Gumbel variate of token under key: −log(−log u)
 // with u uniform in (0, 1) from the token's hash (53 bits, never 0 or 1).
 func Noise(key uint64, token int) float64 {
-	u := (float64(mix(key^uint64(token))>>11) + 0.5) * 0x1p-53
-	return -math.Log(-math.Log(u))
+	return -math.Log(-math.Log(uniform(key, token)))
+}
+
+func uniform(key uint64, token int) float64 {
+	return (float64(mix(key^uint64(token))>>11) + 0.5) * 0x1p-53
+}
+
+// MayOvertake reports whether a token whose score (logprob/T) is x below
+// the best score so far (x = score − best) may overtake it once its noise
+// is added, that is whether Noise(key, token) may exceed −x: false means
+// it cannot, so a Gumbel-max scan computes Noise (two logs) only for the
+// few tokens that pass — about log(vocabulary) of them — and picks exactly
+// the token a full scan picks. The test is a hash and a bound: the token
+// wins only if −log u < e^x, and −log u ≥ 1 − u, so 1 − u ≥ e^x rules it
+// out; e^x is bounded above by 2^⌊y⌋·(1 + y − ⌊y⌋), y = x·log₂e.
+func MayOvertake(key uint64, token int, x float64) bool {
+	if x >= 0 {
+		return true
+	}
+	if x < -38 { // e^x below the least 1 − u, 2^-54
+		return false
+	}
+	y := x * math.Log2E
+	n := math.Floor(y)
+	bound := math.Ldexp(1+(y-n), int(n))
+	return 1-uniform(key, token) < bound
 }

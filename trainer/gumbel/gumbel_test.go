@@ -60,3 +60,27 @@ func TestNoiseIsGumbel(t *testing.T) {
 		}
 	}
 }
+
+// TestMayOvertakeNeverRulesOutAWinner: over many keys and score gaps, a
+// token ruled out never has noise that would have overtaken, and few
+// tokens pass.
+func TestMayOvertakeNeverRulesOutAWinner(t *testing.T) {
+	passed, total := 0, 0
+	for k := range 2000 {
+		key := Key(int64(k), 0, 0, 0)
+		for tok := range 200 {
+			x := -0.05 * float64(tok) * float64(k%40)
+			total++
+			if MayOvertake(key, tok, x) {
+				passed++
+				continue
+			}
+			if Noise(key, tok) > -x {
+				t.Fatalf("key %d token %d, gap %v: ruled out, but its noise %v overtakes", k, tok, x, Noise(key, tok))
+			}
+		}
+	}
+	if passed*4 > total {
+		t.Fatalf("%d of %d passed: the test rules out too little", passed, total)
+	}
+}
