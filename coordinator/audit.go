@@ -211,6 +211,15 @@ func randIndex(n int) int {
 // not quarantined, of none of the operators in exclude (never the audited
 // node's own), with an engine up that serves model.
 func (c *Coordinator) validators(model ModelSpec, node string, exclude map[string]bool) []protocol.Node {
+	return c.validatorsWhere(node, exclude, func(n protocol.Node) bool {
+		return containsString(n.Models, model.Name) || fits(n, memoryOn(n, model))
+	})
+}
+
+// validatorsWhere are the live, joined, unquarantined nodes with an engine
+// and a free session, of none of the operators in exclude, other than
+// node, for which can holds.
+func (c *Coordinator) validatorsWhere(node string, exclude map[string]bool, can func(protocol.Node) bool) []protocol.Node {
 	nodes := c.nodesBackend().Nodes()
 	var out []protocol.Node
 	c.fsm.read(func(s *State) {
@@ -222,7 +231,7 @@ func (c *Coordinator) validators(model ModelSpec, node string, exclude map[strin
 			if n.MaxSessions > 0 && n.Sessions >= n.MaxSessions {
 				continue
 			}
-			if !containsString(n.Models, model.Name) && !fits(n, memoryOn(n, model)) {
+			if !can(n) {
 				continue
 			}
 			n.Operator = rec.Operator

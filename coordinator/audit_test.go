@@ -166,6 +166,15 @@ func (e *lyingEngine) Open(ctx context.Context, spec protocol.SessionSpec) (node
 	return e.wrap(s), nil
 }
 
+// OpenDir lies on a challenge's generated model too.
+func (e *lyingEngine) OpenDir(ctx context.Context, dir string, spec protocol.SessionSpec) (node.Session, error) {
+	s, err := e.Engine.(node.DirOpener).OpenDir(ctx, dir, spec)
+	if err != nil {
+		return nil, err
+	}
+	return e.wrap(s), nil
+}
+
 // fabricatedGradNorm is what the backward-skipping liar reports.
 const fabricatedGradNorm = 1.0
 

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"slices"
 	"time"
 
 	"github.com/signal-p2p/signal/audit"
@@ -15,8 +14,11 @@ import (
 // Capacity challenges: a node's advert (GPUs, memory, session limits) is
 // its own claim, so the leader measures what a node does. When a node is
 // first seen and every ChallengeInterval after, it gets a challenge: a
-// training step (forward_backward) on a model it serves, with an adapter
-// and tokens drawn from a seed the leader picks, in a session of its own.
+// training step (forward_backward) on a random-weight model the node
+// generates from a seed the leader picks (protocol.RandomModel: the same
+// bytes on every node, and nothing a node could have computed before the
+// seed was drawn), with an adapter and tokens from the same seed, in a
+// session of its own.
 // The leader times it (its clock: tokens per second, network included)
 // and gives the same challenge to a node of another operator: outputs that
 // disagree beyond the audit tolerances are a failed audit (refund,
@@ -31,6 +33,19 @@ const (
 	challengeSeqs = 2
 	challengeLen  = 64
 )
+
+// challengeModel is the challenge's model for seed: Llama-shaped, 5.3M
+// weights (10 MB in bf16), a few seconds of a small CPU's time to
+// generate and step, a moment of a GPU's.
+func challengeModel(seed uint64) protocol.RandomModel {
+	return protocol.RandomModel{Seed: int64(seed >> 1), HiddenSize: 256, IntermediateSize: 688, Layers: 4, Heads: 4, KVHeads: 2,
+		VocabSize: 4096, Context: 256}
+}
+
+// challengeModelName names the challenge's model in records.
+func challengeModelName(m protocol.RandomModel) string {
+	return fmt.Sprintf("random-%dx%d", m.HiddenSize, m.Layers)
+}
 
 // measureCmd records a node's measured throughput.
 type measureCmd struct {
@@ -65,25 +80,25 @@ func (c *Coordinator) challengeLoop(ctx context.Context) {
 	}
 	interval := c.challengeInterval()
 	// tried holds when a node's last challenge could not run (a full node,
-	// a model it refused): it is not tried again before a quarter interval.
+	// an engine that cannot open a generated model): it is not tried again
+	// before a quarter interval.
 	tried := map[string]time.Time{}
 	every(ctx, min(interval/4, 2*time.Second), func() {
-		n, model, ok := c.dueForChallenge(interval, func(peer string) bool { return time.Since(tried[peer]) < interval/4 })
+		n, ok := c.dueForChallenge(interval, func(peer string) bool { return time.Since(tried[peer]) < interval/4 })
 		if !ok {
 			return
 		}
-		if err := c.challenge(ctx, n, model); err != nil && ctx.Err() == nil {
+		if err := c.challenge(ctx, n); err != nil && ctx.Err() == nil {
 			tried[n.PeerID] = time.Now()
 			c.log.Info("challenge not run", "category", "audit", "node", n.PeerID, "err", err)
 		}
 	})
 }
 
-// dueForChallenge picks the live, joined, unquarantined node with a free
-// session whose measurement is oldest, if it is older than interval (and
-// waiting does not hold it back), and a model it serves that the registry
-// knows.
-func (c *Coordinator) dueForChallenge(interval time.Duration, waiting func(peer string) bool) (protocol.Node, ModelSpec, bool) {
+// dueForChallenge picks the live, joined, unquarantined node with an
+// engine and a free session whose measurement is oldest, if it is older
+// than interval (and waiting does not hold it back).
+func (c *Coordinator) dueForChallenge(interval time.Duration, waiting func(peer string) bool) (protocol.Node, bool) {
 	nodes := c.nodesBackend().Nodes()
 	var best protocol.Node
 	var bestAt time.Time
@@ -108,15 +123,7 @@ func (c *Coordinator) dueForChallenge(interval time.Duration, waiting func(peer 
 			}
 		}
 	})
-	if !found {
-		return protocol.Node{}, ModelSpec{}, false
-	}
-	for _, name := range slices.Sorted(slices.Values(best.Models)) {
-		if m, err := c.models.get(name); err == nil {
-			return best, m, true
-		}
-	}
-	return protocol.Node{}, ModelSpec{}, false
+	return best, found
 }
 
 // challengeBody is a challenge's batch: tokens from the seed (ids every
@@ -141,10 +148,12 @@ func challengeBody(seed uint64) protocol.ForwardBackwardRequest {
 
 // runChallenge runs one challenge on node in a session of its own and
 // returns its answer and how long the training step took.
-func (c *Coordinator) runChallenge(ctx context.Context, node string, model ModelSpec, seed uint64) (protocol.ForwardBackwardResponse, time.Duration, error) {
+func (c *Coordinator) runChallenge(ctx context.Context, node string, seed uint64) (protocol.ForwardBackwardResponse, time.Duration, error) {
 	var out protocol.ForwardBackwardResponse
 	runID := "challenge_" + newID(6)
-	spec := protocol.SessionSpec{RunID: runID, BaseModel: model.Name, LoRARank: 4, LoRAAlpha: 8, TargetModules: allModules, Seed: int64(seed >> 1)}
+	model := challengeModel(seed)
+	spec := protocol.SessionSpec{RunID: runID, BaseModel: challengeModelName(model), RandomModel: &model,
+		LoRARank: 4, LoRAAlpha: 8, TargetModules: allModules, Seed: int64(seed >> 1)}
 	do := func(call protocol.Call, v any) (protocol.SessionResponse, error) {
 		body, err := json.Marshal(v)
 		if err != nil {
@@ -172,11 +181,11 @@ func (c *Coordinator) runChallenge(ctx context.Context, node string, model Model
 	return out, took, nil
 }
 
-// challenge measures node on model and checks its outputs against a node
-// of another operator.
-func (c *Coordinator) challenge(ctx context.Context, n protocol.Node, model ModelSpec) error {
+// challenge measures node and checks its outputs against a node of
+// another operator.
+func (c *Coordinator) challenge(ctx context.Context, n protocol.Node) error {
 	seed := rand.Uint64()
-	claimed, took, err := c.runChallenge(ctx, n.PeerID, model, seed)
+	claimed, took, err := c.runChallenge(ctx, n.PeerID, seed)
 	if err != nil {
 		return err
 	}
@@ -190,11 +199,11 @@ func (c *Coordinator) challenge(ctx context.Context, n protocol.Node, model Mode
 	verified := false
 	var dissent *protocol.Node
 	var dissentCheck audit.Check
-	for _, v := range c.validators(model, n.PeerID, map[string]bool{operator: true}) {
+	for _, v := range c.validatorsWhere(n.PeerID, map[string]bool{operator: true}, func(protocol.Node) bool { return true }) {
 		if dissent != nil && v.Operator == dissent.Operator {
 			continue
 		}
-		replay, _, err := c.runChallenge(ctx, v.PeerID, model, seed)
+		replay, _, err := c.runChallenge(ctx, v.PeerID, seed)
 		if err != nil {
 			continue // another validator, or none: the measure stands unverified
 		}
@@ -218,9 +227,10 @@ func (c *Coordinator) challenge(ctx context.Context, n protocol.Node, model Mode
 			dissent.PeerID, dissentCheck, dissent.Operator, 0, "")
 		return nil
 	}
-	_, err = c.propose(ctx, cmdMeasure, measureCmd{PeerID: n.PeerID, Model: model.Name, TokensPerSec: tps, Verified: verified, Time: now()})
+	name := challengeModelName(challengeModel(seed))
+	_, err = c.propose(ctx, cmdMeasure, measureCmd{PeerID: n.PeerID, Model: name, TokensPerSec: tps, Verified: verified, Time: now()})
 	if err == nil {
-		c.log.Info("node measured", "category", "audit", "node", n.PeerID, "model", model.Name, "tokens_per_sec", tps, "verified", verified)
+		c.log.Info("node measured", "category", "audit", "node", n.PeerID, "model", name, "tokens_per_sec", tps, "verified", verified)
 	}
 	return err
 }

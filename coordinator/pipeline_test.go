@@ -131,17 +131,17 @@ func TestDueForChallenge(t *testing.T) {
 	fnet.nodes["nodeA"].sessions["busy"] = &fakeSession{}
 	fnet.mu.Unlock()
 	none := func(string) bool { return false }
-	n, m, ok := c.dueForChallenge(time.Minute, none)
-	if !ok || n.PeerID != "nodeB" || m.Name != "tiny" {
-		t.Fatalf("due: %v %s %v; want nodeB (nodeA is full)", ok, n.PeerID, m.Name)
+	n, ok := c.dueForChallenge(time.Minute, none)
+	if !ok || n.PeerID != "nodeB" {
+		t.Fatalf("due: %v %s; want nodeB (nodeA is full)", ok, n.PeerID)
 	}
-	if _, _, ok := c.dueForChallenge(time.Minute, func(p string) bool { return p == "nodeB" }); ok {
+	if _, ok := c.dueForChallenge(time.Minute, func(p string) bool { return p == "nodeB" }); ok {
 		t.Error("a node waiting out a failed challenge was due")
 	}
 	if _, err := c.propose(context.Background(), cmdMeasure, measureCmd{PeerID: "nodeB", Model: "tiny", TokensPerSec: 100, Time: now()}); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, ok := c.dueForChallenge(time.Minute, none); ok {
+	if _, ok := c.dueForChallenge(time.Minute, none); ok {
 		t.Error("a node measured within the interval was due")
 	}
 }

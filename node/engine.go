@@ -21,6 +21,14 @@ type Engine interface {
 	Open(ctx context.Context, spec protocol.SessionSpec) (Session, error)
 }
 
+// DirOpener is an Engine that opens a session on the model in any
+// directory, not only one it serves: a capacity challenge's random model,
+// which the node generates (protocol.RandomModel). The model is the
+// session's alone and freed with it.
+type DirOpener interface {
+	OpenDir(ctx context.Context, dir string, spec protocol.SessionSpec) (Session, error)
+}
+
 // MemoryReporter is an Engine that knows the memory each of its models
 // holds once loaded; the node advertises it (protocol.Node.ModelMemory).
 type MemoryReporter interface {

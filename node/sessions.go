@@ -170,6 +170,7 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 	m.mu.Unlock()
 	defer r.mu.Unlock()
 
+	var err error
 	fail := func(err error) (protocol.SessionResponse, error) {
 		r.closed = true
 		m.mu.Lock()
@@ -177,7 +178,12 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 		m.mu.Unlock()
 		return protocol.SessionResponse{}, err
 	}
-	sess, err := m.engine.Open(ctx, spec)
+	var sess Session
+	if spec.RandomModel != nil {
+		sess, err = m.openRandom(ctx, spec)
+	} else {
+		sess, err = m.engine.Open(ctx, spec)
+	}
 	if errors.Is(err, ErrUnknownModel) {
 		return fail(&protocol.UserError{Msg: fmt.Sprintf("this node does not serve base_model %q (it serves %s)",
 			spec.BaseModel, strings.Join(m.engine.Models(), ", ")), Err: err})
@@ -202,6 +208,63 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 	state.Step = sess.Step()
 	m.log.Info("session opened", "run", req.RunID, "model", spec.BaseModel, "step", state.Step)
 	return bodyResponse(state, protocol.Usage{}, nil)
+}
+
+// Bounds on a challenge's random model: small, so that generating it takes
+// a moment and holding it a few hundred MB at most.
+const (
+	maxRandomModelParams = 64 << 20
+	maxRandomModelDim    = 8192
+)
+
+// openRandom generates spec's random model in a directory of its own and
+// opens the session on it; closing the session deletes the directory.
+func (m *Manager) openRandom(ctx context.Context, spec protocol.SessionSpec) (Session, error) {
+	rm := *spec.RandomModel
+	for _, d := range []struct {
+		name string
+		v    int
+	}{{"hidden_size", rm.HiddenSize}, {"intermediate_size", rm.IntermediateSize}, {"num_hidden_layers", rm.Layers},
+		{"num_attention_heads", rm.Heads}, {"num_key_value_heads", rm.KVHeads}, {"vocab_size", rm.VocabSize}, {"max_position_embeddings", rm.Context}} {
+		if d.v <= 0 || d.v > maxRandomModelDim && d.name != "vocab_size" {
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "random_model.%s %d: want 1..%d", d.name, d.v, maxRandomModelDim)
+		}
+	}
+	if p := rm.Params(); p > maxRandomModelParams {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "random_model: %d weights, at most %d", p, maxRandomModelParams)
+	}
+	opener, ok := m.engine.(DirOpener)
+	if !ok {
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "this node's %s engine cannot open a generated model", m.engine.Backend())
+	}
+	dir, err := os.MkdirTemp(m.cfg.TempDir, "random-model-")
+	if err != nil {
+		return nil, fmt.Errorf("random model: %w", err)
+	}
+	cfg := trainer.Config{HiddenSize: rm.HiddenSize, IntermediateSize: rm.IntermediateSize, NumHiddenLayers: rm.Layers,
+		NumAttentionHeads: rm.Heads, NumKeyValueHeads: rm.KVHeads, VocabSize: rm.VocabSize, MaxPositionEmbeddings: rm.Context,
+		BOSTokenID: trainer.TokenIDs{1}, EOSTokenID: trainer.TokenIDs{2}}
+	if err := trainer.GenerateRandomModel(dir, cfg, rm.Seed, ""); err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, protocol.UserErrorf(ErrInvalidRequest, "random_model: %v", err)
+	}
+	sess, err := opener.OpenDir(ctx, dir, spec)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return nil, err
+	}
+	return &randomModelSession{Session: sess, dir: dir}, nil
+}
+
+// randomModelSession deletes its generated model when it closes.
+type randomModelSession struct {
+	Session
+	dir string
+}
+
+func (s *randomModelSession) Close() error {
+	err := s.Session.Close()
+	return errors.Join(err, os.RemoveAll(s.dir))
 }
 
 // reinit answers an init for a run already open here: the same spec (a

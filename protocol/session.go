@@ -37,6 +37,32 @@ type SessionSpec struct {
 	// ResumeFrom, when set, is a checkpoint (full mode) the node restores
 	// before answering: used when a run moves off a lost node.
 	ResumeFrom *Checkpoint `json:"resume_from,omitempty"`
+	// RandomModel, when set, asks the node to generate the session's base
+	// model instead of opening one it serves: a capacity challenge's.
+	RandomModel *RandomModel `json:"random_model,omitempty"`
+}
+
+// RandomModel is a Llama-shaped model with random weights drawn from Seed
+// (trainer.GenerateRandomModel): every node generates the same bytes, so
+// two nodes' answers on it are comparable, and no node can have answers
+// ready before the seed is drawn.
+type RandomModel struct {
+	Seed             int64 `json:"seed"`
+	HiddenSize       int   `json:"hidden_size"`
+	IntermediateSize int   `json:"intermediate_size"`
+	Layers           int   `json:"num_hidden_layers"`
+	Heads            int   `json:"num_attention_heads"`
+	KVHeads          int   `json:"num_key_value_heads"`
+	VocabSize        int   `json:"vocab_size"`
+	Context          int   `json:"max_position_embeddings"`
+}
+
+// Params is the model's weight count (untied head).
+func (m RandomModel) Params() int64 {
+	h, i, v := int64(m.HiddenSize), int64(m.IntermediateSize), int64(m.VocabSize)
+	kv := h / max(1, int64(m.Heads)) * int64(m.KVHeads)
+	layer := 2*h*h + 2*h*kv + 3*h*i + 2*h
+	return 2*v*h + int64(m.Layers)*layer + h
 }
 
 // Usage is what a node reports it did for one call; the coordinator bills it

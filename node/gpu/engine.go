@@ -155,6 +155,15 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sess
 	if err != nil {
 		return nil, err
 	}
+	return e.OpenDir(ctx, dir, spec)
+}
+
+// OpenDir is Open on the model in dir (node.DirOpener): the worker loads
+// it by its directory and frees it when its last session closes.
+func (e *Engine) OpenDir(ctx context.Context, dir string, spec protocol.SessionSpec) (node.Session, error) {
+	if spec.RunID == "" {
+		return nil, fmt.Errorf("%w: run_id: required", ErrInvalidInput)
+	}
 	tok, err := e.tokenizer(dir)
 	if err != nil {
 		return nil, err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,8 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/signal-p2p/signal/audit"
 	"github.com/signal-p2p/signal/node"
+	"github.com/signal-p2p/signal/node/native"
 	"github.com/signal-p2p/signal/protocol"
+	"github.com/signal-p2p/signal/trainer"
 )
 
 // pythonWithTorch returns the interpreter the worker runs on in these
@@ -440,5 +444,44 @@ func TestEngineRefusesOtherFamilies(t *testing.T) {
 	}
 	if _, err := e.ModelDir("qwen-like"); !errors.Is(err, ErrInvalidInput) || !strings.Contains(err.Error(), "Qwen2ForCausalLM") {
 		t.Fatalf("ModelDir(qwen-like): %v, want an invalid-input error naming the architecture", err)
+	}
+}
+
+// TestOpenDirMatchesNative: a capacity challenge's random model, generated
+// by the node into a directory of its own, opens on the worker as on the
+// native engine, and the challenge's training step agrees within the
+// audit tolerances (the challenge is verified across engines).
+func TestOpenDirMatchesNative(t *testing.T) {
+	e := mustEngine(t, nil)
+	dir := t.TempDir()
+	cfg := trainer.Config{HiddenSize: 64, IntermediateSize: 128, NumHiddenLayers: 2, NumAttentionHeads: 4, NumKeyValueHeads: 2,
+		VocabSize: 512, MaxPositionEmbeddings: 128, BOSTokenID: trainer.TokenIDs{1}, EOSTokenID: trainer.TokenIDs{2}}
+	if err := trainer.GenerateRandomModel(dir, cfg, 9, ""); err != nil {
+		t.Fatal(err)
+	}
+	spec := protocol.SessionSpec{RunID: "challenge", BaseModel: "random", LoRARank: 4, LoRAAlpha: 8, TargetModules: []string{"q_proj", "v_proj"}, Seed: 3}
+	nat, err := native.New(t.TempDir(), slog.Default())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fb := protocol.ForwardBackwardRequest{Data: []protocol.Datum{{ModelInput: protocol.ModelInput{Tokens: []int{5, 6, 7, 8, 9}}}}}
+	fb.Data[0].LossFnInputs.TargetTokens = []int{6, 7, 8, 9, 10}
+	fb.Data[0].LossFnInputs.Weights = []float64{1, 1, 1, 1, 1}
+	var answers [2]protocol.ForwardBackwardResponse
+	for i, o := range []node.DirOpener{e, nat} {
+		s, err := o.OpenDir(context.Background(), dir, spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustDo(t, s, protocol.CallForwardBackward, fb, &answers[i])
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c := audit.CompareForward(answers[0], answers[1], true, audit.DefaultTolerances()); !c.Passed {
+		t.Fatalf("worker and native disagree on the challenge: %s", c.Reason)
+	}
+	if len(e.LoadedModels()) != 0 {
+		t.Errorf("the worker still holds %v after the session closed", e.LoadedModels())
 	}
 }

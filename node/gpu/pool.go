@@ -94,6 +94,24 @@ func (p *Pool) Models() []string {
 // sessions; among equals, one that already holds the base model loaded
 // (sessions share it), then the lowest index.
 func (p *Pool) Open(ctx context.Context, spec protocol.SessionSpec) (node.Session, error) {
+	e, err := p.pick(spec)
+	if err != nil {
+		return nil, err
+	}
+	return e.Open(ctx, spec)
+}
+
+// OpenDir is Open on the model in dir (node.DirOpener).
+func (p *Pool) OpenDir(ctx context.Context, dir string, spec protocol.SessionSpec) (node.Session, error) {
+	e, err := p.pick(spec)
+	if err != nil {
+		return nil, err
+	}
+	return e.OpenDir(ctx, dir, spec)
+}
+
+// pick is the engine a new session goes to.
+func (p *Pool) pick(spec protocol.SessionSpec) (*Engine, error) {
 	best := -1
 	bestLoaded := false
 	for i, e := range p.engines {
@@ -109,5 +127,5 @@ func (p *Pool) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sessio
 	if best < 0 {
 		return nil, fmt.Errorf("%w: no gpu worker is running", ErrUnavailable)
 	}
-	return p.engines[best].Open(ctx, spec)
+	return p.engines[best], nil
 }

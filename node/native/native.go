@@ -57,8 +57,9 @@ type modelSlot struct {
 }
 
 var (
-	_ node.Engine  = (*Engine)(nil)
-	_ node.Session = (*Session)(nil)
+	_ node.Engine    = (*Engine)(nil)
+	_ node.DirOpener = (*Engine)(nil)
+	_ node.Session   = (*Session)(nil)
 )
 
 // New returns an engine over the models in dir.
@@ -208,6 +209,25 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sess
 	if err != nil {
 		return nil, err
 	}
+	return e.open(m, spec, false)
+}
+
+// OpenDir starts a session on the model in dir, loaded for the session
+// alone and closed with it (node.DirOpener).
+func (e *Engine) OpenDir(_ context.Context, dir string, spec protocol.SessionSpec) (node.Session, error) {
+	m, err := trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: e.Precision})
+	if err != nil {
+		return nil, fmt.Errorf("load model %s: %w", dir, mapErr(err))
+	}
+	s, err := e.open(m, spec, true)
+	if err != nil {
+		_ = m.Close()
+	}
+	return s, err
+}
+
+// open starts a session on m; owned says the session closes m.
+func (e *Engine) open(m *trainer.Model, spec protocol.SessionSpec, owned bool) (node.Session, error) {
 	cfg := trainer.SessionConfig{
 		Rank:          spec.LoRARank,
 		Alpha:         float32(spec.LoRAAlpha),
@@ -226,7 +246,7 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sess
 	if err != nil {
 		return nil, mapErr(err)
 	}
-	return &Session{s: s, m: m}, nil
+	return &Session{s: s, m: m, owned: owned}, nil
 }
 
 // mapErr turns the trainer's input errors into the node's.
@@ -248,8 +268,9 @@ func strictDecode(b []byte, v any) error {
 
 // Session is one run on the native engine.
 type Session struct {
-	s *trainer.Session
-	m *trainer.Model
+	s     *trainer.Session
+	m     *trainer.Model
+	owned bool // m is the session's alone (OpenDir): closed with it
 }
 
 // Tokenizer is the model's tokenizer (nil when its directory has none).
@@ -309,5 +330,12 @@ func (s *Session) LoadState(_ context.Context, dir string) error {
 // Step is the session's optimizer step count.
 func (s *Session) Step() int { return s.s.Step() }
 
-// Close frees the session; the shared model stays loaded for the next run.
-func (s *Session) Close() error { return s.s.Close() }
+// Close frees the session; the shared model stays loaded for the next run
+// (a model of its own is freed too).
+func (s *Session) Close() error {
+	err := s.s.Close()
+	if s.owned {
+		err = errors.Join(err, s.m.Close())
+	}
+	return err
+}

@@ -259,3 +259,56 @@ func TestModelMemory(t *testing.T) {
 		t.Fatalf("f32 holds %d bytes, BF16 %d: ratio %.2f", sizes[trainer.PrecisionF32], sizes[trainer.PrecisionAuto], r)
 	}
 }
+
+// TestRandomModelSession: a session on a generated random model (a
+// capacity challenge's) trains on a model the node does not serve; two
+// nodes given the same seed compute the same loss, another seed another
+// one; closing the session deletes the model; a model past the bounds is
+// refused by name.
+func TestRandomModelSession(t *testing.T) {
+	rm := protocol.RandomModel{Seed: 5, HiddenSize: 64, IntermediateSize: 128, Layers: 2, Heads: 4, KVHeads: 2, VocabSize: 512, Context: 128}
+	fb := protocol.ForwardBackwardRequest{Data: []protocol.Datum{{ModelInput: protocol.ModelInput{Tokens: []int{5, 6, 7, 8}}}}}
+	fb.Data[0].LossFnInputs.TargetTokens = []int{6, 7, 8, 9}
+	fb.Data[0].LossFnInputs.Weights = []float64{1, 1, 1, 1}
+	loss := func(rm protocol.RandomModel) float64 {
+		e, err := New(t.TempDir(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmp := t.TempDir()
+		mgr := node.NewManager(node.ManagerConfig{TempDir: tmp}, e)
+		spec := protocol.SessionSpec{RunID: "run-n", BaseModel: "random", LoRARank: 4, Seed: 1, RandomModel: &rm}
+		call(t, mgr, "i", protocol.CallInit, spec, nil)
+		var out protocol.ForwardBackwardResponse
+		call(t, mgr, "f", protocol.CallForwardBackward, fb, &out)
+		call(t, mgr, "c", protocol.CallClose, struct{}{}, nil)
+		left, _ := os.ReadDir(tmp)
+		if len(left) != 0 {
+			t.Errorf("closed session left %d entries in the node's temp dir", len(left))
+		}
+		if len(e.Loaded()) != 0 {
+			t.Errorf("the generated model stays loaded: %v", e.Loaded())
+		}
+		return out.LossSum
+	}
+	a, b := loss(rm), loss(rm)
+	rm2 := rm
+	rm2.Seed++
+	c := loss(rm2)
+	if a != b || a == c || a <= 0 {
+		t.Fatalf("losses %v, %v (same seed), %v (another)", a, b, c)
+	}
+	e, err := New(t.TempDir(), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mgr := node.NewManager(node.ManagerConfig{TempDir: t.TempDir()}, e)
+	big := rm
+	big.VocabSize, big.HiddenSize = 1<<20, 4096
+	raw, _ := json.Marshal(protocol.SessionSpec{RunID: "run-n", BaseModel: "random", LoRARank: 4, RandomModel: &big})
+	resp := mgr.Handle(context.Background(), protocol.SessionRequest{RequestID: "i", RunID: "run-n", Call: protocol.CallInit, Body: raw})
+	if resp.Error == nil || resp.Error.Code != protocol.CodeInvalidRequest {
+		t.Fatalf("an oversized random model: %+v", resp.Error)
+	}
+	t.Logf("refused: %s", resp.Error.Message)
+}
