@@ -222,7 +222,11 @@ func (tm *Team) half(w *half.Matrix, back bool, y []float32, ldy int, x []float3
 		defer half.PutBuffer(xb)
 	}
 	threads := tm.Threads()
-	chunks := max(1, min(2*threads, rows*cols*inner/minGemmChunkMACs))
+	least := minGemmChunkMACs
+	if rows <= gemvRows && !back {
+		least = minGemvChunkMACs
+	}
+	chunks := max(1, min(2*threads, rows*cols*inner/least))
 	chunk := (cols + chunks - 1) / chunks
 	chunk = (chunk + halfChunk - 1) / halfChunk * halfChunk
 	var xbp *C.uint16_t
@@ -235,6 +239,16 @@ func (tm *Team) half(w *half.Matrix, back bool, y []float32, ldy int, x []float3
 		xbp, (*C.uint16_t)(w.Pointer()), fptr(y), C.long(ldy), C.float(beta), C.long(chunk))
 	runtime.KeepAlive(w)
 }
+
+// gemvRows is the most rows the half product streams W for (half.c's
+// GEMV_ROWS), and minGemvChunkMACs the least work in one chunk of it: it
+// packs nothing, so a chunk only has to outweigh its hand-off — a decode
+// step's 576×576 projection splits too, where at the GEMM's bound it ran
+// on one thread while the other waited.
+const (
+	gemvRows         = 4
+	minGemvChunkMACs = 1 << 15
+)
 
 // minGemmChunkMACs is the least work in one chunk of Gemm: OpenBLAS
 // re-packs the shared operand for every call, so a chunk must be worth
