@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -819,4 +820,55 @@ func honestRounds(t *testing.T, c *Coordinator, key string, runs []protocol.Run,
 		}
 	}
 	return calls, worst
+}
+
+// oomEngine is a node whose advert claims room it does not have: every
+// session open answers out of memory, as the native engine's memory check
+// or a GPU worker's allocator would.
+type oomEngine struct {
+	node.Engine
+	opens *atomic.Int64
+}
+
+func (e oomEngine) Open(context.Context, protocol.SessionSpec) (node.Session, error) {
+	e.opens.Add(1)
+	return nil, fmt.Errorf("load model tiny: %w", node.ErrOutOfMemory)
+}
+
+// TestMemoryIsMeasured: a node that advertises a terabyte but cannot hold
+// the model is tried once; its answer becomes its measured memory ceiling,
+// and placement gives it no run of that model again while the ceiling
+// holds, whatever its advert says. The node that held the model has that
+// much proven. Both show in /v1/nodes.
+func TestMemoryIsMeasured(t *testing.T) {
+	peers := []string{"node-a-claims", "node-b"}
+	net := newRealNet(t, peers, nil)
+	var opens atomic.Int64
+	liar := net.nodes["node-a-claims"]
+	liar.m = node.NewManager(node.ManagerConfig{MaxSessions: 8, TempDir: t.TempDir()}, oomEngine{opens: &opens})
+	liar.info.CPU.MemoryTotal = 1 << 40
+	for _, p := range peers {
+		net.nodes[p].info.ModelMemory = map[string]int64{"tiny": 3 << 20}
+	}
+	c := auditCluster(t, net, 0, time.Hour, map[string]string{"node-a-claims": "op-a", "node-b": "op-b"})
+	key, _ := createKey(t, c.URL(), 10_000_000)
+	for range 3 {
+		if run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4}); run.Node != "node-b" {
+			t.Fatalf("run on %s, want node-b", run.Node)
+		}
+	}
+	if n := opens.Load(); n != 1 {
+		t.Fatalf("the node that could not hold the model was tried %d times, want once", n)
+	}
+	a, b := nodeAudits(c, "node-a-claims"), nodeAudits(c, "node-b")
+	if a.MemoryCeiling != 3<<20 || b.MemoryProven != 3<<20 || b.MemoryCeiling != 0 {
+		t.Fatalf("measured memory: %s ceiling %d; node-b proven %d, ceiling %d", "node-a-claims", a.MemoryCeiling, b.MemoryProven, b.MemoryCeiling)
+	}
+	var list protocol.NodeList
+	do(t, "GET", c.URL()+"/v1/nodes", key, nil).decode(t, &list)
+	for _, n := range list.Nodes {
+		if n.PeerID == "node-a-claims" && (n.Audits == nil || n.Audits.MemoryCeilingBytes != 3<<20) {
+			t.Fatalf("/v1/nodes shows %+v for the node that could not hold the model", n.Audits)
+		}
+	}
 }

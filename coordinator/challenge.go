@@ -47,21 +47,37 @@ func challengeModelName(m protocol.RandomModel) string {
 	return fmt.Sprintf("random-%dx%d", m.HiddenSize, m.Layers)
 }
 
-// measureCmd records a node's measured throughput.
+// measureCmd records what was measured of a node: its throughput (a
+// challenge: TokensPerSec > 0), or the memory a session open showed it
+// has (MemoryProven: it held a model that large) or lacks (MemoryCeiling:
+// it could not hold one that large).
 type measureCmd struct {
 	PeerID       string  `json:"peer_id"`
 	Model        string  `json:"model"`
 	TokensPerSec float64 `json:"tokens_per_sec"`
 	// Verified says another operator's node reproduced the outputs.
-	Verified bool   `json:"verified"`
-	Time     string `json:"time"`
+	Verified      bool   `json:"verified"`
+	MemoryProven  int64  `json:"memory_proven,omitempty"`
+	MemoryCeiling int64  `json:"memory_ceiling,omitempty"`
+	Time          string `json:"time"`
 }
 
-// RecordMeasure stores a node's latest measured throughput.
+// RecordMeasure stores what was measured of a node.
 func (s *State) RecordMeasure(c measureCmd) {
 	rec := s.nodeAudits[c.PeerID]
 	rec.PeerID = c.PeerID
-	rec.TokensPerSec, rec.MeasuredModel, rec.MeasuredAt, rec.MeasureVerified = c.TokensPerSec, c.Model, c.Time, c.Verified
+	if c.TokensPerSec > 0 {
+		rec.TokensPerSec, rec.MeasuredModel, rec.MeasuredAt, rec.MeasureVerified = c.TokensPerSec, c.Model, c.Time, c.Verified
+	}
+	if c.MemoryProven > rec.MemoryProven {
+		rec.MemoryProven = c.MemoryProven
+		if rec.MemoryCeiling > 0 && rec.MemoryCeiling <= rec.MemoryProven {
+			rec.MemoryCeiling, rec.MemoryCeilingAt = 0, ""
+		}
+	}
+	if c.MemoryCeiling > 0 {
+		rec.MemoryCeiling, rec.MemoryCeilingAt = c.MemoryCeiling, c.Time
+	}
 	s.nodeAudits[c.PeerID] = rec
 }
 

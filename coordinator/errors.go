@@ -22,6 +22,10 @@ var (
 	ErrNodeLost = p2p.ErrNodeLost
 	// ErrNoCapacity means no live node can take a run.
 	ErrNoCapacity = errors.New("no node has capacity")
+	// errNodeOutOfMemory is a node's answer that a session's model does
+	// not fit it (protocol.CodeOutOfMemory): unavailable there, placed
+	// elsewhere, and noted (noteMemory).
+	errNodeOutOfMemory = fmt.Errorf("%w: out of memory", ErrUnavailable)
 	// ErrInvalidRequest is a malformed or out-of-range request.
 	ErrInvalidRequest = errors.New("invalid request")
 	// ErrUnknownModel is a base model the registry does not list.
@@ -152,6 +156,8 @@ func nodeError(e *protocol.ErrorBody) error {
 		base = ErrConflict
 	case protocol.CodeUnavailable:
 		base = ErrUnavailable
+	case protocol.CodeOutOfMemory:
+		base = errNodeOutOfMemory
 	case protocol.CodeTooLarge:
 		base = ErrTooLarge
 	default:

@@ -42,6 +42,13 @@ type NodeAuditRecord struct {
 	MeasuredModel   string  `json:"measured_model,omitempty"`
 	MeasuredAt      string  `json:"measured_at,omitempty"`
 	MeasureVerified bool    `json:"measure_verified,omitempty"`
+	// MemoryProven is the largest model (bytes) a session opened on the
+	// node held; MemoryCeiling, set at MemoryCeilingAt, the smallest it
+	// could not (it answered out of memory): placement gives it no model
+	// that large for memoryCeilingTTL, whatever its advert says.
+	MemoryProven    int64  `json:"memory_proven,omitempty"`
+	MemoryCeiling   int64  `json:"memory_ceiling,omitempty"`
+	MemoryCeilingAt string `json:"memory_ceiling_at,omitempty"`
 	// Refunded is what the node's failed audits paid back to users.
 	Refunded int64            `json:"refunded,omitempty"`
 	Recent   []protocol.Audit `json:"recent,omitempty"`
@@ -247,6 +254,7 @@ func (s *State) NodeAuditView(peerID string) *protocol.NodeAudits {
 		Passed: rec.Passed, Failed: rec.Failed, Validated: rec.Validated, Quarantined: rec.Quarantined, LastPassed: rec.LastPassed,
 		QuarantineReason: rec.QuarantineReason, LiftedAt: rec.LiftedAt, LiftReason: rec.LiftReason,
 		MeasuredTokensPerSec: rec.TokensPerSec, MeasuredModel: rec.MeasuredModel, MeasuredAt: rec.MeasuredAt, MeasureVerified: rec.MeasureVerified,
+		MemoryProvenBytes: rec.MemoryProven, MemoryCeilingBytes: rec.MemoryCeiling,
 		HeldMicroCredits: e.Held(), VerifiedMicroCredits: e.VerifiedAmount(), RefundedMicroCredits: rec.Refunded,
 		Recent: append([]protocol.Audit(nil), rec.Recent...),
 	}

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/signal-p2p/signal/protocol"
 )
@@ -35,8 +36,10 @@ func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.
 	c.fsm.read(func(s *State) {
 		joined = make(map[string]bool, len(nodes))
 		for _, n := range nodes {
-			// A node a failed audit quarantined takes no runs.
-			if _, ok := s.Node(n.PeerID); ok && !s.Quarantined(n.PeerID) {
+			// A node a failed audit quarantined takes no runs; nor does
+			// one that could not hold a model this large lately, whatever
+			// its advert says.
+			if _, ok := s.Node(n.PeerID); ok && !s.Quarantined(n.PeerID) && !tooSmall(s.nodeAudits[n.PeerID], memoryOn(n, model)) {
 				joined[n.PeerID] = true
 			}
 			if tps := s.nodeAudits[n.PeerID].TokensPerSec; tps > 0 {
@@ -50,6 +53,46 @@ func (c *Coordinator) place(model ModelSpec, exclude map[string]bool) (protocol.
 		}
 	})
 	return placeOn(nodes, model, assigned, measured, func(id string) bool { return joined[id] && !exclude[id] })
+}
+
+// noteMemory records what a session open showed of node's memory: a
+// model it could not hold is its ceiling (placement.go's tooSmall), one it
+// held raises what it has proven. Adverts are a node's own claims; these
+// are what it did.
+func (c *Coordinator) noteMemory(ctx context.Context, node protocol.Node, model ModelSpec, err error) {
+	need := memoryOn(node, model)
+	if need <= 0 || (err != nil && !errors.Is(err, errNodeOutOfMemory)) {
+		return
+	}
+	cmd := measureCmd{PeerID: node.PeerID, Model: model.Name, Time: now()}
+	if err != nil {
+		cmd.MemoryCeiling = need
+		c.log.Warn("node could not hold a model its advert has room for", "category", "placement", "node", node.PeerID, "model", model.Name, "bytes", need)
+	} else {
+		var proven int64
+		c.fsm.read(func(s *State) { proven = s.nodeAudits[node.PeerID].MemoryProven })
+		if need <= proven {
+			return
+		}
+		cmd.MemoryProven = need
+	}
+	if _, err := c.propose(ctx, cmdMeasure, cmd); err != nil {
+		c.log.Warn("record a node's memory", "category", "placement", "node", node.PeerID, "err", err)
+	}
+}
+
+// memoryCeilingTTL is how long a node's failure to hold a model keeps
+// models that large off it: its other sessions may end and free memory.
+const memoryCeilingTTL = time.Hour
+
+// tooSmall says whether rec's measured memory ceiling rules out a model
+// needing need bytes.
+func tooSmall(rec NodeAuditRecord, need int64) bool {
+	if rec.MemoryCeiling <= 0 || need < rec.MemoryCeiling {
+		return false
+	}
+	at, ok := recordTime(rec.MemoryCeilingAt)
+	return ok && time.Since(at) < memoryCeilingTTL
 }
 
 // placeOn is the placement rule, without the coordinator (tests drive it).
@@ -197,6 +240,7 @@ func (c *Coordinator) openSession(ctx context.Context, spec protocol.SessionSpec
 				return nil, err
 			}
 		}
+		c.noteMemory(ctx, node, model, err)
 		if err != nil {
 			if errors.Is(err, ErrNodeLost) || errors.Is(err, ErrUnavailable) {
 				exclude[peer] = true

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"github.com/signal-p2p/signal/protocol"
 	"github.com/signal-p2p/signal/trainer"
@@ -93,6 +94,9 @@ var (
 	// ErrUnavailable means the node cannot take the call now: full, or
 	// shutting down (503).
 	ErrUnavailable = errors.New("node unavailable")
+	// ErrOutOfMemory means the session's model does not fit the memory the
+	// node has: unavailable here, placed elsewhere. It wraps ErrUnavailable.
+	ErrOutOfMemory = fmt.Errorf("%w: out of memory", ErrUnavailable)
 	// ErrConflict means the call clashes with the session's state, e.g. an
 	// init with another spec for a run already open (409).
 	ErrConflict = errors.New("conflict")

@@ -512,6 +512,8 @@ func ErrorCode(err error) string {
 		return protocol.CodeNotFound
 	case errors.Is(err, ErrUnknownModel):
 		return protocol.CodeUnknownModel
+	case errors.Is(err, ErrOutOfMemory):
+		return protocol.CodeOutOfMemory
 	case errors.Is(err, ErrUnavailable):
 		return protocol.CodeUnavailable
 	case errors.Is(err, ErrConflict):

@@ -25,7 +25,11 @@ const (
 	CodeTooLarge            = "too_large"
 	CodeRateLimited         = "rate_limited"
 	CodeUnavailable         = "unavailable"
-	CodeInternal            = "internal"
+	// CodeOutOfMemory is a node's answer when a session's model does not
+	// fit the memory it has (never a user's: the coordinator places the
+	// run elsewhere and notes what the node could not hold).
+	CodeOutOfMemory = "out_of_memory"
+	CodeInternal    = "internal"
 )
 
 // ErrorBody is the inner object of an error response.

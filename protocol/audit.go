@@ -26,6 +26,11 @@ type NodeAudits struct {
 	MeasuredModel        string  `json:"measured_model,omitempty"`
 	MeasuredAt           string  `json:"measured_at,omitempty"`
 	MeasureVerified      bool    `json:"measure_verified,omitempty"`
+	// MemoryProvenBytes is the largest model a session on the node held;
+	// MemoryCeilingBytes the smallest it could not (out of memory), which
+	// keeps models that large off it for an hour whatever it advertises.
+	MemoryProvenBytes  int64 `json:"memory_proven_bytes,omitempty"`
+	MemoryCeilingBytes int64 `json:"memory_ceiling_bytes,omitempty"`
 	// HeldMicroCredits is the operator's share of the node's charges that
 	// the network still holds; VerifiedMicroCredits the part of it passed
 	// audits cover, paid to the operator once the escrow window after the

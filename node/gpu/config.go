@@ -32,6 +32,8 @@ var (
 	// ErrUnavailable means the worker is not running (starting, restarting,
 	// stopped) or out of device memory: retry later or elsewhere (HTTP 503).
 	ErrUnavailable = fmt.Errorf("gpu worker: %w", node.ErrUnavailable)
+	// ErrOutOfMemory means the device ran out of memory for the call.
+	ErrOutOfMemory = fmt.Errorf("gpu worker: %w", node.ErrOutOfMemory)
 	// ErrSessionLost means the worker restarted since the session was opened,
 	// so its adapter and optimizer state are gone; the run must be reopened
 	// from its last checkpoint. It wraps ErrUnavailable.

@@ -490,6 +490,8 @@ func errWorker(call protocol.Call, e *protocol.ErrorBody) error {
 		base = ErrNotFound
 	case protocol.CodeUnavailable:
 		base = ErrUnavailable
+	case protocol.CodeOutOfMemory:
+		base = ErrOutOfMemory
 	default:
 		base = ErrInternal
 	}

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -36,6 +37,10 @@ type Engine struct {
 	// fills dir (a temporary directory, renamed into place on success),
 	// e.g. from the Hugging Face Hub, or fails with node.ErrUnknownModel.
 	Fetch func(ctx context.Context, name, dir string) error
+
+	// Available, when set, is the memory the engine may load models into
+	// (tests); by default the machine's MemAvailable.
+	Available func() int64
 
 	// Precision is how models are held (trainer.LoadOptions); the zero
 	// value keeps each file's dtype unless SIGNAL_ENGINE_PRECISION says f32.
@@ -161,6 +166,12 @@ func (e *Engine) model(ctx context.Context, name string) (*trainer.Model, error)
 	}
 	e.mu.Unlock()
 	s.once.Do(func() {
+		if err := e.fits(dir); err != nil {
+			e.mu.Lock()
+			s.err = err
+			e.mu.Unlock()
+			return
+		}
 		m, err := trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: e.Precision})
 		// Under the engine's lock: Loaded and ModelMemory read the slot
 		// under it while a load is in flight (callers past once.Do see it
@@ -215,6 +226,9 @@ func (e *Engine) Open(ctx context.Context, spec protocol.SessionSpec) (node.Sess
 // OpenDir starts a session on the model in dir, loaded for the session
 // alone and closed with it (node.DirOpener).
 func (e *Engine) OpenDir(_ context.Context, dir string, spec protocol.SessionSpec) (node.Session, error) {
+	if err := e.fits(dir); err != nil {
+		return nil, err
+	}
 	m, err := trainer.LoadModelWith(dir, trainer.LoadOptions{Precision: e.Precision})
 	if err != nil {
 		return nil, fmt.Errorf("load model %s: %w", dir, mapErr(err))
@@ -247,6 +261,42 @@ func (e *Engine) open(m *trainer.Model, spec protocol.SessionSpec, owned bool) (
 		return nil, mapErr(err)
 	}
 	return &Session{s: s, m: m, owned: owned}, nil
+}
+
+// fits refuses a model that needs more memory than the machine has
+// available (node.ErrOutOfMemory), before loading it: on Linux an
+// allocation past it does not fail, the kernel kills the process later.
+// The coordinator places the run elsewhere and notes what this node could
+// not hold.
+func (e *Engine) fits(dir string) error {
+	need, err := trainer.EstimateMemory(dir, trainer.LoadOptions{Precision: e.Precision})
+	if err != nil {
+		return nil // not estimable: the load says why
+	}
+	avail, ok := e.available()
+	if ok && need > avail {
+		return fmt.Errorf("%w: model %s needs %d MiB, the machine has %d MiB available", node.ErrOutOfMemory, filepath.Base(dir), need>>20, avail>>20)
+	}
+	return nil
+}
+
+// available is the memory the machine has available (MemAvailable), or
+// the engine's Available when set.
+func (e *Engine) available() (int64, bool) {
+	if e.Available != nil {
+		return e.Available(), true
+	}
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if rest, ok := strings.CutPrefix(line, "MemAvailable:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return kb << 10, err == nil
+		}
+	}
+	return 0, false
 }
 
 // mapErr turns the trainer's input errors into the node's.

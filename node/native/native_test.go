@@ -312,3 +312,26 @@ func TestRandomModelSession(t *testing.T) {
 	}
 	t.Logf("refused: %s", resp.Error.Message)
 }
+
+// TestOutOfMemoryIsRefusedBeforeLoading: a model larger than the memory
+// available is refused with out_of_memory (the coordinator places the run
+// elsewhere and notes the node's ceiling), and nothing is loaded.
+func TestOutOfMemoryIsRefusedBeforeLoading(t *testing.T) {
+	e, err := New(modelsDir(t), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Available = func() int64 { return 1 << 10 }
+	mgr := node.NewManager(node.ManagerConfig{TempDir: t.TempDir()}, e)
+	raw, _ := json.Marshal(protocol.SessionSpec{RunID: "run-n", BaseModel: "tiny-sp", LoRARank: 4})
+	resp := mgr.Handle(context.Background(), protocol.SessionRequest{RequestID: "i", RunID: "run-n", Call: protocol.CallInit, Body: raw})
+	if resp.Error == nil || resp.Error.Code != protocol.CodeOutOfMemory || len(e.Loaded()) != 0 {
+		t.Fatalf("init past the available memory: %+v, loaded %v", resp.Error, e.Loaded())
+	}
+	t.Logf("refused: %s", resp.Error.Message)
+	e.Available = nil // the machine's own figure: the tiny model fits
+	resp = mgr.Handle(context.Background(), protocol.SessionRequest{RequestID: "j", RunID: "run-n", Call: protocol.CallInit, Body: raw})
+	if resp.Error != nil {
+		t.Fatalf("init within the machine's memory: %+v", resp.Error)
+	}
+}

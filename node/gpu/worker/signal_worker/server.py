@@ -124,7 +124,7 @@ class Worker:
         except torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return _error(rid, "unavailable", f"out of device memory: {e}")
+            return _error(rid, "out_of_memory", f"out of device memory: {e}")
         except Exception as e:  # a bug: say so, keep serving
             traceback.print_exc(file=sys.stderr)
             return _error(rid, "internal", f"{type(e).__name__}: {e}")
