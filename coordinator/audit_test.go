@@ -253,6 +253,31 @@ func (s truthfulRandomSamples) Sample(ctx context.Context, prompts [][]int, num 
 	return out, nil
 }
 
+// liar is the peer id liarRun's lying node has: placement breaks ties by
+// peer id, so a run lands on it.
+const liar = "node-0-liar"
+
+// liarRun starts a network of the liar (its sessions wrapped by wrap) and
+// two honest nodes of two other operators, audited at rate, and a run
+// with checkpoint_every on the liar. It returns the coordinator, a user's
+// key and account, and the run.
+func liarRun(t *testing.T, wrap func(node.Session) node.Session, rate float64, checkpointEvery int) (*Coordinator, string, string, protocol.Run) {
+	t.Helper()
+	net := newRealNet(t, []string{liar, "node-1", "node-2"}, func(p string) func(node.Session) node.Session {
+		if p == liar {
+			return wrap
+		}
+		return nil
+	})
+	c := auditCluster(t, net, rate, time.Hour, map[string]string{liar: "op-liar", "node-1": "op-a", "node-2": "op-b"})
+	key, acct := createKey(t, c.URL(), 10_000_000)
+	run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4, "checkpoint_every": checkpointEvery})
+	if run.Node != liar {
+		t.Fatalf("run placed on %s, want the liar", run.Node)
+	}
+	return c, key, acct, run
+}
+
 // auditCluster starts one member auditing at rate over n, with each peer
 // joined under its operator; verified earnings are released after window.
 // A window of 0 also makes every call of a node holding unaudited
@@ -347,20 +372,7 @@ func TestAuditsCatchLyingEngines(t *testing.T) {
 		}, protocol.CallSample, "drawn samples"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			// Placement breaks ties by peer id: the run lands on the liar.
-			liar := "node-0-liar"
-			net := newRealNet(t, []string{liar, "node-1", "node-2"}, func(p string) func(node.Session) node.Session {
-				if p == liar {
-					return tc.wrap
-				}
-				return nil
-			})
-			c := auditCluster(t, net, rate, time.Hour, map[string]string{liar: "op-liar", "node-1": "op-a", "node-2": "op-b"})
-			key, acct := createKey(t, c.URL(), 10_000_000)
-			run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4, "checkpoint_every": 1})
-			if run.Node != liar {
-				t.Fatalf("run placed on %s, want the liar", run.Node)
-			}
+			c, key, acct, run := liarRun(t, tc.wrap, rate, 1)
 			// A full checkpoint to move from (save_state is not audited).
 			mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/save_state", key, map[string]any{"mode": "full"}), 200)
 
@@ -485,19 +497,7 @@ func TestOptimAuditsCatchBadUpdates(t *testing.T) {
 		{"applies a wrong update", func(s node.Session) node.Session { return wrongUpdate{s} }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			liar := "node-0-liar"
-			net := newRealNet(t, []string{liar, "node-1", "node-2"}, func(p string) func(node.Session) node.Session {
-				if p == liar {
-					return tc.wrap
-				}
-				return nil
-			})
-			c := auditCluster(t, net, rate, time.Hour, map[string]string{liar: "op-liar", "node-1": "op-a", "node-2": "op-b"})
-			key, _ := createKey(t, c.URL(), 10_000_000)
-			run := createRun(t, c.URL(), key, map[string]any{"base_model": "tiny", "lora_rank": 4, "checkpoint_every": 0})
-			if run.Node != liar {
-				t.Fatalf("run placed on %s, want the liar", run.Node)
-			}
+			c, key, _, run := liarRun(t, tc.wrap, rate, 0)
 			rng := rand.New(rand.NewSource(3))
 			steps := 0
 			for !nodeAudits(c, liar).Quarantined {
