@@ -558,7 +558,7 @@ func TestHonestNodesPassAudits(t *testing.T) {
 	calls, worst := honestRounds(t, c, key, runs, peers, rng, rounds, true)
 	t.Logf("%d calls, %d audits passed, 0 failed; largest margin among the last %d per node: %.4f of the tolerance (native replays native exactly)", calls, c.auditor.passed.Load(), maxAuditsPerNode, worst)
 	ratio := float64(c.auditor.replayCredits.Load()) / float64(c.auditor.auditedCredits.Load())
-	t.Logf("a replay costs %.3f of its audited call at the model's prices (forward_backward and forward 1, a sample scored in one forward ≪ 1, a greedy one resampled > 1): %.2f%% of the compute at the default rate %v", ratio, 100*ratio*DefaultAuditRate, DefaultAuditRate)
+	t.Logf("a replay costs %.3f of its audited call at the model's prices (forward_backward and forward 1, a sample scored and redrawn > 1, an optim_step its trail): %.2f%% of the compute at the default rate %v", ratio, 100*ratio*DefaultAuditRate, DefaultAuditRate)
 	// Earnings verified by the passes are released (window 0) to the operators.
 	waitFor(t, 10*time.Second, "earnings released", func() bool {
 		paid := true
