@@ -266,10 +266,7 @@ func (a *auditor) commit(ctx context.Context, run *RunRecord, model ModelSpec, c
 // the audit as pending: durable before it is queued, so a leader that dies
 // from here on leaves the audit to the next one (auditqueue.go).
 func (a *auditor) commitState(ctx context.Context, run *RunRecord, model ModelSpec, call protocol.Call, body []byte, answer json.RawMessage, cost int64) (auditJob, bool) {
-	c := a.c
 	a.chosen.Add(1)
-	var operator string
-	c.fsm.read(func(s *State) { n, _ := s.Node(run.Run.Node); operator = n.Operator })
 	id := "aud_" + newID(8)
 	mode := "adapter"
 	if call == protocol.CallForwardBackward {
@@ -279,13 +276,26 @@ func (a *auditor) commitState(ctx context.Context, run *RunRecord, model ModelSp
 	if !ok {
 		return auditJob{}, false
 	}
-	job := auditJob{id: id, run: *run, model: model, node: run.Run.Node, operator: operator, call: call,
+	job := auditJob{id: id, run: *run, model: model, node: run.Run.Node, operator: a.operatorOf(run.Run.Node), call: call,
 		body: append([]byte(nil), body...), answer: answer, cost: cost, pre: pre}
-	p := job.pending()
-	if _, err := c.propose(ctx, cmdAuditQueue, auditQueueCmd{Put: &p}); err != nil {
-		c.log.Warn("record pending audit", "category", "audit", "audit", id, "err", err)
-	}
+	a.recordPending(ctx, job)
 	return job, true
+}
+
+// operatorOf is the account node joined under.
+func (a *auditor) operatorOf(node string) string {
+	var operator string
+	a.c.fsm.read(func(s *State) { n, _ := s.Node(node); operator = n.Operator })
+	return operator
+}
+
+// recordPending makes job a raft record before it is queued, so a leader
+// that dies from here on leaves the audit to the next one (auditqueue.go).
+func (a *auditor) recordPending(ctx context.Context, job auditJob) {
+	p := job.pending()
+	if _, err := a.c.propose(ctx, cmdAuditQueue, auditQueueCmd{Put: &p}); err != nil {
+		a.c.log.Warn("record pending audit", "category", "audit", "audit", job.id, "err", err)
+	}
 }
 
 // commitSnapshot asks the run's node to save its state (mode) for audit

@@ -278,6 +278,16 @@ func liarRun(t *testing.T, wrap func(node.Session) node.Session, rate float64, c
 	return c, key, acct, run
 }
 
+// waitMovedOffLiar waits for run to be ready on a node other than liar.
+func waitMovedOffLiar(t *testing.T, c *Coordinator, runID string) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "the run moved", func() bool {
+		var r *RunRecord
+		c.State(func(s *State) { r, _ = s.Run(runID) })
+		return r.Run.Node != liar && r.Run.Status == protocol.RunReady
+	})
+}
+
 // auditCluster starts one member auditing at rate over n, with each peer
 // joined under its operator; verified earnings are released after window.
 // A window of 0 also makes every call of a node holding unaudited
@@ -419,11 +429,7 @@ func TestAuditsCatchLyingEngines(t *testing.T) {
 			})
 
 			// The run moves off the quarantined node, and calls go on.
-			waitFor(t, 30*time.Second, "the run moved", func() bool {
-				var r *RunRecord
-				c.State(func(s *State) { r, _ = s.Run(run.ID) })
-				return r.Run.Node != liar && r.Run.Status == protocol.RunReady
-			})
+			waitMovedOffLiar(t, c, run.ID)
 			mustStatus(t, do(t, "POST", c.URL()+"/v1/runs/"+run.ID+"/forward", key, tokenData(rng, 1)), 200)
 
 			// What the API shows: the node's audits, the operator's refunds.
@@ -527,11 +533,7 @@ func TestOptimAuditsCatchBadUpdates(t *testing.T) {
 				}
 			}
 			t.Logf("caught after %d steps (bound %d at rate %v), %d audits passed before: %s", steps, bound, rate, rec.Passed, rec.QuarantineReason)
-			waitFor(t, 30*time.Second, "the run moved", func() bool {
-				var r *RunRecord
-				c.State(func(s *State) { r, _ = s.Run(run.ID) })
-				return r.Run.Node != liar && r.Run.Status == protocol.RunReady
-			})
+			waitMovedOffLiar(t, c, run.ID)
 		})
 	}
 }
@@ -543,7 +545,17 @@ func TestOptimAuditsCatchBadUpdates(t *testing.T) {
 func TestHonestNodesPassAudits(t *testing.T) {
 	peers := []string{"node-a", "node-b", "node-c"}
 	net := newRealNet(t, peers, nil)
-	c := auditCluster(t, net, 1, 0, map[string]string{"node-a": "op-a", "node-b": "op-b", "node-c": "op-c"})
+	var deletedMu sync.Mutex
+	deleted := 0 // files of states audits committed, deleted once no audit or trail needs them
+	c := auditCluster(t, net, 1, 0, map[string]string{"node-a": "op-a", "node-b": "op-b", "node-c": "op-c"},
+		func(cfg *Config) {
+			cfg.DeleteCheckpointFiles = func(_ context.Context, uris []string) error {
+				deletedMu.Lock()
+				deleted += len(uris)
+				deletedMu.Unlock()
+				return nil
+			}
+		})
 	key, _ := createKey(t, c.URL(), 100_000_000)
 	var runs []protocol.Run
 	for range 3 { // one run per node: placement spreads them
@@ -556,6 +568,18 @@ func TestHonestNodesPassAudits(t *testing.T) {
 		rounds = 20
 	}
 	calls, worst := honestRounds(t, c, key, runs, peers, rng, rounds, true)
+	// The states optim_step audits committed are let go once their audits
+	// passed: what stays owned is at most each run's current anchor.
+	waitFor(t, 30*time.Second, "audit states released", func() bool {
+		c.auditor.mu.Lock()
+		defer c.auditor.mu.Unlock()
+		return len(c.auditor.owned) <= len(runs)
+	})
+	deletedMu.Lock()
+	if deleted == 0 {
+		t.Error("no committed audit state was deleted")
+	}
+	deletedMu.Unlock()
 	t.Logf("%d calls, %d audits passed, 0 failed; largest margin among the last %d per node: %.4f of the tolerance (native replays native exactly)", calls, c.auditor.passed.Load(), maxAuditsPerNode, worst)
 	ratio := float64(c.auditor.replayCredits.Load()) / float64(c.auditor.auditedCredits.Load())
 	t.Logf("a replay costs %.3f of its audited call at the model's prices (forward_backward and forward 1, a sample scored and redrawn > 1, an optim_step its trail): %.2f%% of the compute at the default rate %v", ratio, 100*ratio*DefaultAuditRate, DefaultAuditRate)

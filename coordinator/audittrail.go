@@ -74,6 +74,18 @@ func (tr *trail) follows(run *RunRecord) bool {
 	return tr != nil && tr.node == run.Run.Node && tr.anchor.Step+tr.steps == run.Run.Step
 }
 
+// anchorGap is how many optim_steps run's trail holds before the leader
+// asks for an anchor: anchorEvery, or the run's own checkpoint_every when
+// its automatic checkpoints come at least every 2·anchorEvery steps — they
+// are anchors already, and a commit besides them would be a full save
+// more for nothing (the default checkpoint_every, 10, needs none).
+func anchorGap(run *RunRecord) int {
+	if ce := run.Run.CheckpointEvery; ce > 0 && ce <= 2*anchorEvery {
+		return ce + 1 // the checkpoint after the ce-th step resets the trail first
+	}
+	return anchorEvery
+}
+
 // optimDraw is the probability with which choose audits an optim_step of
 // run: AuditRate over the optim_steps its replay would take.
 func (a *auditor) optimDraw(run *RunRecord) float64 {
@@ -114,10 +126,12 @@ func (a *auditor) follow(ctx context.Context, run *RunRecord, model ModelSpec, c
 	}
 	a.mu.Unlock()
 	post, owned := cp, false
-	// A run without a trail, or whose trail holds anchorEvery steps, is
-	// anchored now: trails, and so replays, stay short.
-	if post == nil && (audited || tr == nil || tr.steps+1 >= anchorEvery) {
-		id := "aud_" + newID(8)
+	// A trail that holds as many steps as it may is anchored now, so that
+	// replays stay short; so is a run without one, unless its own
+	// automatic checkpoints will anchor it soon (anchorGap).
+	id := "aud_" + newID(8)
+	gap := anchorGap(run)
+	if post == nil && (audited || tr == nil && gap == anchorEvery || tr != nil && tr.steps+1 >= gap) {
 		if got, ok := a.commitSnapshot(ctx, run, call, id, "full"); ok {
 			post, owned = &got, true
 		}
@@ -138,19 +152,14 @@ func (a *auditor) follow(ctx context.Context, run *RunRecord, model ModelSpec, c
 		for _, c := range calls {
 			cost += c.Cost
 		}
-		var operator string
-		a.c.fsm.read(func(s *State) { n, _ := s.Node(run.Run.Node); operator = n.Operator })
-		job := auditJob{id: "aud_" + newID(8), run: *run, model: model, node: run.Run.Node, operator: operator, call: call,
+		job := auditJob{id: id, run: *run, model: model, node: run.Run.Node, operator: a.operatorOf(run.Run.Node), call: call,
 			body: tc.Body, answer: tc.Answer, cost: cost, pre: tr.anchor, post: post, trail: calls}
 		a.pin(job.pre)
 		if owned {
 			a.own(*post)
 		}
 		a.pin(*post)
-		p := job.pending()
-		if _, err := a.c.propose(ctx, cmdAuditQueue, auditQueueCmd{Put: &p}); err != nil {
-			a.c.log.Warn("record pending audit", "category", "audit", "audit", job.id, "err", err)
-		}
+		a.recordPending(ctx, job)
 		a.enqueue(job)
 	case owned:
 		a.own(*post) // the first anchor of a run without a trail

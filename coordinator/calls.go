@@ -131,7 +131,7 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 		if len(body) == 0 {
 			body = []byte("{}")
 		}
-		if callName == protocol.CallSample {
+		if q.unseeded {
 			if body, err = seedSample(body); err != nil {
 				release()
 				return nil, err
@@ -214,25 +214,22 @@ func (c *Coordinator) billed(callName protocol.Call) handlerFunc {
 	}
 }
 
-// seedSample gives a sample request without a seed one from crypto/rand.
+// seedSample gives a sample request without a seed (quoteCall validated
+// it and found none) one from crypto/rand.
 // The user asked for a random draw and gets one; every engine draws a
 // seeded sample the same way (trainer/gumbel), so a validator can redraw
 // it and an audit can tell a sample drawn from the model from tokens made
 // up with their true logprobs. The node cannot tell the coordinator's
 // seeds from a user's.
 func seedSample(body []byte) ([]byte, error) {
-	var req map[string]json.RawMessage
+	var req, sp map[string]json.RawMessage
 	if err := json.Unmarshal(body, &req); err != nil {
-		return nil, protocol.UserErrorf(ErrInvalidRequest, "the request body is not a JSON object: %v", err)
+		return nil, fmt.Errorf("seed a sample request: %w", err)
 	}
-	var sp map[string]json.RawMessage
-	if raw, ok := req["sampling_params"]; ok && string(raw) != "null" {
+	if raw, ok := req["sampling_params"]; ok {
 		if err := json.Unmarshal(raw, &sp); err != nil {
-			return nil, protocol.UserErrorf(ErrInvalidRequest, "field sampling_params: want an object: %v", err)
+			return nil, fmt.Errorf("seed a sample request: %w", err)
 		}
-	}
-	if seed, ok := sp["seed"]; ok && string(seed) != "null" {
-		return body, nil
 	}
 	if sp == nil {
 		sp = map[string]json.RawMessage{}

@@ -36,6 +36,9 @@ type quote struct {
 	// true counts (token Datum): billed as counted, whatever the node says.
 	exactTrain, exactPrefill bool
 	credits                  int64
+	// unseeded is a sample request without a seed: the coordinator gives
+	// it one (seedSample).
+	unseeded bool
 }
 
 // settle is the usage billed for a node's report.
@@ -141,7 +144,7 @@ func quoteCall(callName protocol.Call, body []byte, m ModelSpec, run protocol.Ru
 		if err != nil {
 			return q, err
 		}
-		q.max = u
+		q.max, q.unseeded = u, req.SamplingParams.Seed == nil
 	case protocol.CallSaveState:
 		var req protocol.SaveStateRequest
 		if err := decodeJSON(body, &req, true); err != nil {

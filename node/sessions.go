@@ -215,6 +215,7 @@ func (m *Manager) init(ctx context.Context, req protocol.SessionRequest) (protoc
 const (
 	maxRandomModelParams = 64 << 20
 	maxRandomModelDim    = 8192
+	maxRandomModelVocab  = 1 << 18
 )
 
 // openRandom generates spec's random model in a directory of its own and
@@ -222,12 +223,14 @@ const (
 func (m *Manager) openRandom(ctx context.Context, spec protocol.SessionSpec) (Session, error) {
 	rm := *spec.RandomModel
 	for _, d := range []struct {
-		name string
-		v    int
-	}{{"hidden_size", rm.HiddenSize}, {"intermediate_size", rm.IntermediateSize}, {"num_hidden_layers", rm.Layers},
-		{"num_attention_heads", rm.Heads}, {"num_key_value_heads", rm.KVHeads}, {"vocab_size", rm.VocabSize}, {"max_position_embeddings", rm.Context}} {
-		if d.v <= 0 || d.v > maxRandomModelDim && d.name != "vocab_size" {
-			return nil, protocol.UserErrorf(ErrInvalidRequest, "random_model.%s %d: want 1..%d", d.name, d.v, maxRandomModelDim)
+		name    string
+		v, most int
+	}{{"hidden_size", rm.HiddenSize, maxRandomModelDim}, {"intermediate_size", rm.IntermediateSize, maxRandomModelDim},
+		{"num_hidden_layers", rm.Layers, maxRandomModelDim}, {"num_attention_heads", rm.Heads, maxRandomModelDim},
+		{"num_key_value_heads", rm.KVHeads, maxRandomModelDim}, {"vocab_size", rm.VocabSize, maxRandomModelVocab},
+		{"max_position_embeddings", rm.Context, maxRandomModelDim}} {
+		if d.v <= 0 || d.v > d.most {
+			return nil, protocol.UserErrorf(ErrInvalidRequest, "random_model.%s %d: want 1..%d", d.name, d.v, d.most)
 		}
 	}
 	if p := rm.Params(); p > maxRandomModelParams {
