@@ -481,7 +481,13 @@ func TestOpenDirMatchesNative(t *testing.T) {
 	if c := audit.CompareForward(answers[0], answers[1], true, audit.DefaultTolerances()); !c.Passed {
 		t.Fatalf("worker and native disagree on the challenge: %s", c.Reason)
 	}
+	// LoadedModels is the worker's last health report (every 200 ms here):
+	// wait for one after the close.
+	deadline := time.Now().Add(10 * time.Second)
+	for len(e.LoadedModels()) != 0 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
 	if len(e.LoadedModels()) != 0 {
-		t.Errorf("the worker still holds %v after the session closed", e.LoadedModels())
+		t.Errorf("the worker still holds %v 10 s after the session closed", e.LoadedModels())
 	}
 }
