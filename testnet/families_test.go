@@ -67,6 +67,9 @@ func TestFamiliesTrainAlikeOnBothEngines(t *testing.T) {
 	mixedStarts.Store(0)
 	tn := startTestnet(t, func(c *Config) {
 		c.Coordinators, c.Nodes, c.Engine, c.Models = 1, 2, "mixed-engines", models
+		// Placement by measured throughput would put both runs on the
+		// faster engine; this test wants one on each, by load.
+		c.ChallengeInterval = -1
 	})
 	info := tn.Info()
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)

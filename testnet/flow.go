@@ -144,18 +144,19 @@ func bringUp(ctx context.Context, p *plan, l launcher) (*Info, error) {
 	var p2pAddrs []string
 	for i := 0; i < p.cfg.Coordinators; i++ {
 		spec := CoordinatorSpec{
-			ID:             fmt.Sprintf("c%d", i+1),
-			DataDir:        filepath.Join(p.dir, "coordinators", fmt.Sprintf("c%d", i+1)),
-			Bootstrap:      i == 0,
-			AdminToken:     p.adminToken,
-			Models:         p.models,
-			NodeLostAfter:  p.cfg.NodeLostAfter,
-			NodeTTL:        p.cfg.NodeTTL,
-			RatePerSecond:  p.cfg.RatePerSecond,
-			TinkerChunkLen: p.cfg.TinkerChunkLen,
-			RateBurst:      p.cfg.RateBurst,
-			StorageURL:     p.storageURL,
-			Creds:          p.cfg.Creds,
+			ID:                fmt.Sprintf("c%d", i+1),
+			DataDir:           filepath.Join(p.dir, "coordinators", fmt.Sprintf("c%d", i+1)),
+			Bootstrap:         i == 0,
+			AdminToken:        p.adminToken,
+			Models:            p.models,
+			NodeLostAfter:     p.cfg.NodeLostAfter,
+			NodeTTL:           p.cfg.NodeTTL,
+			RatePerSecond:     p.cfg.RatePerSecond,
+			TinkerChunkLen:    p.cfg.TinkerChunkLen,
+			ChallengeInterval: p.cfg.ChallengeInterval,
+			RateBurst:         p.cfg.RateBurst,
+			StorageURL:        p.storageURL,
+			Creds:             p.cfg.Creds,
 		}
 		if i > 0 {
 			spec.Join = info.Coordinators[0]

@@ -37,6 +37,8 @@ type CoordinatorSpec struct {
 	// forward_backward request (0: the coordinator's default).
 	TinkerChunkLen int `json:"tinker_chunk_len,omitempty"`
 	RateBurst      int `json:"rate_burst,omitempty"`
+	// ChallengeInterval is Config.ChallengeInterval.
+	ChallengeInterval time.Duration `json:"challenge_interval,omitempty"`
 	// StorageURL is the network's checkpoint store, shared with the nodes:
 	// node checkpoints are recorded only inside it, and collected ones are
 	// deleted from it.
@@ -89,6 +91,7 @@ func StartCoordinator(ctx context.Context, spec CoordinatorSpec, log *slog.Logge
 		cfg.NodeLostAfter = spec.NodeLostAfter
 	}
 	cfg.TinkerChunkLen = spec.TinkerChunkLen
+	cfg.ChallengeInterval = spec.ChallengeInterval
 	// Loopback raft: elections in well under a second.
 	cfg.HeartbeatTimeout = 500 * time.Millisecond
 	cfg.ElectionTimeout = 500 * time.Millisecond

@@ -71,6 +71,10 @@ type Config struct {
 	// forward_backward request before it splits the batch into chunks sent
 	// in parallel (0: the coordinator's default, the SDK's 1024).
 	TinkerChunkLen int
+	// ChallengeInterval is how often the leader measures each node with a
+	// capacity challenge (0: the coordinator's default; < 0: never — a
+	// test that needs placement to spread runs by load alone).
+	ChallengeInterval time.Duration
 	// AdvertInterval is how often nodes advertise (0: the node's default).
 	AdvertInterval time.Duration
 	// ReadyTimeout bounds start-up: leader election, joins, node adverts.
